@@ -1,0 +1,41 @@
+"""edgeflex: export PyTorch models to verified bundles and run them on edge devices.
+
+`import edgeflex as ef` loads only the board side (numpy + onnxruntime). `ef.export` imports torch
+the first time it is touched.
+"""
+
+__version__ = "0.1.0"
+
+from edgeflex.runtime import (
+    BackendUnavailable,
+    Bundle,
+    BundleError,
+    Config,
+    DeviceError,
+    EdgeflexError,
+    ExportError,
+    InputError,
+    Runtime,
+    TensorSpec,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "Bundle",
+    "BundleError",
+    "Config",
+    "DeviceError",
+    "EdgeflexError",
+    "ExportError",
+    "InputError",
+    "Runtime",
+    "TensorSpec",
+    "export",
+]
+
+
+def __getattr__(name: str):
+    if name == "export":
+        import importlib
+        return importlib.import_module("edgeflex.export")   # a callable module: ef.export(model, x, path)
+    raise AttributeError(f"module 'edgeflex' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""`export(model, example_inputs, path)`: PyTorch module -> validated ONNX graph -> bundle on disk.
+
+Tries the family-specific lowering first (FITS), else torch.onnx's capture strategies in order,
+keeping every failure so the final error explains what was tried. Nothing is written unless the
+graph matches PyTorch within tolerance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
+from edgeflex.runtime.errors import ExportError
+
+from . import analysis, fits
+from .validate import validate
+
+log = logging.getLogger(__name__)
+
+GRAPH = "graphs/main.onnx"
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _capture_dynamo(model, example, in_names, out_names) -> bytes:
+    # torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    dyn = tuple({0: torch.export.Dim("batch")} for _ in example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dyn, input_names=in_names,
+                                 output_names=out_names, verbose=False)
+    return prog.model_proto.SerializeToString()
+
+
+def _capture_torchscript(model, example, in_names, out_names) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, buf, dynamo=False, input_names=in_names, output_names=out_names,
+                          dynamic_axes={n: {0: "batch"} for n in in_names + out_names}, opset_version=17)
+    return buf.getvalue()
+
+
+STRATEGIES = (("torch.onnx dynamo", _capture_dynamo), ("torch.onnx torchscript", _capture_torchscript))
+
+
+def _specs(values, names: list[str]) -> list[TensorSpec]:
+    dtypes = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32"}
+    specs = []
+    for v, n in zip(values, names):
+        if v.dtype not in dtypes:
+            raise ExportError(f"tensor {n!r} has dtype {v.dtype}; supported: {', '.join(map(str, dtypes))}")
+        specs.append(TensorSpec(n, (None, *v.shape[1:]), dtypes[v.dtype]))
+    return specs
+
+
+def tool_versions() -> dict[str, str]:
+    import onnxruntime
+
+    from edgeflex import __version__
+    return {"edgeflex": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *, name: str | None = None,
+           quality: dict | None = None, tolerance: float = 1e-4, n_random: int = 4,
+           threads: int | None = None, overwrite: bool = True, metadata: dict | None = None) -> Bundle:
+    """Export `model` into a validated bundle at `path` (a directory ending in .efx) and return it opened.
+
+    `example_inputs`: a tensor or a tuple of tensors, batch first (the batch becomes dynamic).
+    `quality`: the held-out metric, e.g. {"metric": "top1", "value": 0.98, "direction": "higher"}.
+    Raises ExportError if no capture strategy works or the graph differs from PyTorch by > `tolerance`
+    (relative to the output's scale); then nothing is written.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not example or not all(isinstance(t, torch.Tensor) for t in example):
+        raise ExportError("example_inputs must be a tensor or a non-empty tuple of tensors (batch first)")
+    model = model.eval()
+    threads = threads or default_threads()
+    with torch.no_grad():
+        out = model(*example)
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
+    out_names = ["y"] if len(outs) == 1 else [f"y{i}" for i in range(len(outs))]
+    extra: dict[str, Any] = {}
+    family = getattr(model, "family", "generic")
+    if fits.is_fits(model):
+        graph, extra["kernels"] = fits.lower(model, input_name=in_names[0], output_name=out_names[0],
+                                             threads=threads)
+        strategy = "edgeflex FITS lowering (kernels.spectral)"
+    else:
+        graph, strategy, failures = None, None, []
+        for label, capture in STRATEGIES:
+            try:
+                graph, strategy = capture(model, example, in_names, out_names), label
+                break
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                log.info("capture strategy %s failed: %s", label, e)
+        if graph is None:
+            raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried "
+                              + " | ".join(failures))
+    check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
+    proto = onnx.load_from_string(graph)
+    name = name or Path(path).name.removesuffix(".efx")
+    hyper = model.hyper() if hasattr(model, "hyper") else {}
+    config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto))
+    manifest = {
+        "name": name,
+        "family": family,
+        "model": {"class": type(model).__name__, "variant": getattr(model, "variant", None), "hyper": hyper,
+                  "parameters": int(sum(p.numel() for p in model.parameters()))},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "inputs": [s.to_json() for s in _specs(example, in_names)],
+        "outputs": [s.to_json() for s in _specs(outs, out_names)],
+        "configs": [config.to_json()],
+        "export": {"strategy": strategy, "validation": check.to_json(), "opset": proto.opset_import[0].version,
+                   **extra},
+        "metadata": metadata or {},
+        "tools": tool_versions(),
+    }
+    return write_bundle(path, manifest, {GRAPH: graph}, overwrite=overwrite)

@@ -1,0 +1,80 @@
+"""Numeric validation of an export: run ONNX Runtime and PyTorch on the same inputs and compare.
+
+Error is reported per output as max absolute error and relative error = max |ort - torch| / max |torch|
+(the error against the output's scale, so outputs near zero do not blow it up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgeflex.runtime.errors import ExportError
+
+
+@dataclass
+class Validation:
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+    n_inputs: int
+    worst_input: str
+
+    def to_json(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "tolerance": self.tolerance,
+                "n_inputs": self.n_inputs, "worst_input": self.worst_input,
+                "rel_err_definition": "max|onnxruntime - torch| / max|torch| per output"}
+
+
+def fresh_inputs(example: tuple[torch.Tensor, ...], n: int, seed: int = 0) -> list[tuple[str, tuple]]:
+    """The example itself, n random normal inputs like it, and one at another batch size (dynamic batch)."""
+    g = torch.Generator().manual_seed(seed)
+    cases = [("example", example)]
+    scale = [float(t.float().std()) or 1.0 for t in example]
+    offset = [float(t.float().mean()) for t in example]
+    for i in range(n):
+        batch = example[0].shape[0] if i < n - 1 else example[0].shape[0] + 2
+        cases.append((f"random#{i} (batch {batch})", tuple(
+            (torch.randn((batch, *t.shape[1:]), generator=g) * s + o).to(t.dtype)
+            for t, s, o in zip(example, scale, offset))))
+    return cases
+
+
+def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Tensor, ...], *,
+             tolerance: float = 1e-4, n_random: int = 4, threads: int = 1) -> Validation:
+    """Compare ONNX Runtime with PyTorch; raise ExportError naming the worst case if over tolerance."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    worst = (0.0, 0.0, "")
+    cases = fresh_inputs(example, n_random)
+    for label, inputs in cases:
+        with torch.no_grad():
+            ref = model(*inputs)
+        refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        outs = sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+        if len(outs) != len(refs):
+            raise ExportError(f"exported graph has {len(outs)} outputs, PyTorch gave {len(refs)}")
+        for r, o in zip(refs, outs):
+            r = r.detach().numpy()
+            if r.shape != o.shape:
+                raise ExportError(f"exported graph output shape {o.shape} != PyTorch {r.shape} on {label}")
+            abs_err = float(np.max(np.abs(o.astype(np.float64) - r))) if r.size else 0.0
+            rel_err = abs_err / max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
+            if not np.isfinite(abs_err):
+                rel_err = abs_err = float("inf")
+            if rel_err >= worst[1]:
+                worst = (abs_err, rel_err, label)
+    result = Validation(worst[0], worst[1], tolerance, len(cases), worst[2])
+    if not result.max_rel_err <= tolerance:
+        raise ExportError(
+            f"export does not match PyTorch: relative error {result.max_rel_err:.3g} on {result.worst_input} "
+            f"exceeds the tolerance {tolerance:.3g} by {result.max_rel_err / tolerance:.1f}x; "
+            "nothing was written (raise tolerance= only if that error is acceptable)")
+    return result

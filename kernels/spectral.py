@@ -1,0 +1,276 @@
+"""FFT interpolation, the FITS kernel: normalise -> rfft -> low-pass -> complex linear -> irfft -> de-normalise.
+
+Owns the NumPy reference and the lowerings to standard ONNX ops (three forms: `folded`, `lowrank`,
+`dft`). Which form a bundle uses is measured by the exporter, not decided here. No torch.
+
+The spectral path is linear in the centred input xc = x - mean, so with std = sqrt(var + eps)
+    y = std * (M @ (xc / std) + c) + mean = M @ xc + c * std + mean
+where M ([L+H, L]) and c ([L+H]) fold the truncated DFT, the complex linear layer, the zero padding,
+the inverse DFT and the (L+H)/L energy scale. The division by std cancels, so no form divides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMS = ("folded", "lowrank", "dft")
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class SpectralWeights:
+    """The trained state of a FITS layer, as plain arrays.
+
+    `weight` is complex [up, cut] (or [channels, up, cut] when `individual`), `bias` complex [up]
+    (or [channels, up]); `up = int(cut * (seq_len + pred_len) / seq_len)` as in the paper.
+    """
+
+    seq_len: int
+    pred_len: int
+    weight: np.ndarray
+    bias: np.ndarray
+    eps: float = 1e-5
+
+    @property
+    def individual(self) -> bool:
+        return self.weight.ndim == 3
+
+    @property
+    def cut_freq(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def up_freq(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def out_len(self) -> int:
+        return self.seq_len + self.pred_len
+
+    def check(self) -> None:
+        L, n = self.seq_len, self.out_len
+        if not 1 <= self.cut_freq <= L // 2 + 1:
+            raise ValueError(f"cut_freq {self.cut_freq} out of range: expected 1..{L // 2 + 1} for seq_len {L}")
+        if self.up_freq > n // 2 + 1:
+            raise ValueError(f"upsampled spectrum has {self.up_freq} bins, more than the {n // 2 + 1} of "
+                             f"an output of length {n}; lower cut_freq")
+        if self.bias.shape != self.weight.shape[:-1]:
+            raise ValueError(f"bias shape {self.bias.shape} does not match weight {self.weight.shape}")
+
+
+def reference(x: np.ndarray, w: SpectralWeights) -> np.ndarray:
+    """The slow, obvious FITS forward in NumPy (float64 inside): x [B, L, C] -> [B, L+H, C]."""
+    x = np.asarray(x, dtype=np.float64)
+    L, n, cut, up = w.seq_len, w.out_len, w.cut_freq, w.up_freq
+    mean = x.mean(axis=1, keepdims=True)
+    xc = x - mean
+    std = np.sqrt(xc.var(axis=1, ddof=1, keepdims=True) + w.eps)
+    spec = np.fft.rfft(xc / std, axis=1)[:, :cut, :]                       # [B, cut, C]
+    if w.individual:
+        spec_up = np.einsum("cuk,bkc->buc", w.weight, spec) + w.bias.T[None]
+    else:
+        spec_up = np.einsum("uk,bkc->buc", w.weight, spec) + w.bias[None, :, None]
+    full = np.zeros((x.shape[0], n // 2 + 1, x.shape[2]), dtype=np.complex128)
+    full[:, :up] = spec_up
+    y = np.fft.irfft(full, n=n, axis=1) * (n / L)
+    return (y * std + mean).astype(np.float32)
+
+
+def _angles(freqs: np.ndarray, times: np.ndarray, n: int) -> np.ndarray:
+    # k*t mod n in integers first: keeps the angle exact for long series.
+    return 2.0 * np.pi * (np.outer(freqs, times) % n) / n
+
+
+def forward_basis(seq_len: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real rows of the truncated DFT: [r, L] with r <= 2*cut; identically-zero sine rows dropped.
+
+    Returns the basis and, for each row, its index in the [Re_0..Re_cut-1, Im_0..Im_cut-1] layout.
+    """
+    k = np.arange(cut)
+    ang = _angles(k, np.arange(seq_len), seq_len)
+    rows = np.concatenate([np.cos(ang), -np.sin(ang)])
+    keep = np.concatenate([np.ones(cut, bool), (k != 0) & (2 * k != seq_len)])
+    return rows[keep], np.flatnonzero(keep)
+
+
+def inverse_basis(out_len: int, up: int, seq_len: int) -> np.ndarray:
+    """Columns mapping [Re_0..Re_up-1, Im_0..Im_up-1] to the irfft of length out_len, scaled by n/L.
+
+    Like irfft, the imaginary parts of the DC and Nyquist bins are ignored.
+    """
+    n = out_len
+    k = np.arange(up)
+    ang = _angles(k, np.arange(n), n).T                                      # [n, up]
+    edge = (k == 0) | (2 * k == n)
+    alpha = np.where(edge, 1.0, 2.0) / n * (n / seq_len)
+    return np.concatenate([np.cos(ang) * alpha, -np.sin(ang) * alpha * ~edge], axis=1)
+
+
+def complex_linear_real(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The complex layer u = W s + b as a real block map on [Re s, Im s] -> [Re u, Im u]."""
+    wr, wi = weight.real, weight.imag
+    top = np.concatenate([wr, -wi], axis=-1)
+    bot = np.concatenate([wi, wr], axis=-1)
+    return np.concatenate([top, bot], axis=-2), np.concatenate([bias.real, bias.imag], axis=-1)
+
+
+def lowrank_factors(w: SpectralWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 (F [r, L], G [(C,) n, r], c [(C,) n]) with y_centred = G @ (F @ xc) + c * std."""
+    w.check()
+    F, rows = forward_basis(w.seq_len, w.cut_freq)
+    inv = inverse_basis(w.out_len, w.up_freq, w.seq_len)                    # [n, 2up]
+    Wr, br = complex_linear_real(w.weight.astype(np.complex128), w.bias.astype(np.complex128))
+    G = inv @ Wr[..., rows]                                                # [(C,) n, r]
+    c = np.einsum("nu,...u->...n", inv, br)
+    return F, G, c
+
+
+def folded(w: SpectralWeights) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 (M [(C,) n, L], c [(C,) n]): the whole spectral path as one matrix."""
+    F, G, c = lowrank_factors(w)
+    return G @ F, c
+
+
+def matrix_reference(x: np.ndarray, w: SpectralWeights) -> np.ndarray:
+    """The folded-matrix form in NumPy, for tests of the algebra (no normalisation shortcuts hidden)."""
+    x = np.asarray(x, dtype=np.float64)
+    M, c = folded(w)
+    mean = x.mean(axis=1, keepdims=True)
+    xc = x - mean
+    std = np.sqrt(xc.var(axis=1, ddof=1, keepdims=True) + w.eps)
+    if w.individual:
+        y = np.einsum("cnl,blc->bnc", M, xc) + c.T[None] * std
+    else:
+        y = np.einsum("nl,blc->bnc", M, xc) + c[None, :, None] * std
+    return (y + mean).astype(np.float32)
+
+
+def macs(w: SpectralWeights, form: str) -> int:
+    """Multiply-accumulates per sample per channel of the spectral core of each form (normalisation aside)."""
+    L, n, cut, up = w.seq_len, w.out_len, w.cut_freq, w.up_freq
+    if form == "folded":
+        return n * L
+    if form == "lowrank":
+        r = len(forward_basis(L, cut)[1])
+        return r * L + n * r
+    if form == "dft":
+        # radix-2 or Bluestein FFTs in the engine: count as ~5 n log2 n real flops each way.
+        fft = int(2.5 * (L * np.log2(L) + n * np.log2(n)))
+        return fft + 4 * cut * up
+    raise ValueError(f"unknown spectral form {form!r}; expected one of {FORMS}")
+
+
+# --- ONNX lowerings ---------------------------------------------------------------------------------------
+
+def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name: str = "y",
+            channels: int | None = None):
+    """A standalone ONNX model (opset 17) computing FITS: input [batch, L, C] float32 -> [batch, L+H, C].
+
+    `channels` fixes C in the graph's signature (required for `individual`, optional otherwise).
+    The graph works channel-major ([B, C, L], or [C, B, L] for `individual`): every reduction and GEMM
+    then runs along contiguous rows, and the de-normalisation rides in the last GEMM as two extra columns.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    w.check()
+    if form not in FORMS:
+        raise ValueError(f"unknown spectral form {form!r}; expected one of {FORMS}")
+    if w.individual:
+        if channels not in (None, w.weight.shape[0]):
+            raise ValueError(f"individual FITS has {w.weight.shape[0]} channels, not {channels}")
+        channels = w.weight.shape[0]
+    L, n = w.seq_len, w.out_len
+    b = _Builder()
+    x = b.op("Transpose", [input_name], perm=[2, 0, 1] if w.individual else [0, 2, 1])
+    mean = b.op("ReduceMean", [x], axes=[2], keepdims=1)
+    xc = b.op("Sub", [x, mean])
+    # std * sqrt(L-1) = sqrt(sum(xc^2) + eps*(L-1)); the 1/sqrt(L-1) is folded into c below.
+    std_s = b.op("Sqrt", [b.op("Add", [b.op("ReduceSumSquare", [xc], axes=[2], keepdims=1),
+                                       b.const(w.eps * (L - 1))])])
+    if form == "dft":
+        core, c = _core_dft(b, w, xc)
+        c = c / np.sqrt(L - 1)
+        y = b.op("Add", [core, b.op("Add", [b.op("Mul", [std_s, b.const(c[..., None, :])]), mean])])
+    else:
+        if form == "folded":
+            M, c = folded(w)
+            mats = [M]
+        else:
+            F, G, c = lowrank_factors(w)
+            mats = [F, G]
+        h = xc
+        for m in mats[:-1]:
+            h = b.op("MatMul", [h, b.const(np.swapaxes(m, -1, -2))])
+        # [h, std_s, mean] @ [last, c/sqrt(L-1), 1]^T: the affine epilogue inside the GEMM.
+        last = mats[-1]
+        ones = np.ones(last.shape[:-1] + (1,))
+        last = np.concatenate([last, c[..., None] / np.sqrt(L - 1), ones], axis=-1)
+        h = b.op("Concat", [h, std_s, mean], axis=2)
+        y = b.op("MatMul", [h, b.const(np.swapaxes(last, -1, -2))])
+    b.op("Transpose", [y], perm=[1, 2, 0] if w.individual else [0, 2, 1], name=output_name)
+    graph = helper.make_graph(
+        b.nodes, f"fits_{form}",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", L, channels])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n, channels])],
+        initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="edgeflex.kernels.spectral")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _core_dft(b: _Builder, w: SpectralWeights, xc: str):
+    """ONNX DFT both ways on channel-major xc [B, C, L] ([C, B, L] individual); the complex layer as a
+    real MatMul on [Re, Im]. Returns the centred output [B, C, n] and the time-domain bias image c."""
+    L, n, cut, up = w.seq_len, w.out_len, w.cut_freq, w.up_freq
+    m = n // 2 + 1
+    spec = b.op("DFT", [b.op("Unsqueeze", [xc, b.i64([3])])], axis=2, onesided=1)   # [B, C, L//2+1, 2]
+    spec = b.op("Slice", [spec, b.i64([0]), b.i64([cut]), b.i64([2])])               # [B, C, cut, 2]
+    s = b.op("Transpose", [spec], perm=[0, 1, 3, 2])                                 # [B, C, 2, cut]
+    s = b.op("Reshape", [s, b.i64([0, 0, 2 * cut])])
+    Wr, br = complex_linear_real(w.weight.astype(np.complex128), w.bias.astype(np.complex128))
+    # The bias enters before the inverse transform; its time-domain image is the c of the other forms.
+    u = b.op("MatMul", [s, b.const(np.swapaxes(Wr, -1, -2) * (n / L))])            # [B, C, 2up]
+    u = b.op("Reshape", [u, b.i64([0, 0, 2, up])])
+    u = b.op("Transpose", [u], perm=[0, 1, 3, 2])                                    # [B, C, up, 2]
+    u = b.op("Pad", [u, b.i64([0, 0, 0, 0, 0, 0, m - up, 0])])                       # [B, C, m, 2]
+    # Hermitian completion: bins m..n-1 are the conjugates of bins n-m..1.
+    tail = b.op("Slice", [u, b.i64([n - m]), b.i64([0]), b.i64([2]), b.i64([-1])])
+    tail = b.op("Mul", [tail, b.const(np.array([1.0, -1.0]))])
+    full = b.op("Concat", [u, tail], axis=2)                                         # [B, C, n, 2]
+    y = b.op("DFT", [full], axis=2, inverse=1, onesided=0)
+    y = b.op("Slice", [y, b.i64([0]), b.i64([1]), b.i64([3])])
+    y = b.op("Squeeze", [y, b.i64([3])])                                             # [B, C, n]
+    return y, np.einsum("nu,...u->...n", inverse_basis(n, up, L), br)
+
+
+class _Builder:
+    """Collects nodes and float32 initialisers for a hand-built ONNX graph."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def _name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value) -> str:
+        from onnx import numpy_helper
+        arr = np.asarray(value)
+        arr = arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32)
+        name = self._name("c")
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def i64(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def op(self, op_type: str, inputs: list[str], *, name: str | None = None, **attrs) -> str:
+        from onnx import helper
+        out = name or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out

@@ -1,0 +1,38 @@
+"""The backend interface: `Backend.load(graph) -> Engine`, `Engine.run(arrays) -> outputs`.
+
+`Engine.run` checks inputs once against the bundle's specs; a backend fills in only `_run`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..bundle import TensorSpec
+from ..checks import check_inputs
+
+
+class Engine(ABC):
+    """One loaded graph on one backend. Loading is up front; `run` is cheap and called many times."""
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+        self.inputs, self.outputs = list(inputs), list(outputs)
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self._run(check_inputs(self.inputs, arrays))
+
+    @abstractmethod
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
+             threads: int) -> Engine: ...
+
+    def versions(self) -> dict[str, str]:
+        return {}
