@@ -1,0 +1,5 @@
+import sys
+
+from edgeflex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""The `edgeflex` command line: export, info, run, demo.
+
+Only this module prints. Verbs that need torch (export, demo) import it when they run, so `info` and
+`run` work on a board with numpy + onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeflex.runtime import EdgeflexError, Runtime
+
+STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
+MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    cols = [header, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _quality_str(q: dict | None) -> str:
+    if not q:
+        return "untrained"
+    s = f"{q['metric']} {q['value']:.4g} ({q.get('split', 'held-out')})"
+    if "baseline" in q:
+        s += f" vs {q['baseline']['name']} {q['baseline']['value']:.4g}"
+    return s
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+def build_model(name: str, *, train: bool, epochs: int | None, seed: int, image_size: int | None,
+                progress: bool = True):
+    """(model, example input, quality or None, metadata, held-out data or None) for a built-in model name."""
+    import torch
+
+    if name == "fits":
+        from edgeflex.models.co2 import load_co2, split_scale, train_fits_co2, windows
+        from edgeflex.models.fits import FITS, cut_freq_for
+        if train:
+            kw = {"epochs": epochs} if epochs else {}
+            model, q = train_fits_co2(seed=seed, progress=progress, **kw)
+            _, _, test_z, _ = split_scale(load_co2(), model.seq_len)
+            held = windows(test_z, model.seq_len, model.pred_len)
+            meta = {"data": q["data"], "scaler": q.pop("scaler")}
+            return model, torch.from_numpy(held.x[:1]), q, meta, held
+        torch.manual_seed(seed)
+        model = FITS(208, 52, 1, cut_freq_for(208, 52, 3))
+        return model, torch.randn(1, 208, 1), None, {}, None
+    if name.startswith("starnet-") and name.removeprefix("starnet-") in STARNETS:
+        variant = name.removeprefix("starnet-")
+        if train:
+            from edgeflex.models.digits import NUM_CLASSES, load_digits_images, train_starnet_digits
+            size = image_size or 32
+            kw = {"epochs": epochs} if epochs else {}
+            model, q = train_starnet_digits(variant, image_size=size, seed=seed, progress=progress, **kw)
+            _, _, xte, yte = load_digits_images(size, seed=seed)
+            q = {**q, "split": "test", "classes": NUM_CLASSES}
+            return model, torch.from_numpy(xte[:1]), q, {"data": "scikit-learn digits"}, (xte, yte)
+        from edgeflex.models.starnet import starnet
+        torch.manual_seed(seed)
+        size = image_size or 224
+        return starnet(variant).eval(), torch.randn(1, 3, size, size), None, {}, None
+    raise EdgeflexError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import edgeflex as ef
+
+    model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
+                                                   image_size=a.image_size)
+    bundle = ef.export(model, example, a.out, name=a.name or a.model, quality=quality,
+                       tolerance=a.tolerance, metadata=meta)
+    v = bundle.manifest["export"]["validation"]
+    print(f"wrote {bundle.path}  ({bundle.family}, export error {v['max_rel_err']:.2e} relative, "
+          f"quality: {_quality_str(quality)})")
+    return 0
+
+
+# --- info / run --------------------------------------------------------------------------------------------
+
+def cmd_info(a: argparse.Namespace) -> int:
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    info = rt.info()
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    m = rt.bundle.manifest
+    v = info["export"].get("validation", {})
+    print(f"bundle   {info['name']}  ({info['path']})")
+    print(f"family   {info['family']}  model {m['model']['class']} {m['model'].get('variant') or ''}"
+          f"  parameters {m['model']['parameters']:,}")
+    print(f"inputs   {'; '.join(info['inputs'])}")
+    print(f"outputs  {'; '.join(info['outputs'])}")
+    print(f"export   {info['export'].get('strategy')}, opset {info['export'].get('opset')}, "
+          f"max error {v.get('max_abs_err', float('nan')):.2e} abs / {v.get('max_rel_err', float('nan')):.2e} "
+          f"rel (tolerance {v.get('tolerance')}, {v.get('n_inputs')} inputs)")
+    if "kernels" in info["export"]:
+        k = info["export"]["kernels"]
+        cands = ", ".join(f"{f} {t['batch1_us']:.0f} us" for f, t in k["measured"].items())
+        print(f"kernel   {k['kernel']} form {k['form']!r} (batch-1 on {k['engine']}: {cands})")
+    print(f"tools    {', '.join(f'{k} {v}' for k, v in info['tools'].items())}")
+    rows = [[c["name"], _quality_str(c["quality"]), f"{(c['flops'] or 0) / 1e6:.2f}",
+             f"{(c['param_bytes'] or 0) / 1024:.1f}"] for c in info["configs"]]
+    print()
+    print(_table(rows, ["config", "quality", "MFLOPs", "param KiB"]))
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    try:
+        x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
+    except (OSError, ValueError) as e:
+        raise EdgeflexError(f"cannot read input {a.input!r} as a .npy array ({e}); save it with np.save") from None
+    y = rt.run(x)
+    outs = y if isinstance(y, tuple) else (y,)
+    if a.output:
+        np.save(a.output, outs[0], allow_pickle=False)
+    for spec, o in zip(rt.outputs, outs):
+        print(f"{spec.name}: shape {list(o.shape)} {o.dtype}  min {o.min():.4g}  max {o.max():.4g}  "
+              f"mean {o.mean():.4g}" + (f"  -> {a.output}" if a.output else ""))
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------------------
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Train FITS on CO2 and StarNet-S050 on digits, export, verify, run held-out data through the
+    bundles, time them against PyTorch eager, print one table."""
+    import torch
+
+    import edgeflex as ef
+    from edgeflex.devices import host_info
+    from edgeflex.devices.measure import measure
+
+    out = Path(a.out)
+    start = time.perf_counter()
+    rows = []
+    for name in ("fits", "starnet-s050"):
+        print(f"[{time.perf_counter() - start:5.1f}s] {name}: training on the shipped data ...", flush=True)
+        model, example, quality, meta, held = build_model(name, train=True, epochs=None, seed=a.seed,
+                                                          image_size=None)
+        print(f"[{time.perf_counter() - start:5.1f}s] {name}: exporting and validating ...", flush=True)
+        bundle = ef.export(model, example, out / f"{name}.efx", name=name, quality=quality, metadata=meta)
+        rt = Runtime(bundle.path, threads=a.threads)           # re-opened: checksums verified
+        if name == "fits":
+            pred = rt.run(held.x)[:, model.seq_len:]
+            bundle_q = f"mse {float(((pred - held.y) ** 2).mean()):.4g}"
+        else:
+            xte, yte = held
+            bundle_q = f"top1 {float((rt.run(xte).argmax(1) == yte).mean()):.4g}"
+        x1 = example.numpy()
+        lat = measure(lambda: rt.run(x1), warmup=20, runs=a.runs)
+        torch.set_num_threads(rt.threads)
+        with torch.inference_mode():
+            eager = measure(lambda: model(example), warmup=20, runs=a.runs)
+        v = bundle.manifest["export"]["validation"]
+        rows.append([name, _quality_str(quality), bundle_q, f"{v['max_rel_err']:.1e}",
+                     f"{lat['p50_ms'] * 1e3:.0f}", f"{eager['p50_ms'] * 1e3:.0f}",
+                     f"{eager['p50_ms'] / lat['p50_ms']:.1f}x", str(bundle.path)])
+    host = host_info()
+    print()
+    print(_table(rows, ["model", "quality (PyTorch)", "quality (bundle)", "export err", "p50 us",
+                        "eager p50 us", "speed-up", "bundle"]))
+    print(f"\nbatch 1, onnxruntime and PyTorch both on {rt.threads} threads on {host['cpu']} "
+          f"({host['cores']} cores); {a.runs} runs after warm-up; total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeflex", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    e = sub.add_parser("export", help="export a built-in model into a bundle")
+    e.add_argument("--model", required=True, choices=MODELS)
+    e.add_argument("--out", required=True, help="bundle path, NAME.efx")
+    e.add_argument("--train", action="store_true", help="train on the shipped data first (fits: CO2; "
+                   "starnet-*: digits at 32x32)")
+    e.add_argument("--epochs", type=int)
+    e.add_argument("--image-size", type=int, help="starnet input size (default 224, or 32 with --train)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--name")
+    e.add_argument("--tolerance", type=float, default=1e-4, help="max relative export error (default 1e-4)")
+    e.set_defaults(fn=cmd_export)
+    for verb, fn, help_ in (("info", cmd_info, "show a bundle"), ("run", cmd_run, "run a bundle on a .npy")):
+        s = sub.add_parser(verb, help=help_)
+        s.add_argument("bundle")
+        s.add_argument("--backend", default="onnxruntime")
+        s.add_argument("--threads", type=int)
+        s.set_defaults(fn=fn)
+        if verb == "info":
+            s.add_argument("--json", action="store_true")
+        else:
+            s.add_argument("--input", required=True, help="a .npy array (loaded without pickle)")
+            s.add_argument("--output", help="write the first output here as .npy")
+    d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
+    d.add_argument("--out", default="edgeflex-demo")
+    d.add_argument("--threads", type=int)
+    d.add_argument("--runs", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except EdgeflexError as e:
+        print(f"edgeflex: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
