@@ -160,10 +160,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
             xte, yte = held
             bundle_q = f"top1 {float((rt.run(xte).argmax(1) == yte).mean()):.4g}"
         x1 = example.numpy()
-        lat = measure(lambda: rt.run(x1), warmup=20, runs=a.runs)
+        lat = measure(lambda rt=rt, x1=x1: rt.run(x1), warmup=20, runs=a.runs)
         torch.set_num_threads(rt.threads)
         with torch.inference_mode():
-            eager = measure(lambda: model(example), warmup=20, runs=a.runs)
+            eager = measure(lambda m=model, x=example: m(x), warmup=20, runs=a.runs)
         v = bundle.manifest["export"]["validation"]
         rows.append([name, _quality_str(quality), bundle_q, f"{v['max_rel_err']:.1e}",
                      f"{lat['p50_ms'] * 1e3:.0f}", f"{eager['p50_ms'] * 1e3:.0f}",
