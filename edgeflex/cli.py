@@ -145,7 +145,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     start = time.perf_counter()
-    rows = []
+    rows, summary = [], {}
     for name in ("fits", "starnet-s050"):
         print(f"[{time.perf_counter() - start:5.1f}s] {name}: training on the shipped data ...", flush=True)
         model, example, quality, meta, held = build_model(name, train=True, epochs=None, seed=a.seed,
@@ -155,20 +155,25 @@ def cmd_demo(a: argparse.Namespace) -> int:
         rt = Runtime(bundle.path, threads=a.threads)           # re-opened: checksums verified
         if name == "fits":
             pred = rt.run(held.x)[:, model.seq_len:]
-            bundle_q = f"mse {float(((pred - held.y) ** 2).mean()):.4g}"
+            bundle_value = float(((pred - held.y) ** 2).mean())
         else:
             xte, yte = held
-            bundle_q = f"top1 {float((rt.run(xte).argmax(1) == yte).mean()):.4g}"
+            bundle_value = float((rt.run(xte).argmax(1) == yte).mean())
+        bundle_q = f"{quality['metric']} {bundle_value:.4g}"
         x1 = example.numpy()
         lat = measure(lambda rt=rt, x1=x1: rt.run(x1), warmup=20, runs=a.runs)
         torch.set_num_threads(rt.threads)
         with torch.inference_mode():
             eager = measure(lambda m=model, x=example: m(x), warmup=20, runs=a.runs)
         v = bundle.manifest["export"]["validation"]
+        summary[name] = {"quality": quality, "bundle_quality": bundle_value, "export_error": v,
+                         "latency_ms": lat, "eager_latency_ms": eager, "threads": rt.threads,
+                         "bundle": str(bundle.path)}
         rows.append([name, _quality_str(quality), bundle_q, f"{v['max_rel_err']:.1e}",
                      f"{lat['p50_ms'] * 1e3:.0f}", f"{eager['p50_ms'] * 1e3:.0f}",
                      f"{eager['p50_ms'] / lat['p50_ms']:.1f}x", str(bundle.path)])
     host = host_info()
+    (out / "summary.json").write_text(json.dumps({"host": host, "models": summary}, indent=1) + "\n")
     print()
     print(_table(rows, ["model", "quality (PyTorch)", "quality (bundle)", "export err", "p50 us",
                         "eager p50 us", "speed-up", "bundle"]))

@@ -1,0 +1,88 @@
+"""The `edgeflex` command line, run as a user would (a subprocess), on real trained bundles."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgeflex as ef
+
+
+def cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "edgeflex", *map(str, args)], capture_output=True, text=True, check=False,
+                       timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"edgeflex {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    r = cli("demo", "--out", out, "--runs", "20")
+    return out, r.stdout, json.loads((out / "summary.json").read_text())
+
+
+def test_demo_trains_exports_and_runs_both_models(demo):
+    out, stdout, summary = demo
+    fits, star = summary["models"]["fits"], summary["models"]["starnet-s050"]
+    # FITS must beat the seasonal-naive forecast on held-out CO2; StarNet must learn the digits.
+    assert fits["quality"]["value"] < fits["quality"]["baseline"]["value"]
+    assert star["quality"]["value"] >= 0.9
+    # The quality measured through the bundle on ONNX Runtime is the trained model's.
+    assert fits["bundle_quality"] == pytest.approx(fits["quality"]["value"], rel=1e-4)
+    assert star["bundle_quality"] == pytest.approx(star["quality"]["value"], abs=1 / 360)
+    for name in ("fits", "starnet-s050"):
+        assert name in stdout
+        assert summary["models"][name]["export_error"]["max_rel_err"] <= 1e-4
+        assert ef.Runtime(out / f"{name}.efx").configs[0].quality is not None
+
+
+def test_info_and_run_roundtrip(demo, tmp_path):
+    out, _, _ = demo
+    bundle = out / "fits.efx"
+    text = cli("info", bundle).stdout
+    assert "fits" in text and "export" in text and "default" in text
+    info = json.loads(cli("info", bundle, "--json").stdout)
+    assert info["inputs"] == ["x [batch, 208, 1] float32"]
+    x = np.random.default_rng(0).standard_normal((3, 208, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = cli("run", bundle, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert "shape [3, 260, 1]" in r.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ef.Runtime(bundle).run(x), rtol=0, atol=1e-6)
+
+
+def test_run_bad_input_is_one_line_error(demo, tmp_path):
+    out, _, _ = demo
+    np.save(tmp_path / "x64.npy", np.zeros((1, 208, 1)))
+    r = cli("run", out / "fits.efx", "--input", tmp_path / "x64.npy", check=False)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "float64" in r.stderr and "astype" in r.stderr
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    r = cli("run", out / "fits.efx", "--input", tmp_path / "obj.npy", check=False)
+    assert r.returncode == 2 and "cannot read input" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_tampered_bundle_names_the_file(demo, tmp_path):
+    import shutil
+    out, _, _ = demo
+    copy = tmp_path / "t.efx"
+    shutil.copytree(out / "starnet-s050.efx", copy)
+    graph = copy / "graphs" / "main.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    r = cli("info", copy, check=False)
+    assert r.returncode == 2 and "graphs/main.onnx" in r.stderr and "sha256" in r.stderr
+
+
+def test_export_untrained_starnet_and_unknown_model(tmp_path):
+    r = cli("export", "--model", "starnet-s050", "--image-size", "32", "--out", tmp_path / "s.efx")
+    assert "wrote" in r.stdout
+    rt = ef.Runtime(tmp_path / "s.efx")
+    assert rt.inputs[0].shape == (None, 3, 32, 32) and rt.bundle.manifest["model"]["variant"] == "s050"
+    r = cli("export", "--model", "resnet50", "--out", tmp_path / "r.efx", check=False)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert not (tmp_path / "r.efx").exists()
