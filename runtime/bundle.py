@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from .errors import BundleError
 
 FORMAT = "edgeflex-bundle"
@@ -67,21 +69,37 @@ class Config:
     """One runnable variant of the model: for a plain model, the only one."""
 
     name: str
-    graph: str
+    graph: str | None = None
     quality: dict[str, Any] | None = None
     flops: int | None = None
     param_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def segments(self) -> list[str]:
+        """The segments this config chains, in order (an elastic bundle); empty for a one-graph config."""
+        return list(self.extra.get("segments", []))
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Config:
         known = {"name", "graph", "quality", "flops", "param_bytes"}
-        return cls(d["name"], d["graph"], d.get("quality"), d.get("flops"), d.get("param_bytes"),
+        return cls(d["name"], d.get("graph"), d.get("quality"), d.get("flops"), d.get("param_bytes"),
                    {k: v for k, v in d.items() if k not in known})
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "graph": self.graph, "quality": self.quality, "flops": self.flops,
-                "param_bytes": self.param_bytes, **self.extra}
+        d = {"name": self.name, "graph": self.graph, "quality": self.quality, "flops": self.flops,
+             "param_bytes": self.param_bytes, **self.extra}
+        return {k: v for k, v in d.items() if not (k == "graph" and v is None)}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A graph several configs share. Its large tensors live once in the bundle's weights file;
+    `tensors` maps the graph's initializer names to entries of the manifest's tensor index."""
+
+    name: str
+    graph: str
+    tensors: dict[str, str] = field(default_factory=dict)
 
 
 class Bundle:
@@ -95,6 +113,9 @@ class Bundle:
         self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
         self.configs = [Config.from_json(d) for d in manifest["configs"]]
+        self.segments = {n: Segment(n, d["graph"], dict(d.get("tensors", {})))
+                         for n, d in manifest.get("segments", {}).items()}
+        self.tensor_index: dict[str, dict[str, Any]] = manifest.get("tensors", {})
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, family={self.family!r}, configs={len(self.configs)})"
@@ -132,10 +153,25 @@ class Bundle:
             if fpath.is_file() and rel != MANIFEST and rel not in listed:
                 raise BundleError(f"bundle file {rel!r} is not listed in the manifest: added after export; "
                                   "remove it or re-export")
+        segments = manifest.get("segments", {})
         for c in manifest["configs"]:
-            if c["graph"] not in listed:
+            if "graph" in c and c["graph"] not in listed:
                 raise BundleError(f"config {c['name']!r} names graph {c['graph']!r}, which the manifest "
                                   "does not list")
+            for seg in c.get("segments", []):
+                if seg not in segments:
+                    raise BundleError(f"config {c['name']!r} names segment {seg!r}, which the manifest "
+                                      "does not define")
+            if "graph" not in c and not c.get("segments"):
+                raise BundleError(f"config {c['name']!r} has neither a graph nor segments")
+        for n, seg in segments.items():
+            if seg["graph"] not in listed:
+                raise BundleError(f"segment {n!r} names graph {seg['graph']!r}, which the manifest does not list")
+        tensors = manifest.get("tensors", {})
+        for tid, t in tensors.items():
+            f = manifest["files"].get(t["file"])
+            if f is None or t["offset"] + t["bytes"] > f["bytes"]:
+                raise BundleError(f"tensor {tid!r} lies outside {t['file']!r}; the manifest is inconsistent")
         return cls(root, manifest)
 
     @staticmethod
@@ -162,6 +198,17 @@ class Bundle:
             raise BundleError(f"bundle file {rel!r} fails its sha256 check: modified after the bundle was "
                               "opened; re-export the bundle")
         return data
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the weights file(s), read once (checksummed) as read-only array views."""
+        out, blobs = {}, {}
+        for tid, t in self.tensor_index.items():
+            if t["file"] not in blobs:
+                blobs[t["file"]] = self.read(t["file"])
+            arr = np.frombuffer(blobs[t["file"]], dtype=np.dtype(t["dtype"]), count=t["bytes"] // np.dtype(
+                t["dtype"]).itemsize, offset=t["offset"])
+            out[tid] = arr.reshape(t["shape"])
+        return out
 
     def config(self, name: str | None = None) -> Config:
         if name is None:
