@@ -17,6 +17,7 @@ from edgeflex.runtime import (
     InputError,
     Runtime,
     TensorSpec,
+    UsageError,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "InputError",
     "Runtime",
     "TensorSpec",
+    "UsageError",
     "export",
 ]
 

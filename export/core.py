@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,25 @@ def _capture_torchscript(model, example, in_names, out_names) -> bytes:
 
 
 STRATEGIES = (("torch.onnx dynamo", _capture_dynamo), ("torch.onnx torchscript", _capture_torchscript))
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...], in_names: list[str],
+            out_names: list[str]) -> bytes:
+    """ONNX bytes of `model` (batch dimension dynamic) from the first torch.onnx strategy that works."""
+    return capture_with_strategy(model, example, in_names, out_names)[0]
+
+
+def capture_with_strategy(model, example, in_names, out_names) -> tuple[bytes, str]:
+    failures = []
+    for label, fn in STRATEGIES:
+        try:
+            return fn(model, example, in_names, out_names), label
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            first = _ANSI.sub("", str(e)).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failures.append(f"{label}: {type(e).__name__}: {first}")
+            log.info("capture strategy %s failed: %s", label, e)
+    raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried " + " | ".join(failures))
 
 
 def _specs(values, names: list[str]) -> list[TensorSpec]:
@@ -106,34 +126,33 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
                                              threads=threads)
         strategy = "edgeflex FITS lowering (kernels.spectral)"
     else:
-        graph, strategy, failures = None, None, []
-        for label, capture in STRATEGIES:
-            try:
-                graph, strategy = capture(model, example, in_names, out_names), label
-                break
-            except Exception as e:  # noqa: BLE001 - every failure is reported below
-                failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                log.info("capture strategy %s failed: %s", label, e)
-        if graph is None:
-            raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried "
-                              + " | ".join(failures))
+        graph, strategy = capture_with_strategy(model, example, in_names, out_names)
     check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
     proto = onnx.load_from_string(graph)
-    name = name or Path(path).name.removesuffix(".efx")
-    hyper = model.hyper() if hasattr(model, "hyper") else {}
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto))
-    manifest = {
-        "name": name,
+    manifest = manifest_base(model, example, in_names, outs, out_names,
+                             name or Path(path).name.removesuffix(".efx"))
+    manifest.update({
         "family": family,
+        "configs": [config.to_json()],
+        "export": {"strategy": strategy, "validation": check.to_json(), "opset": proto.opset_import[0].version,
+                   **extra},
+        "metadata": metadata or {},
+    })
+    return write_bundle(path, manifest, {GRAPH: graph}, overwrite=overwrite)
+
+
+def manifest_base(model: torch.nn.Module, example, in_names: list[str], outs, out_names: list[str],
+                  name: str) -> dict[str, Any]:
+    """The manifest entries every bundle has: name, family, model, inputs/outputs, creation, tools."""
+    hyper = model.hyper() if hasattr(model, "hyper") else {}
+    return {
+        "name": name,
+        "family": getattr(model, "family", "generic"),
         "model": {"class": type(model).__name__, "variant": getattr(model, "variant", None), "hyper": hyper,
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "inputs": [s.to_json() for s in _specs(example, in_names)],
         "outputs": [s.to_json() for s in _specs(outs, out_names)],
-        "configs": [config.to_json()],
-        "export": {"strategy": strategy, "validation": check.to_json(), "opset": proto.opset_import[0].version,
-                   **extra},
-        "metadata": metadata or {},
         "tools": tool_versions(),
     }
-    return write_bundle(path, manifest, {GRAPH: graph}, overwrite=overwrite)

@@ -52,29 +52,38 @@ def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Ten
     so.log_severity_level = 3
     sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
+    return validate_fn(model, lambda xs: sess.run(None, dict(zip(names, xs))), example, tolerance=tolerance,
+                       n_random=n_random)
+
+
+def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, ...], *,
+                tolerance: float = 1e-4, n_random: int = 4, label: str = "") -> Validation:
+    """Like `validate`, for any ONNX execution: `run_onnx(list of arrays) -> list of arrays`.
+    `label` names what is checked (e.g. a config) in the error."""
     worst = (0.0, 0.0, "")
     cases = fresh_inputs(example, n_random)
-    for label, inputs in cases:
+    for case, inputs in cases:
         with torch.no_grad():
             ref = model(*inputs)
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-        outs = sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+        outs = run_onnx([t.numpy() for t in inputs])
         if len(outs) != len(refs):
             raise ExportError(f"exported graph has {len(outs)} outputs, PyTorch gave {len(refs)}")
         for r, o in zip(refs, outs):
             r = r.detach().numpy()
             if r.shape != o.shape:
-                raise ExportError(f"exported graph output shape {o.shape} != PyTorch {r.shape} on {label}")
+                raise ExportError(f"exported graph output shape {o.shape} != PyTorch {r.shape} on {case}")
             abs_err = float(np.max(np.abs(o.astype(np.float64) - r))) if r.size else 0.0
             rel_err = abs_err / max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
             if not np.isfinite(abs_err):
                 rel_err = abs_err = float("inf")
             if rel_err >= worst[1]:
-                worst = (abs_err, rel_err, label)
+                worst = (abs_err, rel_err, case)
     result = Validation(worst[0], worst[1], tolerance, len(cases), worst[2])
     if not result.max_rel_err <= tolerance:
         raise ExportError(
-            f"export does not match PyTorch: relative error {result.max_rel_err:.3g} on {result.worst_input} "
+            f"export{' of ' + label if label else ''} does not match PyTorch: relative error "
+            f"{result.max_rel_err:.3g} on {result.worst_input} "
             f"exceeds the tolerance {tolerance:.3g} by {result.max_rel_err / tolerance:.1f}x; "
             "nothing was written (raise tolerance= only if that error is acceptable)")
     return result

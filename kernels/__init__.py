@@ -1,1 +1,1 @@
-X=1
+"""Custom kernels: FITS spectral (FFT interpolation), DRESS row-sparse. NumPy references + ONNX lowerings."""

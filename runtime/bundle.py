@@ -135,10 +135,23 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath}: manifest is corrupted ({e}); re-export the bundle") from None
         cls._check_manifest(mpath, manifest)
+        try:
+            return cls._verify(root, mpath, manifest)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{mpath}: manifest is malformed ({type(e).__name__}: {e}); re-export the "
+                              "bundle") from None
+
+    @classmethod
+    def _verify(cls, root: Path, mpath: Path, manifest: dict[str, Any]) -> Bundle:
         listed = set()
         for rel, meta in manifest["files"].items():
             fpath = root / _safe_relpath(rel)
             listed.add(rel)
+            if not isinstance(meta, dict) or not {"bytes", "sha256"} <= meta.keys():
+                raise BundleError(f"manifest entry for bundle file {rel!r} lacks its size or sha256; "
+                                  "re-export the bundle")
             if not fpath.is_file():
                 raise BundleError(f"bundle file {rel!r} is missing from {root}; re-export the bundle")
             size = fpath.stat().st_size
@@ -265,7 +278,11 @@ def _replace_dir(new: Path, dest: Path) -> None:
         os.rename(new, dest)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.rename(dest, old / dest.name)
+    try:
+        os.rename(dest, old / dest.name)
+    except BaseException:
+        old.rmdir()
+        raise
     try:
         os.rename(new, dest)
     except BaseException:

@@ -24,5 +24,9 @@ class DeviceError(EdgeflexError, ValueError):
     """An unknown device name."""
 
 
+class UsageError(EdgeflexError, ValueError):
+    """An argument out of its range (threads, tolerance, ...)."""
+
+
 class ExportError(EdgeflexError):
     """A model could not be exported, or its export does not match PyTorch within tolerance."""

@@ -1,25 +1,37 @@
-"""`Runtime`: open a verified bundle, load its engine on one backend, check inputs and run.
+"""`Runtime`: open a verified bundle, load every config's engines once, check inputs, switch and run.
 
-The board side: numpy and the engine only, no torch.
+A config is a plan: the engines it chains (a plain model: one). All plans are built at start-up from
+weights read once, so `switch` only swaps a reference (no reload) and a run that has started keeps the
+plan it started with, whatever other threads switch to meanwhile. The board side: numpy and the engine.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgeflex.devices import check_device
+from edgeflex.kernels.rowsparse import masked, unpack_codes
 
-from .backends import get_backend
+from .backends import Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
+from .errors import BundleError, UsageError
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: Config
+    engines: tuple[Engine, ...]
 
 
 class Runtime:
-    """`Runtime(path, backend="onnxruntime", device="host", threads=None)`.
+    """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
 
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
+    `config` is the one to start with (default: the bundle's first).
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "host",
@@ -27,14 +39,62 @@ class Runtime:
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise UsageError(f"threads must be >= 1, got {threads}")
         self.threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                    else (os.cpu_count() or 1))
         self._backend = get_backend(backend)
         self.backend = backend
-        self._config = self.bundle.config(config)
-        self._engine = self._backend.load(self.bundle.read(self._config.graph), self.bundle.inputs,
-                                          self.bundle.outputs, threads=self.threads)
+        start = self.bundle.config(config)
+        self._plans = self._build_plans()
+        self._plan = self._plans[start.name]
+
+    # --- loading -----------------------------------------------------------------------------------------
+
+    def _build_plans(self) -> dict[str, _Plan]:
+        b = self.bundle
+        tensors = b.tensors() if b.tensor_index else {}
+        cache: dict[tuple, Engine] = {}
+        plans = {}
+        for c in b.configs:
+            if c.graph is not None:
+                key = ("graph", c.graph)
+                if key not in cache:
+                    cache[key] = self._backend.load(b.read(c.graph), b.inputs, b.outputs, threads=self.threads)
+                plans[c.name] = _Plan(c, (cache[key],))
+                continue
+            engines = []
+            level = c.extra.get("dress", {}).get("level")
+            for i, seg_name in enumerate(c.segments):
+                seg = b.segments[seg_name]
+                key = (seg_name, level if seg_name in self._masked_segments() else None)
+                if key not in cache:
+                    inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
+                    if key[1] is not None:
+                        inits.update(self._masked(seg_name, tensors, level))
+                    ins = b.inputs if i == 0 else [TensorSpec.from_json(d) for d in b.manifest["segments"][
+                        seg_name].get("inputs", [])]
+                    outs = [TensorSpec.from_json(d) for d in b.manifest["segments"][seg_name].get("outputs", [])]
+                    cache[key] = self._backend.load(b.read(seg.graph), ins, outs or b.outputs,
+                                                    threads=self.threads, initializers=inits)
+                engines.append(cache[key])
+            plans[c.name] = _Plan(c, tuple(engines))
+        return plans
+
+    def _masked_segments(self) -> set[str]:
+        return set(self.bundle.manifest.get("dress", {}).get("segments", {}))
+
+    def _masked(self, seg_name: str, tensors: dict[str, np.ndarray], level: int) -> dict[str, np.ndarray]:
+        """A DRESS level's weights, derived from the one stored dense copy and its packed level codes."""
+        spec = self.bundle.manifest["dress"]["segments"][seg_name]
+        out = {}
+        for init, d in spec.items():
+            if d["weight"] not in tensors or d["codes"] not in tensors:
+                raise BundleError(f"DRESS weight {init!r} names tensors missing from the bundle")
+            w = tensors[d["weight"]]
+            out[init] = masked(w, unpack_codes(tensors[d["codes"]], w.shape), level)
+        return out
+
+    # --- the public surface ------------------------------------------------------------------------------
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -50,12 +110,27 @@ class Runtime:
 
     @property
     def config(self) -> str:
-        return self._config.name
+        return self._plan.config.name
+
+    def switch(self, name: str) -> None:
+        """Make `name` the config of every run that starts from now on. No engine is (re)loaded."""
+        plan = self._plans.get(name)
+        if plan is None:
+            self.bundle.config(name)            # raises BundleError listing the configs
+        self._plan = plan                       # one reference store: atomic under the GIL
 
     def run(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Run one batch. One array back for a one-output model, else a tuple. Raises InputError on bad input."""
-        outs = self._engine.run(arrays)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        """Run one batch through the current config. One array back for a one-output model, else a tuple.
+        Raises InputError on bad input."""
+        return self.run_config(*arrays)[1]
+
+    def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
+        """Like `run`, and also says which config ran (for callers that switch from other threads)."""
+        plan = self._plan                       # read once: the whole run uses this config
+        outs = plan.engines[0].run(arrays)
+        for engine in plan.engines[1:]:
+            outs = engine._run(outs)
+        return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
@@ -66,4 +141,5 @@ class Runtime:
                 "tools": m.get("tools", {}), "engine_versions": self._backend.versions()}
 
     def __repr__(self) -> str:
-        return f"Runtime({self.bundle.name!r}, backend={self.backend!r}, device={self.device!r}, config={self.config!r})"
+        return (f"Runtime({self.bundle.name!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"config={self.config!r})")

@@ -32,7 +32,11 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
-             threads: int) -> Engine: ...
+             threads: int, initializers: dict[str, np.ndarray] | None = None) -> Engine:
+        """Load a graph. `initializers` supplies the graph's external tensors (a bundle's shared weights,
+        or weights the runtime derived, e.g. a sparsity level's masked copy) from memory."""
+
+        ...
 
     def versions(self) -> dict[str, str]:
         return {}

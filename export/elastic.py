@@ -1,0 +1,246 @@
+"""Elastic bundles: many configs over shared weights stored once.
+
+Owns writing segment graphs whose large tensors move into one content-addressed `weights.bin` (ONNX
+external data; identical tensors stored once), and the two elastic exports: DRESS (one graph, the level
+picks a masked copy of the stored dense weights derived at load) and SN-Net (segments chained per config).
+Every config is validated against PyTorch in that config before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from edgeflex.kernels import rowsparse
+from edgeflex.runtime.bundle import Bundle, TensorSpec, write_bundle
+from edgeflex.runtime.errors import ExportError
+
+from . import analysis
+from .core import capture, default_threads, manifest_base
+from .validate import validate_fn
+
+WEIGHTS = "weights.bin"
+ALIGN = 64
+MIN_EXTERNAL_BYTES = 128       # smaller constants (shapes, axes) stay inside their graph
+
+
+class WeightStore:
+    """Accumulates tensors into one aligned blob; identical contents are stored once."""
+
+    def __init__(self):
+        self.blob = bytearray()
+        self.index: dict[str, dict[str, Any]] = {}
+        self._by_hash: dict[str, str] = {}
+
+    def add(self, arr: np.ndarray) -> str:
+        arr = np.ascontiguousarray(arr)
+        h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode() + arr.tobytes()).hexdigest()
+        if h in self._by_hash:
+            return self._by_hash[h]
+        self.blob.extend(b"\0" * (-len(self.blob) % ALIGN))
+        tid = f"t{len(self.index)}"
+        self.index[tid] = {"file": WEIGHTS, "offset": len(self.blob), "bytes": arr.nbytes,
+                           "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        self.blob.extend(arr.tobytes())
+        self._by_hash[h] = tid
+        return tid
+
+    def externalize(self, model: onnx.ModelProto) -> tuple[bytes, dict[str, str]]:
+        """Move the model's large initialisers into the store; the graph keeps external references."""
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        refs = {}
+        for t in m.graph.initializer:
+            arr = numpy_helper.to_array(t)
+            if arr.nbytes < MIN_EXTERNAL_BYTES:
+                continue
+            tid = self.add(arr)
+            refs[t.name] = tid
+            meta = self.index[tid]
+            t.ClearField("raw_data")
+            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(f)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (("location", WEIGHTS), ("offset", str(meta["offset"])), ("length", str(meta["bytes"]))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        return m.SerializeToString(), refs
+
+
+def _ort_session(graph: bytes, store: WeightStore, refs: dict[str, str], threads: int,
+                 overrides: dict[str, np.ndarray] | None = None):
+    from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    blob = bytes(store.blob)
+    inits = {}
+    for name, tid in refs.items():
+        t = store.index[tid]
+        inits[name] = np.frombuffer(blob, np.dtype(t["dtype"]), t["bytes"] // np.dtype(t["dtype"]).itemsize,
+                                    t["offset"]).reshape(t["shape"])
+    inits.update(overrides or {})
+    return OnnxRuntimeBackend().load(graph, [], [], threads=threads, initializers=inits)
+
+
+def _median_ms(fn: Callable[[], object], runs: int = 30) -> float:
+    for _ in range(5):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def _specs_json(tensors, names) -> list[dict]:
+    return [TensorSpec(n, (None, *t.shape[1:]), "float32").to_json() for t, n in zip(tensors, names)]
+
+
+# --- DRESS ------------------------------------------------------------------------------------------------
+
+def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
+                 quality: list[dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
+                 metadata: dict | None = None, overwrite: bool = True) -> Bundle:
+    """Export a `models.dress.DressModel`: one graph, one stored dense copy of each prunable weight plus its
+    2-bit level codes; config `density-NN` per level. `quality`: per level, in level order."""
+    threads = threads or default_threads()
+    model = model.eval()
+    levels = list(model.levels)
+    dense = model.dense_copy(0).eval()
+    graph = onnx.load_from_string(capture(dense, (example,), ["x"], ["y"]))
+    inits = {t.name for t in graph.graph.initializer}
+    missing = [k for k in model.codes if k not in inits]
+    if missing:
+        raise ExportError(f"prunable weights {missing[:3]} not found among the ONNX initialisers; the capture "
+                          "renamed them")
+    store = WeightStore()
+    graph_bytes, refs = store.externalize(graph)
+    masked_spec = {}
+    for pname, codes in model.codes.items():
+        c = codes.numpy().astype(np.uint8)
+        masked_spec[pname] = {"weight": refs[pname], "codes": store.add(rowsparse.pack_codes(c)),
+                              "shape": list(c.shape)}
+    # Validate every level through the same path the runtime takes: stored weight x unpacked codes.
+    blob = bytes(store.blob)
+    configs, checks = [], []
+    stats = model_level_stats(model, example)
+    for s, density in enumerate(levels):
+        overrides = {}
+        for pname, d in masked_spec.items():
+            t = store.index[d["weight"]]
+            w = np.frombuffer(blob, np.dtype(t["dtype"]), t["bytes"] // 4, t["offset"]).reshape(t["shape"])
+            overrides[pname] = rowsparse.masked(w, model.codes[pname].numpy(), s)
+        engine = _ort_session(graph_bytes, store, refs, threads, overrides)
+        check = validate_fn(model.dense_copy(s).eval(), lambda xs, e=engine: e._run(list(xs)), (example,),
+                            tolerance=tolerance, label=f"level {s} (density {density:g})")
+        checks.append(check.to_json())
+        x1 = example[:1].numpy()
+        dense_ms = _median_ms(lambda e=engine, x1=x1: e._run([x1]))
+        configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
+                        "dress": {"level": s, "density": density, "kernel": "dense",
+                                  "measured_ms": {"dense": round(dense_ms, 4)}},
+                        "quality": (quality or [None] * len(levels))[s],
+                        "flops": stats[s]["flops"], "param_bytes": stats[s]["param_bytes"]})
+    dense_weight_bytes = sum(int(np.prod(d["shape"])) * 4 for d in masked_spec.values())
+    manifest = manifest_base(model, (example,), ["x"], [dense(example)], ["y"], name or _stem(path))
+    manifest.update({
+        "configs": configs,
+        "segments": {"main": {"graph": "graphs/main.onnx", "tensors": refs,
+                              "inputs": manifest["inputs"], "outputs": manifest["outputs"]}},
+        "tensors": store.index,
+        "dress": {"densities": levels, "segments": {"main": {k: {"weight": v["weight"], "codes": v["codes"]}
+                                                             for k, v in masked_spec.items()}},
+                  "storage": {"dense_weight_bytes": dense_weight_bytes,
+                              "codes_bytes": sum(store.index[v["codes"]]["bytes"] for v in masked_spec.values())},
+                  "kernel_choice": "per level, the faster of the measured kernels on this engine"},
+        "export": {"strategy": "torch.onnx dynamo (dense backbone) + edgeflex DRESS level codes",
+                   "validation": _worst(checks), "per_config": checks, "opset": graph.opset_import[0].version},
+        "metadata": metadata or {},
+    })
+    return write_bundle(path, manifest, {"graphs/main.onnx": graph_bytes, WEIGHTS: bytes(store.blob)},
+                        overwrite=overwrite)
+
+
+def model_level_stats(model, example) -> list[dict]:
+    from edgeflex.models.dress import level_stats
+    return level_stats(model, example[:1])
+
+
+# --- SN-Net -----------------------------------------------------------------------------------------------
+
+def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
+                 quality: dict[str, dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
+                 metadata: dict | None = None, overwrite: bool = True) -> Bundle:
+    """Export a `models.snnet.SNNet`: every segment (anchor blocks, stitching layers) once; a config is the
+    ordered list of segments it chains. `quality`: config name -> metric dict."""
+    from edgeflex.models.snnet import config_stats, segment_plan
+
+    threads = threads or default_threads()
+    model = model.eval()
+    segments, plans = segment_plan(model)
+    # Each segment's example input: what reaches it on the first config that uses it.
+    seg_example: dict[str, torch.Tensor] = {}
+    for cfg, chain in plans.items():
+        h = example
+        with torch.no_grad():
+            for seg in chain:
+                seg_example.setdefault(seg, h)
+                h = segments[seg].eval()(h)
+    store = WeightStore()
+    seg_manifest, graphs, engines = {}, {}, {}
+    for seg, module in segments.items():
+        proto = onnx.load_from_string(capture(module.eval(), (seg_example[seg],), ["x"], ["y"]))
+        gbytes, refs = store.externalize(proto)
+        graphs[f"graphs/{_safe(seg)}.onnx"] = gbytes
+        with torch.no_grad():
+            out = module(seg_example[seg])
+        seg_manifest[seg] = {"graph": f"graphs/{_safe(seg)}.onnx", "tensors": refs,
+                             "inputs": _specs_json([seg_example[seg]], ["x"]), "outputs": _specs_json([out], ["y"]),
+                             "flops": analysis.flops(proto)}
+        engines[seg] = (gbytes, refs)
+    loaded = {seg: _ort_session(g, store, r, threads) for seg, (g, r) in engines.items()}
+    stats = config_stats(model, example[:1])
+    configs, checks = [], []
+    for cfg, chain in plans.items():
+        def chained(xs, chain=chain):
+            h = list(xs)
+            for seg in chain:
+                h = loaded[seg]._run(h)
+            return h
+        model.set_config(cfg)
+        check = validate_fn(model, chained, (example,), tolerance=tolerance, label=f"config {cfg}")
+        checks.append(check.to_json())
+        configs.append({"name": cfg, "segments": list(chain), "quality": (quality or {}).get(cfg),
+                        "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"]})
+    model.set_config(next(iter(plans)))
+    with torch.no_grad():
+        y = model(example)
+    manifest = manifest_base(model, (example,), ["x"], [y], ["y"], name or _stem(path))
+    manifest.update({
+        "configs": configs, "segments": seg_manifest, "tensors": store.index,
+        "export": {"strategy": "torch.onnx dynamo per segment", "validation": _worst(checks),
+                   "per_config": checks},
+        "metadata": metadata or {},
+    })
+    return write_bundle(path, manifest, {**graphs, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
+
+
+def _worst(checks: list[dict]) -> dict:
+    return max(checks, key=lambda c: c["max_rel_err"])
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+
+
+def _stem(path) -> str:
+    return os.path.basename(os.fspath(path)).removesuffix(".efx")

@@ -1,0 +1,59 @@
+"""Shared fixtures: FITS modules with non-trivial complex weights, and one exported FITS bundle per session.
+
+The bundle is exported once (a fraction of a second) and shared read-only; tests that tamper with a bundle
+copy it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeflex.models.fits import FITS
+
+# The session bundle's FITS: seq_len, pred_len, channels, cut_freq.
+FITS_SHAPE = (24, 8, 3, 7)
+
+
+def random_fits(seq_len: int, pred_len: int, channels: int, cut_freq: int, *, individual: bool = False,
+                seed: int = 0) -> FITS:
+    """A FITS module whose complex weights have non-zero imaginary parts (nn.Linear(...).to(cfloat)
+    starts with purely real ones, which would leave half of the complex arithmetic untested)."""
+    torch.manual_seed(seed)
+    model = FITS(seq_len, pred_len, channels, cut_freq, individual=individual).eval()
+    layers = list(model.freq_upsampler) if individual else [model.freq_upsampler]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, dtype=torch.cfloat) / cut_freq**0.5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, dtype=torch.cfloat) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_fits() -> Callable[..., FITS]:
+    return random_fits
+
+
+@pytest.fixture(scope="session")
+def fits_model() -> FITS:
+    return random_fits(*FITS_SHAPE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def fits_bundle(tmp_path_factory: pytest.TempPathFactory, fits_model: FITS) -> Path:
+    """A shared-weights FITS bundle, exported once; treat as read-only."""
+    import edgeflex as ef
+
+    seq_len, _, channels, _ = FITS_SHAPE
+    path = tmp_path_factory.mktemp("bundles") / "fits.efx"
+    ef.export(fits_model, torch.randn(2, seq_len, channels), path)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
