@@ -17,7 +17,8 @@ import numpy as np
 from edgeflex.runtime import EdgeflexError, Runtime
 
 STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
-MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS))
+ELASTIC = ("dress-starnet-s050", "dress-mlp", "snnet-starnet")
+MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS), *ELASTIC)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -70,7 +71,37 @@ def build_model(name: str, *, train: bool, epochs: int | None, seed: int, image_
         torch.manual_seed(seed)
         size = image_size or 224
         return starnet(variant).eval(), torch.randn(1, 3, size, size), None, {}, None
+    if name.startswith("dress-"):
+        from edgeflex.models.dress import train_dress_digits
+        arch = name.removeprefix("dress-")
+        kw = {"epochs": epochs} if epochs else {}
+        model, q = train_dress_digits(arch, image_size=image_size or 32, seed=seed, progress=progress, **kw)
+        levels = [{"metric": q["metric"], "value": lv["value"], "direction": q["direction"], "split": "test",
+                   "density": lv["density"]} for lv in q["levels"]]
+        return model, _digits_example(arch, image_size or 32, seed), levels, {"data": "scikit-learn digits",
+                                                                          "training": _plain(q)}, None
+    if name == "snnet-starnet":
+        from edgeflex.models.snnet import train_snnet_digits
+        kw = {"epochs": epochs} if epochs else {}
+        model, q = train_snnet_digits(image_size=image_size or 32, seed=seed, progress=progress, **kw)
+        quality = {c["name"]: {"metric": q["metric"], "value": c["value"], "direction": q["direction"],
+                               "split": "test"} for c in q["configs"]}
+        return model, _digits_example("starnet", image_size or 32, seed), quality, {
+            "data": "scikit-learn digits", "training": _plain(q)}, None
     raise EdgeflexError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+
+
+def _digits_example(arch: str, image_size: int, seed: int):
+    import torch
+
+    from edgeflex.models.digits import load_digits_images
+    if arch == "mlp":      # the DRESS MLP reads the raw 8x8 grey digit, one channel
+        return torch.from_numpy(load_digits_images(8, seed=seed)[2][:2, :1])
+    return torch.from_numpy(load_digits_images(image_size, seed=seed)[2][:2])
+
+
+def _plain(q: dict) -> dict:
+    return {k: v for k, v in q.items() if isinstance(v, (int, float, str))}
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -78,11 +109,20 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
                                                    image_size=a.image_size)
-    bundle = ef.export(model, example, a.out, name=a.name or a.model, quality=quality,
-                       tolerance=a.tolerance, metadata=meta)
+    kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta}
+    if a.model.startswith("dress-"):
+        from edgeflex.export.elastic import export_dress
+        bundle = export_dress(model, example, a.out, **kw)
+    elif a.model.startswith("snnet-"):
+        from edgeflex.export.elastic import export_snnet
+        bundle = export_snnet(model, example, a.out, **kw)
+    else:
+        bundle = ef.export(model, example, a.out, **kw)
     v = bundle.manifest["export"]["validation"]
-    print(f"wrote {bundle.path}  ({bundle.family}, export error {v['max_rel_err']:.2e} relative, "
-          f"quality: {_quality_str(quality)})")
+    print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
+          f"{v['max_rel_err']:.2e} relative)")
+    for c in bundle.configs:
+        print(f"  {c.name}: {_quality_str(c.quality)}")
     return 0
 
 
@@ -110,14 +150,19 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(f"kernel   {k['kernel']} form {k['form']!r} (batch-1 on {k['engine']}: {cands})")
     print(f"tools    {', '.join(f'{k} {v}' for k, v in info['tools'].items())}")
     rows = [[c["name"], _quality_str(c["quality"]), f"{(c['flops'] or 0) / 1e6:.2f}",
-             f"{(c['param_bytes'] or 0) / 1024:.1f}"] for c in info["configs"]]
+             f"{(c['param_bytes'] or 0) / 1024:.1f}", " > ".join(c.get("segments", [])) or c.get("graph", "")]
+            for c in info["configs"]]
     print()
-    print(_table(rows, ["config", "quality", "MFLOPs", "param KiB"]))
+    print(_table(rows, ["config", "quality", "MFLOPs", "param KiB", "runs"]))
+    files = m["files"]
+    print(f"\nbundle size {sum(f['bytes'] for f in files.values()) / 1024:.1f} KiB in {len(files)} files"
+          + (f"; DRESS: dense weights {m['dress']['storage']['dense_weight_bytes'] / 1024:.1f} KiB + level "
+             f"codes {m['dress']['storage']['codes_bytes'] / 1024:.1f} KiB" if "dress" in m else ""))
     return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config)
     try:
         x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
     except (OSError, ValueError) as e:
@@ -191,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, choices=MODELS)
     e.add_argument("--out", required=True, help="bundle path, NAME.efx")
     e.add_argument("--train", action="store_true", help="train on the shipped data first (fits: CO2; "
-                   "starnet-*: digits at 32x32)")
+                   "starnet-*: digits at 32x32; dress-*/snnet-* always train)")
     e.add_argument("--epochs", type=int)
     e.add_argument("--image-size", type=int, help="starnet input size (default 224, or 32 with --train)")
     e.add_argument("--seed", type=int, default=0)
@@ -209,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--input", required=True, help="a .npy array (loaded without pickle)")
             s.add_argument("--output", help="write the first output here as .npy")
+            s.add_argument("--config", help="the config to run (default: the bundle's first)")
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
     d.add_argument("--threads", type=int)

@@ -196,10 +196,11 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                 seg_example.setdefault(seg, h)
                 h = segments[seg].eval()(h)
     store = WeightStore()
-    seg_manifest, graphs, engines = {}, {}, {}
+    seg_manifest, graphs, engines, protos = {}, {}, {}, {}
     for seg, module in segments.items():
         proto = onnx.load_from_string(capture(module.eval(), (seg_example[seg],), ["x"], ["y"]))
         gbytes, refs = store.externalize(proto)
+        protos[seg] = onnx.load_from_string(gbytes)
         graphs[f"graphs/{_safe(seg)}.onnx"] = gbytes
         with torch.no_grad():
             out = module(seg_example[seg])
@@ -219,8 +220,12 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         model.set_config(cfg)
         check = validate_fn(model, chained, (example,), tolerance=tolerance, label=f"config {cfg}")
         checks.append(check.to_json())
+        fused, fused_refs = fuse_chain([protos[seg] for seg in chain], [seg_manifest[seg]["tensors"] for seg in chain])
+        fused_path = f"graphs/fused/{_safe(cfg)}.onnx"
+        graphs[fused_path] = fused.SerializeToString()
         configs.append({"name": cfg, "segments": list(chain), "quality": (quality or {}).get(cfg),
-                        "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"]})
+                        "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"],
+                        "fused": {"graph": fused_path, "tensors": fused_refs}})
     model.set_config(next(iter(plans)))
     with torch.no_grad():
         y = model(example)
@@ -232,6 +237,20 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**graphs, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
+
+
+def fuse_chain(protos: list[onnx.ModelProto], refs: list[dict[str, str]]) -> tuple[onnx.ModelProto, dict]:
+    """One graph running `protos` in order (each one's single output feeds the next's input). External
+    tensor references are kept, so a fused graph adds no weight bytes to the bundle."""
+    from onnx import compose
+
+    fused = compose.add_prefix(protos[0], "s0.")
+    fused_refs = {f"s0.{k}": v for k, v in refs[0].items()}
+    for i, (p, r) in enumerate(zip(protos[1:], refs[1:]), start=1):
+        p = compose.add_prefix(p, f"s{i}.")
+        fused = compose.merge_models(fused, p, io_map=[(fused.graph.output[0].name, p.graph.input[0].name)])
+        fused_refs.update({f"s{i}.{k}": v for k, v in r.items()})
+    return fused, fused_refs
 
 
 def _worst(checks: list[dict]) -> dict:

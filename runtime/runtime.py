@@ -31,11 +31,13 @@ class Runtime:
     """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
 
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
-    `config` is the one to start with (default: the bundle's first).
+    `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
+    a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
+    the weights in memory), where the bundle has fused graphs.
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "host",
-                 *, threads: int | None = None, config: str | None = None):
+                 *, threads: int | None = None, config: str | None = None, fused: bool = False):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
@@ -45,6 +47,7 @@ class Runtime:
         self._backend = get_backend(backend)
         self.backend = backend
         start = self.bundle.config(config)
+        self.fused = fused
         self._plans = self._build_plans()
         self._plan = self._plans[start.name]
 
@@ -61,6 +64,13 @@ class Runtime:
                 if key not in cache:
                     cache[key] = self._backend.load(b.read(c.graph), b.inputs, b.outputs, threads=self.threads)
                 plans[c.name] = _Plan(c, (cache[key],))
+                continue
+            if self.fused and "fused" in c.extra:
+                f = c.extra["fused"]
+                inits = {init: tensors[tid] for init, tid in f["tensors"].items()}
+                engine = self._backend.load(b.read(f["graph"]), b.inputs, b.outputs, threads=self.threads,
+                                            initializers=inits)
+                plans[c.name] = _Plan(c, (engine,))
                 continue
             engines = []
             level = c.extra.get("dress", {}).get("level")
