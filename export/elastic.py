@@ -200,7 +200,7 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     for seg, module in segments.items():
         proto = onnx.load_from_string(capture(module.eval(), (seg_example[seg],), ["x"], ["y"]))
         gbytes, refs = store.externalize(proto)
-        protos[seg] = onnx.load_from_string(gbytes)
+        protos[seg] = proto
         graphs[f"graphs/{_safe(seg)}.onnx"] = gbytes
         with torch.no_grad():
             out = module(seg_example[seg])
@@ -220,9 +220,10 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         model.set_config(cfg)
         check = validate_fn(model, chained, (example,), tolerance=tolerance, label=f"config {cfg}")
         checks.append(check.to_json())
-        fused, fused_refs = fuse_chain([protos[seg] for seg in chain], [seg_manifest[seg]["tensors"] for seg in chain])
+        # The store is content-addressed: the fused graph's tensors resolve to the segments' stored copies.
+        fused_bytes, fused_refs = store.externalize(fuse_chain([protos[seg] for seg in chain]))
         fused_path = f"graphs/fused/{_safe(cfg)}.onnx"
-        graphs[fused_path] = fused.SerializeToString()
+        graphs[fused_path] = fused_bytes
         configs.append({"name": cfg, "segments": list(chain), "quality": (quality or {}).get(cfg),
                         "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"],
                         "fused": {"graph": fused_path, "tensors": fused_refs}})
@@ -239,18 +240,27 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     return write_bundle(path, manifest, {**graphs, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
 
 
-def fuse_chain(protos: list[onnx.ModelProto], refs: list[dict[str, str]]) -> tuple[onnx.ModelProto, dict]:
-    """One graph running `protos` in order (each one's single output feeds the next's input). External
-    tensor references are kept, so a fused graph adds no weight bytes to the bundle."""
+def fuse_chain(protos: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """One graph running `protos` in order (each one's single output feeds the next's input)."""
     from onnx import compose
 
     fused = compose.add_prefix(protos[0], "s0.")
-    fused_refs = {f"s0.{k}": v for k, v in refs[0].items()}
-    for i, (p, r) in enumerate(zip(protos[1:], refs[1:]), start=1):
+    for i, p in enumerate(protos[1:], start=1):
         p = compose.add_prefix(p, f"s{i}.")
         fused = compose.merge_models(fused, p, io_map=[(fused.graph.output[0].name, p.graph.input[0].name)])
-        fused_refs.update({f"s{i}.{k}": v for k, v in r.items()})
-    return fused, fused_refs
+    # keep the bundle's input/output names
+    _rename(fused, fused.graph.input[0].name, protos[0].graph.input[0].name)
+    _rename(fused, fused.graph.output[0].name, protos[-1].graph.output[0].name)
+    return fused
+
+
+def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name == old:
+            vi.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
 
 
 def _worst(checks: list[dict]) -> dict:

@@ -16,7 +16,7 @@ class OnnxRuntimeEngine(Engine):
         super().__init__(inputs, outputs)
         self.session = session
         self._keep = keep                   # OrtValues ORT was given: they must outlive the session
-        self._in_names = [s.name for s in inputs]
+        self._in_names = [i.name for i in session.get_inputs()]
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self._in_names, arrays)))
