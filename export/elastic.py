@@ -20,6 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from edgeflex.kernels import rowsparse
+from edgeflex.kernels.rowsparse import ell_tensors
 from edgeflex.runtime.bundle import Bundle, TensorSpec, write_bundle
 from edgeflex.runtime.errors import ExportError
 
@@ -129,45 +130,138 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         c = codes.numpy().astype(np.uint8)
         masked_spec[pname] = {"weight": refs[pname], "codes": store.add(rowsparse.pack_codes(c)),
                               "shape": list(c.shape)}
-    # Validate every level through the same path the runtime takes: stored weight x unpacked codes.
-    blob = bytes(store.blob)
+    # The row-sparse variant: Linear layers as the ELL kernel, its tensors derived at load from the same
+    # stored weight and codes (nothing more is stored). Conv layers keep the dense op (no ORT lowering).
+    sparse_graph, sparse_refs, sparse_layers = _sparse_variant(graph_bytes, refs, masked_spec, len(levels))
+    sparse_engine = None
+    if sparse_graph is not None:
+        derived = {}
+        for pname in sparse_layers:
+            w = _stored(store, masked_spec[pname]["weight"])
+            derived.update(ell_tensors(pname, w, model.codes[pname].numpy(), len(levels)))
+        sparse_engine = _ort_session(sparse_graph, store, sparse_refs, threads, derived)
+    # Validate every level through the paths the runtime takes: stored weight x unpacked codes.
     configs, checks = [], []
     stats = model_level_stats(model, example)
+    x1 = example[:1].numpy()
     for s, density in enumerate(levels):
-        overrides = {}
-        for pname, d in masked_spec.items():
-            t = store.index[d["weight"]]
-            w = np.frombuffer(blob, np.dtype(t["dtype"]), t["bytes"] // 4, t["offset"]).reshape(t["shape"])
-            overrides[pname] = rowsparse.masked(w, model.codes[pname].numpy(), s)
+        overrides = {pname: rowsparse.masked(_stored(store, d["weight"]), model.codes[pname].numpy(), s)
+                     for pname, d in masked_spec.items()}
         engine = _ort_session(graph_bytes, store, refs, threads, overrides)
-        check = validate_fn(model.dense_copy(s).eval(), lambda xs, e=engine: e._run(list(xs)), (example,),
-                            tolerance=tolerance, label=f"level {s} (density {density:g})")
+        reference = model.dense_copy(s).eval()
+        label = f"level {s} (density {density:g})"
+        check = validate_fn(reference, lambda xs, e=engine: e._run(list(xs)), (example,), tolerance=tolerance,
+                            label=label)
+        measured = {"dense": round(_median_ms(lambda e=engine, x1=x1: e._run([x1])), 4)}
+        if sparse_engine is not None:
+            lv = np.array(s, np.int64)
+            sparse_check = validate_fn(reference, lambda xs, lv=lv: sparse_engine._run([*xs, lv]), (example,),
+                                       tolerance=tolerance, label=label + " row-sparse kernel")
+            check = max(check, sparse_check, key=lambda c: c.max_rel_err)
+            measured["sparse"] = round(_median_ms(lambda lv=lv, x1=x1: sparse_engine._run([x1, lv])), 4)
         checks.append(check.to_json())
-        x1 = example[:1].numpy()
-        dense_ms = _median_ms(lambda e=engine, x1=x1: e._run([x1]))
         configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
-                        "dress": {"level": s, "density": density, "kernel": "dense",
-                                  "measured_ms": {"dense": round(dense_ms, 4)}},
+                        "dress": {"level": s, "density": density, "kernel": min(measured, key=measured.get),
+                                  "measured_ms_batch1": measured, "threads": threads},
                         "quality": (quality or [None] * len(levels))[s],
                         "flops": stats[s]["flops"], "param_bytes": stats[s]["param_bytes"]})
     dense_weight_bytes = sum(int(np.prod(d["shape"])) * 4 for d in masked_spec.values())
     manifest = manifest_base(model, (example,), ["x"], [dense(example)], ["y"], name or _stem(path))
+    segments = {"main": {"graph": "graphs/main.onnx", "tensors": refs,
+                         "inputs": manifest["inputs"], "outputs": manifest["outputs"]}}
+    files = {"graphs/main.onnx": graph_bytes}
+    if sparse_graph is not None:
+        segments["main.sparse"] = {"graph": "graphs/main.sparse.onnx", "tensors": sparse_refs,
+                                   "inputs": manifest["inputs"], "outputs": manifest["outputs"],
+                                   "derived_ell": sparse_layers}
+        files["graphs/main.sparse.onnx"] = sparse_graph
     manifest.update({
         "configs": configs,
-        "segments": {"main": {"graph": "graphs/main.onnx", "tensors": refs,
-                              "inputs": manifest["inputs"], "outputs": manifest["outputs"]}},
+        "segments": segments,
         "tensors": store.index,
         "dress": {"densities": levels, "segments": {"main": {k: {"weight": v["weight"], "codes": v["codes"]}
                                                              for k, v in masked_spec.items()}},
                   "storage": {"dense_weight_bytes": dense_weight_bytes,
                               "codes_bytes": sum(store.index[v["codes"]]["bytes"] for v in masked_spec.values())},
-                  "kernel_choice": "per level, the faster of the measured kernels on this engine"},
+                  "kernel_choice": "per level, the faster kernel at batch 1 as measured at export "
+                                   "(dense = masked weights; sparse = row-sparse ELL, Linear layers only)"},
         "export": {"strategy": "torch.onnx dynamo (dense backbone) + edgeflex DRESS level codes",
                    "validation": _worst(checks), "per_config": checks, "opset": graph.opset_import[0].version},
         "metadata": metadata or {},
     })
-    return write_bundle(path, manifest, {"graphs/main.onnx": graph_bytes, WEIGHTS: bytes(store.blob)},
-                        overwrite=overwrite)
+    return write_bundle(path, manifest, {**files, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
+
+
+def _stored(store: WeightStore, tid: str) -> np.ndarray:
+    t = store.index[tid]
+    dt = np.dtype(t["dtype"])
+    return np.frombuffer(bytes(store.blob[t["offset"]:t["offset"] + t["bytes"]]), dt).reshape(t["shape"])
+
+
+def _sparse_variant(graph_bytes: bytes, refs: dict[str, str], masked_spec: dict, n_levels: int) -> tuple:
+    """The graph with each prunable Linear (Gemm, transB=1) replaced by the row-sparse ELL kernel whose
+    level is the run-time int64 input `level`. None when the model has no such layer."""
+    from onnx import TensorProto, helper
+
+    g = onnx.load_from_string(graph_bytes)
+    gemms = [n for n in g.graph.node if n.op_type == "Gemm" and n.input[1] in masked_spec
+             and _attr(n, "transA", 0) == 0 and _attr(n, "transB", 0) == 1
+             and _attr(n, "alpha", 1.0) == 1.0 and _attr(n, "beta", 1.0) == 1.0]
+    if not gemms:
+        return None, None, []
+    g.graph.input.append(helper.make_tensor_value_info("level", TensorProto.INT64, []))
+    consts = [helper.make_tensor("ell.one", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("ell.zero", TensorProto.INT64, [1], [0]),
+              helper.make_tensor("ell.axis2", TensorProto.INT64, [1], [2])]
+    g.graph.initializer.extend(consts)
+    replaced = {id(n): [] for n in gemms}
+    layers = []
+    for n in gemms:
+        w, out_f = n.input[1], masked_spec[n.input[1]]["shape"][0]
+        in_f = masked_spec[w]["shape"][1]
+        layers.append(w)
+        for suffix, dtype, dims in ((".ell_values", TensorProto.FLOAT, [out_f, in_f]),
+                                    (".ell_index", TensorProto.INT64, [out_f, in_f]),
+                                    (".ell_k", TensorProto.INT64, [n_levels])):
+            t = g.graph.initializer.add()
+            t.name, t.data_type = w + suffix, dtype
+            t.dims.extend(dims)
+            _mark_derived(t)
+        v = w + "."
+        replaced[id(n)] += [helper.make_node("Gather", [w + ".ell_k", "ell.level1"], [v + "k"]),
+                  helper.make_node("Slice", [w + ".ell_values", "ell.zero", v + "k", "ell.one"], [v + "vk"]),
+                  helper.make_node("Slice", [w + ".ell_index", "ell.zero", v + "k", "ell.one"], [v + "ik"]),
+                  helper.make_node("Gather", [n.input[0], v + "ik"], [v + "xg"], axis=1),
+                  helper.make_node("Mul", [v + "xg", v + "vk"], [v + "prod"]),
+                  helper.make_node("ReduceSum", [v + "prod", "ell.axis2"],
+                                   [v + "acc" if len(n.input) > 2 else n.output[0]], keepdims=0)]
+        if len(n.input) > 2:
+            replaced[id(n)].append(helper.make_node("Add", [v + "acc", n.input[2]], [n.output[0]]))
+    nodes = [helper.make_node("Reshape", ["level", "ell.one"], ["ell.level1"])]
+    for n in g.graph.node:
+        nodes += replaced.get(id(n), [n])
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
+    used = {i for n in g.graph.node for i in n.input}
+    kept = [t for t in g.graph.initializer if t.name in used]
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(kept)
+    sparse_refs = {k: v for k, v in refs.items() if k in used}
+    return g.SerializeToString(), sparse_refs, layers
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _mark_derived(t) -> None:
+    # NOTE: an external tensor with no bytes in the bundle: the runtime derives it at load (`ell_tensors`)
+    # and hands it to the engine from memory; nothing ever reads this location.
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, val in (("location", "derived-at-load"), ("offset", "0"), ("length", "0")):
+        e = t.external_data.add()
+        e.key, e.value = k, val
 
 
 def model_level_stats(model, example) -> list[dict]:

@@ -57,6 +57,14 @@ def to_ell(weight: np.ndarray, codes: np.ndarray, n_levels: int,
     return vals, order.astype(itype), k.astype(np.int64)
 
 
+def ell_tensors(weight_name: str, w: np.ndarray, codes: np.ndarray, n_levels: int) -> dict[str, np.ndarray]:
+    """The ELL tensors a row-sparse graph names for one weight, derived at load from the stored dense weight
+    and its codes (`<weight>.ell_values`, `.ell_index` as int64 for ONNX Gather, `.ell_k`)."""
+    vals, idx, k = to_ell(w, codes, n_levels)
+    return {f"{weight_name}.ell_values": vals.astype(np.float32), f"{weight_name}.ell_index": idx.astype(np.int64),
+            f"{weight_name}.ell_k": k}
+
+
 def ell_reference(x: np.ndarray, vals: np.ndarray, idx: np.ndarray, k: np.ndarray, level: int,
                   bias: np.ndarray | None = None) -> np.ndarray:
     """y[b, o] = sum_{j < k[level]} vals[o, j] * x[b, idx[o, j]] (+ bias): the slow, obvious loop."""

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from edgeflex.devices import check_device
-from edgeflex.kernels.rowsparse import masked, unpack_codes
+from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 
 from .backends import Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
+from .checks import check_inputs
 from .errors import BundleError, UsageError
 
 
@@ -25,6 +26,7 @@ from .errors import BundleError, UsageError
 class _Plan:
     config: Config
     engines: tuple[Engine, ...]
+    extra: tuple[np.ndarray, ...] = ()       # constant inputs after the user's (a DRESS sparse level)
 
 
 class Runtime:
@@ -33,11 +35,13 @@ class Runtime:
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
-    the weights in memory), where the bundle has fused graphs.
+    the weights in memory), where the bundle has fused graphs. `dress_kernel` ("dense" or "sparse")
+    overrides, for every DRESS level, the kernel the exporter measured fastest.
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "host",
-                 *, threads: int | None = None, config: str | None = None, fused: bool = False):
+                 *, threads: int | None = None, config: str | None = None, fused: bool = False,
+                 dress_kernel: str | None = None):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
@@ -47,7 +51,7 @@ class Runtime:
         self._backend = get_backend(backend)
         self.backend = backend
         start = self.bundle.config(config)
-        self.fused = fused
+        self.fused, self.dress_kernel = fused, dress_kernel
         self._plans = self._build_plans()
         self._plan = self._plans[start.name]
 
@@ -57,52 +61,63 @@ class Runtime:
         b = self.bundle
         tensors = b.tensors() if b.tensor_index else {}
         cache: dict[tuple, Engine] = {}
+
+        def load(key: tuple, graph: str, ins, outs, inits: dict | None = None) -> Engine:
+            if key not in cache:
+                cache[key] = self._backend.load(b.read(graph), ins, outs, threads=self.threads,
+                                                initializers=inits)
+            return cache[key]
+
+        def seg_specs(name: str, field: str, default):
+            return [TensorSpec.from_json(d) for d in b.manifest["segments"][name].get(field, [])] or default
+
         plans = {}
         for c in b.configs:
+            dress = c.extra.get("dress")
             if c.graph is not None:
-                key = ("graph", c.graph)
-                if key not in cache:
-                    cache[key] = self._backend.load(b.read(c.graph), b.inputs, b.outputs, threads=self.threads)
-                plans[c.name] = _Plan(c, (cache[key],))
-                continue
-            if self.fused and "fused" in c.extra:
+                plans[c.name] = _Plan(c, (load(("graph", c.graph), c.graph, b.inputs, b.outputs),))
+            elif self.fused and "fused" in c.extra:
                 f = c.extra["fused"]
                 inits = {init: tensors[tid] for init, tid in f["tensors"].items()}
-                engine = self._backend.load(b.read(f["graph"]), b.inputs, b.outputs, threads=self.threads,
-                                            initializers=inits)
-                plans[c.name] = _Plan(c, (engine,))
-                continue
-            engines = []
-            level = c.extra.get("dress", {}).get("level")
-            for i, seg_name in enumerate(c.segments):
-                seg = b.segments[seg_name]
-                key = (seg_name, level if seg_name in self._masked_segments() else None)
-                if key not in cache:
+                plans[c.name] = _Plan(c, (load(("fused", c.name), f["graph"], b.inputs, b.outputs, inits),))
+            elif dress is not None:
+                plans[c.name] = self._dress_plan(c, dress, tensors, load)
+            else:
+                engines = []
+                for i, name in enumerate(c.segments):
+                    seg = b.segments[name]
                     inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-                    if key[1] is not None:
-                        inits.update(self._masked(seg_name, tensors, level))
-                    ins = b.inputs if i == 0 else [TensorSpec.from_json(d) for d in b.manifest["segments"][
-                        seg_name].get("inputs", [])]
-                    outs = [TensorSpec.from_json(d) for d in b.manifest["segments"][seg_name].get("outputs", [])]
-                    cache[key] = self._backend.load(b.read(seg.graph), ins, outs or b.outputs,
-                                                    threads=self.threads, initializers=inits)
-                engines.append(cache[key])
-            plans[c.name] = _Plan(c, tuple(engines))
+                    engines.append(load((name,), seg.graph, b.inputs if i == 0 else seg_specs(name, "inputs", []),
+                                        seg_specs(name, "outputs", b.outputs), inits))
+                plans[c.name] = _Plan(c, tuple(engines))
         return plans
 
-    def _masked_segments(self) -> set[str]:
-        return set(self.bundle.manifest.get("dress", {}).get("segments", {}))
-
-    def _masked(self, seg_name: str, tensors: dict[str, np.ndarray], level: int) -> dict[str, np.ndarray]:
-        """A DRESS level's weights, derived from the one stored dense copy and its packed level codes."""
-        spec = self.bundle.manifest["dress"]["segments"][seg_name]
-        out = {}
-        for init, d in spec.items():
+    def _dress_plan(self, c: Config, dress: dict, tensors: dict[str, np.ndarray], load) -> _Plan:
+        """A DRESS level: the masked dense graph, or the row-sparse graph with the level as an input.
+        Both are derived here from the one stored dense weight and its packed level codes."""
+        b, level = self.bundle, dress["level"]
+        kernel = self.dress_kernel or dress["kernel"]
+        coded = b.manifest["dress"]["segments"]["main"]
+        weights = {}
+        for init, d in coded.items():
             if d["weight"] not in tensors or d["codes"] not in tensors:
                 raise BundleError(f"DRESS weight {init!r} names tensors missing from the bundle")
             w = tensors[d["weight"]]
-            out[init] = masked(w, unpack_codes(tensors[d["codes"]], w.shape), level)
-        return out
+            weights[init] = (w, unpack_codes(tensors[d["codes"]], w.shape))
+        if kernel == "dense":
+            seg = b.segments["main"]
+            inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
+            inits.update({init: masked(w, codes, level) for init, (w, codes) in weights.items()})
+            return _Plan(c, (load(("main", level), seg.graph, b.inputs, b.outputs, inits),))
+        if kernel != "sparse" or "main.sparse" not in b.segments:
+            raise UsageError(f"DRESS kernel {kernel!r} is not in bundle {b.name!r}; it has: dense"
+                             + (", sparse" if "main.sparse" in b.segments else ""))
+        seg = b.segments["main.sparse"]
+        inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
+        for init in b.manifest["segments"]["main.sparse"]["derived_ell"]:
+            inits.update(ell_tensors(init, *weights[init], len(b.manifest["dress"]["densities"])))
+        engine = load(("main.sparse",), seg.graph, b.inputs, b.outputs, inits)
+        return _Plan(c, (engine,), (np.array(level, np.int64),))
 
     # --- the public surface ------------------------------------------------------------------------------
 
@@ -137,7 +152,8 @@ class Runtime:
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
         plan = self._plan                       # read once: the whole run uses this config
-        outs = plan.engines[0].run(arrays)
+        first = plan.engines[0]
+        outs = first._run(check_inputs(first.inputs, arrays) + list(plan.extra))
         for engine in plan.engines[1:]:
             outs = engine._run(outs)
         return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))

@@ -185,3 +185,22 @@ def test_cli_info_shows_config_table_and_run_config(dress, tmp_path):
     rt = ef.Runtime(path, config="density-10")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), rt.run(x), atol=1e-6)
     assert Path(tmp_path / "y.npy").exists()
+
+
+def test_dress_sparse_kernel_serves_every_level_and_choice_is_measured(dress):
+    model, path = dress
+    rt = ef.Runtime(path, dress_kernel="sparse")
+    x = _x((1, 1, 8, 8), seed=5)
+    for level, c in enumerate(rt.configs):
+        rt.switch(c.name)
+        with torch.no_grad():
+            ref = model.set_level(level)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(rt.run(x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        d = c.extra["dress"]
+        assert set(d["measured_ms_batch1"]) == {"dense", "sparse"}
+        assert d["kernel"] == min(d["measured_ms_batch1"], key=d["measured_ms_batch1"].get)
+    # one sparse graph, the level a run-time input: a single engine serves all four levels
+    engines = {id(p.engines[0]) for p in rt._plans.values()}
+    assert len(engines) == 1
+    with pytest.raises(ef.UsageError, match="kernel 'fast'"):
+        ef.Runtime(path, dress_kernel="fast")
