@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgeflex-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,dev]'
+	$(PY) -m pip install -q -e '.[export,dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +23,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_foundation.py
+	$(PY) benchmarks/bench_foundation.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_elastic.py --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) edgeflex-demo
