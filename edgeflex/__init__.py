@@ -6,8 +6,10 @@ the first time it is touched.
 
 __version__ = "0.1.0"
 
-from edgeflex.runtime import (
+from edgeflex.runtime import (  # noqa: E402 - __version__ first: submodules read it
     BackendUnavailable,
+    Budget,
+    BudgetError,
     Bundle,
     BundleError,
     Config,
@@ -22,6 +24,8 @@ from edgeflex.runtime import (
 
 __all__ = [
     "BackendUnavailable",
+    "Budget",
+    "BudgetError",
     "Bundle",
     "BundleError",
     "Config",

@@ -24,7 +24,10 @@ MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS), *ELASTIC)
 def _table(rows: list[list[str]], header: list[str]) -> str:
     cols = [header, *rows]
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+
+    def line(r: list) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -142,7 +145,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"inputs   {'; '.join(info['inputs'])}")
     print(f"outputs  {'; '.join(info['outputs'])}")
     print(f"export   {info['export'].get('strategy')}, opset {info['export'].get('opset')}, "
-          f"max error {v.get('max_abs_err', float('nan')):.2e} abs / {v.get('max_rel_err', float('nan')):.2e} "
+          f"max error {v.get('max_abs_err', float('nan')):.2e} abs / "
+          f"{v.get('max_rel_err', float('nan')):.2e} "
           f"rel (tolerance {v.get('tolerance')}, {v.get('n_inputs')} inputs)")
     if "kernels" in info["export"]:
         k = info["export"]["kernels"]
@@ -166,7 +170,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
     except (OSError, ValueError) as e:
-        raise EdgeflexError(f"cannot read input {a.input!r} as a .npy array ({e}); save it with np.save") from None
+        raise EdgeflexError(f"cannot read input {a.input!r} as a .npy array ({e}); "
+                            "save it with np.save") from None
     y = rt.run(x)
     outs = y if isinstance(y, tuple) else (y,)
     if a.output:
@@ -175,6 +180,40 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"{spec.name}: shape {list(o.shape)} {o.dtype}  min {o.min():.4g}  max {o.max():.4g}  "
               f"mean {o.mean():.4g}" + (f"  -> {a.output}" if a.output else ""))
     return 0
+
+
+# --- profile / query ------------------------------------------------------------------------------------
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from edgeflex.runtime.profiles import measure_profile, save_profile
+
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    prof = measure_profile(rt, batch=a.batch, memory=not a.no_memory, min_seconds=a.min_seconds)
+    save_profile(a.bundle, prof)
+    rows = [[name, f"{p['p50_ms']:.4f}", f"{p['p90_ms']:.4f}", f"{p['p99_ms']:.4f}", f"{p['mean_ms']:.4f}",
+             f"{p['throughput_per_s']:.0f}", f"{p.get('peak_memory_mb', float('nan')):.1f}", str(p["runs"])]
+            for name, p in prof["configs"].items()]
+    print(_table(rows, ["config", "p50 ms", "p90 ms", "p99 ms", "mean ms", "per s", "peak MB", "runs"]))
+    print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {rt.threads} threads, "
+          f"batch {a.batch}); stored as profiles/{prof['device']}.json in {a.bundle}")
+    return 0
+
+
+def cmd_query(a: argparse.Namespace) -> int:
+    from edgeflex.runtime import Budget
+
+    rt = Runtime(a.bundle, device=a.device, threads=a.threads)
+    budget = Budget(latency_ms=a.latency_ms, memory_mb=a.memory_mb, energy_mj=a.energy_mj)
+    hits = rt.query(budget, margin=a.margin)
+    if a.json:
+        print(json.dumps({"device": a.device, "budget": budget.__dict__, "margin": a.margin, "configs": hits},
+                         indent=1))
+        return 0
+    rows = [[h["name"], _quality_str(h["quality"]), f"{h['p50_ms']:.4f}", f"{h['p90_ms']:.4f}",
+             f"{h.get('peak_memory_mb', float('nan')):.1f}", h["source"]] for h in hits]
+    print(_table(rows, ["config", "quality", "p50 ms", "p90 ms", "peak MB", "latency"]) if rows else
+          f"no config fits {budget.describe()} on {a.device} (margin {a.margin})")
+    return 0 if rows else 1
 
 
 # --- demo --------------------------------------------------------------------------------------------------
@@ -255,6 +294,24 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--input", required=True, help="a .npy array (loaded without pickle)")
             s.add_argument("--output", help="write the first output here as .npy")
             s.add_argument("--config", help="the config to run (default: the bundle's first)")
+    pr = sub.add_parser("profile", help="measure every config on this device; store it in the bundle")
+    pr.add_argument("bundle")
+    pr.add_argument("--backend", default="onnxruntime")
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--min-seconds", type=float, default=0.5, help="least time spent timing each config")
+    pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")
+    pr.set_defaults(fn=cmd_profile)
+    q = sub.add_parser("query", help="the configs that fit a budget on a device, best quality first")
+    q.add_argument("bundle")
+    q.add_argument("--device", default="host")
+    q.add_argument("--latency-ms", type=float)
+    q.add_argument("--memory-mb", type=float)
+    q.add_argument("--energy-mj", type=float)
+    q.add_argument("--margin", type=float, default=0.85, help="fit p90 within margin x budget (default 0.85)")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_query)
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
     d.add_argument("--threads", type=int)

@@ -1,4 +1,4 @@
-"""The board side: bundles, backends, the runtime. Imports numpy and the engine, never torch."""
+"""The board side: bundles, backends, the runtime, budgets. Imports numpy and the engine, never torch."""
 
 from .bundle import Bundle, Config, Segment, TensorSpec
 from .errors import (
@@ -10,19 +10,8 @@ from .errors import (
     InputError,
     UsageError,
 )
+from .policy import Budget, BudgetError
 from .runtime import Runtime
 
-__all__ = [
-    "BackendUnavailable",
-    "Bundle",
-    "BundleError",
-    "Config",
-    "DeviceError",
-    "EdgeflexError",
-    "ExportError",
-    "InputError",
-    "Runtime",
-    "Segment",
-    "TensorSpec",
-    "UsageError",
-]
+__all__ = ["Bundle", "Config", "Segment", "TensorSpec", "Runtime", "Budget", "EdgeflexError", "BundleError",
+           "InputError", "BackendUnavailable", "DeviceError", "ExportError", "UsageError", "BudgetError"]

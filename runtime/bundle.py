@@ -131,7 +131,8 @@ class Bundle:
         try:
             manifest = json.loads(mpath.read_text())
         except FileNotFoundError:
-            raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated copy") from None
+            raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated "
+                              "copy") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath}: manifest is corrupted ({e}); re-export the bundle") from None
         cls._check_manifest(mpath, manifest)
@@ -179,7 +180,8 @@ class Bundle:
                 raise BundleError(f"config {c['name']!r} has neither a graph nor segments")
         for n, seg in segments.items():
             if seg["graph"] not in listed:
-                raise BundleError(f"segment {n!r} names graph {seg['graph']!r}, which the manifest does not list")
+                raise BundleError(f"segment {n!r} names graph {seg['graph']!r}, which the manifest does "
+                                  "not list")
         tensors = manifest.get("tensors", {})
         for tid, t in tensors.items():
             f = manifest["files"].get(t["file"])
@@ -290,3 +292,37 @@ def _replace_dir(new: Path, dest: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def update_bundle(path: str | os.PathLike, files: dict[str, bytes]) -> Bundle:
+    """Add or replace files of an existing, verified bundle, atomically (a new directory swapped in).
+
+    Unchanged files are hard-linked into the new copy where the file system allows (copied otherwise).
+    """
+    old = Bundle.open(path)
+    dest = old.path
+    manifest = {k: v for k, v in old.manifest.items() if k not in ("format", "format_version")}
+    entries = dict(manifest["files"])
+    for rel, data in files.items():
+        entries[_safe_relpath(rel)] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+    manifest["files"] = dict(sorted(entries.items()))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for rel in entries:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if rel in files:
+                target.write_bytes(files[rel])
+                continue
+            try:
+                os.link(dest / rel, target)
+            except OSError:
+                shutil.copy2(dest / rel, target)
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle.open(dest)

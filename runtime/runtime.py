@@ -7,19 +7,25 @@ plan it started with, whatever other threads switch to meanwhile. The board side
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgeflex.devices import check_device
+from edgeflex.devices import check_device, host_info
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 
 from .backends import Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
 from .checks import check_inputs
 from .errors import BundleError, UsageError
+from .policy import Adapter, Budget, BudgetError, candidates, fits
+from .profiles import load_profile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,13 @@ class Runtime:
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
     the weights in memory), where the bundle has fused graphs. `dress_kernel` ("dense" or "sparse")
-    overrides, for every DRESS level, the kernel the exporter measured fastest.
+    overrides, for every DRESS level, the kernel the exporter measured fastest. `only` loads just those
+    configs (less memory; switching to another then raises).
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "host",
                  *, threads: int | None = None, config: str | None = None, fused: bool = False,
-                 dress_kernel: str | None = None):
+                 dress_kernel: str | None = None, only: list[str] | None = None):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
@@ -52,8 +59,16 @@ class Runtime:
         self.backend = backend
         start = self.bundle.config(config)
         self.fused, self.dress_kernel = fused, dress_kernel
+        if only is not None:
+            for name in only:
+                self.bundle.config(name)
+            if start.name not in only:
+                start = self.bundle.config(only[0])
+        self._only = set(only) if only is not None else None
         self._plans = self._build_plans()
         self._plan = self._plans[start.name]
+        self._adapter: Adapter | None = None
+        self.budget_met = True
 
     # --- loading -----------------------------------------------------------------------------------------
 
@@ -73,6 +88,8 @@ class Runtime:
 
         plans = {}
         for c in b.configs:
+            if self._only is not None and c.name not in self._only:
+                continue
             dress = c.extra.get("dress")
             if c.graph is not None:
                 plans[c.name] = _Plan(c, (load(("graph", c.graph), c.graph, b.inputs, b.outputs),))
@@ -87,8 +104,9 @@ class Runtime:
                 for i, name in enumerate(c.segments):
                     seg = b.segments[name]
                     inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-                    engines.append(load((name,), seg.graph, b.inputs if i == 0 else seg_specs(name, "inputs", []),
-                                        seg_specs(name, "outputs", b.outputs), inits))
+                    ins = b.inputs if i == 0 else seg_specs(name, "inputs", [])
+                    outs = seg_specs(name, "outputs", b.outputs)
+                    engines.append(load((name,), seg.graph, ins, outs, inits))
                 plans[c.name] = _Plan(c, tuple(engines))
         return plans
 
@@ -142,6 +160,8 @@ class Runtime:
         plan = self._plans.get(name)
         if plan is None:
             self.bundle.config(name)            # raises BundleError listing the configs
+            raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
+                             f"{', '.join(self._plans)}")
         self._plan = plan                       # one reference store: atomic under the GIL
 
     def run(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -153,16 +173,72 @@ class Runtime:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
         plan = self._plan                       # read once: the whole run uses this config
         first = plan.engines[0]
+        adapter = self._adapter
+        t0 = time.perf_counter() if adapter is not None else 0.0
         outs = first._run(check_inputs(first.inputs, arrays) + list(plan.extra))
         for engine in plan.engines[1:]:
             outs = engine._run(outs)
+        if adapter is not None:
+            target = adapter.observe(plan.config.name, (time.perf_counter() - t0) * 1e3)
+            if target is not None:
+                self.switch(target)
         return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))
+
+    # --- profiles and budgets ----------------------------------------------------------------------------
+
+    def latency_profile(self) -> dict[str, Any] | None:
+        """This device's measured profile stored in the bundle (None if there is none, or it was measured
+        on another host than this one)."""
+        prof = load_profile(self.bundle, self.device)
+        if prof is not None and self.device == "host":
+            here, there = host_info(), prof.get("env", {}).get("host", {})
+            if (there.get("cpu"), there.get("cores")) != (here["cpu"], here["cores"]):
+                return None
+        return prof
+
+    def query(self, budget: Budget, *, margin: float = 0.85) -> list[dict[str, Any]]:
+        """The configs that fit `budget` on this device (p90 within margin x latency), best quality first."""
+        prof = self.latency_profile()
+        if prof is None:
+            raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
+                              f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
+        by_name = {c.name: c for c in self.configs}
+        cands = candidates(self.configs, prof["configs"])
+        ok = sorted((c for c in cands if fits(c, budget, margin)), key=lambda c: (-c.rank, c.p90_ms))
+        return [{"name": c.name, "quality": by_name[c.name].quality, **prof["configs"][c.name],
+                 "source": prof.get("obtained", "measured")} for c in ok]
+
+    def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
+                   margin: float = 0.85, window: int = 32) -> str:
+        """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
+        keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
+
+        Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
+        `self.budget_met` is False)."""
+        if budget is None:
+            self._adapter, self.budget_met = None, True
+            return self.config
+        prof = self.latency_profile()
+        if prof is None:
+            raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
+                              f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
+        cands = [c for c in candidates(self.configs, prof["configs"]) if c.name in self._plans]
+        adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.8,
+                          degrade=degrade)
+        self.budget_met = adapter.fits
+        if not adapter.fits:
+            log.warning("no config fits %s; running the fastest, %s (degrade=True)", budget.describe(),
+                        adapter.current)
+        self.switch(adapter.current)
+        self._adapter = adapter if adapt else None
+        return adapter.current
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
         return {"name": self.bundle.name, "path": str(self.bundle.path), "family": self.bundle.family,
-                "backend": self.backend, "device": self.device, "threads": self.threads, "config": self.config,
-                "inputs": [s.describe() for s in self.inputs], "outputs": [s.describe() for s in self.outputs],
+                "backend": self.backend, "device": self.device, "threads": self.threads,
+                "config": self.config, "inputs": [s.describe() for s in self.inputs],
+                "outputs": [s.describe() for s in self.outputs],
                 "configs": [c.to_json() for c in self.configs], "export": m.get("export", {}),
                 "tools": m.get("tools", {}), "engine_versions": self._backend.versions()}
 

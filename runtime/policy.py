@@ -1,0 +1,165 @@
+"""Budgets and the policy that keeps a runtime inside one: pick the best-quality config whose profiled
+latency (and memory, energy) fits with a safety margin, then watch observed latencies and re-select when
+the device slows down or recovers, with hysteresis so it does not flap.
+
+Pure logic over profiles (dicts of numbers): no engine, no clock of its own, so tests drive it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+
+class BudgetError(UsageError):
+    """No config fits the budget (and the caller did not ask to degrade)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per-request limits: latency (ms, judged on p90), memory (MB of peak RSS), energy (mJ). Any subset."""
+
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    energy_mj: float | None = None
+
+    def __post_init__(self):
+        for name in ("latency_ms", "memory_mb", "energy_mj"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise UsageError(f"Budget {name} must be a positive number, got {v!r}")
+        if self.latency_ms is None and self.memory_mb is None and self.energy_mj is None:
+            raise UsageError("an empty Budget: give latency_ms, memory_mb and/or energy_mj")
+
+    def describe(self) -> str:
+        parts = [f"{v:g} {u}" for v, u in ((self.latency_ms, "ms"), (self.memory_mb, "MB"),
+                                           (self.energy_mj, "mJ")) if v is not None]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the policy knows of one config: quality (higher is better after `rank`), profiled latency."""
+
+    name: str
+    rank: float                 # quality oriented so that higher is better (-MSE for 'lower' metrics)
+    p90_ms: float
+    memory_mb: float | None = None
+    energy_mj: float | None = None
+
+
+def candidates(configs, profile: dict[str, dict], power_w: float | None = None) -> list[Candidate]:
+    """Candidates from bundle configs and a profile's per-config stats. Energy = p50 x device power when
+    the device description gives one; quality missing -> FLOPs stand in (bigger assumed better)."""
+    out = []
+    for c in configs:
+        stats = profile.get(c.name)
+        if stats is None:
+            continue
+        q = c.quality or {}
+        if "value" in q:
+            rank = q["value"] if q.get("direction", "higher") == "higher" else -q["value"]
+        else:
+            rank = float(c.flops or 0)
+        energy = stats["p50_ms"] * power_w if power_w else stats.get("energy_mj")
+        out.append(Candidate(c.name, float(rank), float(stats["p90_ms"]), stats.get("peak_memory_mb"),
+                             energy))
+    return out
+
+
+def fits(c: Candidate, b: Budget, margin: float, slowdown: float = 1.0) -> bool:
+    if b.latency_ms is not None and c.p90_ms * slowdown > margin * b.latency_ms:
+        return False
+    if b.memory_mb is not None and (c.memory_mb is None or c.memory_mb > b.memory_mb):
+        return False
+    if b.energy_mj is not None and (c.energy_mj is None or c.energy_mj * slowdown > margin * b.energy_mj):
+        return False
+    return True
+
+
+def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown: float = 1.0,
+           degrade: bool = False) -> tuple[Candidate, bool]:
+    """The best-ranked candidate that fits (ties: the faster); (smallest, False) if none fits and `degrade`.
+
+    Raises BudgetError naming the budget and the closest config when nothing fits and not `degrade`."""
+    if not cands:
+        raise BudgetError("no config has a latency profile on this device; run `edgeflex profile` first")
+    if b.energy_mj is not None and all(c.energy_mj is None for c in cands):
+        raise BudgetError("energy budget given but this device has no power figure to estimate energy; "
+                          "drop energy_mj or describe the device's power")
+    ok = [c for c in cands if fits(c, b, margin, slowdown)]
+    if ok:
+        return max(ok, key=lambda c: (c.rank, -c.p90_ms)), True
+    smallest = min(cands, key=lambda c: c.p90_ms)
+    if degrade:
+        return smallest, False
+    raise BudgetError(f"no config fits the budget {b.describe()} (with margin {margin:g}, slowdown "
+                      f"{slowdown:.2f}x): the fastest, {smallest.name!r}, has p90 "
+                      f"{smallest.p90_ms * slowdown:.3f} ms; raise the budget or pass degrade=True")
+
+
+class Adapter:
+    """Online re-selection from observed latencies.
+
+    Slowdown s = (window p90 of the current config) / (its profiled p90). The current config is kept while
+    s * p90 fits `margin_hi` * budget; when it does not, switch down at once to the best config that fits
+    at s. Switch up only when a better config fits `margin_lo` (< margin_hi) * budget at s, and `up_after`
+    consecutive windows agreed: the gap between the two margins and the wait are the hysteresis.
+    """
+
+    def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
+                 margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False):
+        if not 0 < margin_lo <= margin_hi <= 1:
+            raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
+        self.cands = {c.name: c for c in cands}
+        self.budget, self.degrade = budget, degrade
+        self.margin_hi, self.margin_lo, self.up_after = margin_hi, margin_lo, up_after
+        first, self.fits = choose(cands, budget, margin=margin_hi, degrade=degrade)
+        self.current = first.name
+        self._window: deque[float] = deque(maxlen=window)
+        self._agree = 0
+        self.slowdown = 1.0
+        self._lock = threading.Lock()
+
+    def observe(self, config: str, latency_ms: float) -> str | None:
+        """Record one run; returns the config to switch to, or None to stay. Thread-safe."""
+        with self._lock:
+            if config != self.current:
+                return None                      # a run that started before the last switch
+            self._window.append(latency_ms)
+            if len(self._window) < self._window.maxlen:
+                return None
+            p90 = float(np.percentile(self._window, 90))
+            self.slowdown = max(p90 / self.cands[self.current].p90_ms, 1e-3)
+            self._window.clear()
+            return self._decide()
+
+    def _decide(self) -> str | None:
+        cur = self.cands[self.current]
+        cands = list(self.cands.values())
+        if not fits(cur, self.budget, self.margin_hi, self.slowdown):
+            best, self.fits = choose(cands, self.budget, margin=self.margin_hi, slowdown=self.slowdown,
+                                     degrade=True)
+            self._agree = 0
+            return self._switch(best.name)
+        up = [c for c in cands if c.rank > cur.rank and fits(c, self.budget, self.margin_lo, self.slowdown)]
+        if not up:
+            self._agree = 0
+            return None
+        self._agree += 1
+        if self._agree < self.up_after:
+            return None
+        self._agree = 0
+        return self._switch(max(up, key=lambda c: (c.rank, -c.p90_ms)).name)
+
+    def _switch(self, name: str) -> str | None:
+        if name == self.current:
+            return None
+        self.current = name
+        return name
