@@ -57,3 +57,22 @@ def fits_bundle(tmp_path_factory: pytest.TempPathFactory, fits_model: FITS) -> P
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def snnet_bundle(tmp_path_factory):
+    """An untrained SN-Net (StarNet s050 -> s100, 32x32, 10 classes) exported once for the whole session,
+    with made-up qualities ordered by FLOPs. Tests that modify it work on a copy."""
+    import torch
+
+    from edgeflex.export.elastic import export_snnet
+    from edgeflex.models.snnet import SNNet
+    from edgeflex.models.starnet import starnet
+
+    torch.manual_seed(0)
+    model = SNNet([starnet(v, num_classes=10) for v in ("s050", "s100")], image_size=32).eval()
+    path = tmp_path_factory.mktemp("snnet") / "sn.efx"
+    quality = {n: {"metric": "top1", "value": 0.5 + 0.01 * i, "direction": "higher"}
+               for i, n in enumerate(model.config_names())}
+    export_snnet(model, torch.randn(2, 3, 32, 32), path, quality=quality)
+    return model, path

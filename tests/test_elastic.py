@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import edgeflex as ef
-from edgeflex.export.elastic import export_dress, export_snnet
+from edgeflex.export.elastic import export_dress
 from edgeflex.kernels import rowsparse
 from edgeflex.models.dress import DressModel, build_backbone
-from edgeflex.models.snnet import SNNet
-from edgeflex.models.starnet import starnet
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +27,8 @@ def dress(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def snnet(tmp_path_factory):
-    torch.manual_seed(0)
-    anchors = [starnet(v, num_classes=10) for v in ("s050", "s100")]
-    model = SNNet(anchors, image_size=32).eval()
-    path = tmp_path_factory.mktemp("snnet") / "sn.efx"
-    export_snnet(model, torch.randn(2, 3, 32, 32), path)
-    return model, path
+def snnet(snnet_bundle):
+    return snnet_bundle
 
 
 def _x(shape, n=3, seed=0):
@@ -179,9 +172,9 @@ def test_cli_info_shows_config_table_and_run_config(dress, tmp_path):
     assert "density-25" in r.stdout and "DRESS" in r.stdout
     x = _x((1, 1, 8, 8))
     np.save(tmp_path / "x.npy", x)
-    r = subprocess.run([sys.executable, "-m", "edgeflex", "run", str(path), "--input", str(tmp_path / "x.npy"),
-                        "--output", str(tmp_path / "y.npy"), "--config", "density-10"], capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run([sys.executable, "-m", "edgeflex", "run", str(path),
+                        "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                        "--config", "density-10"], capture_output=True, text=True, check=True)
     rt = ef.Runtime(path, config="density-10")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), rt.run(x), atol=1e-6)
     assert Path(tmp_path / "y.npy").exists()

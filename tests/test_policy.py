@@ -1,0 +1,174 @@
+"""Budgets and the policy: choice on synthetic profiles, hysteresis, impossible budgets, profile round trip,
+query ordering, and set_budget/run from several threads on a real elastic bundle."""
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import edgeflex as ef
+from edgeflex.runtime.policy import Adapter, Budget, BudgetError, Candidate, choose
+from edgeflex.runtime.profiles import load_profile, measure_profile, save_profile
+
+# rank: higher is better; p90 in ms
+CANDS = [Candidate("small", 0.90, 1.0, 10), Candidate("mid", 0.95, 2.0, 20),
+         Candidate("large", 0.98, 4.0, 40)]
+
+
+def test_budget_validates():
+    with pytest.raises(ef.UsageError, match="empty Budget"):
+        Budget()
+    for bad in (0, -1, float("nan"), float("inf"), "5"):
+        with pytest.raises(ef.UsageError, match="latency_ms"):
+            Budget(latency_ms=bad)
+
+
+@pytest.mark.parametrize(("latency", "memory", "expected"), [
+    (10, None, "large"), (4.0, None, "mid"), (2.4, None, "mid"), (2.2, None, "small"), (10, 25, "mid")])
+def test_choose_best_quality_that_fits_with_margin(latency, memory, expected):
+    chosen, ok = choose(CANDS, Budget(latency_ms=latency, memory_mb=memory), margin=0.85)
+    assert ok and chosen.name == expected
+
+
+def test_impossible_budget_raises_or_degrades():
+    with pytest.raises(BudgetError, match="no config fits.*'small'.*degrade=True"):
+        choose(CANDS, Budget(latency_ms=0.5))
+    chosen, ok = choose(CANDS, Budget(latency_ms=0.5), degrade=True)
+    assert chosen.name == "small" and not ok
+    with pytest.raises(BudgetError, match="power"):
+        choose(CANDS, Budget(energy_mj=1.0))
+
+
+def feed(adapter: Adapter, config: str, ms: float, n: int) -> list[str]:
+    switches = []
+    for _ in range(n):
+        target = adapter.observe(config, ms)
+        if target:
+            switches.append(target)
+            config = target
+    return switches
+
+
+def test_adapter_switches_down_at_once_and_up_only_after_agreement():
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.7, up_after=3)
+    assert a.current == "large"                       # 4.0 <= 0.9 * 5
+    # the device slows down 1.5x: large observed at 6 ms > 4.5 -> down, at once, to what fits at 1.5x
+    assert feed(a, "large", 6.0, 8) == ["mid"]
+    assert a.slowdown == pytest.approx(1.5)
+    # still slow: stays on mid (2 * 1.5 = 3 fits) and does not go back up
+    assert feed(a, "mid", 3.0, 40) == []
+    # recovered: mid observed at its profile; large (4.0) fits 0.7 * 5 = 3.5? no -> stays (hysteresis band)
+    assert feed(a, "mid", 2.0, 40) == []
+    # a looser budget: large fits the lower margin, but only after `up_after` agreeing windows
+    b = Adapter(CANDS, Budget(latency_ms=6.0), window=8, up_after=3)
+    assert b.current == "large"
+    feed(b, "large", 8.0, 8)
+    assert b.current == "mid"
+    assert feed(b, "mid", 2.0, 16) == []              # two agreeing windows: not yet
+    assert feed(b, "mid", 2.0, 8) == ["large"]        # the third: up
+
+
+def test_adapter_does_not_flap_on_noise_around_the_limit():
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=8, up_after=3)
+    rng = np.random.default_rng(0)
+    config, switches = a.current, 0
+    for _ in range(4000):                              # large jitters 3.4..4.4 ms: always within 0.9 * 5
+        target = a.observe(config, float(rng.uniform(3.4, 4.4)))
+        if target:
+            config, switches = target, switches + 1
+    assert switches == 0
+
+
+def test_adapter_ignores_runs_of_an_old_config():
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=4)
+    assert feed(a, "small", 100.0, 20) == []          # runs that started before a switch don't count
+
+
+# --- on a real bundle --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def elastic(snnet_bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "sn.efx"
+    shutil.copytree(snnet_bundle[1], path)
+    rt = ef.Runtime(path, threads=1)
+    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
+    return path
+
+
+def test_profile_round_trip_is_stored_checksummed(elastic, tmp_path):
+    b = ef.Bundle.open(elastic)
+    assert "profiles/host.json" in b.manifest["files"]
+    prof = load_profile(b, "host")
+    assert set(prof["configs"]) == {c.name for c in b.configs}
+    for stats in prof["configs"].values():
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] and stats["runs"] >= 20
+    assert prof["env"]["threads"] == 1 and prof["obtained"] == "measured"
+    copy = tmp_path / "c.efx"
+    shutil.copytree(elastic, copy)
+    f = copy / "profiles" / "host.json"
+    f.write_text(f.read_text().replace('"p50_ms": ', '"p50_ms": 1', 1))
+    with pytest.raises(ef.BundleError, match="profiles/host.json"):
+        ef.Bundle.open(copy)
+    assert not list(elastic.parent.glob(".*tmp-*"))                 # the update left no temp dir
+
+
+def test_query_orders_by_quality_and_respects_budget(elastic):
+    rt = ef.Runtime(elastic)
+    prof = rt.latency_profile()["configs"]
+    all_fit = rt.query(Budget(latency_ms=1e6))
+    ranks = [h["quality"]["value"] for h in all_fit]
+    assert ranks == sorted(ranks, reverse=True) and len(all_fit) == len(rt.configs)
+    limit = float(np.median([p["p90_ms"] for p in prof.values()]))
+    some = rt.query(Budget(latency_ms=limit), margin=0.85)
+    assert all(h["p90_ms"] <= 0.85 * limit for h in some)
+    assert len(some) < len(all_fit)
+
+
+def test_set_budget_picks_best_that_fits_and_impossible_budget(elastic):
+    rt = ef.Runtime(elastic)
+    prof = rt.latency_profile()["configs"]
+    chosen = rt.set_budget(Budget(latency_ms=1e6))
+    assert chosen == max(rt.configs, key=lambda c: c.quality["value"]).name and rt.config == chosen
+    with pytest.raises(BudgetError, match="no config fits"):
+        rt.set_budget(Budget(latency_ms=1e-6))
+    fastest = min(prof, key=lambda n: prof[n]["p90_ms"])
+    assert rt.set_budget(Budget(latency_ms=1e-6), degrade=True) == fastest and rt.budget_met is False
+
+
+def test_query_without_profile_says_to_profile(tmp_path, elastic):
+    copy = tmp_path / "np.efx"
+    shutil.copytree(elastic, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["files"]["profiles/host.json"]
+    (copy / "profiles" / "host.json").unlink()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BudgetError, match="edgeflex profile"):
+        ef.Runtime(copy).query(Budget(latency_ms=1.0))
+
+
+def test_concurrent_set_budget_and_run(elastic):
+    rt = ef.Runtime(elastic, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    names = {c.name for c in rt.configs}
+    errors, stop = [], threading.Event()
+
+    def runner():
+        while not stop.is_set():
+            try:
+                name, y = rt.run_config(x)
+                assert name in names and y.shape == (1, 10) and np.isfinite(y).all()
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=runner) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(200):
+        rt.set_budget(Budget(latency_ms=[1e6, 1e-6][i % 2]), degrade=True)
+    rt.set_budget(None)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
