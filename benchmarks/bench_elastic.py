@@ -51,8 +51,8 @@ def example_input(rt: ef.Runtime, batch: int = 1) -> np.ndarray:
 
 def config_table(paths: dict[str, Path], threads: int, runs: int) -> tuple[list[str], dict]:
     """Per config: quality, FLOPs, bytes, p50 latency on the kernel(s) the runtime can use."""
-    lines = [("| bundle | config | top-1 | MFLOPs | param KiB | p50 ms (chosen) | p50 ms dense | p50 ms sparse "
-             "| p50 ms fused |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| bundle | config | top-1 | MFLOPs | param KiB | p50 ms (chosen) | p50 ms dense "
+              "| p50 ms sparse | p50 ms fused |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     curves = {}
     for name, path in paths.items():
         variants = {"chosen": ef.Runtime(path, threads=threads)}
@@ -67,13 +67,14 @@ def config_table(paths: dict[str, Path], threads: int, runs: int) -> tuple[list[
         for c in variants["chosen"].configs:
             for rt in variants.values():
                 rt.switch(c.name)
-            t = time_interleaved({k: (lambda rt=rt, x=x: rt.run(x)) for k, rt in variants.items()}, runs, 10, 10)
+            calls = {k: (lambda rt=rt, x=x: rt.run(x)) for k, rt in variants.items()}
+            t = time_interleaved(calls, runs, 10, 10)
             p50 = {k: float(np.median(v)) for k, v in t.items()}
             q = (c.quality or {}).get("value", float("nan"))
             curves[name].append((c.flops / 1e6, q, c.name))
             cells = [f"{p50[k]:.3f}" if k in p50 else "" for k in ("chosen", "dense", "sparse", "fused")]
-            lines.append(f"| {name} | {c.name} | {q:.4f} | {c.flops / 1e6:.2f} | {c.param_bytes / 1024:.1f} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {c.name} | {q:.4f} | {c.flops / 1e6:.2f} | "
+                         f"{c.param_bytes / 1024:.1f} | " + " | ".join(cells) + " |")
     return lines, curves
 
 
@@ -168,11 +169,13 @@ def rowsparse_layers(threads: int, runs: int) -> list[str]:
                 m.ir_version = 8
                 dense = ort.InferenceSession(m.SerializeToString(), so)
                 lv = np.array(s, np.int64)
-                t = time_interleaved({"dense": lambda dense=dense, x=x: dense.run(None, {"x": x}),
-                                      "sparse": lambda lv=lv, x=x, sp=sparse: sp.run(None, {"x": x, "level": lv})},
-                                     runs, 10, 10)
+                t = time_interleaved(
+                    {"dense": lambda dense=dense, x=x: dense.run(None, {"x": x}),
+                     "sparse": lambda lv=lv, x=x, sp=sparse: sp.run(None, {"x": x, "level": lv})},
+                    runs, 10, 10)
                 dm, sm = float(np.median(t["dense"])), float(np.median(t["sparse"]))
-                lines.append(f"| {out_f} x {in_f} | {batch} | {d:.0%} | {dm:.4f} | {sm:.4f} | {sm / dm:.1f}x |")
+                lines.append(f"| {out_f} x {in_f} | {batch} | {d:.0%} | {dm:.4f} | {sm:.4f} "
+                             f"| {sm / dm:.1f}x |")
     return lines
 
 
@@ -214,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         *table, "", f"![accuracy vs FLOPs]({png.name})", "",
         "Switching vs reloading:", "", *switch, "",
         "SN-Net segment chaining vs the config's fused graph (goal: < 10 %):", "", *chained, "",
-        "Bundle size (weights stored once; goal for DRESS: <= 1.15x the densest level's weights):", "", *sizes,
-        "", ("Row-sparse (ELL, level as a run-time input) vs dense Gemm with the masked weight, one Linear layer "
-        "on ONNX Runtime:"), "", *layers, "",
+        "Bundle size (weights stored once; goal for DRESS: <= 1.15x the densest level's weights):", "",
+        *sizes, "", ("Row-sparse (ELL, level as a run-time input) vs dense Gemm with the masked weight, one "
+                     "Linear layer on ONNX Runtime:"), "", *layers, "",
         "Machine and run:", "",
         *[f"- {k}: {v}" for k, v in machine_info(a.threads).items()],
         f"- others' CPU share while measuring: {load.share:.0%}; load average {os.getloadavg()[0]:.2f}",

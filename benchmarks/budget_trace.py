@@ -1,0 +1,176 @@
+"""Budget trace (issue 4): a fixed latency budget while a CPU hog comes and goes on the other core.
+
+Runs the same request stream three ways on one elastic bundle — the adaptive runtime (`set_budget`),
+the best config that meets the budget when idle (static), the smallest config (static) — and reports the
+share of requests within budget and the mean quality of each, with a PNG of latency and config over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import edgeflex as ef
+from edgeflex.runtime.profiles import measure_profile, save_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, machine_info, write_section  # noqa: E402
+
+SECTION = "## Budgets (issue 4): budget trace under a co-running CPU hog"
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+class Hog:
+    """A busy-loop process pinned to one core, paused and resumed with SIGSTOP/SIGCONT."""
+
+    def __init__(self, core: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", HOG, str(core)])
+        self.pause()
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float, gap_ms: float, x: np.ndarray) -> dict:
+    """Requests back to back (with `gap_ms` between) for `seconds`; the hog runs in every odd period."""
+    t_start = time.perf_counter()
+    ts, lat, cfg, hog_on = [], [], [], []
+    on = False
+    while (now := time.perf_counter() - t_start) < seconds:
+        want = int(now // period) % 2 == 1
+        if want != on:
+            hog.resume() if want else hog.pause()
+            on = want
+        t0 = time.perf_counter()
+        name, _ = rt.run_config(x)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        ts.append(now)
+        cfg.append(name)
+        hog_on.append(on)
+        if gap_ms:
+            time.sleep(gap_ms / 1e3)
+    hog.pause()
+    return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "hog": np.array(hog_on)}
+
+
+def summarise(name: str, tr: dict, budget_ms: float, quality: dict[str, float]) -> dict:
+    within = tr["latency_ms"] <= budget_ms
+    q = np.array([quality[c] for c in tr["config"]])
+    switches = int(sum(a != b for a, b in zip(tr["config"], tr["config"][1:])))
+    out = {"strategy": name, "requests": len(within), "within": float(within.mean()),
+           "quality": float(q.mean()), "switches": switches}
+    for label, mask in (("idle", ~tr["hog"]), ("hog", tr["hog"])):
+        out[f"within_{label}"] = float(within[mask].mean()) if mask.any() else float("nan")
+        out[f"quality_{label}"] = float(q[mask].mean()) if mask.any() else float("nan")
+        out[f"p90_{label}"] = float(np.percentile(tr["latency_ms"][mask], 90)) if mask.any() else float("nan")
+    return out
+
+
+def plot(traces: dict, budget_ms: float, quality: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(10, 2.6 * len(traces)), sharex=True)
+    for ax, (name, tr) in zip(axes, traces.items()):
+        ax.scatter(tr["t"], tr["latency_ms"], s=1, alpha=0.4, label="latency")
+        ax.axhline(budget_ms, color="red", lw=1, label="budget")
+        on = tr["hog"]
+        edges = np.flatnonzero(np.diff(np.r_[0, on.astype(int), 0]))
+        for a, b in zip(edges[::2], edges[1::2]):
+            ax.axvspan(tr["t"][a], tr["t"][min(b, len(tr["t"]) - 1)], color="grey", alpha=0.15)
+        ax.set_ylim(0, budget_ms * 3)
+        ax.set_ylabel("ms")
+        ax2 = ax.twinx()
+        ax2.plot(tr["t"], [quality[c] for c in tr["config"]], color="green", lw=1, label="quality of config")
+        ax2.set_ylabel("top-1 of config", color="green")
+        ax.set_title(f"{name} (grey: hog running)", fontsize=9)
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=Path("benchmarks/.elastic-bundles/snnet-starnet.efx"),
+                   help="an elastic bundle (built by benchmarks/bench_elastic.py when missing)")
+    p.add_argument("--seconds", type=float, default=24.0, help="length of each strategy's trace")
+    p.add_argument("--period", type=float, default=3.0, help="hog off/on period (s)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="pause between requests (the profile is measured back to back, so 0 matches it)")
+    p.add_argument("--budget-ms", type=float, help="default: 1.1 x the largest config's idle p90")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if not a.bundle.exists():
+        from bench_elastic import build_bundles
+        build_bundles(a.bundle.parent, reuse=True)
+    threads = len(os.sched_getaffinity(0))
+    rt = ef.Runtime(a.bundle, threads=threads)
+    save_profile(a.bundle, measure_profile(rt, memory=False, min_seconds=1.0))
+    rt = ef.Runtime(a.bundle, threads=threads)
+    prof = rt.latency_profile()["configs"]
+    quality = {c.name: c.quality["value"] for c in rt.configs}
+    largest = max(rt.configs, key=lambda c: c.flops).name
+    budget_ms = a.budget_ms or 1.1 * prof[largest]["p90_ms"] / 0.9
+    budget = ef.Budget(latency_ms=budget_ms)
+    x = np.random.default_rng(0).standard_normal([1 if d is None else d for d in rt.inputs[0].shape]
+                                                 ).astype(np.float32)
+    static_best = rt.set_budget(budget, adapt=False, margin=0.9)
+    smallest = min(prof, key=lambda n: prof[n]["p90_ms"])
+    hog = Hog(core=max(os.sched_getaffinity(0)))
+    traces = {}
+    try:
+        strategies = {f"adaptive (set_budget {budget_ms:.3f} ms)": None,
+                      f"static best when idle ({static_best})": static_best,
+                      f"static smallest ({smallest})": smallest}
+        for name, fixed in strategies.items():
+            rt.set_budget(budget if fixed is None else None, margin=0.9)
+            if fixed is not None:
+                rt.switch(fixed)
+            traces[name] = trace(rt, hog, seconds=a.seconds, period=a.period, gap_ms=a.gap_ms, x=x)
+    finally:
+        hog.close()
+    rows = [summarise(n, tr, budget_ms, quality) for n, tr in traces.items()]
+    png = (a.out.parent if a.out else Path("benchmarks")) / "budget_trace.png"
+    plot(traces, budget_ms, quality, png)
+    lines = ["| strategy | requests | within budget | idle | hog | mean top-1 | idle | hog | p90 idle ms "
+             "| p90 hog ms | switches |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['requests']} | **{r['within']:.1%}** | "
+                     f"{r['within_idle']:.1%} | {r['within_hog']:.1%} | **{r['quality']:.4f}** | "
+                     f"{r['quality_idle']:.4f} | {r['quality_hog']:.4f} | {r['p90_idle']:.3f} | "
+                     f"{r['p90_hog']:.3f} | {r['switches']} |")
+    body = "\n".join([
+        f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
+        f"(judged per request, not on a percentile), {threads} ORT threads; a busy-loop process pinned to "
+        f"core {max(os.sched_getaffinity(0))} runs every other {a.period:g} s; each strategy {a.seconds:g} s "
+        f"of requests with {a.gap_ms:g} ms gaps. Goal: adaptive >= 99 % within budget, quality above the "
+        "smallest config's, and no worse than the static best when idle.", "", *lines, "",
+        f"![budget trace]({png.name})", "",
+        "Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(threads).items()],
+        f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}",
+        f"- command: `{command_line()}`"])
+    print(f"{SECTION}\n\n{body}")
+    if a.out:
+        write_section(a.out, SECTION, "budget_trace", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
