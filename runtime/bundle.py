@@ -251,13 +251,23 @@ def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], files: dict[
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
                 "files": {_safe_relpath(rel): {"sha256": sha256_bytes(data), "bytes": len(data)}
                           for rel, data in sorted(files.items())}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         for rel, data in files.items():
             fpath = tmp / rel
             fpath.parent.mkdir(parents=True, exist_ok=True)
             fpath.write_bytes(data)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+
+    return _commit(dest, manifest, fill)
+
+
+def _commit(dest: Path, manifest: dict[str, Any], fill) -> Bundle:
+    """Build the bundle in a temp dir beside `dest` (`fill` writes the files, then the manifest), fsync it,
+    swap it in; on any failure remove the temp dir and leave `dest` as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        fill(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync_tree(tmp)
         _replace_dir(tmp, dest)
     except BaseException:
@@ -306,8 +316,8 @@ def update_bundle(path: str | os.PathLike, files: dict[str, bytes]) -> Bundle:
     for rel, data in files.items():
         entries[_safe_relpath(rel)] = {"sha256": sha256_bytes(data), "bytes": len(data)}
     manifest["files"] = dict(sorted(entries.items()))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         for rel in entries:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -318,11 +328,5 @@ def update_bundle(path: str | os.PathLike, files: dict[str, bytes]) -> Bundle:
                 os.link(dest / rel, target)
             except OSError:
                 shutil.copy2(dest / rel, target)
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=1) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle.open(dest)
+
+    return _commit(dest, {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, fill)
