@@ -162,6 +162,42 @@ def macs(w: SpectralWeights, form: str) -> int:
     raise ValueError(f"unknown spectral form {form!r}; expected one of {FORMS}")
 
 
+# Initializer names of the weight-dependent GEMM operands in the `folded` / `lowrank` graphs, in order.
+GEMM_NAMES = ("spectral.gemm0", "spectral.gemm1")
+
+
+def gemm_operands(w: SpectralWeights, form: str) -> list[np.ndarray]:
+    """Float64 right-hand operands of the `folded` (one) or `lowrank` (two) graph's MatMuls, in graph order.
+
+    The graph computes h = y_n @ ops[0] ... then [h * rho, rho, mean] @ ops[-1]: the last operand carries the
+    affine epilogue as two extra rows (c * c_scale and ones). NumPy only: the runtime derives them at load.
+    """
+    if form == "folded":
+        M, c = folded(w)
+        mats = [M]
+    elif form == "lowrank":
+        F, G, c = lowrank_factors(w)
+        # The DC row of the DFT basis maps a centred series to exactly 0: drop it and its column.
+        mats = [F[1:], G[..., 1:]]
+    else:
+        raise ValueError(f"form {form!r} has no GEMM operands; expected 'folded' or 'lowrank'")
+    L = w.seq_len
+    c_scale = np.sqrt(L / (L - 1))                                           # std = rho * c_scale
+    # [h, rho, mean] @ [last, c * c_scale, 1]^T: the affine epilogue rides in the GEMM.
+    last = mats[-1]
+    last = np.concatenate([last, c[..., None] * c_scale, np.ones(last.shape[:-1] + (1,))], axis=-1)
+    return [np.swapaxes(m, -1, -2) for m in (*mats[:-1], last)]
+
+
+def nested(w: SpectralWeights, cut_freq: int) -> SpectralWeights:
+    """The FITS of a smaller cut frequency inside `w`: the top-left block weight[..., :up, :cut] and
+    bias[..., :up], with up = int(cut * (L + H) / L) as FITS computes it (elastic FITS levels)."""
+    if not 1 <= cut_freq <= w.cut_freq:
+        raise ValueError(f"cut_freq {cut_freq} out of range: expected 1..{w.cut_freq} (the stored level)")
+    up = int(cut_freq * (w.seq_len + w.pred_len) / w.seq_len)
+    return SpectralWeights(w.seq_len, w.pred_len, w.weight[..., :up, :cut_freq], w.bias[..., :up], w.eps)
+
+
 # --- ONNX lowerings ---------------------------------------------------------------------------------------
 
 def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name: str = "y",
@@ -198,23 +234,13 @@ def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name
         core, c = _core_dft(b, w, b.op("Mul", [y_n, rho]))
         y = b.op("Add", [core, b.op("Add", [b.op("Mul", [rho, b.const(c[..., None, :] * c_scale)]), mean])])
     else:
-        if form == "folded":
-            M, c = folded(w)
-            mats = [M]
-        else:
-            F, G, c = lowrank_factors(w)
-            # The DC row of the DFT basis maps a centred series to exactly 0: drop it and its column.
-            mats = [F[1:], G[..., 1:]]
+        operands = gemm_operands(w, form)
         h = y_n
-        for m in mats[:-1]:
-            h = b.op("MatMul", [h, b.const(np.swapaxes(m, -1, -2))])
+        for i, m in enumerate(operands[:-1]):
+            h = b.op("MatMul", [h, b.const(m, name=GEMM_NAMES[i])])
         h = b.op("Mul", [h, rho])                                            # back to the centred scale
-        # [h, rho, mean] @ [last, c * c_scale, 1]^T: the affine epilogue rides in the GEMM.
-        last = mats[-1]
-        ones = np.ones(last.shape[:-1] + (1,))
-        last = np.concatenate([last, c[..., None] * c_scale, ones], axis=-1)
         h = b.op("Concat", [h, rho, mean], axis=2)
-        y = b.op("MatMul", [h, b.const(np.swapaxes(last, -1, -2))])
+        y = b.op("MatMul", [h, b.const(operands[-1], name=GEMM_NAMES[len(operands) - 1])])
     b.op("Transpose", [y], perm=[1, 2, 0] if w.individual else [0, 2, 1], name=output_name)
     graph = helper.make_graph(
         b.nodes, f"fits_{form}",
@@ -263,11 +289,11 @@ class _Builder:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def const(self, value) -> str:
+    def const(self, value, name: str | None = None) -> str:
         from onnx import numpy_helper
         arr = np.asarray(value)
         arr = arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32)
-        name = self._name("c")
+        name = name or self._name("c")
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
