@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeflex.devices import check_device, host_info
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
+from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
 from .backends import Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
@@ -99,6 +100,8 @@ class Runtime:
                 plans[c.name] = _Plan(c, (load(("fused", c.name), f["graph"], b.inputs, b.outputs, inits),))
             elif dress is not None:
                 plans[c.name] = self._dress_plan(c, dress, tensors, load)
+            elif "fits_level" in c.extra:
+                plans[c.name] = self._fits_plan(c, c.extra["fits_level"], tensors, load)
             else:
                 engines = []
                 for i, name in enumerate(c.segments):
@@ -136,6 +139,22 @@ class Runtime:
             inits.update(ell_tensors(init, *weights[init], len(b.manifest["dress"]["densities"])))
         engine = load(("main.sparse",), seg.graph, b.inputs, b.outputs, inits)
         return _Plan(c, (engine,), (np.array(level, np.int64),))
+
+    def _fits_plan(self, c: Config, level: dict, tensors: dict[str, np.ndarray], load) -> _Plan:
+        """An elastic FITS level: its spectral graph, whose GEMM operands are derived here from the top-left
+        block of the one stored complex weight (`kernels.spectral.nested` + `gemm_operands`)."""
+        b, fe = self.bundle, self.bundle.manifest["fits_elastic"]
+        if fe["weight"] not in tensors or fe["bias"] not in tensors:
+            raise BundleError(f"elastic FITS bundle {b.name!r} names weight tensors missing from it")
+        w, bias = tensors[fe["weight"]], tensors[fe["bias"]]
+        full = SpectralWeights(fe["seq_len"], fe["pred_len"], w[0] + 1j * w[1], bias[0] + 1j * bias[1],
+                               fe["eps"])
+        ops = gemm_operands(nested(full, level["cut_freq"]), level["form"])
+        (name,) = c.segments
+        seg = b.segments[name]
+        inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
+        inits.update({init: op.astype(np.float32) for init, op in zip(level["derived"], ops)})
+        return _Plan(c, (load((name,), seg.graph, b.inputs, b.outputs, inits),))
 
     # --- the public surface ------------------------------------------------------------------------------
 
