@@ -18,7 +18,8 @@ from edgeflex.runtime import EdgeflexError, Runtime
 
 STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
 ELASTIC = ("dress-starnet-s050", "dress-mlp", "snnet-starnet")
-MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS), *ELASTIC)
+ETT = ("fits-etth1", "fits-etth2", "fits-elastic-etth1")      # trained on ../shared/data/ETT (or --data)
+MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS), *ELASTIC, *ETT)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -43,10 +44,13 @@ def _quality_str(q: dict | None) -> str:
 # --- export ------------------------------------------------------------------------------------------------
 
 def build_model(name: str, *, train: bool, epochs: int | None, seed: int, image_size: int | None,
-                progress: bool = True):
+                progress: bool = True, horizon: int | None = None, data: str | None = None):
     """(model, example input, quality or None, metadata, held-out data or None) for a built-in model name."""
     import torch
 
+    if name in ETT:
+        from edgeflex.models.ett import build_ett_model
+        return build_ett_model(name, horizon=horizon, data=data, epochs=epochs, seed=seed, progress=progress)
     if name == "fits":
         from edgeflex.models.co2 import load_co2, split_scale, train_fits_co2, windows
         from edgeflex.models.fits import FITS, cut_freq_for
@@ -111,7 +115,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import edgeflex as ef
 
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
-                                                   image_size=a.image_size)
+                                                   image_size=a.image_size, horizon=a.horizon, data=a.data)
     kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta}
     if a.model.startswith("dress-"):
         from edgeflex.export.elastic import export_dress
@@ -119,6 +123,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     elif a.model.startswith("snnet-"):
         from edgeflex.export.elastic import export_snnet
         bundle = export_snnet(model, example, a.out, **kw)
+    elif a.model.startswith("fits-elastic-"):
+        from edgeflex.export.fits_elastic import export_fits_elastic
+        bundle = export_fits_elastic(model, example, a.out, **kw)
     else:
         bundle = ef.export(model, example, a.out, **kw)
     v = bundle.manifest["export"]["validation"]
@@ -278,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
                    "starnet-*: digits at 32x32; dress-*/snnet-* always train)")
     e.add_argument("--epochs", type=int)
     e.add_argument("--image-size", type=int, help="starnet input size (default 224, or 32 with --train)")
+    e.add_argument("--horizon", type=int, help="fits-*etth*: forecast horizon (default 96)")
+    e.add_argument("--data", help="fits-*etth*: ETTh1.csv / ETTh2.csv or their directory "
+                   "(default ../shared/data/ETT beside the repository)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--name")
     e.add_argument("--tolerance", type=float, default=1e-4, help="max relative export error (default 1e-4)")
