@@ -1,30 +1,46 @@
-"""Devices edgeflex can run on. Today only `host` (this machine, detected); the described catalogue
-(Jetson, Pi, phones) and the predictor come later. No torch."""
+"""Devices edgeflex knows: `host` (this machine, detected) and the described catalogue (`devices/catalog/`,
+one TOML file per device, every figure sourced). The predictor for devices not at hand is
+`edgeflex.devices.predictor`. numpy and stdlib only: no torch, no onnx."""
 
 from __future__ import annotations
 
-import os
-import platform
-
 from edgeflex.runtime.errors import DeviceError
 
-KNOWN = ("host",)
+from .catalog import (
+    HOST,
+    Device,
+    catalog_names,
+    detect_host,
+    get_device,
+    known_names,
+    list_rows,
+    load_catalog,
+    load_device_file,
+    render_rows,
+    usable_cores,
+)
+from .catalog import _cpuinfo as _cpuinfo
+
+KNOWN = (HOST,)     # kept for callers of the first release; the full list is known_names()
 
 
 def host_info() -> dict:
-    """What this machine is, read off it: CPU model, usable cores, architecture."""
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"name": "host", "cpu": model or "unknown", "cores": cores, "arch": platform.machine(),
+    """What this machine is, read off it: CPU model, usable cores, architecture (cheap: nothing measured)."""
+    import platform
+
+    info = _cpuinfo()
+    model = info.get("model name") or info.get("Model") or info.get("Hardware") or platform.processor()
+    return {"name": HOST, "cpu": model or "unknown", "cores": usable_cores(), "arch": platform.machine(),
             "system": platform.system()}
 
 
 def check_device(name: str) -> str:
-    if name not in KNOWN:
-        raise DeviceError(f"unknown device {name!r}; expected one of: {', '.join(KNOWN)}")
+    """`name` if it is `host` or a catalogue device, else DeviceError listing the known names."""
+    if name != HOST and name not in catalog_names():
+        raise DeviceError(f"unknown device {name!r}; expected one of: {', '.join(known_names())}")
     return name
+
+
+__all__ = ["HOST", "KNOWN", "Device", "DeviceError", "catalog_names", "check_device", "detect_host",
+           "get_device", "host_info", "known_names", "list_rows", "load_catalog", "load_device_file",
+           "render_rows"]
