@@ -1,0 +1,397 @@
+"""SN-Net (Stitchable Neural Networks, Pan et al., CVPR 2023) over StarNet anchors trained on the digits.
+
+Owns the stitched network, where it may be stitched (`STITCH_PLANS`), the least-squares initialisation of
+its stitching layers, joint training, and the split into shared segments that the exporter chains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgeflex.models.digits import RECIPE, _random_shift, _top1, load_digits_images, train_starnet_digits
+from edgeflex.models.starnet import StarNet
+
+log = logging.getLogger(__name__)
+
+# Stitch points per pair of nearest anchors (small -> large: the paper's Fast-to-Slow direction and nearest
+# stitching): (stage, front_block, back_block) = the small anchor runs through block `front_block` of `stage`,
+# a 1x1 conv maps its channels, the large anchor resumes at block `back_block` of the same stage, so the
+# resolutions always match (back_block == depth: it resumes at the next stage).
+# s050 (1, 1, 3, 1) -> s100 (1, 2, 4, 1): (1, 0, 1), (2, 0, 1), (2, 2, 3) are the paper's depth-interpolated
+# pairs (block i of the shallower stage feeds block i + 1 of the deeper one, as upstream's
+# `unpaired_stitching`); (2, 0, 3) skips two s100 blocks for a config near s050 and reuses the same cuts.
+# Few cuts on purpose: each anchor is cut in 4 pieces and every config chains at most 5 segments.
+# s100 -> s150 (same depths in stages 1-2) reuses s100's cuts, so three anchors also stay within 5 segments.
+STITCH_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
+    ("s050", "s100"): ((1, 0, 1), (2, 0, 1), (2, 0, 3), (2, 2, 3)),
+    ("s100", "s150"): ((2, 0, 1), (2, 2, 3)),
+}
+
+# Joint training after the least-squares initialisation. The paper fine-tunes anchors and stitching layers
+# together ("fulltune") at 1/10 of the pre-training learning rate (its DeiT recipe: 5e-5 vs 5e-4). It solves
+# the least squares on 100 images; stage-2 maps are 2x2 here, so 512 images give enough pixels per channel.
+SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3}
+
+
+class _Path(NamedTuple):
+    """A config: front's layers[:front_stop], then (if `back`) stitch `stitch`, back's layers[back_start:]."""
+
+    front: str
+    front_stop: int
+    back: str | None = None
+    back_start: int = 0
+    stitch: str = ""
+
+
+class _Tail(nn.Module):
+    """A StarNet's last BatchNorm, global average pool and linear head, as one layer."""
+
+    def __init__(self, net: StarNet) -> None:
+        super().__init__()
+        self.norm, self.avgpool, self.head = net.norm, net.avgpool, net.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
+
+
+def _flat_layers(net: StarNet) -> list[tuple[str, nn.Module]]:
+    """The anchor as a labelled chain: stem, each stage's down-sampling and blocks, then the head."""
+    layers: list[tuple[str, nn.Module]] = [("stem", net.stem)]
+    for s, stage in enumerate(net.stages):
+        layers.append((f"s{s}down", stage[0]))
+        layers += [(f"s{s}b{b}", block) for b, block in enumerate(stage[1:])]
+    layers.append(("head", _Tail(net)))
+    return layers
+
+
+def _block_index(net: StarNet, stage: int, block: int) -> int:
+    """Flat index of `block` of `stage` (block == depth: the layer that follows the stage)."""
+    return 2 + sum(len(net.stages[t]) for t in range(stage)) + block
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+class SNNet(nn.Module):
+    """Anchors (small -> large) plus stitching layers; `forward` runs the config chosen by `set_config`.
+
+    Configs are the pure anchors (named by variant) and one per stitch point, named
+    `<front>.<last layer it runs>-<back>.<first layer it runs>`, e.g. `s050.s2b0-s100.s2b1`.
+    """
+
+    family = "snnet"
+
+    def __init__(
+        self,
+        anchors: Sequence[StarNet],
+        *,
+        image_size: int = 32,
+        plans: Mapping[tuple[str, str], Sequence[tuple[int, int, int]]] | None = None,
+    ) -> None:
+        super().__init__()
+        plans = STITCH_PLANS if plans is None else plans
+        names = [a.variant for a in anchors]
+        if len(anchors) < 2 or None in names or len(set(names)) != len(names):
+            raise ValueError(f"SNNet needs >= 2 StarNets with distinct variant names, got {names}")
+        if len({(a.num_classes, a.stem[0].conv.in_channels, len(a.stages)) for a in anchors}) != 1:
+            raise ValueError(f"anchors {names} differ in classes, input channels or stage count")
+        self.image_size = image_size
+        self.variant = "-".join(names)  # e.g. "s050-s100"
+        self.anchors = nn.ModuleDict(dict(zip(names, anchors, strict=True)))
+        self.stitches = nn.ModuleDict()
+        self._layers = {name: _flat_layers(net) for name, net in self.anchors.items()}
+        self._paths = {name: _Path(name, len(self._layers[name])) for name in names}
+        for front, back in itertools.pairwise(names):
+            if (front, back) not in plans:
+                raise ValueError(
+                    f"no stitch plan for {front} -> {back}; anchors go small -> large, nearest pairs, one of "
+                    f"{sorted(plans)} (add the pair to STITCH_PLANS)"
+                )
+            for stage, i, j in plans[(front, back)]:
+                self._add_stitch(front, back, stage, i, j)
+        self._names = list(self._paths)
+        in_chans = anchors[0].stem[0].conv.in_channels
+        stats = config_stats(self, torch.zeros(1, in_chans, image_size, image_size))
+        self._names.sort(key=lambda n: stats[n]["flops"])
+        if [n for n in self._names if n in names] != names:
+            raise ValueError(f"anchors must be given small -> large by FLOPs, got {names}")
+        self._config = names[-1]
+
+    def _add_stitch(self, front: str, back: str, stage: int, i: int, j: int) -> None:
+        a, b = self.anchors[front], self.anchors[back]
+        where = f"stitch ({stage}, {i}, {j}) of {front} -> {back}"
+        if not (0 <= stage < len(a.stages) and 0 <= i < len(a.stages[stage]) - 1):
+            raise ValueError(f"{where}: {front} has no block {i} in stage {stage}")
+        if not 0 <= j < len(b.stages[stage]):
+            raise ValueError(f"{where}: {back} cannot resume at block {j} of stage {stage}")
+        stop, start = _block_index(a, stage, i) + 1, _block_index(b, stage, j)
+        name = f"{front}.{self._layers[front][stop - 1][0]}-{back}.{self._layers[back][start][0]}"
+        key = name.replace(".", "_")  # ModuleDict keys may not hold dots
+        dims = (a.stages[stage][0].conv.out_channels, b.stages[stage][0].conv.out_channels)
+        self.stitches[key] = nn.Conv2d(*dims, kernel_size=1, bias=True)
+        self._paths[name] = _Path(front, stop, back, start, key)
+
+    def config_names(self) -> list[str]:
+        """Every config, smallest FLOPs first (the first and last are the smallest and largest anchor)."""
+        return list(self._names)
+
+    @property
+    def config(self) -> str:
+        return self._config
+
+    def set_config(self, name: str) -> None:
+        if name not in self._paths:
+            raise ValueError(f"unknown SN-Net config {name!r}; expected one of {self._names}")
+        self._config = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self._paths[self._config]
+        for _, layer in self._layers[path.front][: path.front_stop]:
+            x = layer(x)
+        if path.back is None:
+            return x
+        x = self.stitches[path.stitch](x)
+        for _, layer in self._layers[path.back][path.back_start :]:
+            x = layer(x)
+        return x
+
+
+def _stitched(model: SNNet) -> dict[str, _Path]:
+    return {name: p for name, p in model._paths.items() if p.back is not None}
+
+
+def segment_plan(model: SNNet) -> tuple[dict[str, nn.Module], dict[str, list[str]]]:
+    """Split `model` at its stitch points into segments, each stored once, and chain them per config.
+
+    Returns (segments, plan): every segment takes one tensor and returns one (it shares the model's modules,
+    it does not copy them); `plan[config]` lists the segment names whose chained application equals
+    `model.set_config(config); model(x)`. Anchor segments are named `<variant>.<first>-<last layer>`,
+    stitching layers `stitch.<config>`.
+    """
+    cuts = {name: {0, len(layers)} for name, layers in model._layers.items()}
+    for p in _stitched(model).values():
+        cuts[p.front].add(p.front_stop)
+        cuts[p.back].add(p.back_start)
+    segments: dict[str, nn.Module] = {}
+    pieces: dict[str, list[tuple[int, int, str]]] = {}
+    for name, layers in model._layers.items():
+        bounds = sorted(cuts[name])
+        pieces[name] = []
+        for start, stop in itertools.pairwise(bounds):
+            first, last = layers[start][0], layers[stop - 1][0]
+            seg = f"{name}.{first}" if stop - start == 1 else f"{name}.{first}-{last}"
+            segments[seg] = nn.Sequential(*(layer for _, layer in layers[start:stop]))
+            pieces[name].append((start, stop, seg))
+    plan: dict[str, list[str]] = {}
+    for config in model.config_names():
+        p = model._paths[config]
+        plan[config] = [seg for _, stop, seg in pieces[p.front] if stop <= p.front_stop]
+        if p.back is not None:
+            segments[f"stitch.{config}"] = model.stitches[p.stitch]
+            plan[config].append(f"stitch.{config}")
+            plan[config] += [seg for start, _, seg in pieces[p.back] if start >= p.back_start]
+    return segments, plan
+
+
+@torch.no_grad()
+def config_stats(model: SNNet, example: torch.Tensor) -> dict[str, dict[str, int]]:
+    """Per config: `flops` = 2 x multiply-accumulates of its Conv2d/Linear layers on `example[:1]` (batch 1),
+    `param_bytes` = float32 bytes of the parameters its segments hold (BatchNorm affine terms included)."""
+    segments, plan = segment_plan(model)
+    counter = [0]
+
+    def count(module: nn.Module, _: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            counter[0] += 2 * out.numel() * module.in_channels // module.groups * kh * kw
+        else:
+            counter[0] += 2 * out.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    stats = {}
+    try:
+        with _eval_mode(model):
+            for config, chain in plan.items():
+                counter[0], x = 0, example[:1]
+                for seg in chain:
+                    x = segments[seg](x)
+                params = {id(p): p for seg in chain for p in segments[seg].parameters()}
+                param_bytes = 4 * sum(p.numel() for p in params.values())
+                stats[config] = {"flops": counter[0], "param_bytes": param_bytes}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def _activations(model: SNNet, anchor: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """acts[k] = the anchor's activation after its first k flat layers (acts[0] is the input)."""
+    acts = [x]
+    for _, layer in model._layers[anchor]:
+        acts.append(layer(acts[-1]))
+    return acts
+
+
+def _rows(act: torch.Tensor) -> torch.Tensor:
+    """NCHW -> (N*H*W, C) in float64: every pixel is one sample of the channel map."""
+    return act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]).double()
+
+
+@torch.no_grad()
+def stitch_errors(model: SNNet, x: torch.Tensor) -> dict[str, float]:
+    """Per stitched config: ||stitch(front act) - back act||^2 / ||back act - its mean||^2 on `x`."""
+    errors = {}
+    with _eval_mode(model):
+        acts = {name: _activations(model, name, x) for name in model.anchors}
+        for config, p in _stitched(model).items():
+            target = acts[p.back][p.back_start]
+            err = (model.stitches[p.stitch](acts[p.front][p.front_stop]) - target).square().sum()
+            errors[config] = float(err / (target - target.mean((0, 2, 3), keepdim=True)).square().sum())
+    return errors
+
+
+@torch.no_grad()
+def lstsq_init(model: SNNet, x: torch.Tensor, *, ridge: float = SNNET_RECIPE["ridge"]) -> dict[str, float]:
+    """Set every stitching layer to the ridge least-squares map from the front anchor's activation to the
+    back anchor's, both on the images `x` (the paper's M = pinv(A) B, with a bias); return `stitch_errors`.
+
+    `ridge` is relative to the mean eigenvalue of the centred Gram matrix, which keeps the solve stable
+    when there are few pixels per channel (2x2 maps in stage 2 at 32x32)."""
+    with _eval_mode(model):
+        acts = {name: _activations(model, name, x) for name in model.anchors}
+        for p in _stitched(model).values():
+            a, b = _rows(acts[p.front][p.front_stop]), _rows(acts[p.back][p.back_start])
+            a_mean, b_mean = a.mean(0), b.mean(0)
+            a, b = a - a_mean, b - b_mean
+            gram = a.T @ a
+            gram += ridge * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
+            weight = torch.linalg.solve(gram, a.T @ b)  # (C_front, C_back)
+            conv = model.stitches[p.stitch]
+            conv.weight.copy_(weight.T[:, :, None, None])
+            conv.bias.copy_(b_mean - a_mean @ weight)
+    return stitch_errors(model, x)
+
+
+def evaluate(model: SNNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Held-out top-1 of every config (the model's current config is kept)."""
+    current, top1 = model.config, {}
+    with _eval_mode(model):
+        for name in model.config_names():
+            model.set_config(name)
+            top1[name] = _top1(model, x, y)
+    model.set_config(current)
+    return top1
+
+
+def _joint_train(
+    model: SNNet, x: torch.Tensor, y: torch.Tensor, epochs: int, gen: torch.Generator, progress: bool
+) -> None:
+    """The paper's joint training: each step one config, uniformly sampled (anchors included), updates all
+    it runs, anchors too ("fulltune"). AdamW with a one-cycle schedule, the anchors' augmentation."""
+    if epochs == 0:
+        return
+    r, names = RECIPE, model.config_names()
+    steps_per_epoch = math.ceil(len(y) / r["batch_size"])
+    opt = torch.optim.AdamW(model.parameters(), lr=SNNET_RECIPE["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=SNNET_RECIPE["lr"], epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
+    model.train()
+    for _ in tqdm(range(epochs), desc="snnet joint", disable=not progress):
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(order), r["batch_size"]):
+            batch = order[i : i + r["batch_size"]]
+            model.set_config(names[int(torch.randint(len(names), (1,), generator=gen))])
+            loss = loss_fn(model(_random_shift(x[batch], r["max_shift"], gen)), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+def train_snnet_digits(
+    anchors: Sequence[str] = ("s050", "s100"),
+    *,
+    image_size: int = 32,
+    epochs: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+    anchor_epochs: int = 8,
+) -> tuple[SNNet, dict]:
+    """Train the anchors on the digits, stitch them (least squares, then `epochs` of joint training), and
+    score every config on the held-out split: {"metric", "direction", "configs": [{"name", "value", "flops",
+    "param_bytes", "value_ls_init", "ls_error"}, ...] small -> large, "train_seconds" (all of it), ...}.
+    Returns the model in eval() mode, set to its largest anchor."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    start = time.perf_counter()
+    nets, anchor_top1 = [], {}
+    for variant in anchors:
+        net, result = train_starnet_digits(
+            variant, image_size=image_size, epochs=anchor_epochs, seed=seed, progress=progress
+        )
+        nets.append(net)
+        anchor_top1[variant] = result["value"]
+    anchor_seconds = time.perf_counter() - start
+    model = SNNet(nets, image_size=image_size)
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_digits_images(image_size, seed))
+
+    r, s = RECIPE, SNNET_RECIPE
+    threads_before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(r["threads"])
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        init_images = x_train[torch.randperm(len(y_train), generator=gen)[: s["ls_images"]]]
+        ls_errors = lstsq_init(model, init_images, ridge=s["ridge"])
+        ls_top1 = evaluate(model, x_test, y_test)
+        _joint_train(model, x_train, y_train, epochs, gen, progress)
+        model.eval()
+        names = model.config_names()
+        model.set_config(names[-1])
+        top1 = evaluate(model, x_test, y_test)
+        stats = config_stats(model, x_test[:1])
+    finally:
+        torch.set_num_threads(threads_before)
+    train_seconds = time.perf_counter() - start
+    configs = [
+        {"name": n, "value": top1[n], **stats[n], "value_ls_init": ls_top1[n], "ls_error": ls_errors.get(n)}
+        for n in names
+    ]
+    for c in configs:
+        log.info("snnet %s: top1 %.4f (ls init %.4f), %d FLOPs", c["name"], c["value"], c["value_ls_init"],
+                 c["flops"])
+    result = {
+        "metric": "top1",
+        "direction": "higher",
+        "configs": configs,
+        "train_seconds": train_seconds,
+        "anchor_seconds": anchor_seconds,
+        "anchor_top1": anchor_top1,
+        "epochs": epochs,
+        "anchor_epochs": anchor_epochs,
+        "image_size": image_size,
+    }
+    return model, result
