@@ -1,0 +1,234 @@
+"""Latency predictor: per-config latency on a device from the config's operator-level costs (as written by
+`edgeflex.export.costs.config_costs`) and the device's description, calibrated on measured profiles.
+
+    latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth) + c * nodes + d * engine_calls
+
+with k over operator kinds. The coefficients are fitted by non-negative least squares on relative error,
+from (costs, measured p50) pairs of a reference device. On another device the same coefficients are applied
+with that device's peak and bandwidth (c and d scaled by the clock ratio): that transfer is UNVALIDATED until
+the device itself is measured, and every prediction says so. numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeflex.runtime.errors import DeviceError
+
+from .catalog import Device
+
+FORMAT = "edgeflex-latency-predictor"
+FORMAT_VERSION = 1
+# Mirrors edgeflex.export.costs.KINDS (kept here so the board side never imports onnx).
+KINDS = ("conv", "dwconv", "matmul", "elementwise", "norm", "data", "dft", "other")
+FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls")
+OVERHEADS = ("nodes", "engine_calls")
+
+Sample = tuple  # (costs: dict, p50_ms: float) or (costs, p50_ms, label)
+
+
+def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.ndarray:
+    """argmin ||a x - b||_2 subject to x >= 0 (Lawson and Hanson's active-set method)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    m, n = a.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, bool)
+    tol = 10 * np.finfo(float).eps * max(m, n) * max(np.abs(a).sum(axis=0).max(initial=0.0), 1.0)
+    max_iter = max_iter or 3 * n + 30
+    w = a.T @ (b - a @ x)
+    it = 0
+    while (~passive).any() and w[~passive].max() > tol and it < max_iter:
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        while True:
+            it += 1
+            s = np.zeros(n)
+            s[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if s[passive].min() > 0 or it >= max_iter:
+                break
+            neg = passive & (s <= 0)
+            alpha = np.min(x[neg] / (x[neg] - s[neg]))
+            x = x + alpha * (s - x)
+            passive &= x > tol
+        x = np.where(passive, np.maximum(s, 0.0), 0.0)
+        w = a.T @ (b - a @ x)
+    return x
+
+
+def _figures(device: Device, unit: str, precision: str) -> dict[str, float | str | None]:
+    peak = device.peak_gflops(unit, precision)
+    bw = device.memory_bandwidth_gbs(unit)
+    if not (peak > 0 and bw > 0 and math.isfinite(peak) and math.isfinite(bw)):
+        raise DeviceError(f"device {device.name!r} has no usable {unit} {precision} peak or bandwidth "
+                          f"(peak {peak}, bandwidth {bw}); measure the host (get_device('host'))")
+    u = device.unit(unit)
+    return {"device": device.name, "mode": device.mode, "unit": unit, "precision": precision,
+            "peak_gflops": float(peak), "bandwidth_gbs": float(bw), "clock_ghz": u.max_ghz, "cores": u.cores,
+            "obtained": device.obtained}
+
+
+def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
+    """One row of the design matrix: each kind's FLOPs and bytes as milliseconds at the device's peak and
+    bandwidth, then the node count and the number of engine calls."""
+    per_kind = costs.get("per_kind")
+    if not isinstance(per_kind, dict):
+        raise DeviceError("costs have no 'per_kind' table; compute them with "
+                          "edgeflex.export.costs.config_costs")
+    ms_per_flop = 1e3 / (figures["peak_gflops"] * 1e9)
+    ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9)
+    row = [per_kind.get(k, {}).get("flops", 0) * ms_per_flop for k in KINDS]
+    row += [per_kind.get(k, {}).get("bytes", 0) * ms_per_byte for k in KINDS]
+    nodes = costs.get("total", {}).get("nodes", sum(v.get("nodes", 0) for v in per_kind.values()))
+    row += [nodes, costs.get("engine_calls", 1)]
+    return np.asarray(row, float)
+
+
+@dataclass
+class Predictor:
+    """Fitted coefficients (name -> value, see FEATURES) and the reference device's figures they are
+    relative to. Build with `fit`; `predict` gives milliseconds."""
+
+    coef: dict[str, float]
+    reference: dict[str, Any]
+    n_samples: int
+    ridge: float = 0.0
+    fit_error: dict[str, float] = field(default_factory=dict)
+
+    def validated_on(self, device: Device) -> bool:
+        """True only for the device (and power mode) the coefficients were measured on."""
+        return device.name == self.reference["device"] and device.mode == self.reference.get("mode")
+
+    def _scaled_coef(self, target: dict[str, Any]) -> np.ndarray:
+        c = np.array([self.coef.get(f, 0.0) for f in FEATURES])
+        ref_clock, clock = self.reference.get("clock_ghz"), target.get("clock_ghz")
+        if ref_clock and clock and target["device"] != self.reference["device"]:
+            for f in OVERHEADS:                 # per-node and per-call overheads are single-thread CPU work
+                c[FEATURES.index(f)] *= ref_clock / clock
+        return c
+
+    def predict(self, costs: dict[str, Any], device: Device | None = None, *, unit: str = "cpu",
+                precision: str = "fp32") -> float:
+        """Predicted p50 latency (ms) of a config with `costs` on `device` (default: the reference)."""
+        return self.predict_detail(costs, device, unit=unit, precision=precision)["ms"]
+
+    def predict_detail(self, costs: dict[str, Any], device: Device | None = None, *, unit: str = "cpu",
+                       precision: str = "fp32") -> dict[str, Any]:
+        """The prediction, its per-term breakdown (ms), whether it is validated, and a note saying on what."""
+        if device is None:
+            target = dict(self.reference)
+            validated = True
+        else:
+            target = _figures(device, unit, precision)
+            validated = self.validated_on(device) and unit == self.reference["unit"]
+        x = features(costs, target)
+        c = self._scaled_coef(target)
+        terms = {f: float(v) for f, v in zip(FEATURES, x * c) if v}
+        ms = float(x @ c)
+        ref = self.reference
+        if validated:
+            note = (f"fitted on {self.n_samples} measured configs on {ref['device']} ({ref['unit']}); "
+                    f"leave-one-out error where measured: {self.fit_error or 'not computed'}")
+        else:
+            note = (f"UNVALIDATED transfer from {ref['device']} to {target['device']} ({unit}, {precision}): "
+                    f"coefficients fitted on {ref['device']} applied with {target['device']}'s listed peak "
+                    f"{target['peak_gflops']:g} GFLOP/s and bandwidth {target['bandwidth_gbs']:g} GB/s "
+                    f"(reference: {ref['peak_gflops']:g} GFLOP/s, {ref['bandwidth_gbs']:g} GB/s, "
+                    f"{ref['obtained']}); assumes the same share of peak is reached on both; no "
+                    f"measurement on {target['device']} checks it")
+        return {"ms": ms, "terms": terms, "validated": validated, "device": target["device"], "note": note}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + c nodes + "
+                         "d engine_calls", "features": list(FEATURES),
+                "coef": dict(self.coef), "reference": dict(self.reference), "n_samples": self.n_samples,
+                "ridge": self.ridge, "fit_error": dict(self.fit_error)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Predictor:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise DeviceError(f"not an edgeflex latency predictor (expected \"format\": \"{FORMAT}\")")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise DeviceError(f"latency predictor format version {d.get('format_version')!r}; this edgeflex "
+                              f"reads {FORMAT_VERSION}: refit it with devices.predictor.fit")
+        unknown = set(d["coef"]) - set(FEATURES)
+        if unknown:
+            raise DeviceError(f"latency predictor has unknown coefficients {sorted(unknown)}; refit it")
+        return cls({k: float(v) for k, v in d["coef"].items()}, dict(d["reference"]), int(d["n_samples"]),
+                   float(d.get("ridge", 0.0)), dict(d.get("fit_error", {})))
+
+
+def _split(samples: Sequence[Sample]) -> tuple[list[dict], np.ndarray, list[str]]:
+    if not samples:
+        raise DeviceError("no samples to fit: give (costs, measured p50 ms) pairs")
+    costs, ys, labels = [], [], []
+    for i, s in enumerate(samples):
+        if len(s) not in (2, 3) or not isinstance(s[0], dict):
+            raise DeviceError(f"sample {i} must be (costs dict, p50_ms) or (costs, p50_ms, label), got "
+                              f"{s!r:.80}")
+        y = float(s[1])
+        if not (y > 0 and math.isfinite(y)):
+            raise DeviceError(f"sample {i} has measured p50 {s[1]!r}; it must be a positive number of ms")
+        costs.append(s[0])
+        ys.append(y)
+        labels.append(str(s[2]) if len(s) == 3 else str(i))
+    return costs, np.asarray(ys), labels
+
+
+def fit(samples: Sequence[Sample], device: Device, *, unit: str = "cpu", precision: str = "fp32",
+        ridge: float = 1e-2) -> Predictor:
+    """Fit the coefficients on `samples` = [(costs, measured p50 ms), ...] measured on `device`.
+
+    Minimises the squared *relative* error (each row divided by its measured latency), coefficients >= 0.
+    `ridge` adds a small penalty (relative to each column's scale) that keeps coefficients of features the
+    samples barely vary from taking extreme values; 0 disables it."""
+    costs, y, _ = _split(samples)
+    ref = _figures(device, unit, precision)
+    x = np.stack([features(c, ref) for c in costs])
+    coef = _solve(x, y, ridge)
+    return Predictor({f: float(v) for f, v in zip(FEATURES, coef)}, ref, len(y), ridge)
+
+
+def _solve(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    a = x / y[:, None]                              # relative error: each row divided by its target
+    b = np.ones(len(y))
+    scale = np.sqrt((a**2).sum(axis=0))
+    used = scale > 0
+    a = a[:, used] / scale[used]
+    if ridge > 0:
+        a = np.vstack([a, math.sqrt(ridge) * np.eye(a.shape[1])])
+        b = np.concatenate([b, np.zeros(a.shape[1])])
+    coef = np.zeros(x.shape[1])
+    coef[used] = nnls(a, b) / scale[used]
+    return coef
+
+
+def leave_one_out(samples: Sequence[Sample], device: Device, *, unit: str = "cpu", precision: str = "fp32",
+                  ridge: float = 1e-2, band_pct: float = 10.0) -> dict[str, Any]:
+    """Fit on all samples but one, predict that one, for each: the share within +-band_pct %, the median and
+    mean absolute % error, and the per-sample table (label, measured, predicted, error %)."""
+    costs, y, labels = _split(samples)
+    if len(y) < 3:
+        raise DeviceError(f"leave-one-out needs at least 3 samples, got {len(y)}")
+    ref = _figures(device, unit, precision)
+    x = np.stack([features(c, ref) for c in costs])
+    pred = np.empty(len(y))
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        pred[i] = x[i] @ _solve(x[keep], y[keep], ridge)
+    err = (pred - y) / y * 100
+    abs_err = np.abs(err)
+    rows = [{"label": lab, "measured_ms": float(m), "predicted_ms": float(p), "error_pct": float(e)}
+            for lab, m, p, e in zip(labels, y, pred, err)]
+    return {"n": len(y), "band_pct": band_pct, "within_band": float(np.mean(abs_err <= band_pct)),
+            "within_20pct": float(np.mean(abs_err <= 20)), "median_abs_pct": float(np.median(abs_err)),
+            "mean_abs_pct": float(abs_err.mean()), "max_abs_pct": float(abs_err.max()),
+            "device": device.name, "unit": unit, "rows": rows}
+
+
+__all__ = ["FEATURES", "KINDS", "Predictor", "features", "fit", "leave_one_out", "nnls"]
