@@ -132,7 +132,7 @@ class Predictor:
         ref = self.reference
         if validated:
             note = (f"fitted on {self.n_samples} measured configs on {ref['device']} ({ref['unit']}); "
-                    f"leave-one-out error where measured: {self.fit_error or 'not computed'}")
+                    f"fit error: {self.fit_error or 'not computed'}")
         else:
             note = (f"UNVALIDATED transfer from {ref['device']} to {target['device']} ({unit}, {precision}): "
                     f"coefficients fitted on {ref['device']} applied with {target['device']}'s listed peak "
@@ -181,17 +181,25 @@ def _split(samples: Sequence[Sample]) -> tuple[list[dict], np.ndarray, list[str]
 
 
 def fit(samples: Sequence[Sample], device: Device, *, unit: str = "cpu", precision: str = "fp32",
-        ridge: float = 1e-2) -> Predictor:
+        ridge: float = 1e-2, with_loo: bool = False) -> Predictor:
     """Fit the coefficients on `samples` = [(costs, measured p50 ms), ...] measured on `device`.
 
     Minimises the squared *relative* error (each row divided by its measured latency), coefficients >= 0.
     `ridge` adds a small penalty (relative to each column's scale) that keeps coefficients of features the
-    samples barely vary from taking extreme values; 0 disables it."""
+    samples barely vary from taking extreme values; 0 disables it. `fit_error` holds the in-sample error and,
+    with `with_loo=True` (n refits), the leave-one-out error that predictions on `device` then quote."""
     costs, y, _ = _split(samples)
     ref = _figures(device, unit, precision)
     x = np.stack([features(c, ref) for c in costs])
     coef = _solve(x, y, ridge)
-    return Predictor({f: float(v) for f, v in zip(FEATURES, coef)}, ref, len(y), ridge)
+    err = np.abs(x @ coef - y) / y * 100
+    fit_error = {"in_sample_median_abs_pct": round(float(np.median(err)), 2),
+                 "in_sample_within_10pct": round(float(np.mean(err <= 10)), 3)}
+    if with_loo and len(y) >= 3:
+        loo = leave_one_out(samples, device, unit=unit, precision=precision, ridge=ridge)
+        fit_error |= {"loo_median_abs_pct": round(loo["median_abs_pct"], 2),
+                      "loo_within_10pct": round(loo["within_band"], 3)}
+    return Predictor({f: float(v) for f, v in zip(FEATURES, coef)}, ref, len(y), ridge, fit_error)
 
 
 def _solve(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:

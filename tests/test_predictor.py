@@ -164,6 +164,10 @@ def test_fit_recovers_known_coefficients():
     assert pred.predict(c, dev) == pytest.approx(float(features(c, pred.reference) @ coef), rel=1e-6)
     loo = leave_one_out(samples, dev, ridge=0.0)
     assert loo["within_band"] == 1.0 and loo["max_abs_pct"] < 1e-4
+    with_loo = fit(samples, dev, ridge=0.0, with_loo=True)
+    assert with_loo.fit_error["loo_within_10pct"] == 1.0
+    assert with_loo.fit_error["in_sample_median_abs_pct"] < 1e-4
+    assert "loo_within_10pct" in with_loo.predict_detail(c, dev)["note"]
 
 
 def test_leave_one_out_arithmetic_by_hand():
