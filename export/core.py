@@ -25,6 +25,7 @@ from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.errors import ExportError
 
 from . import analysis, fits
+from .costs import config_costs
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,15 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
         graph, strategy = capture_with_strategy(model, example, in_names, out_names)
     check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
     proto = onnx.load_from_string(graph)
-    config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto))
+    config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
+                    {"costs": config_costs([proto])})
     manifest = manifest_base(model, example, in_names, outs, out_names,
                              name or Path(path).name.removesuffix(".efx"))
     manifest.update({
         "family": family,
         "configs": [config.to_json()],
-        "export": {"strategy": strategy, "validation": check.to_json(), "opset": proto.opset_import[0].version,
-                   **extra},
+        "export": {"strategy": strategy, "validation": check.to_json(),
+                   "opset": proto.opset_import[0].version, **extra},
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {GRAPH: graph}, overwrite=overwrite)

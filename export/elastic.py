@@ -26,6 +26,7 @@ from edgeflex.runtime.errors import ExportError
 
 from . import analysis
 from .core import capture, default_threads, manifest_base
+from .costs import config_costs
 from .validate import validate_fn
 
 WEIGHTS = "weights.bin"
@@ -71,7 +72,8 @@ class WeightStore:
                 t.ClearField(f)
             t.data_location = onnx.TensorProto.EXTERNAL
             del t.external_data[:]
-            for k, v in (("location", WEIGHTS), ("offset", str(meta["offset"])), ("length", str(meta["bytes"]))):
+            where = (("location", WEIGHTS), ("offset", str(meta["offset"])), ("length", str(meta["bytes"])))
+            for k, v in where:
                 e = t.external_data.add()
                 e.key, e.value = k, v
         return m.SerializeToString(), refs
@@ -121,8 +123,8 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     inits = {t.name for t in graph.graph.initializer}
     missing = [k for k in model.codes if k not in inits]
     if missing:
-        raise ExportError(f"prunable weights {missing[:3]} not found among the ONNX initialisers; the capture "
-                          "renamed them")
+        raise ExportError(f"prunable weights {missing[:3]} not found among the ONNX initialisers; the "
+                          "capture renamed them")
     store = WeightStore()
     graph_bytes, refs = store.externalize(graph)
     masked_spec = {}
@@ -143,6 +145,7 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     # Validate every level through the paths the runtime takes: stored weight x unpacked codes.
     configs, checks = [], []
     stats = model_level_stats(model, example)
+    costs = config_costs([graph])        # the dense kernel runs every level: one cost for all
     x1 = example[:1].numpy()
     for s, density in enumerate(levels):
         overrides = {pname: rowsparse.masked(_stored(store, d["weight"]), model.codes[pname].numpy(), s)
@@ -161,6 +164,7 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
             measured["sparse"] = round(_median_ms(lambda lv=lv, x1=x1: sparse_engine._run([x1, lv])), 4)
         checks.append(check.to_json())
         configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
+                        "costs": costs,
                         "dress": {"level": s, "density": density, "kernel": min(measured, key=measured.get),
                                   "measured_ms_batch1": measured, "threads": threads},
                         "quality": (quality or [None] * len(levels))[s],
@@ -182,11 +186,13 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         "dress": {"densities": levels, "segments": {"main": {k: {"weight": v["weight"], "codes": v["codes"]}
                                                              for k, v in masked_spec.items()}},
                   "storage": {"dense_weight_bytes": dense_weight_bytes,
-                              "codes_bytes": sum(store.index[v["codes"]]["bytes"] for v in masked_spec.values())},
+                              "codes_bytes": sum(store.index[v["codes"]]["bytes"]
+                                                 for v in masked_spec.values())},
                   "kernel_choice": "per level, the faster kernel at batch 1 as measured at export "
                                    "(dense = masked weights; sparse = row-sparse ELL, Linear layers only)"},
         "export": {"strategy": "torch.onnx dynamo (dense backbone) + edgeflex DRESS level codes",
-                   "validation": _worst(checks), "per_config": checks, "opset": graph.opset_import[0].version},
+                   "validation": _worst(checks), "per_config": checks,
+                   "opset": graph.opset_import[0].version},
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**files, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
@@ -283,7 +289,7 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     segments, plans = segment_plan(model)
     # Each segment's example input: what reaches it on the first config that uses it.
     seg_example: dict[str, torch.Tensor] = {}
-    for cfg, chain in plans.items():
+    for chain in plans.values():
         h = example
         with torch.no_grad():
             for seg in chain:
@@ -299,7 +305,8 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         with torch.no_grad():
             out = module(seg_example[seg])
         seg_manifest[seg] = {"graph": f"graphs/{_safe(seg)}.onnx", "tensors": refs,
-                             "inputs": _specs_json([seg_example[seg]], ["x"]), "outputs": _specs_json([out], ["y"]),
+                             "inputs": _specs_json([seg_example[seg]], ["x"]),
+                             "outputs": _specs_json([out], ["y"]),
                              "flops": analysis.flops(proto)}
         engines[seg] = (gbytes, refs)
     loaded = {seg: _ort_session(g, store, r, threads) for seg, (g, r) in engines.items()}
@@ -319,6 +326,7 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         fused_path = f"graphs/fused/{_safe(cfg)}.onnx"
         graphs[fused_path] = fused_bytes
         configs.append({"name": cfg, "segments": list(chain), "quality": (quality or {}).get(cfg),
+                        "costs": config_costs([protos[seg] for seg in chain]),
                         "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"],
                         "fused": {"graph": fused_path, "tensors": fused_refs}})
     model.set_config(next(iter(plans)))

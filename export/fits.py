@@ -16,7 +16,8 @@ from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 
 # Engines that cannot run ONNX DFT (TensorRT's parser, TVM's Relax importer) are offered the real forms only.
-FORMS_BY_ENGINE = {"onnxruntime": spectral.FORMS, "tvm": ("folded", "lowrank"), "tensorrt": ("folded", "lowrank")}
+FORMS_BY_ENGINE = {"onnxruntime": spectral.FORMS, "tvm": ("folded", "lowrank"),
+                   "tensorrt": ("folded", "lowrank")}
 
 
 def is_fits(model: torch.nn.Module) -> bool:
