@@ -19,7 +19,7 @@ from edgeflex.devices import check_device, host_info
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
-from .backends import Engine, get_backend
+from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
 from .checks import check_inputs
 from .errors import BundleError, UsageError
@@ -44,20 +44,23 @@ class Runtime:
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
     the weights in memory), where the bundle has fused graphs. `dress_kernel` ("dense" or "sparse")
     overrides, for every DRESS level, the kernel the exporter measured fastest. `only` loads just those
-    configs (less memory; switching to another then raises).
+    configs (less memory; switching to another then raises). `allow_native=True` lets a backend that runs
+    compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
     """
 
-    def __init__(self, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "host",
-                 *, threads: int | None = None, config: str | None = None, fused: bool = False,
-                 dress_kernel: str | None = None, only: list[str] | None = None):
+    def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
+                 device: str = "host", *, threads: int | None = None, config: str | None = None,
+                 fused: bool = False, dress_kernel: str | None = None, only: list[str] | None = None,
+                 allow_native: bool = False):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         self.threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                    else (os.cpu_count() or 1))
-        self._backend = get_backend(backend)
-        self.backend = backend
+        self._backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.backend = self._backend.name
+        self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
         start = self.bundle.config(config)
         self.fused, self.dress_kernel = fused, dress_kernel
         if only is not None:

@@ -8,9 +8,9 @@ import importlib
 from ..errors import BackendUnavailable
 from .base import Backend, Engine
 
-# name -> (module, class). tvm and tensorrt arrive with their issues; until then they say so.
-KNOWN = {"onnxruntime": ("onnxruntime", "OnnxRuntimeBackend")}
-PLANNED = {"tvm", "tensorrt"}
+# name -> (module, class). tensorrt arrives with its issue; until then it says so.
+KNOWN = {"onnxruntime": ("onnxruntime", "OnnxRuntimeBackend"), "tvm": ("tvm", "TvmBackend")}
+PLANNED = {"tensorrt"}
 
 
 def get_backend(name: str) -> Backend:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..bundle import TensorSpec
+from ..bundle import Bundle, TensorSpec
 from ..checks import check_inputs
 
 
@@ -37,6 +37,12 @@ class Backend(ABC):
         or weights the runtime derived, e.g. a sparsity level's masked copy) from memory."""
 
         ...
+
+    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
+        """Called by `Runtime` before any `load`: a backend whose engines are compiled into the bundle (tvm)
+        finds and vets them here; `allow_native` is the caller's leave to run native code it did not
+        compile itself. Default: nothing to do (the graph is all the engine needs)."""
+        return None
 
     def versions(self) -> dict[str, str]:
         return {}

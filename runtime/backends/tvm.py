@@ -1,0 +1,219 @@
+"""Apache TVM backend: runs the engines `edgeflex compile --backend tvm` put into a bundle
+(`engines/tvm/<target>/<graph>.so` + `<graph>.json`) on TVM's Relax virtual machine, and owns the
+native-code trust rule. Compiling (ONNX -> Relax -> library) is `edgeflex.export.tvm_compile`.
+
+An engine is found by the sha256 of the graph the runtime asks for, so every plan (plain graph, segment,
+fused graph, DRESS level) finds its library without the runtime knowing about TVM. Weights that the graph
+keeps external (a bundle's shared `weights.bin`, or a level's derived copy) are the engine's parameters,
+handed over from the verified bundle at load; they are not compiled into the library.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle, TensorSpec, sha256_bytes
+from ..errors import BackendUnavailable, BundleError, InputError, UsageError
+from .base import Backend, Engine
+
+ENGINES = "engines/tvm"
+HOST = "host"
+
+
+def target_dir(target: str) -> str:
+    """The bundle folder of one target's engines, e.g. `engines/tvm/host`."""
+    return f"{ENGINES}/{target}"
+
+
+def machine_id() -> str:
+    """This machine, for the trust rule: /etc/machine-id where there is one, and the host name."""
+    mid = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            mid = Path(path).read_text().strip()
+            break
+        except OSError:
+            continue
+    return f"{mid}/{platform.node()}"
+
+
+def creator() -> dict[str, Any]:
+    """Who is compiling, where: recorded with every engine, checked by the trust rule at load."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return {"uid": os.getuid() if hasattr(os, "getuid") else -1, "user": user, "machine": machine_id()}
+
+
+def created_here(record: dict[str, Any] | None) -> bool:
+    """True if `record` (an engine's `created_by`) names this user on this machine."""
+    here = creator()
+    return bool(record) and record.get("uid") == here["uid"] and record.get("machine") == here["machine"]
+
+
+def host_cpu() -> dict[str, str]:
+    """What LLVM calls this machine's CPU and triple: a host engine runs only where these match."""
+    from tvm.target import codegen
+
+    return {"arch": platform.machine(), "mcpu": str(codegen.llvm_get_system_cpu()),
+            "mtriple": str(codegen.llvm_get_system_triple())}
+
+
+class TvmEngine(Engine):
+    """One compiled graph on the Relax VM; its parameters live on the device for the engine's lifetime."""
+
+    def __init__(self, fn, device, params: list, inputs, outputs, batch: int | None, name: str, keep=()):
+        super().__init__(inputs, outputs)
+        import tvm
+
+        self._tensor = tvm.runtime.tensor
+        self._fn, self._dev, self._params = fn, device, params
+        self._batch, self._name, self._keep = batch, name, keep
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self._batch is not None and arrays and arrays[0].shape[0] != self._batch:
+            n = arrays[0].shape[0]
+            raise InputError(f"TVM engine {self._name!r} was compiled for batch {self._batch} (tuned and "
+                             f"--batch libraries are static), got {n}; recompile with --batch {n}, or "
+                             "without --batch and tuning records for any batch")
+        out = self._fn(*(self._tensor(np.ascontiguousarray(a), self._dev) for a in arrays), *self._params)
+        return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+
+    def __init__(self):
+        try:
+            import tvm
+            from tvm import relax  # noqa: F401 - the VM lives here; fail now, in one line, if it cannot load
+        except ImportError as e:
+            raise BackendUnavailable(f"backend 'tvm' is not installed ({e}); pip install 'edgeflex[tvm]', or "
+                                     "use backend='onnxruntime'") from None
+        self._tvm = tvm
+        self._bundle: Bundle | None = None
+        self._engines: dict[str, dict[str, Any]] = {}
+        self.target = HOST
+
+    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
+        """Index the bundle's engines for `device` (a target folder) and apply the trust rule to all of them
+        before any native code is loaded."""
+        folder = target_dir(device)
+        records = sorted(r for r in bundle.manifest["files"] if PurePosixPath(r).parent.as_posix() == folder
+                         and r.endswith(".json"))
+        if not records:
+            raise BackendUnavailable(f"bundle {bundle.name!r} has no TVM engines for target {device!r}; run "
+                                     f"`edgeflex compile {bundle.path} --backend tvm --target {device}`, or "
+                                     "use backend='onnxruntime'")
+        engines = {}
+        for rel in records:
+            meta = json.loads(bundle.read(rel))
+            if not created_here(meta.get("created_by")) and not allow_native:
+                who = meta.get("created_by") or {}
+                raise BundleError(f"bundle {bundle.name!r} holds native code ({meta.get('library')}) "
+                                  f"compiled by user {who.get('user', '?')!r} (uid {who.get('uid', '?')}) on "
+                                  f"{'this' if who.get('machine') == machine_id() else 'another'} machine; "
+                                  "load it only if you trust its source: Runtime(..., allow_native=True) or "
+                                  "--allow-native")
+            self._check_compatible(bundle, device, meta)
+            engines[meta["graph_sha256"]] = meta
+        self._bundle, self._engines, self.target = bundle, engines, device
+
+    def _check_compatible(self, bundle: Bundle, device: str, meta: dict[str, Any]) -> None:
+        built = meta.get("versions", {}).get("tvm")
+        if built != self._tvm.__version__:
+            raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engine {meta['library']} was compiled "
+                                     f"with TVM {built}, this is TVM {self._tvm.__version__}; re-run "
+                                     f"`edgeflex compile --target {device}` or install apache-tvm=={built}")
+        if meta.get("unit", "cpu") != "cpu":
+            raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engine {meta['library']} is for the "
+                                     f"{meta['unit']} (compile-only in this edgeflex); load a CPU target")
+        here = host_cpu()
+        if device == HOST and (meta.get("host", {}).get("arch"), meta.get("host", {}).get("mcpu")) != \
+                (here["arch"], here["mcpu"]):
+            h = meta.get("host", {})
+            raise BackendUnavailable(f"bundle {bundle.name!r}: its host TVM engines were compiled for "
+                                     f"{h.get('arch')} {h.get('mcpu')}, this machine is {here['arch']} "
+                                     f"{here['mcpu']}; re-run `edgeflex compile --target host` here")
+        triple = meta.get("target", {}).get("mtriple", "")
+        if device != HOST and triple and not triple.startswith(here["arch"]):
+            raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engines for {device!r} are {triple} code, "
+                                     f"this machine is {here['arch']}; run them on the device")
+
+    def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
+             threads: int, initializers: dict[str, np.ndarray] | None = None) -> TvmEngine:
+        if self._bundle is None:
+            raise UsageError("the TVM backend loads engines compiled into a bundle: use Runtime(path, "
+                             "backend='tvm') after `edgeflex compile PATH --backend tvm`")
+        b, key = self._bundle, sha256_bytes(graph)
+        meta = self._engines.get(key)
+        if meta is None:
+            name = next((r for r, m in b.manifest["files"].items() if m["sha256"] == key), key[:12])
+            raise BackendUnavailable(f"bundle {b.name!r} has no TVM engine ({self.target}) for {name}, which "
+                                     "this runtime loads; it was not compiled with these options (configs, "
+                                     "fused=, dress_kernel=): re-run `edgeflex compile` with them")
+        tvm = self._tvm
+        from tvm import relax
+
+        _configure_threads(threads)
+        lib = _load_library(b.read(meta["library"]), Path(meta["library"]).name)  # sha256-checked bytes
+        dev = tvm.cpu(0)
+        vm = relax.VirtualMachine(lib, dev)
+        inits = initializers or {}
+        params = []
+        for p in meta["params"]:
+            if p["name"] not in inits:
+                raise BundleError(f"TVM engine {meta['library']} needs weight {p['name']!r}, which the "
+                                  "runtime did not supply from the bundle; re-run `edgeflex compile`")
+            arr = np.ascontiguousarray(inits[p["name"]])
+            if list(arr.shape) != p["shape"] or arr.dtype != np.dtype(p["dtype"]):
+                raise BundleError(f"TVM engine {meta['library']}: weight {p['name']!r} is {arr.dtype}"
+                                  f"{list(arr.shape)} in the bundle, compiled for {p['dtype']}{p['shape']}; "
+                                  "re-run `edgeflex compile`")
+            params.append(tvm.runtime.tensor(arr, dev))
+        return TvmEngine(vm[meta["entry"]], dev, params, inputs, outputs, meta.get("batch"), meta["library"],
+                         keep=(lib, vm))
+
+    def versions(self) -> dict[str, str]:
+        return {"tvm": self._tvm.__version__, "target": self.target}
+
+
+def _configure_threads(threads: int) -> None:
+    import tvm
+
+    # NOTE: TVM has one thread pool per process: the last engine loaded sets it for all TVM engines.
+    # Mode -3 (threads share every core, no pinning): on a shared machine pinning fights other processes.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(threads))
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
+
+
+def _load_library(data: bytes, name: str):
+    """Load a verified library from its bytes: written to a private temp file, loaded, removed, so the
+    code that runs is the code the bundle's checksum covered (not a file that could change meanwhile)."""
+    import tvm
+
+    tmp = tempfile.mkdtemp(prefix="edgeflex-tvm-")
+    try:
+        path = os.path.join(tmp, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            return tvm.runtime.load_module(path)
+        except Exception as e:  # noqa: BLE001 - one line, naming the library and the likely cause
+            msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise BackendUnavailable(f"cannot load TVM library {name} ({msg}); is {tempfile.gettempdir()} "
+                                     "mounted noexec? set TMPDIR to an executable directory") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
