@@ -1,4 +1,4 @@
-"""The `edgeflex` command line: export, info, run, demo.
+"""The `edgeflex` command line: export, info, run, compile, demo.
 
 Only this module prints. Verbs that need torch (export, demo) import it when they run, so `info` and
 `run` work on a board with numpy + onnxruntime alone.
@@ -139,7 +139,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 # --- info / run --------------------------------------------------------------------------------------------
 
 def cmd_info(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, allow_native=a.allow_native)
     info = rt.info()
     if a.json:
         print(json.dumps(info, indent=1))
@@ -173,7 +173,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config)
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config, allow_native=a.allow_native)
     try:
         x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
     except (OSError, ValueError) as e:
@@ -221,6 +221,44 @@ def cmd_query(a: argparse.Namespace) -> int:
     print(_table(rows, ["config", "quality", "p50 ms", "p90 ms", "peak MB", "latency"]) if rows else
           f"no config fits {budget.describe()} on {a.device} (margin {a.margin})")
     return 0 if rows else 1
+
+
+# --- compile -----------------------------------------------------------------------------------------------
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from edgeflex.export.tvm_compile import compile_bundle
+
+    if a.backend != "tvm":
+        raise EdgeflexError(f"compile --backend {a.backend!r}: only 'tvm' compiles ahead of time "
+                            "(onnxruntime needs no compile step)")
+    bar = None
+
+    def progress(graph: str, done: int, total: int) -> None:
+        nonlocal bar
+        if a.trials:
+            from tqdm import tqdm
+            if bar is not None and bar.desc != graph:
+                bar.close()
+                bar = None
+            if bar is None:
+                bar = tqdm(total=total, desc=graph, unit="trial")
+            bar.update(done - bar.n)
+        else:
+            print(f"  [{done}/{total}] {graph}", flush=True)
+
+    start = time.perf_counter()
+    report = compile_bundle(a.bundle, a.target, trials=a.trials, batch=a.batch, configs=a.config,
+                            fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads, progress=progress)
+    if bar is not None:
+        bar.close()
+    rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",
+             "any" if e["batch"] is None else str(e["batch"]), f"{e['compile_s']:.1f}",
+             ", ".join(e["used_by"])[:48]] for e in report["engines"]]
+    print(_table(rows, ["library", "arch", "params", "batch", "compile s", "configs"]))
+    print(f"\ntarget {report['target']}: {json.dumps(report['target_dict'], separators=(',', ':'))} "
+          f"({report['source']}); {len(rows)} engine(s) added to {report['bundle']} in "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
 
 
 # --- demo --------------------------------------------------------------------------------------------------
@@ -297,6 +335,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("bundle")
         s.add_argument("--backend", default="onnxruntime")
         s.add_argument("--threads", type=int)
+        s.add_argument("--allow-native", action="store_true", help="run native code (TVM engines) that "
+                       "another user or machine compiled into the bundle")
         s.set_defaults(fn=fn)
         if verb == "info":
             s.add_argument("--json", action="store_true")
@@ -322,6 +362,19 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_query)
+    c = sub.add_parser("compile", help="compile a bundle's graphs into engines for a target (TVM)")
+    c.add_argument("bundle")
+    c.add_argument("--backend", default="tvm", help="tvm (the only backend with a compile step)")
+    c.add_argument("--target", default="host", help="host, a device (jetson-orin-nano, jetson-agx-orin, "
+                   "rpi5, ...: its CPU, cross-compiled) or DEVICE:gpu (CUDA; compile-only here)")
+    c.add_argument("--trials", type=int, default=0, help="MetaSchedule tuning trials on this host (default "
+                   "0: untuned; records kept in the bundle and reused)")
+    c.add_argument("--batch", type=int, help="compile for this batch size only (default: any; tuning: 1)")
+    c.add_argument("--config", action="append", help="compile only this config's graphs (repeatable)")
+    c.add_argument("--fused", action="store_true", help="the fused graph of each segmented config")
+    c.add_argument("--dress-kernel", choices=["dense", "sparse"], help="DRESS: this kernel for every level")
+    c.add_argument("--threads", type=int, help="host target's num-cores (default: the usable cores)")
+    c.set_defaults(fn=cmd_compile)
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
     d.add_argument("--threads", type=int)
