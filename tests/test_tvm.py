@@ -1,0 +1,234 @@
+"""The TVM backend: `edgeflex compile` for this host (outputs equal ONNX Runtime and PyTorch), cross-compiled
+aarch64 and CUDA artifacts (architecture and entry points of the shared object), the native-code trust rule,
+and the engine's checksum. Skipped whole when apache-tvm is not installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edgeflex[tvm]'): TVM untested")
+
+import edgeflex as ef  # noqa: E402
+from edgeflex.cli import main as cli  # noqa: E402
+from edgeflex.export.tvm_compile import compile_bundle, prepare_onnx, resolve_target  # noqa: E402
+from edgeflex.runtime.backends.tvm import TvmBackend  # noqa: E402
+from edgeflex.runtime.bundle import Bundle, update_bundle  # noqa: E402
+
+CROSS = "aarch64-linux-gnu-g++"
+needs_cross = pytest.mark.skipif(shutil.which(CROSS) is None, reason=f"{CROSS} not installed (Debian: "
+                                 "apt-get install g++-aarch64-linux-gnu)")
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _x(spec: ef.TensorSpec, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *spec.shape[1:])).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fits_tvm(tmp_path_factory, fits_bundle: Path) -> Path:
+    """The session FITS bundle, copied and compiled for this host through the CLI."""
+    path = tmp_path_factory.mktemp("tvm") / "fits.efx"
+    shutil.copytree(fits_bundle, path)
+    assert cli(["compile", str(path), "--backend", "tvm", "--target", "host"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def starnet_tvm(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    from edgeflex.models.starnet import starnet
+
+    torch.manual_seed(0)
+    model = starnet("s050", num_classes=10).eval()
+    path = tmp_path_factory.mktemp("tvm") / "s050.efx"
+    ef.export(model, torch.randn(1, 3, 32, 32), path, n_random=1)
+    compile_bundle(path, "host")
+    return model, path
+
+
+def test_fits_on_tvm_equals_ort_and_pytorch(fits_tvm: Path, fits_model) -> None:
+    rt, ort = ef.Runtime(fits_tvm, backend="tvm"), ef.Runtime(fits_tvm)
+    assert rt.backend == "tvm" and rt.info()["engine_versions"]["target"] == "host"
+    for n in (1, 5):                                    # one library, any batch size
+        x = _x(rt.inputs[0], n, seed=n)
+        y = rt.run(x)
+        assert _rel(y, ort.run(x)) <= 1e-4
+        with torch.no_grad():
+            assert _rel(y, fits_model(torch.from_numpy(x)).numpy()) <= 1e-4
+
+
+def test_starnet_on_tvm_equals_ort_and_pytorch(starnet_tvm) -> None:
+    model, path = starnet_tvm
+    rt = ef.Runtime(path, backend="tvm")
+    x = _x(rt.inputs[0], 2)
+    y = rt.run(x)
+    assert _rel(y, ef.Runtime(path).run(x)) <= 1e-4
+    with torch.no_grad():
+        assert _rel(y, model(torch.from_numpy(x)).numpy()) <= 1e-4
+
+
+def test_dress_levels_share_one_library_with_each_levels_weights(tmp_path: Path) -> None:
+    from edgeflex.export.elastic import export_dress
+    from edgeflex.models.dress import DressModel, build_backbone
+
+    torch.manual_seed(0)
+    model = DressModel(build_backbone("mlp")).eval()
+    path = export_dress(model, torch.randn(2, 1, 8, 8), tmp_path / "mlp.efx").path
+    (engine,) = compile_bundle(path, "host")["engines"]  # the dense graph; each level's masked weights
+    assert engine["params"] and len(engine["used_by"]) == len(Bundle.open(path).configs)
+    rt, ort = ef.Runtime(path, backend="tvm"), ef.Runtime(path)
+    x = _x(rt.inputs[0], 3)
+    outs = []
+    for c in rt.configs:
+        rt.switch(c.name)
+        ort.switch(c.name)
+        outs.append(rt.run(x))
+        assert _rel(outs[-1], ort.run(x)) <= 1e-4, c.name
+    assert not np.allclose(outs[0], outs[-1])           # the levels really run different weights
+
+
+@pytest.mark.slow
+def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, snnet_bundle) -> None:
+    _, src = snnet_bundle
+    path = tmp_path / "sn.efx"
+    shutil.copytree(src, path)
+    configs = Bundle.open(path).configs
+    config = next(c.name for c in configs if any(s.startswith("stitch.") for s in c.segments))
+    report = compile_bundle(path, "host", configs=[config])
+    assert len(report["engines"]) == len(Bundle.open(path).config(config).segments)
+    assert all(e["params"] for e in report["engines"])  # weights come from weights.bin, not the library
+    rt, ort = ef.Runtime(path, backend="tvm", only=[config]), ef.Runtime(path, only=[config])
+    x = _x(rt.inputs[0], 3)
+    assert _rel(rt.run(x), ort.run(x)) <= 1e-4
+    with pytest.raises(ef.BackendUnavailable, match="edgeflex compile") as info:
+        ef.Runtime(path, backend="tvm")                 # the other configs' segments were not compiled
+    assert "\n" not in str(info.value)
+
+
+def test_an_uncompiled_bundle_says_how_to_compile(fits_bundle: Path) -> None:
+    with pytest.raises(ef.BackendUnavailable, match="edgeflex compile") as info:
+        ef.Runtime(fits_bundle, backend="tvm")
+    assert "\n" not in str(info.value)
+
+
+def _elf_machine(data: bytes) -> int:
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF"
+    assert int.from_bytes(data[16:18], "little") == 3, "not a shared object (e_type != ET_DYN)"
+    return int.from_bytes(data[18:20], "little")
+
+
+def _dynamic_symbols(path: Path) -> set[str]:
+    nm = shutil.which("aarch64-linux-gnu-nm") or shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to list the library's symbols")
+    out = subprocess.run([nm, "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+    return {ln.split()[-1] for ln in out.stdout.splitlines() if ln.strip()}
+
+
+@needs_cross
+def test_aarch64_cross_compile_is_an_arm64_library_with_vm_entry_points(tmp_path, fits_tvm: Path) -> None:
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    report = compile_bundle(path, "rpi5")
+    (engine,) = report["engines"]
+    assert engine["target"]["mtriple"] == "aarch64-linux-gnu" and engine["target"]["mcpu"] == "cortex-a76"
+    lib = path / engine["library"]
+    assert engine["library"] == "engines/tvm/rpi5/main.so"
+    assert _elf_machine(lib.read_bytes()) == 183        # EM_AARCH64
+    symbols = _dynamic_symbols(lib)
+    # The Relax VM's bytecode and constants, and one exported function per compiled kernel.
+    assert "__tvm_ffi__library_bin" in symbols
+    assert {s for s in symbols if s.startswith("__tvm_ffi_")} == set(engine["elf"]["symbols"])
+    assert any(s.startswith("__tvm_ffi_matmul") for s in symbols)
+    Bundle.open(path)                                   # listed and checksummed like every bundle file
+    with pytest.raises(ef.BackendUnavailable, match="aarch64") as info:  # arm64 code here: refused, not run
+        TvmBackend().open(Bundle.open(path), device="rpi5")
+    assert "\n" not in str(info.value)
+
+
+@needs_cross
+def test_jetson_gpu_target_is_cuda_with_an_aarch64_host(tmp_path: Path, fits_tvm: Path) -> None:
+    target = resolve_target("jetson-orin-nano:gpu")
+    assert target.target["kind"] == "cuda" and target.target["arch"] == "sm_87"
+    assert target.target["host"]["mcpu"] == "cortex-a78ae" and target.linker == CROSS
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    try:
+        report = compile_bundle(path, "jetson-orin-nano:gpu")
+    except ef.BackendUnavailable as e:                  # a TVM build or machine without CUDA codegen
+        assert "\n" not in str(e) and ("CUDA" in str(e) or "nvcc" in str(e))
+        pytest.skip(f"CUDA code generation unavailable here: {e}")
+    (engine,) = report["engines"]
+    assert "cuda" in engine["modules"] and engine["unit"] == "gpu"
+    assert _elf_machine((path / engine["library"]).read_bytes()) == 183
+
+
+def _rewrite_engine_json(path: Path, change) -> None:
+    rel = "engines/tvm/host/main.json"
+    meta = json.loads((path / rel).read_text())
+    change(meta)
+    update_bundle(path, {rel: (json.dumps(meta, indent=1) + "\n").encode()})
+
+
+def test_native_code_from_another_user_needs_allow_native(tmp_path: Path, fits_tvm: Path) -> None:
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+
+    def other_user(meta: dict) -> None:
+        meta["created_by"] = {"uid": meta["created_by"]["uid"] + 4242, "user": "mallory",
+                              "machine": "elsewhere"}
+
+    _rewrite_engine_json(path, other_user)             # checksums valid: only the trust rule refuses it
+    with pytest.raises(ef.BundleError, match="allow_native") as info:
+        ef.Runtime(path, backend="tvm")
+    assert "mallory" in str(info.value) and "\n" not in str(info.value)
+    x = _x(ef.Runtime(path).inputs[0], 2)
+    assert _rel(ef.Runtime(path, backend="tvm", allow_native=True).run(x), ef.Runtime(path).run(x)) <= 1e-4
+
+
+def test_engine_library_is_checksummed(tmp_path: Path, fits_tvm: Path) -> None:
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    bundle = Bundle.open(path)                          # opened (verified) first ...
+    lib = path / "engines/tvm/host/main.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))                        # ... then the library changes under it
+    with pytest.raises(ef.BundleError, match="main.so"):
+        ef.Runtime(bundle, backend="tvm")
+    with pytest.raises(ef.BundleError, match="main.so"):
+        ef.Runtime(path, backend="tvm")
+
+
+def test_host_engines_compiled_for_another_cpu_are_refused(tmp_path: Path, fits_tvm: Path) -> None:
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    _rewrite_engine_json(path, lambda meta: meta["host"].update(mcpu="some-other-cpu"))
+    with pytest.raises(ef.BackendUnavailable, match="some-other-cpu") as info:
+        ef.Runtime(path, backend="tvm")
+    assert "compile --target host" in str(info.value)
+
+
+def test_dft_form_is_refused_with_the_fix(fits_model) -> None:
+    from edgeflex.kernels import spectral
+    from edgeflex.models.fits import spectral_weights
+
+    graph = spectral.to_onnx(spectral_weights(fits_model), "dft", channels=fits_model.channels)
+    with pytest.raises(ef.BackendUnavailable, match="DFT") as info:
+        prepare_onnx(graph.SerializeToString(), {})
+    assert "lowrank" in str(info.value)
+
+
+def test_unknown_target_lists_the_known_ones() -> None:
+    with pytest.raises(ef.DeviceError, match="rpi5"):
+        resolve_target("jetson-nano-9000")
+    assert resolve_target("jetson-agx-orin").name == "jetson-agx-orin-64gb"
