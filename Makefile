@@ -25,6 +25,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py --out benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_elastic.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_tvm.py --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) edgeflex-demo
