@@ -207,11 +207,15 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 
 def cmd_query(a: argparse.Namespace) -> int:
+    from edgeflex.devices import check_device
     from edgeflex.runtime import Budget
 
-    rt = Runtime(a.bundle, device=a.device, threads=a.threads)
+    rt = Runtime(a.bundle, threads=a.threads)          # runs here; the query is about --device
     budget = Budget(latency_ms=a.latency_ms, memory_mb=a.memory_mb, energy_mj=a.energy_mj)
-    hits = rt.query(budget, margin=a.margin)
+    hits = rt.query(budget, margin=a.margin, device=check_device(a.device))
+    if hits and hits[0]["source"] == "predicted":
+        print(f"no profile measured on {a.device}: latencies PREDICTED from the host profile and the device "
+              f"description ({hits[0].get('note', '')})", file=sys.stderr)
     if a.json:
         print(json.dumps({"device": a.device, "budget": budget.__dict__, "margin": a.margin, "configs": hits},
                          indent=1))
@@ -258,6 +262,16 @@ def cmd_compile(a: argparse.Namespace) -> int:
     print(f"\ntarget {report['target']}: {json.dumps(report['target_dict'], separators=(',', ':'))} "
           f"({report['source']}); {len(rows)} engine(s) added to {report['bundle']} in "
           f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cmd_devices(a: argparse.Namespace) -> int:
+    from edgeflex.devices import list_rows, load_catalog, render_rows
+
+    if a.json:
+        print(json.dumps({n: d.to_json() for n, d in load_catalog().items()}, indent=1))
+        return 0
+    print(render_rows(list_rows(measure=not a.no_measure)))
     return 0
 
 
@@ -375,6 +389,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dress-kernel", choices=["dense", "sparse"], help="DRESS: this kernel for every level")
     c.add_argument("--threads", type=int, help="host target's num-cores (default: the usable cores)")
     c.set_defaults(fn=cmd_compile)
+    dv = sub.add_parser("devices", help="the described devices (catalogue) and this host")
+    dv.add_argument("--json", action="store_true")
+    dv.add_argument("--no-measure", action="store_true", help="do not measure this host's peaks")
+    dv.set_defaults(fn=cmd_devices)
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
     d.add_argument("--threads", type=int)

@@ -218,9 +218,38 @@ class Runtime:
                 return None
         return prof
 
-    def query(self, budget: Budget, *, margin: float = 0.85) -> list[dict[str, Any]]:
-        """The configs that fit `budget` on this device (p90 within margin x latency), best quality first."""
-        prof = self.latency_profile()
+    def predicted_profile(self, device: str) -> dict[str, Any]:
+        """A profile for `device` from the latency predictor (devices/predictor.py), calibrated on the host
+        profile measured in this bundle and transferred by the device description. Says how it was made."""
+        from edgeflex.devices import get_device
+        from edgeflex.devices.predictor import fit
+
+        host = load_profile(self.bundle, "host")
+        costed = [c for c in self.configs if "costs" in c.extra]
+        if host is None or len(costed) < 2:
+            raise BudgetError(f"no profile of bundle {self.bundle.name!r} measured on {device}, and no host "
+                              "profile (with per-config costs) to predict from; run `edgeflex profile` here")
+        samples = [(c.extra["costs"], host["configs"][c.name]["p50_ms"], c.name) for c in costed
+                   if c.name in host["configs"]]
+        pred = fit(samples, get_device("host"), with_loo=True)
+        target = get_device(device)
+        out = {}
+        for c in costed:
+            detail = pred.predict_detail(c.extra["costs"], target)
+            h = host["configs"].get(c.name, {})
+            tail = h.get("p90_ms", 1.0) / h.get("p50_ms", 1.0) if h else 1.1
+            out[c.name] = {"p50_ms": detail["ms"], "p90_ms": detail["ms"] * tail, "note": detail["note"]}
+        return {"device": device, "obtained": "predicted", "configs": out,
+                "predictor": {"fit_error_on_host": pred.to_json()["fit_error"], "samples": len(samples)}}
+
+    def query(self, budget: Budget, *, margin: float = 0.85,
+              device: str | None = None) -> list[dict[str, Any]]:
+        """The configs that fit `budget` on `device` (default: this runtime's), p90 within margin x latency,
+        best quality first. Without a profile measured on that device, the predictor's (each row says)."""
+        device = device or self.device
+        prof = self.latency_profile() if device == self.device else load_profile(self.bundle, device)
+        if prof is None and device != "host":
+            prof = self.predicted_profile(device)
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")

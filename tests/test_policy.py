@@ -172,3 +172,13 @@ def test_concurrent_set_budget_and_run(elastic):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+def test_query_for_a_device_without_profile_uses_the_predictor_and_says_so(elastic):
+    rt = ef.Runtime(elastic)
+    hits = rt.query(Budget(latency_ms=1e6), device="jetson-orin-nano-8gb")
+    assert len(hits) == len(rt.configs)
+    assert all(h["source"] == "predicted" and np.isfinite(h["p50_ms"]) and h["p50_ms"] > 0 for h in hits)
+    assert "UNVALIDATED" in hits[0]["note"]
+    with pytest.raises(ef.DeviceError, match="unknown device"):
+        rt.query(Budget(latency_ms=1.0), device="jetson-nano-2gb")
