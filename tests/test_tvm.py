@@ -66,6 +66,17 @@ def test_fits_on_tvm_equals_ort_and_pytorch(fits_tvm: Path, fits_model) -> None:
             assert _rel(y, fits_model(torch.from_numpy(x)).numpy()) <= 1e-4
 
 
+def test_runs_from_several_threads_each_get_their_own_answer(fits_tvm: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rt, ort = ef.Runtime(fits_tvm, backend="tvm"), ef.Runtime(fits_tvm)
+    xs = [_x(rt.inputs[0], 1 + i % 3, seed=i) for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        ys = list(pool.map(rt.run, xs))
+    for x, y in zip(xs, ys):
+        assert _rel(y, ort.run(x)) <= 1e-4
+
+
 def test_starnet_on_tvm_equals_ort_and_pytorch(starnet_tvm) -> None:
     model, path = starnet_tvm
     rt = ef.Runtime(path, backend="tvm")

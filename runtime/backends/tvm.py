@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -71,7 +72,9 @@ def host_cpu() -> dict[str, str]:
 
 
 class TvmEngine(Engine):
-    """One compiled graph on the Relax VM; its parameters live on the device for the engine's lifetime."""
+    """One compiled graph on the Relax VM; its parameters live on the device for the engine's lifetime.
+    Runs are serialised: a Relax VM keeps per-call state in the VM object (not thread-safe, unlike an ORT
+    session), and a runtime may be run from several threads."""
 
     def __init__(self, fn, device, params: list, inputs, outputs, batch: int | None, name: str, keep=()):
         super().__init__(inputs, outputs)
@@ -80,6 +83,7 @@ class TvmEngine(Engine):
         self._tensor = tvm.runtime.tensor
         self._fn, self._dev, self._params = fn, device, params
         self._batch, self._name, self._keep = batch, name, keep
+        self._lock = threading.Lock()
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         if self._batch is not None and arrays and arrays[0].shape[0] != self._batch:
@@ -87,8 +91,10 @@ class TvmEngine(Engine):
             raise InputError(f"TVM engine {self._name!r} was compiled for batch {self._batch} (tuned and "
                              f"--batch libraries are static), got {n}; recompile with --batch {n}, or "
                              "without --batch and tuning records for any batch")
-        out = self._fn(*(self._tensor(np.ascontiguousarray(a), self._dev) for a in arrays), *self._params)
-        return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
+        args = [self._tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
+        with self._lock:
+            out = self._fn(*args, *self._params)
+            return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
 
 
 class TvmBackend(Backend):
