@@ -180,6 +180,8 @@ def test_jetson_gpu_target_is_cuda_with_an_aarch64_host(tmp_path: Path, fits_tvm
         pytest.skip(f"CUDA code generation unavailable here: {e}")
     (engine,) = report["engines"]
     assert "cuda" in engine["modules"] and engine["unit"] == "gpu"
+    # This wheel embeds CUDA C (compiled by NVRTC/nvcc when loaded on the GPU), or ahead-of-time device code.
+    assert engine["cuda_device_code"] in ("source", "ptx", "cubin", "fatbin")
     assert _elf_machine((path / engine["library"]).read_bytes()) == 183
 
 
