@@ -104,7 +104,7 @@ def run_case(case: Case, model: torch.nn.Module, sample_shape: tuple[int, ...], 
         return runtime.run(x)
 
     # NOTE: private on purpose: the very session the runtime holds, without edgeflex's input checks.
-    session, feed = runtime._engine.session, {runtime.inputs[0].name: x}
+    session, feed = runtime._plan.engines[0].session, {runtime.inputs[0].name: x}
 
     def ort_session() -> list:
         return session.run(None, feed)

@@ -61,7 +61,8 @@ def ell_tensors(weight_name: str, w: np.ndarray, codes: np.ndarray, n_levels: in
     """The ELL tensors a row-sparse graph names for one weight, derived at load from the stored dense weight
     and its codes (`<weight>.ell_values`, `.ell_index` as int64 for ONNX Gather, `.ell_k`)."""
     vals, idx, k = to_ell(w, codes, n_levels)
-    return {f"{weight_name}.ell_values": vals.astype(np.float32), f"{weight_name}.ell_index": idx.astype(np.int64),
+    return {f"{weight_name}.ell_values": vals.astype(np.float32),
+            f"{weight_name}.ell_index": idx.astype(np.int64),
             f"{weight_name}.ell_k": k}
 
 
@@ -78,7 +79,8 @@ def ell_reference(x: np.ndarray, vals: np.ndarray, idx: np.ndarray, k: np.ndarra
 
 
 def linear_onnx(vals: np.ndarray, idx: np.ndarray, k: np.ndarray, in_features: int,
-                bias: np.ndarray | None = None, *, input_name: str = "x", level_name: str = "level", output_name: str = "y"):
+                bias: np.ndarray | None = None, *, input_name: str = "x", level_name: str = "level",
+                output_name: str = "y"):
     """ONNX model (opset 17): y = rowsparse(x [batch, in]) at the run-time `level` (int64 scalar).
 
     One graph serves every level: the level picks k, k slices the importance-sorted ELL prefix.

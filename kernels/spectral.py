@@ -1,4 +1,5 @@
-"""FFT interpolation, the FITS kernel: normalise -> rfft -> low-pass -> complex linear -> irfft -> de-normalise.
+"""FFT interpolation, the FITS kernel: normalise -> rfft -> low-pass -> complex linear -> irfft ->
+de-normalise.
 
 Owns the NumPy reference and the lowerings to standard ONNX ops (three forms: `folded`, `lowrank`,
 `dft`). Which form a bundle uses is measured by the exporter, not decided here. No torch.
@@ -6,7 +7,8 @@ Owns the NumPy reference and the lowerings to standard ONNX ops (three forms: `f
 The spectral path is linear in the centred input xc = x - mean, so with std = sqrt(var + eps)
     y = std * (M @ (xc / std) + c) + mean = M @ xc + c * std + mean
 where M ([L+H, L]) and c ([L+H]) fold the truncated DFT, the complex linear layer, the zero padding,
-the inverse DFT and the (L+H)/L energy scale. The division by std cancels: the GEMMs see the normalised series and one small rescale.
+the inverse DFT and the (L+H)/L energy scale. The division by std cancels: the GEMMs see the normalised
+series and one small rescale.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class SpectralWeights:
     def check(self) -> None:
         L, n = self.seq_len, self.out_len
         if not 1 <= self.cut_freq <= L // 2 + 1:
-            raise ValueError(f"cut_freq {self.cut_freq} out of range: expected 1..{L // 2 + 1} for seq_len {L}")
+            raise ValueError(f"cut_freq {self.cut_freq} out of range: expected 1..{L // 2 + 1} "
+                             f"for seq_len {L}")
         if self.up_freq > n // 2 + 1:
             raise ValueError(f"upsampled spectrum has {self.up_freq} bins, more than the {n // 2 + 1} of "
                              f"an output of length {n}; lower cut_freq")

@@ -23,7 +23,8 @@ def cut_freq_for(seq_len: int, period: int, harmonic_order: int) -> int:
 
 
 def dominant_period(series: np.ndarray) -> int:
-    """The period (in steps) of the strongest non-DC frequency of a 1-D series (or the mean spectrum of columns)."""
+    """The period (in steps) of the strongest non-DC frequency of a 1-D series (or of the columns' mean
+    spectrum)."""
     x = np.asarray(series, dtype=np.float64)
     x = x.reshape(len(x), -1)
     amp = np.abs(np.fft.rfft(x - x.mean(axis=0), axis=0)).mean(axis=1)
@@ -32,7 +33,8 @@ def dominant_period(series: np.ndarray) -> int:
 
 
 class FITS(nn.Module):
-    """Input [batch, seq_len, channels] -> output [batch, seq_len + pred_len, channels] (reconstruction + forecast).
+    """Input [batch, seq_len, channels] -> output [batch, seq_len + pred_len, channels] (reconstruction +
+    forecast).
 
     Differs from the paper's code in two documented ways: `forward` returns only the de-normalised
     output (not the tuple), and irfft is asked for length seq_len + pred_len explicitly, so odd totals work.
@@ -44,7 +46,8 @@ class FITS(nn.Module):
                  individual: bool = False, eps: float = 1e-5):
         super().__init__()
         if not 1 <= cut_freq <= seq_len // 2 + 1:
-            raise ValueError(f"cut_freq {cut_freq} out of range: expected 1..{seq_len // 2 + 1} for seq_len {seq_len}")
+            raise ValueError(f"cut_freq {cut_freq} out of range: expected 1..{seq_len // 2 + 1} "
+                             f"for seq_len {seq_len}")
         self.seq_len, self.pred_len, self.channels = seq_len, pred_len, channels
         self.cut_freq, self.individual, self.eps = cut_freq, individual, eps
         self.length_ratio = (seq_len + pred_len) / seq_len

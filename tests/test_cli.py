@@ -11,7 +11,8 @@ import edgeflex as ef
 
 
 def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "edgeflex", *map(str, args)], capture_output=True, text=True, check=False,
+    r = subprocess.run([sys.executable, "-m", "edgeflex", *map(str, args)], capture_output=True, text=True,
+                       check=False,
                        timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"edgeflex {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr}")
