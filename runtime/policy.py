@@ -54,9 +54,11 @@ class Candidate:
     energy_mj: float | None = None
 
 
-def candidates(configs, profile: dict[str, dict], power_w: float | None = None) -> list[Candidate]:
+def candidates(configs, profile: dict[str, dict], power_w: float | None = None,
+               tail: str = "p90") -> list[Candidate]:
     """Candidates from bundle configs and a profile's per-config stats. Energy = p50 x device power when
-    the device description gives one; quality missing -> FLOPs stand in (bigger assumed better)."""
+    the device description gives one; quality missing -> FLOPs stand in (bigger assumed better).
+    `tail` ("p90" or "p99") is the profiled percentile the budget is judged on (kept in `p90_ms`)."""
     out = []
     for c in configs:
         stats = profile.get(c.name)
@@ -68,7 +70,7 @@ def candidates(configs, profile: dict[str, dict], power_w: float | None = None) 
         else:
             rank = float(c.flops or 0)
         energy = stats["p50_ms"] * power_w if power_w else stats.get("energy_mj")
-        out.append(Candidate(c.name, float(rank), float(stats["p90_ms"]), stats.get("peak_memory_mb"),
+        out.append(Candidate(c.name, float(rank), float(stats[f"{tail}_ms"]), stats.get("peak_memory_mb"),
                              energy))
     return out
 
@@ -114,7 +116,7 @@ class Adapter:
     """
 
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
-                 margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False):
+                 margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90):
         if not 0 < margin_lo <= margin_hi <= 1:
             raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
         self.cands = {c.name: c for c in cands}
@@ -123,6 +125,7 @@ class Adapter:
         first, self.fits = choose(cands, budget, margin=margin_hi, degrade=degrade)
         self.current = first.name
         self._window: deque[float] = deque(maxlen=window)
+        self.percentile = percentile
         self._agree = 0
         self.slowdown = 1.0
         self._lock = threading.Lock()
@@ -135,8 +138,8 @@ class Adapter:
             self._window.append(latency_ms)
             if len(self._window) < self._window.maxlen:
                 return None
-            p90 = float(np.percentile(self._window, 90))
-            self.slowdown = max(p90 / self.cands[self.current].p90_ms, 1e-3)
+            tail = float(np.percentile(self._window, self.percentile))
+            self.slowdown = max(tail / self.cands[self.current].p90_ms, 1e-3)
             self._window.clear()
             return self._decide()
 

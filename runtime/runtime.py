@@ -260,7 +260,7 @@ class Runtime:
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
-                   margin: float = 0.85, window: int = 32) -> str:
+                   margin: float = 0.85, window: int = 32, tail: str = "p90") -> str:
         """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
         keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
 
@@ -273,8 +273,11 @@ class Runtime:
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
-        cands = [c for c in candidates(self.configs, prof["configs"]) if c.name in self._plans]
+        if tail not in ("p90", "p99"):
+            raise UsageError(f"tail must be 'p90' or 'p99', got {tail!r}")
+        cands = [c for c in candidates(self.configs, prof["configs"], tail=tail) if c.name in self._plans]
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.8,
+                          percentile=float(tail[1:]),
                           degrade=degrade)
         self.budget_met = adapter.fits
         if not adapter.fits:
