@@ -194,7 +194,7 @@ def plot(el: dict, out: Path) -> None:
         scale = 1e3 if batch == 1 else 1.0
         unit = "us" if batch == 1 else "ms"
         curves = (("elastic", "elastic (one bundle)", [lv["bundle"]["mse"] for lv in el["levels"]], "o-"),
-                  ("twin", "separately trained twins", [t["torch"]["mse"] for t in el["twins"]], "s--"))
+                  ("twin", "separately trained twins", [t["torch"]["mse"] for t in el["twins"]], "s"))
         for key, kind, mses, style in curves:
             lat = [el["latency"][(k, batch)][key] * scale for k in cuts]
             ax.plot(lat, mses, style, label=kind)
