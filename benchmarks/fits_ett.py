@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="ETTh1.csv/ETTh2.csv directory (default ../shared/data/ETT)")
     p.add_argument("--threads", type=int, default=usable, help="ONNX Runtime threads for export and timing")
-    p.add_argument("--runs", type=int, default=300, help="timed calls per level at batch 1 (batch 256: 1/5)")
+    p.add_argument("--runs", type=int, default=1000, help="timed calls per level at batch 1 (batch 256: 1/5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=ett.Recipe.max_epochs)
     p.add_argument("--only", choices=("table", "elastic"), help="run one part")
