@@ -23,7 +23,7 @@ from edgeflex.export.elastic import export_dress, export_snnet
 from edgeflex.kernels import rowsparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, time_interleaved, write_section
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
 
 SECTION = "## Elastic models (issue 3): DRESS levels, SN-Net stitches, run-time switching"
 MODELS = ("dress-mlp", "dress-starnet-s050", "snnet-starnet")
@@ -180,7 +180,7 @@ def rowsparse_layers(threads: int, runs: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=usable)
     p.add_argument("--runs", type=int, default=200)
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.perf_counter() - start:.0f} s"),
         f"- command: `{command_line()}`",
     ])
-    print(f"{SECTION}\n\n{body}")
-    if a.out:
-        write_section(a.out, SECTION, "bench_elastic", body)
+    publish(a.out, SECTION, "bench_elastic", body)
     return 0
 
 

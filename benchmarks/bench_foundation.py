@@ -25,7 +25,7 @@ from edgeflex.models.fits import FITS
 from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, time_interleaved, write_section
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
 
 SECTION = "## Foundation (issue 2): PyTorch eager vs edgeflex on ONNX Runtime"
 FITS_HYPER = {"seq_len": 720, "pred_len": 96, "channels": 7, "cut_freq": 60, "individual": False}
@@ -162,7 +162,7 @@ def render(results: list[Result], forms: dict[str, Any], info: dict[str, str], m
 # --- main --------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=usable, help=f"threads for both (default {usable})")
     p.add_argument("--runs", type=int, default=None,
@@ -220,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall time": f"{time.perf_counter() - started:.0f} s",
     }
     body = render(results, forms, machine_info(args.threads), meta)
-    print(f"{SECTION}\n\n{body}")
+    publish(args.out, SECTION, "bench_foundation", body)
     if args.out:
-        write_section(args.out, SECTION, "bench_foundation", body)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

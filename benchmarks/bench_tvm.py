@@ -25,7 +25,7 @@ from edgeflex.models.fits import FITS
 from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, time_interleaved, write_section
+from common import OthersLoad, command_line, machine_info, time_interleaved, usable_cores, write_section  # noqa: E402
 
 SECTION = "## TVM (issue 5)"
 
@@ -125,7 +125,7 @@ def render(results: list[Result], trials: int, info: dict[str, str], meta: dict[
 def main(argv: list[str] | None = None) -> int:
     import tvm as _tvm
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=usable, help=f"threads, every contender (default {usable})")
     p.add_argument("--runs", type=int, help="timed runs per contender (default per case: "

@@ -22,7 +22,7 @@ import edgeflex as ef
 from edgeflex.runtime.profiles import measure_profile, save_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine_info, write_section  # noqa: E402
+from common import command_line, machine_info, publish  # noqa: E402
 
 SECTION = "## Budgets (issue 4): budget trace under a co-running CPU hog"
 HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(threads).items()],
         f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}",
         f"- command: `{command_line()}`"])
-    print(f"{SECTION}\n\n{body}")
-    if a.out:
-        write_section(a.out, SECTION, "budget_trace", body)
+    publish(a.out, SECTION, "budget_trace", body)
     return 0
 
 

@@ -18,6 +18,7 @@ import onnxruntime
 import torch
 
 import edgeflex as ef
+from edgeflex.devices import usable_cores  # noqa: F401 - re-exported for the benchmarks
 
 FILE_HEADER = ("# edgeflex benchmark results\n\nOne `##` section per issue, each produced by the script it "
                "names; later issues append their own section.\n")
@@ -85,7 +86,7 @@ def machine_info(threads: int) -> dict[str, str]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cores()
     return {"cpu": cpu, "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
             "threads": f"{threads} (torch.set_num_threads and ORT intra_op_num_threads; ORT inter_op 1)",
             "versions": (f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy "
@@ -114,3 +115,10 @@ def write_section(path: Path, section: str, key: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(text)
+
+
+def publish(out: Path | None, section: str, key: str, body: str) -> None:
+    """Print the section, and write it into `out` (RESULTS.md) when given."""
+    print(f"{section}\n\n{body}")
+    if out:
+        write_section(out, section, key, body)

@@ -25,7 +25,7 @@ from edgeflex.models.dlinear import DLinear
 from edgeflex.models.fits_elastic import train_elastic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, time_interleaved, write_section
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
 
 SECTION = "## FITS on ETTh1/ETTh2 (issue 6): the paper's table through bundles; elastic FITS"
 CASES = (("ETTh1", 96), ("ETTh1", 192), ("ETTh1", 336), ("ETTh1", 720), ("ETTh2", 96))
@@ -299,7 +299,7 @@ def elastic_lines(el: dict, png: Path | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="ETTh1.csv/ETTh2.csv directory (default ../shared/data/ETT)")
     p.add_argument("--threads", type=int, default=usable, help="ONNX Runtime threads for export and timing")
@@ -322,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         png = (a.out.parent if a.out else Path("benchmarks")) / "fits_ett_elastic.png"
         plot(el, png)
     body = report(rows, el, png, a, time.perf_counter() - start, load_avg)
-    print(f"{SECTION}\n\n{body}")
-    if a.out:
-        write_section(a.out, SECTION, "fits_ett", body)
+    publish(a.out, SECTION, "fits_ett", body)
     return 0
 
 

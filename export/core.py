@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from edgeflex.devices import usable_cores
 from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.errors import ExportError
 
@@ -34,7 +35,7 @@ GRAPH = "graphs/main.onnx"
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _capture_dynamo(model, example, in_names, out_names) -> bytes:

@@ -68,8 +68,9 @@ class CompileTarget:
 def host_target(threads: int | None = None) -> dict[str, Any]:
     """This machine as a TVM llvm target: LLVM's detected CPU and triple, the cores this process may use."""
     cpu = host_cpu()
-    cores = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    return {"kind": "llvm", "mtriple": cpu["mtriple"], "mcpu": cpu["mcpu"], "num-cores": int(cores or 1)}
+    from edgeflex.devices import usable_cores
+    return {"kind": "llvm", "mtriple": cpu["mtriple"], "mcpu": cpu["mcpu"],
+            "num-cores": int(threads or usable_cores())}
 
 
 def _device_targets(name: str) -> tuple[str, dict[str, dict[str, Any]], str]:

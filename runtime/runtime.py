@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.devices import check_device, host_info
+from edgeflex.devices import check_device, host_info, usable_cores
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
@@ -56,8 +56,7 @@ class Runtime:
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
-        self.threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                   else (os.cpu_count() or 1))
+        self.threads = threads or usable_cores()
         self._backend = get_backend(backend) if isinstance(backend, str) else backend
         self.backend = self._backend.name
         self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
