@@ -252,7 +252,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     report = compile_bundle(a.bundle, a.target, trials=a.trials, batch=a.batch, configs=a.config,
-                            fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads, progress=progress)
+                            fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads,
+                            kernels=not a.no_kernels, progress=progress)
     if bar is not None:
         bar.close()
     rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",
@@ -388,6 +389,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--fused", action="store_true", help="the fused graph of each segmented config")
     c.add_argument("--dress-kernel", choices=["dense", "sparse"], help="DRESS: this kernel for every level")
     c.add_argument("--threads", type=int, help="host target's num-cores (default: the usable cores)")
+    c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
+                   "TIR kernels (kernels/tir) in place of the ops they replace")
     c.set_defaults(fn=cmd_compile)
     dv = sub.add_parser("devices", help="the described devices (catalogue) and this host")
     dv.add_argument("--json", action="store_true")

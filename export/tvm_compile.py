@@ -329,8 +329,11 @@ def _progress_callback(progress: Callable[[int, int], None] | None, total: int, 
 
 def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch: int | None = None,
                   trials: int = 0, tuning_dir: Path | None = None, timeout_s: float = 120.0,
+                  kernels: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Compile one graph into `out_dir/<stem>.so`; returns its engine record (the JSON written beside it)."""
+    """Compile one graph into `out_dir/<stem>.so`; returns its engine record (the JSON written beside it).
+    `kernels` puts edgeflex's hand-written TIR kernels (`edgeflex.kernels.tir`) in place of the ops they
+    replace; the names of those applied are recorded."""
     import tvm
     from tvm.support import cc
 
@@ -338,6 +341,11 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
     model = prepare_onnx(job.data, job.params)
     mod = _relax_module(model, job.inputs, batch)
     tgt = tvm.target.Target(target.target)
+    applied: list[str] = []
+    if kernels:
+        from edgeflex.kernels import tir
+
+        mod, applied = tir.apply(mod, tir.RewriteContext(tgt, job.rel, dict(job.params), batch))
     tuned = None
     if tuning_dir is not None:
         mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s)
@@ -374,7 +382,7 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
             "batch": batch, "target": target.target, "target_name": target.name, "unit": target.unit,
             "target_source": target.source, "linker": target.linker, "modules": kinds,
             "cuda_device_code": _cuda_device_code(ex.mod), "elf": elf,
-            "used_by": job.used_by,
+            "used_by": job.used_by, "kernels": applied,
             "compile_s": round(time.perf_counter() - t0, 2), "tuning": tuned}
 
 
@@ -436,7 +444,7 @@ def elf_summary(data: bytes) -> dict[str, Any]:
 
 def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int = 0, batch: int | None = None,
                    configs: Sequence[str] | None = None, fused: bool = False, dress_kernel: str | None = None,
-                   threads: int | None = None,
+                   threads: int | None = None, kernels: bool = True,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Compile every graph `Runtime(path, fused=, dress_kernel=, only=configs)` loads for `target` and add the
     libraries (+ one JSON each, + tuning records) to the bundle atomically. Returns what was compiled.
@@ -485,7 +493,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
 
             log.info("compiling %s (%d/%d) for %s", job.rel, i + 1, len(jobs), tgt.name)
             rec = compile_graph(job, tgt, Path(tmp), batch=batch, trials=trials if tune else 0,
-                                tuning_dir=tuning_dir, progress=step if tune else None)
+                                tuning_dir=tuning_dir, kernels=kernels, progress=step if tune else None)
             rec["library"] = f"{folder}/{stem}.so"
             rec.update(stamp)
             files[rec["library"]] = (Path(tmp) / f"{stem}.so").read_bytes()

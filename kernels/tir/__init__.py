@@ -1,0 +1,75 @@
+"""Hand-written TVM (TIR) kernels for the model families edgeflex serves, and the Relax rewrites that put
+them into a compiled graph in place of the ops they replace.
+
+Each kernel module registers one rewrite with `register`. `edgeflex compile --backend tvm` calls `apply`
+on every imported Relax module before tuning and building (`--no-kernels` skips it); the names of the
+rewrites that changed the module are recorded in the engine's JSON (`kernels`).
+
+A rewrite is `fn(mod, ctx) -> mod | None`: None (or the same module) when its pattern is not in `mod`.
+`ctx` is a `RewriteContext`: the target, the graph's bundle path, and the parameters the runtime hands
+the engine (name -> (shape, dtype)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Rewrite = Callable[[Any, "RewriteContext"], Any]
+
+
+@dataclass
+class RewriteContext:
+    """What a rewrite may need beyond the module: the TVM target (a `tvm.target.Target`), the graph's path
+    in the bundle, the engine's parameters, and the static batch (None: dynamic)."""
+
+    target: Any
+    graph: str = ""
+    params: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    batch: int | None = None
+
+
+_REWRITES: dict[str, Rewrite] = {}
+
+
+def register(name: str) -> Callable[[Rewrite], Rewrite]:
+    """Decorator: register a rewrite under `name` (applied in registration order)."""
+
+    def deco(fn: Rewrite) -> Rewrite:
+        _REWRITES[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    """Import the kernel modules so their rewrites register (each is optional until it exists)."""
+    import importlib
+
+    for mod in ("fits", "rowsparse", "star"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def rewrites() -> dict[str, Rewrite]:
+    """Every registered rewrite, by name."""
+    _load_all()
+    return dict(_REWRITES)
+
+
+def apply(mod: Any, ctx: RewriteContext, only: list[str] | None = None) -> tuple[Any, list[str]]:
+    """Run every registered rewrite (or those named in `only`) over `mod`; returns the module and the names
+    of the rewrites that changed it."""
+    applied = []
+    for name, fn in rewrites().items():
+        if only is not None and name not in only:
+            continue
+        out = fn(mod, ctx)
+        if out is not None and out is not mod:
+            mod = out
+            applied.append(name)
+    return mod, applied
