@@ -102,7 +102,7 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
 
 
 def environment(rt) -> dict[str, Any]:
-    return {"host": host_info(), "backend": rt.backend, "threads": rt.threads,
+    return {"host": host_info(), "backend": rt.backend, "threads": rt.threads, "fused": rt.fused,
             "versions": {**rt._backend.versions(), "python": platform.python_version()},
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -29,6 +29,10 @@ from .profiles import load_profile
 log = logging.getLogger(__name__)
 
 
+# `fused="auto"`: the most memory the per-config weight copies of fused graphs may take.
+AUTO_FUSE_MB = 64
+
+
 @dataclass(frozen=True)
 class _Plan:
     config: Config
@@ -42,7 +46,11 @@ class Runtime:
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
-    the weights in memory), where the bundle has fused graphs. `dress_kernel` ("dense" or "sparse")
+    the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments
+    (one copy of every weight, a fixed cost per extra engine call: ~5 us on ONNX Runtime). The default
+    `"auto"` fuses when the backend can load every fused graph and the copies would take at most
+    `AUTO_FUSE_MB` (small models, where the per-call cost is a large share of a run), else chains;
+    `rt.fused` says which, `rt.fused_reason` why. `dress_kernel` ("dense" or "sparse")
     overrides, for every DRESS level, the kernel the exporter measured fastest. `only` loads just those
     configs (less memory; switching to another then raises). `allow_native=True` lets a backend that runs
     compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
@@ -50,7 +58,7 @@ class Runtime:
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
                  device: str = "host", *, threads: int | None = None, config: str | None = None,
-                 fused: bool = False, dress_kernel: str | None = None, only: list[str] | None = None,
+                 fused: bool | str = "auto", dress_kernel: str | None = None, only: list[str] | None = None,
                  allow_native: bool = False):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
@@ -61,19 +69,37 @@ class Runtime:
         self.backend = self._backend.name
         self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
         start = self.bundle.config(config)
-        self.fused, self.dress_kernel = fused, dress_kernel
+        self.dress_kernel = dress_kernel
         if only is not None:
             for name in only:
                 self.bundle.config(name)
             if start.name not in only:
                 start = self.bundle.config(only[0])
         self._only = set(only) if only is not None else None
+        self.fused, self.fused_reason = self._resolve_fused(fused)
         self._plans = self._build_plans()
         self._plan = self._plans[start.name]
         self._adapter: Adapter | None = None
         self.budget_met = True
 
     # --- loading -----------------------------------------------------------------------------------------
+
+    def _resolve_fused(self, fused: bool | str) -> tuple[bool, str]:
+        if fused not in (True, False, "auto"):
+            raise UsageError(f"fused must be True, False or 'auto', got {fused!r}")
+        if fused != "auto":
+            return bool(fused), "asked for"
+        b = self.bundle
+        todo = [c for c in b.configs if c.graph is None and "fused" in c.extra
+                and (self._only is None or c.name in self._only)]
+        if not todo:
+            return False, "no fused graphs in the bundle"
+        if not all(self._backend.can_load(b.read(c.extra["fused"]["graph"])) for c in todo):
+            return False, f"backend {self.backend!r} has no engine for the fused graphs"
+        mb = sum(c.param_bytes or 0 for c in todo) / 2**20
+        if mb > AUTO_FUSE_MB:
+            return False, f"fused copies would take {mb:.1f} MB > {AUTO_FUSE_MB} MB: segments chained"
+        return True, f"fused copies take {mb:.1f} MB <= {AUTO_FUSE_MB} MB"
 
     def _build_plans(self) -> dict[str, _Plan]:
         b = self.bundle
@@ -290,7 +316,8 @@ class Runtime:
         m = self.bundle.manifest
         return {"name": self.bundle.name, "path": str(self.bundle.path), "family": self.bundle.family,
                 "backend": self.backend, "device": self.device, "threads": self.threads,
-                "config": self.config, "inputs": [s.describe() for s in self.inputs],
+                "config": self.config, "fused": self.fused, "fused_reason": self.fused_reason,
+                "inputs": [s.describe() for s in self.inputs],
                 "outputs": [s.describe() for s in self.outputs],
                 "configs": [c.to_json() for c in self.configs], "export": m.get("export", {}),
                 "tools": m.get("tools", {}), "engine_versions": self._backend.versions()}

@@ -75,7 +75,9 @@ def test_dress_bundle_stores_weights_once(dress):
 
 def test_snnet_every_config_chained_and_fused_equals_pytorch(snnet):
     model, path = snnet
-    chained, fused = ef.Runtime(path), ef.Runtime(path, fused=True)
+    chained, fused = ef.Runtime(path, fused=False), ef.Runtime(path, fused=True)
+    assert not chained.fused and len(chained._plans["s050"].engines) > 1
+    assert fused.fused and all(len(p.engines) == 1 for p in fused._plans.values())
     names = [c.name for c in chained.configs]
     assert len(names) >= 4 and set(names) >= {"s050", "s100"}
     x = _x((1, 3, 32, 32))
@@ -88,6 +90,26 @@ def test_snnet_every_config_chained_and_fused_equals_pytorch(snnet):
             np.testing.assert_allclose(rt.run(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     flops = [c.flops for c in chained.configs]
     assert flops == sorted(flops)
+
+
+def test_snnet_auto_fuses_small_models_and_chains_when_copies_exceed_the_limit(snnet, monkeypatch):
+    from edgeflex.runtime import runtime as runtime_mod
+
+    _, path = snnet
+    small = ef.Runtime(path)                                   # default "auto": weights are a few MB
+    assert small.fused and "<=" in small.fused_reason
+    assert all(len(p.engines) == 1 for p in small._plans.values())
+    monkeypatch.setattr(runtime_mod, "AUTO_FUSE_MB", 0.5)
+    big = ef.Runtime(path)
+    assert not big.fused and "chained" in big.fused_reason
+    assert len(big._plans["s100"].engines) > 1
+    x = _x((1, 3, 32, 32))
+    for c in small.configs:
+        small.switch(c.name)
+        big.switch(c.name)
+        np.testing.assert_allclose(small.run(x), big.run(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ef.UsageError, match="fused must be"):
+        ef.Runtime(path, fused="yes")
 
 
 def test_snnet_segments_are_shared_not_copied(snnet):

@@ -44,5 +44,10 @@ class Backend(ABC):
         compile itself. Default: nothing to do (the graph is all the engine needs)."""
         return None
 
+    def can_load(self, graph: bytes) -> bool:
+        """Whether `load(graph)` would find what it needs (a compiled engine, for a backend that compiles
+        ahead of time). Default: any graph loads."""
+        return True
+
     def versions(self) -> dict[str, str]:
         return {}
