@@ -123,22 +123,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="other: one hog on the last core (ORT's threads can dodge it); all: one per core")
     p.add_argument("--tail", default="p90", choices=("p90", "p99"),
                    help="the profiled percentile the policy plans on (p99 is noise-dominated on shared VMs)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per request (a camera's tiles, a burst): larger requests, ms-scale configs")
+    p.add_argument("--threads", type=int, help="ORT threads (default: the usable cores)")
+    p.add_argument("--window", type=int, default=100, help="adapter window (runs)")
+    p.add_argument("--fast-down", type=int, default=3,
+                   help="late runs in a row that switch down at once (0: window only)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     tail = a.tail
     if not a.bundle.exists():
         from bench_elastic import build_bundles
         build_bundles(a.bundle.parent, reuse=True)
-    threads = len(os.sched_getaffinity(0))
+    threads = a.threads or len(os.sched_getaffinity(0))
     rt = ef.Runtime(a.bundle, threads=threads)
-    save_profile(a.bundle, measure_profile(rt, memory=False, min_seconds=1.0))
+    save_profile(a.bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=1.0))
     rt = ef.Runtime(a.bundle, threads=threads)
     prof = rt.latency_profile()["configs"]
     quality = {c.name: c.quality["value"] for c in rt.configs}
     largest = max(rt.configs, key=lambda c: c.flops).name
     budget_ms = a.budget_ms or 1.1 * prof[largest][f"{tail}_ms"] / 0.9
     budget = ef.Budget(latency_ms=budget_ms)
-    x = np.random.default_rng(0).standard_normal([1 if d is None else d for d in rt.inputs[0].shape]
+    x = np.random.default_rng(0).standard_normal([a.batch if d is None else d for d in rt.inputs[0].shape]
                                                  ).astype(np.float32)
     static_best = rt.set_budget(budget, adapt=False, margin=0.9, tail=tail)
     smallest = min(prof, key=lambda n: prof[n]["p90_ms"])
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"static best when idle ({static_best})": static_best,
                       f"static smallest ({smallest})": smallest}
         for name, fixed in strategies.items():
-            rt.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=100)
+            rt.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
+                          fast_down=a.fast_down)
             if fixed is not None:
                 rt.switch(fixed)
             traces[name] = trace(rt, hog, seconds=a.seconds, period=a.period, gap_ms=a.gap_ms, x=x)
@@ -169,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['p90_hog']:.3f} | {r['switches']} |")
     body = "\n".join([
         f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
-        f"(judged per request; the policy plans on {tail}), {threads} ORT threads; busy-loop processes "
+        f"(judged per request; the policy plans on {tail}; {a.batch} image(s) per request; adapter window "
+        f"{a.window}, fast down after {a.fast_down} late runs), {threads} ORT threads "
+        f"({'fused' if rt.fused else 'chained'}: {rt.fused_reason}); busy-loop processes "
         f"pinned to core(s) {hog_cores} run every other {a.period:g} s; each strategy {a.seconds:g} s "
         f"of requests with {a.gap_ms:g} ms gaps. Goal: adaptive >= 99 % within budget, quality above the "
         "smallest config's, and no worse than the static best when idle.", "", *lines, "",

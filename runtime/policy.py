@@ -113,10 +113,15 @@ class Adapter:
     s * p90 fits `margin_hi` * budget; when it does not, switch down at once to the best config that fits
     at s. Switch up only when a better config fits `margin_lo` (< margin_hi) * budget at s, and `up_after`
     consecutive windows agreed: the gap between the two margins and the wait are the hysteresis.
+
+    Down is fast, up is slow: `fast_down` consecutive runs over the latency budget end the window early
+    (their smallest latency sets the slowdown), so a sudden slowdown costs a few late requests, not a
+    window of them. 0 turns it off.
     """
 
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
-                 margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90):
+                 margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
+                 fast_down: int = 3):
         if not 0 < margin_lo <= margin_hi <= 1:
             raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
         self.cands = {c.name: c for c in cands}
@@ -128,6 +133,8 @@ class Adapter:
         self.percentile = percentile
         self._agree = 0
         self.slowdown = 1.0
+        self.fast_down = fast_down
+        self._late: list[float] = []
         self._lock = threading.Lock()
 
     def observe(self, config: str, latency_ms: float) -> str | None:
@@ -136,11 +143,20 @@ class Adapter:
             if config != self.current:
                 return None                      # a run that started before the last switch
             self._window.append(latency_ms)
+            limit = self.budget.latency_ms
+            if self.fast_down and limit is not None:
+                self._late = self._late + [latency_ms] if latency_ms > limit else []
+                if len(self._late) >= self.fast_down:
+                    self.slowdown = min(self._late) / self.cands[self.current].p90_ms
+                    self._late = []
+                    self._window.clear()
+                    return self._decide()
             if len(self._window) < self._window.maxlen:
                 return None
             tail = float(np.percentile(self._window, self.percentile))
             self.slowdown = max(tail / self.cands[self.current].p90_ms, 1e-3)
             self._window.clear()
+            self._late = []
             return self._decide()
 
     def _decide(self) -> str | None:

@@ -285,9 +285,12 @@ class Runtime:
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
-                   margin: float = 0.85, window: int = 32, tail: str = "p90") -> str:
+                   margin: float = 0.85, window: int = 32, tail: str = "p90", fast_down: int = 3) -> str:
         """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
         keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
+
+        Adaptation re-selects every `window` runs from their `tail` percentile, and at once after
+        `fast_down` runs in a row over the latency budget (0: windows only); see `policy.Adapter`.
 
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
@@ -302,8 +305,7 @@ class Runtime:
             raise UsageError(f"tail must be 'p90' or 'p99', got {tail!r}")
         cands = [c for c in candidates(self.configs, prof["configs"], tail=tail) if c.name in self._plans]
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.8,
-                          percentile=float(tail[1:]),
-                          degrade=degrade)
+                          percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down)
         self.budget_met = adapter.fits
         if not adapter.fits:
             log.warning("no config fits %s; running the fastest, %s (degrade=True)", budget.describe(),

@@ -52,7 +52,8 @@ def feed(adapter: Adapter, config: str, ms: float, n: int) -> list[str]:
 
 
 def test_adapter_switches_down_at_once_and_up_only_after_agreement():
-    a = Adapter(CANDS, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.7, up_after=3)
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.7, up_after=3,
+                fast_down=0)
     assert a.current == "large"                       # 4.0 <= 0.9 * 5
     # the device slows down 1.5x: large observed at 6 ms > 4.5 -> down, at once, to what fits at 1.5x
     assert feed(a, "large", 6.0, 8) == ["mid"]
@@ -62,12 +63,23 @@ def test_adapter_switches_down_at_once_and_up_only_after_agreement():
     # recovered: mid observed at its profile; large (4.0) fits 0.7 * 5 = 3.5? no -> stays (hysteresis band)
     assert feed(a, "mid", 2.0, 40) == []
     # a looser budget: large fits the lower margin, but only after `up_after` agreeing windows
-    b = Adapter(CANDS, Budget(latency_ms=6.0), window=8, up_after=3)
+    b = Adapter(CANDS, Budget(latency_ms=6.0), window=8, up_after=3, fast_down=0)
     assert b.current == "large"
     feed(b, "large", 8.0, 8)
     assert b.current == "mid"
     assert feed(b, "mid", 2.0, 16) == []              # two agreeing windows: not yet
     assert feed(b, "mid", 2.0, 8) == ["large"]        # the third: up
+
+
+def test_adapter_goes_down_after_a_few_late_runs_not_a_whole_window():
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=100, fast_down=3)
+    assert a.current == "large"
+    assert a.observe("large", 7.0) is None and a.observe("large", 4.0) is None   # one late run: a spike
+    assert a.observe("large", 7.0) is None and a.observe("large", 6.5) is None
+    assert a.observe("large", 6.0) == "mid"           # the third late run in a row: down at once
+    assert a.slowdown == pytest.approx(6.0 / 4.0)     # the streak's smallest over large's p90
+    slow = Adapter(CANDS, Budget(latency_ms=5.0), window=100, fast_down=0)
+    assert feed(slow, "large", 7.0, 99) == [] and slow.observe("large", 7.0) == "mid"
 
 
 def test_adapter_does_not_flap_on_noise_around_the_limit():
