@@ -1,9 +1,11 @@
 """Latency predictor: per-config latency on a device from the config's operator-level costs (as written by
 `edgeflex.export.costs.config_costs`) and the device's description, calibrated on measured profiles.
 
-    latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth) + c * nodes + d * engine_calls
+    latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth)
+                 + sum_g e_g * narrow_flops_g / peak_flops + c * nodes + d * engine_calls
 
-with k over operator kinds. The coefficients are fitted by non-negative least squares on relative error,
+with k over operator kinds, g over the GEMM kinds (conv, matmul) whose narrow-channel FLOPs cost extra.
+The coefficients are fitted by non-negative least squares on relative error,
 from (costs, measured p50) pairs of a reference device. On another device the same coefficients are applied
 with that device's peak and bandwidth (c and d scaled by the clock ratio): that transfer is UNVALIDATED until
 the device itself is measured, and every prediction says so. numpy only.
@@ -26,7 +28,10 @@ FORMAT = "edgeflex-latency-predictor"
 FORMAT_VERSION = 1
 # Mirrors edgeflex.export.costs.KINDS (kept here so the board side never imports onnx).
 KINDS = ("conv", "dwconv", "matmul", "elementwise", "norm", "data", "dft", "other")
-FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls")
+# GEMM kinds whose narrow-channel FLOPs (costs' `narrow_flops`) get a coefficient of their own.
+NARROW_KINDS = ("conv", "matmul")
+FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"narrow:{k}" for k in NARROW_KINDS),
+            *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls")
 OVERHEADS = ("nodes", "engine_calls")
 
 Sample = tuple  # (costs: dict, p50_ms: float) or (costs, p50_ms, label)
@@ -82,6 +87,7 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     ms_per_flop = 1e3 / (figures["peak_gflops"] * 1e9)
     ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9)
     row = [per_kind.get(k, {}).get("flops", 0) * ms_per_flop for k in KINDS]
+    row += [per_kind.get(k, {}).get("narrow_flops", 0) * ms_per_flop for k in NARROW_KINDS]
     row += [per_kind.get(k, {}).get("bytes", 0) * ms_per_byte for k in KINDS]
     nodes = costs.get("total", {}).get("nodes", sum(v.get("nodes", 0) for v in per_kind.values()))
     row += [nodes, costs.get("engine_calls", 1)]
@@ -144,8 +150,9 @@ class Predictor:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + c nodes + "
-                         "d engine_calls", "features": list(FEATURES),
+                "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + "
+                         "sum_g(e_g narrow_flops_g / peak) + c nodes + d engine_calls",
+                "features": list(FEATURES),
                 "coef": dict(self.coef), "reference": dict(self.reference), "n_samples": self.n_samples,
                 "ridge": self.ridge, "fit_error": dict(self.fit_error)}
 

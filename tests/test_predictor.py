@@ -75,6 +75,18 @@ def test_graph_costs_match_hand_counts():
     assert c["free_nodes"] == 1 and c["unresolved_nodes"] == 0 and c["batch"] == 1
     assert c["weight_bytes"] == (54 + 3 + 27 + 108 + 4) * 4
     assert costs_mod.KINDS == KINDS  # the predictor's copy of the kinds agrees
+    # every GEMM here is narrower than NARROW channels: its FLOPs are narrow too; other kinds have none
+    assert c["per_kind"]["conv"]["narrow_flops"] == 999 and c["per_kind"]["matmul"]["narrow_flops"] == 220
+    assert c["per_kind"]["dwconv"]["narrow_flops"] == 0
+
+
+def test_wide_gemms_are_not_narrow():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.zeros((48, 64, 1, 1), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "wide", [x], [y], [w])
+    c = graph_costs(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))["per_kind"]["conv"]
+    assert c["flops"] == 2 * 48 * 16 * 64 and c["narrow_flops"] == 0
 
 
 def test_costs_read_dims_of_external_initialisers(tmp_path):
@@ -128,6 +140,8 @@ def _random_costs(rng: np.random.Generator) -> dict:
         }
         for k in KINDS
     }
+    for k in ("conv", "matmul"):
+        per_kind[k]["narrow_flops"] = int(rng.integers(0, per_kind[k]["flops"] + 1))
     return {
         "per_kind": per_kind,
         "total": {"nodes": sum(v["nodes"] for v in per_kind.values())},
