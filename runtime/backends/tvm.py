@@ -91,7 +91,8 @@ class TvmEngine(Engine):
             raise InputError(f"TVM engine {self._name!r} was compiled for batch {self._batch} (tuned and "
                              f"--batch libraries are static), got {n}; recompile with --batch {n}, or "
                              "without --batch and tuning records for any batch")
-        args = [self._tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
+        # NOTE: np.require, not np.ascontiguousarray, which makes a 0-d input (a DRESS level) 1-d
+        args = [self._tensor(np.require(a, requirements="C"), self._dev) for a in arrays]
         with self._lock:
             out = self._fn(*args, *self._params)
             return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
