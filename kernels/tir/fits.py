@@ -1,0 +1,377 @@
+"""The FITS spectral kernel as one hand-scheduled TVM function (normalise -> spectral GEMM(s) ->
+de-normalise), and the Relax rewrite ("fits") that puts it in place of the ops the ONNX `folded` /
+`lowrank` lowering of `kernels.spectral.to_onnx` becomes once imported.
+
+Owns the kernel (`fits_primfunc`), a way to run it on NumPy arrays (`run_kernel`, for tests and benchmarks)
+and the rewrite. Not the maths: the reference and the GEMM operands are `kernels.spectral`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.runtime.errors import UsageError
+
+LANES = 16          # float32 lanes of one AVX-512 register
+ACC_VECTORS = 24    # accumulator registers per GEMM tile (of 32): the rest hold the B row and a broadcast
+MAX_GROUP = 8       # channels per task at most
+
+
+@dataclass(frozen=True)
+class FitsShape:
+    """What one kernel is specialised on: x [batch, seq_len, channels] -> y [batch, out_len, channels];
+    `rank` None for the folded form (one [seq_len + 2, out_len] operand), else the low-rank form's inner
+    size (operands [seq_len, rank] and [rank + 2, out_len]); `eps` as the graph adds it to the population
+    variance; `batch` None for any batch. `group`: channels per task when batch > 1, `group_one`: at batch
+    1 (fewer channels per task split one sample over several cores; all of them in one task runs it
+    without a parallel launch)."""
+
+    seq_len: int
+    out_len: int
+    channels: int
+    eps: float
+    rank: int | None = None
+    batch: int | None = None
+    group: int = MAX_GROUP
+    group_one: int = MAX_GROUP
+
+    @property
+    def form(self) -> str:
+        return "folded" if self.rank is None else "lowrank"
+
+    def operand_shapes(self) -> list[tuple[int, int]]:
+        L, N = self.seq_len, self.out_len
+        return [(L + 2, N)] if self.rank is None else [(L, self.rank), (self.rank + 2, N)]
+
+
+def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: int | None = None, *,
+                 batch: int | None = None, cores: int = 1, split_one: bool = True) -> FitsShape:
+    """The tiling this file uses for a shape on a CPU with `cores` cores: at batch > 1 one task per sample
+    (at most MAX_GROUP channels each); at batch 1, with `split_one`, the channels split over the cores."""
+    if min(seq_len, out_len, channels) < 1 or (rank is not None and rank < 1) or cores < 1:
+        raise UsageError(f"FITS kernel shape must be positive: seq_len {seq_len}, out_len {out_len}, "
+                         f"channels {channels}, rank {rank}, cores {cores}")
+    group = min(MAX_GROUP, channels)
+    one = min(group, -(-channels // cores)) if split_one else group
+    return FitsShape(seq_len, out_len, channels, float(eps), rank, batch, group, one)
+
+
+def _vectors(group: int) -> int:
+    """AVX-512 registers of columns per tile row: group x vectors accumulators fill ACC_VECTORS."""
+    return max(1, min(6, ACC_VECTORS // group))
+
+
+def fits_primfunc(s: FitsShape) -> Any:
+    """The kernel for one `FitsShape`: arguments x, the GEMM operands (as `operand_shapes`), y.
+
+    One task per (sample, channel group), run in parallel: copy the group's channels of the sample into a
+    [seq_len, group] scratch, mean and population variance per channel, centre; low-rank form: the first GEMM
+    into [rank, group]; then the last GEMM with two extra rows holding rho = sqrt(var + eps) and the mean (the
+    de-normalisation rides in the GEMM, as in the ONNX graph), written once to y. GEMM tiles: `group` rows x
+    `vectors` AVX-512 registers of columns, accumulated in registers over the whole inner dimension; the
+    column tail is one narrower tile. A last group with fewer channels repeats the last channel and does
+    not store it."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    L, N, C = s.seq_len, s.out_len, s.channels
+    R = s.rank or 0
+    K = L + 2 if s.rank is None else R + 2
+    lowrank = s.rank is not None
+    CB, CB1 = s.group, s.group_one
+    G, G1 = -(-C // CB), -(-C // CB1)
+    nb = tirx.Var("batch", "int64") if s.batch is None else s.batch
+    inv_len, eps = 1.0 / L, s.eps
+
+    @T.macro
+    def tile(A, Bm, out, kdim, j0, nvec, width, b, c0, cb, to_y):
+        acc = T.decl_buffer((cb, nvec, width), "float32", scope="local")
+        tmp = T.decl_buffer((cb, nvec * width), "float32")
+        for cc in T.unroll(cb):
+            for q in T.unroll(nvec):
+                for v in T.vectorized(width):
+                    acc[cc, q, v] = T.float32(0)
+        for k in range(kdim):
+            for cc in T.unroll(cb):
+                for q in T.unroll(nvec):
+                    for v in T.vectorized(width):
+                        acc[cc, q, v] = acc[cc, q, v] + A[k, cc] * Bm[k, j0 + q * width + v]
+        # NOTE: through a scratch row-major copy: read back lane by lane, the accumulators would not stay in
+        # registers (LLVM's SROA gives up and spills them inside the k loop).
+        for cc in T.unroll(cb):
+            for q in T.unroll(nvec):
+                for v in T.vectorized(width):
+                    tmp[cc, q * width + v] = acc[cc, q, v]
+        if to_y:
+            for v in range(nvec * width):
+                for cc in T.unroll(cb):
+                    if c0 + cc < C:
+                        out[b, j0 + v, c0 + cc] = tmp[cc, v]
+        else:
+            for v in range(nvec * width):
+                for cc in T.vectorized(cb):
+                    out[j0 + v, cc] = tmp[cc, v]
+
+    @T.macro
+    def gemm(A, Bm, out, kdim, ndim, b, c0, cb, to_y):
+        for jt in range(_column_tiles(ndim, _vectors(cb))[0]):
+            tile(A, Bm, out, kdim, jt * (_vectors(cb) * LANES), _vectors(cb), LANES, b, c0, cb, to_y)
+        if _column_tiles(ndim, _vectors(cb))[2] > 0:
+            tile(A, Bm, out, kdim, _column_tiles(ndim, _vectors(cb))[1], _column_tiles(ndim, _vectors(cb))[2],
+                 LANES, b, c0, cb, to_y)
+        if _column_tiles(ndim, _vectors(cb))[4] > 0:
+            tile(A, Bm, out, kdim, _column_tiles(ndim, _vectors(cb))[3], 1, LANES, b, c0, cb, to_y)
+        if _column_tiles(ndim, _vectors(cb))[5] > 0:
+            tile(A, Bm, out, kdim, 0, 1, ndim, b, c0, cb, to_y)
+
+    @T.macro
+    def task(x, F, W, y, b, c0, cb):
+        xa = T.decl_buffer((L, cb), "float32")
+        a = T.decl_buffer((K, cb), "float32")
+        st = T.decl_buffer((2, cb), "float32", scope="local")
+        for cc in T.vectorized(cb):
+            st[0, cc] = T.float32(0)
+            st[1, cc] = T.float32(0)
+        for l_ in range(L):
+            for cc in T.unroll(cb):
+                xa[l_, cc] = x[b, l_, T.min(c0 + cc, C - 1)]
+        for l_ in range(L):
+            for cc in T.vectorized(cb):
+                st[0, cc] = st[0, cc] + xa[l_, cc]
+        for cc in T.vectorized(cb):
+            st[0, cc] = st[0, cc] * T.float32(inv_len)
+        for l_ in range(L):
+            for cc in T.vectorized(cb):
+                xa[l_, cc] = xa[l_, cc] - st[0, cc]
+                st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
+        for cc in T.vectorized(cb):
+            a[K - 2, cc] = T.sqrt(st[1, cc] * T.float32(inv_len) + T.float32(eps))
+            a[K - 1, cc] = st[0, cc]
+        if lowrank:
+            gemm(xa, F, a, L, R, b, c0, cb, False)
+        else:
+            for l_ in range(L):
+                for cc in T.vectorized(cb):
+                    a[l_, cc] = xa[l_, cc]
+        gemm(a, W, y, K, N, b, c0, cb, True)
+
+    @T.macro
+    def tasks(x, F, W, y):
+        if nb == 1:
+            if G1 == 1:
+                task(x, F, W, y, 0, 0, CB1)
+            else:
+                for t in T.parallel(G1):
+                    task(x, F, W, y, 0, t * CB1, CB1)
+        else:
+            for t in T.parallel(nb * G):
+                task(x, F, W, y, t // G, t % G * CB, CB)
+
+    if lowrank:
+        @T.prim_func
+        def fits(x_h: T.handle, f_h: T.handle, w_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            F = T.match_buffer(f_h, (L, R), "float32")
+            W = T.match_buffer(w_h, (K, N), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            tasks(x, F, W, y)
+    else:
+        @T.prim_func
+        def fits(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            W = T.match_buffer(w_h, (K, N), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            tasks(x, None, W, y)
+
+    return fits
+
+
+def _column_tiles(ndim: int, vectors: int) -> tuple[int, int, int, int, int, int]:
+    """How a GEMM covers `ndim` output columns with tiles of whole registers: (full tiles of `vectors`
+    registers; start and registers of up to two more tiles, which end at the edge and may recompute a few
+    columns of the tile before; the width of the only tile when ndim is narrower than one register)."""
+    if ndim < LANES:
+        return 0, 0, 0, 0, 0, ndim
+    full, rest = divmod(ndim, vectors * LANES)
+    if rest == 0:
+        return full, 0, 0, 0, 0, 0
+    if full:
+        tail = -(-rest // LANES)
+        return full, ndim - tail * LANES, tail, 0, 0, 0
+    if ndim % LANES == 0:
+        return 0, 0, ndim // LANES, 0, 0, 0
+    return 0, 0, ndim // LANES, ndim - LANES, 1, 0
+
+
+def build_kernel(s: FitsShape, target: Any = None) -> Any:
+    """The kernel compiled alone (entry `fits`), for `run_kernel`; target default: this host."""
+    import tvm
+
+    if target is None:
+        from edgeflex.export.tvm_compile import host_target
+        target = host_target()
+    mod = tvm.IRModule({"fits": fits_primfunc(s).with_attr("global_symbol", "fits")})
+    return tvm.compile(mod, target=tvm.target.Target(target))
+
+
+def run_kernel(lib: Any, s: FitsShape, x: np.ndarray, operands: list[np.ndarray]) -> np.ndarray:
+    """y = kernel(x, *operands) on NumPy arrays (float32; shapes checked against `s`)."""
+    import tvm
+
+    L, N, C = s.seq_len, s.out_len, s.channels
+    if x.ndim != 3 or x.shape[1:] != (L, C) or (s.batch is not None and x.shape[0] != s.batch):
+        raise UsageError(f"FITS kernel input is {x.shape}, expected [{s.batch or 'batch'}, {L}, {C}]")
+    shapes = s.operand_shapes()
+    if [tuple(o.shape) for o in operands] != shapes:
+        raise UsageError(f"FITS kernel ({s.form}) operands are {[o.shape for o in operands]}, "
+                         f"expected {shapes}")
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.float32), dev) for a in (x, *operands)]
+    y = tvm.runtime.tensor(np.empty((x.shape[0], N, C), np.float32), dev)
+    lib["fits"](*args, y)
+    return y.numpy()
+
+
+# --- the Relax rewrite ------------------------------------------------------------------------------------
+
+def _pattern(lowrank: bool) -> tuple[Any, dict[str, Any]]:
+    """The Relax ops `to_onnx(form='folded' | 'lowrank')` becomes after `prepare_onnx` and the ONNX importer
+    (LayerNormalization expanded), as a dataflow pattern; returns the root and the named sub-patterns."""
+    from tvm.relax.dpl import is_const, is_op, is_tuple, wildcard
+
+    p = {"x": wildcard(), "eps": is_const(), "one_a": is_const(), "one_b": is_const(), "scale": is_const(),
+         "shift": is_const(), "w": wildcard()}
+    p["xt"] = is_op("relax.permute_dims")(p["x"])
+    p["mean"] = is_op("relax.mean")(p["xt"])
+    d = is_op("relax.subtract")(p["xt"], p["mean"])
+    p["var"] = is_op("relax.mean")(is_op("relax.multiply")(d, d))
+    inv = is_op("relax.divide")(p["one_a"], is_op("relax.sqrt")(is_op("relax.add")(p["var"], p["eps"])))
+    h = is_op("relax.add")(is_op("relax.multiply")(is_op("relax.multiply")(d, inv), p["scale"]), p["shift"])
+    if lowrank:
+        p["f"] = wildcard()
+        h = is_op("relax.matmul")(h, p["f"])
+    rho = is_op("relax.divide")(p["one_b"], inv)
+    p["cat"] = is_op("relax.concat")(is_tuple([is_op("relax.multiply")(h, rho), rho, p["mean"]]))
+    p["y"] = is_op("relax.permute_dims")(is_op("relax.matmul")(p["cat"], p["w"]))
+    return p["y"], p
+
+
+def _static_shape(expr: Any) -> tuple[int, ...] | None:
+    """The static shape of a float32 tensor expression, None if not float32 or not static."""
+    from tvm import tirx
+
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if getattr(ty, "dtype", None) != "float32" or shape is None or not hasattr(shape, "values"):
+        return None
+    if not all(isinstance(v, tirx.IntImm) for v in shape.values):
+        return None
+    return tuple(int(v) for v in shape.values)
+
+
+def _const_value(expr: Any) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _match_shape(m: dict[Any, Any], p: dict[str, Any], lowrank: bool) -> FitsShape | None:
+    """The kernel shape of one match, after checking what the pattern cannot say (axes, constants, shapes);
+    None when the match is not a FITS spectral block this kernel computes."""
+    from tvm import tirx
+
+    def axes(name: str) -> list[int]:
+        return [int(a) for a in m[p[name]].attrs.axes]
+
+    y = m[p["y"]]
+    x_ty = m[p["x"]].ty
+    shape = getattr(x_ty, "shape", None)
+    if getattr(x_ty, "dtype", None) != "float32" or not hasattr(shape, "values") or len(shape.values) != 3:
+        return None
+    n, L, C = shape.values
+    if not isinstance(L, tirx.IntImm) or not isinstance(C, tirx.IntImm):
+        return None
+    L, C = int(L), int(C)
+    out_perm = [int(a) for a in y.attrs.axes]
+    if axes("xt") != [0, 2, 1] or out_perm != [0, 2, 1] or L < 2:
+        return None
+    for name in ("mean", "var"):
+        call = m[p[name]]
+        if [int(a) % 3 for a in call.attrs.axis] != [2] or not call.attrs.keepdims:
+            return None
+    if int(m[p["cat"]].attrs.axis) % 3 != 2:
+        return None
+    ones = [_const_value(m[p[k]]) for k in ("one_a", "one_b")]
+    scale, shift, eps = (_const_value(m[p[k]]) for k in ("scale", "shift", "eps"))
+    if (any(o.size != 1 or float(o.reshape(())) != 1.0 for o in ones) or eps.size != 1
+            or scale.shape != (L,) or shift.shape != (L,) or np.any(scale != 1) or np.any(shift != 0)):
+        return None
+    rank = None
+    k = L
+    if lowrank:
+        f = _static_shape(m[p["f"]])
+        if f is None or len(f) != 2 or f[0] != L:
+            return None
+        rank = k = f[1]
+    w = _static_shape(m[p["w"]])
+    if w is None or len(w) != 2 or w[0] != k + 2:
+        return None
+    y_shape = y.ty.shape.values
+    if len(y_shape) != 3 or not all(isinstance(v, tirx.IntImm) for v in y_shape[1:]) \
+            or (int(y_shape[1]), int(y_shape[2])) != (w[1], C):
+        return None
+    batch = int(n) if isinstance(n, tirx.IntImm) else None
+    return FitsShape(L, w[1], C, float(eps.reshape(())), rank, batch)
+
+
+def _cores(target: Any) -> int:
+    try:
+        return max(1, int(target.attrs["num-cores"]))
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+@register("fits")
+def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
+    """Every FITS spectral block of `mod` (the imported `folded` or `lowrank` ONNX lowering: transpose,
+    mean / variance, normalise, GEMM(s), de-normalise in the last GEMM, transpose) as one call of the kernel,
+    the GEMM operands (constants or engine parameters) passed as they are. CPU (llvm) targets only; None when
+    no block matches (an `individual` FITS, whose graph works channel-first, does not)."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    if ctx.target is None or ctx.target.kind.name != "llvm":
+        return None
+    cores = _cores(ctx.target)
+    bb = relax.BlockBuilder(mod)
+    kernels: dict[FitsShape, Any] = {}
+    for lowrank in (True, False):
+        root, p = _pattern(lowrank)
+
+        def rewriter(orig: Any, m: dict[Any, Any], p: dict[str, Any] = p, lowrank: bool = lowrank) -> Any:
+            found = _match_shape(m, p, lowrank)
+            if found is None:
+                return orig
+            s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, found.rank,
+                             batch=found.batch, cores=cores)
+            if s not in kernels:
+                name = (f"fits_{s.form}_{'n' if s.batch is None else s.batch}x{s.seq_len}x{s.channels}"
+                        f"_h{s.out_len}" + (f"_r{s.rank}" if s.rank else ""))
+                kernels[s] = bb.add_func(fits_primfunc(s).with_attr("global_symbol", name), name)
+            args = [m[p["x"]], *([m[p["f"]]] if lowrank else []), m[p["w"]]]
+            return relax.call_tir(kernels[s], args, orig.ty)
+
+        for gv, func in list(bb.get().functions.items()):
+            if not isinstance(func, relax.Function):
+                continue
+            n_before = len(kernels)
+            new = rewrite_call(root, rewriter, func)
+            if len(kernels) > n_before or not new.same_as(func):
+                bb.update_func(gv, new)
+    if not kernels:
+        return None
+    return relax.transform.DeadCodeElimination()(bb.get())
