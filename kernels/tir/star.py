@@ -63,18 +63,18 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
         for task in T.parallel(n_img * tiles):
-            img = task // tiles
-            p0 = T.min(task % tiles * P, HW - P)
+            img: T.let = task // tiles
+            p0: T.let = T.min(task % tiles * P, HW - P)
             mid = T.decl_buffer((R, P), "float32", scope="local")
             for jb in range(jblocks):
-                j0 = T.min(jb * J, R - J)
+                j0: T.let = T.min(jb * J, R - J)
                 acc = T.decl_buffer((2 * J, P), "float32", scope="local")
                 for k in T.unroll(J):
                     for p in T.vectorized(P):
                         acc[k, p] = b12[j0 + k]
                         acc[J + k, p] = b12[R + j0 + k]
                 for c in range(C):
-                    row = (img * C + c) * HW + p0
+                    row: T.let = (img * C + c) * HW + p0
                     for k in T.unroll(J):
                         for p in T.vectorized(P):
                             acc[k, p] = acc[k, p] + w12[j0 + k, c] * xf[row + p]
@@ -83,7 +83,7 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
                     for p in T.vectorized(P):
                         mid[j0 + k, p] = T.min(T.max(acc[k, p], T.float32(0)), T.float32(6)) * acc[J + k, p]
             for ob in range(oblocks):
-                o0 = T.min(ob * OB, CO - OB)
+                o0: T.let = T.min(ob * OB, CO - OB)
                 acc2 = T.decl_buffer((OB, P), "float32", scope="local")
                 for k in T.unroll(OB):
                     for p in T.vectorized(P):
@@ -133,7 +133,7 @@ def _scalar(expr: Any) -> float | None:
     return None
 
 
-class _Matcher:
+class Matcher:
     """Walks one Relax function's bindings back from each 1x1 conv: conv(g) [+ bias] <- multiply <- (clip
     to [0, 6] <- conv(f1) [+ bias], conv(f2) [+ bias]), f1 and f2 reading the same tensor."""
 
@@ -146,31 +146,34 @@ class _Matcher:
                 if isinstance(b, relax.VarBinding):
                     self.value[b.var] = b.value
 
-    def _def(self, expr: Any) -> Any:
+    def definition(self, expr: Any) -> Any:
         """The value bound to `expr` if it is a variable of this function, else `expr`."""
         return self.value.get(expr, expr)
 
-    def _conv1x1(self, expr: Any) -> tuple[Any, Any, Any] | None:
-        """(input, weight, bias or None) when `expr` is a float32 1x1 NCHW conv2d, optionally + bias."""
-        call, bias = self._def(expr), None
+    def conv_bias(self, expr: Any, accept: Any) -> tuple[Any, Any] | None:
+        """(conv2d call, bias or None) when `expr` is a float32 NCHW/OIHW conv2d with static weight shape
+        that `accept(call)` takes, optionally + a per-channel bias."""
+        call, bias = self.definition(expr), None
         if _op_name(call) == "relax.add":
             for conv, b in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-                if _op_name(self._def(conv)) == "relax.nn.conv2d" and self._channel_vector(b, conv):
-                    call, bias = self._def(conv), b
+                if _op_name(self.definition(conv)) == "relax.nn.conv2d" and self._channel_vector(b, conv):
+                    call, bias = self.definition(conv), b
                     break
             else:
                 return None
         if _op_name(call) != "relax.nn.conv2d":
             return None
-        a = call.attrs
-        w = call.args[1].ty
-        if (tuple(int(v) for v in a.strides) != (1, 1) or any(int(v) for v in a.padding)
-                or tuple(int(v) for v in a.dilation) != (1, 1) or int(a.groups) != 1
-                or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
-                or w.dtype != "float32" or call.args[0].ty.dtype != "float32"
-                or not _static(w.shape) or [int(v) for v in w.shape][2:] != [1, 1]):
+        a, w = call.attrs, call.args[1].ty
+        if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+                or w.dtype != "float32" or call.args[0].ty.dtype != "float32" or not _static(w.shape)
+                or tuple(int(v) for v in a.dilation) != (1, 1) or not accept(call)):
             return None
-        return call.args[0], call.args[1], bias
+        return call, bias
+
+    def _conv1x1(self, expr: Any) -> tuple[Any, Any, Any] | None:
+        """(input, weight, bias or None) when `expr` is a 1x1 stride-1 dense conv2d, optionally + bias."""
+        found = self.conv_bias(expr, _is_1x1)
+        return None if found is None else (found[0].args[0], found[0].args[1], found[1])
 
     def _channel_vector(self, b: Any, conv: Any) -> bool:
         """`b` is a per-output-channel bias of `conv`: shape (1, K, 1, 1) or (K, 1, 1)."""
@@ -181,9 +184,9 @@ class _Matcher:
         shape, k = [int(v) for v in ty.shape], int(out.shape[1])
         return ty.dtype == "float32" and shape in ([1, k, 1, 1], [k, 1, 1])
 
-    def _relu6(self, expr: Any) -> Any:
+    def relu6(self, expr: Any) -> Any:
         """The tensor clipped to [0, 6] by `expr` (clip, or max then min in either order), else None."""
-        call = self._def(expr)
+        call = self.definition(expr)
         if _op_name(call) == "relax.clip":
             lo, hi = (_scalar(a) if not hasattr(a, "value") else float(a.value) for a in call.args[1:3])
             return call.args[0] if (lo, hi) == (0.0, 6.0) else None
@@ -198,7 +201,7 @@ class _Matcher:
     def _minmax(self, expr: Any) -> tuple[str | None, Any, float | None]:
         """("maximum" | "minimum", tensor, scalar bound) for R.maximum / R.minimum or their legalized
         call_tir (the ONNX importer's Clip), else (None, None, None)."""
-        call = self._def(expr)
+        call = self.definition(expr)
         name = _op_name(call)
         if name in ("relax.maximum", "relax.minimum"):
             kind, args = name.split(".")[1], list(call.args)
@@ -220,11 +223,11 @@ class _Matcher:
         if g is None:
             return None
         prod, wg, bg = g
-        mul = self._def(prod)
+        mul = self.definition(prod)
         if _op_name(mul) != "relax.multiply":
             return None
         for left, right in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
-            clipped = self._relu6(left)
+            clipped = self.relu6(left)
             f1 = self._conv1x1(clipped) if clipped is not None else None
             f2 = self._conv1x1(right)
             if f1 is None or f2 is None or not f1[0].same_as(f2[0]):
@@ -234,6 +237,12 @@ class _Matcher:
                 continue
             return StarMatch(var, x, w1, b1, w2, b2, wg, bg)
         return None
+
+
+def _is_1x1(call: Any) -> bool:
+    a = call.attrs
+    return (tuple(int(v) for v in a.strides) == (1, 1) and not any(int(v) for v in a.padding)
+            and int(a.groups) == 1 and [int(v) for v in call.args[1].ty.shape][2:] == [1, 1])
 
 
 def _static(shape: Any) -> bool:
@@ -246,14 +255,14 @@ def find_star_ops(func: Any) -> list[StarMatch]:
     """Every star op in a Relax function, in binding order."""
     from tvm import relax
 
-    m = _Matcher(func)
+    m = Matcher(func)
     found = [s for v in m.value if isinstance(v, relax.Var) and (s := m.match(v)) is not None]
     # g's conv alone matches too when a bias add follows it: keep the match that takes the bias in.
-    inner = {a for s in found if s.bg is not None for a in m._def(s.out).args}
+    inner = {a for s in found if s.bg is not None for a in m.definition(s.out).args}
     return [s for s in found if not any(s.out.same_as(a) for a in inner)]
 
 
-def _stacked(parts: list[Any], rows: list[int], cols: int | None) -> Any:
+def stacked(parts: list[Any], rows: list[int], cols: int | None) -> Any:
     """The weights (or biases, cols None) of `parts` as one [sum(rows), cols] (or [sum(rows)]) tensor: a new
     constant when every part is one (folded at compile time), else Relax ops run in the graph."""
     import tvm
@@ -298,10 +307,10 @@ def rewrite_star(mod: Any, ctx: RewriteContext) -> Any:
             if key not in kernels:
                 name = f"star_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(w)}_r{r}_o{co}"
                 kernels[key] = bb.add_func(star_primfunc(*key).with_attr("global_symbol", name), name)
-            args = [s.x, _stacked([s.w1, s.w2], [r, r], int(c)), _stacked([s.b1, s.b2], [r, r], None),
-                    _stacked([s.wg], [co], r), _stacked([s.bg], [co], None)]
+            args = [s.x, stacked([s.w1, s.w2], [r, r], int(c)), stacked([s.b1, s.b2], [r, r], None),
+                    stacked([s.wg], [co], r), stacked([s.bg], [co], None)]
             new_values[s.out] = relax.call_tir(kernels[key], args, s.out.ty)
-        bb.update_func(gv, _Replace(bb.get(), new_values).visit_expr(folded[gv]))
+        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
     return relax.transform.DeadCodeElimination()(bb.get())
 
 
@@ -331,5 +340,7 @@ def _replacer():
     return Replace
 
 
-def _Replace(mod: Any, new_values: dict[Any, Any]) -> Any:  # noqa: N802 - stands for the class
-    return _replacer()(mod, new_values)
+def replace_bindings(mod: Any, func: Any, new_values: dict[Any, Any]) -> Any:
+    """`func` (a function of `mod`) with each binding whose variable is in `new_values` bound to its new
+    value instead; the bindings that feed only the old values are left for dead-code elimination."""
+    return _replacer()(mod, new_values).visit_expr(func)

@@ -1,0 +1,185 @@
+"""Dense KxK convolutions (StarNet's stem and down-sampling 3x3 stride-2 convs) as one hand-scheduled TVM
+kernel on NCHW, with the bias and an optional ReLU6 fused, and the Relax rewrite ("conv") that puts it in
+place of conv2d [+ bias] [+ ReLU6]. 1x1 stride-1 convs are left to the star op and to TVM.
+
+The kernel first splits the (zero-padded) input by stride phase (space to depth, one pass, the size of
+the input), so that every tap of a tile of output pixels is a contiguous vector; then the [Cout x
+C*KH*KW] GEMM runs on it tile by tile, register-blocked over output channels; im2col is never written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir.star import Matcher, replace_bindings, stacked
+
+PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
+OUT_BLOCK = 6       # output channels accumulated at once: 6 x 2 = 12 vector registers
+
+
+def conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: tuple[int, ...],
+                   relu6: bool = False) -> np.ndarray:
+    """NCHW conv2d (groups 1) of x [N, C, H, W] with w [O, C, KH, KW], pad (top, left, bottom, right)."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    oh, ow = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
+    y = np.zeros((n, o, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            y += np.einsum("oc,ncpq->nopq", w[:, :, i, j], patch)
+    if b is not None:
+        y += b[None, :, None, None]
+    return (np.clip(y, 0, 6) if relu6 else y).astype(np.float32)
+
+
+def conv_primfunc(batch: int | None, channels: int, height: int, width: int, out_channels: int,
+                  kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int, int, int],
+                  relu6: bool) -> Any:
+    """The kernel for x [batch, channels, height, width] (batch None: any batch), w [out_channels,
+    channels*KH*KW] (OIHW flattened), b [out_channels] -> y [batch, out_channels, OH, OW]. Scheduled by hand
+    (`tirx.is_scheduled`): per image, parallel over (pixel tile, channel block); tails by overlapping the
+    last tile / block. NOTE: pixels are computed on the phase grid, WG - OW columns wider than the output
+    (those few are computed and dropped)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    C, H, W, CO = channels, height, width, out_channels
+    KH, KW = kernel
+    SH, SW = stride
+    OH = (H + pad[0] + pad[2] - KH) // SH + 1
+    OW = (W + pad[1] + pad[3] - KW) // SW + 1
+    # The input split by stride phase (space to depth) on a grid of HG x WG: tap (i, j) of output pixel q
+    # (flat on that grid) reads phase (i % SH, j % SW) at q + (i // SH) * WG + j // SW, contiguous in q.
+    HG, WG = OH + (KH - 1) // SH, OW + (KW - 1) // SW
+    K, HW, GRID = C * KH * KW, H * W, OH * WG
+    # Rows at least a tile wide: tiles never cross an output row, so every tile is stored whole (a vector
+    # store); narrower outputs tile the flat grid and store only the pixels inside the output.
+    rows = OW >= PIXELS
+    P = PIXELS if rows else min(PIXELS, GRID)
+    OB = min(OUT_BLOCK, CO)
+    per_row = -(-OW // P)
+    tiles, oblocks = (OH * per_row if rows else -(-GRID // P)), -(-CO // OB)
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    top, left = pad[0], pad[1]
+    lo, hi = (0.0, 6.0) if relu6 else (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
+
+    @T.prim_func
+    def conv(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, (n_img, C, H, W), "float32")
+        w = T.match_buffer(w_h, (CO, K), "float32")
+        b = T.match_buffer(b_h, (CO,), "float32")
+        y = T.match_buffer(y_h, (n_img, CO, OH, OW), "float32")
+        xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
+        yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
+        xs = T.decl_buffer((C * SH * SW * HG * WG + WG,), "float32")
+        for img in range(n_img):
+            for row in T.parallel(C * SH * SW * HG):
+                c: T.let = row // (SH * SW * HG)
+                ph: T.let = row // (SW * HG) % SH
+                pw: T.let = row // HG % SW
+                ih: T.let = row % HG * SH + ph - top
+                for g in range(WG):
+                    iw: T.let = g * SW + pw - left
+                    xs[row * WG + g] = T.if_then_else(0 <= ih and ih < H and 0 <= iw and iw < W,
+                                                      xf[(img * C + c) * HW + ih * W + iw], T.float32(0))
+            for g in range(WG):
+                xs[C * SH * SW * HG * WG + g] = T.float32(0)
+            for task in T.parallel(tiles * oblocks):
+                t: T.let = task // oblocks
+                q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
+                                           T.min(t * P, GRID - P))
+                o0: T.let = T.min(task % oblocks * OB, CO - OB)
+                acc = T.decl_buffer((OB, P), "float32", scope="local")
+                for r in T.unroll(OB):
+                    for p in T.vectorized(P):
+                        acc[r, p] = b[o0 + r]
+                for c in range(C):
+                    for i in T.unroll(KH):
+                        for j in T.unroll(KW):
+                            src: T.let = (((c * SH + i % SH) * SW + j % SW) * HG * WG + q0
+                                          + i // SH * WG + j // SW)
+                            for r in T.unroll(OB):
+                                for p in T.vectorized(P):
+                                    acc[r, p] = acc[r, p] + w[o0 + r, (c * KH + i) * KW + j] * xs[src + p]
+                if rows:
+                    for r in T.unroll(OB):
+                        for p in T.vectorized(P):
+                            yf[((img * CO + o0 + r) * OH + q0 // WG) * OW + q0 % WG + p] = \
+                                T.min(T.max(acc[r, p], T.float32(lo)), T.float32(hi))
+                else:
+                    for r in T.unroll(OB):
+                        for p in range(P):
+                            if (q0 + p) % WG < OW:
+                                yf[((img * CO + o0 + r) * OH + (q0 + p) // WG) * OW + (q0 + p) % WG] = \
+                                    T.min(T.max(acc[r, p], T.float32(lo)), T.float32(hi))
+
+    return conv
+
+
+def _is_dense_kxk(call: Any) -> bool:
+    """A groups-1 conv that is not 1x1 stride 1 without padding (those are GEMMs TVM and the star op own)."""
+    a = call.attrs
+    kh, kw = (int(v) for v in list(call.args[1].ty.shape)[2:])
+    return int(a.groups) == 1 and ((kh, kw) != (1, 1) or tuple(int(v) for v in a.strides) != (1, 1)
+                                   or any(int(v) for v in a.padding))
+
+
+@register("conv")
+def rewrite_conv(mod: Any, ctx: RewriteContext) -> Any:
+    """Every dense KxK conv2d [+ bias] [+ ReLU6] of `mod` as one call of the kernel. CPU (llvm) targets
+    only; None when there is none."""
+    import tvm
+    from tvm import relax
+
+    if ctx.target is None or ctx.target.kind.name != "llvm":
+        return None
+    folded = relax.transform.FoldConstant()(mod)
+    found: dict[Any, dict[Any, tuple[Any, Any, bool]]] = {}
+    for gv, func in folded.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        m = Matcher(func)
+        hits, inner = {}, set()
+        for var in m.value:
+            clipped = m.relu6(var)
+            conv = m.conv_bias(clipped if clipped is not None else var, _is_dense_kxk)
+            if conv is None:
+                continue
+            hits[var] = (*conv, clipped is not None)
+            if clipped is not None:
+                inner.add(clipped)
+            if conv[1] is not None:
+                inner.update(m.definition(clipped if clipped is not None else var).args)
+        hits = {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+        if hits:
+            found[gv] = hits
+    if not found:
+        return None
+    bb = relax.BlockBuilder(folded)
+    kernels: dict[tuple, Any] = {}
+    for gv, hits in found.items():
+        new_values = {}
+        for var, (call, bias, relu6) in hits.items():
+            x, w = call.args
+            n, c, h, wd = x.ty.shape
+            co, _, kh, kw = (int(v) for v in w.ty.shape)
+            a = call.attrs
+            pad = tuple(int(v) for v in a.padding)
+            pad = pad * 2 if len(pad) == 2 else (pad * 4 if len(pad) == 1 else pad)
+            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
+            key = (batch, int(c), int(h), int(wd), co, (kh, kw), tuple(int(v) for v in a.strides), pad, relu6)
+            if key not in kernels:
+                name = (f"conv_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(wd)}_o{co}_k{kh}x{kw}"
+                        f"_s{key[6][0]}{'_relu6' if relu6 else ''}")
+                kernels[key] = bb.add_func(conv_primfunc(*key).with_attr("global_symbol", name), name)
+            k = int(c) * kh * kw
+            args = [x, stacked([w], [co], k), stacked([bias], [co], None)]
+            new_values[var] = relax.call_tir(kernels[key], args, var.ty)
+        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
+    return relax.transform.DeadCodeElimination()(bb.get())

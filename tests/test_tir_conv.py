@@ -1,0 +1,82 @@
+"""The dense KxK convolution kernel (`kernels/tir/conv.py`, StarNet's stem and down-sampling convs): equal to
+its NumPy reference on fresh random inputs at odd sizes, strides and paddings; its rewrite takes conv +
+bias + ReLU6 whole and leaves 1x1 convs alone. Skipped whole when apache-tvm is not installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edgeflex[tvm]'): TVM untested")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from edgeflex.export.tvm_compile import host_target  # noqa: E402
+from edgeflex.kernels.tir import RewriteContext  # noqa: E402
+from edgeflex.kernels.tir.conv import conv_primfunc, conv_reference, rewrite_conv  # noqa: E402
+
+TARGET = tvm.target.Target(host_target())
+
+
+@pytest.mark.parametrize("n,c,h,w,o,k,s,pad,relu6,dynamic", [
+    (1, 3, 40, 70, 5, 3, 2, (1, 1, 1, 1), True, False),     # rows wider than a tile: whole-row tiles
+    (2, 5, 9, 11, 7, 3, 2, (1, 1, 1, 1), False, True),      # narrow output: flat tiles, any batch
+    (1, 4, 13, 13, 9, 5, 3, (2, 1, 0, 2), False, False),    # 5x5 stride 3, uneven padding
+    (1, 6, 8, 8, 3, 3, 1, (0, 0, 0, 0), True, False),       # stride 1, no padding
+])
+def test_kernel_equals_numpy(n, c, h, w, o, k, s, pad, relu6, dynamic) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32) * 3
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    ref = conv_reference(x, wt, b, s, pad, relu6)
+    func = conv_primfunc(None if dynamic else n, c, h, w, o, (k, k), (s, s), pad, relu6)
+    mod = tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")})
+    kernel = tvm.compile(mod, target=TARGET)["conv"]
+    y = tvm.runtime.tensor(np.full(ref.shape, np.nan, np.float32))
+    kernel(*[tvm.runtime.tensor(a) for a in (x, wt.reshape(o, -1), b)], y)
+    assert np.isfinite(y.numpy()).all(), f"seed {seed}: outputs left unwritten"
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                               err_msg=f"seed {seed}")
+
+
+def _module(kernel: int, relu6: bool) -> tuple[tvm.IRModule, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    wt = rng.standard_normal((8, 3, kernel, kernel)).astype(np.float32)
+    b = rng.standard_normal((1, 8, 1, 1)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 3, 17, 17], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(relax.op.nn.conv2d(x, relax.const(wt), strides=2, padding=kernel // 2),
+                                     relax.const(b)))
+            if relu6:
+                y = bb.emit(relax.op.clip(y, 0, 6))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    return bb.get(), wt, b.reshape(-1)
+
+
+def test_rewrite_fuses_bias_and_relu6_and_equals_numpy() -> None:
+    mod, wt, b = _module(3, relu6=True)
+    new = rewrite_conv(mod, RewriteContext(TARGET))
+    text = new["main"].script()
+    assert "conv_1x3x17x17_o8_k3x3_s2_relu6" in text and "R.nn.conv2d" not in text and "R.clip" not in text
+    x = np.random.default_rng().standard_normal((1, 3, 17, 17)).astype(np.float32) * 3
+    y = relax.VirtualMachine(tvm.compile(new, target=TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose(y.numpy(), conv_reference(x, wt, b, 2, (1, 1, 1, 1), relu6=True),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_1x1_convs_are_left_alone() -> None:
+    mod, _, _ = _module(1, relu6=False)                 # 1x1 stride 2 is a dense conv: taken
+    assert rewrite_conv(mod, RewriteContext(TARGET)) is not None
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 3, 5, 5], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(np.ones((4, 3, 1, 1), np.float32))))
+        bb.emit_func_output(out)
+    assert rewrite_conv(bb.get(), RewriteContext(TARGET)) is None
