@@ -307,8 +307,9 @@ def hwcaps() -> list[str]:
 
 def run_cases(spec_path: str) -> dict[str, Any]:
     """Board side of the check: for each case of the JSON spec, open the bundle's TVM engines for the spec's
-    device (first without allow_native, which the trust rule must refuse: they were compiled on another
-    machine), run every config on the case's inputs and save the outputs (`<config>/<i>` in an .npz)."""
+    device with the case's Runtime options (first without allow_native, which the trust rule must refuse:
+    they were compiled on another machine), run every config on the case's inputs and save the outputs
+    (`<config>/<i>` in an .npz)."""
     import numpy as np
     from tvm.target import codegen
 
@@ -320,12 +321,13 @@ def run_cases(spec_path: str) -> dict[str, Any]:
                               "llvm_cpu": str(codegen.llvm_get_system_cpu()), "cases": {}}
     for name, case in spec["cases"].items():
         refused = None
+        opts = {"only": case.get("configs"), **case.get("options", {})}
         try:
-            ef.Runtime(case["bundle"], backend="tvm", device=spec["device"], threads=1)
+            ef.Runtime(case["bundle"], backend="tvm", device=spec["device"], threads=1, **opts)
         except ef.BundleError as e:
             refused = str(e)
         rt = ef.Runtime(case["bundle"], backend="tvm", device=spec["device"], threads=1, allow_native=True,
-                        only=case.get("configs"))
+                        **opts)
         with np.load(case["inputs"]) as z:
             xs = [z[f"x{i}"] for i in range(len(z.files))]
         outs = {}
