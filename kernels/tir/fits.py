@@ -49,9 +49,14 @@ class FitsShape:
 
 
 def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: int | None = None, *,
-                 batch: int | None = None, cores: int = 1, split_one: bool = True) -> FitsShape:
+                 batch: int | None = None, cores: int = 1, split_one: bool = False) -> FitsShape:
     """The tiling this file uses for a shape on a CPU with `cores` cores: at batch > 1 one task per sample
-    (at most MAX_GROUP channels each); at batch 1, with `split_one`, the channels split over the cores."""
+    (at most MAX_GROUP channels each); at batch 1 the same single task (no parallel launch), or with
+    `split_one` the channels split over the cores.
+
+    NOTE: split_one is off because it measured slower here: FITS L=720 C=7 lowrank at batch 1, 12.8 us in
+    one task vs 22.5 us split over the 2 cores of this shared host (load ~2; the second task waits for a
+    core). benchmarks/bench_tir_fits.py times both."""
     if min(seq_len, out_len, channels) < 1 or (rank is not None and rank < 1) or cores < 1:
         raise UsageError(f"FITS kernel shape must be positive: seq_len {seq_len}, out_len {out_len}, "
                          f"channels {channels}, rank {rank}, cores {cores}")
@@ -89,23 +94,40 @@ def fits_primfunc(s: FitsShape) -> Any:
 
     @T.macro
     def tile(A, Bm, out, kdim, j0, nvec, width, b, c0, cb, to_y):
-        acc = T.decl_buffer((cb, nvec, width), "float32", scope="local")
+        # NOTE: the accumulators are two "global" buffers of rows, each under TVM's 1024-byte stack limit, so
+        # they become stack allocas that LLVM keeps in registers. A bigger or "local" buffer becomes a heap
+        # workspace, kept in registers only while LLVM can prove it does not alias the arguments: not once
+        # the entry function is inlined into a VM library with other functions (3x slower there).
+        acc = T.decl_buffer(((cb + 1) // 2, nvec, width), "float32")
+        acc2 = T.decl_buffer((max(1, cb // 2), nvec, width), "float32")
         tmp = T.decl_buffer((cb, nvec * width), "float32")
-        for cc in T.unroll(cb):
+        for cc in T.unroll((cb + 1) // 2):
             for q in T.unroll(nvec):
                 for v in T.vectorized(width):
                     acc[cc, q, v] = T.float32(0)
+                    acc2[T.min(cc, max(1, cb // 2) - 1), q, v] = T.float32(0)
         for k in range(kdim):
-            for cc in T.unroll(cb):
+            for cc in T.unroll((cb + 1) // 2):
                 for q in T.unroll(nvec):
                     for v in T.vectorized(width):
                         acc[cc, q, v] = acc[cc, q, v] + A[k, cc] * Bm[k, j0 + q * width + v]
+            if cb > 1:
+                for cc in T.unroll(cb // 2):
+                    for q in T.unroll(nvec):
+                        for v in T.vectorized(width):
+                            acc2[cc, q, v] = (acc2[cc, q, v]
+                                              + A[k, (cb + 1) // 2 + cc] * Bm[k, j0 + q * width + v])
         # NOTE: through a scratch row-major copy: read back lane by lane, the accumulators would not stay in
         # registers (LLVM's SROA gives up and spills them inside the k loop).
-        for cc in T.unroll(cb):
+        for cc in T.unroll((cb + 1) // 2):
             for q in T.unroll(nvec):
                 for v in T.vectorized(width):
                     tmp[cc, q * width + v] = acc[cc, q, v]
+        if cb > 1:
+            for cc in T.unroll(cb // 2):
+                for q in T.unroll(nvec):
+                    for v in T.vectorized(width):
+                        tmp[(cb + 1) // 2 + cc, q * width + v] = acc2[cc, q, v]
         if to_y:
             for v in range(nvec * width):
                 for cc in T.unroll(cb):
@@ -132,7 +154,7 @@ def fits_primfunc(s: FitsShape) -> Any:
     def task(x, F, W, y, b, c0, cb):
         xa = T.decl_buffer((L, cb), "float32")
         a = T.decl_buffer((K, cb), "float32")
-        st = T.decl_buffer((2, cb), "float32", scope="local")
+        st = T.decl_buffer((2, cb), "float32")
         for cc in T.vectorized(cb):
             st[0, cc] = T.float32(0)
             st[1, cc] = T.float32(0)
