@@ -1,0 +1,181 @@
+"""Depthwise KxK stride-1 convolutions (StarNet's two 7x7 per block) as one hand-scheduled TVM kernel on
+NCHW, bias and an optional residual add fused, and the Relax rewrite ("dwconv") that puts it in place of
+conv2d(groups=C) [+ bias] [+ residual]. Other strides and channel multipliers are left to TVM.
+
+Per channel the kernel copies the plane into a zero-bordered local buffer (so no tap needs a bounds
+check), then accumulates blocks of output rows x a vector of columns in registers, tap by tap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir.star import Matcher, replace_bindings, stacked
+
+COLUMNS = 16        # output columns per vector: one AVX-512 register of float32
+ROW_BLOCK = 8       # output rows accumulated at once: 8 vector registers
+
+
+def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],
+                     residual: np.ndarray | None = None) -> np.ndarray:
+    """Depthwise stride-1 conv of x [N, C, H, W] with w [C, 1, KH, KW], pad (top, left, bottom, right)."""
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2:]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    oh, ow = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    y = np.zeros((n, c, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            y += w[None, :, 0, i, j, None, None] * xp[:, :, i:i + oh, j:j + ow]
+    if b is not None:
+        y += b[None, :, None, None]
+    if residual is not None:
+        y += residual
+    return y.astype(np.float32)
+
+
+def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, kernel: tuple[int, int],
+                    pad: tuple[int, int, int, int], residual: bool) -> Any:
+    """The kernel for x [batch, C, H, W] (batch None: any batch), w [C, KH*KW], b [C] (and with `residual`
+    a tensor shaped like the output, added) -> y [batch, C, OH, OW]. Scheduled by hand
+    (`tirx.is_scheduled`): parallel over (image, channel); the last row block / column vector start early
+    so that they end at the edge (a few outputs computed twice, the same)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    C, H, W = channels, height, width
+    KH, KW = kernel
+    top, left = pad[0], pad[1]
+    HP, WP = H + pad[0] + pad[2], W + pad[1] + pad[3]
+    OH, OW = HP - KH + 1, WP - KW + 1
+    P, RB = min(COLUMNS, OW), min(ROW_BLOCK, OH)
+    col_tiles, row_blocks = -(-OW // P), -(-OH // RB)
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    HW, OHW = H * W, OH * OW
+    # Without a residual the kernel takes a one-element placeholder in its place (never read).
+    res_shape, res_size = ((n_img, C, OH, OW), n_img * C * OHW) if residual else ((1,), 1)
+
+    @T.prim_func
+    def dwconv(x_h: T.handle, w_h: T.handle, b_h: T.handle, r_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, (n_img, C, H, W), "float32")
+        w = T.match_buffer(w_h, (C, KH * KW), "float32")
+        b = T.match_buffer(b_h, (C,), "float32")
+        res = T.match_buffer(r_h, res_shape, "float32")
+        y = T.match_buffer(y_h, (n_img, C, OH, OW), "float32")
+        xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
+        rf = T.decl_buffer((res_size,), "float32", data=res.data)
+        yf = T.decl_buffer((n_img * C * OHW,), "float32", data=y.data)
+        for task in T.parallel(n_img * C):
+            c: T.let = task % C
+            plane = T.decl_buffer((HP * WP,), "float32", scope="local")
+            for q in T.vectorized(HP * WP):
+                plane[q] = T.float32(0)
+            for r in range(H):
+                for s in T.vectorized(W):
+                    plane[(r + top) * WP + left + s] = xf[task * HW + r * W + s]
+            for tile in range(row_blocks * col_tiles):
+                r0: T.let = T.min(tile // col_tiles * RB, OH - RB)
+                s0: T.let = T.min(tile % col_tiles * P, OW - P)
+                acc = T.decl_buffer((RB, P), "float32", scope="local")
+                for r in T.unroll(RB):
+                    for s in T.vectorized(P):
+                        acc[r, s] = b[c]
+                for i in range(KH):
+                    for j in T.unroll(KW):
+                        for r in T.unroll(RB):
+                            for s in T.vectorized(P):
+                                acc[r, s] = acc[r, s] + w[c, i * KW + j] * plane[(r0 + r + i) * WP
+                                                                                 + s0 + j + s]
+                if residual:
+                    for r in T.unroll(RB):
+                        for s in T.vectorized(P):
+                            yf[task * OHW + (r0 + r) * OW + s0 + s] = \
+                                acc[r, s] + rf[task * OHW + (r0 + r) * OW + s0 + s]
+                else:
+                    for r in T.unroll(RB):
+                        for s in T.vectorized(P):
+                            yf[task * OHW + (r0 + r) * OW + s0 + s] = acc[r, s]
+
+    return dwconv
+
+
+def _is_depthwise(call: Any) -> bool:
+    """Groups == input channels == output channels, stride 1."""
+    a = call.attrs
+    c_in, c_out = int(call.args[0].ty.shape[1]), int(call.args[1].ty.shape[0])
+    return (int(a.groups) == c_in == c_out and tuple(int(v) for v in a.strides) == (1, 1)
+            and int(call.args[1].ty.shape[1]) == 1)
+
+
+@register("dwconv")
+def rewrite_dwconv(mod: Any, ctx: RewriteContext) -> Any:
+    """Every depthwise stride-1 conv2d [+ bias] [+ residual add] of `mod` as one call of the kernel. CPU
+    (llvm) targets only; None when there is none."""
+    import tvm
+    from tvm import relax
+
+    from edgeflex.kernels.tir.star import _op_name
+
+    if ctx.target is None or ctx.target.kind.name != "llvm":
+        return None
+    folded = relax.transform.FoldConstant()(mod)
+    found: dict[Any, dict[Any, tuple[Any, Any, Any]]] = {}
+    for gv, func in folded.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        m = Matcher(func)
+        hits, inner = {}, []
+        for var in m.value:
+            conv, resid = m.conv_bias(var, _is_depthwise), None
+            add = m.definition(var)
+            if conv is None and _op_name(add) == "relax.add":
+                for a, r in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+                    conv = m.conv_bias(a, _is_depthwise)
+                    if conv is not None and _same_shape(r, var):
+                        resid = r
+                        inner.append(a)
+                        break
+                    conv = None
+            if conv is None:
+                continue
+            hits[var] = (*conv, resid)
+            if conv[1] is not None:
+                inner.extend(m.definition(inner[-1] if resid is not None else var).args)
+        hits = {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+        if hits:
+            found[gv] = hits
+    if not found:
+        return None
+    bb = relax.BlockBuilder(folded)
+    kernels: dict[tuple, Any] = {}
+    for gv, hits in found.items():
+        new_values = {}
+        for var, (call, bias, resid) in hits.items():
+            x, w = call.args
+            n, c, h, wd = x.ty.shape
+            kh, kw = (int(v) for v in list(w.ty.shape)[2:])
+            pad = tuple(int(v) for v in call.attrs.padding)
+            pad = pad * 2 if len(pad) == 2 else (pad * 4 if len(pad) == 1 else pad)
+            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
+            key = (batch, int(c), int(h), int(wd), (kh, kw), pad, resid is not None)
+            if key not in kernels:
+                name = (f"dwconv_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(wd)}_k{kh}x{kw}"
+                        f"{'_residual' if resid is not None else ''}")
+                kernels[key] = bb.add_func(dwconv_primfunc(*key).with_attr("global_symbol", name), name)
+            args = [x, stacked([w], [int(c)], kh * kw), stacked([bias], [int(c)], None),
+                    resid if resid is not None else relax.const(np.zeros((1,), np.float32))]
+            new_values[var] = relax.call_tir(kernels[key], args, var.ty)
+        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
+    return relax.transform.DeadCodeElimination()(bb.get())
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    """`a` and `b` are tensors of one dtype and the same shape (symbolic dims by name)."""
+    ta, tb = getattr(a, "ty", None), getattr(b, "ty", None)
+    if getattr(ta, "shape", None) is None or getattr(tb, "shape", None) is None:
+        return False
+    return ta.dtype == tb.dtype and str(ta.shape) == str(tb.shape)
