@@ -1,6 +1,7 @@
-"""The dense KxK convolution kernel (`kernels/tir/conv.py`, StarNet's stem and down-sampling convs): equal to
-its NumPy reference on fresh random inputs at odd sizes, strides and paddings; its rewrite takes conv +
-bias + ReLU6 whole and leaves 1x1 convs alone. Skipped whole when apache-tvm is not installed."""
+"""The dense KxK and depthwise convolution kernels (`kernels/tir/conv.py`, `dwconv.py`): each equal to
+its NumPy reference on fresh random inputs at odd sizes, strides and paddings; the rewrites take conv +
+bias + ReLU6 (dense) and conv + bias + residual (depthwise) whole, and leave 1x1 convs alone. Skipped
+whole when apache-tvm is not installed."""
 
 from __future__ import annotations
 
@@ -80,3 +81,52 @@ def test_1x1_convs_are_left_alone() -> None:
             out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(np.ones((4, 3, 1, 1), np.float32))))
         bb.emit_func_output(out)
     assert rewrite_conv(bb.get(), RewriteContext(TARGET)) is None
+
+
+@pytest.mark.parametrize("n,c,h,w,k,pad,residual,dynamic", [
+    (1, 5, 13, 11, 7, (3, 3, 3, 3), True, False),       # StarNet's 7x7 'same', odd plane
+    (2, 3, 4, 3, 7, (3, 3, 3, 3), False, True),         # plane smaller than the kernel, any batch
+    (1, 7, 20, 37, 3, (1, 0, 2, 1), True, False),       # uneven padding, wider than a vector
+])
+def test_depthwise_kernel_equals_numpy(n, c, h, w, k, pad, residual, dynamic) -> None:
+    from edgeflex.kernels.tir.dwconv import dwconv_primfunc, dwconv_reference
+
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    out_shape = dwconv_reference(x, wt, b, pad).shape
+    res = rng.standard_normal(out_shape).astype(np.float32) if residual else np.zeros(1, np.float32)
+    ref = dwconv_reference(x, wt, b, pad, res if residual else None)
+    func = dwconv_primfunc(None if dynamic else n, c, h, w, (k, k), pad, residual)
+    mod = tvm.IRModule({"dw": func.with_attr("global_symbol", "dw")})
+    y = tvm.runtime.tensor(np.full(ref.shape, np.nan, np.float32))
+    args = [tvm.runtime.tensor(a) for a in (x, wt.reshape(c, -1), b, res)]
+    tvm.compile(mod, target=TARGET)["dw"](*args, y)
+    assert np.isfinite(y.numpy()).all(), f"seed {seed}: outputs left unwritten"
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                               err_msg=f"seed {seed}")
+
+
+def test_depthwise_rewrite_fuses_the_residual() -> None:
+    from edgeflex.kernels.tir.dwconv import dwconv_reference, rewrite_dwconv
+
+    rng = np.random.default_rng(5)
+    wt = rng.standard_normal((4, 1, 7, 7)).astype(np.float32)
+    b = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 4, 9, 9], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(relax.op.nn.conv2d(x, relax.const(wt), padding=3, groups=4),
+                                     relax.const(b)))
+            out = bb.emit_output(relax.op.add(x, y))
+        bb.emit_func_output(out)
+    new = rewrite_dwconv(bb.get(), RewriteContext(TARGET))
+    text = new["main"].script()
+    assert "dwconv_1x4x9x9_k7x7_residual" in text and "R.add" not in text and "R.nn.conv2d" not in text
+    xs = rng.standard_normal((1, 4, 9, 9)).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(new, target=TARGET), tvm.cpu())["main"](tvm.runtime.tensor(xs))
+    np.testing.assert_allclose(got.numpy(), dwconv_reference(xs, wt, b.reshape(-1), (3,) * 4, xs),
+                               rtol=1e-4, atol=1e-4)
