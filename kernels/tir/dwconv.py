@@ -3,7 +3,8 @@ NCHW, bias and an optional residual add fused, and the Relax rewrite ("dwconv") 
 conv2d(groups=C) [+ bias] [+ residual]. Other strides and channel multipliers are left to TVM.
 
 Per channel the kernel copies the plane into a zero-bordered local buffer (so no tap needs a bounds
-check), then accumulates blocks of output rows x a vector of columns in registers, tap by tap.
+check), then accumulates blocks of vectors of output pixels in registers, tap by tap, on the padded
+plane's grid (every tap a full contiguous vector, narrow planes included).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 from edgeflex.kernels.tir import RewriteContext, register
 from edgeflex.kernels.tir.star import Matcher, replace_bindings, stacked
 
-COLUMNS = 16        # output columns per vector: one AVX-512 register of float32
-ROW_BLOCK = 8       # output rows accumulated at once: 8 vector registers
+VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
+BLOCK = 8           # vectors accumulated at once: 8 registers
 
 
 def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],
@@ -41,8 +42,8 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
                     pad: tuple[int, int, int, int], residual: bool) -> Any:
     """The kernel for x [batch, C, H, W] (batch None: any batch), w [C, KH*KW], b [C] (and with `residual`
     a tensor shaped like the output, added) -> y [batch, C, OH, OW]. Scheduled by hand
-    (`tirx.is_scheduled`): parallel over (image, channel); the last row block / column vector start early
-    so that they end at the edge (a few outputs computed twice, the same)."""
+    (`tirx.is_scheduled`): parallel over (image, channel); the last block starts early so that it ends at
+    the edge (a few outputs computed twice, the same)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -51,8 +52,14 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
     top, left = pad[0], pad[1]
     HP, WP = H + pad[0] + pad[2], W + pad[1] + pad[3]
     OH, OW = HP - KH + 1, WP - KW + 1
-    P, RB = min(COLUMNS, OW), min(ROW_BLOCK, OH)
-    col_tiles, row_blocks = -(-OW // P), -(-OH // RB)
+    # Outputs are computed on the padded plane's grid (row pitch WP, the last WP - OW columns of each row
+    # dropped): tap (i, j) of grid pixel q reads plane[q + i * WP + j], so every tap is a full vector.
+    GRID = OH * WP
+    P = min(VECTOR, GRID)
+    vectors = GRID // P                             # the last block overlaps, so whole vectors only
+    # the block size (<= BLOCK vectors) that covers the grid with the fewest vectors computed
+    RB = min(range(min(BLOCK, vectors), 0, -1), key=lambda rb: -(-(-(-GRID // P)) // rb) * rb)
+    blocks = -(-GRID // (RB * P))
     n_img = tirx.Var("n", "int64") if batch is None else batch
     HW, OHW = H * W, OH * OW
     # Without a residual the kernel takes a one-element placeholder in its place (never read).
@@ -71,15 +78,15 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
         yf = T.decl_buffer((n_img * C * OHW,), "float32", data=y.data)
         for task in T.parallel(n_img * C):
             c: T.let = task % C
-            plane = T.decl_buffer((HP * WP,), "float32", scope="local")
-            for q in T.vectorized(HP * WP):
+            plane = T.decl_buffer((HP * WP + KW,), "float32", scope="local")
+            grid = T.decl_buffer((GRID,), "float32", scope="local")
+            for q in T.vectorized(HP * WP + KW):
                 plane[q] = T.float32(0)
             for r in range(H):
                 for s in T.vectorized(W):
                     plane[(r + top) * WP + left + s] = xf[task * HW + r * W + s]
-            for tile in range(row_blocks * col_tiles):
-                r0: T.let = T.min(tile // col_tiles * RB, OH - RB)
-                s0: T.let = T.min(tile % col_tiles * P, OW - P)
+            for blk in range(blocks):
+                q0: T.let = T.min(blk * RB * P, GRID - RB * P)
                 acc = T.decl_buffer((RB, P), "float32", scope="local")
                 for r in T.unroll(RB):
                     for s in T.vectorized(P):
@@ -88,17 +95,16 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
                     for j in T.unroll(KW):
                         for r in T.unroll(RB):
                             for s in T.vectorized(P):
-                                acc[r, s] = acc[r, s] + w[c, i * KW + j] * plane[(r0 + r + i) * WP
-                                                                                 + s0 + j + s]
-                if residual:
-                    for r in T.unroll(RB):
-                        for s in T.vectorized(P):
-                            yf[task * OHW + (r0 + r) * OW + s0 + s] = \
-                                acc[r, s] + rf[task * OHW + (r0 + r) * OW + s0 + s]
-                else:
-                    for r in T.unroll(RB):
-                        for s in T.vectorized(P):
-                            yf[task * OHW + (r0 + r) * OW + s0 + s] = acc[r, s]
+                                acc[r, s] = acc[r, s] + w[c, i * KW + j] * plane[q0 + r * P + s + i * WP + j]
+                for r in T.unroll(RB):
+                    for s in T.vectorized(P):
+                        grid[q0 + r * P + s] = acc[r, s]
+            for r in range(OH):
+                for s in T.vectorized(OW):
+                    if residual:
+                        yf[task * OHW + r * OW + s] = grid[r * WP + s] + rf[task * OHW + r * OW + s]
+                    else:
+                        yf[task * OHW + r * OW + s] = grid[r * WP + s]
 
     return dwconv
 
