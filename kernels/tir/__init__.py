@@ -47,7 +47,7 @@ def _load_all() -> None:
     """Import the kernel modules so their rewrites register (each is optional until it exists)."""
     import importlib
 
-    for mod in ("fits", "rowsparse", "star", "conv", "dwconv"):
+    for mod in ("fits", "rowsparse", "star", "conv", "dwconv", "dense"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

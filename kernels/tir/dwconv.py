@@ -58,7 +58,8 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
     P = min(VECTOR, GRID)
     vectors = GRID // P                             # the last block overlaps, so whole vectors only
     # the block size (<= BLOCK vectors) that covers the grid with the fewest vectors computed
-    RB = min(range(min(BLOCK, vectors), 0, -1), key=lambda rb: -(-(-(-GRID // P)) // rb) * rb)
+    needed = -(-GRID // P)
+    RB = min(range(min(BLOCK, vectors), 0, -1), key=lambda rb: -(-needed // rb) * rb)
     blocks = -(-GRID // (RB * P))
     n_img = tirx.Var("n", "int64") if batch is None else batch
     HW, OHW = H * W, OH * OW
