@@ -54,9 +54,9 @@ def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: in
     (at most MAX_GROUP channels each); at batch 1 the same single task (no parallel launch), or with
     `split_one` the channels split over the cores.
 
-    NOTE: split_one is off because it measured slower here: FITS L=720 C=7 lowrank at batch 1, 12.8 us in
-    one task vs 22.5 us split over the 2 cores of this shared host (load ~2; the second task waits for a
-    core). benchmarks/bench_tir_fits.py times both."""
+    NOTE: split_one is off because it measured slower here: FITS L=720 C=7 lowrank at batch 1, 13.4 us in
+    one task vs 23.3 us split over the 2 cores of this shared host, whose other core is mostly busy with
+    other processes (benchmarks/bench_tir_fits.py times both). With free cores the split may win."""
     if min(seq_len, out_len, channels) < 1 or (rank is not None and rank < 1) or cores < 1:
         raise UsageError(f"FITS kernel shape must be positive: seq_len {seq_len}, out_len {out_len}, "
                          f"channels {channels}, rank {rank}, cores {cores}")
@@ -76,10 +76,11 @@ def fits_primfunc(s: FitsShape) -> Any:
     One task per (sample, channel group), run in parallel: copy the group's channels of the sample into a
     [seq_len, group] scratch, mean and population variance per channel, centre; low-rank form: the first GEMM
     into [rank, group]; then the last GEMM with two extra rows holding rho = sqrt(var + eps) and the mean (the
-    de-normalisation rides in the GEMM, as in the ONNX graph), written once to y. GEMM tiles: `group` rows x
-    `vectors` AVX-512 registers of columns, accumulated in registers over the whole inner dimension; the
-    column tail is one narrower tile. A last group with fewer channels repeats the last channel and does
-    not store it."""
+    de-normalisation rides in the GEMM, as in the ONNX graph), written once to y. GEMM tiles: the group's
+    rows x up to 6 AVX-512 registers of columns (`_vectors`), accumulated in registers over the whole inner
+    dimension; the column tail is a tile ending at the edge (`_column_tiles`). A last group with fewer
+    channels repeats the last channel and does not store it. Batch 1 with one group runs without a
+    parallel launch; `batch` None: the batch is a runtime value (one library for every batch)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
