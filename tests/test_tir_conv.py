@@ -64,7 +64,8 @@ def test_rewrite_fuses_bias_and_relu6_and_equals_numpy() -> None:
     mod, wt, b = _module(3, relu6=True)
     new = rewrite_conv(mod, RewriteContext(TARGET))
     text = new["main"].script()
-    assert "conv_1x3x17x17_o8_k3x3_s2_relu6" in text and "R.nn.conv2d" not in text and "R.clip" not in text
+    assert "conv_1x3x17x17_o8_k3x3_s2x2_p1-1-1-1_relu6" in text
+    assert "R.nn.conv2d" not in text and "R.clip" not in text
     x = np.random.default_rng().standard_normal((1, 3, 17, 17)).astype(np.float32) * 3
     y = relax.VirtualMachine(tvm.compile(new, target=TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x))
     np.testing.assert_allclose(y.numpy(), conv_reference(x, wt, b, 2, (1, 1, 1, 1), relu6=True),
@@ -125,7 +126,8 @@ def test_depthwise_rewrite_fuses_the_residual() -> None:
         bb.emit_func_output(out)
     new = rewrite_dwconv(bb.get(), RewriteContext(TARGET))
     text = new["main"].script()
-    assert "dwconv_1x4x9x9_k7x7_residual" in text and "R.add" not in text and "R.nn.conv2d" not in text
+    assert "dwconv_1x4x9x9_k7x7_p3-3-3-3_residual" in text
+    assert "R.add" not in text and "R.nn.conv2d" not in text
     xs = rng.standard_normal((1, 4, 9, 9)).astype(np.float32)
     got = relax.VirtualMachine(tvm.compile(new, target=TARGET), tvm.cpu())["main"](tvm.runtime.tensor(xs))
     np.testing.assert_allclose(got.numpy(), dwconv_reference(xs, wt, b.reshape(-1), (3,) * 4, xs),

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.star import Matcher, replace_bindings, stacked
+from edgeflex.kernels.tir.match import Matcher, batch_of, padding4, rewrite_matches, stacked
 
 PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
 OUT_BLOCK = 6       # output channels accumulated at once: 6 x 2 = 12 vector registers
@@ -134,52 +134,35 @@ def _is_dense_kxk(call: Any) -> bool:
 def rewrite_conv(mod: Any, ctx: RewriteContext) -> Any:
     """Every dense KxK conv2d [+ bias] [+ ReLU6] of `mod` as one call of the kernel. CPU (llvm) targets
     only; None when there is none."""
-    import tvm
-    from tvm import relax
+    return rewrite_matches(mod, ctx, _find, _lower)
 
-    if ctx.target is None or ctx.target.kind.name != "llvm":
-        return None
-    folded = relax.transform.FoldConstant()(mod)
-    found: dict[Any, dict[Any, tuple[Any, Any, bool]]] = {}
-    for gv, func in folded.functions.items():
-        if not isinstance(func, relax.Function):
+
+def _find(func: Any) -> dict[Any, tuple[Any, Any, bool]]:
+    """{variable: (conv2d call, bias or None, ReLU6 fused)}, the outermost match of each conv."""
+    m = Matcher(func)
+    hits, inner = {}, set()
+    for var in m.value:
+        clipped = m.relu6(var)
+        conv = m.conv_bias(clipped if clipped is not None else var, _is_dense_kxk)
+        if conv is None:
             continue
-        m = Matcher(func)
-        hits, inner = {}, set()
-        for var in m.value:
-            clipped = m.relu6(var)
-            conv = m.conv_bias(clipped if clipped is not None else var, _is_dense_kxk)
-            if conv is None:
-                continue
-            hits[var] = (*conv, clipped is not None)
-            if clipped is not None:
-                inner.add(clipped)
-            if conv[1] is not None:
-                inner.update(m.definition(clipped if clipped is not None else var).args)
-        hits = {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
-        if hits:
-            found[gv] = hits
-    if not found:
-        return None
-    bb = relax.BlockBuilder(folded)
-    kernels: dict[tuple, Any] = {}
-    for gv, hits in found.items():
-        new_values = {}
-        for var, (call, bias, relu6) in hits.items():
-            x, w = call.args
-            n, c, h, wd = x.ty.shape
-            co, _, kh, kw = (int(v) for v in w.ty.shape)
-            a = call.attrs
-            pad = tuple(int(v) for v in a.padding)
-            pad = pad * 2 if len(pad) == 2 else (pad * 4 if len(pad) == 1 else pad)
-            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
-            key = (batch, int(c), int(h), int(wd), co, (kh, kw), tuple(int(v) for v in a.strides), pad, relu6)
-            if key not in kernels:
-                name = (f"conv_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(wd)}_o{co}_k{kh}x{kw}"
-                        f"_s{key[6][0]}{'_relu6' if relu6 else ''}")
-                kernels[key] = bb.add_func(conv_primfunc(*key).with_attr("global_symbol", name), name)
-            k = int(c) * kh * kw
-            args = [x, stacked([w], [co], k), stacked([bias], [co], None)]
-            new_values[var] = relax.call_tir(kernels[key], args, var.ty)
-        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
-    return relax.transform.DeadCodeElimination()(bb.get())
+        hits[var] = (*conv, clipped is not None)
+        if clipped is not None:
+            inner.add(clipped)
+        if conv[1] is not None:
+            inner.update(m.definition(clipped if clipped is not None else var).args)
+    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+
+
+def _lower(var: Any, hit: tuple[Any, Any, bool]) -> tuple[str, Any, list[Any]]:
+    call, bias, relu6 = hit
+    x, w = call.args
+    batch = batch_of(x.ty.shape)
+    c, h, wd = (int(v) for v in list(x.ty.shape)[1:])
+    co, _, kh, kw = (int(v) for v in w.ty.shape)
+    stride = tuple(int(v) for v in call.attrs.strides)
+    pad = padding4(call.attrs.padding)
+    name = (f"conv_{'n' if batch is None else batch}x{c}x{h}x{wd}_o{co}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
+            f"_p{'-'.join(map(str, pad))}{'_relu6' if relu6 else ''}")
+    args = [x, stacked([w], [co], c * kh * kw), stacked([bias], [co], None)]
+    return name, lambda: conv_primfunc(batch, c, h, wd, co, (kh, kw), stride, pad, relu6), args

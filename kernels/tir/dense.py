@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.star import Matcher, _op_name, replace_bindings, stacked
+from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, rewrite_matches, stacked, static
 
 VECTOR = 16         # outputs per vector: one AVX-512 register of float32
 BLOCK = 8           # vectors accumulated at once
@@ -66,74 +66,53 @@ def dense_primfunc(batch: int | None, depth: int, outputs: int) -> Any:
 
 def _matmul(m: Matcher, expr: Any) -> tuple[Any, Any] | None:
     """(x, w) when `expr` is matmul(x [N, K], w [K, O]) in float32 with a static w."""
-    from edgeflex.kernels.tir.star import _static
-
     call = m.definition(expr)
-    if _op_name(call) != "relax.matmul":
+    if op_name(call) != "relax.matmul":
         return None
     x, w = call.args
     tx, tw = getattr(x, "ty", None), getattr(w, "ty", None)
     if tx is None or tw is None or tx.ndim != 2 or tw.ndim != 2 or tx.dtype != "float32" \
-            or tw.dtype != "float32" or not _static(tw.shape) or not _static(list(tx.shape)[1:]) \
+            or tw.dtype != "float32" or not static(tw.shape) or not static(list(tx.shape)[1:]) \
             or int(tx.shape[1]) != int(tw.shape[0]) or call.attrs.out_dtype not in ("", "float32", None):
         return None
     return x, w
 
 
 def _bias(b: Any, outputs: int) -> bool:
-    from edgeflex.kernels.tir.star import _static
-
     ty = getattr(b, "ty", None)
-    return (ty is not None and getattr(ty, "shape", None) is not None and _static(ty.shape)
+    return (ty is not None and getattr(ty, "shape", None) is not None and static(ty.shape)
             and ty.dtype == "float32" and [int(v) for v in ty.shape] in ([outputs], [1, outputs]))
 
 
 @register("dense")
 def rewrite_dense(mod: Any, ctx: RewriteContext) -> Any:
-    """Every 2-D matmul with a static [K, O] weight [+ bias] of `mod` as one call of the kernel. CPU (llvm)
-    targets only; None when there is none."""
-    import tvm
-    from tvm import relax
+    """Every 2-D matmul with a [K, O] weight of static shape [+ bias] of `mod` as one call of the kernel. CPU
+    (llvm) targets only; None when there is none."""
+    return rewrite_matches(mod, ctx, _find, _lower)
 
-    if ctx.target is None or ctx.target.kind.name != "llvm":
-        return None
-    folded = relax.transform.FoldConstant()(mod)
-    found: dict[Any, dict[Any, tuple[Any, Any, Any]]] = {}
-    for gv, func in folded.functions.items():
-        if not isinstance(func, relax.Function):
-            continue
-        m = Matcher(func)
-        hits, inner = {}, []
-        for var in m.value:
-            mm, bias, call = _matmul(m, var), None, m.definition(var)
-            if mm is None and _op_name(call) == "relax.add":
-                for a, b in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-                    mm = _matmul(m, a)
-                    if mm is not None and _bias(b, int(mm[1].ty.shape[1])):
-                        bias = b
-                        inner.append(a)
-                        break
-                    mm = None
-            if mm is not None:
-                hits[var] = (*mm, bias)
-        hits = {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
-        if hits:
-            found[gv] = hits
-    if not found:
-        return None
-    bb = relax.BlockBuilder(folded)
-    kernels: dict[tuple, Any] = {}
-    for gv, hits in found.items():
-        new_values = {}
-        for var, (x, w, bias) in hits.items():
-            n = x.ty.shape[0]
-            k, o = (int(v) for v in w.ty.shape)
-            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
-            key = (batch, k, o)
-            if key not in kernels:
-                name = f"dense_{'n' if batch is None else batch}x{k}_o{o}"
-                kernels[key] = bb.add_func(dense_primfunc(*key).with_attr("global_symbol", name), name)
-            args = [x, w, stacked([bias], [o], None)]
-            new_values[var] = relax.call_tir(kernels[key], args, var.ty)
-        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
-    return relax.transform.DeadCodeElimination()(bb.get())
+
+def _find(func: Any) -> dict[Any, tuple[Any, Any, Any]]:
+    """{variable: (x, w, bias or None)}, the bias add taken in when there is one."""
+    m = Matcher(func)
+    hits, inner = {}, []
+    for var in m.value:
+        mm, bias, call = _matmul(m, var), None, m.definition(var)
+        if mm is None and op_name(call) == "relax.add":
+            for a, b in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                mm = _matmul(m, a)
+                if mm is not None and _bias(b, int(mm[1].ty.shape[1])):
+                    bias = b
+                    inner.append(a)
+                    break
+                mm = None
+        if mm is not None:
+            hits[var] = (*mm, bias)
+    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+
+
+def _lower(var: Any, hit: tuple[Any, Any, Any]) -> tuple[str, Any, list[Any]]:
+    x, w, bias = hit
+    batch = batch_of(x.ty.shape)
+    k, o = (int(v) for v in w.ty.shape)
+    name = f"dense_{'n' if batch is None else batch}x{k}_o{o}"
+    return name, lambda: dense_primfunc(batch, k, o), [x, w, stacked([bias], [o], None)]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.star import Matcher, replace_bindings, stacked
+from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, padding4, rewrite_matches, stacked
 
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
 BLOCK = 8           # vectors accumulated at once: 8 registers
@@ -122,62 +122,50 @@ def _is_depthwise(call: Any) -> bool:
 def rewrite_dwconv(mod: Any, ctx: RewriteContext) -> Any:
     """Every depthwise stride-1 conv2d [+ bias] [+ residual add] of `mod` as one call of the kernel. CPU
     (llvm) targets only; None when there is none."""
-    import tvm
+    return rewrite_matches(mod, ctx, _find, _lower)
+
+
+def _find(func: Any) -> dict[Any, tuple[Any, Any, Any]]:
+    """{variable: (conv2d call, bias or None, residual or None)}, the outermost match of each conv."""
+    m = Matcher(func)
+    hits, inner = {}, []
+    for var in m.value:
+        conv, resid = m.conv_bias(var, _is_depthwise), None
+        add = m.definition(var)
+        if conv is None and op_name(add) == "relax.add":
+            for a, r in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+                conv = m.conv_bias(a, _is_depthwise)
+                if conv is not None and _same_shape(r, var):
+                    resid = r
+                    inner.append(a)
+                    break
+                conv = None
+        if conv is None:
+            continue
+        hits[var] = (*conv, resid)
+        if conv[1] is not None:
+            inner.extend(m.definition(inner[-1] if resid is not None else var).args)
+    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+
+
+def _lower(var: Any, hit: tuple[Any, Any, Any]) -> tuple[str, Any, list[Any]]:
+    call, bias, resid = hit
+    x, w = call.args
+    batch = batch_of(x.ty.shape)
+    c, h, wd = (int(v) for v in list(x.ty.shape)[1:])
+    kh, kw = (int(v) for v in list(w.ty.shape)[2:])
+    pad = padding4(call.attrs.padding)
+    name = (f"dwconv_{'n' if batch is None else batch}x{c}x{h}x{wd}_k{kh}x{kw}_p{'-'.join(map(str, pad))}"
+            f"{'_residual' if resid is not None else ''}")
+    args = [x, stacked([w], [c], kh * kw), stacked([bias], [c], None),
+            resid if resid is not None else _placeholder()]
+    return name, lambda: dwconv_primfunc(batch, c, h, wd, (kh, kw), pad, resid is not None), args
+
+
+def _placeholder() -> Any:
     from tvm import relax
 
-    from edgeflex.kernels.tir.star import _op_name
-
-    if ctx.target is None or ctx.target.kind.name != "llvm":
-        return None
-    folded = relax.transform.FoldConstant()(mod)
-    found: dict[Any, dict[Any, tuple[Any, Any, Any]]] = {}
-    for gv, func in folded.functions.items():
-        if not isinstance(func, relax.Function):
-            continue
-        m = Matcher(func)
-        hits, inner = {}, []
-        for var in m.value:
-            conv, resid = m.conv_bias(var, _is_depthwise), None
-            add = m.definition(var)
-            if conv is None and _op_name(add) == "relax.add":
-                for a, r in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
-                    conv = m.conv_bias(a, _is_depthwise)
-                    if conv is not None and _same_shape(r, var):
-                        resid = r
-                        inner.append(a)
-                        break
-                    conv = None
-            if conv is None:
-                continue
-            hits[var] = (*conv, resid)
-            if conv[1] is not None:
-                inner.extend(m.definition(inner[-1] if resid is not None else var).args)
-        hits = {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
-        if hits:
-            found[gv] = hits
-    if not found:
-        return None
-    bb = relax.BlockBuilder(folded)
-    kernels: dict[tuple, Any] = {}
-    for gv, hits in found.items():
-        new_values = {}
-        for var, (call, bias, resid) in hits.items():
-            x, w = call.args
-            n, c, h, wd = x.ty.shape
-            kh, kw = (int(v) for v in list(w.ty.shape)[2:])
-            pad = tuple(int(v) for v in call.attrs.padding)
-            pad = pad * 2 if len(pad) == 2 else (pad * 4 if len(pad) == 1 else pad)
-            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
-            key = (batch, int(c), int(h), int(wd), (kh, kw), pad, resid is not None)
-            if key not in kernels:
-                name = (f"dwconv_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(wd)}_k{kh}x{kw}"
-                        f"{'_residual' if resid is not None else ''}")
-                kernels[key] = bb.add_func(dwconv_primfunc(*key).with_attr("global_symbol", name), name)
-            args = [x, stacked([w], [int(c)], kh * kw), stacked([bias], [int(c)], None),
-                    resid if resid is not None else relax.const(np.zeros((1,), np.float32))]
-            new_values[var] = relax.call_tir(kernels[key], args, var.ty)
-        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
-    return relax.transform.DeadCodeElimination()(bb.get())
+    return relax.const(np.zeros((1,), np.float32))
 
 
 def _same_shape(a: Any, b: Any) -> bool:

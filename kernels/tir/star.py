@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, rewrite_matches, stacked, static
 
 PIXELS = 32         # pixels per tile: two AVX-512 vectors of float32
 HIDDEN_BLOCK = 4    # rows of f1 (and as many of f2) accumulated at once: 2 x 4 x 2 = 16 vector registers
@@ -116,107 +117,14 @@ class StarMatch:
     bg: Any
 
 
-def _op_name(expr: Any) -> str:
-    import tvm
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return str(expr.op.name)
-    return ""
-
-
-def _scalar(expr: Any) -> float | None:
-    import tvm
-
-    if isinstance(expr, tvm.ir.Constant) and expr.value.numpy().size == 1:
-        return float(expr.value.numpy().reshape(()))
-    return None
-
-
-class Matcher:
-    """Walks one Relax function's bindings back from each 1x1 conv: conv(g) [+ bias] <- multiply <- (clip
-    to [0, 6] <- conv(f1) [+ bias], conv(f2) [+ bias]), f1 and f2 reading the same tensor."""
-
-    def __init__(self, func: Any):
-        from tvm import relax
-
-        self.value: dict[Any, Any] = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding):
-                    self.value[b.var] = b.value
-
-    def definition(self, expr: Any) -> Any:
-        """The value bound to `expr` if it is a variable of this function, else `expr`."""
-        return self.value.get(expr, expr)
-
-    def conv_bias(self, expr: Any, accept: Any) -> tuple[Any, Any] | None:
-        """(conv2d call, bias or None) when `expr` is a float32 NCHW/OIHW conv2d with static weight shape
-        that `accept(call)` takes, optionally + a per-channel bias."""
-        call, bias = self.definition(expr), None
-        if _op_name(call) == "relax.add":
-            for conv, b in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-                if _op_name(self.definition(conv)) == "relax.nn.conv2d" and self._channel_vector(b, conv):
-                    call, bias = self.definition(conv), b
-                    break
-            else:
-                return None
-        if _op_name(call) != "relax.nn.conv2d":
-            return None
-        a, w = call.attrs, call.args[1].ty
-        if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
-                or w.dtype != "float32" or call.args[0].ty.dtype != "float32" or not _static(w.shape)
-                or tuple(int(v) for v in a.dilation) != (1, 1) or not accept(call)):
-            return None
-        return call, bias
+class StarMatcher(Matcher):
+    """Walks back from each 1x1 conv: conv(g) [+ bias] <- multiply <- (clip to [0, 6] <- conv(f1) [+ bias],
+    conv(f2) [+ bias]), f1 and f2 reading the same tensor."""
 
     def _conv1x1(self, expr: Any) -> tuple[Any, Any, Any] | None:
         """(input, weight, bias or None) when `expr` is a 1x1 stride-1 dense conv2d, optionally + bias."""
         found = self.conv_bias(expr, _is_1x1)
         return None if found is None else (found[0].args[0], found[0].args[1], found[1])
-
-    def _channel_vector(self, b: Any, conv: Any) -> bool:
-        """`b` is a per-output-channel bias of `conv`: shape (1, K, 1, 1) or (K, 1, 1)."""
-        ty, out = getattr(b, "ty", None), getattr(conv, "ty", None)
-        if ty is None or out is None or not _static(getattr(ty, "shape", None)) or out.ndim != 4 \
-                or not _static(list(out.shape)[1:2]):
-            return False
-        shape, k = [int(v) for v in ty.shape], int(out.shape[1])
-        return ty.dtype == "float32" and shape in ([1, k, 1, 1], [k, 1, 1])
-
-    def relu6(self, expr: Any) -> Any:
-        """The tensor clipped to [0, 6] by `expr` (clip, or max then min in either order), else None."""
-        call = self.definition(expr)
-        if _op_name(call) == "relax.clip":
-            lo, hi = (_scalar(a) if not hasattr(a, "value") else float(a.value) for a in call.args[1:3])
-            return call.args[0] if (lo, hi) == (0.0, 6.0) else None
-        bounds, inner = {}, call
-        for _ in range(2):
-            kind, arg, bound = self._minmax(inner)
-            if kind is None or kind in bounds:
-                return None
-            bounds[kind], inner = bound, arg
-        return inner if bounds == {"maximum": 0.0, "minimum": 6.0} else None
-
-    def _minmax(self, expr: Any) -> tuple[str | None, Any, float | None]:
-        """("maximum" | "minimum", tensor, scalar bound) for R.maximum / R.minimum or their legalized
-        call_tir (the ONNX importer's Clip), else (None, None, None)."""
-        call = self.definition(expr)
-        name = _op_name(call)
-        if name in ("relax.maximum", "relax.minimum"):
-            kind, args = name.split(".")[1], list(call.args)
-        elif name == "relax.call_tir":
-            kind = str(call.args[0].name_hint).rstrip("0123456789")
-            args = list(call.args[1].fields)
-            if kind not in ("maximum", "minimum") or len(args) != 2:
-                return None, None, None
-        else:
-            return None, None, None
-        for t, s in ((args[0], args[1]), (args[1], args[0])):
-            bound = _scalar(s)
-            if bound is not None:
-                return kind, t, bound
-        return None, None, None
 
     def match(self, var: Any) -> StarMatch | None:
         g = self._conv1x1(var)
@@ -224,7 +132,7 @@ class Matcher:
             return None
         prod, wg, bg = g
         mul = self.definition(prod)
-        if _op_name(mul) != "relax.multiply":
+        if op_name(mul) != "relax.multiply":
             return None
         for left, right in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
             clipped = self.relu6(left)
@@ -233,7 +141,7 @@ class Matcher:
             if f1 is None or f2 is None or not f1[0].same_as(f2[0]):
                 continue
             (x, w1, b1), (_, w2, b2) = f1, f2
-            if not _static(list(x.ty.shape)[1:]) or int(w1.ty.shape[0]) != int(w2.ty.shape[0]):
+            if not static(list(x.ty.shape)[1:]) or int(w1.ty.shape[0]) != int(w2.ty.shape[0]):
                 continue
             return StarMatch(var, x, w1, b1, w2, b2, wg, bg)
         return None
@@ -245,102 +153,29 @@ def _is_1x1(call: Any) -> bool:
             and int(a.groups) == 1 and [int(v) for v in call.args[1].ty.shape][2:] == [1, 1])
 
 
-def _static(shape: Any) -> bool:
-    from tvm import tirx
-
-    return shape is not None and all(isinstance(v, tirx.IntImm) for v in shape)
-
-
 def find_star_ops(func: Any) -> list[StarMatch]:
     """Every star op in a Relax function, in binding order."""
     from tvm import relax
 
-    m = Matcher(func)
+    m = StarMatcher(func)
     found = [s for v in m.value if isinstance(v, relax.Var) and (s := m.match(v)) is not None]
     # g's conv alone matches too when a bias add follows it: keep the match that takes the bias in.
     inner = {a for s in found if s.bg is not None for a in m.definition(s.out).args}
     return [s for s in found if not any(s.out.same_as(a) for a in inner)]
 
 
-def stacked(parts: list[Any], rows: list[int], cols: int | None) -> Any:
-    """The weights (or biases, cols None) of `parts` as one [sum(rows), cols] (or [sum(rows)]) tensor: a new
-    constant when every part is one (folded at compile time), else Relax ops run in the graph."""
-    import tvm
-    from tvm import relax
-
-    def shape(r: int) -> list[int]:
-        return [r] if cols is None else [r, cols]
-
-    if all(p is None or isinstance(p, tvm.ir.Constant) for p in parts):
-        arrays = [np.zeros(shape(r), np.float32) if p is None else p.value.numpy().reshape(shape(r))
-                  for p, r in zip(parts, rows)]
-        return relax.const(np.ascontiguousarray(np.concatenate(arrays)), "float32")
-    exprs = [relax.const(np.zeros(shape(r), np.float32)) if p is None else relax.op.reshape(p, shape(r))
-             for p, r in zip(parts, rows)]
-    return exprs[0] if len(exprs) == 1 else relax.op.concat(exprs, axis=0)
-
-
 @register("star")
 def rewrite_star(mod: Any, ctx: RewriteContext) -> Any:
     """Every StarNet star op of `mod` (1x1 f1, f2, ReLU6 * , 1x1 g, biases) as one call of the fused kernel.
     CPU (llvm) targets only; None when the module has no star op."""
-    import tvm
-    from tvm import relax
-
-    if ctx.target is None or ctx.target.kind.name != "llvm":
-        return None
-    folded = relax.transform.FoldConstant()(mod)
-    found = {gv: find_star_ops(f) for gv, f in folded.functions.items() if isinstance(f, relax.Function)}
-    if not any(found.values()):
-        return None
-    bb = relax.BlockBuilder(folded)
-    kernels: dict[tuple, Any] = {}
-    for gv, matches in found.items():
-        if not matches:
-            continue
-        new_values = {}
-        for s in matches:
-            n, c, h, w = s.x.ty.shape
-            r, co = int(s.w1.ty.shape[0]), int(s.wg.ty.shape[0])
-            batch = int(n) if isinstance(n, tvm.tirx.IntImm) else None
-            key = (batch, int(c), r, co, int(h), int(w))
-            if key not in kernels:
-                name = f"star_{'n' if batch is None else batch}x{int(c)}x{int(h)}x{int(w)}_r{r}_o{co}"
-                kernels[key] = bb.add_func(star_primfunc(*key).with_attr("global_symbol", name), name)
-            args = [s.x, stacked([s.w1, s.w2], [r, r], int(c)), stacked([s.b1, s.b2], [r, r], None),
-                    stacked([s.wg], [co], r), stacked([s.bg], [co], None)]
-            new_values[s.out] = relax.call_tir(kernels[key], args, s.out.ty)
-        bb.update_func(gv, replace_bindings(bb.get(), folded[gv], new_values))
-    return relax.transform.DeadCodeElimination()(bb.get())
+    return rewrite_matches(mod, ctx, lambda f: {s.out: s for s in find_star_ops(f)}, _lower)
 
 
-def _replacer():
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    @mutator
-    class Replace(PyExprMutator):
-        """Re-emits each binding whose variable is in `new_values` with its new value."""
-
-        def __init__(self, mod: Any, new_values: dict[Any, Any]):
-            super().__init__(mod)
-            self.new_values = new_values
-
-        def visit_var_binding_(self, binding: Any) -> None:
-            value = self.new_values.get(binding.var)
-            if value is None:
-                return super().visit_var_binding_(binding)
-            value = self.visit_expr(value)
-            if isinstance(binding.var, relax.DataflowVar):
-                new = self.builder_.emit(value, name_hint=binding.var.name)
-            else:
-                new = self.builder_.emit_output(value, name_hint=binding.var.name)
-            self.set_var_remap(binding.var, new)
-
-    return Replace
-
-
-def replace_bindings(mod: Any, func: Any, new_values: dict[Any, Any]) -> Any:
-    """`func` (a function of `mod`) with each binding whose variable is in `new_values` bound to its new
-    value instead; the bindings that feed only the old values are left for dead-code elimination."""
-    return _replacer()(mod, new_values).visit_expr(func)
+def _lower(var: Any, s: StarMatch) -> tuple[str, Any, list[Any]]:
+    batch = batch_of(s.x.ty.shape)
+    c, h, w = (int(v) for v in list(s.x.ty.shape)[1:])
+    r, co = int(s.w1.ty.shape[0]), int(s.wg.ty.shape[0])
+    name = f"star_{'n' if batch is None else batch}x{c}x{h}x{w}_r{r}_o{co}"
+    args = [s.x, stacked([s.w1, s.w2], [r, r], c), stacked([s.b1, s.b2], [r, r], None),
+            stacked([s.wg], [co], r), stacked([s.bg], [co], None)]
+    return name, lambda: star_primfunc(batch, c, r, co, h, w), args
