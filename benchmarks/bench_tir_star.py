@@ -1,5 +1,5 @@
-"""StarNet on TVM with edgeflex's hand-scheduled kernels (issue 5): the fused star op, the dense 3x3 convs and
-the depthwise 7x7 convs (`kernels/tir/`), against TVM without them, ONNX Runtime and PyTorch eager; one
+"""StarNet on TVM with edgeflex's hand-scheduled kernels (issue 5): the fused star op, the dense 3x3 convs,
+the depthwise 7x7 convs and the head (`kernels/tir/`), against TVM without them, ONNX Runtime and eager; one
 StarNet block at S1's stage-1 widths and the whole StarNet-S1 at 224x224, batch 1, interleaved, medians.
 
 Owns the cases, the timing, the per-kernel breakdown of the TVM engine and the report (stdout, and with
@@ -149,8 +149,9 @@ def _ms(v: float) -> str:
 
 
 def _kind(symbol: str) -> str:
-    for prefix, kind in (("star_", "star op (edgeflex)"), ("dwconv_", "depthwise 7x7 (edgeflex)"),
-                         ("conv_", "dense 3x3 stride 2 (edgeflex)")):
+    kinds = (("star_", "star op (edgeflex)"), ("dwconv_", "depthwise 7x7 (edgeflex)"),
+             ("conv_", "dense 3x3 stride 2 (edgeflex)"), ("dense_", "classifier head (edgeflex)"))
+    for prefix, kind in kinds:
         if symbol.startswith(prefix):
             return kind
     return "TVM default: " + symbol.rstrip("0123456789")

@@ -17,7 +17,7 @@ from edgeflex.kernels.tir import RewriteContext, register
 from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, padding4, rewrite_matches, stacked
 
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
-BLOCK = 8           # vectors accumulated at once: 8 registers
+BLOCK = 12          # vectors accumulated at once: up to 12 registers
 
 
 def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],
@@ -42,8 +42,7 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
                     pad: tuple[int, int, int, int], residual: bool) -> Any:
     """The kernel for x [batch, C, H, W] (batch None: any batch), w [C, KH*KW], b [C] (and with `residual`
     a tensor shaped like the output, added) -> y [batch, C, OH, OW]. Scheduled by hand
-    (`tirx.is_scheduled`): parallel over (image, channel); the last block starts early so that it ends at
-    the edge (a few outputs computed twice, the same)."""
+    (`tirx.is_scheduled`): parallel over (image, channel)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -56,13 +55,16 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
     # dropped): tap (i, j) of grid pixel q reads plane[q + i * WP + j], so every tap is a full vector.
     GRID = OH * WP
     P = min(VECTOR, GRID)
-    vectors = GRID // P                             # the last block overlaps, so whole vectors only
-    # the block size (<= BLOCK vectors) that covers the grid with the fewest vectors computed
     needed = -(-GRID // P)
-    RB = min(range(min(BLOCK, vectors), 0, -1), key=lambda rb: -(-needed // rb) * rb)
-    blocks = -(-GRID // (RB * P))
+    # the block size (<= BLOCK vectors) that covers the grid with the fewest vectors computed; the grid
+    # buffer is padded to whole blocks (the extra pixels read zeros and are dropped)
+    RB = min(range(min(BLOCK, needed), 0, -1), key=lambda rb: -(-needed // rb) * rb)
+    blocks = -(-needed // RB)
+    GRID_PAD = blocks * RB * P
     n_img = tirx.Var("n", "int64") if batch is None else batch
     HW, OHW = H * W, OH * OW
+    # the padded plane and what the last block's taps read past it, in whole vectors
+    PLANE = -(-max(HP * WP, GRID_PAD + (KH - 1) * WP + KW - 1) // VECTOR) * VECTOR
     # Without a residual the kernel takes a one-element placeholder in its place (never read).
     res_shape, res_size = ((n_img, C, OH, OW), n_img * C * OHW) if residual else ((1,), 1)
 
@@ -79,15 +81,16 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
         yf = T.decl_buffer((n_img * C * OHW,), "float32", data=y.data)
         for task in T.parallel(n_img * C):
             c: T.let = task % C
-            plane = T.decl_buffer((HP * WP + KW,), "float32", scope="local")
-            grid = T.decl_buffer((GRID,), "float32", scope="local")
-            for q in T.vectorized(HP * WP + KW):
-                plane[q] = T.float32(0)
+            plane = T.decl_buffer((PLANE,), "float32", scope="local")
+            grid = T.decl_buffer((GRID_PAD,), "float32", scope="local")
+            for q in range(PLANE // VECTOR):
+                for s in T.vectorized(VECTOR):
+                    plane[q * VECTOR + s] = T.float32(0)
             for r in range(H):
                 for s in T.vectorized(W):
                     plane[(r + top) * WP + left + s] = xf[task * HW + r * W + s]
             for blk in range(blocks):
-                q0: T.let = T.min(blk * RB * P, GRID - RB * P)
+                q0: T.let = blk * RB * P
                 acc = T.decl_buffer((RB, P), "float32", scope="local")
                 for r in T.unroll(RB):
                     for s in T.vectorized(P):
