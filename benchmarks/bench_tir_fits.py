@@ -330,9 +330,15 @@ def render(st: Setup, results: list[Result], bw: dict[str, float], threads: int,
                          f"{best_bw:.1f} GB/s = {_ms(floor)} ms. The kernel alone is **{kern / floor:.1f}x** "
                          f"the floor (goal within 3x: **{verdict}**), `Runtime.run` {k / floor:.1f}x, the "
                          f"proposed engine call {dl / floor:.1f}x. The kernel is bound by arithmetic, not "
-                         f"memory: {macs / 1e6:.0f} M multiply-adds at {macs / kern / 1e6:.0f} GMAC/s; on "
-                         f"{threads} pool threads it ran {speedup:.2f}x faster than on one in this run "
-                         f"({threads:.1f}x would mean {threads} free cores).")
+                         f"memory: {macs / 1e6:.0f} M multiply-adds at {macs / kern / 1e6:.0f} GMAC/s.")
+            one = next((q for q in results if q.batch == 1), None)
+            if one is not None:
+                serial = r.batch * float(np.median(one.times[f"kernel_{st.form}"]))
+                lines.append(f"  Cores the kernel really had while timed: {r.batch} x its batch-1 time / its "
+                             f"batch-{r.batch} time = **{serial / kern:.2f}** ({threads} = all {threads} "
+                             f"free); in a separate probe after the timings, {threads} pool threads ran it "
+                             f"{speedup:.2f}x faster than one. On {threads} free cores the kernel would take "
+                             f"about {_ms(serial / threads)} ms, {serial / threads / floor:.1f}x the floor.")
     lines += ["", ("Memory bandwidth measured in the same run, STREAM accounting (bytes named by the loop, "
                    "no write-allocate), best of 7 passes over 256 MiB arrays (8x the L3): "
                    + "; ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items())
