@@ -157,7 +157,7 @@ def _kind(symbol: str) -> str:
     return "TVM default: " + symbol.rstrip("0123456789")
 
 
-def render(results: list[Result], trials: int, info: dict[str, str], meta: dict[str, str]) -> str:
+def render(results: list[Result], trials: int, reps: int, info: dict[str, str], meta: dict[str, str]) -> str:
     order = ("tvm kernels", "tvm plain", "onnxruntime", "eager")
     lines = ["| case | " + " | ".join(f"{c} median ms (p90)" for c in order)
              + " | TVM kernels / ORT | TVM plain / ORT | TVM kernels / eager | max rel diff vs ORT "
@@ -185,9 +185,10 @@ def render(results: list[Result], trials: int, info: dict[str, str], meta: dict[
             kinds[_kind(sym)][0] += n
             kinds[_kind(sym)][1] += n * ms
         e2e = float(np.median(r.times["tvm kernels"]))
-        lines += [f"Where the TVM-kernels engine's time goes, {r.case.label} (each call re-run on its own "
-                  f"arguments, median; sum {_ms(total)} ms vs {_ms(e2e)} ms end to end, the rest is the VM "
-                  "and the hand-over between calls):", "",
+        lines += [f"Where the TVM-kernels engine's time goes, {r.case.label}: each kernel call of one "
+                  f"inference re-run {reps}x on its own arguments, median; sum {_ms(total)} ms vs {_ms(e2e)} "
+                  "ms end to end. Taken after the timing, under whatever load the machine had then: read "
+                  "the shares, not the sum.", "",
                   "| kernel kind | calls | ms | share |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {n} | {_ms(ms)} | {ms / total:.0%} |"
                   for k, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                       "`Runtime.run` (input checks included), per eager forward under torch.inference_mode; "
                       "TVM_NUM_THREADS set to the threads",
             "total time": f"{time.perf_counter() - started:.0f} s"}
-    publish(a.out, SECTION, "bench_tir_star", render(results, a.trials, info, meta))
+    publish(a.out, SECTION, "bench_tir_star", render(results, a.trials, a.reps, info, meta))
     return 0
 
 
