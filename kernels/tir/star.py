@@ -44,6 +44,9 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
     from tvm import tirx
     from tvm.script import tirx as T
 
+    # NOTE (all kernels here): "op_pattern" 8 (opaque) keeps Relax's FuseOps from fusing neighbours into a
+    # hand-scheduled function; `x: T.let = ...` binds a value (a plain `x = ...` in this TVMScript declares
+    # a mutable scalar, which TVM allocated on the heap per parallel task: 3x slower kernels).
     C, R, CO, HW = channels, hidden, out_channels, height * width
     n_img = tirx.Var("n", "int64") if batch is None else batch
     P = min(PIXELS, HW)
