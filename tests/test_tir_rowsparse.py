@@ -145,7 +145,7 @@ def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundl
     src, _ = dress_bundle
     path = Path(shutil.copytree(src, tmp_path / "mlp.efx"))
     (engine,) = compile_bundle(path, "host", dress_kernel="sparse")["engines"]
-    assert engine["kernels"] == ["rowsparse"] and engine["inputs"] == ["x", "level"]
+    assert "rowsparse" in engine["kernels"] and engine["inputs"] == ["x", "level"]
     rt = ef.Runtime(path, backend="tvm", dress_kernel="sparse")
     ort = ef.Runtime(path, dress_kernel="sparse")
     x = np.random.default_rng(7).standard_normal((3, 1, 8, 8)).astype(np.float32)
