@@ -77,6 +77,19 @@ def test_runs_from_several_threads_each_get_their_own_answer(fits_tvm: Path) -> 
         assert _rel(y, ort.run(x)) <= 1e-4
 
 
+def test_outputs_are_the_callers_and_inputs_are_not_kept(fits_tvm: Path) -> None:
+    rt = ef.Runtime(fits_tvm, backend="tvm")
+    x1, x2 = _x(rt.inputs[0], 2, seed=1), _x(rt.inputs[0], 2, seed=2)
+    y1 = rt.run(x1)
+    kept, x2_before = y1.copy(), x2.copy()
+    y2 = rt.run(x2)                                     # same shapes: the same staging buffer, a fresh output
+    np.testing.assert_array_equal(y1, kept)             # the first answer was not overwritten
+    np.testing.assert_array_equal(x2, x2_before)        # the caller's input is copied, never written
+    assert not np.may_share_memory(y1, y2) and not np.array_equal(y1, y2)
+    x1[...] = 0                                         # changing an input after the run changes nothing
+    np.testing.assert_array_equal(y1, kept)
+
+
 def test_starnet_on_tvm_equals_ort_and_pytorch(starnet_tvm) -> None:
     model, path = starnet_tvm
     rt = ef.Runtime(path, backend="tvm")
