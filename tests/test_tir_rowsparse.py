@@ -137,6 +137,25 @@ def test_rewrite_fires_on_the_dress_sparse_graph_and_not_on_the_dense_one(dress_
     assert rs.rowsparse(mods[dense.rel], RewriteContext(_target(), dense.rel)) is None
 
 
+def test_rewrites_run_in_a_fixed_order_and_per_op_ones_survive_the_sparse_graph(dress_bundle) -> None:
+    import importlib
+
+    from edgeflex.export.tvm_compile import _relax_module, prepare_onnx
+    from edgeflex.kernels import tir
+
+    for name in reversed(tir.ORDER):                   # whatever was imported first, the order is ORDER's
+        importlib.import_module(f"edgeflex.kernels.tir.{name}")
+    assert list(tir.rewrites())[:len(tir.ORDER)] == list(tir.ORDER)
+    _, (sparse, _) = dress_bundle
+    mod = _relax_module(prepare_onnx(sparse.data, sparse.params), sparse.inputs, None)
+    ctx = RewriteContext(_target(), sparse.rel, dict(sparse.params))
+    # the per-op rewrites alone on the un-rewritten sparse graph (dynamic gathers): no crash, no match
+    _, applied = tir.apply(mod, ctx, only=["conv", "dwconv", "star"])
+    assert applied == []
+    _, applied = tir.apply(mod, ctx)
+    assert applied[0] == "rowsparse"
+
+
 def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundle, tmp_path: Path) -> None:
     import shutil
 

@@ -43,11 +43,16 @@ def register(name: str) -> Callable[[Rewrite], Rewrite]:
     return deco
 
 
+# The order rewrites run in: whole-graph kernels first (FITS, the row-sparse graph, whose dynamic gathers
+# the per-op rewrites' constant folding cannot legalize), then the per-op ones.
+ORDER = ("fits", "rowsparse", "star", "conv", "dwconv", "dense")
+
+
 def _load_all() -> None:
     """Import the kernel modules so their rewrites register (each is optional until it exists)."""
     import importlib
 
-    for mod in ("fits", "rowsparse", "star", "conv", "dwconv", "dense"):
+    for mod in ORDER:
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
@@ -56,9 +61,11 @@ def _load_all() -> None:
 
 
 def rewrites() -> dict[str, Rewrite]:
-    """Every registered rewrite, by name."""
+    """Every registered rewrite, by name, in `ORDER` (then any others in registration order): the order
+    must not depend on which kernel module some caller happened to import first."""
     _load_all()
-    return dict(_REWRITES)
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return dict(sorted(_REWRITES.items(), key=lambda kv: rank.get(kv[0], len(ORDER))))
 
 
 def apply(mod: Any, ctx: RewriteContext, only: list[str] | None = None) -> tuple[Any, list[str]]:

@@ -181,7 +181,10 @@ def rewrite_matches(mod: Any, ctx: RewriteContext, find: Callable[[Any], dict[An
 
     if ctx.target is None or ctx.target.kind.name != "llvm":
         return None
-    folded = relax.transform.FoldConstant()(mod)
+    try:
+        folded = relax.transform.FoldConstant()(mod)
+    except Exception:  # noqa: BLE001 - e.g. dynamic gathers it cannot legalize: match the graph unfolded
+        folded = mod
     found = {gv: hits for gv, f in folded.functions.items()
              if isinstance(f, relax.Function) and (hits := find(f))}
     if not found:
