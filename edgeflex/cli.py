@@ -93,8 +93,11 @@ def build_model(name: str, *, train: bool, epochs: int | None, seed: int, image_
         model, q = train_snnet_digits(image_size=image_size or 32, seed=seed, progress=progress, **kw)
         quality = {c["name"]: {"metric": q["metric"], "value": c["value"], "direction": q["direction"],
                                "split": "test"} for c in q["configs"]}
+        from edgeflex.models.digits import CORRUPTIONS, TEST_SEED_OFFSET
+        data = (f"scikit-learn digits, corrupted ({q['data']}): each training batch corrupted afresh, test "
+                f"split = {q['test_images']} fixed corrupted images (seed {seed + TEST_SEED_OFFSET})")
         return model, _digits_example("starnet", image_size or 32, seed), quality, {
-            "data": "scikit-learn digits", "training": _plain(q)}, None
+            "data": data, "corruption": CORRUPTIONS[q["corruption"]], "training": _plain(q)}, None
     raise EdgeflexError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
 
 

@@ -1,17 +1,19 @@
 """SN-Net over StarNet anchors: segments chain to the model per config, weights stored once, FLOPs order,
-least-squares stitching, config errors. Untrained anchors with non-trivial weights; a few seconds on CPU.
+least-squares stitching, config errors, and the corrupted digits it trains on. Untrained anchors with
+non-trivial weights; a few seconds on CPU.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from edgeflex.models import snnet
-from edgeflex.models.digits import load_digits_images
+from edgeflex.models.digits import TEST_COPIES, augment, corrupt_digits, load_digits_images
 from edgeflex.models.snnet import (
     STITCH_PLANS,
     SNNet,
@@ -162,12 +164,13 @@ def test_anchors_must_go_small_to_large_with_a_plan() -> None:
 
 def test_training_reports_every_config(monkeypatch: pytest.MonkeyPatch) -> None:
     # the recipe end to end on stand-ins: random anchors, 64 training images (one joint step), 40 held out
-    x_train, y_train, x_test, y_test = load_digits_images(32, seed=0)
+    x_train, y_train, x_test, y_test = load_digits_images(32, 0, "corrupted")
     monkeypatch.setattr(snnet, "load_digits_images", lambda *_: (x_train[:64], y_train[:64], x_test[:40],
                                                                  y_test[:40]))
     monkeypatch.setattr(snnet, "train_starnet_digits", lambda v, **_: (random_anchor(v, 0), {"value": 0.1}))
     model, result = train_snnet_digits(PAIR, epochs=1, progress=False)
-    assert (result["metric"], result["direction"]) == ("top1", "higher")
+    assert (result["metric"], result["direction"]) == ("top1 on digits-corrupted", "higher")
+    assert (result["data"], result["corruption"]) == ("digits-corrupted", "corrupted")
     names = [c["name"] for c in result["configs"]]
     assert names == model.config_names() and model.config == names[-1] and not model.training
     stats = config_stats(model, torch.zeros(1, 3, 32, 32))
@@ -175,3 +178,55 @@ def test_training_reports_every_config(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (c["flops"], c["param_bytes"]) == (stats[c["name"]]["flops"], stats[c["name"]]["param_bytes"])
         assert c["value"] in {k / 40 for k in range(41)} and (c["ls_error"] is None) == (c["name"] in PAIR)
     assert result["anchor_top1"] == {"s050": 0.1, "s100": 0.1} and result["train_seconds"] > 0
+
+
+def test_corrupted_digits_are_a_fixed_harder_test_set() -> None:
+    clean = load_digits_images(32, seed=0)
+    x_train, y_train, x_test, y_test = load_digits_images(32, 0, "corrupted")
+    again = load_digits_images(32, 0, "corrupted")
+    for a, b in zip((x_train, y_train, x_test, y_test), again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    n = len(clean[3])
+    assert x_train.shape == (1437, 3, 32, 32) and x_test.shape == (TEST_COPIES * n, 3, 32, 32)
+    assert len(y_test) == TEST_COPIES * n == 1800
+    assert (x_train.dtype, x_test.dtype, y_train.dtype, y_test.dtype) == (np.float32,) * 2 + (np.int64,) * 2
+    # the training split is the clean one (trainers corrupt it per batch); the test labels are the clean
+    # ones, once per copy; the images are not: each copy is a different corruption of the clean image
+    np.testing.assert_array_equal(x_train, clean[0])
+    np.testing.assert_array_equal(y_train, clean[1])
+    np.testing.assert_array_equal(y_test, np.tile(clean[3], TEST_COPIES))
+    copies = x_test.reshape(TEST_COPIES, n, 3, 32, 32)
+    assert np.abs(copies - clean[2]).mean(axis=(2, 3, 4)).min() > 0.3
+    assert np.abs(copies[0] - copies[1]).mean(axis=(1, 2, 3)).min() > 0.3
+    np.testing.assert_array_equal(copies[..., 0, :, :], copies[..., 2, :, :])  # still a grey image
+    assert not np.array_equal(load_digits_images(32, 1, "corrupted")[2], x_test)
+
+
+def test_test_corruption_is_independent_of_training_draws() -> None:
+    x_train, _, x_test, _ = load_digits_images(32, 0, "corrupted")
+    clean_test = torch.from_numpy(load_digits_images(32, seed=0)[2])
+    # what the trainer does (seed 0, its own generator, the global seed set) draws other corruptions ...
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    trained_on = augment(clean_test.repeat(TEST_COPIES, 1, 1, 1), "corrupted", gen)
+    assert (trained_on - torch.from_numpy(x_test)).abs().mean(dim=(1, 2, 3)).min() > 0.3
+    # ... and leaves the test set as it was
+    torch.manual_seed(123)
+    torch.rand(1000)
+    np.testing.assert_array_equal(load_digits_images(32, 0, "corrupted")[2], x_test)
+    # the training augmentation is fresh per draw, from the generator it is given
+    gen = torch.Generator().manual_seed(5)
+    batch = torch.from_numpy(x_train[:8])
+    first, second = augment(batch, "corrupted", gen), augment(batch, "corrupted", gen)
+    assert first.shape == batch.shape and first.dtype == torch.float32 and not torch.equal(first, second)
+    torch.testing.assert_close(augment(batch, "corrupted", torch.Generator().manual_seed(5)), first,
+                               rtol=0, atol=0)
+
+
+def test_unknown_corruption_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"'foggy'; expected None or one of \['corrupted'\]"):
+        load_digits_images(32, 0, "foggy")
+    with pytest.raises(ValueError, match=r"'foggy'; expected one of \['corrupted'\]"):
+        corrupt_digits(torch.zeros(1, 3, 8, 8), "foggy", torch.Generator())
+    with pytest.raises(ValueError, match=r"test_copies must be >= 1, got 0"):
+        load_digits_images(32, 0, "corrupted", test_copies=0)
