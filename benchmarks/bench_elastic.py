@@ -81,7 +81,7 @@ def config_table(paths: dict[str, Path], threads: int, runs: int) -> tuple[list[
     return lines, curves
 
 
-def plot(curves: dict, out: Path) -> None:
+def plot(curves: dict, out: Path, metrics: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +94,7 @@ def plot(curves: dict, out: Path) -> None:
         for f, q, label in pts:
             ax.annotate(label, (f, q), fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax.set_xlabel("MFLOPs (batch 1)")
-        ax.set_ylabel("held-out top-1 (digits)")
+        ax.set_ylabel(metrics.get(name, "held-out top-1"))
         ax.set_title(name)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         layers = rowsparse_layers(a.threads, a.runs)
         scale = chaining_at_scale(a.workdir, a.threads, a.runs, tuple(a.sizes))
     png = (a.out.parent if a.out else Path("benchmarks")) / "elastic_accuracy_flops.png"
-    plot(curves, png)
+    metrics = {}
+    for name, path in paths.items():
+        q = ef.Bundle.open(path).configs[0].quality or {}
+        metrics[name] = str(q.get("metric", "held-out top-1"))
+    plot(curves, png, metrics)
     sizes = []
     for name, path in paths.items():
         b = ef.Bundle.open(path)
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         chained.append(f"- {cells[1]}: chained {ch:.3f} ms vs fused {fu:.3f} ms: overhead "
                        f"**{(ch - fu) / fu:+.1%}**")
     body = "\n".join([
-        (f"Accuracy vs FLOPs per config (held-out top-1 on scikit-learn digits; plot: `{png.name}`), latency "
+        (f"Accuracy vs FLOPs per config (held-out top-1: DRESS on scikit-learn digits, SN-Net on "
+         f"digits-corrupted, models/digits.py CORRUPTIONS; plot: `{png.name}`), latency "
         "batch 1 on ONNX Runtime. 'chosen' is what the runtime runs by default: for DRESS the kernel the "
         "exporter measured fastest per level; for SN-Net `fused=\"auto\"`, which runs each config's fused "
         "graph when the per-config weight copies fit `AUTO_FUSE_MB` (they do here) and chains the shared "
