@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 import edgeflex as ef
 from edgeflex.cli import build_model
 from edgeflex.export.elastic import export_dress, export_snnet
 from edgeflex.kernels import rowsparse
+from edgeflex.models.snnet import SNNet
+from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
@@ -191,9 +194,10 @@ def chaining_at_scale(workdir: Path, threads: int, runs: int, sizes: tuple[int, 
     for size in sizes:
         path = workdir / f"snnet-starnet-{size}px.efx"
         if not path.exists():
-            model, example, _, meta, _ = build_model("snnet-starnet", train=False, epochs=None, seed=0,
-                                                     image_size=size)
-            export_snnet(model, example, path, name=f"snnet-starnet-{size}px", metadata=meta)
+            torch.manual_seed(0)
+            model = SNNet([starnet(v, num_classes=10) for v in ("s050", "s100")], image_size=size).eval()
+            export_snnet(model, torch.randn(1, 3, size, size), path, name=f"snnet-starnet-{size}px",
+                         metadata={"note": "untrained: latency only"})
         chained = ef.Runtime(path, threads=threads, fused=False)
         fused = ef.Runtime(path, threads=threads, fused=True)
         x = example_input(chained)
