@@ -304,7 +304,7 @@ class Runtime:
         if tail not in ("p90", "p99"):
             raise UsageError(f"tail must be 'p90' or 'p99', got {tail!r}")
         cands = [c for c in candidates(self.configs, prof["configs"], tail=tail) if c.name in self._plans]
-        adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.8,
+        adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.9,
                           percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down)
         self.budget_met = adapter.fits
         if not adapter.fits:
