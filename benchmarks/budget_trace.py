@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=float, default=3.0, help="hog off/on period (s)")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="pause between requests (the profile is measured back to back, so 0 matches it)")
-    p.add_argument("--budget-ms", type=float, help="default: 1.1 x the largest config's idle p90")
+    p.add_argument("--budget-ms", type=float, help="default: the largest config's idle p90 / 0.75: it fits "
+                   "the policy's up-switch margin (0.9 x 0.9 of the budget) with room when idle, so the "
+                   "adaptive runtime can come back to it after a slowdown")
     p.add_argument("--hog-cores", default="other", choices=("other", "all"),
                    help="other: one hog on the last core (ORT's threads can dodge it); all: one per core")
     p.add_argument("--tail", default="p90", choices=("p90", "p99"),
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     prof = rt.latency_profile()["configs"]
     quality = {c.name: c.quality["value"] for c in rt.configs}
     largest = max(rt.configs, key=lambda c: c.flops).name
-    budget_ms = a.budget_ms or 1.1 * prof[largest][f"{tail}_ms"] / 0.9
+    budget_ms = a.budget_ms or prof[largest][f"{tail}_ms"] / 0.75
     budget = ef.Budget(latency_ms=budget_ms)
     x = np.random.default_rng(0).standard_normal([a.batch if d is None else d for d in rt.inputs[0].shape]
                                                  ).astype(np.float32)
