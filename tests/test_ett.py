@@ -165,7 +165,14 @@ def test_elastic_bundle_stores_the_weight_once_and_equals_pytorch(tmp_path):
     assert [c.name for c in b.configs] == [f"cut-{k}" for k in m.cut_freqs]
     weights = b.manifest["files"]["weights.bin"]["bytes"]
     assert fe["storage"]["weight_bytes"] == 8 * m.level_parameters(m.cut_freqs[0])
-    assert weights < fe["storage"]["weight_bytes"] + 2048 < fe["storage"]["separate_levels_bytes"]
+    assert weights < fe["storage"]["separate_levels_bytes"]
+    # The complex weight is stored once; per-level GEMM operands are derived at load, never stored. A level
+    # whose measured form is lowrank also stores its (weight-free) DFT basis, so the tight bound holds only
+    # when every level chose folded (the choice is by timing).
+    shapes = [tuple(t["shape"]) for t in b.manifest["tensors"].values()]
+    assert shapes.count(tuple(b.tensors()[fe["weight"]].shape)) == 1
+    if all(c.extra["fits_level"]["form"] == "folded" for c in b.configs):
+        assert weights < fe["storage"]["weight_bytes"] + 2048
     assert all(b.manifest["files"][f"graphs/cut-{k}.onnx"]["bytes"] < 4096 for k in m.cut_freqs)
     flops = [c.flops for c in b.configs]
     assert flops[-1] < flops[0]
