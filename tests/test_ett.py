@@ -175,7 +175,9 @@ def test_elastic_bundle_stores_the_weight_once_and_equals_pytorch(tmp_path):
         assert weights < fe["storage"]["weight_bytes"] + 2048
     assert all(b.manifest["files"][f"graphs/cut-{k}.onnx"]["bytes"] < 4096 for k in m.cut_freqs)
     flops = [c.flops for c in b.configs]
-    assert flops[-1] < flops[0]
+    assert flops[-1] <= flops[0]                        # folded costs the same at every cut (L x (L+H))
+    if b.configs[-1].extra["fits_level"]["form"] == "lowrank":
+        assert flops[-1] < flops[0]                     # lowrank scales with the cut
     rt = ef.Runtime(path, threads=1)
     x = np.random.default_rng(1).standard_normal((5, m.seq_len, m.channels)).astype(np.float32)
     for c in rt.configs:
