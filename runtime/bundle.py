@@ -203,13 +203,18 @@ class Bundle:
         if not m["configs"]:
             raise BundleError(f"{mpath}: manifest lists no configs; re-export the bundle")
 
-    def read(self, rel: str) -> bytes:
-        """The bytes of a listed file, checked again against its sha256 (files may change after open)."""
+    def sha256(self, rel: str) -> str:
+        """The sha256 the manifest lists for a file (what its bytes hash to), without reading it."""
         meta = self.manifest["files"].get(rel)
         if meta is None:
             raise BundleError(f"bundle {self.path} has no file {rel!r}")
+        return meta["sha256"]
+
+    def read(self, rel: str) -> bytes:
+        """The bytes of a listed file, checked again against its sha256 (files may change after open)."""
+        want = self.sha256(rel)
         data = (self.path / _safe_relpath(rel)).read_bytes()
-        if sha256_bytes(data) != meta["sha256"]:
+        if sha256_bytes(data) != want:
             raise BundleError(f"bundle file {rel!r} fails its sha256 check: modified after the bundle was "
                               "opened; re-export the bundle")
         return data

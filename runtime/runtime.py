@@ -94,7 +94,7 @@ class Runtime:
                 and (self._only is None or c.name in self._only)]
         if not todo:
             return False, "no fused graphs in the bundle"
-        if not all(self._backend.can_load(b.read(c.extra["fused"]["graph"])) for c in todo):
+        if not all(self._backend.can_load(b.sha256(c.extra["fused"]["graph"])) for c in todo):
             return False, f"backend {self.backend!r} has no engine for the fused graphs"
         mb = sum(c.param_bytes or 0 for c in todo) / 2**20
         if mb > AUTO_FUSE_MB:

@@ -44,9 +44,9 @@ class Backend(ABC):
         compile itself. Default: nothing to do (the graph is all the engine needs)."""
         return None
 
-    def can_load(self, graph: bytes) -> bool:
-        """Whether `load(graph)` would find what it needs (a compiled engine, for a backend that compiles
-        ahead of time). Default: any graph loads."""
+    def can_load(self, graph_sha256: str) -> bool:
+        """Whether `load` of the graph with this sha256 would find what it needs (a compiled engine, for a
+        backend that compiles ahead of time), asked without reading the graph. Default: any graph loads."""
         return True
 
     def versions(self) -> dict[str, str]:

@@ -164,8 +164,8 @@ class TvmBackend(Backend):
             engines[meta["graph_sha256"]] = meta
         self._bundle, self._engines, self.target = bundle, engines, device
 
-    def can_load(self, graph: bytes) -> bool:
-        return sha256_bytes(graph) in self._engines
+    def can_load(self, graph_sha256: str) -> bool:
+        return graph_sha256 in self._engines
 
     def _check_compatible(self, bundle: Bundle, device: str, meta: dict[str, Any]) -> None:
         built = meta.get("versions", {}).get("tvm")
