@@ -6,7 +6,6 @@ RESULTS.md); it changes no library code. Latency does not depend on trained valu
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import sys
@@ -25,7 +24,7 @@ from edgeflex.models.fits import FITS
 from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, timing_parser  # noqa: E402
 
 SECTION = "## Foundation (issue 2): PyTorch eager vs edgeflex on ONNX Runtime"
 FITS_HYPER = {"seq_len": 720, "pred_len": 96, "channels": 7, "cut_freq": 60, "individual": False}
@@ -162,14 +161,8 @@ def render(results: list[Result], forms: dict[str, Any], info: dict[str, str], m
 # --- main --------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    usable = usable_cores()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=usable, help=f"threads for both (default {usable})")
-    p.add_argument("--runs", type=int, default=None,
-                   help="timed runs per contender for every case (default per case: "
-                        + ", ".join(f"{c.model} b{c.batch}: {c.runs}" for c in CASES) + ")")
-    p.add_argument("--warmup", type=int, default=20, help="untimed runs per contender first (>= 10)")
-    p.add_argument("--block", type=int, default=10, help="runs per interleaved block")
+    p = timing_parser(__doc__, warmup=20, block=10, runs_default="per case: " + ", ".join(
+        f"{c.model} b{c.batch}: {c.runs}" for c in CASES))
     p.add_argument("--out", type=Path, default=None,
                    help="write the table into this markdown file's section (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)

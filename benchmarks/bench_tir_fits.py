@@ -8,7 +8,6 @@ Owns the cases, the bandwidth measurement and its section of RESULTS.md; it chan
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import shutil
@@ -31,7 +30,7 @@ from edgeflex.models.fits import spectral_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import FITS_HYPER, build_fits  # noqa: E402
-from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, timing_parser  # noqa: E402
 
 SECTION = "## FITS TIR kernel (issue 5): one fused TVM function vs eager, ORT, plain TVM"
 BATCHES = {1: 400, 256: 30}                     # batch -> timed runs per contender
@@ -353,13 +352,8 @@ def render(st: Setup, results: list[Result], bw: dict[str, float], threads: int,
 def main(argv: list[str] | None = None) -> int:
     import tvm as _tvm
 
-    usable = usable_cores()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=usable, help=f"threads, every contender (default {usable})")
-    p.add_argument("--runs", type=int, help="timed runs per contender (default: "
-                   + ", ".join(f"batch {b}: {n}" for b, n in BATCHES.items()) + ")")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--block", type=int, default=10, help="runs per interleaved block")
+    p = timing_parser(__doc__, warmup=10, block=10,
+                      runs_default=", ".join(f"batch {b}: {n}" for b, n in BATCHES.items()))
     p.add_argument("--batch", type=int, choices=sorted(BATCHES), action="append",
                    help="only these batches")
     p.add_argument("--out", type=Path, help="write the section into this markdown file "

@@ -9,7 +9,6 @@ leave to TVM with MetaSchedule (records kept in the bundle).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import shutil
@@ -28,7 +27,7 @@ from edgeflex.export.tvm_compile import compile_bundle
 from edgeflex.models.starnet import Block, starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
+from common import OthersLoad, command_line, machine_info, publish, time_interleaved, timing_parser  # noqa: E402
 
 SECTION = "## TVM kernels for StarNet: star op, 3x3 and depthwise convs (issue 5)"
 
@@ -203,13 +202,8 @@ def render(results: list[Result], trials: int, reps: int, info: dict[str, str], 
 def main(argv: list[str] | None = None) -> int:
     import tvm as _tvm
 
-    usable = usable_cores()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=usable, help=f"threads, every contender (default {usable})")
-    p.add_argument("--runs", type=int, help="timed runs per contender (default per case: "
-                   + ", ".join(f"{c.key}: {c.runs}" for c in CASES) + ")")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--block", type=int, default=5, help="runs per interleaved block")
+    p = timing_parser(__doc__, warmup=5, block=5,
+                      runs_default="per case: " + ", ".join(f"{c.key}: {c.runs}" for c in CASES))
     p.add_argument("--reps", type=int, default=20, help="re-runs of each kernel call for the breakdown")
     p.add_argument("--trials", type=int, default=0, help="MetaSchedule trials for what the kernels leave "
                    "(default 0: untuned)")

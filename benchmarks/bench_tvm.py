@@ -7,7 +7,6 @@ library code. Untuned by default (`--trials N` tunes each case's graph with Meta
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import sys
@@ -25,7 +24,7 @@ from edgeflex.models.fits import FITS
 from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, time_interleaved, usable_cores, write_section  # noqa: E402
+from common import OthersLoad, command_line, machine_info, time_interleaved, timing_parser, write_section  # noqa: E402
 
 SECTION = "## TVM (issue 5)"
 
@@ -129,13 +128,8 @@ def render(results: list[Result], trials: int, info: dict[str, str], meta: dict[
 def main(argv: list[str] | None = None) -> int:
     import tvm as _tvm
 
-    usable = usable_cores()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=usable, help=f"threads, every contender (default {usable})")
-    p.add_argument("--runs", type=int, help="timed runs per contender (default per case: "
-                   + ", ".join(f"{c.model}: {c.runs}" for c in CASES) + ")")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--block", type=int, default=5, help="runs per interleaved block")
+    p = timing_parser(__doc__, warmup=5, block=5,
+                      runs_default="per case: " + ", ".join(f"{c.model}: {c.runs}" for c in CASES))
     p.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per case (default 0: untuned)")
     p.add_argument("--eager", action="store_true", help="time PyTorch eager too (its two OpenMP threads "
                    "suffer most from other processes' load: 9 ms idle vs 2.6 s measured here for StarNet-S1)")

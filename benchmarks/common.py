@@ -3,6 +3,7 @@ machine facts, and writing one generated section of RESULTS.md without touching 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -77,6 +78,18 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], runs: int, war
     finally:
         gc.enable()
     return {name: np.asarray(v) for name, v in times.items()}
+
+
+def timing_parser(doc: str, *, runs_default: str, warmup: int, block: int) -> argparse.ArgumentParser:
+    """The arguments every interleaved-timing benchmark takes: --threads (default: the usable cores, for
+    every contender), --runs (default per case, described by `runs_default`), --warmup, --block."""
+    usable = usable_cores()
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--threads", type=int, default=usable, help=f"threads, every contender (default {usable})")
+    p.add_argument("--runs", type=int, help=f"timed runs per contender (default {runs_default})")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed runs per contender first")
+    p.add_argument("--block", type=int, default=block, help="runs per interleaved block")
+    return p
 
 
 def machine_info(threads: int) -> dict[str, str]:
