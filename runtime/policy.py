@@ -122,6 +122,8 @@ class Adapter:
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
                  margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
                  fast_down: int = 3):
+        if fast_down < 0:
+            raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:
             raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
         self.cands = {c.name: c for c in cands}

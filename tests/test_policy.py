@@ -78,6 +78,8 @@ def test_adapter_goes_down_after_a_few_late_runs_not_a_whole_window():
     assert a.observe("large", 7.0) is None and a.observe("large", 6.5) is None
     assert a.observe("large", 6.0) == "mid"           # the third late run in a row: down at once
     assert a.slowdown == pytest.approx(6.0 / 4.0)     # the streak's smallest over large's p90
+    with pytest.raises(ef.UsageError, match="fast_down must be >= 0"):
+        Adapter(CANDS, Budget(latency_ms=5.0), fast_down=-1)
     slow = Adapter(CANDS, Budget(latency_ms=5.0), window=100, fast_down=0)
     assert feed(slow, "large", 7.0, 99) == [] and slow.observe("large", 7.0) == "mid"
 
