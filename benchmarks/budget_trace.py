@@ -1,8 +1,10 @@
 """Budget trace (issue 4): a fixed latency budget while a CPU hog comes and goes on the other core.
 
-Runs the same request stream three ways on one elastic bundle — the adaptive runtime (`set_budget`),
-the best config that meets the budget when idle (static), the smallest config (static) — and reports the
-share of requests within budget and the mean quality of each, with a PNG of latency and config over time.
+Runs the same request stream several ways on one elastic bundle — the adaptive runtime (`set_budget`)
+choosing (config, thread count) from engines at N threads and at 1, the adaptive runtime choosing configs
+at N threads only, the best config that meets the budget when idle (static), the smallest config (static)
+— and reports the share of requests within budget and the mean quality of each, with a PNG of latency,
+config and thread count over time.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ class Hog:
 def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float, gap_ms: float, x: np.ndarray) -> dict:
     """Requests back to back (with `gap_ms` between) for `seconds`; the hog runs in every odd period."""
     t_start = time.perf_counter()
-    ts, lat, cfg, hog_on = [], [], [], []
+    ts, lat, cfg, hog_on, threads = [], [], [], [], []
     on = False
     while (now := time.perf_counter() - t_start) < seconds:
         want = int(now // period) % 2 == 1
         if want != on:
             hog.resume() if want else hog.pause()
             on = want
+        threads.append(rt.threads)               # one caller: the plan this run starts on
         t0 = time.perf_counter()
         name, _ = rt.run_config(x)
         lat.append((time.perf_counter() - t0) * 1e3)
@@ -69,7 +72,8 @@ def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float, gap_ms: fl
         if gap_ms:
             time.sleep(gap_ms / 1e3)
     hog.pause()
-    return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "hog": np.array(hog_on)}
+    return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "hog": np.array(hog_on),
+            "threads": np.array(threads)}
 
 
 def summarise(name: str, tr: dict, budget_ms: float, quality: dict[str, float]) -> dict:
@@ -77,7 +81,9 @@ def summarise(name: str, tr: dict, budget_ms: float, quality: dict[str, float]) 
     q = np.array([quality[c] for c in tr["config"]])
     switches = int(sum(a != b for a, b in zip(tr["config"], tr["config"][1:])))
     out = {"strategy": name, "requests": len(within), "within": float(within.mean()),
-           "quality": float(q.mean()), "switches": switches}
+           "quality": float(q.mean()), "switches": switches,
+           "one_thread_hog": float((tr["threads"][tr["hog"]] == 1).mean()) if tr["hog"].any() else 0.0,
+           "one_thread_idle": float((tr["threads"][~tr["hog"]] == 1).mean()) if (~tr["hog"]).any() else 0.0}
     for label, mask in (("idle", ~tr["hog"]), ("hog", tr["hog"])):
         out[f"within_{label}"] = float(within[mask].mean()) if mask.any() else float("nan")
         out[f"quality_{label}"] = float(q[mask].mean()) if mask.any() else float("nan")
@@ -93,7 +99,11 @@ def plot(traces: dict, budget_ms: float, quality: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(len(traces), 1, figsize=(10, 2.6 * len(traces)), sharex=True)
     for ax, (name, tr) in zip(axes, traces.items()):
-        ax.scatter(tr["t"], tr["latency_ms"], s=1, alpha=0.4, label="latency")
+        one = tr["threads"] == 1
+        ax.scatter(tr["t"][~one], tr["latency_ms"][~one], s=1, alpha=0.4, label="latency")
+        if one.any():
+            ax.scatter(tr["t"][one], tr["latency_ms"][one], s=1, alpha=0.4, color="orange",
+                       label="latency (1 thread)")
         ax.axhline(budget_ms, color="red", lw=1, label="budget")
         on = tr["hog"]
         edges = np.flatnonzero(np.diff(np.r_[0, on.astype(int), 0]))
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1,
                    help="images per request (a camera's tiles, a burst): larger requests, ms-scale configs")
     p.add_argument("--threads", type=int, help="ORT threads (default: the usable cores)")
+    p.add_argument("--no-thread-switch", action="store_true",
+                   help="leave out the adaptive strategy that also chooses 1 thread (engines at both counts)")
     p.add_argument("--window", type=int, default=100, help="adapter window (runs)")
     p.add_argument("--fast-down", type=int, default=3,
                    help="late runs in a row that switch down at once (0: window only)")
@@ -138,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench_elastic import build_bundles
         build_bundles(a.bundle.parent, reuse=True)
     threads = a.threads or len(os.sched_getaffinity(0))
-    rt = ef.Runtime(a.bundle, threads=threads)
-    save_profile(a.bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=1.0))
+    counts = (threads,) if a.no_thread_switch or threads == 1 else (threads, 1)
+    rt = ef.Runtime(a.bundle, threads=counts)
+    save_profile(a.bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=1.0), merge=False)
+    rt_counts = ef.Runtime(a.bundle, threads=counts)
     rt = ef.Runtime(a.bundle, threads=threads)
     prof = rt.latency_profile()["configs"]
     quality = {c.name: c.quality["value"] for c in rt.configs}
@@ -154,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     hog = Hog(cores if a.hog_cores == "all" else cores[-1:])
     traces = {}
     try:
-        strategies = {f"adaptive (set_budget {budget_ms:.3f} ms)": None,
-                      f"static best when idle ({static_best})": static_best,
-                      f"static smallest ({smallest})": smallest}
-        for name, fixed in strategies.items():
-            rt.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
-                          fast_down=a.fast_down)
+        strategies = {f"adaptive (set_budget {budget_ms:.3f} ms), {threads} threads": (rt, None),
+                      f"static best when idle ({static_best})": (rt, static_best),
+                      f"static smallest ({smallest})": (rt, smallest)}
+        if len(counts) > 1:
+            strategies = {f"adaptive, config x threads {counts}": (rt_counts, None), **strategies}
+        for name, (runtime, fixed) in strategies.items():
+            runtime.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
+                               fast_down=a.fast_down)
             if fixed is not None:
-                rt.switch(fixed)
-            traces[name] = trace(rt, hog, seconds=a.seconds, period=a.period, gap_ms=a.gap_ms, x=x)
+                runtime.switch(fixed)
+            traces[name] = trace(runtime, hog, seconds=a.seconds, period=a.period, gap_ms=a.gap_ms, x=x)
     finally:
         hog.close()
     rows = [summarise(n, tr, budget_ms, quality) for n, tr in traces.items()]
@@ -170,16 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     png = (a.out.parent if a.out else Path("benchmarks")) / "budget_trace.png"
     plot(traces, budget_ms, quality, png)
     lines = ["| strategy | requests | within budget | idle | hog | mean top-1 | idle | hog | p90 idle ms "
-             "| p90 hog ms | switches |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| p90 hog ms | switches | 1-thread runs idle / hog |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['requests']} | **{r['within']:.1%}** | "
                      f"{r['within_idle']:.1%} | {r['within_hog']:.1%} | **{r['quality']:.4f}** | "
                      f"{r['quality_idle']:.4f} | {r['quality_hog']:.4f} | {r['p90_idle']:.3f} | "
-                     f"{r['p90_hog']:.3f} | {r['switches']} |")
+                     f"{r['p90_hog']:.3f} | {r['switches']} | {r['one_thread_idle']:.0%} / "
+                     f"{r['one_thread_hog']:.0%} |")
+    adapter = rt_counts._adapter
+    if len(counts) > 1 and adapter is not None:
+        lines += ["", f"Thread-count probes of the first strategy: {adapter.probes['tried']} tried, "
+                  f"{adapter.probes['kept']} kept (a failed probe costs up to 2 late requests)."]
     body = "\n".join([
         f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
         f"(judged per request; the policy plans on {tail}; {a.batch} image(s) per request; adapter window "
-        f"{a.window}, fast down after {a.fast_down} late runs), {threads} ORT threads "
+        f"{a.window}, fast down after {a.fast_down} late runs), {threads} ORT threads, and engines at "
+        f"{counts} threads for the thread-switching strategy, each count profiled "
         f"({'fused' if rt.fused else 'chained'}: {rt.fused_reason}); busy-loop processes "
         f"pinned to core(s) {hog_cores} run every other {a.period:g} s; each strategy {a.seconds:g} s "
         f"of requests with {a.gap_ms:g} ms gaps. Goal: adaptive >= 99 % within budget, quality above the "

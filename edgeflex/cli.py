@@ -194,19 +194,37 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 # --- profile / query ------------------------------------------------------------------------------------
 
+def _profile_table(stats: dict[str, dict]) -> str:
+    rows = [[name, f"{p['p50_ms']:.4f}", f"{p['p90_ms']:.4f}", f"{p['p99_ms']:.4f}", f"{p['mean_ms']:.4f}",
+             f"{p['throughput_per_s']:.0f}", f"{p.get('peak_memory_mb', float('nan')):.1f}", str(p["runs"])]
+            for name, p in stats.items()]
+    return _table(rows, ["config", "p50 ms", "p90 ms", "p99 ms", "mean ms", "per s", "peak MB", "runs"])
+
+
 def cmd_profile(a: argparse.Namespace) -> int:
     from edgeflex.runtime.profiles import measure_profile, save_profile
 
     rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
     prof = measure_profile(rt, batch=a.batch, memory=not a.no_memory, min_seconds=a.min_seconds)
     save_profile(a.bundle, prof)
-    rows = [[name, f"{p['p50_ms']:.4f}", f"{p['p90_ms']:.4f}", f"{p['p99_ms']:.4f}", f"{p['mean_ms']:.4f}",
-             f"{p['throughput_per_s']:.0f}", f"{p.get('peak_memory_mb', float('nan')):.1f}", str(p["runs"])]
-            for name, p in prof["configs"].items()]
-    print(_table(rows, ["config", "p50 ms", "p90 ms", "p99 ms", "mean ms", "per s", "peak MB", "runs"]))
-    print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {rt.threads} threads, "
+    for t, stats in prof["by_threads"].items():
+        if len(rt.thread_counts) > 1:
+            print(f"\nat {t} thread(s):")
+        print(_profile_table(stats))
+    counts = ", ".join(map(str, rt.thread_counts))
+    print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {counts} threads, "
           f"batch {a.batch}); stored as profiles/{prof['device']}.json in {a.bundle}")
     return 0
+
+
+def _thread_counts(text: str) -> int | tuple[int, ...]:
+    """--threads: N, or N,M,... (each count's engines loaded and profiled)."""
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threads must be N or N,M,... (whole numbers), got {text!r}") \
+            from None
+    return counts[0] if len(counts) == 1 else counts
 
 
 def cmd_query(a: argparse.Namespace) -> int:
@@ -365,7 +383,9 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure every config on this device; store it in the bundle")
     pr.add_argument("bundle")
     pr.add_argument("--backend", default="onnxruntime")
-    pr.add_argument("--threads", type=int)
+    pr.add_argument("--threads", type=_thread_counts,
+                    help="threads (default: the usable cores); several, e.g. 2,1, profile each count, for a "
+                         "Runtime(threads=(2, 1)) that chooses the count too")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--min-seconds", type=float, default=0.5, help="least time spent timing each config")
     pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")

@@ -45,20 +45,33 @@ class Budget:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What the policy knows of one config: quality (higher is better after `rank`), profiled latency."""
+    """What the policy knows of one config: quality (higher is better after `rank`), profiled latency.
+
+    `threads` > 0 makes the thread count part of the choice (a runtime with engines at several counts):
+    the candidate's `key` is then `name@<threads>t`; 0 (one count) keeps the plain config name."""
 
     name: str
     rank: float                 # quality oriented so that higher is better (-MSE for 'lower' metrics)
     p90_ms: float
     memory_mb: float | None = None
     energy_mj: float | None = None
+    threads: int = 0
+
+    @property
+    def key(self) -> str:
+        return candidate_key(self.name, self.threads)
+
+
+def candidate_key(name: str, threads: int = 0) -> str:
+    return f"{name}@{threads}t" if threads else name
 
 
 def candidates(configs, profile: dict[str, dict], power_w: float | None = None,
-               tail: str = "p90") -> list[Candidate]:
+               tail: str = "p90", threads: int = 0) -> list[Candidate]:
     """Candidates from bundle configs and a profile's per-config stats. Energy = p50 x device power when
     the device description gives one; quality missing -> FLOPs stand in (bigger assumed better).
-    `tail` ("p90" or "p99") is the profiled percentile the budget is judged on (kept in `p90_ms`)."""
+    `tail` ("p90" or "p99") is the profiled percentile the budget is judged on (kept in `p90_ms`);
+    `threads` tags them with the thread count the profile was measured at (see `Candidate`)."""
     out = []
     for c in configs:
         stats = profile.get(c.name)
@@ -71,11 +84,20 @@ def candidates(configs, profile: dict[str, dict], power_w: float | None = None,
             rank = float(c.flops or 0)
         energy = stats["p50_ms"] * power_w if power_w else stats.get("energy_mj")
         out.append(Candidate(c.name, float(rank), float(stats[f"{tail}_ms"]), stats.get("peak_memory_mb"),
-                             energy))
+                             energy, threads))
     return out
 
 
-def fits(c: Candidate, b: Budget, margin: float, slowdown: float = 1.0) -> bool:
+Slowdown = float | dict[int, float]
+
+
+def _slow(c: Candidate, slowdown: Slowdown) -> float:
+    """The slowdown that applies to `c`: one for all, or one per thread count (1.0 where never observed)."""
+    return slowdown.get(c.threads, 1.0) if isinstance(slowdown, dict) else slowdown
+
+
+def fits(c: Candidate, b: Budget, margin: float, slowdown: Slowdown = 1.0) -> bool:
+    slowdown = _slow(c, slowdown)
     if b.latency_ms is not None and c.p90_ms * slowdown > margin * b.latency_ms:
         return False
     if b.memory_mb is not None and (c.memory_mb is None or c.memory_mb > b.memory_mb):
@@ -85,7 +107,7 @@ def fits(c: Candidate, b: Budget, margin: float, slowdown: float = 1.0) -> bool:
     return True
 
 
-def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown: float = 1.0,
+def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown: Slowdown = 1.0,
            degrade: bool = False) -> tuple[Candidate, bool]:
     """The best-ranked candidate that fits (ties: the faster); (smallest, False) if none fits and `degrade`.
 
@@ -96,14 +118,15 @@ def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown:
         raise BudgetError("energy budget given but this device has no power figure to estimate energy; "
                           "drop energy_mj or describe the device's power")
     ok = [c for c in cands if fits(c, b, margin, slowdown)]
-    if ok:
-        return max(ok, key=lambda c: (c.rank, -c.p90_ms)), True
-    smallest = min(cands, key=lambda c: c.p90_ms)
+    if ok:   # ties (one config at several thread counts): the faster under the slowdown observed
+        return max(ok, key=lambda c: (c.rank, -c.p90_ms * _slow(c, slowdown))), True
+    smallest = min(cands, key=lambda c: c.p90_ms * _slow(c, slowdown))
     if degrade:
         return smallest, False
+    s = _slow(smallest, slowdown)
     raise BudgetError(f"no config fits the budget {b.describe()} (with margin {margin:g}, slowdown "
-                      f"{slowdown:.2f}x): the fastest, {smallest.name!r}, has p90 "
-                      f"{smallest.p90_ms * slowdown:.3f} ms; raise the budget or pass degrade=True")
+                      f"{s:.2f}x): the fastest, {smallest.key!r}, has p90 "
+                      f"{smallest.p90_ms * s:.3f} ms; raise the budget or pass degrade=True")
 
 
 class Adapter:
@@ -117,59 +140,88 @@ class Adapter:
     Down is fast, up is slow: `fast_down` consecutive runs over the latency budget end the window early
     (their smallest latency sets the slowdown), so a sudden slowdown costs a few late requests, not a
     window of them. 0 turns it off.
+
+    Thread counts (candidates with `threads` > 0): load slows engines at different thread counts
+    differently (a co-running process on one core slows a 2-thread engine, not a 1-thread one), so the
+    slowdown is kept per thread count, from the runs observed at that count. A count not run for a while
+    has a stale slowdown; when a better candidate at another count is held back only by that, the adapter
+    *probes* it: switches to it on trial, and goes back after `probe_late` late runs (a failed probe costs
+    about that many late requests) or keeps it after a clean window. Probes wait `probe_after` runs
+    (default 2 windows), doubling after each failure up to 4x that, reset by a success.
     """
 
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
                  margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
-                 fast_down: int = 3):
+                 fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2):
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:
             raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
-        self.cands = {c.name: c for c in cands}
+        if probe_late < 1:
+            raise UsageError(f"probe_late must be >= 1 (late runs that end a probe), got {probe_late}")
+        self.cands = {c.key: c for c in cands}
+        if len(self.cands) != len(cands):
+            raise UsageError("candidates repeat a config at one thread count")
         self.budget, self.degrade = budget, degrade
         self.margin_hi, self.margin_lo, self.up_after = margin_hi, margin_lo, up_after
+        self.slowdowns: dict[int, float] = {c.threads: 1.0 for c in cands}
         first, self.fits = choose(cands, budget, margin=margin_hi, degrade=degrade)
-        self.current = first.name
+        self.current = first.key
         self._window: deque[float] = deque(maxlen=window)
         self.percentile = percentile
         self._agree = 0
-        self.slowdown = 1.0
         self.fast_down = fast_down
         self._late: list[float] = []
+        self.probe_base = probe_after if probe_after is not None else 2 * window
+        self.probe_late = probe_late
+        self._probe_every = self.probe_base
+        self._since_probe = 0
+        self._probe: dict | None = None          # {"back": key, "runs": [...], "late": [...]} while on trial
+        self.probes = {"tried": 0, "kept": 0}
         self._lock = threading.Lock()
 
+    @property
+    def slowdown(self) -> float:
+        """The slowdown observed at the current config's thread count."""
+        return self.slowdowns[self.cands[self.current].threads]
+
     def observe(self, config: str, latency_ms: float) -> str | None:
-        """Record one run; returns the config to switch to, or None to stay. Thread-safe."""
+        """Record one run of candidate `config` (its key); returns the key to switch to, or None to stay.
+        Thread-safe."""
         with self._lock:
             if config != self.current:
                 return None                      # a run that started before the last switch
+            if self._probe is not None:
+                return self._on_trial(latency_ms)
             self._window.append(latency_ms)
             limit = self.budget.latency_ms
             if self.fast_down and limit is not None:
                 self._late = self._late + [latency_ms] if latency_ms > limit else []
                 if len(self._late) >= self.fast_down:
-                    self.slowdown = min(self._late) / self.cands[self.current].p90_ms
+                    self._set_slowdown(min(self._late))
                     self._late = []
                     self._window.clear()
                     return self._decide()
             if len(self._window) < self._window.maxlen:
-                return None
-            tail = float(np.percentile(self._window, self.percentile))
-            self.slowdown = max(tail / self.cands[self.current].p90_ms, 1e-3)
+                return self._maybe_probe()
+            self._set_slowdown(float(np.percentile(self._window, self.percentile)))
             self._window.clear()
             self._late = []
-            return self._decide()
+            return self._decide() or self._maybe_probe()
+
+    def _set_slowdown(self, latency_ms: float) -> None:
+        cur = self.cands[self.current]
+        self.slowdowns[cur.threads] = max(latency_ms / cur.p90_ms, 1e-3)
 
     def _decide(self) -> str | None:
         cur = self.cands[self.current]
         cands = list(self.cands.values())
-        if not fits(cur, self.budget, self.margin_hi, self.slowdown):
-            best, self.fits = choose(cands, self.budget, margin=self.margin_hi, slowdown=self.slowdown,
+        if not fits(cur, self.budget, self.margin_hi, self.slowdowns):
+            best, self.fits = choose(cands, self.budget, margin=self.margin_hi, slowdown=self.slowdowns,
                                      degrade=True)
             self._agree = 0
-            return self._switch(best.name)
-        up = [c for c in cands if c.rank > cur.rank and fits(c, self.budget, self.margin_lo, self.slowdown)]
+            return self._switch(best.key)
+        up = [c for c in cands if c.rank > cur.rank and fits(c, self.budget, self.margin_lo, self.slowdowns)]
         if not up:
             self._agree = 0
             return None
@@ -177,10 +229,51 @@ class Adapter:
         if self._agree < self.up_after:
             return None
         self._agree = 0
-        return self._switch(max(up, key=lambda c: (c.rank, -c.p90_ms)).name)
+        return self._switch(max(up, key=lambda c: (c.rank, -c.p90_ms * _slow(c, self.slowdowns))).key)
 
-    def _switch(self, name: str) -> str | None:
-        if name == self.current:
+    def _maybe_probe(self) -> str | None:
+        """Try a better candidate at another thread count whose stale slowdown alone holds it back."""
+        if len(self.slowdowns) < 2 or self.budget.latency_ms is None:
             return None
-        self.current = name
-        return name
+        self._since_probe += 1
+        if self._since_probe < self._probe_every:
+            return None
+        self._since_probe = 0
+        cur = self.cands[self.current]
+        here = self.slowdown                     # the hypothesis: the other count is as loaded as this one
+        held = [c for c in self.cands.values() if c.threads != cur.threads and c.rank > cur.rank
+                and fits(c, self.budget, self.margin_lo, here)
+                and not fits(c, self.budget, self.margin_lo, self.slowdowns)]
+        if not held:
+            return None
+        target = max(held, key=lambda c: (c.rank, -c.p90_ms))
+        self._probe = {"back": self.current, "runs": [], "late": []}
+        self.probes["tried"] += 1
+        self._window.clear()
+        self._late = []
+        return self._switch(target.key)
+
+    def _on_trial(self, latency_ms: float) -> str | None:
+        probe = self._probe
+        probe["runs"].append(latency_ms)
+        if latency_ms > self.budget.latency_ms:
+            probe["late"].append(latency_ms)
+        if len(probe["late"]) >= self.probe_late:
+            self._set_slowdown(min(probe["late"]))
+            self._probe = None
+            self._probe_every = min(2 * self._probe_every, 4 * self.probe_base)
+            return self._switch(probe["back"])
+        if len(probe["runs"]) < self._window.maxlen:
+            return None
+        self._set_slowdown(float(np.percentile(probe["runs"], self.percentile)))
+        self._probe = None
+        self._probe_every = self.probe_base
+        self.probes["kept"] += 1
+        return self._decide()
+
+    def _switch(self, key: str) -> str | None:
+        if key == self.current:
+            return None
+        self.current = key
+        self._since_probe = 0
+        return key

@@ -78,38 +78,72 @@ def _peak_memory_mb(path: str, config: str, backend: str, threads: int, batch: i
 
 def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50, max_runs: int = 20000,
                     min_seconds: float = 0.5, memory: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Profile every config of `rt` (an `edgeflex.Runtime`) at `batch`; the runtime is left on its config."""
+    """Profile every config of `rt` (an `edgeflex.Runtime`) at `batch`, at each of its thread counts;
+    the runtime is left on its config. `configs` holds the stats at the first count, `by_threads` all."""
     from tqdm.auto import tqdm
 
     shape = [batch if d is None else d for d in rt.inputs[0].shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(rt.inputs[0].dtype)
     extra = [np.random.default_rng(i).standard_normal([batch if d is None else d for d in s.shape])
              .astype(s.dtype) for i, s in enumerate(rt.inputs[1:], start=1)]
-    start_config, out = rt.config, {}
-    for c in tqdm(rt.configs, desc=f"profile {rt.bundle.name}", disable=not progress, leave=False):
-        rt.switch(c.name)
+    start_config, start_threads = rt.config, rt.threads
+    todo = [(t, c.name) for t in rt.thread_counts for c in rt.configs]
+    by_threads: dict[str, dict[str, Any]] = {str(t): {} for t in rt.thread_counts}
+    for threads, name in tqdm(todo, desc=f"profile {rt.bundle.name}", disable=not progress, leave=False):
+        rt.switch(name, threads=threads)
         t = _stable_times(lambda: rt.run(x, *extra), warmup=warmup, min_runs=min_runs, max_runs=max_runs,
                           min_seconds=min_seconds)
-        out[c.name] = {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-                       "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
-                       "throughput_per_s": float(batch * 1e3 / np.median(t)), "runs": len(t)}
+        stats = {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+                 "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
+                 "throughput_per_s": float(batch * 1e3 / np.median(t)), "runs": len(t)}
         if memory:
-            out[c.name]["peak_memory_mb"] = _peak_memory_mb(str(rt.bundle.path), c.name, rt.backend,
-                                                            rt.threads, batch)
-    rt.switch(start_config)
+            stats["peak_memory_mb"] = _peak_memory_mb(str(rt.bundle.path), name, rt.backend, threads, batch)
+        by_threads[str(threads)][name] = stats
+    rt.switch(start_config, threads=start_threads)
     return {"format": PROFILE_FORMAT, "device": rt.device, "obtained": "measured", "batch": batch,
-            "env": environment(rt), "configs": out}
+            "env": environment(rt), "configs": by_threads[str(rt.thread_counts[0])],
+            "by_threads": by_threads}
+
+
+def profile_threads(prof: dict[str, Any]) -> list[int]:
+    """The thread counts a profile has measurements at."""
+    if "by_threads" in prof:
+        return sorted(int(t) for t in prof["by_threads"])
+    return [prof.get("env", {}).get("threads")] if prof.get("env", {}).get("threads") else []
+
+
+def profile_at(prof: dict[str, Any], threads: int) -> dict[str, Any] | None:
+    """A profile's per-config stats measured at `threads` (None when it has none at that count)."""
+    if str(threads) in prof.get("by_threads", {}):
+        return prof["by_threads"][str(threads)]
+    return prof["configs"] if prof.get("env", {}).get("threads") == threads else None
 
 
 def environment(rt) -> dict[str, Any]:
-    return {"host": host_info(), "backend": rt.backend, "threads": rt.threads, "fused": rt.fused,
+    return {"host": host_info(), "backend": rt.backend, "threads": rt.thread_counts[0],
+            "thread_counts": list(rt.thread_counts), "fused": rt.fused,
             "versions": {**rt._backend.versions(), "python": platform.python_version()},
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def save_profile(path: str | os.PathLike, profile: dict[str, Any]) -> Bundle:
-    """Add or replace `profiles/<device>.json` in the bundle at `path`, atomically."""
+def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: bool = True) -> Bundle:
+    """Add or replace `profiles/<device>.json` in the bundle at `path`, atomically.
+
+    With `merge`, measurements the stored profile has at other thread counts are kept when it was taken
+    on the same host, backend and batch (so `--threads 2` then `--threads 1` adds up); otherwise replaced."""
+    if merge:
+        old = load_profile(Bundle.open(path), profile["device"])
+        same = old is not None and all(
+            old.get("env", {}).get(k) == profile.get("env", {}).get(k) for k in ("host", "backend", "fused")
+        ) and old.get("batch") == profile.get("batch")
+        if same:
+            kept = {str(t): profile_at(old, t) for t in profile_threads(old)}
+            new = profile.get("by_threads") or {str(profile["env"]["threads"]): profile["configs"]}
+            by_threads = {**kept, **new}
+            counts = sorted(int(t) for t in by_threads)
+            profile = {**profile, "by_threads": by_threads,
+                       "env": {**profile["env"], "thread_counts": counts}}
     data = (json.dumps(profile, indent=1) + "\n").encode()
     return update_bundle(path, {profile_path(profile["device"]): data})
 

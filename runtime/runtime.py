@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,8 @@ from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec
 from .checks import check_inputs
 from .errors import BundleError, UsageError
-from .policy import Adapter, Budget, BudgetError, candidates, fits
-from .profiles import load_profile
+from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
+from .profiles import load_profile, profile_at, profile_threads
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,18 @@ class _Plan:
     config: Config
     engines: tuple[Engine, ...]
     extra: tuple[np.ndarray, ...] = ()       # constant inputs after the user's (a DRESS sparse level)
+    threads: int = 1
+    key: str = ""                            # the policy's name for it: config, or config@<threads>t
 
 
 class Runtime:
     """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
 
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
+    A sequence of counts, e.g. `threads=(2, 1)`, loads every config's engines at each count (memory grows
+    with the counts: each engine keeps its own packed weights) and makes the count part of what
+    `switch(name, threads=)` and a budget's policy choose: under load on some cores, fewer threads can
+    be faster (see `policy.Adapter`). The first count is the one runs start on.
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
     the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments
@@ -62,9 +69,7 @@ class Runtime:
                  allow_native: bool = False):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be >= 1, got {threads}")
-        self.threads = threads or usable_cores()
+        self.thread_counts = _thread_counts(threads)
         self._backend = get_backend(backend) if isinstance(backend, str) else backend
         self.backend = self._backend.name
         self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
@@ -77,8 +82,15 @@ class Runtime:
                 start = self.bundle.config(only[0])
         self._only = set(only) if only is not None else None
         self.fused, self.fused_reason = self._resolve_fused(fused)
-        self._plans = self._build_plans()
-        self._plan = self._plans[start.name]
+        self._plan_sets = {t: self._build_plans(t) for t in self.thread_counts}
+        multi = len(self.thread_counts) > 1
+        self._by_key = {}
+        for t, plans in self._plan_sets.items():
+            for name, plan in plans.items():
+                plans[name] = plan = _Plan(plan.config, plan.engines, plan.extra, t,
+                                           candidate_key(name, t if multi else 0))
+                self._by_key[plan.key] = plan
+        self._plan = self._plan_sets[self.thread_counts[0]][start.name]
         self._adapter: Adapter | None = None
         self.budget_met = True
 
@@ -101,14 +113,14 @@ class Runtime:
             return False, f"fused copies would take {mb:.1f} MB > {AUTO_FUSE_MB} MB: segments chained"
         return True, f"fused copies take {mb:.1f} MB <= {AUTO_FUSE_MB} MB"
 
-    def _build_plans(self) -> dict[str, _Plan]:
+    def _build_plans(self, threads: int) -> dict[str, _Plan]:
         b = self.bundle
         tensors = b.tensors() if b.tensor_index else {}
         cache: dict[tuple, Engine] = {}
 
         def load(key: tuple, graph: str, ins, outs, inits: dict | None = None) -> Engine:
             if key not in cache:
-                cache[key] = self._backend.load(b.read(graph), ins, outs, threads=self.threads,
+                cache[key] = self._backend.load(b.read(graph), ins, outs, threads=threads,
                                                 initializers=inits)
             return cache[key]
 
@@ -202,13 +214,28 @@ class Runtime:
     def config(self) -> str:
         return self._plan.config.name
 
-    def switch(self, name: str) -> None:
-        """Make `name` the config of every run that starts from now on. No engine is (re)loaded."""
-        plan = self._plans.get(name)
+    @property
+    def threads(self) -> int:
+        """The thread count the current config runs at."""
+        return self._plan.threads
+
+    @property
+    def _plans(self) -> dict[str, _Plan]:
+        """The loaded configs at the current thread count."""
+        return self._plan_sets[self._plan.threads]
+
+    def switch(self, name: str, threads: int | None = None) -> None:
+        """Make `name` (at `threads`, default: the current count) the config of every run that starts
+        from now on. No engine is (re)loaded."""
+        if threads is not None and threads not in self._plan_sets:
+            raise UsageError(f"threads={threads} was not loaded; this runtime has engines at "
+                             f"{', '.join(map(str, self.thread_counts))} threads (Runtime(threads=(...)))")
+        plans = self._plan_sets[threads or self._plan.threads]
+        plan = plans.get(name)
         if plan is None:
             self.bundle.config(name)            # raises BundleError listing the configs
             raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
-                             f"{', '.join(self._plans)}")
+                             f"{', '.join(plans)}")
         self._plan = plan                       # one reference store: atomic under the GIL
 
     def run(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -226,9 +253,9 @@ class Runtime:
         for engine in plan.engines[1:]:
             outs = engine._run(outs)
         if adapter is not None:
-            target = adapter.observe(plan.config.name, (time.perf_counter() - t0) * 1e3)
+            target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
             if target is not None:
-                self.switch(target)
+                self._plan = self._by_key[target]
         return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))
 
     # --- profiles and budgets ----------------------------------------------------------------------------
@@ -279,9 +306,10 @@ class Runtime:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
         by_name = {c.name: c for c in self.configs}
-        cands = candidates(self.configs, prof["configs"])
+        stats = (profile_at(prof, self.threads) if device == self.device else None) or prof["configs"]
+        cands = candidates(self.configs, stats)
         ok = sorted((c for c in cands if fits(c, budget, margin)), key=lambda c: (-c.rank, c.p90_ms))
-        return [{"name": c.name, "quality": by_name[c.name].quality, **prof["configs"][c.name],
+        return [{"name": c.name, "quality": by_name[c.name].quality, **stats[c.name],
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
@@ -291,6 +319,8 @@ class Runtime:
 
         Adaptation re-selects every `window` runs from their `tail` percentile, and at once after
         `fast_down` runs in a row over the latency budget (0: windows only); see `policy.Adapter`.
+        With engines at several thread counts, the choice is (config, threads), each count judged on its
+        own profile (`edgeflex profile --threads 2,1`) and its own observed slowdown.
 
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
@@ -303,21 +333,35 @@ class Runtime:
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
         if tail not in ("p90", "p99"):
             raise UsageError(f"tail must be 'p90' or 'p99', got {tail!r}")
-        cands = [c for c in candidates(self.configs, prof["configs"], tail=tail) if c.name in self._plans]
+        multi = len(self.thread_counts) > 1
+        cands = []
+        for t in self.thread_counts:
+            stats = profile_at(prof, t)
+            if stats is None and not multi:
+                log.warning("the %s profile was measured at %s threads, this runtime runs %d: planning on it",
+                            self.device, ", ".join(map(str, profile_threads(prof))), t)
+                stats = prof["configs"]
+            if stats is None:
+                raise BudgetError(f"the {self.device} profile of {self.bundle.name!r} has no measurement at "
+                                  f"{t} threads (it has: {', '.join(map(str, profile_threads(prof)))}); run "
+                                  f"`edgeflex profile {self.bundle.path} --threads {t}`")
+            cands += [c for c in candidates(self.configs, stats, tail=tail, threads=t if multi else 0)
+                      if c.name in self._plan_sets[t]]
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.9,
                           percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down)
         self.budget_met = adapter.fits
         if not adapter.fits:
             log.warning("no config fits %s; running the fastest, %s (degrade=True)", budget.describe(),
                         adapter.current)
-        self.switch(adapter.current)
+        self._plan = self._by_key[adapter.current]
         self._adapter = adapter if adapt else None
-        return adapter.current
+        return self.config
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
         return {"name": self.bundle.name, "path": str(self.bundle.path), "family": self.bundle.family,
                 "backend": self.backend, "device": self.device, "threads": self.threads,
+                "thread_counts": list(self.thread_counts),
                 "config": self.config, "fused": self.fused, "fused_reason": self.fused_reason,
                 "inputs": [s.describe() for s in self.inputs],
                 "outputs": [s.describe() for s in self.outputs],
@@ -326,4 +370,15 @@ class Runtime:
 
     def __repr__(self) -> str:
         return (f"Runtime({self.bundle.name!r}, backend={self.backend!r}, device={self.device!r}, "
-                f"config={self.config!r})")
+                f"config={self.config!r}, threads={self.threads})")
+
+
+def _thread_counts(threads: int | Sequence[int] | None) -> tuple[int, ...]:
+    """`threads` as a tuple of distinct counts >= 1, first kept first (None: the usable cores)."""
+    if threads is None:
+        return (usable_cores(),)
+    counts = (threads,) if isinstance(threads, (int, np.integer)) else tuple(threads)
+    if not counts or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 1
+                             for t in counts):
+        raise UsageError(f"threads must be an int >= 1 or a non-empty sequence of them, got {threads!r}")
+    return tuple(dict.fromkeys(int(t) for t in counts))

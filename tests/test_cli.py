@@ -87,3 +87,19 @@ def test_export_untrained_starnet_and_unknown_model(tmp_path):
     r = cli("export", "--model", "resnet50", "--out", tmp_path / "r.efx", check=False)
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert not (tmp_path / "r.efx").exists()
+
+
+def test_profile_at_two_thread_counts_then_query(snnet_bundle, tmp_path):
+    import shutil
+
+    path = tmp_path / "sn.efx"
+    shutil.copytree(snnet_bundle[1], path)
+    r = cli("profile", path, "--threads", "2,1", "--no-memory", "--min-seconds", "0.02")
+    assert "at 1 thread(s):" in r.stdout and "2, 1 threads" in r.stdout
+    prof = json.loads((path / "profiles" / "host.json").read_text())
+    assert set(prof["by_threads"]) == {"1", "2"} and prof["configs"] == prof["by_threads"]["2"]
+    hits = json.loads(cli("query", path, "--latency-ms", "1e6", "--json").stdout)["configs"]
+    values = [h["quality"]["value"] for h in hits]
+    assert len(hits) == len(prof["configs"]) and values == sorted(values, reverse=True)
+    bad = cli("profile", path, "--threads", "2,x", check=False)
+    assert bad.returncode != 0 and "threads must be N or N,M" in bad.stderr

@@ -196,3 +196,69 @@ def test_query_for_a_device_without_profile_uses_the_predictor_and_says_so(elast
     assert "UNVALIDATED" in hits[0]["note"]
     with pytest.raises(ef.DeviceError, match="unknown device"):
         rt.query(Budget(latency_ms=1.0), device="jetson-nano-2gb")
+
+
+# --- thread counts as part of the choice ----------------------------------------------------------------
+
+# the same three configs at 2 threads and at 1 (slower when idle, but untouched by a hog on the other core)
+THREADED = [Candidate(c.name, c.rank, c.p90_ms, threads=2) for c in CANDS] + \
+    [Candidate(c.name, c.rank, c.p90_ms * 1.8, threads=1) for c in CANDS]
+
+
+def test_adapter_moves_to_fewer_threads_when_they_are_faster_under_load():
+    a = Adapter(THREADED, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.81, fast_down=3,
+                probe_after=16)
+    assert a.current == "large@2t"
+    # a hog slows the 2-thread engines 2x: 3 late runs; mid fits both at 2 threads (4.0) and at 1 (3.6, 1
+    # thread's slowdown never seen: 1.0), so the tie goes to the faster under what was observed
+    assert feed(a, "large@2t", 8.0, 3) == ["mid@1t"]
+    assert a.slowdowns == {2: 2.0, 1: 1.0} and a.slowdown == 1.0
+    with pytest.raises(ef.UsageError, match="repeat"):
+        Adapter(THREADED + THREADED[:1], Budget(latency_ms=5.0))
+
+
+def test_adapter_probes_a_stale_thread_count_backs_off_and_keeps_it_when_clean():
+    a = Adapter(THREADED, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.81, fast_down=3,
+                probe_after=16)
+    feed(a, "large@2t", 8.0, 3)
+    assert a.current == "mid@1t"
+    # at 1 thread, nothing says whether the hog left: after probe_after runs it tries large@2t on trial
+    assert feed(a, "mid@1t", 3.6, 15) == []
+    assert feed(a, "mid@1t", 3.6, 1) == ["large@2t"] and a.probes["tried"] == 1
+    # still loaded: two late runs end the trial, back to where it was; the next probe waits twice as long
+    assert feed(a, "large@2t", 8.0, 2) == ["mid@1t"] and a.slowdowns[2] == pytest.approx(2.0)
+    assert feed(a, "mid@1t", 3.6, 31) == []
+    assert feed(a, "mid@1t", 3.6, 1) == ["large@2t"] and a.probes["tried"] == 2
+    # the hog has gone: a clean window keeps it
+    assert feed(a, "large@2t", 4.0, 8) == [] and a.current == "large@2t"
+    assert a.probes == {"tried": 2, "kept": 1} and a.slowdowns[2] == pytest.approx(1.0)
+    assert feed(a, "large@2t", 4.0, 200) == []        # no probes from the best: nothing better is held back
+
+
+def test_runtime_with_several_thread_counts_switches_and_plans_on_each(elastic, tmp_path):
+    path = tmp_path / "t.efx"
+    shutil.copytree(elastic, path)                     # its profile: 1 thread only
+    rt = ef.Runtime(path, threads=(2, 1))
+    assert rt.thread_counts == (2, 1) and rt.threads == 2 and "threads=2" in repr(rt)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    y2 = rt.run(x)
+    rt.switch(rt.config, threads=1)
+    assert rt.threads == 1
+    np.testing.assert_allclose(rt.run(x), y2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ef.UsageError, match="threads=3 was not loaded.*2, 1"):
+        rt.switch(rt.config, threads=3)
+    with pytest.raises(BudgetError, match="no measurement at 2 threads.*--threads 2"):
+        rt.set_budget(Budget(latency_ms=1e6))
+    for bad in (0, (), (1, 0), "2", (True,)):
+        with pytest.raises(ef.UsageError, match="threads must be"):
+            ef.Runtime(path, threads=bad)
+    # profiling the two-count runtime adds 2 threads to the stored 1-thread measurements
+    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
+    prof = load_profile(ef.Bundle.open(path), "host")
+    assert set(prof["by_threads"]) == {"1", "2"} and prof["env"]["thread_counts"] == [1, 2]
+    assert all(set(v) == {c.name for c in rt.configs} for v in prof["by_threads"].values())
+    rt = ef.Runtime(path, threads=(2, 1))
+    best = max(rt.configs, key=lambda c: c.quality["value"]).name
+    assert rt.set_budget(Budget(latency_ms=1e6)) == best
+    name, _ = rt.run_config(x)
+    assert name == best and rt._adapter.current in (f"{best}@1t", f"{best}@2t")
