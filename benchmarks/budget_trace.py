@@ -76,6 +76,14 @@ def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float, gap_ms: fl
             "threads": np.array(threads)}
 
 
+def concat(chunks: list[dict], chunk_s: float) -> dict:
+    """One strategy's chunks as one trace, chunk i's clock shifted by i x chunk_s."""
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in ("latency_ms", "hog", "threads")}
+    out["t"] = np.concatenate([c["t"] + i * chunk_s for i, c in enumerate(chunks)])
+    out["config"] = [n for c in chunks for n in c["config"]]
+    return out
+
+
 def summarise(name: str, tr: dict, budget_ms: float, quality: dict[str, float]) -> dict:
     within = tr["latency_ms"] <= budget_ms
     q = np.array([quality[c] for c in tr["config"]])
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=Path("benchmarks/.elastic-bundles/snnet-starnet.efx"),
                    help="an elastic bundle (built by benchmarks/bench_elastic.py when missing)")
     p.add_argument("--seconds", type=float, default=24.0, help="length of each strategy's trace")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="the strategies take turns in this many chunks of whole hog periods")
     p.add_argument("--period", type=float, default=3.0, help="hog off/on period (s)")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="pause between requests (the profile is measured back to back, so 0 matches it)")
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1,
                    help="images per request (a camera's tiles, a burst): larger requests, ms-scale configs")
     p.add_argument("--threads", type=int, help="ORT threads (default: the usable cores)")
+    p.add_argument("--no-os-hint", action="store_true",
+                   help="the thread-switching policy probes by timer only, without reading /proc/stat")
     p.add_argument("--no-thread-switch", action="store_true",
                    help="leave out the adaptive strategy that also chooses 1 thread (engines at both counts)")
     p.add_argument("--window", type=int, default=100, help="adapter window (runs)")
@@ -166,21 +178,30 @@ def main(argv: list[str] | None = None) -> int:
     smallest = min(prof, key=lambda n: prof[n]["p90_ms"])
     cores = sorted(os.sched_getaffinity(0))
     hog = Hog(cores if a.hog_cores == "all" else cores[-1:])
-    traces = {}
+    def fresh() -> ef.Runtime:
+        return ef.Runtime(a.bundle, threads=threads)
+
+    strategies = {f"adaptive (set_budget {budget_ms:.3f} ms), {threads} threads": (rt, None),
+                  f"static best when idle ({static_best})": (fresh(), static_best),
+                  f"static smallest ({smallest})": (fresh(), smallest)}
+    if len(counts) > 1:
+        strategies = {f"adaptive, config x threads {counts}": (rt_counts, None), **strategies}
+    for runtime, fixed in strategies.values():
+        runtime.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
+                           fast_down=a.fast_down, os_hint=not a.no_os_hint)
+        if fixed is not None:
+            runtime.switch(fixed)
+    # round robin: each strategy runs `rounds` chunks of whole hog periods, so a drift of the shared machine
+    # (this VM has fast and slow spells of ~1.4x) falls on every strategy alike
+    chunk = max(2 * a.period, round(a.seconds / a.rounds / (2 * a.period)) * 2 * a.period)
+    parts: dict[str, list[dict]] = {name: [] for name in strategies}
     try:
-        strategies = {f"adaptive (set_budget {budget_ms:.3f} ms), {threads} threads": (rt, None),
-                      f"static best when idle ({static_best})": (rt, static_best),
-                      f"static smallest ({smallest})": (rt, smallest)}
-        if len(counts) > 1:
-            strategies = {f"adaptive, config x threads {counts}": (rt_counts, None), **strategies}
-        for name, (runtime, fixed) in strategies.items():
-            runtime.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
-                               fast_down=a.fast_down)
-            if fixed is not None:
-                runtime.switch(fixed)
-            traces[name] = trace(runtime, hog, seconds=a.seconds, period=a.period, gap_ms=a.gap_ms, x=x)
+        for _ in range(max(1, round(a.seconds / chunk))):
+            for name, (runtime, _fixed) in strategies.items():
+                parts[name].append(trace(runtime, hog, seconds=chunk, period=a.period, gap_ms=a.gap_ms, x=x))
     finally:
         hog.close()
+    traces = {name: concat(chunks, chunk) for name, chunks in parts.items()}
     rows = [summarise(n, tr, budget_ms, quality) for n, tr in traces.items()]
     hog_cores = cores if a.hog_cores == "all" else cores[-1:]
     png = (a.out.parent if a.out else Path("benchmarks")) / "budget_trace.png"
@@ -196,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['one_thread_hog']:.0%} |")
     adapter = rt_counts._adapter
     if len(counts) > 1 and adapter is not None:
-        lines += ["", f"Thread-count probes of the first strategy: {adapter.probes['tried']} tried, "
+        how = ("by timer only" if a.no_os_hint
+               else "when /proc/stat shows the cores free (timer if unreadable)")
+        lines += ["", f"Thread-count probes of the first strategy ({how}): {adapter.probes['tried']} tried, "
                   f"{adapter.probes['kept']} kept (a failed probe costs up to 2 late requests)."]
     body = "\n".join([
         f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
@@ -205,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts} threads for the thread-switching strategy, each count profiled "
         f"({'fused' if rt.fused else 'chained'}: {rt.fused_reason}); busy-loop processes "
         f"pinned to core(s) {hog_cores} run every other {a.period:g} s; each strategy {a.seconds:g} s "
-        f"of requests with {a.gap_ms:g} ms gaps. Goal: adaptive >= 99 % within budget, quality above the "
+        f"of requests with {a.gap_ms:g} ms gaps, the strategies taking turns in chunks of {chunk:g} s. "
+        "Goal: adaptive >= 99 % within budget, quality above the "
         "smallest config's, and no worse than the static best when idle.", "", *lines, "",
         f"![budget trace]({png.name})", "",
         "Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(threads).items()],

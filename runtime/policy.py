@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,11 +149,15 @@ class Adapter:
     *probes* it: switches to it on trial, and goes back after `probe_late` late runs (a failed probe costs
     about that many late requests) or keeps it after a clean window. Probes wait `probe_after` runs
     (default 2 windows), doubling after each failure up to 4x that, reset by a success.
+    `idle_cores` (e.g. `devices.load.IdleCores()`), asked once a window, tells how many cores were idle:
+    where it answers, a probe goes ahead as soon as the extra threads' cores are free (0.75 of a core
+    each) and never while they are busy; where it returns None, the timer above decides.
     """
 
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
                  margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
-                 fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2):
+                 fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2,
+                 idle_cores: Callable[[], float | None] | None = None):
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:
@@ -178,6 +183,8 @@ class Adapter:
         self._since_probe = 0
         self._probe: dict | None = None          # {"back": key, "runs": [...], "late": [...]} while on trial
         self.probes = {"tried": 0, "kept": 0}
+        self.idle_cores = idle_cores
+        self._hinted = False
         self._lock = threading.Lock()
 
     @property
@@ -236,17 +243,28 @@ class Adapter:
         if len(self.slowdowns) < 2 or self.budget.latency_ms is None:
             return None
         self._since_probe += 1
-        if self._since_probe < self._probe_every:
-            return None
-        self._since_probe = 0
+        free = None
+        if self.idle_cores is not None and self._since_probe % self._window.maxlen == 0:
+            free = self.idle_cores()
+            self._hinted = self._hinted or free is not None
+        if free is None and (self._hinted or self._since_probe < self._probe_every):
+            return None                          # once the OS has answered, its answer decides
         cur = self.cands[self.current]
         here = self.slowdown                     # the hypothesis: the other count is as loaded as this one
         held = [c for c in self.cands.values() if c.threads != cur.threads and c.rank > cur.rank
                 and fits(c, self.budget, self.margin_lo, here)
                 and not fits(c, self.budget, self.margin_lo, self.slowdowns)]
         if not held:
+            self._since_probe = 0
             return None
         target = max(held, key=lambda c: (c.rank, -c.p90_ms))
+        need = target.threads - cur.threads
+        if free is not None and need > 0:
+            if free < 0.75 * need:
+                return None                      # its cores are busy: a probe would only be late
+        elif self._since_probe < self._probe_every:
+            return None
+        self._since_probe = 0
         self._probe = {"back": self.current, "runs": [], "late": []}
         self.probes["tried"] += 1
         self._window.clear()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.devices import check_device, host_info, usable_cores
+from edgeflex.devices.load import IdleCores
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
@@ -313,14 +314,16 @@ class Runtime:
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
-                   margin: float = 0.85, window: int = 32, tail: str = "p90", fast_down: int = 3) -> str:
+                   margin: float = 0.85, window: int = 32, tail: str = "p90", fast_down: int = 3,
+                   os_hint: bool = True) -> str:
         """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
         keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
 
         Adaptation re-selects every `window` runs from their `tail` percentile, and at once after
         `fast_down` runs in a row over the latency budget (0: windows only); see `policy.Adapter`.
         With engines at several thread counts, the choice is (config, threads), each count judged on its
-        own profile (`edgeflex profile --threads 2,1`) and its own observed slowdown.
+        own profile (`edgeflex profile --threads 2,1`) and its own observed slowdown; `os_hint` lets the
+        policy read the OS's idle-core count (`devices.load.IdleCores`) to time its tries of more threads.
 
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
@@ -347,8 +350,9 @@ class Runtime:
                                   f"`edgeflex profile {self.bundle.path} --threads {t}`")
             cands += [c for c in candidates(self.configs, stats, tail=tail, threads=t if multi else 0)
                       if c.name in self._plan_sets[t]]
+        hint = IdleCores() if multi and os_hint else None
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.9,
-                          percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down)
+                          percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down, idle_cores=hint)
         self.budget_met = adapter.fits
         if not adapter.fits:
             log.warning("no config fits %s; running the fastest, %s (degrade=True)", budget.describe(),

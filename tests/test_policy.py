@@ -262,3 +262,35 @@ def test_runtime_with_several_thread_counts_switches_and_plans_on_each(elastic, 
     assert rt.set_budget(Budget(latency_ms=1e6)) == best
     name, _ = rt.run_config(x)
     assert name == best and rt._adapter.current in (f"{best}@1t", f"{best}@2t")
+
+
+def test_adapter_probes_when_the_os_says_the_cores_are_free_and_not_before():
+    free = {"cores": 0.1}
+    a = Adapter(THREADED, Budget(latency_ms=5.0), window=8, margin_hi=0.9, margin_lo=0.81, fast_down=3,
+                probe_after=16, idle_cores=lambda: free["cores"])
+    feed(a, "large@2t", 8.0, 3)
+    assert a.current == "mid@1t"
+    assert feed(a, "mid@1t", 3.6, 200) == [] and a.probes["tried"] == 0     # busy: no probe, timer or not
+    free["cores"] = 0.9
+    assert feed(a, "mid@1t", 3.6, 8) == ["large@2t"]                        # at the next window: free
+    assert feed(a, "large@2t", 4.0, 8) == [] and a.probes == {"tried": 1, "kept": 1}
+
+
+def test_idle_cores_reads_proc_stat(tmp_path):
+    from edgeflex.devices.load import IdleCores
+
+    stat = tmp_path / "stat"
+
+    def write(busy0, idle0, busy1, idle1):
+        stat.write_text(f"cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 {busy0} 0 0 {idle0} 0 0 0 0 0 0\n"
+                        f"cpu1 {busy1} 0 0 {idle1} 0 0 0 0 0 0\ncpu2 0 0 0 99 0 0 0 0\nintr 1 2 3\n")
+    write(100, 100, 100, 100)
+    probe = IdleCores(str(stat), cpus={0, 1})               # cpu2 is not ours: never counted
+    assert probe() is None                                  # the first call has nothing to compare with
+    write(150, 100, 100, 150)                               # cpu0 busy 50 ticks, cpu1 idle 50 ticks
+    assert probe() == pytest.approx(1.0)
+    write(151, 100, 100, 150)                               # under two ticks per CPU: no answer yet
+    assert probe() is None
+    write(160, 140, 110, 190)                               # 80 % idle on both since the last answer
+    assert probe() == pytest.approx(2 * 80 / 100)
+    assert IdleCores(str(tmp_path / "missing"))() is None

@@ -230,3 +230,20 @@ def test_unknown_corruption_names_the_known_ones() -> None:
         corrupt_digits(torch.zeros(1, 3, 8, 8), "foggy", torch.Generator())
     with pytest.raises(ValueError, match=r"test_copies must be >= 1, got 0"):
         load_digits_images(32, 0, "corrupted", test_copies=0)
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_joint_training_options_freeze_bn_statistics_and_distill(monkeypatch: pytest.MonkeyPatch,
+                                                                 freeze_bn: bool) -> None:
+    x_train, y_train, x_test, y_test = load_digits_images(32, 0, "corrupted")
+    monkeypatch.setattr(snnet, "load_digits_images", lambda *_: (x_train[:128], y_train[:128], x_test[:40],
+                                                                 y_test[:40]))
+    anchors = {v: random_anchor(v, i) for i, v in enumerate(PAIR)}
+    monkeypatch.setattr(snnet, "train_starnet_digits", lambda v, **_: (anchors[v], {"value": 0.1}))
+    before = {k: v.clone() for v_name, net in anchors.items() for k, v in
+              ((f"{v_name}.{n}", b) for n, b in net.named_buffers() if n.endswith("running_mean"))}
+    _, result = train_snnet_digits(PAIR, epochs=1, progress=False, distill=0.5, freeze_bn=freeze_bn)
+    after = {f"{v_name}.{n}": b for v_name, net in anchors.items() for n, b in net.named_buffers()
+             if n.endswith("running_mean")}
+    same = all(torch.equal(before[k], after[k]) for k in before)
+    assert same == freeze_bn and (result["distill"], result["freeze_bn"]) == (0.5, freeze_bn)

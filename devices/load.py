@@ -1,0 +1,55 @@
+"""How much of this machine is free right now, read from the OS: a hint for the budget policy.
+
+`IdleCores()` returns, per call, how many of this process's allowed CPUs were idle on average since the
+previous call, from the kernel's per-CPU tick counters (`/proc/stat`, Linux; USER_HZ ticks, usually 10 ms,
+so calls less than a few ticks apart return None). Where the file cannot be read (macOS, Android apps since
+Android 8) it always returns None and the policy falls back to probing by trial.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class IdleCores:
+    def __init__(self, path: str = "/proc/stat", cpus: set[int] | None = None):
+        self.path = path
+        if cpus is None and hasattr(os, "sched_getaffinity"):
+            cpus = set(os.sched_getaffinity(0))
+        self.cpus = cpus
+        self._last: dict[int, tuple[int, int]] | None = None
+
+    def _read(self) -> dict[int, tuple[int, int]] | None:
+        """cpu -> (idle ticks, all ticks) for the allowed CPUs; None if unreadable."""
+        try:
+            with open(self.path, encoding="ascii") as f:
+                lines = f.readlines()
+        except OSError:
+            return None
+        out = {}
+        for ln in lines:
+            if not ln.startswith("cpu") or not ln[3:4].isdigit():
+                continue
+            name, *fields = ln.split()
+            cpu = int(name[3:])
+            if self.cpus is not None and cpu not in self.cpus:
+                continue
+            ticks = [int(v) for v in fields[:8]]        # user nice system idle iowait irq softirq steal
+            if len(ticks) < 5:
+                return None
+            out[cpu] = (ticks[3] + ticks[4], sum(ticks))
+        return out or None
+
+    def __call__(self) -> float | None:
+        now = self._read()
+        if now is None:
+            return None
+        last, self._last = self._last, now
+        if last is None or set(last) != set(now):
+            return None
+        d_idle = sum(now[c][0] - last[c][0] for c in now)
+        d_all = sum(now[c][1] - last[c][1] for c in now)
+        if d_all < 2 * len(now):                        # under two ticks per CPU: too short to tell
+            self._last = last                           # keep accumulating from the older sample
+            return None
+        return len(now) * d_idle / d_all
