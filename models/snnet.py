@@ -43,7 +43,10 @@ STITCH_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
 # together ("fulltune") at 1/10 of the pre-training learning rate (its DeiT recipe: 5e-5 vs 5e-4). It solves
 # the least squares on 100 images; stage-2 maps are 2x2 here, so 512 images give enough pixels per channel.
 # Epochs for the corrupted digits: 50 anchor + 30 joint epochs take 254 s on 2 loaded cores (1 thread).
-SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50, "epochs": 30}
+# `distill` and `freeze_bn` (see `_joint_train`) are off: on the corrupted digits neither lifted the stitched
+# configs (s050-s100 and s025-s100, seed 0; benchmarks/RESULTS.md, "SN-Net recipes tried").
+SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50, "epochs": 30,
+                "distill": 0.0, "freeze_bn": False}
 # A stitched config more than this outside the anchors' top-1 range is logged as off the curve.
 OFF_CURVE = 0.02
 
@@ -314,9 +317,18 @@ def _joint_train(
     gen: torch.Generator,
     progress: bool,
     corruption: str | None,
+    distill: float = 0.0,
+    freeze_bn: bool = False,
 ) -> None:
     """The paper's joint training: each step one config, uniformly sampled (anchors included), updates all
-    it runs, anchors too ("fulltune"). AdamW with a one-cycle schedule, the anchors' augmentation."""
+    it runs, anchors too ("fulltune"). AdamW with a one-cycle schedule, the anchors' augmentation.
+
+    `freeze_bn` keeps every BatchNorm's running statistics at the anchors' own (BN layers in eval mode; their
+    affine weights still train), so the stitched configs' activations do not shift the statistics the
+    anchors' shared layers normalise by. `distill` > 0 adds in-place distillation (as slimmable networks
+    and BigNAS train their sub-networks): a step of any config but the largest anchor is scored
+    `(1 - distill) * CE + distill * KL(student || largest anchor's softmax on the same batch)`, the teacher
+    run without gradients."""
     if epochs == 0:
         return
     r, names = RECIPE, model.config_names()
@@ -326,13 +338,29 @@ def _joint_train(
         opt, max_lr=SNNET_RECIPE["lr"], epochs=epochs, steps_per_epoch=steps_per_epoch
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
+    largest = names[-1]
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     for _ in tqdm(range(epochs), desc="snnet joint", disable=not progress):
         order = torch.randperm(len(y), generator=gen)
         for i in range(0, len(order), r["batch_size"]):
             batch = order[i : i + r["batch_size"]]
-            model.set_config(names[int(torch.randint(len(names), (1,), generator=gen))])
-            loss = loss_fn(model(augment(x[batch], corruption, gen)), y[batch])
+            name = names[int(torch.randint(len(names), (1,), generator=gen))]
+            images = augment(x[batch], corruption, gen)
+            teacher = None
+            if distill > 0 and name != largest:
+                model.set_config(largest)
+                with torch.no_grad():
+                    teacher = torch.softmax(model(images), dim=1)
+            model.set_config(name)
+            logits = model(images)
+            loss = loss_fn(logits, y[batch])
+            if teacher is not None:
+                kd = nn.functional.kl_div(torch.log_softmax(logits, dim=1), teacher, reduction="batchmean")
+                loss = (1 - distill) * loss + distill * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -349,6 +377,8 @@ def train_snnet_digits(
     progress: bool = True,
     anchor_epochs: int = SNNET_RECIPE["anchor_epochs"],
     corruption: str | None = "corrupted",
+    distill: float = SNNET_RECIPE["distill"],
+    freeze_bn: bool = SNNET_RECIPE["freeze_bn"],
 ) -> tuple[SNNet, dict]:
     """Train the anchors on the digits (`corruption`: a key of `digits.CORRUPTIONS`, None for the clean
     images), stitch them (least squares, then `epochs` of joint training), and score every config on the
@@ -387,7 +417,7 @@ def train_snnet_digits(
         init_images = augment(x_train[order], corruption, gen) if corruption else x_train[order]
         ls_errors = lstsq_init(model, init_images, ridge=s["ridge"])
         ls_top1 = evaluate(model, x_test, y_test)
-        _joint_train(model, x_train, y_train, epochs, gen, progress, corruption)
+        _joint_train(model, x_train, y_train, epochs, gen, progress, corruption, distill, freeze_bn)
         model.eval()
         names = model.config_names()
         model.set_config(names[-1])
@@ -420,6 +450,8 @@ def train_snnet_digits(
         "anchor_top1": anchor_top1,
         "epochs": epochs,
         "anchor_epochs": anchor_epochs,
+        "distill": distill,
+        "freeze_bn": freeze_bn,
         "image_size": image_size,
     }
     return model, result
