@@ -3,8 +3,12 @@
 
     latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth)
                  + sum_g e_g * narrow_flops_g / peak_flops + c * nodes + d * engine_calls
+                 + h * (engine_calls - 1) * flops / peak_flops
 
 with k over operator kinds, g over the GEMM kinds (conv, matmul) whose narrow-channel FLOPs cost extra.
+The last term is a config chained over several engines losing a share of its speed with every extra
+engine (on ONNX Runtime at 2 threads each engine has its own thread pool: measured 1.3-1.6x for 3-segment
+chains on this host, against ~5 us per call at 1 thread).
 The coefficients are fitted by non-negative least squares on relative error,
 from (costs, measured p50) pairs of a reference device. On another device the same coefficients are applied
 with that device's peak and bandwidth (c and d scaled by the clock ratio): that transfer is UNVALIDATED until
@@ -31,7 +35,7 @@ KINDS = ("conv", "dwconv", "matmul", "elementwise", "norm", "data", "dft", "othe
 # GEMM kinds whose narrow-channel FLOPs (costs' `narrow_flops`) get a coefficient of their own.
 NARROW_KINDS = ("conv", "matmul")
 FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"narrow:{k}" for k in NARROW_KINDS),
-            *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls")
+            *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls", "chained")
 OVERHEADS = ("nodes", "engine_calls")
 
 Sample = tuple  # (costs: dict, p50_ms: float) or (costs, p50_ms, label)
@@ -79,7 +83,7 @@ def _figures(device: Device, unit: str, precision: str) -> dict[str, float | str
 
 def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     """One row of the design matrix: each kind's FLOPs and bytes as milliseconds at the device's peak and
-    bandwidth, then the node count and the number of engine calls."""
+    bandwidth, then the node count, the number of engine calls, and (calls - 1) x all FLOPs at peak."""
     per_kind = costs.get("per_kind")
     if not isinstance(per_kind, dict):
         raise DeviceError("costs have no 'per_kind' table; compute them with "
@@ -90,7 +94,9 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     row += [per_kind.get(k, {}).get("narrow_flops", 0) * ms_per_flop for k in NARROW_KINDS]
     row += [per_kind.get(k, {}).get("bytes", 0) * ms_per_byte for k in KINDS]
     nodes = costs.get("total", {}).get("nodes", sum(v.get("nodes", 0) for v in per_kind.values()))
-    row += [nodes, costs.get("engine_calls", 1)]
+    calls = costs.get("engine_calls", 1)
+    total_flops = sum(per_kind.get(k, {}).get("flops", 0) for k in KINDS)
+    row += [nodes, calls, max(calls - 1, 0) * total_flops * ms_per_flop]
     return np.asarray(row, float)
 
 
@@ -151,7 +157,8 @@ class Predictor:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + "
-                         "sum_g(e_g narrow_flops_g / peak) + c nodes + d engine_calls",
+                         "sum_g(e_g narrow_flops_g / peak) + c nodes + d engine_calls + "
+                         "h (engine_calls - 1) flops / peak",
                 "features": list(FEATURES),
                 "coef": dict(self.coef), "reference": dict(self.reference), "n_samples": self.n_samples,
                 "ridge": self.ridge, "fit_error": dict(self.fit_error)}
