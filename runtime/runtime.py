@@ -73,6 +73,9 @@ class Runtime:
         self.thread_counts = _thread_counts(threads)
         self._backend = get_backend(backend) if isinstance(backend, str) else backend
         self.backend = self._backend.name
+        if len(self.thread_counts) > 1 and not self._backend.per_engine_threads:
+            raise UsageError(f"backend {self.backend!r} sets one thread count for the whole process; give "
+                             f"one count, not {self.thread_counts} (several counts need onnxruntime)")
         self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
         start = self.bundle.config(config)
         self.dress_kernel = dress_kernel

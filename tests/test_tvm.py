@@ -77,6 +77,12 @@ def test_runs_from_several_threads_each_get_their_own_answer(fits_tvm: Path) -> 
         assert _rel(y, ort.run(x)) <= 1e-4
 
 
+def test_several_thread_counts_are_refused_on_tvm(fits_tvm: Path) -> None:
+    # TVM's thread pool is process-wide: engines at 1 and 2 threads in one process would both run at one
+    with pytest.raises(ef.UsageError, match="one thread count for the whole process.*onnxruntime"):
+        ef.Runtime(fits_tvm, backend="tvm", threads=(2, 1))
+
+
 def test_outputs_are_the_callers_and_inputs_are_not_kept(fits_tvm: Path) -> None:
     rt = ef.Runtime(fits_tvm, backend="tvm")
     x1, x2 = _x(rt.inputs[0], 2, seed=1), _x(rt.inputs[0], 2, seed=2)

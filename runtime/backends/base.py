@@ -29,6 +29,9 @@ class Engine(ABC):
 
 class Backend(ABC):
     name: str
+    # False where the thread count is one setting for the whole process (TVM's thread pool): a Runtime
+    # then cannot hold engines at several counts.
+    per_engine_threads: bool = True
 
     @abstractmethod
     def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,

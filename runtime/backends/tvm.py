@@ -127,6 +127,7 @@ class TvmEngine(Engine):
 
 class TvmBackend(Backend):
     name = "tvm"
+    per_engine_threads = False          # runtime.config_threadpool is process-wide
 
     def __init__(self):
         try:
