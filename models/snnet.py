@@ -25,16 +25,29 @@ from edgeflex.models.starnet import StarNet
 
 log = logging.getLogger(__name__)
 
-# Stitch points per pair of nearest anchors (small -> large: the paper's Fast-to-Slow direction and nearest
-# stitching): (stage, front_block, back_block) = the small anchor runs through block `front_block` of `stage`,
-# a 1x1 conv maps its channels, the large anchor resumes at block `back_block` of the same stage, so the
-# resolutions always match (back_block == depth: it resumes at the next stage).
-# s050 (1, 1, 3, 1) -> s100 (1, 2, 4, 1): (1, 0, 1), (2, 0, 1), (2, 2, 3) are the paper's depth-interpolated
-# pairs (block i of the shallower stage feeds block i + 1 of the deeper one, as upstream's
-# `unpaired_stitching`); (2, 0, 3) skips two s100 blocks for a config near s050 and reuses the same cuts.
-# Few cuts on purpose: each anchor is cut in 4 pieces and every config chains at most 5 segments.
-# s100 -> s150 (same depths in stages 1-2) reuses s100's cuts, so three anchors also stay within 5 segments.
+# Stitch points per pair of nearest anchors, keyed (front, back): (stage, front_block, back_block) = the front
+# anchor runs through block `front_block` of `stage`, a 1x1 conv maps its channels, the back anchor resumes at
+# block `back_block` of the same stage, so the resolutions always match (back_block == depth: it resumes at
+# the next stage).
+#
+# The direction is Slow-to-Fast (the larger anchor in front, the smaller behind), the reverse of the paper's
+# Fast-to-Slow default for ViTs, because that is the one that interpolates here. Measured (corrupted digits,
+# 30 joint epochs, seeds 0 and 1, both directions trained together; benchmarks/RESULTS.md):
+#   Fast-to-Slow (s050 -> s100), 4 configs: every one below s050 (0.838-0.866 vs s050 0.866/0.871);
+#   Slow-to-Fast (s100 -> s050), 4 configs: 0.867-0.883 and 0.867-0.889, rising with FLOPs between s050 and
+#   s100 (0.883/0.884). Over 4 seeds the Fast-to-Slow configs scored below s050 in 16/16 runs. StarNet's
+#   narrow early stages (16 channels in s050) lose what the wider back cannot recover; the wide front of s100
+#   keeps it, and the late stages of s050 classify from it nearly as well as s100's.
+# s100 (1, 2, 4, 1) -> s050 (1, 1, 3, 1): (1, 0, 0) leaves s100 after its first stage-1 block into s050's
+# stage 1; (2, 0, 1), (2, 1, 2) are the depth-interpolated pairs (block i of the deeper stage feeds block
+# i + 1 of the shallower one); (2, 2, 2) runs three of s100's four stage-2 blocks, then s050's last.
+# A config chains at most 6 segments. s150 -> s100 (same depths in stages 0-2): (2, 0, 1), (2, 2, 3).
+# The paper's Fast-to-Slow plans are kept in FAST_TO_SLOW_PLANS (SNNet(plans=...) takes either, or both).
 STITCH_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
+    ("s100", "s050"): ((1, 0, 0), (2, 0, 1), (2, 1, 2), (2, 2, 2)),
+    ("s150", "s100"): ((2, 0, 1), (2, 2, 3)),
+}
+FAST_TO_SLOW_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
     ("s050", "s100"): ((1, 0, 1), (2, 0, 1), (2, 0, 3), (2, 2, 3)),
     ("s100", "s150"): ((2, 0, 1), (2, 2, 3)),
 }
@@ -44,7 +57,7 @@ STITCH_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
 # the least squares on 100 images; stage-2 maps are 2x2 here, so 512 images give enough pixels per channel.
 # Epochs for the corrupted digits: 50 anchor + 30 joint epochs take 254 s on 2 loaded cores (1 thread).
 # `distill` and `freeze_bn` (see `_joint_train`) are off: on the corrupted digits neither lifted the stitched
-# configs (s050-s100 and s025-s100, seed 0; benchmarks/RESULTS.md, "SN-Net recipes tried").
+# configs (Fast-to-Slow s050 -> s100 and s025 -> s100, seed 0; benchmarks/RESULTS.md, "SN-Net recipes tried").
 SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50, "epochs": 30,
                 "distill": 0.0, "freeze_bn": False}
 # A stitched config more than this outside the anchors' top-1 range is logged as off the curve.
@@ -102,7 +115,7 @@ class SNNet(nn.Module):
     """Anchors (small -> large) plus stitching layers; `forward` runs the config chosen by `set_config`.
 
     Configs are the pure anchors (named by variant) and one per stitch point, named
-    `<front>.<last layer it runs>-<back>.<first layer it runs>`, e.g. `s050.s2b0-s100.s2b1`.
+    `<front>.<last layer it runs>-<back>.<first layer it runs>`, e.g. `s100.s2b0-s050.s2b1`.
     """
 
     family = "snnet"
@@ -127,14 +140,17 @@ class SNNet(nn.Module):
         self.stitches = nn.ModuleDict()
         self._layers = {name: _flat_layers(net) for name, net in self.anchors.items()}
         self._paths = {name: _Path(name, len(self._layers[name])) for name in names}
-        for front, back in itertools.pairwise(names):
-            if (front, back) not in plans:
+        for small, large in itertools.pairwise(names):
+            pairs = [p for p in ((large, small), (small, large)) if p in plans]
+            if not pairs:
                 raise ValueError(
-                    f"no stitch plan for {front} -> {back}; anchors go small -> large, nearest pairs, one of "
-                    f"{sorted(plans)} (add the pair to STITCH_PLANS)"
+                    f"no stitch plan between {small} and {large}; anchors are given small -> large, nearest "
+                    f"pairs stitch in either direction, keyed (front, back): {sorted(plans)} (add the pair "
+                    "to STITCH_PLANS)"
                 )
-            for stage, i, j in plans[(front, back)]:
-                self._add_stitch(front, back, stage, i, j)
+            for front, back in pairs:
+                for stage, i, j in plans[(front, back)]:
+                    self._add_stitch(front, back, stage, i, j)
         self._names = list(self._paths)
         in_chans = anchors[0].stem[0].conv.in_channels
         stats = config_stats(self, torch.zeros(1, in_chans, image_size, image_size))

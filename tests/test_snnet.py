@@ -15,6 +15,7 @@ from torch import nn
 from edgeflex.models import snnet
 from edgeflex.models.digits import TEST_COPIES, augment, corrupt_digits, load_digits_images
 from edgeflex.models.snnet import (
+    FAST_TO_SLOW_PLANS,
     STITCH_PLANS,
     SNNet,
     config_stats,
@@ -92,11 +93,12 @@ def test_segments_hold_every_weight_once_and_are_shared(variants: tuple[str, ...
     assert set(owner) == {id(p) for p in model.parameters()}
     uses = {name: sum(name in chain for chain in plan.values()) for name in segments}
     assert min(uses.values()) >= 1
-    # the small anchor's first piece runs in that anchor and in every stitch that leaves it
-    assert uses[plan[variants[0]][0]] == 1 + len(STITCH_PLANS[variants[:2]])
-    assert all(len(set(chain)) == len(chain) <= 5 for chain in plan.values())
+    # the largest anchor's first piece runs in that anchor and in every stitch that leaves it (Slow-to-Fast)
+    largest, next_one = variants[-1], variants[-2]
+    assert uses[plan[largest][0]] == 1 + len(STITCH_PLANS[(largest, next_one)])
+    assert all(len(set(chain)) == len(chain) <= 6 for chain in plan.values())
     stitched = [c for c in plan if c not in variants]
-    assert len(stitched) == sum(len(STITCH_PLANS[p]) for p in itertools.pairwise(variants))
+    assert len(stitched) == sum(len(STITCH_PLANS[(b, a)]) for a, b in itertools.pairwise(variants))
     assert all(sum(n.startswith("stitch.") for n in plan[c]) == 1 for c in stitched)
 
 
@@ -149,15 +151,17 @@ def test_least_squares_init_beats_a_random_stitch(images: torch.Tensor) -> None:
 
 def test_unknown_config_names_the_known_ones() -> None:
     model = make_snnet(PAIR)
-    with pytest.raises(ValueError, match=r"'s075'.*s050.*s050\.s2b0-s100\.s2b1.*s100"):
+    with pytest.raises(ValueError, match=r"'s075'.*s050.*s100\.s2b0-s050\.s2b1.*s100"):
         model.set_config("s075")
     assert model.config == "s100"
 
 
 def test_anchors_must_go_small_to_large_with_a_plan() -> None:
     small, large = random_anchor("s050", 0), random_anchor("s100", 1)
-    with pytest.raises(ValueError, match=r"no stitch plan for s100 -> s050"):
+    with pytest.raises(ValueError, match=r"small -> large by FLOPs, got \['s100', 's050'\]"):
         SNNet([large, small])
+    with pytest.raises(ValueError, match=r"no stitch plan between s050 and s100"):
+        SNNet([small, large], plans={("s100", "s150"): ((2, 0, 1),)})
     with pytest.raises(ValueError, match=r"s050 has no block 3 in stage 2"):
         SNNet([small, large], plans={PAIR: ((2, 3, 4),)})
 
@@ -247,3 +251,14 @@ def test_joint_training_options_freeze_bn_statistics_and_distill(monkeypatch: py
              if n.endswith("running_mean")}
     same = all(torch.equal(before[k], after[k]) for k in before)
     assert same == freeze_bn and (result["distill"], result["freeze_bn"]) == (0.5, freeze_bn)
+
+
+def test_both_directions_stitch_when_both_plans_are_given() -> None:
+    small, large = random_anchor("s050", 0), random_anchor("s100", 1)
+    plans = {**STITCH_PLANS, **FAST_TO_SLOW_PLANS}
+    model = SNNet([small, large], plans=plans)
+    names = model.config_names()
+    fronts = {model._paths[n].front for n in names if model._paths[n].back is not None}
+    assert fronts == {"s050", "s100"} and len(names) == 2 + len(plans[("s100", "s050")]) + len(
+        plans[("s050", "s100")])
+    assert (names[0], names[-1]) == PAIR
