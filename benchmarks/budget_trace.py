@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="pause between requests (the profile is measured back to back, so 0 matches it)")
     p.add_argument("--budget-ms", type=float, help="default: the largest config's idle p90 / 0.75: it fits "
-                   "the policy's up-switch margin (0.9 x 0.9 of the budget) with room when idle, so the "
-                   "adaptive runtime can come back to it after a slowdown")
+                   "the policy's up-switch margin (0.9 x the margin: 0.765 at 0.85) when idle, so "
+                   "the adaptive runtime can come back to it after a slowdown")
     p.add_argument("--hog-cores", default="other", choices=("other", "all"),
                    help="other: one hog on the last core (ORT's threads can dodge it); all: one per core")
     p.add_argument("--tail", default="p90", choices=("p90", "p99"),
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-thread-switch", action="store_true",
                    help="leave out the adaptive strategy that also chooses 1 thread (engines at both counts)")
     p.add_argument("--window", type=int, default=100, help="adapter window (runs)")
+    p.add_argument("--margin", type=float, default=0.85,
+                   help="the policy's safety margin (set_budget's default, 0.85; earlier runs used 0.9)")
     p.add_argument("--fast-down", type=int, default=3,
                    help="late runs in a row that switch down at once (0: window only)")
     p.add_argument("--out", type=Path)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = ef.Budget(latency_ms=budget_ms)
     x = np.random.default_rng(0).standard_normal([a.batch if d is None else d for d in rt.inputs[0].shape]
                                                  ).astype(np.float32)
-    static_best = rt.set_budget(budget, adapt=False, margin=0.9, tail=tail)
+    static_best = rt.set_budget(budget, adapt=False, margin=a.margin, tail=tail)
     smallest = min(prof, key=lambda n: prof[n]["p90_ms"])
     cores = sorted(os.sched_getaffinity(0))
     hog = Hog(cores if a.hog_cores == "all" else cores[-1:])
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(counts) > 1:
         strategies = {f"adaptive, config x threads {counts}": (rt_counts, None), **strategies}
     for runtime, fixed in strategies.values():
-        runtime.set_budget(budget if fixed is None else None, margin=0.9, tail=tail, window=a.window,
+        runtime.set_budget(budget if fixed is None else None, margin=a.margin, tail=tail, window=a.window,
                            fast_down=a.fast_down, os_hint=not a.no_os_hint)
         if fixed is not None:
             runtime.switch(fixed)
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{adapter.probes['kept']} kept (a failed probe costs up to 2 late requests)."]
     body = "\n".join([
         f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
-        f"(judged per request; the policy plans on {tail}; {a.batch} image(s) per request; adapter window "
+        f"(judged per request; the policy plans on {tail} within {a.margin:g} x the budget; {a.batch} "
+        f"image(s) per request; adapter window "
         f"{a.window}, fast down after {a.fast_down} late runs), {threads} ORT threads, and engines at "
         f"{counts} threads for the thread-switching strategy, each count profiled "
         f"({'fused' if rt.fused else 'chained'}: {rt.fused_reason}); busy-loop processes "

@@ -130,6 +130,11 @@ def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown:
                       f"{smallest.p90_ms * s:.3f} ms; raise the budget or pass degrade=True")
 
 
+# With the OS hint: after n probes in a row failed although the cores looked free, the next waits
+# 2**n - 1 windows (capped at n = 5: 31 windows), so a slow spell no co-runner explains costs few probes.
+MAX_HINTED_BACKOFF = 5
+
+
 class Adapter:
     """Online re-selection from observed latencies.
 
@@ -151,7 +156,8 @@ class Adapter:
     (default 2 windows), doubling after each failure up to 4x that, reset by a success.
     `idle_cores` (e.g. `devices.load.IdleCores()`), asked once a window, tells how many cores were idle:
     where it answers, a probe goes ahead as soon as the extra threads' cores are free (0.75 of a core
-    each) and never while they are busy; where it returns None, the timer above decides.
+    each) and never while they are busy; probes that fail although the cores look free back off
+    (`MAX_HINTED_BACKOFF`); where it returns None, the timer above decides.
     """
 
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
@@ -185,6 +191,7 @@ class Adapter:
         self.probes = {"tried": 0, "kept": 0}
         self.idle_cores = idle_cores
         self._hinted = False
+        self._fails = 0                          # probes failed in a row while the OS said the cores were free
         self._lock = threading.Lock()
 
     @property
@@ -261,7 +268,10 @@ class Adapter:
         need = target.threads - cur.threads
         if free is not None and need > 0:
             if free < 0.75 * need:
-                return None                      # its cores are busy: a probe would only be late
+                self._fails = 0                  # busy: a co-runner; when it leaves, probe at once
+                return None
+            if self._since_probe < self._window.maxlen * (2**self._fails - 1):
+                return None                      # free but the last probes failed (a slow spell): back off
         elif self._since_probe < self._probe_every:
             return None
         self._since_probe = 0
@@ -280,12 +290,14 @@ class Adapter:
             self._set_slowdown(min(probe["late"]))
             self._probe = None
             self._probe_every = min(2 * self._probe_every, 4 * self.probe_base)
+            self._fails = min(self._fails + 1, MAX_HINTED_BACKOFF)
             return self._switch(probe["back"])
         if len(probe["runs"]) < self._window.maxlen:
             return None
         self._set_slowdown(float(np.percentile(probe["runs"], self.percentile)))
         self._probe = None
         self._probe_every = self.probe_base
+        self._fails = 0
         self.probes["kept"] += 1
         return self._decide()
 
