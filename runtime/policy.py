@@ -191,7 +191,7 @@ class Adapter:
         self.probes = {"tried": 0, "kept": 0}
         self.idle_cores = idle_cores
         self._hinted = False
-        self._fails = 0                          # probes failed in a row while the OS said the cores were free
+        self._fails = 0                          # probes failed in a row although the OS said free
         self._lock = threading.Lock()
 
     @property
