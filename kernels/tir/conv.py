@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.match import Matcher, batch_of, padding4, rewrite_matches, stacked
+from edgeflex.kernels.tir.match import Matcher, batch_of, outermost, padding4, rewrite_matches, stacked
 
 PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
 OUT_BLOCK = 6       # output channels accumulated at once: 6 x 2 = 12 vector registers
@@ -151,7 +151,7 @@ def _find(func: Any) -> dict[Any, tuple[Any, Any, bool]]:
             inner.add(clipped)
         if conv[1] is not None:
             inner.update(m.definition(clipped if clipped is not None else var).args)
-    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+    return outermost(hits, inner)
 
 
 def _lower(var: Any, hit: tuple[Any, Any, bool]) -> tuple[str, Any, list[Any]]:

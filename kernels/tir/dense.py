@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, rewrite_matches, stacked, static
+from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, outermost, rewrite_matches, stacked, static
 
 VECTOR = 16         # outputs per vector: one AVX-512 register of float32
 BLOCK = 8           # vectors accumulated at once
@@ -107,7 +107,7 @@ def _find(func: Any) -> dict[Any, tuple[Any, Any, Any]]:
                 mm = None
         if mm is not None:
             hits[var] = (*mm, bias)
-    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+    return outermost(hits, inner)
 
 
 def _lower(var: Any, hit: tuple[Any, Any, Any]) -> tuple[str, Any, list[Any]]:

@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, padding4, rewrite_matches, stacked
+from edgeflex.kernels.tir.match import (
+    Matcher,
+    batch_of,
+    op_name,
+    outermost,
+    padding4,
+    rewrite_matches,
+    stacked,
+)
 
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
 BLOCK = 12          # vectors accumulated at once: up to 12 registers
@@ -148,7 +156,7 @@ def _find(func: Any) -> dict[Any, tuple[Any, Any, Any]]:
         hits[var] = (*conv, resid)
         if conv[1] is not None:
             inner.extend(m.definition(inner[-1] if resid is not None else var).args)
-    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+    return outermost(hits, inner)
 
 
 def _lower(var: Any, hit: tuple[Any, Any, Any]) -> tuple[str, Any, list[Any]]:

@@ -202,6 +202,11 @@ def rewrite_matches(mod: Any, ctx: RewriteContext, find: Callable[[Any], dict[An
     return relax.transform.DeadCodeElimination()(bb.get())
 
 
+def outermost(hits: dict[Any, Any], inner: Any) -> dict[Any, Any]:
+    """`hits` without the variables in `inner` (those a larger match of the same rewrite swallowed)."""
+    return {v: h for v, h in hits.items() if not any(v.same_as(i) for i in inner)}
+
+
 def batch_of(shape: Any) -> int | None:
     """The static batch (first dimension) of a Relax shape, None when symbolic."""
     import tvm
