@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -91,8 +91,7 @@ class Runtime:
         self._by_key = {}
         for t, plans in self._plan_sets.items():
             for name, plan in plans.items():
-                plans[name] = plan = _Plan(plan.config, plan.engines, plan.extra, t,
-                                           candidate_key(name, t if multi else 0))
+                plans[name] = plan = replace(plan, threads=t, key=candidate_key(name, t if multi else 0))
                 self._by_key[plan.key] = plan
         self._plan = self._plan_sets[self.thread_counts[0]][start.name]
         self._adapter: Adapter | None = None
