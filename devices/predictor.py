@@ -92,12 +92,12 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     ms_per_flop = 1e3 / (figures["peak_gflops"] * 1e9)
     ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9)
     row = [per_kind.get(k, {}).get("flops", 0) * ms_per_flop for k in KINDS]
+    flops_ms = sum(row)
     row += [per_kind.get(k, {}).get("narrow_flops", 0) * ms_per_flop for k in NARROW_KINDS]
     row += [per_kind.get(k, {}).get("bytes", 0) * ms_per_byte for k in KINDS]
     nodes = costs.get("total", {}).get("nodes", sum(v.get("nodes", 0) for v in per_kind.values()))
     calls = costs.get("engine_calls", 1)
-    total_flops = sum(per_kind.get(k, {}).get("flops", 0) for k in KINDS)
-    row += [nodes, calls, max(calls - 1, 0) * total_flops * ms_per_flop]
+    row += [nodes, calls, max(calls - 1, 0) * flops_ms]
     return np.asarray(row, float)
 
 
