@@ -217,7 +217,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-def _thread_counts(text: str) -> int | tuple[int, ...]:
+def _threads_arg(text: str) -> int | tuple[int, ...]:
     """--threads: N, or N,M,... (each count's engines loaded and profiled)."""
     try:
         counts = tuple(int(t) for t in text.split(","))
@@ -383,7 +383,7 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure every config on this device; store it in the bundle")
     pr.add_argument("bundle")
     pr.add_argument("--backend", default="onnxruntime")
-    pr.add_argument("--threads", type=_thread_counts,
+    pr.add_argument("--threads", type=_threads_arg,
                     help="threads (default: the usable cores); several, e.g. 2,1, profile each count, for a "
                          "Runtime(threads=(2, 1)) that chooses the count too")
     pr.add_argument("--batch", type=int, default=1)
