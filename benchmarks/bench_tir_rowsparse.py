@@ -108,7 +108,7 @@ def _tvm_sparse(case: Case, vals, idx, k, batch: int, target):
     lib = tvm.tirx.build(tvm.IRModule({"main": fn.with_attr("global_symbol", "main")}), target=target)
     dev = tvm.cpu()
     x = np.random.default_rng(1).standard_normal(xs).astype(np.float32)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, vals, idx, k)]
+    args = [tvm.runtime.tensor(a, dev) for a in (x, *rs.block_ell(vals, idx), k)]
     bias = tvm.runtime.tensor(np.zeros(case.out_f, np.float32), dev)
     y = tvm.runtime.tensor(np.zeros(ys, np.float32), dev)
     f = lib["main"]
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine  ",
         f"Timing: interleaved blocks of {a.block}, {a.runs} runs per contender, median ms per call. Sparse: "
         "one compiled `rowsparse.linear_func` / `conv1x1_func` per layer, the density picked by the run-time "
-        "level (narrow uint8/uint16 indices, zero bias). TVM dense: the untuned Relax `matmul` / `conv2d` "
+        "level (narrow uint8/uint16 indices in the blocked [out/16, kmax, 16] layout made at load, "
+        "zero bias). TVM dense: the untuned Relax `matmul` / `conv2d` "
         "(default CPU pipeline, no MetaSchedule). Ratios are ORT dense / sparse (> 1: sparse faster).",
         "",
         table(rows),

@@ -346,6 +346,7 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
         from edgeflex.kernels import tir
 
         mod, applied = tir.apply(mod, tir.RewriteContext(tgt, job.rel, dict(job.params), batch))
+    mod, transform = _lift_param_transforms(mod, model, job)
     tuned = None
     if tuning_dir is not None:
         mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s)
@@ -382,8 +383,38 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
             "batch": batch, "target": target.target, "target_name": target.name, "unit": target.unit,
             "target_source": target.source, "linker": target.linker, "modules": kinds,
             "cuda_device_code": _cuda_device_code(ex.mod), "elf": elf,
-            "used_by": job.used_by, "kernels": applied,
+            "used_by": job.used_by, "kernels": applied, "transform_params": transform,
             "compile_s": round(time.perf_counter() - t0, 2), "tuning": tuned}
+
+
+def _lift_param_transforms(mod, model, job: GraphJob) -> tuple[Any, str | None]:
+    """`mod` with the ops that read only weights (the runtime's parameters: a kernel's re-layout, stacked
+    star weights, unpacked level codes) moved out of `main` into `main_transform_params`, which the engine
+    runs once at load (`runtime.backends.tvm`); returns that function's name, or None when `main` has no
+    such op. `main`'s parameters are the graph inputs first, then the weights (`prepare_onnx`)."""
+    from tvm import relax
+
+    n_inputs = sum(1 for i in model.graph.input if i.name not in job.params)
+    main = mod["main"]
+    if len(main.params) <= n_inputs:
+        return mod, None
+    mod["main"] = main.with_attr("num_input", n_inputs)       # `mod` is this compile's own module
+    lifted = relax.transform.LiftTransformParams()(mod)
+    names = [g.name_hint for g in lifted.get_global_vars()]
+    if "main_transform_params" not in names or _is_identity(lifted["main_transform_params"]):
+        mod["main"] = main
+        return mod, None
+    return lifted, "main_transform_params"
+
+
+def _is_identity(fn) -> bool:
+    """True when a lifted transform returns its parameters unchanged (nothing was worth lifting)."""
+    from tvm import relax
+
+    body = fn.body
+    blocks = getattr(body, "blocks", [])
+    return all(isinstance(b.value, relax.TupleGetItem) or isinstance(b.value, relax.Tuple)
+               for blk in blocks for b in blk.bindings)
 
 
 def _one_line(e: Exception) -> str:

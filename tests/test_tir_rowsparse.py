@@ -62,11 +62,12 @@ def test_linear_equals_reference_at_every_level_from_one_function(portable: bool
     idx = idx if index_dtype == "narrow" else idx.astype(np.int64)
     lib = _build(rs.linear_func(OUT, IN, vals.shape[1], LEVELS, index_dtype=str(idx.dtype),
                                 target=_target(portable)), _target(portable))
-    for batch in (1, 3, 16, 17):                               # GEMV, GEMV x3, batch-vector, + tail
+    for batch in (1, 3, 4, 16, 17, 40):        # GEMV, GEMV x3, pixel schedule: 1 vector, 2, 2 + 1 padded
         x = rng.standard_normal((batch, IN)).astype(np.float32)
         outs = []
         for level in range(LEVELS):
-            y = _call(lib, x, vals, idx, k, np.array(level, np.int64), bias, out_shape=(batch, OUT))
+            y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(level, np.int64), bias,
+                      out_shape=(batch, OUT))
             ref = ell_reference(x, vals, idx, k, level, bias)
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=f"batch {batch} level {level}")
             outs.append(y)
@@ -78,11 +79,11 @@ def test_out_of_range_level_is_clamped_not_read_out_of_bounds() -> None:
     lib = _build(rs.linear_func(OUT, IN, vals.shape[1], LEVELS, index_dtype=str(idx.dtype), target=_target()),
                  _target())
     x = rng.standard_normal((1, IN)).astype(np.float32)
-    y = _call(lib, x, vals, idx, k, np.array(LEVELS + 7, np.int64), bias, out_shape=(1, OUT))
+    y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(LEVELS + 7, np.int64), bias, out_shape=(1, OUT))
     np.testing.assert_allclose(y, ell_reference(x, vals, idx, k, LEVELS - 1, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pixels", [49, 16, 5])
+@pytest.mark.parametrize("pixels", [49, 16, 5, 196])
 def test_conv1x1_equals_numpy_at_every_level(pixels: int) -> None:
     rng, vals, idx, k, bias = _ell(seed=pixels)
     lib = _build(rs.conv1x1_func(OUT, IN, vals.shape[1], LEVELS, pixels, index_dtype=str(idx.dtype),
@@ -90,7 +91,8 @@ def test_conv1x1_equals_numpy_at_every_level(pixels: int) -> None:
     for batch in (1, 2):
         x = rng.standard_normal((batch, IN, pixels)).astype(np.float32)
         for level in range(LEVELS):
-            y = _call(lib, x, vals, idx, k, np.array(level, np.int64), bias, out_shape=(batch, OUT, pixels))
+            y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(level, np.int64), bias,
+                      out_shape=(batch, OUT, pixels))
             w = np.zeros((OUT, IN))
             for o in range(OUT):
                 w[o, idx[o, :k[level]]] = vals[o, :k[level]]
@@ -165,6 +167,7 @@ def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundl
     path = Path(shutil.copytree(src, tmp_path / "mlp.efx"))
     (engine,) = compile_bundle(path, "host", dress_kernel="sparse")["engines"]
     assert "rowsparse" in engine["kernels"] and engine["inputs"] == ["x", "level"]
+    assert engine["transform_params"] == "main_transform_params"       # blocked ELL made once, at load
     rt = ef.Runtime(path, backend="tvm", dress_kernel="sparse")
     ort = ef.Runtime(path, dress_kernel="sparse")
     x = np.random.default_rng(7).standard_normal((3, 1, 8, 8)).astype(np.float32)

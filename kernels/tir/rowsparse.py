@@ -1,18 +1,27 @@
 """DRESS row-sparse matmul as hand-scheduled TIR with the level as a run-time argument, and the Relax rewrite
 that puts it into the row-sparse graph (`graphs/main.sparse.onnx`) in place of the ELL ops Relax cannot build.
 
-Owns the prim funcs (linear at any batch, 1x1 conv in NCHW) and the rewrite. Not the ELL form or its NumPy
-reference (`kernels/rowsparse.py`), nor which kernel a level runs (measured at export, `export/elastic.py`).
+Owns the prim funcs (linear at any batch, 1x1 conv in NCHW), the blocked ELL layout they read and the rewrite.
+Not the ELL form or its NumPy reference (`kernels/rowsparse.py`), nor which kernel a level runs (measured at
+export, `export/elastic.py`).
 
-One prim func serves every level: it reads k = ell_k[level] at run time and loops over the first k entries of
-each importance-sorted ELL row. Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
-- batch < `GEMV_MAX_BATCH` (GEMV, memory bound): per output row, a vector accumulator over ELL chunks of 16,
-  the x values gathered with AVX-512 `vgatherdps` where the target has it (else LLVM's scalarised gather).
-- larger batch: x copied once to [in, batch] (batch padded to 16) so each ELL entry loads a contiguous batch
-  vector; `ROWS` output rows accumulate together (independent FMA chains), vectorised over the batch.
-- 1x1 conv: the same with the pixels of a channel as the vector (no copy: NCHW already has them contiguous).
-Output rows run in parallel when a call has at least `PARALLEL_MACS` multiply-adds (thread start-up costs
-more than it saves below that).
+Blocked ELL (`block_ell`): the bundle's ELL [out, kmax] (values, indices; each row sorted by importance) is
+cut into blocks of 16 output rows and stored [out/16, kmax, 16]: entry j of 16 neighbouring rows is one
+contiguous 64-byte vector, and a level's entries are still a prefix (the first k_s of axis 1). The engine
+makes this copy once at load (the rewrite's reshapes of the weights are lifted into `main_transform_params`
+by `export.tvm_compile`), never per call.
+
+One prim func serves every level: it reads k = ell_k[level] at run time and loops over the first k entries.
+Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
+- batch < `GEMV_MAX_BATCH` (GEMV): per block of 16 rows, one vector accumulator (two, alternating) gets
+  values[j, 0:16] * x[index[j, 0:16]], the x values gathered with AVX-512 `vgatherdps` where the target has it
+  (else LLVM's scalarised gather): no horizontal sums, no per-row tails.
+- the pixel schedule (1x1 conv; linear at larger batch, x copied once to [in, batch padded to 16]): `RB`
+  output rows x `PV` vectors of 16 pixels (or batch lanes) accumulate in registers; per entry one index,
+  one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16 ends with a vector
+  that overlaps the previous one (same values written twice) instead of a scalar tail.
+Tasks (blocks of rows) run in parallel when a call has at least `PARALLEL_MACS` multiply-adds
+(`PARALLEL_GATHERS` in the GEMV schedule); below that a thread-pool launch costs more than it saves.
 """
 
 from __future__ import annotations
@@ -21,14 +30,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgeflex.kernels.tir import RewriteContext, register
 
 log = logging.getLogger(__name__)
 
-LANES = 16                  # float32 lanes of an AVX-512 register; the vector width of every schedule
-ROWS = 4                    # output rows accumulated together in the batch / conv schedules
-GEMV_MAX_BATCH = 4          # below this batch, the per-row GEMV schedule
-PARALLEL_MACS = 1 << 20     # multiply-adds per call from which output rows run on the thread pool
+LANES = 16                  # float32 lanes of an AVX-512 register; the vector width and the ELL row block
+RB = 8                      # output rows per register block in the pixel schedule
+PV = 2                      # vectors of 16 pixels per register block: RB * PV = 16 accumulators
+GEMV_MAX_BATCH = 4          # below this batch, the gather (GEMV) schedule
+PARALLEL_MACS = 1 << 17     # multiply-adds per call from which row blocks run on the thread pool ...
+PARALLEL_GATHERS = 1 << 14  # ... and in the GEMV schedule, where each one costs a gathered load
 INDEX_DTYPES = ("uint8", "uint16", "int32", "int64")
 LEVEL_DTYPE = "int64"
 
@@ -52,157 +65,195 @@ def _check(out_f: int, in_f: int, kmax: int, n_levels: int, index_dtype: str) ->
         raise ValueError(f"ELL index dtype {index_dtype!r} is not supported; expected one of {INDEX_DTYPES}")
 
 
+def blocks(out_f: int) -> int:
+    """Blocks of `LANES` output rows (the last one padded)."""
+    return -(-out_f // LANES)
+
+
+def block_ell(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ELL [out, kmax] values and indices -> the kernels' blocked [out/16, kmax, 16] layout (rows padded
+    to a multiple of 16 with value 0 at index 0). The NumPy statement of what `blocked_expr` computes."""
+    out_f, kmax = vals.shape
+    nb = blocks(out_f)
+
+    def one(a: np.ndarray) -> np.ndarray:
+        padded = np.zeros((nb * LANES, kmax), a.dtype)
+        padded[:out_f] = a
+        return np.ascontiguousarray(padded.reshape(nb, LANES, kmax).transpose(0, 2, 1))
+
+    return one(vals), one(idx)
+
+
+def blocked_expr(expr: Any, out_f: int, kmax: int, dtype: str) -> Any:
+    """Relax ops turning an [out, kmax] ELL tensor into the blocked [out/16, kmax, 16] layout (`block_ell`);
+    they read only the weight, so `LiftTransformParams` moves them to load time."""
+    from tvm import relax
+
+    nb = blocks(out_f)
+    if nb * LANES != out_f:
+        pad = relax.const(np.zeros((nb * LANES - out_f, kmax), dtype), dtype)
+        expr = relax.op.concat([expr, pad], axis=0)
+    return relax.op.permute_dims(relax.op.reshape(expr, [nb, LANES, kmax]), [0, 2, 1])
+
+
+def _level_k(T, ell_k, level, n_levels: int, kmax: int):
+    """k of the run-time level, both clamped into range (never reads outside the buffers)."""
+    lv = T.min(T.max(level[()], T.int64(0)), T.int64(n_levels - 1))
+    return T.min(T.max(ell_k[lv], T.int64(0)), T.int64(kmax))
+
+
+def _pixel_macros(T, NO: int, K: int, W: int):
+    """The pixel schedule as TVMScript macros over x [n, in, P] and y [n, out, P] (P >= W, rows of P
+    contiguous): `tile` accumulates RB rows x nvec vectors starting at vector v0; `rows` runs every vector
+    of one row block of one image. The last vector of a row starts at P - W when P % W."""
+    V = LANES
+
+    def lanes(base):
+        return T.Ramp(base, 1, W) if W > 1 else base
+
+    def bcast(value):
+        return T.Broadcast(value, W) if W > 1 else value
+
+    @T.macro
+    def tile(x, vb, ib, bias, y, n, blk, r0, P, v0, nvec, kk):
+        acc = T.decl_buffer((RB * PV * W,), "float32", scope="local")
+        acc[T.Ramp(0, 1, RB * PV * W)] = T.Broadcast(T.float32(0), RB * PV * W)
+        for j in range(kk):
+            for r in T.unroll(RB):
+                for q in T.unroll(nvec):
+                    acc[lanes((r * PV + q) * W)] = acc[lanes((r * PV + q) * W)] + \
+                        bcast(vb[blk, j, r0 + r]) * \
+                        x[n, T.Cast("int64", ib[blk, j, r0 + r]), lanes(T.min((v0 + q) * W, P - W))]
+        for r in T.unroll(RB):
+            if blk * V + r0 + r < NO:
+                for q in T.unroll(nvec):
+                    y[n, blk * V + r0 + r, lanes(T.min((v0 + q) * W, P - W))] = \
+                        acc[lanes((r * PV + q) * W)] + bcast(bias[blk * V + r0 + r])
+
+    @T.macro
+    def rows(x, vb, ib, bias, y, n, task, P, kk):
+        # (no `T.let` in a macro: the parser cannot see T there; the expressions are re-stated instead)
+        for pc in range((P + W - 1) // W // PV):
+            tile(x, vb, ib, bias, y, n, task // (V // RB), task % (V // RB) * RB, P, pc * PV, PV, kk)
+        for pr in range((P + W - 1) // W % PV):
+            tile(x, vb, ib, bias, y, n, task // (V // RB), task % (V // RB) * RB, P,
+                 (P + W - 1) // W // PV * PV + pr, 1, kk)
+
+    return tile, rows
+
+
 def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype: str = "int64",
                 target: Any = None):
-    """PrimFunc y[b, o] = sum_{j < ell_k[level]} vals[o, j] * x[b, idx[o, j]] + bias[o].
+    """PrimFunc y[b, o] = sum_{j < ell_k[level]} vals[o, j] * x[b, idx[o, j]] + bias[o], reading the
+    blocked ELL (`block_ell`).
 
-    Arguments in order: x [batch, in] float32 (batch dynamic), vals [out, kmax] float32, idx [out, kmax]
-    `index_dtype`, ell_k [n_levels] int64, level [] int64, bias [out] float32, y [batch, out] float32.
-    An out-of-range level or k is clamped into range (never reads outside the buffers)."""
+    Arguments in order: x [batch, in] float32 (batch dynamic), vb [out/16, kmax, 16] float32, ib [out/16,
+    kmax, 16] `index_dtype`, ell_k [n_levels] int64, level [] int64, bias [out] float32, y [batch, out]
+    float32. An out-of-range level or k is clamped into range."""
     from tvm.script import tirx as T
 
     _check(out_f, in_f, kmax, n_levels, index_dtype)
-    NO, NI, K, L, V, R = out_f, in_f, kmax, n_levels, LANES, ROWS
+    NO, NI, K, L, V = out_f, in_f, kmax, n_levels, LANES
+    NB, NT = blocks(out_f), blocks(out_f) * (LANES // RB)
     gather = _has_avx512(target) and in_f < (1 << 31)
+    _, rows = _pixel_macros(T, NO, K, V)
+
+    def gathered(x, ib, b, blk, j):
+        idx = T.Cast("int32x16", ib[blk, j, T.Ramp(0, 1, V)])
+        if gather:
+            return T.call_llvm_intrin("float32x16", "llvm.x86.avx512.gather.dps.512",
+                                      T.Broadcast(T.float32(0), V), T.address_of(x[b, 0]), idx,
+                                      T.int16(-1), T.int32(4))
+        return x[b, idx]
 
     @T.macro
-    def gemv_row(x, vals, idx, bias_buf, y, b, o, kk):
-        nv = kk // V
+    def gemv_block(x, vb, ib, bias_buf, y, b, blk, kk):
         acc = T.decl_buffer((2 * V,), "float32", scope="local")
         acc[T.Ramp(0, 1, 2 * V)] = T.Broadcast(T.float32(0), 2 * V)
-        for j0 in range(nv):
-            h = (j0 % 2) * V                      # two accumulators: half the FMA chain length
-            if gather:
-                acc[T.Ramp(h, 1, V)] = acc[T.Ramp(h, 1, V)] + vals[o, T.Ramp(j0 * V, 1, V)] * \
-                    T.call_llvm_intrin("float32x16", "llvm.x86.avx512.gather.dps.512",
-                                       T.Broadcast(T.float32(0), V), T.address_of(x[b, 0]),
-                                       T.Cast("int32x16", idx[o, T.Ramp(j0 * V, 1, V)]), T.int16(-1),
-                                       T.int32(4))
-            else:
-                for v in T.vectorized(V):
-                    acc[h + v] = acc[h + v] + vals[o, j0 * V + v] * x[b, T.Cast("int32", idx[o, j0 * V + v])]
-        s = T.decl_buffer((1,), "float32", scope="local")
-        s[0] = T.float32(0)
-        for j in range(kk - nv * V):
-            s[0] = s[0] + vals[o, nv * V + j] * x[b, T.Cast("int32", idx[o, nv * V + j])]
-        t = T.decl_buffer((V,), "float32", scope="local")
-        t[T.Ramp(0, 1, V)] = acc[T.Ramp(0, 1, V)] + acc[T.Ramp(V, 1, V)]
-        t[T.Ramp(0, 1, 8)] = t[T.Ramp(0, 1, 8)] + t[T.Ramp(8, 1, 8)]
-        t[T.Ramp(0, 1, 4)] = t[T.Ramp(0, 1, 4)] + t[T.Ramp(4, 1, 4)]
-        y[b, o] = s[0] + (t[0] + t[1]) + (t[2] + t[3]) + bias_buf[o]
-
-    @T.macro
-    def batch_rows(xt, vals, idx, bias_buf, y, B, b0, o, nr, kk):
-        # rows o .. o+nr (nr <= R, static), batch lanes b0 .. b0+V of the padded [in, Bp] copy
-        acc = T.decl_buffer((R * V,), "float32", scope="local")
-        acc[T.Ramp(0, 1, R * V)] = T.Broadcast(T.float32(0), R * V)
-        for j in range(kk):
-            for r in T.unroll(nr):
-                acc[T.Ramp(r * V, 1, V)] = acc[T.Ramp(r * V, 1, V)] + T.Broadcast(vals[o + r, j], V) * \
-                    xt[T.Cast("int64", idx[o + r, j]), T.Ramp(b0, 1, V)]
-        for r in T.unroll(nr):
-            for v in range(V):
-                if b0 + v < B:
-                    y[b0 + v, o + r] = acc[r * V + v] + bias_buf[o + r]
+        for j2 in range(kk // 2):
+            for h in T.unroll(2):                 # two accumulators: independent gathers and FMA chains
+                acc[T.Ramp(h * V, 1, V)] = acc[T.Ramp(h * V, 1, V)] + \
+                    vb[blk, j2 * 2 + h, T.Ramp(0, 1, V)] * gathered(x, ib, b, blk, j2 * 2 + h)
+        if kk % 2 == 1:
+            acc[T.Ramp(0, 1, V)] = acc[T.Ramp(0, 1, V)] + vb[blk, kk - 1, T.Ramp(0, 1, V)] * \
+                gathered(x, ib, b, blk, kk - 1)
+        if blk * V + V <= NO:
+            y[b, T.Ramp(blk * V, 1, V)] = acc[T.Ramp(0, 1, V)] + acc[T.Ramp(V, 1, V)] + \
+                bias_buf[T.Ramp(blk * V, 1, V)]
+        else:
+            for v in range(NO - (NB - 1) * V):
+                y[b, blk * V + v] = acc[v] + acc[V + v] + bias_buf[blk * V + v]
 
     @T.prim_func(private=True)
-    def rowsparse_linear(var_x: T.handle, vals: T.Buffer((NO, K), "float32"),
-                         idx: T.Buffer((NO, K), index_dtype),
+    def rowsparse_linear(var_x: T.handle, vb: T.Buffer((NB, K, V), "float32"),
+                         ib: T.Buffer((NB, K, V), index_dtype),
                          ell_k: T.Buffer((L,), "int64"), level: T.Buffer((), "int64"),
                          bias_buf: T.Buffer((NO,), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         B = T.int64()
         x = T.match_buffer(var_x, (B, NI), "float32")
         y = T.match_buffer(var_y, (B, NO), "float32")
-        lv = T.min(T.max(level[()], T.int64(0)), T.int64(L - 1))
-        kk = T.min(T.max(ell_k[lv], T.int64(0)), T.int64(K))
-        par = NO * kk * B >= PARALLEL_MACS
+        kk: T.let = _level_k(T, ell_k, level, L, K)
         if B < GEMV_MAX_BATCH:
             for b in range(B):
-                if par:
-                    for o in T.parallel(NO):
-                        gemv_row(x, vals, idx, bias_buf, y, b, o, kk)
+                if NB * V * kk >= PARALLEL_GATHERS:
+                    for blk in T.parallel(NB):
+                        gemv_block(x, vb, ib, bias_buf, y, b, blk, kk)
                 else:
-                    for o in range(NO):
-                        gemv_row(x, vals, idx, bias_buf, y, b, o, kk)
+                    for blk in range(NB):
+                        gemv_block(x, vb, ib, bias_buf, y, b, blk, kk)
         else:
-            xt = T.decl_buffer((NI, (B + V - 1) // V * V), "float32")
-            for i, b in T.grid(NI, (B + V - 1) // V * V):
-                xt[i, b] = T.if_then_else(b < B, x[T.min(b, B - 1), i], T.float32(0))
-            if par:
-                for og in T.parallel(NO // R):
-                    for b0 in range((B + V - 1) // V):
-                        batch_rows(xt, vals, idx, bias_buf, y, B, b0 * V, og * R, R, kk)
+            bp: T.let = (B + V - 1) // V * V
+            xt = T.decl_buffer((1, NI, bp), "float32")
+            yt = T.decl_buffer((1, NO, bp), "float32")
+            for i, b in T.grid(NI, bp):
+                xt[0, i, b] = T.if_then_else(b < B, x[T.min(b, B - 1), i], T.float32(0))
+            if NB * V * kk * bp >= PARALLEL_MACS:
+                for t in T.parallel(NT):
+                    rows(xt, vb, ib, bias_buf, yt, 0, t, bp, kk)
             else:
-                for og in range(NO // R):
-                    for b0 in range((B + V - 1) // V):
-                        batch_rows(xt, vals, idx, bias_buf, y, B, b0 * V, og * R, R, kk)
-            for b0 in range((B + V - 1) // V):
-                batch_rows(xt, vals, idx, bias_buf, y, B, b0 * V, NO // R * R, NO % R, kk)
+                for t in range(NT):
+                    rows(xt, vb, ib, bias_buf, yt, 0, t, bp, kk)
+            for b, o in T.grid(B, NO):
+                y[b, o] = yt[0, o, b]
 
     return rowsparse_linear
-
 
 
 def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *, index_dtype: str = "int64",
                  target: Any = None):
     """PrimFunc of a row-sparse 1x1 conv in NCHW with pixels flattened: y[n, o, p] = bias[o] +
-    sum_{j < ell_k[level]} vals[o, j] * x[n, idx[o, j], p]. Arguments: x [batch, in_c, pixels] float32
-    (batch dynamic), vals, idx, ell_k, level, bias [out_c], y [batch, out_c, pixels]. `ROWS` output
-    channels accumulate together over `LANES` pixels (the last chunk narrower when pixels % 16 != 0)."""
+    sum_{j < ell_k[level]} vals[o, j] * x[n, idx[o, j], p], reading the blocked ELL (`block_ell`).
+    Arguments: x [batch, in_c, pixels] float32 (batch dynamic), vb, ib, ell_k, level, bias [out_c],
+    y [batch, out_c, pixels]. The pixel schedule with the pixels of a channel as the vector (NCHW has them
+    contiguous; fewer than 16 pixels: one narrower vector)."""
     from tvm.script import tirx as T
 
     _check(out_c, in_c, kmax, n_levels, index_dtype)
     if pixels < 1:
         raise ValueError(f"1x1 conv needs pixels >= 1 (H * W), got {pixels}")
-    NO, C, K, L, P, V, R = out_c, in_c, kmax, n_levels, pixels, LANES, ROWS
-    NP, TAIL = P // V, P % V
-
-    def lanes(base, w):                 # w consecutive elements from base (a scalar index when w == 1)
-        return T.Ramp(base, 1, w) if w > 1 else base
-
-    def bcast(value, w):
-        return T.Broadcast(value, w) if w > 1 else value
-
-    @T.macro
-    def rows(x, vals, idx, bias_buf, y, n, o, nr, p0, w, kk):
-        # output channels o .. o+nr (static nr <= R), pixels p0 .. p0+w (static w <= V)
-        acc = T.decl_buffer((R * V,), "float32", scope="local")
-        acc[T.Ramp(0, 1, R * V)] = T.Broadcast(T.float32(0), R * V)
-        for j in range(kk):
-            for r in T.unroll(nr):
-                acc[lanes(r * V, w)] = acc[lanes(r * V, w)] + bcast(vals[o + r, j], w) * \
-                    x[n, T.Cast("int64", idx[o + r, j]), lanes(p0, w)]
-        for r in T.unroll(nr):
-            y[n, o + r, lanes(p0, w)] = acc[lanes(r * V, w)] + bcast(bias_buf[o + r], w)
-
-    @T.macro
-    def all_pixels(x, vals, idx, bias_buf, y, n, o, nr, kk):
-        for pc in range(NP):
-            rows(x, vals, idx, bias_buf, y, n, o, nr, pc * V, V, kk)
-        if TAIL > 0:
-            rows(x, vals, idx, bias_buf, y, n, o, nr, NP * V, TAIL, kk)
+    NO, C, K, L, P, V = out_c, in_c, kmax, n_levels, pixels, LANES
+    NB, NT = blocks(out_c), blocks(out_c) * (LANES // RB)
+    _, rows = _pixel_macros(T, NO, K, min(V, P))
 
     @T.prim_func(private=True)
-    def rowsparse_conv1x1(var_x: T.handle, vals: T.Buffer((NO, K), "float32"),
-                          idx: T.Buffer((NO, K), index_dtype), ell_k: T.Buffer((L,), "int64"),
+    def rowsparse_conv1x1(var_x: T.handle, vb: T.Buffer((NB, K, V), "float32"),
+                          ib: T.Buffer((NB, K, V), index_dtype), ell_k: T.Buffer((L,), "int64"),
                           level: T.Buffer((), "int64"), bias_buf: T.Buffer((NO,), "float32"),
                           var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         B = T.int64()
         x = T.match_buffer(var_x, (B, C, P), "float32")
         y = T.match_buffer(var_y, (B, NO, P), "float32")
-        lv = T.min(T.max(level[()], T.int64(0)), T.int64(L - 1))
-        kk = T.min(T.max(ell_k[lv], T.int64(0)), T.int64(K))
-        for n in range(B):
-            if NO * kk * P >= PARALLEL_MACS:
-                for og in T.parallel(NO // R):
-                    all_pixels(x, vals, idx, bias_buf, y, n, og * R, R, kk)
-            else:
-                for og in range(NO // R):
-                    all_pixels(x, vals, idx, bias_buf, y, n, og * R, R, kk)
-            if NO % R > 0:
-                all_pixels(x, vals, idx, bias_buf, y, n, NO // R * R, NO % R, kk)
+        kk: T.let = _level_k(T, ell_k, level, L, K)
+        if NB * V * kk * P * B >= PARALLEL_MACS:
+            for t in T.parallel(NT):
+                for n in range(B):
+                    rows(x, vb, ib, bias_buf, y, n, t, P, kk)
+        else:
+            for t in range(NT):
+                for n in range(B):
+                    rows(x, vb, ib, bias_buf, y, n, t, P, kk)
 
     return rowsparse_conv1x1
 
@@ -295,8 +346,8 @@ def rewrite_module(mod, target: Any, level_name: str = "level"):
     `_ell_match`): its level-dependent slices have data-dependent shapes, which Relax cannot build, and
     leave every later tensor without a shape. The kernel takes the whole ELL tensors, `<w>_ell_k` and the
     graph's `level` input instead; the slices' shape arithmetic is left dead and removed, and every binding
-    after a replaced layer is re-inferred, so later layers (and ops) get static shapes again."""
-    import numpy as np
+    after a replaced layer is re-inferred, so later layers (and ops) get static shapes again. The kernels
+    read the blocked layout: the reshapes of the ELL weights are in the graph, for `LiftTransformParams`."""
     import tvm
     from tvm import relax
 
@@ -332,7 +383,9 @@ def rewrite_module(mod, target: Any, level_name: str = "level"):
                 funcs[layer] = self.builder_.add_func(fn, f"rowsparse_{stem}")
             replaced.append(layer.values.removesuffix("_ell_values"))
             zero_bias = relax.const(np.zeros(layer.out_f, np.float32))
-            return relax.call_tir(funcs[layer], [x, vals, idx, params[layer.k], level, zero_bias],
+            vb = self.builder_.emit(blocked_expr(vals, layer.out_f, layer.kmax, "float32"))
+            ib = self.builder_.emit(blocked_expr(idx, layer.out_f, layer.kmax, layer.index_dtype))
+            return relax.call_tir(funcs[layer], [x, vb, ib, params[layer.k], level, zero_bias],
                                   out_ty=relax.TensorType([x.ty.shape[0], layer.out_f], "float32"))
 
         def visit_var_binding_(self, binding):

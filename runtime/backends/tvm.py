@@ -220,6 +220,14 @@ class TvmBackend(Backend):
                                   f"{list(arr.shape)} in the bundle, compiled for {p['dtype']}{p['shape']}; "
                                   "re-run `edgeflex compile`")
             params.append(tvm.runtime.tensor(arr, dev))
+        transform = meta.get("transform_params")
+        if transform:                   # weight re-layouts lifted out of `main` at compile: run once, here
+            try:
+                params = list(vm[transform](params))
+            except Exception as e:  # noqa: BLE001 - one line naming the engine
+                raise BundleError(f"TVM engine {meta['library']}: its load-time weight transform "
+                                  f"{transform!r} failed ({str(e).strip().splitlines()[0][:160]}); re-run "
+                                  "`edgeflex compile`") from None
         return TvmEngine(vm[meta["entry"]], dev, params, inputs, outputs, meta.get("batch"), meta["library"],
                          keep=(lib, vm))
 
