@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,31 +187,65 @@ def rowsparse_layers(threads: int, runs: int) -> list[str]:
     return lines
 
 
-def chaining_at_scale(workdir: Path, threads: int, runs: int, sizes: tuple[int, ...]) -> list[str]:
-    """The same SN-Net (s050 -> s100, untrained: latency only) exported at larger input sizes: chained
-    segments vs each config's fused graph. The chaining cost is a fixed cost per extra engine call, so its
-    share falls as a config's own latency grows."""
-    lines = ["| input | config | engines chained | p50 ms chained | p50 ms fused | overhead "
-             "| us per extra call |", "|---|---|---:|---:|---:|---:|---:|"]
-    for size in sizes:
-        path = workdir / f"snnet-starnet-{size}px.efx"
-        if not path.exists():
-            torch.manual_seed(0)
-            model = SNNet([starnet(v, num_classes=10) for v in ("s050", "s100")], image_size=size).eval()
-            export_snnet(model, torch.randn(1, 3, size, size), path, name=f"snnet-starnet-{size}px",
-                         metadata={"note": "untrained: latency only"})
-        chained = ef.Runtime(path, threads=threads, fused=False)
-        fused = ef.Runtime(path, threads=threads, fused=True)
+def _scaled_bundle(workdir: Path, size: int) -> Path:
+    path = workdir / f"snnet-starnet-{size}px.efx"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = SNNet([starnet(v, num_classes=10) for v in ("s050", "s100")], image_size=size).eval()
+        export_snnet(model, torch.randn(1, 3, size, size), path, name=f"snnet-starnet-{size}px",
+                     metadata={"note": "untrained: latency only"})
+    return path
+
+
+Times = dict[str, dict[str, list[float]]]
+
+
+def chain_times(paths: list[Path], threads: int, runs: int, shared: bool) -> Times:
+    """Per bundle, per config: [chained p50 ms, fused p50 ms], interleaved. `shared`: every ORT session
+    on the process's one pool (`Runtime(shared_threads=True)`), which only a fresh process can have."""
+    out: Times = {}
+    for path in paths:
+        chained = ef.Runtime(path, threads=threads, fused=False, shared_threads=shared)
+        fused = ef.Runtime(path, threads=threads, fused=True, shared_threads=shared)
         x = example_input(chained)
+        out[str(path)] = {}
         for c in chained.configs:
             chained.switch(c.name)
             fused.switch(c.name)
             calls = {"chained": lambda rt=chained, x=x: rt.run(x), "fused": lambda rt=fused, x=x: rt.run(x)}
             t = time_interleaved(calls, runs, 10, 10)
-            ch, fu = float(np.median(t["chained"])), float(np.median(t["fused"]))
+            out[str(path)][c.name] = [float(np.median(t["chained"])), float(np.median(t["fused"]))]
+    return out
+
+
+def shared_chain_times(paths: list[Path], threads: int, runs: int) -> Times:
+    """`chain_times(..., shared=True)` in a child process (ORT's global pool is once per process)."""
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--runs", str(runs), "--shared-child",
+           *[str(p) for p in paths]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"shared-pool child failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def chaining_at_scale(workdir: Path, threads: int, runs: int, sizes: tuple[int, ...],
+                      shared: Times) -> list[str]:
+    """The same SN-Net (s050 -> s100, untrained: latency only) exported at larger input sizes: chained
+    segments vs each config's fused graph, with a pool per ORT session (the default) and with one shared
+    pool (`shared`, measured by `shared_chain_times`)."""
+    lines = ["| input | config | engines chained | p50 ms chained | p50 ms fused | overhead "
+             "| us per extra call | shared pool: chained | fused | overhead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    paths = {size: _scaled_bundle(workdir, size) for size in sizes}
+    own = chain_times(list(paths.values()), threads, runs, shared=False)
+    for size, path in paths.items():
+        for c in ef.Bundle.open(path).configs:
+            ch, fu = own[str(path)][c.name]
+            sch, sfu = shared[str(path)][c.name]
             hops = len(c.segments) - 1
             lines.append(f"| {size}x{size} | {c.name} | {hops + 1} | {ch:.3f} | {fu:.3f} | "
-                         f"{(ch - fu) / fu:+.1%} | {(ch - fu) * 1e3 / max(hops, 1):.1f} |")
+                         f"{(ch - fu) / fu:+.1%} | {(ch - fu) * 1e3 / max(hops, 1):.1f} | {sch:.3f} | "
+                         f"{sfu:.3f} | **{(sch - sfu) / sfu:+.1%}** |")
     return lines
 
 
@@ -223,14 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224],
                    help="input sizes of the SN-Net chaining-at-scale table")
     p.add_argument("--out", type=Path, help="write the section into this RESULTS.md (and the PNG beside it)")
+    p.add_argument("--shared-child", nargs="+", type=Path, help=argparse.SUPPRESS)   # shared_chain_times
     a = p.parse_args(argv)
+    if a.shared_child:
+        print(json.dumps(chain_times(a.shared_child, a.threads, a.runs, shared=True)))
+        return 0
     start = time.perf_counter()
     paths = build_bundles(a.workdir, a.reuse)
+    scaled = [_scaled_bundle(a.workdir, size) for size in a.sizes]
+    shared = shared_chain_times([paths["snnet-starnet"], *scaled], a.threads, a.runs)   # (not "others")
     with OthersLoad() as load:
         table, curves = config_table(paths, a.threads, a.runs)
         switch = switch_vs_reload(paths["dress-starnet-s050"], a.threads)
         layers = rowsparse_layers(a.threads, a.runs)
-        scale = chaining_at_scale(a.workdir, a.threads, a.runs, tuple(a.sizes))
+        scale = chaining_at_scale(a.workdir, a.threads, a.runs, tuple(a.sizes), shared)
     png = (a.out.parent if a.out else Path("benchmarks")) / "elastic_accuracy_flops.png"
     metrics = {}
     for name, path in paths.items():
@@ -249,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     for ln in sn:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         ch, fu = float(cells[8]), float(cells[9])
+        sch, sfu = shared[str(paths["snnet-starnet"])][cells[1]]
         chained.append(f"- {cells[1]}: chained {ch:.3f} ms vs fused {fu:.3f} ms: overhead "
-                       f"**{(ch - fu) / fu:+.1%}**")
+                       f"**{(ch - fu) / fu:+.1%}**; one shared ORT pool: chained {sch:.3f} ms vs fused "
+                       f"{sfu:.3f} ms: **{(sch - sfu) / sfu:+.1%}**")
     body = "\n".join([
         (f"Accuracy vs FLOPs per config (held-out top-1: DRESS on scikit-learn digits, SN-Net on "
          f"digits-corrupted, models/digits.py CORRUPTIONS; plot: `{png.name}`), latency "
@@ -262,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         "Switching vs reloading:", "", *switch, "",
         "SN-Net segment chaining vs the config's fused graph (goal: < 10 %), the trained 32x32 bundle:", "",
         *chained, "",
-        ("The same SN-Net (untrained; latency only) at larger inputs: the cost per extra engine call is "
-         "fixed, so its share falls as configs get slower:"), "", *scale, "",
+        ("The same SN-Net (untrained; latency only) at larger inputs, with a pool per ORT session (the "
+         "default) and with one shared pool (`Runtime(shared_threads=True)`, measured in a child process: "
+         "ORT sets its global pool once per process):"), "", *scale, "",
         "Bundle size (weights stored once; goal for DRESS: <= 1.15x the densest level's weights):", "",
         *sizes, "", ("Row-sparse (ELL, level as a run-time input) vs dense Gemm with the masked weight, one "
                      "Linear layer on ONNX Runtime:"), "", *layers, "",

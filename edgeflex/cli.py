@@ -176,7 +176,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config, allow_native=a.allow_native)
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config, allow_native=a.allow_native,
+                 shared_threads=True)          # the command owns its process: one ORT pool for all sessions
     try:
         x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
     except (OSError, ValueError) as e:
@@ -204,7 +205,9 @@ def _profile_table(stats: dict[str, dict]) -> str:
 def cmd_profile(a: argparse.Namespace) -> int:
     from edgeflex.runtime.profiles import measure_profile, save_profile
 
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads)
+    # one ORT pool for every session, as `edgeflex run` has; several counts need a pool per session
+    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads,
+                 shared_threads=not isinstance(a.threads, tuple))
     prof = measure_profile(rt, batch=a.batch, memory=not a.no_memory, min_seconds=a.min_seconds)
     save_profile(a.bundle, prof)
     for t, stats in prof["by_threads"].items():

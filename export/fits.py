@@ -40,11 +40,10 @@ def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
     """The ONNX bytes of the fastest valid form on `engine`, and a record of what was measured."""
     import onnxruntime as ort
 
+    from edgeflex.runtime.backends.onnxruntime import session_options, shared_threads
+
     w = spectral_weights(model)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so = session_options(ort, shared_threads() or threads)
     rng = np.random.default_rng(0)
     measured: dict[str, dict[str, float]] = {}
     graphs: dict[str, bytes] = {}
@@ -62,7 +61,7 @@ def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
     best_b1 = min(b1.values())
     near = [f for f in b1 if b1[f] <= 1.1 * best_b1]
     chosen = min(near, key=lambda f: measured[f][f"batch{batches[-1]}_us"])
-    record = {"kernel": "spectral", "form": chosen, "engine": engine, "threads": threads,
+    record = {"kernel": "spectral", "form": chosen, "engine": engine, "threads": shared_threads() or threads,
               "measured": measured, "macs_per_channel": {f: spectral.macs(w, f) for f in measured},
               "rule": "fastest at batch 1; among forms within 10% of it, fastest at the large batch"}
     return graphs[chosen], record

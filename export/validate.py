@@ -47,9 +47,9 @@ def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Ten
     """Compare ONNX Runtime with PyTorch; raise ExportError naming the worst case if over tolerance."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    from edgeflex.runtime.backends.onnxruntime import session_options, shared_threads
+
+    so = session_options(ort, shared_threads() or threads)
     sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     return validate_fn(model, lambda xs: sess.run(None, dict(zip(names, xs))), example, tolerance=tolerance,

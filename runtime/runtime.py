@@ -62,12 +62,17 @@ class Runtime:
     overrides, for every DRESS level, the kernel the exporter measured fastest. `only` loads just those
     configs (less memory; switching to another then raises). `allow_native=True` lets a backend that runs
     compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
+    `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
+    global pool instead of a pool per session: a chained config stops handing the cores from one segment's
+    pool to the next (s100 at 224x224 chained over 5 sessions: 32-60 % over its fused graph with pools per
+    session, 5-7 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
+    anywhere in the process, so it is opt-in; the `edgeflex` command turns it on (it owns its process).
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
                  device: str = "host", *, threads: int | None = None, config: str | None = None,
                  fused: bool | str = "auto", dress_kernel: str | None = None, only: list[str] | None = None,
-                 allow_native: bool = False):
+                 allow_native: bool = False, shared_threads: bool = False):
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         self.thread_counts = _thread_counts(threads)
@@ -76,6 +81,12 @@ class Runtime:
         if len(self.thread_counts) > 1 and not self._backend.per_engine_threads:
             raise UsageError(f"backend {self.backend!r} sets one thread count for the whole process; give "
                              f"one count, not {self.thread_counts} (several counts need onnxruntime)")
+        self.shared_threads = bool(shared_threads)
+        if shared_threads:
+            if len(self.thread_counts) > 1:
+                raise UsageError(f"shared_threads=True runs every engine of the process on one pool of one "
+                                 f"size; give one thread count, not {self.thread_counts}")
+            self._backend.share_threads(self.thread_counts[0])
         self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
         start = self.bundle.config(config)
         self.dress_kernel = dress_kernel

@@ -47,6 +47,11 @@ class Backend(ABC):
         compile itself. Default: nothing to do (the graph is all the engine needs)."""
         return None
 
+    def share_threads(self, threads: int) -> None:
+        """Run every engine of this process on one pool of `threads` workers (`Runtime(shared_threads=
+        True)`). Default: nothing to do, for a backend whose pool is process-wide already (TVM)."""
+        return None
+
     def can_load(self, graph_sha256: str) -> bool:
         """Whether `load` of the graph with this sha256 would find what it needs (a compiled engine, for a
         backend that compiles ahead of time), asked without reading the graph. Default: any graph loads."""

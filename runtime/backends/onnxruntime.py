@@ -1,17 +1,76 @@
-"""ONNX Runtime backend, CPU execution provider, threads set explicitly (never ORT's own default)."""
+"""ONNX Runtime backend, CPU execution provider, threads set explicitly (never ORT's own default).
+
+Threads: by default every session has its own intra-op pool of `threads` (so a Runtime can hold engines at
+several counts). `share_threads(n)` switches the whole process to ORT's one global pool of n threads instead
+(`Runtime(..., shared_threads=True)`): a config chained over several sessions then runs on one set of
+workers, not one pool per segment handing the cores to the next. ORT's rule, not ours: once the global pool
+exists, every session in the process must use it (ORT refuses sessions with their own pools), so it is
+opt-in, set once per process, and `session_options` is the one place edgeflex makes its options.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..bundle import TensorSpec
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, UsageError
 from .base import Backend, Engine
 
-# How long (us) an ORT worker spins for more work before it sleeps (see OnnxRuntimeBackend.load).
+# How long (us) an ORT worker spins for more work before it sleeps (see session_options).
 SPIN_US = 100
+
+_shared = {"threads": None}         # the process-wide ORT pool's size, once share_threads set it
+_shared_lock = threading.Lock()
+
+
+def shared_threads() -> int | None:
+    """The size of the process-wide ORT pool edgeflex set (`share_threads`), or None (per-session pools)."""
+    return _shared["threads"]
+
+
+def share_threads(threads: int) -> None:
+    """Make ORT run every session of this process on one global intra-op pool of `threads` workers.
+    Idempotent for the same count; another count raises (ORT sets the global pool once per process)."""
+    import onnxruntime as ort
+
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise UsageError(f"shared ORT pool size must be a whole number >= 1, got {threads!r}")
+    with _shared_lock:
+        if _shared["threads"] == threads:
+            return
+        if _shared["threads"] is not None:
+            raise UsageError(f"this process already runs ONNX Runtime on one shared pool of "
+                             f"{_shared['threads']} threads (ORT sets it once per process); use "
+                             f"threads={_shared['threads']}, not {threads}, or a new process")
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _shared["threads"] = threads
+
+
+def session_options(ort, threads: int):
+    """SessionOptions for a CPU session at `threads` intra-op threads: its own pool (spinning capped at
+    SPIN_US), or the process's shared pool when `share_threads` set one of that size."""
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    shared = _shared["threads"]
+    if shared is not None:
+        if threads != shared:
+            raise UsageError(f"ONNX Runtime runs this process on one shared pool of {shared} threads "
+                             f"(Runtime(shared_threads=True)); a session at {threads} threads cannot have "
+                             f"its own pool: use threads={shared}, or a new process")
+        so.use_per_session_threads = False
+        return so
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # NOTE: ORT's workers spin after each parallel op; with several sessions (a chained SN-Net config,
+    # engines at several thread counts) an idle session's spinning workers take the cores from the one
+    # running: s100 at 224x224 chained over 5 sessions at 2 threads took 10.0 ms against 1.62 ms with
+    # spinning cut to 100 us (fused: 1.17 ms either way; 32x32: no change). Measured on this host.
+    so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    return so
 
 
 class OnnxRuntimeEngine(Engine):
@@ -38,17 +97,8 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
              threads: int, initializers: dict[str, np.ndarray] | None = None) -> OnnxRuntimeEngine:
-        so = self._ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        so = session_options(self._ort, threads)
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        # NOTE: ORT's workers spin after each parallel op; with several sessions (a chained SN-Net config,
-        # engines at several thread counts) an idle session's spinning workers take the cores from the one
-        # running: s100 at 224x224 chained over 5 sessions at 2 threads took 10.0 ms against 1.62 ms with
-        # spinning cut to 100 us (fused: 1.17 ms either way; 32x32: no change). Measured on this host.
-        so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
         values = []
         if initializers:
             # NOTE: the graph marks these tensors external; ORT takes them from memory and never opens a
@@ -60,5 +110,11 @@ class OnnxRuntimeBackend(Backend):
         sess = self._ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         return OnnxRuntimeEngine(sess, inputs, outputs, values)
 
+    def share_threads(self, threads: int) -> None:
+        share_threads(threads)
+
     def versions(self) -> dict[str, str]:
-        return {"onnxruntime": self._ort.__version__}
+        v = {"onnxruntime": self._ort.__version__}
+        if shared_threads() is not None:
+            v["ort_thread_pool"] = f"shared, {shared_threads()} threads"
+        return v
