@@ -2,10 +2,11 @@
 `edgeflex.export.costs.config_costs`) and the device's description, calibrated on measured profiles.
 
     latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth)
-                 + sum_g e_g * narrow_flops_g / peak_flops + c * nodes + d * engine_calls
-                 + h * (engine_calls - 1) * flops / peak_flops
+                 + sum_g e_g * pad_flops_g / peak_flops + c * nodes + d * engine_calls
+                 + h * (engine_calls - 1) * flops / peak_flops + s * dft_setup_flops / peak_flops
 
-with k over operator kinds, g over the GEMM kinds (conv, matmul) whose narrow-channel FLOPs cost extra.
+with k over operator kinds, g over the GEMM kinds (conv, matmul) whose channels, rounded up to the SIMD
+block, cost extra FLOPs (`export/costs.py` pad_flops).
 The last term is a config chained over several engines losing a share of its speed with every extra
 engine (on ONNX Runtime at 2 threads each engine has its own thread pool and converts layouts at its
 edges: 3-segment chains ran 1.3-1.6x their fused graph on this host with ORT's default spinning, less since
@@ -33,10 +34,13 @@ FORMAT = "edgeflex-latency-predictor"
 FORMAT_VERSION = 1
 # Mirrors edgeflex.export.costs.KINDS (kept here so the board side never imports onnx).
 KINDS = ("conv", "dwconv", "matmul", "elementwise", "norm", "data", "dft", "other")
-# GEMM kinds whose narrow-channel FLOPs (costs' `narrow_flops`) get a coefficient of their own.
-NARROW_KINDS = ("conv", "matmul")
-FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"narrow:{k}" for k in NARROW_KINDS),
-            *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls", "chained")
+# GEMM kinds whose channel-padding FLOPs (costs' `pad_flops`) get a coefficient of their own.
+PAD_KINDS = ("conv", "matmul")
+# Kinds with per-node work that does not grow with the batch (costs' `setup_flops`: a Bluestein DFT's chirp).
+SETUP_KINDS = ("dft",)
+FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"pad:{k}" for k in PAD_KINDS),
+            *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls", "chained",
+            *(f"setup:{k}" for k in SETUP_KINDS))
 OVERHEADS = ("nodes", "engine_calls")
 
 Sample = tuple  # (costs: dict, p50_ms: float) or (costs, p50_ms, label)
@@ -93,11 +97,12 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9)
     row = [per_kind.get(k, {}).get("flops", 0) * ms_per_flop for k in KINDS]
     flops_ms = sum(row)
-    row += [per_kind.get(k, {}).get("narrow_flops", 0) * ms_per_flop for k in NARROW_KINDS]
+    row += [per_kind.get(k, {}).get("pad_flops", 0) * ms_per_flop for k in PAD_KINDS]
     row += [per_kind.get(k, {}).get("bytes", 0) * ms_per_byte for k in KINDS]
     nodes = costs.get("total", {}).get("nodes", sum(v.get("nodes", 0) for v in per_kind.values()))
     calls = costs.get("engine_calls", 1)
     row += [nodes, calls, max(calls - 1, 0) * flops_ms]
+    row += [per_kind.get(k, {}).get("setup_flops", 0) * ms_per_flop for k in SETUP_KINDS]
     return np.asarray(row, float)
 
 
@@ -158,8 +163,8 @@ class Predictor:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + "
-                         "sum_g(e_g narrow_flops_g / peak) + c nodes + d engine_calls + "
-                         "h (engine_calls - 1) flops / peak",
+                         "sum_g(e_g pad_flops_g / peak) + c nodes + d engine_calls + "
+                         "h (engine_calls - 1) flops / peak + s dft_setup_flops / peak",
                 "features": list(FEATURES),
                 "coef": dict(self.coef), "reference": dict(self.reference), "n_samples": self.n_samples,
                 "ridge": self.ridge, "fit_error": dict(self.fit_error)}

@@ -75,18 +75,26 @@ def test_graph_costs_match_hand_counts():
     assert c["free_nodes"] == 1 and c["unresolved_nodes"] == 0 and c["batch"] == 1
     assert c["weight_bytes"] == (54 + 3 + 27 + 108 + 4) * 4
     assert costs_mod.KINDS == KINDS  # the predictor's copy of the kinds agrees
-    # every GEMM here is narrower than NARROW channels: its FLOPs are narrow too; other kinds have none
-    assert c["per_kind"]["conv"]["narrow_flops"] == 999 and c["per_kind"]["matmul"]["narrow_flops"] == 220
-    assert c["per_kind"]["dwconv"]["narrow_flops"] == 0
+    # channels rounded up to 16: the conv's 3 outputs to 16 (its 2 inputs are read unblocked), the Gemm's
+    # K 27 -> 32 and N 4 -> 16; other kinds have no padding term
+    assert c["per_kind"]["conv"]["pad_flops"] == 999 * 16 // 3 - 999
+    assert c["per_kind"]["matmul"]["pad_flops"] == 220 * 32 * 16 // (27 * 4) - 220
+    assert c["per_kind"]["dwconv"]["pad_flops"] == 0
 
 
-def test_wide_gemms_are_not_narrow():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 4, 4])
+def _conv(c_in: int, c_out: int) -> dict:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    w = numpy_helper.from_array(np.zeros((48, 64, 1, 1), np.float32), "w")
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "wide", [x], [y], [w])
-    c = graph_costs(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))["per_kind"]["conv"]
-    assert c["flops"] == 2 * 48 * 16 * 64 and c["narrow_flops"] == 0
+    w = numpy_helper.from_array(np.zeros((c_out, c_in, 1, 1), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "conv", [x], [y], [w])
+    return graph_costs(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))["per_kind"]["conv"]
+
+
+def test_channels_in_whole_blocks_of_16_pad_nothing_and_others_pad_to_the_next_block():
+    c = _conv(64, 48)
+    assert c["flops"] == 2 * 48 * 16 * 64 and c["pad_flops"] == 0
+    assert _conv(24, 8)["pad_flops"] == 2 * 16 * 16 * 32 - 2 * 16 * 8 * 24    # as if 32 in, 16 out
+    assert _conv(3, 8)["pad_flops"] == 2 * 16 * 16 * 3 - 2 * 16 * 8 * 3      # 3 inputs: read unblocked
 
 
 def test_costs_read_dims_of_external_initialisers(tmp_path):
@@ -102,20 +110,26 @@ def test_batch_is_fixed_to_one_and_shapes_can_be_given():
     assert graph_costs(tiny_graph(), {"x": (2, 2, 5, 5)})["per_kind"]["conv"]["flops"] == 2 * 999
 
 
-def _dft_model(n: int, onesided: int) -> onnx.ModelProto:
+def _dft_model(n: int, onesided: int, transforms: int = 1) -> onnx.ModelProto:
     node = helper.make_node("DFT", ["x"], ["y"], axis=1, onesided=onesided)
     g = helper.make_graph(
         [node],
         "dft",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [transforms, n, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_dft_flops_fft_for_powers_of_two_direct_otherwise():
-    assert graph_costs(_dft_model(64, 0))["per_kind"]["dft"]["flops"] == 5 * 64 * 6  # one FFT, log2 64 = 6
-    assert graph_costs(_dft_model(96, 1))["per_kind"]["dft"]["flops"] == 8 * 96 * 49  # direct, 49 outputs
+def test_dft_flops_fft_for_powers_of_two_bluestein_otherwise():
+    pow2 = graph_costs(_dft_model(64, 0))["per_kind"]["dft"]
+    assert pow2["flops"] == 5 * 64 * 6 and pow2["setup_flops"] == 0      # one FFT, log2 64 = 6, no chirp
+    for n, m in [(96, 256), (720, 2048), (816, 2048), (1025, 4096)]:     # M = power of two >= 2n - 1
+        one = graph_costs(_dft_model(n, 1))["per_kind"]["dft"]
+        assert one["flops"] == 15 * m * int(np.log2(m)) and one["setup_flops"] == 8 * m, n
+    # the batch multiplies the transforms, not the once-per-node chirp (shapes given: batch is not fixed to 1)
+    seven = graph_costs(_dft_model(720, 1, 7), {"x": (7, 720, 1)})["per_kind"]["dft"]
+    assert seven["flops"] == 7 * 15 * 2048 * 11 and seven["setup_flops"] == 8 * 2048
 
 
 def test_config_costs_sum_a_chain():
@@ -141,7 +155,8 @@ def _random_costs(rng: np.random.Generator) -> dict:
         for k in KINDS
     }
     for k in ("conv", "matmul"):
-        per_kind[k]["narrow_flops"] = int(rng.integers(0, per_kind[k]["flops"] + 1))
+        per_kind[k]["pad_flops"] = int(rng.integers(0, per_kind[k]["flops"] + 1))
+    per_kind["dft"]["setup_flops"] = int(rng.integers(0, 1e6))
     return {
         "per_kind": per_kind,
         "total": {"nodes": sum(v["nodes"] for v in per_kind.values())},
