@@ -64,8 +64,8 @@ class Runtime:
     compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
     `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
     global pool instead of a pool per session: a chained config stops handing the cores from one segment's
-    pool to the next (s100 at 224x224 chained over 5 sessions: 32-60 % over its fused graph with pools per
-    session, 5-7 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
+    pool to the next (SN-Net at 224x224 chained over 4-6 sessions: 60-100 % over its fused graph with pools
+    per session, 5-8 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
     anywhere in the process, so it is opt-in; the `edgeflex` command turns it on (it owns its process).
     """
 
