@@ -76,3 +76,6 @@ def test_shared_threads_needs_one_count_and_says_so(snnet_bundle) -> None:
     from edgeflex.runtime.backends.onnxruntime import shared_threads
 
     assert shared_threads() is None                               # this process still has per-session pools
+    chained = ef.Runtime(path, threads=2, fused=False)
+    assert "shared_threads=True" in chained.fused_reason          # the chained runtime says what would help
+    assert "shared_threads" not in ef.Runtime(path, threads=1, fused=False).fused_reason
