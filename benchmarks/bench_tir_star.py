@@ -71,6 +71,33 @@ class Result:
     others_cpu: float = float("nan")
     load1: float = float("nan")
     tuned: dict | None = None
+    macs: float = float("nan")
+
+
+def fma_peak_gmacs(threads: int, runs: int = 30) -> float:
+    """The fastest multiply-add rate this machine reaches on one well-shaped kernel: ONNX Runtime's (MLAS)
+    1x1 conv 384 -> 1536 channels on [16, 384, 7, 7] (462 M multiply-adds, compute bound), median of
+    `runs`; GMAC/s. The roofline the cases are held against."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1536, 384, 1, 1)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "peak",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 384, 7, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((16, 384, 7, 7)).astype(np.float32)
+    ts = []
+    for i in range(runs + 5):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        if i >= 5:
+            ts.append(time.perf_counter() - t0)
+    return 16 * 1536 * 384 * 49 / float(np.median(ts)) / 1e9
 
 
 def per_kernel_ms(library: str, x: np.ndarray, reps: int) -> list[tuple[str, int, float]]:
@@ -139,8 +166,10 @@ def run_case(case: Case, tmp: Path, *, threads: int, warmup: int, block: int, ru
     print(f"per-kernel breakdown of {case.key} ...", file=sys.stderr, flush=True)
     library, engine = libs["tvm kernels"]
     ops = per_kernel_ms(str(library), x, reps)
+    per_kind = bundle.configs[0].extra["costs"]["per_kind"]
+    macs = sum(per_kind[k]["flops"] for k in ("conv", "dwconv", "matmul")) / 2
     return Result(case, times, rel, compile_s, engine["kernels"], ops, others.share, os.getloadavg()[0],
-                  engine.get("tuning"))
+                  engine.get("tuning"), macs)
 
 
 def _ms(v: float) -> str:
@@ -156,7 +185,25 @@ def _kind(symbol: str) -> str:
     return "TVM default: " + symbol.rstrip("0123456789")
 
 
-def render(results: list[Result], trials: int, reps: int, info: dict[str, str], meta: dict[str, str]) -> str:
+def roofline(results: list[Result], peak: float) -> list[str]:
+    """What the goal (TVM <= 0.8x ORT) asks of the machine: each case's multiply-adds at the measured peak."""
+    lines = [f"Roofline: the fastest multiply-add rate measured on this machine in this run is **{peak:.0f} "
+             "GMAC/s** (ONNX Runtime's 1x1 conv 384 -> 1536 on [16, 384, 7, 7], compute bound; "
+             "`fma_peak_gmacs`). At that rate:", "",
+             "| case | multiply-adds (M) | at peak, ms | ORT ms | at peak / ORT "
+             "| rate TVM <= 0.8x ORT needs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ort_ms = float(np.median(r.times["onnxruntime"]))
+        floor = r.macs / peak / 1e6
+        need = r.macs / (0.8 * ort_ms * 1e-3) / 1e9
+        lines.append(f"| {r.case.label} | {r.macs / 1e6:.0f} | {_ms(floor)} | {_ms(ort_ms)} | "
+                     f"{floor / ort_ms:.2f}x | {need:.0f} GMAC/s = **{need / peak:.0%} of peak** |")
+    return lines + [""]
+
+
+def render(results: list[Result], trials: int, reps: int, info: dict[str, str], meta: dict[str, str],
+           peak: float) -> str:
     order = ("tvm kernels", "tvm plain", "onnxruntime", "eager")
     lines = ["| case | " + " | ".join(f"{c} median ms (p90)" for c in order)
              + " | TVM kernels / ORT | TVM plain / ORT | TVM kernels / eager | max rel diff vs ORT "
@@ -194,6 +241,7 @@ def render(results: list[Result], trials: int, reps: int, info: dict[str, str], 
         lines += ["", "| kernel | calls | ms per call |", "|---|---:|---:|"]
         lines += [f"| `{sym}` | {n} | {_ms(ms)} |" for sym, n, ms in r.ops[:12]]
         lines.append("")
+    lines += roofline(results, peak)
     lines += ["Machine and run:", ""]
     lines += [f"- {k}: {v}" for k, v in {**info, **meta}.items()]
     return "\n".join(lines)
@@ -219,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(run_case(case, Path(tmp), threads=a.threads, warmup=a.warmup, block=a.block,
                                     runs=a.runs, trials=a.trials, reps=a.reps))
+    peak = fma_peak_gmacs(a.threads)
     info = machine_info(a.threads)
     info["versions"] += f", apache-tvm {_tvm.__version__}"
     meta = {"date": date, "command": f"`{command_line()}`",
@@ -226,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                       "`Runtime.run` (input checks included), per eager forward under torch.inference_mode; "
                       "TVM_NUM_THREADS set to the threads",
             "total time": f"{time.perf_counter() - started:.0f} s"}
-    publish(a.out, SECTION, "bench_tir_star", render(results, a.trials, a.reps, info, meta))
+    publish(a.out, SECTION, "bench_tir_star", render(results, a.trials, a.reps, info, meta, peak))
     return 0
 
 
