@@ -139,7 +139,17 @@ def _pixel_macros(T, NO: int, K: int, W: int):
             tile(x, vb, ib, bias, y, n, task // (V // RB), task % (V // RB) * RB, P,
                  (P + W - 1) // W // PV * PV + pr, 1, kk)
 
-    return tile, rows
+    @T.macro
+    def chunk(x, vb, ib, bias, y, n, pc, P, kk):
+        # one pass of PV vectors (pc) through every row block: the x columns it reads stay in L1
+        for t in range(blocks(NO) * (V // RB)):
+            if pc * PV + PV <= (P + W - 1) // W:
+                tile(x, vb, ib, bias, y, n, t // (V // RB), t % (V // RB) * RB, P, pc * PV, PV, kk)
+            else:
+                tile(x, vb, ib, bias, y, n, t // (V // RB), t % (V // RB) * RB, P, pc * PV,
+                     (P + W - 1) // W % PV, kk)
+
+    return tile, rows, chunk
 
 
 def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype: str = "int64",
@@ -156,7 +166,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
     NO, NI, K, L, V = out_f, in_f, kmax, n_levels, LANES
     NB, NT = blocks(out_f), blocks(out_f) * (LANES // RB)
     gather = _has_avx512(target) and in_f < (1 << 31)
-    _, rows = _pixel_macros(T, NO, K, V)
+    _, rows, _ = _pixel_macros(T, NO, K, V)
 
     def gathered(x, ib, b, blk, j):
         idx = T.Cast("int32x16", ib[blk, j, T.Ramp(0, 1, V)])
@@ -234,7 +244,9 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
         raise ValueError(f"1x1 conv needs pixels >= 1 (H * W), got {pixels}")
     NO, C, K, L, P, V = out_c, in_c, kmax, n_levels, pixels, LANES
     NB, NT = blocks(out_c), blocks(out_c) * (LANES // RB)
-    _, rows = _pixel_macros(T, NO, K, min(V, P))
+    _, rows, chunk = _pixel_macros(T, NO, K, min(V, P))
+    n_vectors = -(-P // min(V, P))
+    NPASS = -(-n_vectors // PV)                 # passes of PV vectors over a row of P pixels
 
     @T.prim_func(private=True)
     def rowsparse_conv1x1(var_x: T.handle, vb: T.Buffer((NB, K, V), "float32"),
@@ -246,7 +258,13 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
         x = T.match_buffer(var_x, (B, C, P), "float32")
         y = T.match_buffer(var_y, (B, NO, P), "float32")
         kk: T.let = _level_k(T, ell_k, level, L, K)
-        if NB * V * kk * P * B >= PARALLEL_MACS:
+        if NB * V * kk * P * B >= PARALLEL_MACS and B * NPASS >= 2:
+            # tasks = (image, pixel pass): each streams the (contiguous) weights past an x tile held in L1,
+            # instead of re-reading x rows at data-dependent places from L2 (96->384 @14x14, batch 16, 10 %:
+            # 2.4x -> 3.4x over ORT's dense conv)
+            for task in T.parallel(B * NPASS):
+                chunk(x, vb, ib, bias_buf, y, task // NPASS, task % NPASS, P, kk)
+        elif NB * V * kk * P * B >= PARALLEL_MACS:
             for t in T.parallel(NT):
                 for n in range(B):
                     rows(x, vb, ib, bias_buf, y, n, t, P, kk)
