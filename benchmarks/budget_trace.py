@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the policy's safety margin (set_budget's default, 0.85; earlier runs used 0.9)")
     p.add_argument("--fast-down", type=int, default=3,
                    help="late runs in a row that switch down at once (0: window only)")
+    p.add_argument("--late-share", type=float, default=0.01,
+                   help="a window with more late runs than this share plans on its tail (set_budget's "
+                        "late_share; default 0.01, the runtime's)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     tail = a.tail
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         strategies = {f"adaptive, config x threads {counts}": (rt_counts, None), **strategies}
     for runtime, fixed in strategies.values():
         runtime.set_budget(budget if fixed is None else None, margin=a.margin, tail=tail, window=a.window,
-                           fast_down=a.fast_down, os_hint=not a.no_os_hint)
+                           fast_down=a.fast_down, os_hint=not a.no_os_hint, late_share=a.late_share)
         if fixed is not None:
             runtime.switch(fixed)
     # round robin: each strategy runs `rounds` chunks of whole hog periods, so a drift of the shared machine
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Bundle `{a.bundle.name}` ({len(rt.configs)} configs), budget **{budget_ms:.3f} ms** per request "
         f"(judged per request; the policy plans on {tail} within {a.margin:g} x the budget; {a.batch} "
         f"image(s) per request; adapter window "
-        f"{a.window}, fast down after {a.fast_down} late runs), {threads} ORT threads, and engines at "
+        f"{a.window}, fast down after {a.fast_down} late runs, late share {a.late_share}), {threads} ORT "
+        f"threads, and engines at "
         f"{counts} threads for the thread-switching strategy, each count profiled "
         f"({'fused' if rt.fused else 'chained'}: {rt.fused_reason}); busy-loop processes "
         f"pinned to core(s) {hog_cores} run every other {a.period:g} s; each strategy {a.seconds:g} s "

@@ -154,6 +154,10 @@ class Adapter:
     *probes* it: switches to it on trial, and goes back after `probe_late` late runs (a failed probe costs
     about that many late requests) or keeps it after a clean window. Probes wait `probe_after` runs
     (default 2 windows), doubling after each failure up to 4x that, reset by a success.
+    `late_share` (e.g. 0.02): a window with more than that share of runs over the latency budget sets the
+    slowdown from its (1 - late_share) quantile instead of `percentile`: a config whose p90 fits but whose
+    tail misses the budget too often (2 threads with a busy loop on one core: 5-7 % late) is left, as the
+    budget is judged per request. None: the percentile alone.
     `idle_cores` (e.g. `devices.load.IdleCores()`), asked once a window, tells how many cores were idle:
     where it answers, a probe goes ahead as soon as the extra threads' cores are free (0.75 of a core
     each) and never while they are busy; probes that fail although the cores look free back off
@@ -163,13 +167,16 @@ class Adapter:
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
                  margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
                  fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2,
-                 idle_cores: Callable[[], float | None] | None = None):
+                 idle_cores: Callable[[], float | None] | None = None, late_share: float | None = None):
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:
             raise UsageError(f"need 0 < margin_lo <= margin_hi <= 1, got {margin_lo} and {margin_hi}")
         if probe_late < 1:
             raise UsageError(f"probe_late must be >= 1 (late runs that end a probe), got {probe_late}")
+        if late_share is not None and not 0 < late_share < 1:
+            raise UsageError(f"late_share must be a share in (0, 1) or None, got {late_share!r}")
+        self.late_share = late_share
         self.cands = {c.key: c for c in cands}
         if len(self.cands) != len(cands):
             raise UsageError("candidates repeat a config at one thread count")
@@ -218,7 +225,12 @@ class Adapter:
                     return self._decide()
             if len(self._window) < self._window.maxlen:
                 return self._maybe_probe()
-            self._set_slowdown(float(np.percentile(self._window, self.percentile)))
+            q = self.percentile
+            if self.late_share is not None and limit is not None:
+                late = sum(1 for v in self._window if v > limit) / len(self._window)
+                if late > self.late_share:
+                    q = max(q, 100 * (1 - self.late_share))
+            self._set_slowdown(float(np.percentile(self._window, q)))
             self._window.clear()
             self._late = []
             return self._decide() or self._maybe_probe()

@@ -332,12 +332,14 @@ class Runtime:
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
                    margin: float = 0.85, window: int = 32, tail: str = "p90", fast_down: int = 3,
-                   os_hint: bool = True) -> str:
+                   os_hint: bool = True, late_share: float | None = 0.01) -> str:
         """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
         keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
 
         Adaptation re-selects every `window` runs from their `tail` percentile, and at once after
-        `fast_down` runs in a row over the latency budget (0: windows only); see `policy.Adapter`.
+        `fast_down` runs in a row over the latency budget (0: windows only); `late_share` also leaves a
+        config whose window had more than that share of runs over budget (None: the tail percentile alone);
+        see `policy.Adapter`.
         With engines at several thread counts, the choice is (config, threads), each count judged on its
         own profile (`edgeflex profile --threads 2,1`) and its own observed slowdown; `os_hint` lets the
         policy read the OS's idle-core count (`devices.load.IdleCores`) to time its tries of more threads.
@@ -369,7 +371,8 @@ class Runtime:
                       if c.name in self._plan_sets[t]]
         hint = IdleCores() if multi and os_hint else None
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.9,
-                          percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down, idle_cores=hint)
+                          percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down, idle_cores=hint,
+                          late_share=late_share)
         self.budget_met = adapter.fits
         if not adapter.fits:
             log.warning("no config fits %s; running the fastest, %s (degrade=True)", budget.describe(),

@@ -95,6 +95,25 @@ def test_adapter_does_not_flap_on_noise_around_the_limit():
     assert switches == 0
 
 
+def test_adapter_leaves_a_config_whose_tail_is_late_too_often_when_asked():
+    # large's window p90 (4.0 ms) fits 0.9 x 5 ms, but 1 run in 20 takes 8 ms: 5 % of requests late
+    runs = ([4.0] * 19 + [8.0]) * 2                    # never 2 late in a row: fast_down does not fire
+
+    def run(late_share):
+        a = Adapter(CANDS, Budget(latency_ms=5.0), window=40, fast_down=2, late_share=late_share)
+        switches = [t for ms in runs if (t := a.observe(a.current, ms))]
+        return a, switches
+
+    a, switches = run(None)
+    assert switches == [] and a.current == "large"     # p90 alone: stays, 5 % late
+    a, switches = run(0.02)
+    assert switches == ["mid"] and a.slowdown == pytest.approx(8.0 / 4.0)   # p98 (8 ms) planned on
+    a, switches = run(0.1)
+    assert switches == []                              # 5 % late is within a 10 % share
+    with pytest.raises(ef.UsageError, match="late_share must be a share"):
+        Adapter(CANDS, Budget(latency_ms=5.0), late_share=1.5)
+
+
 def test_adapter_ignores_runs_of_an_old_config():
     a = Adapter(CANDS, Budget(latency_ms=5.0), window=4)
     assert feed(a, "small", 100.0, 20) == []          # runs that started before a switch don't count
