@@ -501,7 +501,12 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     tune = tgt.name == HOST and (trials > 0 or have_records)      # records in the bundle are always reused
     if tune and batch is None:
         batch = 1
-    jobs = collect_graphs(bundle, configs=configs, fused=fused, dress_kernel=dress_kernel)
+    both = dress_kernel is None and _dress_kernels(bundle) == ("dense", "sparse")
+    if both:            # both DRESS kernels: which one each level runs is measured on TVM below
+        jobs = _union(collect_graphs(bundle, configs=configs, fused=fused, dress_kernel=k)
+                      for k in ("dense", "sparse"))
+    else:
+        jobs = collect_graphs(bundle, configs=configs, fused=fused, dress_kernel=dress_kernel)
     files: dict[str, bytes] = {}
     records = []
     stamp = {"created_by": creator(), "host": host_cpu(),
@@ -536,6 +541,67 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
             records.append(rec)
             if progress is not None and not tune:
                 progress(stem, i + 1, len(jobs))
+    choice_file = f"{folder}/{DRESS_CHOICE}"
+    if both and tgt.name == HOST:
+        update_bundle(bundle.path, files)
+        choice = measure_dress_kernels(bundle.path, threads=threads, configs=configs)
+        files = {choice_file: (json.dumps(choice, indent=1) + "\n").encode()}
+    elif choice_file in bundle.manifest["files"]:
+        # the libraries change: an earlier measurement no longer describes them
+        files[choice_file] = (json.dumps({"stale": True, "levels": {}}) + "\n").encode()
     update_bundle(bundle.path, files)
     return {"bundle": str(bundle.path), "target": tgt.name, "target_dict": tgt.target, "source": tgt.source,
-            "engines": records}
+            "engines": records, "dress_kernels": json.loads(files[choice_file]) if choice_file in files
+            else None}
+
+
+DRESS_CHOICE = "choices/dress.json"     # under engines/tvm/<target>/: per DRESS level, the kernel TVM runs
+
+
+def _dress_kernels(bundle: Bundle) -> tuple[str, ...]:
+    """The DRESS kernels a bundle has graphs for (empty for other bundles)."""
+    if "dress" not in bundle.manifest:
+        return ()
+    return ("dense", "sparse") if "main.sparse" in bundle.segments else ("dense",)
+
+
+def _union(job_lists) -> list[GraphJob]:
+    jobs: dict[str, GraphJob] = {}
+    for job_list in job_lists:
+        for job in job_list:
+            if job.rel in jobs:
+                jobs[job.rel].used_by.extend(n for n in job.used_by if n not in jobs[job.rel].used_by)
+            else:
+                jobs[job.rel] = job
+    return list(jobs.values())
+
+
+def measure_dress_kernels(path: str | os.PathLike, *, threads: int | None = None,
+                          configs: Sequence[str] | None = None, runs: int = 100) -> dict[str, Any]:
+    """Per DRESS level, the TVM engine's batch-1 median latency with the masked dense graph and with the
+    row-sparse one (interleaved, on this host), and the faster: what `Runtime(backend="tvm")` runs by
+    default (the exporter's choice was measured on ONNX Runtime, whose gather-based sparse graph loses at
+    every level while edgeflex's TIR row-sparse kernel wins at the sparse ones)."""
+    from edgeflex.runtime import Runtime
+
+    only = list(configs) if configs else None
+    rts = {k: Runtime(path, backend="tvm", threads=threads, dress_kernel=k, only=only)
+           for k in ("dense", "sparse")}
+    spec = rts["dense"].inputs[0]
+    x = np.random.default_rng(0).standard_normal([1, *spec.shape[1:]]).astype(spec.dtype)
+    levels = {}
+    for c in rts["dense"].configs:
+        times: dict[str, list[float]] = {k: [] for k in rts}
+        for rt in rts.values():
+            rt.switch(c.name)
+            for _ in range(5):
+                rt.run(x)
+        for _ in range(runs):
+            for k, rt in rts.items():
+                t0 = time.perf_counter()
+                rt.run(x)
+                times[k].append(time.perf_counter() - t0)
+        us = {k: round(float(np.median(v)) * 1e6, 2) for k, v in times.items()}
+        levels[c.name] = {"kernel": min(us, key=us.get), "batch1_us": us}
+    return {"stale": False, "threads": rts["dense"].threads, "host": host_cpu(), "runs": runs,
+            "levels": levels}

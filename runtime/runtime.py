@@ -59,7 +59,8 @@ class Runtime:
     `"auto"` fuses when the backend can load every fused graph and the copies would take at most
     `AUTO_FUSE_MB` (small models, where the per-call cost is a large share of a run), else chains;
     `rt.fused` says which, `rt.fused_reason` why. `dress_kernel` ("dense" or "sparse")
-    overrides, for every DRESS level, the kernel the exporter measured fastest. `only` loads just those
+    overrides, for every DRESS level, the kernel measured fastest: by `edgeflex compile` on this backend
+    where it measured (TVM, host target), else by the exporter on ONNX Runtime. `only` loads just those
     configs (less memory; switching to another then raises). `allow_native=True` lets a backend that runs
     compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
     `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
@@ -175,7 +176,7 @@ class Runtime:
         """A DRESS level: the masked dense graph, or the row-sparse graph with the level as an input.
         Both are derived here from the one stored dense weight and its packed level codes."""
         b, level = self.bundle, dress["level"]
-        kernel = self.dress_kernel or dress["kernel"]
+        kernel = self.dress_kernel or self._backend.kernel_choice(c.name) or dress["kernel"]
         coded = b.manifest["dress"]["segments"]["main"]
         weights = {}
         for init, d in coded.items():

@@ -179,3 +179,35 @@ def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundl
         np.testing.assert_allclose(outs[-1], ort.run(x), rtol=1e-4, atol=1e-5, err_msg=c.name)
     assert not np.allclose(outs[0], outs[-1])
     assert len({id(p.engines[0]) for p in rt._plans.values()}) == 1      # one library serves all levels
+
+
+def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kernel(dress_bundle,
+                                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    from edgeflex.export.tvm_compile import compile_bundle
+
+    src, _ = dress_bundle
+    path = Path(shutil.copytree(src, tmp_path / "mlp.efx"))
+    report = compile_bundle(path, "host")                    # no --dress-kernel: both, then measured
+    assert sorted(e["graph"] for e in report["engines"]) == ["graphs/main.onnx", "graphs/main.sparse.onnx"]
+    levels = report["dress_kernels"]["levels"]
+    rt = ef.Runtime(path, backend="tvm")
+    assert set(levels) == {c.name for c in rt.configs}
+    x = np.random.default_rng(2).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    ort = ef.Runtime(path)
+    for c in rt.configs:
+        us = levels[c.name]["batch1_us"]
+        assert set(us) == {"dense", "sparse"} and min(us.values()) > 0
+        assert levels[c.name]["kernel"] == min(us, key=us.get)
+        sparse = bool(rt._plans[c.name].extra)                # the sparse graph takes the level as an input
+        assert sparse == (levels[c.name]["kernel"] == "sparse"), c.name
+        rt.switch(c.name)
+        ort.switch(c.name)
+        np.testing.assert_allclose(rt.run(x), ort.run(x), rtol=1e-4, atol=1e-5, err_msg=c.name)
+    # a later compile of one kernel only marks the measurement stale: every level runs what is compiled
+    report = compile_bundle(path, "host", dress_kernel="dense")
+    assert report["dress_kernels"]["stale"] and report["dress_kernels"]["levels"] == {}
+    again = ef.Runtime(path, backend="tvm", dress_kernel=None)
+    exported = {c.name: c.extra["dress"]["kernel"] for c in again.configs}
+    assert all(bool(again._plans[n].extra) == (k == "sparse") for n, k in exported.items())

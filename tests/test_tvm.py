@@ -113,9 +113,9 @@ def test_dress_levels_share_one_library_with_each_levels_weights(tmp_path: Path)
     torch.manual_seed(0)
     model = DressModel(build_backbone("mlp")).eval()
     path = export_dress(model, torch.randn(2, 1, 8, 8), tmp_path / "mlp.efx").path
-    (engine,) = compile_bundle(path, "host")["engines"]  # the dense graph; each level's masked weights
+    (engine,) = compile_bundle(path, "host", dress_kernel="dense")["engines"]  # each level's masked weights
     assert engine["params"] and len(engine["used_by"]) == len(Bundle.open(path).configs)
-    rt, ort = ef.Runtime(path, backend="tvm"), ef.Runtime(path)
+    rt, ort = ef.Runtime(path, backend="tvm", dress_kernel="dense"), ef.Runtime(path, dress_kernel="dense")
     x = _x(rt.inputs[0], 3)
     outs = []
     for c in rt.configs:

@@ -52,6 +52,11 @@ class Backend(ABC):
         True)`). Default: nothing to do, for a backend whose pool is process-wide already (TVM)."""
         return None
 
+    def kernel_choice(self, config: str) -> str | None:
+        """The DRESS kernel ("dense" / "sparse") this backend measured fastest for `config` on this device,
+        where it measured one (TVM, at compile); None: the exporter's choice stands."""
+        return None
+
     def can_load(self, graph_sha256: str) -> bool:
         """Whether `load` of the graph with this sha256 would find what it needs (a compiled engine, for a
         backend that compiles ahead of time), asked without reading the graph. Default: any graph loads."""

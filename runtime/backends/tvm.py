@@ -139,6 +139,7 @@ class TvmBackend(Backend):
         self._tvm = tvm
         self._bundle: Bundle | None = None
         self._engines: dict[str, dict[str, Any]] = {}
+        self._choices: dict[str, str] = {}
         self.target = HOST
 
     def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
@@ -164,6 +165,18 @@ class TvmBackend(Backend):
             self._check_compatible(bundle, device, meta)
             engines[meta["graph_sha256"]] = meta
         self._bundle, self._engines, self.target = bundle, engines, device
+        self._choices = {}
+        choice = f"{folder}/choices/dress.json"       # export.tvm_compile.DRESS_CHOICE
+        if choice in bundle.manifest["files"]:
+            levels = json.loads(bundle.read(choice)).get("levels", {})
+            graphs = {k: bundle.sha256(bundle.segments[s].graph) for k, s in
+                      (("dense", "main"), ("sparse", "main.sparse")) if s in bundle.segments}
+            # only a choice whose engine is here (a later compile of one kernel leaves the other's out)
+            self._choices = {c: v["kernel"] for c, v in levels.items()
+                             if graphs.get(v.get("kernel")) in engines}
+
+    def kernel_choice(self, config: str) -> str | None:
+        return self._choices.get(config)
 
     def can_load(self, graph_sha256: str) -> bool:
         return graph_sha256 in self._engines
