@@ -158,7 +158,9 @@ class Adapter:
     slowdown from its (1 - late_share) quantile instead of `percentile`: a config whose p90 fits but whose
     tail misses the budget too often (2 threads with a busy loop on one core: 5-7 % late) is left, as the
     budget is judged per request. None: the percentile alone.
-    `idle_cores` (e.g. `devices.load.IdleCores()`), asked once a window, tells how many cores were idle:
+    `idle_cores` (e.g. `devices.load.IdleCores()`), asked every `hint_every` runs (default a quarter
+    window: at a hog's end the 1-thread runtime learns of the free core within ~25 runs, not ~100; each ask
+    reads /proc/stat, ~20 us), tells how many cores were idle:
     where it answers, a probe goes ahead as soon as the extra threads' cores are free (0.75 of a core
     each) and never while they are busy; probes that fail although the cores look free back off
     (`MAX_HINTED_BACKOFF`); where it returns None, the timer above decides.
@@ -167,7 +169,8 @@ class Adapter:
     def __init__(self, cands: list[Candidate], budget: Budget, *, window: int = 32, margin_hi: float = 0.9,
                  margin_lo: float = 0.7, up_after: int = 3, degrade: bool = False, percentile: float = 90,
                  fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2,
-                 idle_cores: Callable[[], float | None] | None = None, late_share: float | None = None):
+                 idle_cores: Callable[[], float | None] | None = None, late_share: float | None = None,
+                 hint_every: int | None = None):
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:
@@ -177,6 +180,9 @@ class Adapter:
         if late_share is not None and not 0 < late_share < 1:
             raise UsageError(f"late_share must be a share in (0, 1) or None, got {late_share!r}")
         self.late_share = late_share
+        self.hint_every = hint_every if hint_every is not None else max(1, window // 4)
+        if self.hint_every < 1:
+            raise UsageError(f"hint_every must be >= 1 (runs between OS hints), got {hint_every}")
         self.cands = {c.key: c for c in cands}
         if len(self.cands) != len(cands):
             raise UsageError("candidates repeat a config at one thread count")
@@ -263,7 +269,7 @@ class Adapter:
             return None
         self._since_probe += 1
         free = None
-        if self.idle_cores is not None and self._since_probe % self._window.maxlen == 0:
+        if self.idle_cores is not None and self._since_probe % self.hint_every == 0:
             free = self.idle_cores()
             self._hinted = self._hinted or free is not None
         if free is None and (self._hinted or self._since_probe < self._probe_every):
