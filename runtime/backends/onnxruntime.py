@@ -74,7 +74,7 @@ def session_options(ort, threads: int):
 
 
 class OnnxRuntimeEngine(Engine):
-    def __init__(self, session, inputs, outputs, keep=(), run_options=None):
+    def __init__(self, session, inputs, outputs, keep=()):
         super().__init__(inputs, outputs)
         self.session = session
         self._keep = keep                   # OrtValues ORT was given: they must outlive the session
@@ -85,12 +85,11 @@ class OnnxRuntimeEngine(Engine):
         # 4 sessions: +27 % over its fused graph through `run`, +7 % through the binding; inputs are checked
         # by the runtime before the first engine). Public `run` where a build lacks the binding.
         self._binding = getattr(session, "_sess", None)
-        self._run_options = run_options
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         feed = dict(zip(self._in_names, arrays))
         if self._binding is not None:
-            return self._binding.run(self._out_names, feed, self._run_options)
+            return self._binding.run(self._out_names, feed, None)      # None: default run options
         return self.session.run(None, feed)
 
 
@@ -118,7 +117,7 @@ class OnnxRuntimeBackend(Backend):
             so.add_external_initializers(list(initializers), values)
         # NOTE: providers are named: ORT must not pick (or silently fall back to) another one.
         sess = self._ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-        return OnnxRuntimeEngine(sess, inputs, outputs, values, self._ort.RunOptions())
+        return OnnxRuntimeEngine(sess, inputs, outputs, values)
 
     def share_threads(self, threads: int) -> None:
         share_threads(threads)
