@@ -88,6 +88,7 @@ def test_1x1_convs_are_left_alone() -> None:
     (1, 5, 13, 11, 7, (3, 3, 3, 3), True, False),       # StarNet's 7x7 'same', odd plane
     (2, 3, 4, 3, 7, (3, 3, 3, 3), False, True),         # plane smaller than the kernel, any batch
     (1, 7, 20, 37, 3, (1, 0, 2, 1), True, False),       # uneven padding, wider than a vector
+    (1, 3, 31, 40, 7, (3, 3, 3, 3), True, False),       # 3 vectors a row: blocks of 5 rows, the last overlaps
 ])
 def test_depthwise_kernel_equals_numpy(n, c, h, w, k, pad, residual, dynamic) -> None:
     from edgeflex.kernels.tir.dwconv import dwconv_primfunc, dwconv_reference
