@@ -431,8 +431,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeflex-bench-predictor"))
     ap.add_argument("--out", type=Path, help="RESULTS.md to write this benchmark's section into")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--block-ms", type=float, default=50.0)
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--block-ms", type=float, default=12.5)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--no-single-thread", action="store_true", help="skip the 1-thread diagnostic run")
     ap.add_argument(

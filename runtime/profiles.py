@@ -21,30 +21,14 @@ import numpy as np
 from edgeflex.devices import host_info
 
 from .bundle import Bundle, update_bundle
-from .errors import BundleError
+from .errors import BundleError, UsageError
 
 PROFILE_FORMAT = 1
+PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): see measure_profile
 
 
 def profile_path(device: str) -> str:
     return f"profiles/{device}.json"
-
-
-def _stable_times(fn, *, warmup: int, min_runs: int, max_runs: int, min_seconds: float) -> np.ndarray:
-    """Timed runs until the median of the last half agrees with the whole's within 2 % (or max_runs)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs:
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-        if len(times) >= min_runs and time.perf_counter() - start >= min_seconds:
-            med, half = np.median(times), np.median(times[len(times) // 2:])
-            if abs(half - med) <= 0.02 * med:
-                break
-    return np.asarray(times)
 
 
 _MEM_PROBE = """
@@ -77,25 +61,54 @@ def _peak_memory_mb(path: str, config: str, backend: str, threads: int, batch: i
 
 
 def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50, max_runs: int = 20000,
-                    min_seconds: float = 0.5, memory: bool = True, progress: bool = True) -> dict[str, Any]:
+                    min_seconds: float = 0.5, memory: bool = True, progress: bool = True,
+                    rounds: int = PROFILE_ROUNDS) -> dict[str, Any]:
     """Profile every config of `rt` (an `edgeflex.Runtime`) at `batch`, at each of its thread counts;
-    the runtime is left on its config. `configs` holds the stats at the first count, `by_threads` all."""
+    the runtime is left on its config. `configs` holds the stats at the first count, `by_threads` all.
+
+    Interleaved: `rounds` rounds, each running every (config, thread count) in a shuffled order for
+    `min_seconds / rounds` (and at least `min_runs / rounds` runs); the stats pool all rounds. A machine
+    whose speed drifts for seconds at a time (this project's VM: ~1.4x spells) then slows every config
+    alike instead of whichever was being measured: the predictor's leave-one-out at 2 threads went from
+    40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
+    import random
+
     from tqdm.auto import tqdm
 
+    if rounds < 1:
+        raise UsageError(f"profile rounds must be >= 1, got {rounds}")
     shape = [batch if d is None else d for d in rt.inputs[0].shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(rt.inputs[0].dtype)
     extra = [np.random.default_rng(i).standard_normal([batch if d is None else d for d in s.shape])
              .astype(s.dtype) for i, s in enumerate(rt.inputs[1:], start=1)]
     start_config, start_threads = rt.config, rt.threads
     todo = [(t, c.name) for t in rt.thread_counts for c in rt.configs]
+    times: dict[tuple[int, str], list[float]] = {item: [] for item in todo}
+    per_round_s, per_round_runs = min_seconds / rounds, max(1, -(-min_runs // rounds))
+    cap = max(1, max_runs // rounds)
+    bar = tqdm(total=rounds * len(todo), desc=f"profile {rt.bundle.name}", disable=not progress, leave=False)
+    for r in range(rounds):
+        order = list(todo)
+        random.Random(r).shuffle(order)
+        for threads, name in order:
+            rt.switch(name, threads=threads)
+            for _ in range(warmup if r == 0 else 2):       # a full warm-up once, then the caches again
+                rt.run(x, *extra)
+            got, start = times[(threads, name)], time.perf_counter()
+            for i in range(cap):
+                t0 = time.perf_counter()
+                rt.run(x, *extra)
+                got.append((time.perf_counter() - t0) * 1e3)
+                if i + 1 >= per_round_runs and time.perf_counter() - start >= per_round_s:
+                    break
+            bar.update(1)
+    bar.close()
     by_threads: dict[str, dict[str, Any]] = {str(t): {} for t in rt.thread_counts}
-    for threads, name in tqdm(todo, desc=f"profile {rt.bundle.name}", disable=not progress, leave=False):
-        rt.switch(name, threads=threads)
-        t = _stable_times(lambda: rt.run(x, *extra), warmup=warmup, min_runs=min_runs, max_runs=max_runs,
-                          min_seconds=min_seconds)
+    for (threads, name), got in times.items():
+        t = np.asarray(got)
         stats = {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
                  "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
-                 "throughput_per_s": float(batch * 1e3 / np.median(t)), "runs": len(t)}
+                 "throughput_per_s": float(batch * 1e3 / np.median(t)), "runs": len(t), "rounds": rounds}
         if memory:
             stats["peak_memory_mb"] = _peak_memory_mb(str(rt.bundle.path), name, rt.backend, threads, batch)
         by_threads[str(threads)][name] = stats

@@ -147,6 +147,27 @@ def test_profile_round_trip_is_stored_checksummed(elastic, tmp_path):
     assert not list(elastic.parent.glob(".*tmp-*"))                 # the update left no temp dir
 
 
+def test_profile_interleaves_the_configs_in_rounds(elastic):
+    rt = ef.Runtime(elastic, threads=1)
+    seen = []
+    switch = rt.switch
+
+    def logged(name, **kw):
+        seen.append(name)
+        return switch(name, **kw)
+
+    rt.switch = logged
+    prof = measure_profile(rt, min_runs=12, min_seconds=0.03, memory=False, progress=False, rounds=4)
+    names = [c.name for c in rt.configs]
+    assert seen[:-1].count(names[0]) == 4 and len(seen) == 4 * len(names) + 1    # + the switch back
+    first_round = seen[:len(names)]
+    assert sorted(first_round) == sorted(names)          # every config once per round, not one after another
+    for stats in prof["configs"].values():
+        assert stats["rounds"] == 4 and stats["runs"] >= 12
+    with pytest.raises(ef.UsageError, match="rounds must be >= 1"):
+        measure_profile(rt, memory=False, progress=False, rounds=0)
+
+
 def test_query_orders_by_quality_and_respects_budget(elastic):
     rt = ef.Runtime(elastic)
     prof = rt.latency_profile()["configs"]
