@@ -4,6 +4,7 @@
     latency_ms = sum_k (a_k * flops_k / peak_flops + b_k * bytes_k / bandwidth)
                  + sum_g e_g * pad_flops_g / peak_flops + c * nodes + d * engine_calls
                  + h * (engine_calls - 1) * flops / peak_flops + s * dft_setup_flops / peak_flops
+                 + u * small_op_flops / peak_flops + v * small_op_nodes
 
 with k over operator kinds, g over the GEMM kinds (conv, matmul) whose channels, rounded up to the SIMD
 block, cost extra FLOPs (`export/costs.py` pad_flops).
@@ -40,8 +41,8 @@ PAD_KINDS = ("conv", "matmul")
 SETUP_KINDS = ("dft",)
 FEATURES = (*(f"flops:{k}" for k in KINDS), *(f"pad:{k}" for k in PAD_KINDS),
             *(f"bytes:{k}" for k in KINDS), "nodes", "engine_calls", "chained",
-            *(f"setup:{k}" for k in SETUP_KINDS))
-OVERHEADS = ("nodes", "engine_calls")
+            *(f"setup:{k}" for k in SETUP_KINDS), "small:flops", "small:nodes")
+OVERHEADS = ("nodes", "engine_calls", "small:nodes")
 
 Sample = tuple  # (costs: dict, p50_ms: float) or (costs, p50_ms, label)
 
@@ -103,6 +104,9 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     calls = costs.get("engine_calls", 1)
     row += [nodes, calls, max(calls - 1, 0) * flops_ms]
     row += [per_kind.get(k, {}).get("setup_flops", 0) * ms_per_flop for k in SETUP_KINDS]
+    # ops too small to split over threads (costs' small_flops / small_nodes, summed over the kinds)
+    row += [sum(v.get("small_flops", 0) for v in per_kind.values()) * ms_per_flop,
+            sum(v.get("small_nodes", 0) for v in per_kind.values())]
     return np.asarray(row, float)
 
 
@@ -164,7 +168,8 @@ class Predictor:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "model": "latency_ms = sum_k(a_k flops_k / peak + b_k bytes_k / bandwidth) + "
                          "sum_g(e_g pad_flops_g / peak) + c nodes + d engine_calls + "
-                         "h (engine_calls - 1) flops / peak + s dft_setup_flops / peak",
+                         "h (engine_calls - 1) flops / peak + s dft_setup_flops / peak + "
+                         "u small_op_flops / peak + v small_op_nodes",
                 "features": list(FEATURES),
                 "coef": dict(self.coef), "reference": dict(self.reference), "n_samples": self.n_samples,
                 "ridge": self.ridge, "fit_error": dict(self.fit_error)}

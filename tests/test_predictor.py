@@ -80,6 +80,10 @@ def test_graph_costs_match_hand_counts():
     assert c["per_kind"]["conv"]["pad_flops"] == 999 * 16 // 3 - 999
     assert c["per_kind"]["matmul"]["pad_flops"] == 220 * 32 * 16 // (27 * 4) - 220
     assert c["per_kind"]["dwconv"]["pad_flops"] == 0
+    # every op here is under SMALL_OP_FLOPS; Flatten (0 FLOPs) is not an op that computes
+    small = {k: (v["small_flops"], v["small_nodes"]) for k, v in c["per_kind"].items() if v["small_nodes"]}
+    assert small == {"conv": (999, 1), "dwconv": (486, 1), "elementwise": (27, 1), "matmul": (220, 1)}
+    assert _conv(64, 48)["small_nodes"] == 1 and _conv(512, 512)["small_nodes"] == 0   # 2 x 512^2 x 16 FLOPs
 
 
 def _conv(c_in: int, c_out: int) -> dict:
@@ -157,6 +161,8 @@ def _random_costs(rng: np.random.Generator) -> dict:
     for k in ("conv", "matmul"):
         per_kind[k]["pad_flops"] = int(rng.integers(0, per_kind[k]["flops"] + 1))
     per_kind["dft"]["setup_flops"] = int(rng.integers(0, 1e6))
+    per_kind["elementwise"]["small_flops"] = int(rng.integers(0, 1e6))
+    per_kind["elementwise"]["small_nodes"] = int(rng.integers(0, 20))
     return {
         "per_kind": per_kind,
         "total": {"nodes": sum(v["nodes"] for v in per_kind.values())},
