@@ -98,7 +98,7 @@ class Runtime:
                 start = self.bundle.config(only[0])
         self._only = set(only) if only is not None else None
         self.fused, self.fused_reason = self._resolve_fused(fused)
-        if not self.fused and not shared_threads and self._backend.per_engine_threads \
+        if not self.fused and not self._backend.shares_threads() and self._backend.per_engine_threads \
                 and max(self.thread_counts) > 1 and any(len(c.segments) > 1 for c in self.bundle.configs):
             self.fused_reason += ("; chained with a thread pool per session, which hands the cores from one "
                                   "segment to the next: shared_threads=True runs them on one pool")

@@ -52,6 +52,10 @@ class Backend(ABC):
         True)`). Default: nothing to do, for a backend whose pool is process-wide already (TVM)."""
         return None
 
+    def shares_threads(self) -> bool:
+        """Whether this process already runs every engine of this backend on one shared pool."""
+        return False
+
     def kernel_choice(self, config: str) -> str | None:
         """The DRESS kernel ("dense" / "sparse") this backend measured fastest for `config` on this device,
         where it measured one (TVM, at compile); None: the exporter's choice stands."""

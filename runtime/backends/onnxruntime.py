@@ -122,6 +122,9 @@ class OnnxRuntimeBackend(Backend):
     def share_threads(self, threads: int) -> None:
         share_threads(threads)
 
+    def shares_threads(self) -> bool:
+        return shared_threads() is not None
+
     def versions(self) -> dict[str, str]:
         v = {"onnxruntime": self._ort.__version__}
         if shared_threads() is not None:
