@@ -8,7 +8,6 @@ side by side in one run. Writes its section of RESULTS.md with --out and a PNG b
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from edgeflex.models.snnet import SNNet
 from edgeflex.models.starnet import starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, publish, time_interleaved, usable_cores  # noqa: E402
+from common import OthersLoad, machine_and_run, publish, time_interleaved, usable_cores  # noqa: E402
 
 SECTION = "## Elastic models (issue 3): DRESS levels, SN-Net stitches, run-time switching"
 MODELS = ("dress-mlp", "dress-starnet-s050", "snnet-starnet")
@@ -312,12 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "Bundle size (weights stored once; goal for DRESS: <= 1.15x the densest level's weights):", "",
         *sizes, "", ("Row-sparse (ELL, level as a run-time input) vs dense Gemm with the masked weight, one "
                      "Linear layer on ONNX Runtime:"), "", *layers, "",
-        "Machine and run:", "",
-        *[f"- {k}: {v}" for k, v in machine_info(a.threads).items()],
-        f"- others' CPU share while measuring: {load.share:.0%}; load average {os.getloadavg()[0]:.2f}",
-        (f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}; total "
-        f"{time.perf_counter() - start:.0f} s"),
-        f"- command: `{command_line()}`",
+        *machine_and_run(a.threads, f"- others' CPU share while measuring: {load.share:.0%}; load average "
+                         f"{os.getloadavg()[0]:.2f}", started=start),
     ])
     publish(a.out, SECTION, "bench_elastic", body)
     return 0

@@ -10,7 +10,6 @@ config and thread count over time.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import edgeflex as ef
 from edgeflex.runtime.profiles import measure_profile, save_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine_info, publish  # noqa: E402
+from common import machine_and_run, publish  # noqa: E402
 
 SECTION = "## Budgets (issue 4): budget trace under a co-running CPU hog"
 HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
@@ -239,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "Goal: adaptive >= 99 % within budget, quality above the "
         "smallest config's, and no worse than the static best when idle.", "", *lines, "",
         f"![budget trace]({png.name})", "",
-        "Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(threads).items()],
-        f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}",
-        f"- command: `{command_line()}`"])
+        *machine_and_run(threads)])
     publish(a.out, SECTION, "budget_trace", body)
     return 0
 

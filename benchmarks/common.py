@@ -107,6 +107,19 @@ def machine_info(threads: int) -> dict[str, str]:
             "os": f"{platform.system()} {platform.release()}"}
 
 
+def machine_and_run(threads: int, *extra: str, started: float | None = None) -> list[str]:
+    """The "Machine and run:" list a RESULTS section ends with: the machine (`machine_info`), the `extra`
+    lines, the date (UTC), the wall time since `started` (a time.perf_counter value) if given, the command."""
+    import datetime as _dt
+    import time
+
+    lines = ["Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(threads).items()], *extra,
+             f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}"]
+    if started is not None:
+        lines.append(f"- wall time: {time.perf_counter() - started:.0f} s")
+    return [*lines, f"- command: `{command_line()}`"]
+
+
 def command_line() -> str:
     exe = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") \
         else sys.executable

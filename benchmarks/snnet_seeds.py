@@ -13,7 +13,6 @@ Owns its section of RESULTS.md; changes no library code. ~5 min per seed on one 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine_info, publish  # noqa: E402
+from common import machine_and_run, publish  # noqa: E402
 
 SECTION = "## SN-Net across seeds (issue 3): is the curve signal or noise?"
 
@@ -133,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         f"the smaller anchor: {sum(summary[n]['below'] for n in stitched)}/{len(stitched) * len(runs)}; "
         f"lowest mean: {worst} {summary[worst]['mean']:.4f}.", "",
         f"![SN-Net across seeds]({png.name})", "",
-        "Machine and run:", "", *[f"- {k}: {v}" for k, v in machine_info(1).items()],
-        f"- date: {_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}",
-        f"- wall time: {time.perf_counter() - start:.0f} s",
-        f"- command: `{command_line()}`"])
+        *machine_and_run(1, started=start)])
     publish(a.out, SECTION, "snnet_seeds", body)
     return 0
 
