@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.runtime.backends.base import Backend, Engine
-from edgeflex.runtime.backends.tvm import HOST, creator, host_cpu, target_dir
+from edgeflex.runtime.backends.tvm import DRESS_CHOICE, HOST, creator, host_cpu, target_dir
 from edgeflex.runtime.bundle import Bundle, TensorSpec, sha256_bytes, update_bundle
 from edgeflex.runtime.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 
@@ -559,9 +559,6 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     return {"bundle": str(bundle.path), "target": tgt.name, "target_dict": tgt.target, "source": tgt.source,
             "engines": records, "dress_kernels": json.loads(files[choice_file]) if choice_file in files
             else None}
-
-
-DRESS_CHOICE = "choices/dress.json"     # under engines/tvm/<target>/: per DRESS level, the kernel TVM runs
 
 
 def _dress_kernels(bundle: Bundle) -> tuple[str, ...]:

@@ -29,6 +29,8 @@ from .base import Backend, Engine
 
 ENGINES = "engines/tvm"
 HOST = "host"
+# Under a target's folder: per DRESS level, the kernel `edgeflex compile` timed fastest on TVM there.
+DRESS_CHOICE = "choices/dress.json"
 
 
 def target_dir(target: str) -> str:
@@ -166,7 +168,7 @@ class TvmBackend(Backend):
             engines[meta["graph_sha256"]] = meta
         self._bundle, self._engines, self.target = bundle, engines, device
         self._choices = {}
-        choice = f"{folder}/choices/dress.json"       # export.tvm_compile.DRESS_CHOICE
+        choice = f"{folder}/{DRESS_CHOICE}"
         if choice in bundle.manifest["files"]:
             levels = json.loads(bundle.read(choice)).get("levels", {})
             graphs = {k: bundle.sha256(bundle.segments[s].graph) for k, s in
