@@ -104,8 +104,9 @@ def _level_k(T, ell_k, level, n_levels: int, kmax: int):
 
 def _pixel_macros(T, NO: int, K: int, W: int):
     """The pixel schedule as TVMScript macros over x [n, in, P] and y [n, out, P] (P >= W, rows of P
-    contiguous): `tile` accumulates RB rows x nvec vectors starting at vector v0; `rows` runs every vector
-    of one row block of one image. The last vector of a row starts at P - W when P % W."""
+    contiguous), `(rows, chunk)`: `rows` runs every vector of one row block of one image, `chunk` one pass of
+    PV vectors of one image through every row block; both through `tile`, which accumulates RB rows x nvec
+    vectors starting at vector v0. The last vector of a row starts at P - W when P % W."""
     V = LANES
 
     def lanes(base):
@@ -149,7 +150,7 @@ def _pixel_macros(T, NO: int, K: int, W: int):
                 tile(x, vb, ib, bias, y, n, t // (V // RB), t % (V // RB) * RB, P, pc * PV,
                      (P + W - 1) // W % PV, kk)
 
-    return tile, rows, chunk
+    return rows, chunk
 
 
 def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype: str = "int64",
@@ -166,7 +167,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
     NO, NI, K, L, V = out_f, in_f, kmax, n_levels, LANES
     NB, NT = blocks(out_f), blocks(out_f) * (LANES // RB)
     gather = _has_avx512(target) and in_f < (1 << 31)
-    _, rows, _ = _pixel_macros(T, NO, K, V)
+    rows, _ = _pixel_macros(T, NO, K, V)
 
     def gathered(x, ib, b, blk, j):
         idx = T.Cast("int32x16", ib[blk, j, T.Ramp(0, 1, V)])
@@ -251,7 +252,7 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
         raise ValueError(f"1x1 conv needs pixels >= 1 (H * W), got {pixels}")
     NO, C, K, L, P, V = out_c, in_c, kmax, n_levels, pixels, LANES
     NB, NT = blocks(out_c), blocks(out_c) * (LANES // RB)
-    _, rows, chunk = _pixel_macros(T, NO, K, min(V, P))
+    rows, chunk = _pixel_macros(T, NO, K, min(V, P))
     n_vectors = -(-P // min(V, P))
     NPASS = -(-n_vectors // PV)                 # passes of PV vectors over a row of P pixels
 
