@@ -35,9 +35,14 @@ def host_info() -> dict:
 
 
 def check_device(name: str) -> str:
-    """`name` if it is `host` or a catalogue device, else DeviceError listing the known names."""
-    if name != HOST and name not in catalog_names():
-        raise DeviceError(f"unknown device {name!r}; expected one of: {', '.join(known_names())}")
+    """`name` if it is `host`, a catalogue device, or `DEVICE:gpu` (a catalogue device's GPU, whose TVM
+    engines `edgeflex compile --target DEVICE:gpu` builds), else DeviceError listing the known names."""
+    base, sep, unit = name.partition(":") if isinstance(name, str) else (name, "", "")
+    if sep and unit != "gpu":
+        raise DeviceError(f"unknown unit {unit!r} in device {name!r}; expected DEVICE or DEVICE:gpu")
+    if (base != HOST or sep) and base not in catalog_names():
+        raise DeviceError(f"unknown device {name!r}; expected one of: {', '.join(known_names())}"
+                          f"{' (with :gpu, a catalogue device)' if sep else ''}")
     return name
 
 

@@ -28,7 +28,7 @@ PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): se
 
 
 def profile_path(device: str) -> str:
-    return f"profiles/{device}.json"
+    return f"profiles/{device.replace(':', '-')}.json"
 
 
 _MEM_PROBE = """

@@ -163,6 +163,12 @@ def test_unknown_device_lists_known_names():
         devices.check_device("nope")
     assert devices.check_device("host") == "host"
     assert devices.check_device("rpi5") == "rpi5"
+    assert devices.check_device("jetson-orin-nano-8gb:gpu") == "jetson-orin-nano-8gb:gpu"   # its GPU
+    for bad, why in (("host:gpu", "unknown device 'host:gpu'"), ("rpi5:npu", "unknown unit 'npu'"),
+                     ("nope:gpu", "unknown device 'nope:gpu'")):
+        with pytest.raises(DeviceError, match=why) as e:
+            devices.check_device(bad)
+        assert "\n" not in str(e.value)
 
 
 def test_host_detection_is_sane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

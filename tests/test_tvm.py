@@ -203,6 +203,35 @@ def test_jetson_gpu_target_is_cuda_with_an_aarch64_host(tmp_path: Path, fits_tvm
     # This wheel embeds CUDA C (compiled by NVRTC/nvcc when loaded on the GPU), or ahead-of-time device code.
     assert engine["cuda_device_code"] in ("source", "ptx", "cubin", "fatbin")
     assert _elf_machine((path / engine["library"]).read_bytes()) == 183
+    # `device="DEVICE:gpu"` loads a GPU's engines; arm64 host code is refused here before anything loads
+    with pytest.raises(ef.BackendUnavailable, match="aarch64") as info:
+        ef.Runtime(path, backend="tvm", device="jetson-orin-nano-8gb:gpu")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ef.BackendUnavailable, match="no TVM engines for target 'jetson-orin-nano-8gb'"):
+        ef.Runtime(path, backend="tvm", device="jetson-orin-nano-8gb")      # the CPU's: not compiled
+
+
+def test_gpu_engines_for_this_architecture_need_a_cuda_gpu(tmp_path: Path, fits_tvm: Path) -> None:
+    """An x86-64 data-centre GPU target compiles here; loading it needs TVM's CUDA runtime and a GPU. Where
+    there is none (CI), the refusal is one line naming what is missing; on a GPU machine the engine runs
+    and equals ONNX Runtime (benchmarks/gpu_check.py checks every config there)."""
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    try:
+        (engine,) = compile_bundle(path, "nvidia-h100-sxm:gpu")["engines"]
+    except ef.BackendUnavailable as e:
+        pytest.skip(f"CUDA code generation unavailable here: {e}")
+    assert engine["unit"] == "gpu" and engine["library"].startswith("engines/tvm/nvidia-h100-sxm-gpu/")
+    assert _elf_machine((path / engine["library"]).read_bytes()) == 62
+    shape = (2, *Bundle.open(path).inputs[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    try:
+        rt = ef.Runtime(path, backend="tvm", device="nvidia-h100-sxm:gpu")
+    except ef.BackendUnavailable as e:
+        assert "\n" not in str(e) and ("CUDA" in str(e) or "GPU" in str(e)), e
+        return
+    want = ef.Runtime(path).run(x)
+    np.testing.assert_allclose(rt.run(x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
 def _rewrite_engine_json(path: Path, change) -> None:

@@ -34,8 +34,9 @@ DRESS_CHOICE = "choices/dress.json"
 
 
 def target_dir(target: str) -> str:
-    """The bundle folder of one target's engines, e.g. `engines/tvm/host`."""
-    return f"{ENGINES}/{target}"
+    """The bundle folder of one target's engines, e.g. `engines/tvm/host`; a device's GPU (`DEVICE:gpu`,
+    as `Runtime(device=)` names it) is `engines/tvm/DEVICE-gpu`."""
+    return f"{ENGINES}/{target.replace(':', '-')}"
 
 
 def machine_id() -> str:
@@ -65,12 +66,17 @@ def created_here(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("uid") == here["uid"] and record.get("machine") == here["machine"]
 
 
-def host_cpu() -> dict[str, str]:
-    """What LLVM calls this machine's CPU and triple: a host engine runs only where these match."""
-    from tvm.target import codegen
+def host_cpu() -> dict[str, str | None]:
+    """What LLVM calls this machine's CPU and triple: a host engine runs only where these match. With the
+    TVM runtime alone (no compiler library, as on a board) LLVM is not there to ask: mcpu and mtriple are
+    None, and only the architecture is checked."""
+    try:
+        from tvm.target import codegen
 
-    return {"arch": platform.machine(), "mcpu": str(codegen.llvm_get_system_cpu()),
-            "mtriple": str(codegen.llvm_get_system_triple())}
+        return {"arch": platform.machine(), "mcpu": str(codegen.llvm_get_system_cpu()),
+                "mtriple": str(codegen.llvm_get_system_triple())}
+    except (ImportError, AttributeError):
+        return {"arch": platform.machine(), "mcpu": None, "mtriple": None}
 
 
 class TvmEngine(Engine):
@@ -134,7 +140,7 @@ class TvmBackend(Backend):
     def __init__(self):
         try:
             import tvm
-            from tvm import relax  # noqa: F401 - the VM lives here; fail now, in one line, if it cannot load
+            from tvm.runtime.vm import VirtualMachine  # noqa: F401 - fail now, in one line, if it cannot load
         except ImportError as e:
             raise BackendUnavailable(f"backend 'tvm' is not installed ({e}); pip install 'edgeflex[tvm]', or "
                                      "use backend='onnxruntime'") from None
@@ -142,6 +148,7 @@ class TvmBackend(Backend):
         self._bundle: Bundle | None = None
         self._engines: dict[str, dict[str, Any]] = {}
         self._choices: dict[str, str] = {}
+        self._dev = None
         self.target = HOST
 
     def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
@@ -155,6 +162,7 @@ class TvmBackend(Backend):
                                      f"`edgeflex compile {bundle.path} --backend tvm --target {device}`, or "
                                      "use backend='onnxruntime'")
         engines = {}
+        gpu = False
         for rel in records:
             meta = json.loads(bundle.read(rel))
             if not created_here(meta.get("created_by")) and not allow_native:
@@ -166,6 +174,8 @@ class TvmBackend(Backend):
                                   "--allow-native")
             self._check_compatible(bundle, device, meta)
             engines[meta["graph_sha256"]] = meta
+            gpu = gpu or meta.get("unit", "cpu") == "gpu"
+        self._dev = cuda_device(bundle.name, device) if gpu else self._tvm.cpu(0)
         self._bundle, self._engines, self.target = bundle, engines, device
         self._choices = {}
         choice = f"{folder}/{DRESS_CHOICE}"
@@ -189,17 +199,21 @@ class TvmBackend(Backend):
             raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engine {meta['library']} was compiled "
                                      f"with TVM {built}, this is TVM {self._tvm.__version__}; re-run "
                                      f"`edgeflex compile --target {device}` or install apache-tvm=={built}")
-        if meta.get("unit", "cpu") != "cpu":
+        unit = meta.get("unit", "cpu")
+        if unit not in ("cpu", "gpu") or (unit == "gpu") != device.endswith(":gpu"):
             raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engine {meta['library']} is for the "
-                                     f"{meta['unit']} (compile-only in this edgeflex); load a CPU target")
+                                     f"{unit}, not what device {device!r} names; a GPU's engines load with "
+                                     "device='DEVICE:gpu'")
         here = host_cpu()
-        if device == HOST and (meta.get("host", {}).get("arch"), meta.get("host", {}).get("mcpu")) != \
-                (here["arch"], here["mcpu"]):
+        built = meta.get("host", {})
+        if device == HOST and (built.get("arch") != here["arch"] or
+                               (here["mcpu"] is not None and built.get("mcpu") != here["mcpu"])):
             h = meta.get("host", {})
             raise BackendUnavailable(f"bundle {bundle.name!r}: its host TVM engines were compiled for "
                                      f"{h.get('arch')} {h.get('mcpu')}, this machine is {here['arch']} "
                                      f"{here['mcpu']}; re-run `edgeflex compile --target host` here")
-        triple = meta.get("target", {}).get("mtriple", "")
+        target = meta.get("target", {})
+        triple = (target.get("host", {}) if unit == "gpu" else target).get("mtriple", "")
         if device != HOST and triple and not triple.startswith(here["arch"]):
             raise BackendUnavailable(f"bundle {bundle.name!r}: TVM engines for {device!r} are {triple} code, "
                                      f"this machine is {here['arch']}; run them on the device")
@@ -217,12 +231,12 @@ class TvmBackend(Backend):
                                      "this runtime loads; it was not compiled with these options (configs, "
                                      "fused=, dress_kernel=): re-run `edgeflex compile` with them")
         tvm = self._tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         _configure_threads(threads)
         lib = _load_library(b.read(meta["library"]), Path(meta["library"]).name)  # sha256-checked bytes
-        dev = tvm.cpu(0)
-        vm = relax.VirtualMachine(lib, dev)
+        dev = self._dev
+        vm = VirtualMachine(lib, dev)
         inits = initializers or {}
         params = []
         for p in meta["params"]:
@@ -248,6 +262,43 @@ class TvmBackend(Backend):
 
     def versions(self) -> dict[str, str]:
         return {"tvm": self._tvm.__version__, "target": self.target}
+
+
+def cuda_device(bundle: str, device: str):
+    """TVM's CUDA device 0, ready to load engines: the runtime's CUDA sidecar library loaded (the TVM
+    wheel keeps it apart, since it links libcuda) and the CUDA compile callback registered (these wheels'
+    engines carry CUDA C, compiled for the GPU at hand when a library is loaded: NVRTC from
+    `cuda-bindings`, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc). BackendUnavailable, one line, if any is
+    missing."""
+    import tvm
+
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
+        import ctypes
+
+        from tvm import base
+
+        lib = Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+        try:        # the CUDA runtime it links, where pip's nvidia packages put it (not on the loader path)
+            from cuda.pathfinder import load_nvidia_dynamic_lib
+
+            load_nvidia_dynamic_lib("cudart")
+        except Exception:  # noqa: BLE001, S110 - not installed, or found by the loader anyway
+            pass
+        try:
+            base._LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+        except OSError as e:
+            raise BackendUnavailable(f"bundle {bundle!r}: {device} engines need TVM's CUDA runtime "
+                                     f"({lib.name}), which did not load ({str(e)[:120]}): no NVIDIA driver "
+                                     "(libcuda.so.1) here, or a TVM built without CUDA") from None
+    if not tvm.cuda(0).exist:
+        raise BackendUnavailable(f"bundle {bundle!r}: {device} engines need a CUDA GPU, and none is visible "
+                                 "here (nvidia-smi; CUDA_VISIBLE_DEVICES)")
+    try:
+        import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
+    except ImportError as e:
+        raise BackendUnavailable(f"bundle {bundle!r}: {device} engines are compiled for this GPU when "
+                                 f"loaded, and TVM's CUDA compiler hook did not import ({e})") from None
+    return tvm.cuda(0)
 
 
 def _configure_threads(threads: int) -> None:

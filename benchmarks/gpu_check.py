@@ -1,0 +1,240 @@
+"""TVM CUDA engines on a real GPU: compiled here, run there through `Runtime(device="DEVICE:gpu")`.
+
+Two halves, because the GPU machine lent to a session is a different machine with no registry access:
+
+    # here (no GPU): compile the bundles for a catalogue GPU, record the host's ORT outputs, pack TVM's
+    # runtime (its 5 MB of runtime libraries, not the 260 MB compiler) and edgeflex as wheels
+    .venv/bin/python benchmarks/gpu_check.py prepare --dir .gpu [--bundles B.efx ...]
+    # there (python3 with numpy, onnxruntime, torch+CUDA): every config of every bundle on the GPU, its
+    # outputs against the host's, latency against ORT on that machine's CPU, StarNet-S1 against torch eager
+    python3 benchmarks/gpu_check.py run --dir .gpu --out results.json
+
+`run` exits 2 if a bundle does not load on the GPU, 1 if any config's output differs from the host's by
+more than --tolerance (relative to the output's largest magnitude). It also says what TensorRT and ONNX
+Runtime's GPU providers it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET = "nvidia-h100-sxm:gpu"
+BATCHES = (1, 16)
+
+
+def _inputs(rt, batch: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in rt.inputs:
+        shape = [batch if d is None else d for d in spec.shape]
+        out.append(rng.standard_normal(shape).astype(spec.dtype))
+    return out
+
+
+def prepare(args: argparse.Namespace) -> None:
+    import tvm
+
+    import edgeflex as ef
+    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.runtime.bundle import Bundle
+
+    d = Path(args.dir)
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "bundles").mkdir(parents=True)
+    cases = []
+    for src in args.bundles:
+        name = Path(src).name
+        dst = d / "bundles" / name
+        shutil.copytree(src, dst)
+        t0 = time.perf_counter()
+        # SN-Net: the chained segments and each config's fused graph (both run on the GPU)
+        modes = [False, True] if Bundle.open(dst).family == "snnet" else [False]
+        for fused in modes:
+            compile_bundle(dst, args.target, fused=fused)
+        print(f"{name}: compiled for {args.target} in {time.perf_counter() - t0:.1f} s", flush=True)
+        for fused in modes:
+            rt = ef.Runtime(dst, backend="onnxruntime", fused=fused, threads=2)
+            for cfg in [c.name for c in rt.configs]:
+                rt.switch(cfg)
+                for batch in BATCHES:
+                    key = f"{name}|{cfg}|{int(fused)}|{batch}"
+                    xs = _inputs(rt, batch, seed=len(cases))
+                    ys = rt.run(*xs)
+                    ys = list(ys) if isinstance(ys, tuple | list) else [ys]
+                    np.savez(d / f"case{len(cases)}.npz", *xs, *ys)
+                    cases.append({"key": key, "bundle": name, "config": cfg, "fused": fused, "batch": batch,
+                                  "n_in": len(xs), "file": f"case{len(cases)}.npz"})
+    (d / "cases.json").write_text(json.dumps({"target": args.target, "cases": cases,
+                                              "host": platform.processor() or platform.machine()}, indent=1))
+    # TVM's runtime alone: the package without the compiler library (edgeflex loads engines with the
+    # runtime; tvm falls back to runtime-only mode when libtvm_compiler.so is absent)
+    pkg = Path(tvm.__file__).parent
+    with tarfile.open(d / "tvm-runtime.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="tvm", filter=lambda ti: None if any(
+            part in ("3rdparty", "include", "__pycache__") for part in Path(ti.name).parts)
+            or ti.name.endswith("libtvm_compiler.so") else ti)
+    wheels = d / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform",
+                    "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64", "-d", str(wheels),
+                    f"apache-tvm-ffi=={_version('apache-tvm-ffi')}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(Path(__file__).resolve().parents[1])], check=True)
+    size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    print(f"{len(cases)} cases, {size / 2**20:.1f} MiB in {d}")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def _median_ms(fn, runs: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - t0)
+    return float(np.median(t) * 1e3)
+
+
+def _probe() -> dict:
+    found: dict = {}
+    try:
+        import tensorrt
+
+        found["tensorrt"] = tensorrt.__version__
+    except ImportError as e:
+        found["tensorrt"] = f"not importable ({e})"
+    libs = subprocess.run("ldconfig -p | grep -E 'libnvinfer|libnvonnxparser' | head -3", shell=True,
+                          capture_output=True, text=True).stdout.strip()
+    found["libnvinfer"] = libs or "none on the loader path"
+    try:
+        import onnxruntime
+
+        found["onnxruntime"] = f"{onnxruntime.__version__}: {onnxruntime.get_available_providers()}"
+    except ImportError as e:
+        found["onnxruntime"] = str(e)
+    smi = subprocess.run("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader",
+                         shell=True, capture_output=True, text=True)
+    found["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")),
+                 "?")
+    found["cpu"] = f"{model}, {os.cpu_count()} cores, avx512f={'avx512f' in flags}"
+    return found
+
+
+def _torch_s1(batches, runs: int) -> dict:
+    """StarNet-S1 in PyTorch eager on the GPU (random weights: latency does not depend on them), timed like
+    the TVM engine: host array in, host array out."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from models.starnet import starnet
+
+    m = starnet("s1", num_classes=1000).eval().cuda()
+    out = {}
+    with torch.inference_mode():
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, 3, 224, 224)).astype(np.float32)
+            out[b] = _median_ms(lambda x=x: m(torch.from_numpy(x).cuda()).cpu().numpy(), runs)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import edgeflex as ef
+
+    d = Path(args.dir)
+    spec = json.loads((d / "cases.json").read_text())
+    report = {"probe": _probe(), "target": spec["target"], "cases": [], "python": sys.version.split()[0]}
+    for k, v in report["probe"].items():
+        print(f"{k}: {v}", flush=True)
+    device = spec["target"]
+    runtimes: dict = {}
+    bad = 0
+    for case in spec["cases"]:
+        key = (case["bundle"], case["fused"])
+        if key not in runtimes:
+            path = d / "bundles" / case["bundle"]
+            t0 = time.perf_counter()
+            try:
+                gpu = ef.Runtime(path, backend="tvm", device=device, fused=case["fused"], allow_native=True)
+            except Exception as e:  # noqa: BLE001 - say which bundle did not load, and stop: exit 2
+                print(f"{case['bundle']}: could not load on {device}: {type(e).__name__}: {e}", flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps({**report, "load_error": str(e)}, indent=1))
+                return 2
+            load_s = time.perf_counter() - t0
+            cpu = ef.Runtime(path, backend="onnxruntime", fused=case["fused"], threads=os.cpu_count())
+            runtimes[key] = (gpu, cpu, load_s)
+            print(f"{case['bundle']} fused={case['fused']}: loaded on {device} in {load_s:.1f} s "
+                  "(CUDA C compiled for this GPU at load)", flush=True)
+        gpu, cpu, load_s = runtimes[key]
+        z = np.load(d / case["file"])
+        arrs = [z[f"arr_{i}"] for i in range(len(z.files))]
+        xs, want = arrs[:case["n_in"]], arrs[case["n_in"]:]
+        gpu.switch(case["config"])
+        cpu.switch(case["config"])
+        got = gpu.run(*xs)
+        got = list(got) if isinstance(got, tuple | list) else [got]
+        err = max(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-12))
+                  for g, w in zip(got, want))
+        ok = err <= args.tolerance and all(np.isfinite(g).all() for g in got)
+        bad += not ok
+        row = {**case, "rel_err": err, "ok": ok,
+               "tvm_cuda_ms": _median_ms(lambda g=gpu, x=xs: g.run(*x), args.runs),
+               "ort_cpu_ms": _median_ms(lambda c=cpu, x=xs: c.run(*x), max(20, args.runs // 5))}
+        report["cases"].append(row)
+        print(f"{case['key']:<44} err {err:.1e} {'ok ' if ok else 'BAD'} "
+              f"tvm-cuda {row['tvm_cuda_ms']:.3f} ms  ort-cpu({os.cpu_count()}t) {row['ort_cpu_ms']:.3f} ms",
+              flush=True)
+    if any(c["bundle"].startswith("s1") for c in spec["cases"]):
+        try:
+            report["torch_eager_cuda_s1_ms"] = _torch_s1(BATCHES, args.runs)
+            print(f"torch eager CUDA StarNet-S1 (batch: ms): {report['torch_eager_cuda_s1_ms']}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the comparison is extra; say why it is missing
+            report["torch_eager_cuda_s1_ms"] = f"failed: {e}"
+            print(f"torch eager CUDA S1 failed: {e}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"{len(report['cases']) - bad}/{len(report['cases'])} cases equal to the host within "
+          f"{args.tolerance:g}")
+    return 1 if bad else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--dir", default=".gpu")
+    a.add_argument("--target", default=TARGET)
+    a.add_argument("--bundles", nargs="+", required=True)
+    b = sub.add_parser("run")
+    b.add_argument("--dir", default=".gpu")
+    b.add_argument("--out")
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--tolerance", type=float, default=1e-4)
+    args = p.parse_args()
+    if args.cmd == "prepare":
+        prepare(args)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
