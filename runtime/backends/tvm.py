@@ -294,11 +294,26 @@ def cuda_device(bundle: str, device: str):
         raise BackendUnavailable(f"bundle {bundle!r}: {device} engines need a CUDA GPU, and none is visible "
                                  "here (nvidia-smi; CUDA_VISIBLE_DEVICES)")
     try:
-        import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
+        from tvm.support import nvcc  # registers tvm_callback_cuda_compile
     except ImportError as e:
         raise BackendUnavailable(f"bundle {bundle!r}: {device} engines are compiled for this GPU when "
                                  f"loaded, and TVM's CUDA compiler hook did not import ({e})") from None
+    from tvm.target import _ffi_api
+
+    if not hasattr(_ffi_api, "TargetCurrent"):
+        # TVM's runtime alone (no compiler library): the hook asks for the current compile target, which
+        # only the compiler library knows. There is none at load, so it falls back to the GPU's own
+        # compute capability, as it does under the full TVM.
+        nvcc.Target = _NoTarget
     return tvm.cuda(0)
+
+
+class _NoTarget:
+    """Stands in for `tvm.target.Target` in TVM's CUDA compile hook when only the runtime is installed."""
+
+    @staticmethod
+    def current(allow_none: bool = True) -> None:
+        return None
 
 
 def _configure_threads(threads: int) -> None:
@@ -325,7 +340,8 @@ def _load_library(data: bytes, name: str):
             return tvm.runtime.load_module(path)
         except Exception as e:  # noqa: BLE001 - one line, naming the library and the likely cause
             msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-            raise BackendUnavailable(f"cannot load TVM library {name} ({msg}); is {tempfile.gettempdir()} "
-                                     "mounted noexec? set TMPDIR to an executable directory") from None
+            hint = (f"; is {tempfile.gettempdir()} mounted noexec? set TMPDIR to an executable directory"
+                    if any(w in msg for w in ("ermission", "map segment", "not permitted")) else "")
+            raise BackendUnavailable(f"cannot load TVM library {name} ({msg}){hint}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
