@@ -139,10 +139,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = ("the device the engines are for: host, a catalogue device run on itself (its TVM engines), "
+               "or DEVICE:gpu (its GPU's TVM engines; needs TVM's CUDA runtime and the GPU)")
+NATIVE_HELP = "run native code (TVM engines) that another user or machine compiled into the bundle"
+
+
 # --- info / run --------------------------------------------------------------------------------------------
 
 def cmd_info(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, allow_native=a.allow_native)
+    rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, allow_native=a.allow_native)
     info = rt.info()
     if a.json:
         print(json.dumps(info, indent=1))
@@ -176,8 +181,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads, config=a.config, allow_native=a.allow_native,
-                 shared_threads=True)          # the command owns its process: one ORT pool for all sessions
+    rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, config=a.config,
+                 allow_native=a.allow_native, shared_threads=True)  # it owns its process: one ORT pool
     try:
         x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
     except (OSError, ValueError) as e:
@@ -206,9 +211,20 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from edgeflex.runtime.profiles import measure_profile, save_profile
 
     # one ORT pool for every session, as `edgeflex run` has; several counts need a pool per session
-    rt = Runtime(a.bundle, backend=a.backend, threads=a.threads,
-                 shared_threads=not isinstance(a.threads, tuple))
-    prof = measure_profile(rt, batch=a.batch, memory=not a.no_memory, min_seconds=a.min_seconds)
+    if a.device != "host":          # a profile measured here is stored under the device's name
+        import platform
+
+        from edgeflex.devices import DeviceError, check_device, get_device
+
+        dev = get_device(check_device(a.device).partition(":")[0])
+        if dev.arch and dev.arch != platform.machine():
+            raise DeviceError(f"a profile of {a.device} is measured on it: this machine is "
+                              f"{platform.machine()}, {dev.name} is {dev.arch}; run `edgeflex profile` there")
+    rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads,
+                 shared_threads=not isinstance(a.threads, tuple), allow_native=a.allow_native)
+    # peak memory is the host process's resident size: not what a GPU's configs cost, so not taken there
+    memory = not a.no_memory and not rt.device.endswith(":gpu")
+    prof = measure_profile(rt, batch=a.batch, memory=memory, min_seconds=a.min_seconds)
     save_profile(a.bundle, prof)
     for t, stats in prof["by_threads"].items():
         if len(rt.thread_counts) > 1:
@@ -380,8 +396,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("bundle")
         s.add_argument("--backend", default="onnxruntime")
         s.add_argument("--threads", type=int)
-        s.add_argument("--allow-native", action="store_true", help="run native code (TVM engines) that "
-                       "another user or machine compiled into the bundle")
+        s.add_argument("--device", default="host", help=DEVICE_HELP)
+        s.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
         s.set_defaults(fn=fn)
         if verb == "info":
             s.add_argument("--json", action="store_true")
@@ -398,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--min-seconds", type=float, default=0.5, help="least time spent timing each config")
     pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")
+    pr.add_argument("--device", default="host", help=DEVICE_HELP + "; the profile is stored under its name")
+    pr.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
     pr.set_defaults(fn=cmd_profile)
     q = sub.add_parser("query", help="the configs that fit a budget on a device, best quality first")
     q.add_argument("bundle")

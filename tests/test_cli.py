@@ -66,6 +66,26 @@ def test_run_bad_input_is_one_line_error(demo, tmp_path):
     assert r.returncode == 2 and "cannot read input" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_profile_for_another_device_is_refused_where_it_cannot_run(demo, tmp_path):
+    """A profile stored under a device's name must be measured on that device: an aarch64 board's from
+    an x86-64 machine, or a GPU's without its engines, is refused in one line and nothing is stored."""
+    import platform
+    import shutil
+
+    out, _, _ = demo
+    path = tmp_path / "fits.efx"
+    shutil.copytree(out / "fits.efx", path)
+    if platform.machine() != "aarch64":
+        r = cli("profile", path, "--device", "rpi5", check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "rpi5 is aarch64" in r.stderr and "run `edgeflex profile` there" in r.stderr
+    r = cli("profile", path, "--backend", "tvm", "--device", "nvidia-h100-sxm:gpu", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    r = cli("profile", path, "--device", "nope", check=False)
+    assert r.returncode == 2 and "unknown device 'nope'" in r.stderr
+    assert not list((path / "profiles").glob("*.json")) if (path / "profiles").exists() else True
+
+
 def test_tampered_bundle_names_the_file(demo, tmp_path):
     import shutil
     out, _, _ = demo
