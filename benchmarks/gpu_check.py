@@ -8,6 +8,8 @@ Two halves, because the GPU machine lent to a session is a different machine wit
     # there (python3 with numpy, onnxruntime, torch+CUDA): every config of every bundle on the GPU, its
     # outputs against the host's, latency against ORT on that machine's CPU, StarNet-S1 against torch eager
     python3 benchmarks/gpu_check.py run --dir .gpu --out results.json
+    # anywhere: the result as a markdown table
+    python3 benchmarks/gpu_check.py report results.json
 
 `run` exits 2 if a bundle does not load on the GPU, 1 if any config's output differs from the host's by
 more than --tolerance (relative to the output's largest magnitude). It also says what TensorRT and ONNX
@@ -227,6 +229,25 @@ def run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def report(args: argparse.Namespace) -> None:
+    """A `run` result (its --out JSON) as the markdown table RESULTS.md shows."""
+    r = json.loads(Path(args.json).read_text())
+    p = r["probe"]
+    print(f"GPU {p['gpu']}; CPU {p['cpu']}; Python {r['python']}; target {r['target']}\n")
+    print("| bundle | config | chained/fused | batch | max rel err vs host ORT | TVM CUDA ms | "
+          "ORT CPU ms | ORT CPU / TVM CUDA |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for c in r["cases"]:
+        mode = "fused" if c["fused"] else ("chained" if c["bundle"].startswith("snnet") else "-")
+        print(f"| {c['bundle'].removesuffix('.efx')} | {c['config']} | {mode} | {c['batch']} | "
+              f"{c['rel_err']:.1e} | {c['tvm_cuda_ms']:.3f} | {c['ort_cpu_ms']:.3f} | "
+              f"{c['ort_cpu_ms'] / c['tvm_cuda_ms']:.2f}x |")
+    eager = r.get("torch_eager_cuda_s1_ms")
+    if isinstance(eager, dict):
+        print("\nPyTorch eager CUDA, StarNet-S1 (same host-in, host-out timing): "
+              + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in eager.items()))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -239,7 +260,12 @@ def main() -> int:
     b.add_argument("--out")
     b.add_argument("--runs", type=int, default=200)
     b.add_argument("--tolerance", type=float, default=1e-4)
+    c = sub.add_parser("report")
+    c.add_argument("json")
     args = p.parse_args()
+    if args.cmd == "report":
+        report(args)
+        return 0
     if args.cmd == "prepare":
         prepare(args)
         return 0

@@ -208,7 +208,7 @@ def _profile_table(stats: dict[str, dict]) -> str:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
-    from edgeflex.runtime.profiles import measure_profile, save_profile
+    from edgeflex.runtime.profiles import measure_profile, profile_path, save_profile
 
     # one ORT pool for every session, as `edgeflex run` has; several counts need a pool per session
     if a.device != "host":          # a profile measured here is stored under the device's name
@@ -232,7 +232,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         print(_profile_table(stats))
     counts = ", ".join(map(str, rt.thread_counts))
     print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {counts} threads, "
-          f"batch {a.batch}); stored as profiles/{prof['device']}.json in {a.bundle}")
+          f"batch {a.batch}); stored as {profile_path(prof['device'])} in {a.bundle}")
     return 0
 
 
