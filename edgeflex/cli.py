@@ -293,13 +293,22 @@ def cmd_compile(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     report = compile_bundle(a.bundle, a.target, trials=a.trials, batch=a.batch, configs=a.config,
                             fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads,
-                            kernels=not a.no_kernels, progress=progress)
+                            kernels=not a.no_kernels, cuda_check=not a.no_cuda_check, progress=progress)
     if bar is not None:
         bar.close()
     rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",
              "any" if e["batch"] is None else str(e["batch"]), f"{e['compile_s']:.1f}",
              ", ".join(e["used_by"])[:48]] for e in report["engines"]]
     print(_table(rows, ["library", "arch", "params", "batch", "compile s", "configs"]))
+    checks = [e["cuda_check"] for e in report["engines"] if e.get("cuda_check")]
+    if checks and "skipped" in checks[0]:
+        print(f"\nCUDA C not compiled ahead here: {checks[0]['skipped']}; it compiles on the GPU at load")
+    elif checks:
+        c, regs = checks[0], max(k["max_registers"] for k in checks)
+        print(f"\nCUDA C of every engine compiled for {c['arch']} here ({c['compiler']}): "
+              f"{sum(k['kernels'] for k in checks)} kernels, at most {regs} registers, "
+              f"{sum(k['spill_store_bytes'] for k in checks)} bytes of spill stores, "
+              f"{sum(k['seconds'] for k in checks):.0f} s")
     print(f"\ntarget {report['target']}: {json.dumps(report['target_dict'], separators=(',', ':'))} "
           f"({report['source']}); {len(rows)} engine(s) added to {report['bundle']} in "
           f"{time.perf_counter() - start:.0f} s")
@@ -439,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--fused", action="store_true", help="the fused graph of each segmented config")
     c.add_argument("--dress-kernel", choices=["dense", "sparse"], help="DRESS: this kernel for every level")
     c.add_argument("--threads", type=int, help="host target's num-cores (default: the usable cores)")
+    c.add_argument("--no-cuda-check", action="store_true", help="DEVICE:gpu targets: do not compile the "
+                   "engines' CUDA C for the GPU here with nvcc (done by default when nvcc is found)")
     c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
                    "TIR kernels (kernels/tir) in place of the ops they replace")
     c.set_defaults(fn=cmd_compile)

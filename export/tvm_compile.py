@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import struct
+import subprocess
 import tempfile
 import time
 import warnings
@@ -329,7 +331,7 @@ def _progress_callback(progress: Callable[[int, int], None] | None, total: int, 
 
 def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch: int | None = None,
                   trials: int = 0, tuning_dir: Path | None = None, timeout_s: float = 120.0,
-                  kernels: bool = True,
+                  kernels: bool = True, cuda_check: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Compile one graph into `out_dir/<stem>.so`; returns its engine record (the JSON written beside it).
     `kernels` puts edgeflex's hand-written TIR kernels (`edgeflex.kernels.tir`) in place of the ops they
@@ -383,6 +385,8 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
             "batch": batch, "target": target.target, "target_name": target.name, "unit": target.unit,
             "target_source": target.source, "linker": target.linker, "modules": kinds,
             "cuda_device_code": _cuda_device_code(ex.mod), "elf": elf,
+            "cuda_check": cuda_ahead_check(ex.mod, target, job.rel) if target.unit == "gpu" and cuda_check
+            else None,
             "used_by": job.used_by, "kernels": applied, "transform_params": transform,
             "compile_s": round(time.perf_counter() - t0, 2), "tuning": tuned}
 
@@ -440,6 +444,62 @@ def _cuda_device_code(mod) -> str | None:
     return next((f for f in map(_cuda_device_code, mod.imports) if f), None)
 
 
+def _cuda_source(mod) -> str | None:
+    """The CUDA C a compiled module embeds (this TVM wheel's GPU engines carry source), or None."""
+    if str(mod.kind) == "cuda":
+        try:
+            return str(mod.inspect_source("")) or None
+        except Exception:  # noqa: BLE001 - a module that cannot show its source
+            return None
+    return next((src for src in map(_cuda_source, mod.imports) if src), None)
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else under $CUDA_HOME / $CUDA_PATH, else the newest /usr/local/cuda*/bin."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")]
+    roots += sorted((str(p) for p in Path("/usr/local").glob("cuda*")), reverse=True)
+    return next((str(Path(r) / "bin" / "nvcc") for r in roots if r and (Path(r) / "bin" / "nvcc").is_file()),
+                None)
+
+
+def cuda_ahead_check(mod, target: CompileTarget, graph: str) -> dict[str, Any]:
+    """Compile the engine's CUDA C to machine code for the target's GPU with nvcc, here, so a GPU engine
+    that would not build on the device fails at `edgeflex compile` and not at load on the board. The
+    machine code is not kept (the engine still carries source, compiled on the GPU at load); what is kept
+    is what ptxas said: kernels, registers, spills. Without nvcc: `{"skipped": why}`."""
+    src = _cuda_source(mod)
+    arch = str(target.target.get("arch", ""))
+    nvcc = find_nvcc()
+    if src is None or not arch.startswith("sm_") or nvcc is None:
+        why = ("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)" if nvcc is None else
+               f"no CUDA source or arch ({arch or 'none'})")
+        return {"skipped": why}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgeflex-nvcc-") as tmp:
+        cu, cubin = Path(tmp) / "engine.cu", Path(tmp) / "engine.cubin"
+        cu.write_text(src)
+        r = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                            "-Xptxas", "-v", "-o", str(cubin), str(cu)],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            err = next((ln.strip() for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
+            raise BackendUnavailable(f"the CUDA C TVM generated for {graph} does not compile for {arch} "
+                                     f"({Path(nvcc).name}: {err[:200]}); the engine would fail on the GPU")
+        size = cubin.stat().st_size
+    log = r.stderr
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]
+    version = re.search(r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                             text=True).stdout)
+    return {"compiler": f"nvcc {version.group(1) if version else '?'}", "arch": arch,
+            "kernels": len(re.findall(r"Compiling entry function", log)),
+            "max_registers": max(regs, default=0), "spill_store_bytes": sum(spills), "cubin_bytes": size,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def _module_kinds(mod) -> list[str]:
     """The kinds of a compiled module and everything it imports (host code, CUDA device code, ...)."""
     kinds = [str(mod.kind)]
@@ -475,7 +535,7 @@ def elf_summary(data: bytes) -> dict[str, Any]:
 
 def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int = 0, batch: int | None = None,
                    configs: Sequence[str] | None = None, fused: bool = False, dress_kernel: str | None = None,
-                   threads: int | None = None, kernels: bool = True,
+                   threads: int | None = None, kernels: bool = True, cuda_check: bool = True,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Compile every graph `Runtime(path, fused=, dress_kernel=, only=configs)` loads for `target` and add the
     libraries (+ one JSON each, + tuning records) to the bundle atomically. Returns what was compiled.
@@ -529,7 +589,8 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
 
             log.info("compiling %s (%d/%d) for %s", job.rel, i + 1, len(jobs), tgt.name)
             rec = compile_graph(job, tgt, Path(tmp), batch=batch, trials=trials if tune else 0,
-                                tuning_dir=tuning_dir, kernels=kernels, progress=step if tune else None)
+                                tuning_dir=tuning_dir, kernels=kernels, cuda_check=cuda_check,
+                                progress=step if tune else None)
             rec["library"] = f"{folder}/{stem}.so"
             rec.update(stamp)
             files[rec["library"]] = (Path(tmp) / f"{stem}.so").read_bytes()

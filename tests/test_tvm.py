@@ -17,7 +17,13 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edg
 
 import edgeflex as ef  # noqa: E402
 from edgeflex.cli import main as cli  # noqa: E402
-from edgeflex.export.tvm_compile import compile_bundle, prepare_onnx, resolve_target  # noqa: E402
+from edgeflex.export.tvm_compile import (  # noqa: E402
+    compile_bundle,
+    cuda_ahead_check,
+    find_nvcc,
+    prepare_onnx,
+    resolve_target,
+)
 from edgeflex.runtime.backends.tvm import TvmBackend  # noqa: E402
 from edgeflex.runtime.bundle import Bundle, update_bundle  # noqa: E402
 
@@ -203,12 +209,31 @@ def test_jetson_gpu_target_is_cuda_with_an_aarch64_host(tmp_path: Path, fits_tvm
     # This wheel embeds CUDA C (compiled by NVRTC/nvcc when loaded on the GPU), or ahead-of-time device code.
     assert engine["cuda_device_code"] in ("source", "ptx", "cubin", "fatbin")
     assert _elf_machine((path / engine["library"]).read_bytes()) == 183
+    check = engine["cuda_check"]                        # the CUDA C compiled for sm_87 here, by nvcc
+    if find_nvcc() is None:
+        assert "nvcc not found" in check["skipped"]
+    else:
+        assert check["arch"] == "sm_87" and check["kernels"] >= 1 and check["cubin_bytes"] > 0, check
     # `device="DEVICE:gpu"` loads a GPU's engines; arm64 host code is refused here before anything loads
     with pytest.raises(ef.BackendUnavailable, match="aarch64") as info:
         ef.Runtime(path, backend="tvm", device="jetson-orin-nano-8gb:gpu")
     assert "\n" not in str(info.value)
     with pytest.raises(ef.BackendUnavailable, match="no TVM engines for target 'jetson-orin-nano-8gb'"):
         ef.Runtime(path, backend="tvm", device="jetson-orin-nano-8gb")      # the CPU's: not compiled
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)")
+def test_cuda_c_that_does_not_build_fails_the_compile_in_one_line() -> None:
+    class Module:                                       # stands in for a compiled module's CUDA import
+        kind, imports = "cuda", []
+
+        def inspect_source(self, fmt: str) -> str:
+            return 'extern "C" __global__ void k(float* x) { x[0] = undeclared_name; }'
+
+    target = resolve_target("jetson-orin-nano:gpu")
+    with pytest.raises(ef.BackendUnavailable, match="does not compile for sm_87") as info:
+        cuda_ahead_check(Module(), target, "graphs/main.onnx")
+    assert "\n" not in str(info.value) and "undeclared_name" in str(info.value)
 
 
 def test_gpu_engines_for_this_architecture_need_a_cuda_gpu(tmp_path: Path, fits_tvm: Path) -> None:
