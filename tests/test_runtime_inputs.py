@@ -156,6 +156,18 @@ def test_unknown_device(fits_bundle: Path) -> None:
     assert "host" in str(info.value)
 
 
+def test_gpu_device_on_onnxruntime_needs_its_cuda_provider(fits_bundle: Path) -> None:
+    """`device="DEVICE:gpu"` runs ORT on its CUDA provider or not at all: never silently on the CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(ef.BackendUnavailable, match="no CUDA execution provider") as info:
+        ef.Runtime(fits_bundle, device="jetson-orin-nano-8gb:gpu")
+    assert "onnxruntime-gpu" in str(info.value) and "\n" not in str(info.value)
+    assert ef.Runtime(fits_bundle, device="jetson-orin-nano-8gb").device == "jetson-orin-nano-8gb"  # its CPU
+
+
 def test_unknown_config(fits_bundle: Path) -> None:
     with pytest.raises(ef.BundleError, match="'small'"):
         ef.Runtime(fits_bundle, config="small")

@@ -103,6 +103,23 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"backend 'onnxruntime' is not installed ({e}); "
                                      "pip install onnxruntime") from None
         self._ort = onnxruntime
+        self._providers: list = ["CPUExecutionProvider"]
+
+    def open(self, bundle, *, device: str, allow_native: bool = False) -> None:
+        """A GPU device (`DEVICE:gpu`) runs on ORT's CUDA execution provider, which only a CUDA build of
+        onnxruntime has (`onnxruntime-gpu`); without it the device is refused here, in one line, instead of
+        silently running on the CPU. Any other device runs on the CPU provider."""
+        if not device.endswith(":gpu"):
+            self._providers = ["CPUExecutionProvider"]
+            return
+        have = self._ort.get_available_providers()
+        if "CUDAExecutionProvider" not in have:
+            raise BackendUnavailable(f"device {device!r}: this onnxruntime {self._ort.__version__} has no "
+                                     f"CUDA execution provider (it has {', '.join(have)}); pip install "
+                                     "onnxruntime-gpu, or run backend='tvm' on engines from `edgeflex "
+                                     f"compile --target {device}`")
+        # NOTE: the CPU provider stays as ORT's home for the few ops CUDA lacks (shape arithmetic)
+        self._providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
 
     def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
              threads: int, initializers: dict[str, np.ndarray] | None = None) -> OnnxRuntimeEngine:
@@ -116,7 +133,13 @@ class OnnxRuntimeBackend(Backend):
                       for a in initializers.values()]
             so.add_external_initializers(list(initializers), values)
         # NOTE: providers are named: ORT must not pick (or silently fall back to) another one.
-        sess = self._ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        sess = self._ort.InferenceSession(graph, so, providers=self._providers)
+        cuda = self._providers[0] != "CPUExecutionProvider"
+        if cuda and "CUDAExecutionProvider" not in sess.get_providers():
+            # ORT drops a provider whose libraries fail to load (CUDA, cuDNN) with only a log line
+            raise BackendUnavailable("onnxruntime could not start its CUDA execution provider (CUDA or cuDNN "
+                                     "libraries missing or mismatched; its log says which); the session ran "
+                                     f"on {', '.join(sess.get_providers())}")
         return OnnxRuntimeEngine(sess, inputs, outputs, values)
 
     def share_threads(self, threads: int) -> None:
