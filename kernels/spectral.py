@@ -312,3 +312,174 @@ class _Builder:
 def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs):
     from onnx import helper
     return helper.make_node(op_type, inputs, outputs, **attrs)
+
+
+# --- the split (FFT-structured) form of the low-rank GEMMs, for edgeflex's TVM kernel --------------------
+
+SPLIT = 16      # the radix both transforms are split by: the sequence and the output length must be multiples
+
+
+@dataclass(frozen=True)
+class SplitOperands:
+    """The low-rank form's two GEMMs, re-factored the way an FFT splits a DFT, with ~2.3x fewer
+    multiply-adds (FITS L=720, cut 60, L+H=816). Inputs are the low-rank form's operands, so the result is
+    the same linear map (checked by `split_operands`).
+
+    Forward, x (centred, length L = P*Q) -> the R spectral coefficients:
+      A: Ar = D @ x viewed [P, Q] (n = Q*m + r): the P-point real DFT of each residue r, rows ordered
+         c0, c1, s1, ..., c(P/2-1), s(P/2-1), c(P/2) so that a bin's cosine and sine rows are adjacent;
+      B: coefficient i (frequency k) = sum_r of the twiddled (cos, sin) rows of bin j' = min(k mod P,
+         P - k mod P): per group j', `Bc[j', t*Q + r, lane]` (lanes = the group's coefficients, padded with
+         zero lanes) and `pos[j', lane]`, the coefficient's row in the low-rank order (-1: padding).
+    Inverse, [s; rho] -> y (length n = P2*Q2, t = Q2*q + p), plus the mean:
+      U: u = U^T [s; rho] (the complex linear layer and bias, 2*up real values, ordered by bin k mod P2);
+      C: Z[j] = T[off_j : off_j + nk_j]^T u[off_j : ...] (twiddles: the 2*Q2 values re/im x p of bin j);
+      D: y[Q2*q + p] = sum_(j,t) E[2j + t, q] Z[j, t, p] + mean (the P2-point inverse DFT of each p).
+    """
+
+    seq_len: int
+    out_len: int
+    rank: int
+    D: np.ndarray        # [P, P]
+    Bc: np.ndarray       # [P/2 + 1, 2Q, nvec * 16]
+    pos: np.ndarray      # [P/2 + 1, nvec * 16] int32
+    U: np.ndarray        # [rank + 1, 2 * up]
+    T: np.ndarray        # [2 * up, 2 * Q2]
+    E: np.ndarray        # [2 * P2, P2]
+    group_off: tuple[int, ...]   # per inverse bin group j: its first row in u / T
+    group_len: tuple[int, ...]   # ... and its number of rows
+
+    @property
+    def q(self) -> int:
+        return self.seq_len // SPLIT
+
+    @property
+    def q2(self) -> int:
+        return self.out_len // SPLIT
+
+
+def split_applies(seq_len: int, out_len: int) -> bool:
+    return seq_len % SPLIT == 0 and out_len % SPLIT == 0 and seq_len >= 2 * SPLIT and out_len >= 2 * SPLIT
+
+
+def split_operands(F: np.ndarray, W: np.ndarray, *, tol: float = 1e-5) -> SplitOperands | None:
+    """The split form of the low-rank operands F [L, R] and W [R + 2, n] (`gemm_operands(w, "lowrank")`, as
+    the graph holds them), or None when they are not that form's (F not the truncated DFT without its DC
+    row, or W's spectral rows not a map through the inverse DFT of some `up` bins) or the lengths are not
+    multiples of `SPLIT`."""
+    L, R = F.shape
+    n = W.shape[1]
+    if W.shape[0] != R + 2 or not split_applies(L, n):
+        return None
+    # R = 2 (cut - 1), less the Nyquist bin's sine row when cut - 1 = L / 2
+    cut = (R + 2) // 2 if R % 2 == 0 else (R + 3) // 2
+    basis, _ = forward_basis(L, cut)
+    if basis.shape[0] != R + 1 or not np.allclose(F.T, basis[1:], atol=tol, rtol=0):
+        return None
+    up = int(cut * n / L)
+    if up > n // 2 + 1:
+        return None
+    P, Q, P2, Q2 = SPLIT, L // SPLIT, SPLIT, n // SPLIT
+    # forward, stage A: P-point real DFT rows, a bin's cos and sin adjacent
+    order = [("c", 0)] + [(t, j) for j in range(1, P // 2) for t in ("c", "s")] + [("c", P // 2)]
+    m = np.arange(P)
+    D = np.stack([np.cos(2 * np.pi * j * m / P) if t == "c" else -np.sin(2 * np.pi * j * m / P)
+                  for t, j in order])
+    row_of = {o: i for i, o in enumerate(order)}
+    # forward, stage B: each coefficient row of F (cos k / -sin k, k >= 1 for cos after the DC drop)
+    coef = [("c", k) for k in range(1, cut)] + [("s", k) for k in range(1, cut) if 2 * k != L]
+    groups: dict[int, list[int]] = {g: [] for g in range(P // 2 + 1)}
+    for i, (_, k) in enumerate(coef):
+        j = k % P
+        groups[min(j, P - j)].append(i)
+    nvec = -(-max(len(v) for v in groups.values()) // 16)
+    Bc = np.zeros((P // 2 + 1, 2 * Q, nvec * 16))
+    pos = np.full((P // 2 + 1, nvec * 16), -1, np.int32)
+    r = np.arange(Q)
+    for g, members in groups.items():
+        for lane, i in enumerate(members):
+            typ, k = coef[i]
+            j = k % P
+            sigma = 1.0 if j <= P // 2 else -1.0
+            th = 2 * np.pi * k * r / L
+            if typ == "c":                    # Re X[k] = sum_r cos(th) a_r + sin(th) b_r
+                ca, cb = np.cos(th), sigma * np.sin(th)
+            else:                             # Im X[k] = sum_r cos(th) b_r - sin(th) a_r
+                ca, cb = -np.sin(th), sigma * np.cos(th)
+            Bc[g, :Q, lane] = ca
+            if g not in (0, P // 2):
+                Bc[g, Q:, lane] = cb
+            pos[g, lane] = i
+    # the c row of group g must precede its s row in D (both adjacent): true by `order`
+    assert all(row_of[("s", g)] == row_of[("c", g)] + 1 for g in range(1, P // 2))
+    # inverse: recover u = Wr s + br c_scale rho from W's spectral rows, through inv's pseudo-inverse
+    inv = inverse_basis(n, up, L)                                           # [n, 2up]
+    pinv = np.linalg.pinv(inv).T            # [n, 2up]; the edge bins' imaginary columns are zero
+    W64 = W.astype(np.float64)
+    Uplain = W64[:R + 1] @ pinv                                              # [R+1, 2up]
+    if not np.allclose(Uplain @ inv.T, W64[:R + 1], atol=tol * max(1.0, np.abs(W64[:R + 1]).max()), rtol=0) \
+            or not np.allclose(W64[R + 1], 1.0, atol=tol):
+        return None
+    # order u by inverse bin group k mod P2 (re, im of each k), and the twiddles of each
+    kk_order, off, cnt = [], [], []
+    for j in range(P2):
+        off.append(len(kk_order))
+        ks = [k for k in range(up) if k % P2 == j]
+        for k in ks:
+            kk_order += [k, up + k]
+        cnt.append(2 * len(ks))
+    U = Uplain[:, kk_order]
+    p = np.arange(Q2)
+    T = np.zeros((2 * up, 2 * Q2))
+    for row, kk in enumerate(kk_order):
+        k, im = kk % up, kk >= up
+        psi = 2 * np.pi * k * p / n
+        # u is in inv's coordinates (y = inv @ u): T carries inv's weight alpha_k and its edge rule
+        if not im:                                   # u_re[k] * alpha_k * cos(2pi k t / n)
+            a = _alpha(k, n, L)
+            T[row, :Q2] = a * np.cos(psi)            # -> Z_re
+            T[row, Q2:] = a * np.sin(psi)            # -> Z_im
+        else:                                        # u_im[k] * (-alpha_k sin(2pi k t / n)), edge bins 0
+            a = 0.0 if _edge(k, n) else _alpha(k, n, L)
+            T[row, :Q2] = -a * np.sin(psi)
+            T[row, Q2:] = a * np.cos(psi)
+    q = np.arange(P2)
+    E = np.zeros((2 * P2, P2))
+    for j in range(P2):
+        E[2 * j] = np.cos(2 * np.pi * j * q / P2)
+        E[2 * j + 1] = -np.sin(2 * np.pi * j * q / P2)
+    return SplitOperands(L, n, R, D, Bc, pos, U, T, E, tuple(off), tuple(cnt))
+
+
+def _edge(k: int, n: int) -> bool:
+    return k == 0 or 2 * k == n
+
+
+def _alpha(k: int, n: int, seq_len: int) -> float:
+    """inverse_basis's weight of bin k: 1/n (edge bins) or 2/n, times the n/L energy scale."""
+    return (1.0 if _edge(k, n) else 2.0) / n * (n / seq_len)
+
+
+def split_reference(xc: np.ndarray, rho: np.ndarray, mean: np.ndarray, s: SplitOperands) -> np.ndarray:
+    """The split form stage by stage in NumPy (float64), for one centred series per column:
+    xc [L, cols], rho / mean [cols] -> y [n, cols]; what the TVM kernel computes, in its order."""
+    P, Q, Q2 = SPLIT, s.q, s.q2
+    cols = xc.shape[1]
+    Ar = s.D @ xc.reshape(P, Q * cols)                                       # [P, Q*cols]
+    Ar = Ar.reshape(P, Q, cols)
+    a = np.zeros((s.rank + 1, cols))
+    for g in range(P // 2 + 1):
+        row_c = 0 if g == 0 else 2 * g - 1
+        inner = Ar[row_c:row_c + 2].reshape(2 * Q, cols) if g not in (0, P // 2) else Ar[row_c]
+        out = s.Bc[g, :inner.shape[0]].T @ inner                             # [lanes, cols]
+        for lane, i in enumerate(s.pos[g]):
+            if i >= 0:
+                a[i] = out[lane]
+    a[s.rank] = rho
+    u = s.U.T @ a                                                            # [2up, cols]
+    Z = np.zeros((P, 2 * Q2, cols))
+    for j in range(P):
+        o, c = s.group_off[j], s.group_len[j]
+        Z[j] = s.T[o:o + c].T @ u[o:o + c]
+    y = np.einsum("jq,jpc->qpc", s.E, Z.reshape(P, 2, Q2, cols).reshape(2 * P, Q2, cols))
+    return y.reshape(P * Q2, cols) + mean

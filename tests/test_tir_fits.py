@@ -21,10 +21,13 @@ from edgeflex.kernels import spectral  # noqa: E402
 from edgeflex.kernels.tir import RewriteContext, apply  # noqa: E402
 from edgeflex.kernels.tir.fits import (  # noqa: E402
     FitsShape,
+    SplitPlan,
     build_kernel,
+    fits_split_primfunc,
     rewrite_fits,
     run_kernel,
     schedule_for,
+    split_kernel_operands,
 )
 from edgeflex.runtime.bundle import TensorSpec  # noqa: E402
 from edgeflex.runtime.errors import UsageError  # noqa: E402
@@ -71,6 +74,52 @@ def test_kernel_equals_reference(form: str, seq_len: int, pred_len: int, channel
         assert _rel(y, spectral.reference(x, w)) <= 1e-4, (form, batch)
 
 
+@pytest.mark.parametrize("seq_len, pred_len, channels, cut, cores", [
+    (720, 96, 7, 60, 2),    # the benchmark's shape: one task holds the sample (the contiguous copy)
+    (64, 16, 3, 10, 1),     # the smallest lengths the split takes (L = 4 x 16, L + H = 5 x 16)
+    (96, 32, 11, 49, 2),    # cut at Nyquist (L/2 + 1); 11 channels: two tasks per sample, the last padded
+    (400, 96, 2, 150, 2),   # 19 bins in a group: 38 coefficients, three vectors of lanes
+])
+def test_split_kernel_equals_reference(seq_len: int, pred_len: int, channels: int, cut: int, cores: int,
+                                       rng: np.random.Generator) -> None:
+    """The split (FFT-structured) kernel: its operands reproduce the low-rank map, and the kernel equals the
+    NumPy FITS reference at batch 1 and 5."""
+    import tvm
+
+    w = _weights(rng, seq_len, pred_len, cut)
+    F, W = (o.astype(np.float32) for o in spectral.gemm_operands(w, "lowrank"))
+    ops = spectral.split_operands(F, W)
+    assert ops is not None
+    s = schedule_for(seq_len, w.out_len, channels, w.eps * (seq_len - 1) / seq_len, F.shape[1], cores=cores)
+    mod = tvm.IRModule({"fits": fits_split_primfunc(s, SplitPlan.of(ops)).with_attr("global_symbol", "fits")})
+    lib = tvm.compile(mod, target=tvm.target.Target(host_target()))
+    for batch in (1, 5):
+        x = _x(rng, batch, seq_len, channels)
+        args = [tvm.runtime.tensor(a) for a in (x, *split_kernel_operands(ops))]
+        y = tvm.runtime.tensor(np.empty((batch, w.out_len, channels), np.float32))
+        lib["fits"](*args, y)
+        assert _rel(y.numpy(), spectral.reference(x, w)) <= 1e-4, batch
+
+
+def test_split_operands_only_for_the_low_rank_form_at_multiples_of_16(rng: np.random.Generator) -> None:
+    w = _weights(rng, 64, 16, 10)
+    F, W = (o.astype(np.float32) for o in spectral.gemm_operands(w, "lowrank"))
+    ops = spectral.split_operands(F, W)
+    xc = rng.standard_normal((64, 3))
+    rho, mean = np.sqrt((xc ** 2).mean(0)), rng.standard_normal(3)
+    want = W.T.astype(np.float64) @ np.vstack([F.T @ xc, rho, mean])
+    assert _rel(spectral.split_reference(xc, rho, mean, ops), want) <= 1e-5
+    F2 = F.copy()
+    F2[3, 5] += 0.1                                       # not the DFT basis: the split does not apply
+    assert spectral.split_operands(F2, W) is None
+    W2 = W.copy()
+    W2[0] += rng.standard_normal(W.shape[1]) * 0.1       # a spectral row outside the inverse DFT's span
+    assert spectral.split_operands(F, W2) is None
+    w3 = _weights(rng, 60, 20, 10)                        # 60 is not a multiple of 16
+    assert spectral.split_operands(*(o.astype(np.float32) for o in spectral.gemm_operands(w3, "lowrank"))) \
+        is None
+
+
 def test_static_batch_kernel_and_shape_errors(rng: np.random.Generator) -> None:
     w = _weights(rng, 31, 5, 4)
     ops = [o.astype(np.float32) for o in spectral.gemm_operands(w, "lowrank")]
@@ -107,14 +156,17 @@ def _calls(mod) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form, L, H, kernel", [("folded", 37, 9, "folded"), ("lowrank", 37, 9, "lowrank"),
+                                                ("lowrank", 64, 16, "split")])
 @pytest.mark.parametrize("batch", [None, 2])
-def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, batch: int | None,
+def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, L: int, H: int, kernel: str,
+                                                              batch: int | None,
                                                               rng: np.random.Generator) -> None:
+    """Low-rank constants at lengths that are multiples of 16 become the split kernel's."""
     import tvm
     from tvm import relax
 
-    L, H, C = 37, 9, 3
+    C = 3
     w = _weights(rng, L, H, 5)
     model = spectral.to_onnx(w, form, channels=C)
     mod = _imported(model, L, C, batch)
@@ -123,7 +175,7 @@ def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, batch:
     new, applied = apply(mod, RewriteContext(target, "graphs/fits.onnx", {}, batch), only=["fits"])
     assert applied == ["fits"]
     (call,) = _calls(new)                                   # the whole graph is one kernel call
-    assert call.startswith(f"call_tir:fits_{form}_")
+    assert call.startswith(f"call_tir:fits_{kernel}_")
     vm = relax.VirtualMachine(tvm.compile(new, target=target), tvm.cpu(0))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for n in ((1, 4) if batch is None else (batch,)):
