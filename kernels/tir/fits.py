@@ -157,7 +157,43 @@ def _gemm_macros(C: int):
         if _column_tiles(ndim, _vectors(cb))[5] > 0:
             tile(A, Bm, out, kdim, 0, 1, ndim, b, c0, cb, mode, ka, ks, kb, oo, os, at)
 
-    return tile, gemm
+    return gemm
+
+
+def _centre_macro(L: int, C: int, nb: Any):
+    """`centre(x, xa, st, b, c0, cb)`: channels c0 .. c0 + cb of sample b copied into xa [L, cb] (a last
+    group with fewer channels repeats the last one; all of a sample's channels in one task: one contiguous
+    vector copy), st[0] = their mean, xa centred, st[1] = the sum of squares of the centred values."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def centre(x, xa, st, b, c0, cb):
+        for cc in T.vectorized(cb):
+            st[0, cc] = T.float32(0)
+            st[1, cc] = T.float32(0)
+        if cb == C:
+            xf = T.decl_buffer((L * C,), "float32", data=xa.data)
+            xs = T.decl_buffer((nb * (L * C),), "float32", data=x.data)
+            for i in range(L * C // LANES):
+                for v in T.vectorized(LANES):
+                    xf[i * LANES + v] = xs[b * (L * C) + i * LANES + v]
+            for i in range(L * C % LANES):
+                xf[L * C // LANES * LANES + i] = xs[b * (L * C) + L * C // LANES * LANES + i]
+        else:
+            for l_ in range(L):
+                for cc in T.unroll(cb):
+                    xa[l_, cc] = x[b, l_, T.min(c0 + cc, C - 1)]
+        for l_ in range(L):
+            for cc in T.vectorized(cb):
+                st[0, cc] = st[0, cc] + xa[l_, cc]
+        for cc in T.vectorized(cb):
+            st[0, cc] = st[0, cc] * T.float32(1.0 / L)
+        for l_ in range(L):
+            for cc in T.vectorized(cb):
+                xa[l_, cc] = xa[l_, cc] - st[0, cc]
+                st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
+
+    return centre
 
 
 def fits_primfunc(s: FitsShape) -> Any:
@@ -183,28 +219,15 @@ def fits_primfunc(s: FitsShape) -> Any:
     nb = tirx.Var("batch", "int64") if s.batch is None else s.batch
     inv_len, eps = 1.0 / L, s.eps
 
-    tile, gemm = _gemm_macros(C)
+    gemm = _gemm_macros(C)
+    centre = _centre_macro(L, C, nb)
 
     @T.macro
     def task(x, F, W, y, b, c0, cb):
         xa = T.decl_buffer((L, cb), "float32")
         a = T.decl_buffer((K, cb), "float32")
         st = T.decl_buffer((2, cb), "float32")
-        for cc in T.vectorized(cb):
-            st[0, cc] = T.float32(0)
-            st[1, cc] = T.float32(0)
-        for l_ in range(L):
-            for cc in T.unroll(cb):
-                xa[l_, cc] = x[b, l_, T.min(c0 + cc, C - 1)]
-        for l_ in range(L):
-            for cc in T.vectorized(cb):
-                st[0, cc] = st[0, cc] + xa[l_, cc]
-        for cc in T.vectorized(cb):
-            st[0, cc] = st[0, cc] * T.float32(inv_len)
-        for l_ in range(L):
-            for cc in T.vectorized(cb):
-                xa[l_, cc] = xa[l_, cc] - st[0, cc]
-                st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
+        centre(x, xa, st, b, c0, cb)
         for cc in T.vectorized(cb):
             a[K - 2, cc] = T.sqrt(st[1, cc] * T.float32(inv_len) + T.float32(eps))
             a[K - 1, cc] = st[0, cc]
@@ -295,7 +318,8 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
     UPQ, UPR = divmod(K2 // 2, P)
     if [o for o, _ in plan.inv] != [2 * (j * UPQ + min(j, UPR)) for j in range(P)]:
         raise UsageError("split FITS operands: the inverse bins are not grouped by k mod P in order")
-    _, gemm = _gemm_macros(C)
+    gemm = _gemm_macros(C)
+    centre = _centre_macro(L, C, nb)
 
     @T.macro
     def task(x, DT, Bc, pos, U, Tw, E, y, b, c0, cb):
@@ -308,30 +332,7 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         u = T.decl_buffer((cb, K2), "float32")
         z = T.decl_buffer((cb, (2 * P + 1) * Q2), "float32")
         st = T.decl_buffer((2, cb), "float32")
-        for cc in T.vectorized(cb):
-            st[0, cc] = T.float32(0)
-            st[1, cc] = T.float32(0)
-        if cb == C:             # the sample's rows are the scratch's: one contiguous vector copy
-            xf = T.decl_buffer((L * C,), "float32", data=xa.data)
-            xs = T.decl_buffer((nb * (L * C),), "float32", data=x.data)
-            for i in range(L * C // LANES):
-                for v in T.vectorized(LANES):
-                    xf[i * LANES + v] = xs[b * (L * C) + i * LANES + v]
-            for i in range(L * C % LANES):
-                xf[L * C // LANES * LANES + i] = xs[b * (L * C) + L * C // LANES * LANES + i]
-        else:
-            for l_ in range(L):
-                for cc in T.unroll(cb):
-                    xa[l_, cc] = x[b, l_, T.min(c0 + cc, C - 1)]
-        for l_ in range(L):
-            for cc in T.vectorized(cb):
-                st[0, cc] = st[0, cc] + xa[l_, cc]
-        for cc in T.vectorized(cb):
-            st[0, cc] = st[0, cc] * T.float32(inv_len)
-        for l_ in range(L):
-            for cc in T.vectorized(cb):
-                xa[l_, cc] = xa[l_, cc] - st[0, cc]
-                st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
+        centre(x, xa, st, b, c0, cb)
         for cc in T.vectorized(cb):
             a[R, cc] = T.sqrt(st[1, cc] * T.float32(inv_len) + T.float32(eps))
         # A: ar[rho, r * cb + cc] = sum_m D[rho, m] x[Q m + r, cc]
