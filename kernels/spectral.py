@@ -358,6 +358,14 @@ class SplitOperands:
         return self.out_len // SPLIT
 
 
+def split_macs(s: SplitOperands) -> int:
+    """Multiply-adds per sample per channel of the split form's five stages (normalisation aside)."""
+    P, Q, Q2 = SPLIT, s.q, s.q2
+    fwd = P * P * Q + sum(int((row >= 0).sum()) * (Q if g in (0, P // 2) else 2 * Q)
+                          for g, row in enumerate(s.pos))
+    return fwd + (s.rank + 1) * s.U.shape[1] + s.U.shape[1] * 2 * Q2 + (2 * P + 1) * P * Q2
+
+
 def split_applies(seq_len: int, out_len: int) -> bool:
     return seq_len % SPLIT == 0 and out_len % SPLIT == 0 and seq_len >= 2 * SPLIT and out_len >= 2 * SPLIT
 

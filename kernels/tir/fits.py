@@ -335,8 +335,14 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         centre(x, xa, st, b, c0, cb)
         for cc in T.vectorized(cb):
             a[R, cc] = T.sqrt(st[1, cc] * T.float32(inv_len) + T.float32(eps))
-        # A: ar[rho, r * cb + cc] = sum_m D[rho, m] x[Q m + r, cc]
-        gemm(DT, xv, ar, P, Q * cb, b, c0, P, ROWS, 0, 1, 0, 0, 1, False)
+        # A: ar[rho, r * cb + cc] = sum_m D[rho, m] x[Q m + r, cc], in two halves of P/2 rows.
+        # NOTE: one tile of all P rows measured 6x slower inside a VM library (1.6 vs 1.0 ms at batch 256):
+        # there LLVM inlines the kernel into its caller and loses the arguments' noalias, and the
+        # P-row tile's accumulators no longer stay in registers; P/2 rows, like the other stages' cb, do.
+        dt2 = T.decl_buffer((P, P), "float32", data=DT.data, elem_offset=P // 2)
+        ar2 = T.decl_buffer((P, Q * cb), "float32", data=ar.data, elem_offset=P // 2 * Q * cb)
+        gemm(DT, xv, ar, P, Q * cb, b, c0, P // 2, ROWS, 0, 1, 0, 0, 1, False)
+        gemm(dt2, xv, ar2, P, Q * cb, b, c0, P // 2, ROWS, 0, 1, 0, 0, 1, False)
         # B: per bin group g, the group's coefficients (lanes) from its cos and sin rows of ar (the rows
         # 2g - 1 and 2g; the groups of bins 0 and P/2 have a cos row only)
         for g in range(NG):
