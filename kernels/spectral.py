@@ -333,8 +333,9 @@ class SplitOperands:
          zero lanes) and `pos[j', lane]`, the coefficient's row in the low-rank order (-1: padding).
     Inverse, [s; rho] -> y (length n = P2*Q2, t = Q2*q + p), plus the mean:
       U: u = U^T [s; rho] (the complex linear layer and bias, 2*up real values, ordered by bin k mod P2);
-      C: Z[j] = T[off_j : off_j + nk_j]^T u[off_j : ...] (twiddles: the 2*Q2 values re/im x p of bin j);
-      D: y[Q2*q + p] = sum_(j,t) E[2j + t, q] Z[j, t, p] + mean (the P2-point inverse DFT of each p).
+      C: per pair i of bin groups (j, P2 - j; 0 and P2/2 alone), Z rows = T[off_i : off_i + nk_i]^T
+         u[off_i : ...] (twiddles: Q2 values re (groups 0, P2/2) or 2*Q2 re/im x p, the pair summed);
+      D: y[Q2*q + p] = sum_r E[r, q] Z[r, p] + mean (the P2-point inverse DFT of each p, on P2 rows).
     """
 
     seq_len: int
@@ -345,8 +346,8 @@ class SplitOperands:
     pos: np.ndarray      # [P/2 + 1, nvec * 16] int32
     U: np.ndarray        # [rank + 1, 2 * up]
     T: np.ndarray        # [2 * up, 2 * Q2]
-    E: np.ndarray        # [2 * P2, P2]
-    group_off: tuple[int, ...]   # per inverse bin group j: its first row in u / T
+    E: np.ndarray        # [P2, P2]
+    group_off: tuple[int, ...]   # per pair of inverse bin groups: its first row in u / T
     group_len: tuple[int, ...]   # ... and its number of rows
 
     @property
@@ -363,7 +364,8 @@ def split_macs(s: SplitOperands) -> int:
     P, Q, Q2 = SPLIT, s.q, s.q2
     fwd = P * P * Q + sum(int((row >= 0).sum()) * (Q if g in (0, P // 2) else 2 * Q)
                           for g, row in enumerate(s.pos))
-    return fwd + (s.rank + 1) * s.U.shape[1] + s.U.shape[1] * 2 * Q2 + (2 * P + 1) * P * Q2
+    inv = sum(c * (Q2 if i < 2 else 2 * Q2) for i, c in enumerate(s.group_len))
+    return fwd + (s.rank + 1) * s.U.shape[1] + inv + (P + 1) * P * Q2
 
 
 def split_applies(seq_len: int, out_len: int) -> bool:
@@ -428,14 +430,17 @@ def split_operands(F: np.ndarray, W: np.ndarray, *, tol: float = 1e-5) -> SplitO
     if not np.allclose(Uplain @ inv.T, W64[:R + 1], atol=tol * max(1.0, np.abs(W64[:R + 1]).max()), rtol=0) \
             or not np.allclose(W64[R + 1], 1.0, atol=tol):
         return None
-    # order u by inverse bin group k mod P2 (re, im of each k), and the twiddles of each
-    kk_order, off, cnt = [], [], []
-    for j in range(P2):
+    # order u by pairs of inverse bin groups (k mod P2 = j and P2 - j share the P2-point DFT's cosines and
+    # negate its sines): [group 0], [group P2/2], [groups 1 and P2-1], ..., re and im of each bin k
+    pairs = [[0], [P2 // 2]] + [[j, P2 - j] for j in range(1, P2 // 2)]
+    kk_order, off, cnt, negate = [], [], [], []
+    for groups_ in pairs:
         off.append(len(kk_order))
-        ks = [k for k in range(up) if k % P2 == j]
-        for k in ks:
-            kk_order += [k, up + k]
-        cnt.append(2 * len(ks))
+        for j in groups_:
+            for k in (k for k in range(up) if k % P2 == j):
+                kk_order += [k, up + k]
+                negate += [j > P2 // 2] * 2
+        cnt.append(len(kk_order) - off[-1])
     U = Uplain[:, kk_order]
     p = np.arange(Q2)
     T = np.zeros((2 * up, 2 * Q2))
@@ -443,17 +448,16 @@ def split_operands(F: np.ndarray, W: np.ndarray, *, tol: float = 1e-5) -> SplitO
         k, im = kk % up, kk >= up
         psi = 2 * np.pi * k * p / n
         # u is in inv's coordinates (y = inv @ u): T carries inv's weight alpha_k and its edge rule
-        if not im:                                   # u_re[k] * alpha_k * cos(2pi k t / n)
-            a = _alpha(k, n, L)
-            T[row, :Q2] = a * np.cos(psi)            # -> Z_re
-            T[row, Q2:] = a * np.sin(psi)            # -> Z_im
-        else:                                        # u_im[k] * (-alpha_k sin(2pi k t / n)), edge bins 0
-            a = 0.0 if _edge(k, n) else _alpha(k, n, L)
-            T[row, :Q2] = -a * np.sin(psi)
-            T[row, Q2:] = a * np.cos(psi)
+        a = _alpha(k, n, L) if not (im and _edge(k, n)) else 0.0
+        c, sn = a * np.cos(psi), a * np.sin(psi)
+        re_part, im_part = (c, sn) if not im else (-sn, c)
+        T[row, :Q2] = re_part                        # -> Z_re of the pair
+        T[row, Q2:] = -im_part if negate[row] else im_part   # -> Z_im (P2 - j: its sines negated)
+    # the P2-point inverse DFT on the pairs' rows: 0 -> cos 0, 1 -> cos(pi q), 2j / 2j+1 -> cos / -sin
     q = np.arange(P2)
-    E = np.zeros((2 * P2, P2))
-    for j in range(P2):
+    E = np.zeros((P2, P2))
+    E[0], E[1] = 1.0, np.cos(np.pi * q)
+    for j in range(1, P2 // 2):
         E[2 * j] = np.cos(2 * np.pi * j * q / P2)
         E[2 * j + 1] = -np.sin(2 * np.pi * j * q / P2)
     return SplitOperands(L, n, R, D, Bc, pos, U, T, E, tuple(off), tuple(cnt))
@@ -485,9 +489,12 @@ def split_reference(xc: np.ndarray, rho: np.ndarray, mean: np.ndarray, s: SplitO
                 a[i] = out[lane]
     a[s.rank] = rho
     u = s.U.T @ a                                                            # [2up, cols]
-    Z = np.zeros((P, 2 * Q2, cols))
-    for j in range(P):
-        o, c = s.group_off[j], s.group_len[j]
-        Z[j] = s.T[o:o + c].T @ u[o:o + c]
-    y = np.einsum("jq,jpc->qpc", s.E, Z.reshape(P, 2, Q2, cols).reshape(2 * P, Q2, cols))
+    Z = np.zeros((P, Q2, cols))
+    for i, (o, c) in enumerate(zip(s.group_off, s.group_len)):
+        part = s.T[o:o + c].T @ u[o:o + c]                                   # [2 * Q2, cols]
+        if i < 2:
+            Z[i] = part[:Q2]
+        else:
+            Z[2 * (i - 1)], Z[2 * (i - 1) + 1] = part[:Q2], part[Q2:]
+    y = np.einsum("rq,rpc->qpc", s.E, Z)
     return y.reshape(P * Q2, cols) + mean

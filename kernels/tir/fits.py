@@ -276,12 +276,12 @@ def fits_primfunc(s: FitsShape) -> Any:
 class SplitPlan:
     """What the split kernel is specialised on beyond `FitsShape` (from `spectral.SplitOperands`): per
     forward group g (bin j' = g) its first row in D's order and inner length, and the low-rank row of each of
-    its lanes (-1: padding); per inverse group j its rows in u / T; the operand sizes."""
+    its lanes (-1: padding); per pair of inverse groups its rows in u / T; the operand sizes."""
 
     lanes: int                                   # Bc's lanes per group (a multiple of 16)
     fwd: tuple[tuple[int, int], ...]             # (first D row, inner length) per forward group
     pos: tuple[tuple[int, ...], ...]             # low-rank row per lane, per forward group
-    inv: tuple[tuple[int, int], ...]             # (first row, rows) per inverse group
+    inv: tuple[tuple[int, int], ...]             # (first row, rows) per pair of inverse groups
     k2: int                                      # 2 * up: u's length
 
     @staticmethod
@@ -297,12 +297,13 @@ class SplitPlan:
 
 def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
     """The FITS kernel on the split operands (`spectral.split_operands`): arguments x, DT [P, P] (D
-    transposed), Bc [groups * 2Q, lanes], U [R + 1, 2up], Tw [2up, 2 * Q2], E [2P + 1, P2] (its last row
+    transposed), Bc [groups * 2Q, lanes], pos [groups, lanes], U [R + 1, 2up], Tw [2up, 2 * Q2], pairs
+    [P/2 + 1, 2] (first row and rows of each pair of inverse bin groups), E [P2 + 1, P2] (its last row
     ones: the mean), y. Per task (sample, channel group), as `fits_primfunc`: the group's channels copied to
-    [L, cb], mean and variance, centred; then every stage is one register-tiled GEMM of `_gemm_macros`:
+    [L, cb], mean and variance, centred; then every stage is a register-tiled GEMM of `_gemm_macros`:
     A (P-point DFTs of the Q residues), B (per bin group, the twiddled sums into the R coefficients,
-    scattered to their low-rank rows), U (the complex layer and bias), C (per output bin group, twiddles
-    into Z), D (per p, the P2-point inverse DFT plus the mean, written to y[b, Q2 * q + p])."""
+    scattered to their low-rank rows), U (the complex layer and bias), C (per pair of output bin groups,
+    twiddles into Z), D (per p, the P2-point inverse DFT plus the mean, written to y[b, Q2 * q + p])."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -315,14 +316,12 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
     G, G1 = -(-C // CB), -(-C // CB1)
     nb = tirx.Var("batch", "int64") if s.batch is None else s.batch
     inv_len, eps = 1.0 / L, s.eps
-    UPQ, UPR = divmod(K2 // 2, P)
-    if [o for o, _ in plan.inv] != [2 * (j * UPQ + min(j, UPR)) for j in range(P)]:
-        raise UsageError("split FITS operands: the inverse bins are not grouped by k mod P in order")
+    NP = P // 2 + 1                     # pairs of inverse bin groups
     gemm = _gemm_macros(C)
     centre = _centre_macro(L, C, nb)
 
     @T.macro
-    def task(x, DT, Bc, pos, U, Tw, E, y, b, c0, cb):
+    def task(x, DT, Bc, pos, U, Tw, pairs, E, y, b, c0, cb):
         xa = T.decl_buffer((L, cb), "float32")
         xv = T.decl_buffer((P, Q * cb), "float32", data=xa.data)
         ar = T.decl_buffer((P, Q * cb), "float32")
@@ -330,7 +329,7 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         bo = T.decl_buffer((cb, NG * LN), "float32")
         a = T.decl_buffer((R + 1, cb), "float32")
         u = T.decl_buffer((cb, K2), "float32")
-        z = T.decl_buffer((cb, (2 * P + 1) * Q2), "float32")
+        z = T.decl_buffer((cb, (P + 1) * Q2), "float32")
         st = T.decl_buffer((2, cb), "float32")
         centre(x, xa, st, b, c0, cb)
         for cc in T.vectorized(cb):
@@ -355,33 +354,35 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
                         a[pos[g, lane], cc] = bo[cc, g * LN + lane]
         # U: u = U^T [coefficients; rho]
         gemm(a, U, u, R + 1, K2, b, c0, cb, ROWS, 0, 1, 0, 0, 1, False)
-        # C: per output bin group j, z[(2j + t) * Q2 + p] = its twiddled bins
-        # (bin group j: the bins k < up with k mod P == j, re and im each: UPQ or UPQ + 1 of them)
-        for j in range(P):
-            gemm(u, Tw, z, 2 * (UPQ + T.Select(j < UPR, 1, 0)), 2 * Q2, b, c0, cb, ROWS,
-                 2 * (j * UPQ + T.min(j, UPR)), 1, 2 * (j * UPQ + T.min(j, UPR)), j * 2 * Q2, 1, True)
+        # C: per pair i of output bin groups, its twiddled bins summed into z rows: pairs 0 and 1 (bins
+        # k = 0 and P/2 mod P) one row of Q2 (their sines vanish), pair i > 1 two rows (2i - 2, 2i - 1)
+        for i in range(2):
+            gemm(u, Tw, z, pairs[i, 1], Q2, b, c0, cb, ROWS, pairs[i, 0], 1, pairs[i, 0], i * Q2, 1, True)
+        for i in range(NP - 2):
+            gemm(u, Tw, z, pairs[i + 2, 1], 2 * Q2, b, c0, cb, ROWS, pairs[i + 2, 0], 1, pairs[i + 2, 0],
+                 (2 * i + 2) * Q2, 1, True)
         for p in range(Q2):
             for cc in T.vectorized(cb):
-                z[cc, 2 * P * Q2 + p] = st[0, cc]
-        # D: y[b, Q2 q + p] = sum_jt E[jt, q] z[jt * Q2 + p] (+ the mean row), q vectorised
+                z[cc, P * Q2 + p] = st[0, cc]
+        # D: y[b, Q2 q + p] = sum_r E[r, q] z[r * Q2 + p] (+ the mean row), q vectorised
         for p in range(Q2):
-            gemm(z, E, y, 2 * P + 1, P, b, c0, cb, TO_Y, p, Q2, 0, p, Q2, True)
+            gemm(z, E, y, P + 1, P, b, c0, cb, TO_Y, p, Q2, 0, p, Q2, True)
 
     @T.macro
-    def tasks(x, DT, Bc, pos, U, Tw, E, y):
+    def tasks(x, DT, Bc, pos, U, Tw, pairs, E, y):
         if nb == 1:
             if G1 == 1:
-                task(x, DT, Bc, pos, U, Tw, E, y, 0, 0, CB1)
+                task(x, DT, Bc, pos, U, Tw, pairs, E, y, 0, 0, CB1)
             else:
                 for t in T.parallel(G1):
-                    task(x, DT, Bc, pos, U, Tw, E, y, 0, t * CB1, CB1)
+                    task(x, DT, Bc, pos, U, Tw, pairs, E, y, 0, t * CB1, CB1)
         else:
             for t in T.parallel(nb * G):
-                task(x, DT, Bc, pos, U, Tw, E, y, t // G, t % G * CB, CB)
+                task(x, DT, Bc, pos, U, Tw, pairs, E, y, t // G, t % G * CB, CB)
 
     @T.prim_func
     def fits(x_h: T.handle, dt_h: T.handle, bc_h: T.handle, pos_h: T.handle, u_h: T.handle, tw_h: T.handle,
-             e_h: T.handle, y_h: T.handle):
+             pairs_h: T.handle, e_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         x = T.match_buffer(x_h, (nb, L, C), "float32")
         DT = T.match_buffer(dt_h, (P, P), "float32")
@@ -389,9 +390,10 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         pos = T.match_buffer(pos_h, (NG, LN), "int32")
         U = T.match_buffer(u_h, (R + 1, K2), "float32")
         Tw = T.match_buffer(tw_h, (K2, 2 * Q2), "float32")
-        E = T.match_buffer(e_h, (2 * P + 1, P), "float32")
+        pairs = T.match_buffer(pairs_h, (NP, 2), "int32")
+        E = T.match_buffer(e_h, (P + 1, P), "float32")
         y = T.match_buffer(y_h, (nb, N, C), "float32")
-        tasks(x, DT, Bc, pos, U, Tw, E, y)
+        tasks(x, DT, Bc, pos, U, Tw, pairs, E, y)
 
     return fits
 
@@ -402,7 +404,8 @@ def split_kernel_operands(ops: Any) -> list[np.ndarray]:
     E = np.concatenate([ops.E, np.ones((1, P))])
     f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in
            (ops.D.T, ops.Bc.reshape(-1, ops.Bc.shape[2]), ops.U, ops.T, E)]
-    return [*f32[:2], np.ascontiguousarray(ops.pos, dtype=np.int32), *f32[2:]]
+    pairs = np.array([ops.group_off, ops.group_len], dtype=np.int32).T.copy()
+    return [*f32[:2], np.ascontiguousarray(ops.pos, dtype=np.int32), *f32[2:4], pairs, f32[4]]
 
 
 def _column_tiles(ndim: int, vectors: int) -> tuple[int, int, int, int, int, int]:
