@@ -162,36 +162,66 @@ def _gemm_macros(C: int):
 
 def _centre_macro(L: int, C: int, nb: Any):
     """`centre(x, xa, st, b, c0, cb)`: channels c0 .. c0 + cb of sample b copied into xa [L, cb] (a last
-    group with fewer channels repeats the last one; all of a sample's channels in one task: one contiguous
-    vector copy), st[0] = their mean, xa centred, st[1] = the sum of squares of the centred values."""
+    group with fewer channels repeats the last one), st[0] = their mean, xa centred, st[1] = the sum of
+    squares of the centred values. All of a sample's channels in one task: the sample is one flat run of
+    L * C floats, copied, summed and centred 16 lanes at a time; V = lcm(C, 16) / 16 vectors cover whole
+    periods of the channel pattern, so every lane keeps one channel and the sums fold back per channel."""
+    import math
+
     from tvm.script import tirx as T
+
+    V = C // math.gcd(C, LANES)
+    flat = (L * C) % (V * LANES) == 0 and V * LANES * 4 <= 512
+    NI = L * C // (V * LANES)
 
     @T.macro
     def centre(x, xa, st, b, c0, cb):
         for cc in T.vectorized(cb):
             st[0, cc] = T.float32(0)
             st[1, cc] = T.float32(0)
-        if cb == C:
+        if cb == C and flat:
             xf = T.decl_buffer((L * C,), "float32", data=xa.data)
             xs = T.decl_buffer((nb * (L * C),), "float32", data=x.data)
-            for i in range(L * C // LANES):
+            sa = T.decl_buffer((V, LANES), "float32")
+            pm = T.decl_buffer((V, LANES), "float32")
+            for j in T.unroll(V):
                 for v in T.vectorized(LANES):
-                    xf[i * LANES + v] = xs[b * (L * C) + i * LANES + v]
-            for i in range(L * C % LANES):
-                xf[L * C // LANES * LANES + i] = xs[b * (L * C) + L * C // LANES * LANES + i]
+                    sa[j, v] = T.float32(0)
+            for i in range(NI):
+                for j in T.unroll(V):
+                    for v in T.vectorized(LANES):
+                        xf[(i * V + j) * LANES + v] = xs[b * (L * C) + (i * V + j) * LANES + v]
+                        sa[j, v] = sa[j, v] + xs[b * (L * C) + (i * V + j) * LANES + v]
+            for j in range(V):
+                for v in range(LANES):
+                    st[0, (j * LANES + v) % C] = st[0, (j * LANES + v) % C] + sa[j, v]
+            for cc in T.vectorized(cb):
+                st[0, cc] = st[0, cc] * T.float32(1.0 / L)
+            for j in range(V):
+                for v in range(LANES):
+                    pm[j, v] = st[0, (j * LANES + v) % C]
+                    sa[j, v] = T.float32(0)
+            for i in range(NI):
+                for j in T.unroll(V):
+                    for v in T.vectorized(LANES):
+                        xf[(i * V + j) * LANES + v] = xf[(i * V + j) * LANES + v] - pm[j, v]
+                        sa[j, v] = sa[j, v] + xf[(i * V + j) * LANES + v] * xf[(i * V + j) * LANES + v]
+            for j in range(V):
+                for v in range(LANES):
+                    st[1, (j * LANES + v) % C] = st[1, (j * LANES + v) % C] + sa[j, v]
         else:
             for l_ in range(L):
                 for cc in T.unroll(cb):
                     xa[l_, cc] = x[b, l_, T.min(c0 + cc, C - 1)]
-        for l_ in range(L):
+            for l_ in range(L):
+                for cc in T.vectorized(cb):
+                    st[0, cc] = st[0, cc] + xa[l_, cc]
             for cc in T.vectorized(cb):
-                st[0, cc] = st[0, cc] + xa[l_, cc]
-        for cc in T.vectorized(cb):
-            st[0, cc] = st[0, cc] * T.float32(1.0 / L)
-        for l_ in range(L):
-            for cc in T.vectorized(cb):
-                xa[l_, cc] = xa[l_, cc] - st[0, cc]
-                st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
+                st[0, cc] = st[0, cc] * T.float32(1.0 / L)
+            for l_ in range(L):
+                for cc in T.vectorized(cb):
+                    xa[l_, cc] = xa[l_, cc] - st[0, cc]
+                    st[1, cc] = st[1, cc] + xa[l_, cc] * xa[l_, cc]
 
     return centre
 
