@@ -102,9 +102,9 @@ class TvmEngine(Engine):
     def _stage(self, i: int, a: np.ndarray) -> np.ndarray:
         """Input `i` as the compiled code may read it: the caller's array itself when it is large (64 KiB or
         more), C-contiguous, writable (DLPack exports no read-only array) and 64-byte aligned (a 5 MB FITS
-        batch saves its 0.13 ms copy; numpy aligns to 16 bytes, TVM's own outputs to 64), else copied into this engine's 64-byte-aligned
-        buffer for it (compiled code assumes that alignment; numpy guarantees 16), made anew only when the
-        shape or dtype changes. Under the lock."""
+        batch saves its 0.13 ms copy; TVM's own outputs, e.g. a chained segment's, are 64-byte aligned),
+        else copied into this engine's 64-byte-aligned buffer for it (compiled code assumes that alignment;
+        numpy guarantees 16), made anew only when the shape or dtype changes. Under the lock."""
         # (asking for the address costs ~0.7 us: only where the copy it may save costs more)
         if a.nbytes >= 1 << 16 and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0:
             return a
