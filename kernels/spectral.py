@@ -463,6 +463,29 @@ def split_operands(F: np.ndarray, W: np.ndarray, *, tol: float = 1e-5) -> SplitO
     return SplitOperands(L, n, R, D, Bc, pos, U, T, E, tuple(off), tuple(cnt))
 
 
+def split_operands_from_folded(M: np.ndarray, *, tol: float = 1e-5) -> SplitOperands | None:
+    """The split form of the folded operand M [L + 2, n] (`gemm_operands(w, "folded")`), or None: the
+    folded matrix is factored back into the low-rank form first. Its cut frequency is the highest DFT bin
+    its rows hold, F the truncated basis without its DC row (a centred series has none), G the rows'
+    coordinates in F (exact on centred series: F spans every bin up to the cut); `split_operands` then
+    checks them. A matrix with every bin gives cut = L/2 + 1: still exact, just no faster."""
+    L = M.shape[0] - 2
+    if L < 2 or not split_applies(L, M.shape[1]):
+        return None
+    Mt = M[:L].astype(np.float64)                                            # [L, n]: M^T
+    spec = np.abs(np.fft.rfft(Mt, axis=0))                                   # [L/2 + 1, n]
+    energy = spec.max(axis=1)
+    live = np.flatnonzero(energy > tol * max(float(energy.max()), 1e-30))
+    cut = int(live.max()) + 1 if live.size else 1
+    if cut < 2:
+        return None
+    basis, _ = forward_basis(L, cut)
+    F = basis[1:]                                                            # [R, L]
+    G = np.linalg.lstsq(F.T, Mt, rcond=None)[0]                              # [R, n]: Mt ~ F^T G (+ DC)
+    W = np.concatenate([G, M[L:L + 2].astype(np.float64)])                   # [R + 2, n]
+    return split_operands(F.T, W, tol=tol)
+
+
 def _edge(k: int, n: int) -> bool:
     return k == 0 or 2 * k == n
 

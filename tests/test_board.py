@@ -41,13 +41,16 @@ def _outputs(rt: ef.Runtime, xs: list[np.ndarray], configs: list[str]) -> dict[s
     return outs
 
 
-def _bundles(tmp: Path, fits_bundle: Path, snnet_bundle) -> dict[str, tuple[Path, list[str] | None, dict]]:
+def _bundles(tmp: Path, fits_bundle: Path, snnet_bundle, make_fits) -> dict[str, tuple[Path, list[str] | None,
+                                                                                      dict]]:
     """name -> (bundle path, configs to compile and run (None: all), Runtime/compile options)."""
     from edgeflex.export.elastic import export_dress
     from edgeflex.models.dress import DressModel, build_backbone
     from edgeflex.models.starnet import starnet
 
     shutil.copytree(fits_bundle, tmp / "fits.efx")
+    # lengths that are multiples of 16: the split (FFT-structured) FITS kernel, on arm64 too
+    ef.export(make_fits(256, 64, 3, 30, seed=2), torch.randn(2, 256, 3), tmp / "fits-split.efx")
     torch.manual_seed(0)
     ef.export(starnet("s050", num_classes=10).eval(), torch.randn(1, 3, 32, 32), tmp / "s050.efx", n_random=1)
     torch.manual_seed(0)
@@ -56,23 +59,26 @@ def _bundles(tmp: Path, fits_bundle: Path, snnet_bundle) -> dict[str, tuple[Path
     shutil.copytree(sn, tmp / "sn.efx")
     stitched = next(c.name for c in ef.Bundle.open(tmp / "sn.efx").configs
                     if any(s.startswith("stitch.") for s in c.segments))
-    return {"fits": (tmp / "fits.efx", None, {}), "starnet-s050": (tmp / "s050.efx", None, {}),
+    return {"fits": (tmp / "fits.efx", None, {}), "fits-split": (tmp / "fits-split.efx", None, {}),
+            "starnet-s050": (tmp / "s050.efx", None, {}),
             "dress-mlp": (tmp / "mlp.efx", None, {}),
             "dress-mlp-sparse": (tmp / "mlp.efx", None, {"dress_kernel": "sparse"}),
             "snnet-stitched": (tmp / "sn.efx", [stitched], {})}
 
 
 @pytest.fixture(scope="module")
-def board_run(tmp_path_factory, fits_bundle: Path, snnet_bundle):
+def board_run(tmp_path_factory, fits_bundle: Path, snnet_bundle, make_fits):
     """Everything compiled for host and rpi5, the host references, and one board run over all bundles."""
     tmp = tmp_path_factory.mktemp("board")
     spec = {"device": "rpi5", "cases": {}}
     host, kernels = {}, {}
     t0 = time.perf_counter()
-    for name, (path, configs, opts) in _bundles(tmp, fits_bundle, snnet_bundle).items():
+    for name, (path, configs, opts) in _bundles(tmp, fits_bundle, snnet_bundle, make_fits).items():
         compile_bundle(path, "host", configs=configs, **opts)
         engines = compile_bundle(path, "rpi5", configs=configs, **opts)["engines"]
-        kernels[name] = sorted({k for e in engines for k in e["kernels"]})
+        kernels[name] = sorted({k for e in engines for k in e["kernels"]}
+                               | {"fits (split)" for e in engines for sym in e["elf"]["symbols"]
+                                  if "fits_split" in sym})
         ort = ef.Runtime(path, threads=1, only=configs, **opts)
         tvm = ef.Runtime(path, backend="tvm", threads=1, only=configs, **opts)
         names = configs or [c.name for c in ort.configs]
@@ -119,7 +125,14 @@ def test_board_refuses_native_code_from_another_machine_without_allow_native(boa
         assert case["engine_versions"]["target"] == "rpi5"
 
 
-@pytest.mark.parametrize("name", ["fits", "starnet-s050", "dress-mlp", "dress-mlp-sparse", "snnet-stitched"])
+def test_board_fits_at_multiples_of_16_runs_the_split_kernel(board_run) -> None:
+    report, _, _ = board_run
+    assert "fits (split)" in report["kernels"]["fits-split"]
+    assert "fits (split)" not in report["kernels"]["fits"]          # L = 24: the low-rank kernel
+
+
+@pytest.mark.parametrize("name", ["fits", "fits-split", "starnet-s050", "dress-mlp", "dress-mlp-sparse",
+                                  "snnet-stitched"])
 def test_board_outputs_equal_host_onnxruntime_and_tvm(board_run, name: str) -> None:
     report, host, board = board_run
     ort, tvm, arm = host[name]["ort"], host[name]["tvm-host"], board[name]

@@ -115,6 +115,11 @@ def test_split_operands_only_for_the_low_rank_form_at_multiples_of_16(rng: np.ra
     W2 = W.copy()
     W2[0] += rng.standard_normal(W.shape[1]) * 0.1       # a spectral row outside the inverse DFT's span
     assert spectral.split_operands(F, W2) is None
+    (M,) = (o.astype(np.float32) for o in spectral.gemm_operands(w, "folded"))
+    folded = spectral.split_operands_from_folded(M)       # the folded matrix factored back
+    assert folded is not None and folded.rank == ops.rank
+    want = M.T.astype(np.float64) @ np.vstack([xc - xc.mean(0), rho, mean])
+    assert _rel(spectral.split_reference(xc - xc.mean(0), rho, mean, folded), want) <= 1e-5
     w3 = _weights(rng, 60, 20, 10)                        # 60 is not a multiple of 16
     assert spectral.split_operands(*(o.astype(np.float32) for o in spectral.gemm_operands(w3, "lowrank"))) \
         is None
@@ -156,18 +161,21 @@ def _calls(mod) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("form, L, H, kernel", [("folded", 37, 9, "folded"), ("lowrank", 37, 9, "lowrank"),
-                                                ("lowrank", 64, 16, "split")])
+@pytest.mark.parametrize("form, L, H, cut, kernel", [
+    ("folded", 37, 9, 5, "folded"), ("lowrank", 37, 9, 5, "lowrank"),
+    ("lowrank", 64, 16, 5, "lowrank"),          # multiples of 16, but too small for the split to pay
+    ("lowrank", 256, 64, 30, "split"), ("folded", 256, 64, 30, "split")])
 @pytest.mark.parametrize("batch", [None, 2])
-def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, L: int, H: int, kernel: str,
-                                                              batch: int | None,
+def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, L: int, H: int, cut: int,
+                                                              kernel: str, batch: int | None,
                                                               rng: np.random.Generator) -> None:
-    """Low-rank constants at lengths that are multiples of 16 become the split kernel's."""
+    """Folded or low-rank constants at lengths that are multiples of 16 become the split kernel's where it
+    does at most `SPLIT_MAX_SHARE` of the smaller form's multiply-adds."""
     import tvm
     from tvm import relax
 
     C = 3
-    w = _weights(rng, L, H, 5)
+    w = _weights(rng, L, H, cut)
     model = spectral.to_onnx(w, form, channels=C)
     mod = _imported(model, L, C, batch)
     assert "relax.matmul" in _calls(mod)

@@ -73,6 +73,7 @@ def _vectors(group: int) -> int:
 # How a GEMM tile stores its [cb, columns] result: into y[b, oo + col * os, c0 + cc] (the kernel's output),
 # into out[oo + col, cc] (a scratch of columns x channels), or into out[cc, oo + col] (rows x columns).
 TO_Y, COLS, ROWS = 0, 1, 2
+SPLIT_MAX_SHARE = 0.7   # the split kernel only below this share of the folded / low-rank multiply-adds
 
 
 def _gemm_macros(C: int):
@@ -575,16 +576,29 @@ def _match_shape(m: dict[Any, Any], p: dict[str, Any], lowrank: bool) -> FitsSha
 
 
 def _split_operands(f: Any, w: Any) -> Any:
-    """The split form's operands when the low-rank GEMM operands are constants of the graph (a plain FITS
-    bundle) and are that form's (`spectral.split_operands` checks); else None: operands the runtime hands
-    over at load (elastic FITS levels) keep the low-rank kernel."""
+    """The split form's operands when the GEMM operands are constants of the graph (a plain FITS bundle,
+    either form: `f` None for the folded one) and are what those forms hold (`spectral.split_operands` and
+    `split_operands_from_folded` check); else None: operands the runtime hands over at load (elastic FITS
+    levels) keep the low-rank or folded kernel."""
     import tvm
 
     from edgeflex.kernels import spectral
 
-    if not isinstance(f, tvm.ir.Constant) or not isinstance(w, tvm.ir.Constant):
+    if not isinstance(w, tvm.ir.Constant):
         return None
-    return spectral.split_operands(_const_value(f), _const_value(w))
+    if f is None:                                   # the folded form: its one matrix factored back first
+        ops = spectral.split_operands_from_folded(_const_value(w))
+    elif isinstance(f, tvm.ir.Constant):
+        ops = spectral.split_operands(_const_value(f), _const_value(w))
+    else:
+        return None
+    if ops is None:
+        return None
+    # NOTE: its five stages cost more per multiply-add than one GEMM: measured (2 threads, batch 1 and 64)
+    # it lost at 0.79x the smaller form's multiply-adds (L 96, cut 20) and won from 0.57x (L 208, cut 30)
+    L, n, r = ops.seq_len, ops.out_len, ops.rank
+    smaller = min(L * n, L * r + (r + 2) * n)
+    return ops if spectral.split_macs(ops) <= SPLIT_MAX_SHARE * smaller else None
 
 
 def _cores(target: Any) -> int:
@@ -598,9 +612,9 @@ def _cores(target: Any) -> int:
 def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
     """Every FITS spectral block of `mod` (the imported `folded` or `lowrank` ONNX lowering: transpose,
     mean / variance, normalise, GEMM(s), de-normalise in the last GEMM, transpose) as one call of the kernel.
-    Low-rank operands that are graph constants of the split form's lengths (multiples of 16) become the
-    split kernel's (`fits_split_primfunc`, ~1.6x faster); otherwise the GEMM operands (constants or engine
-    parameters) are passed as they are. CPU (llvm) targets only; None when
+    Folded or low-rank operands that are graph constants, at lengths that are multiples of 16, become the
+    split kernel's (`fits_split_primfunc`, 2x the low-rank kernel); otherwise the GEMM operands (constants or
+    engine parameters) are passed as they are. CPU (llvm) targets only; None when
     no block matches (an `individual` FITS, whose graph works channel-first, does not)."""
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
@@ -619,7 +633,10 @@ def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
                 return orig
             s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, found.rank,
                              batch=found.batch, cores=cores)
-            split = _split_operands(m[p["f"]], m[p["w"]]) if lowrank else None
+            split = _split_operands(m[p["f"]] if lowrank else None, m[p["w"]])
+            if split is not None and not lowrank:       # the split kernel's shape carries its rank
+                s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, split.rank,
+                                 batch=found.batch, cores=cores)
             key = (s, None if split is None else SplitPlan.of(split))
             if key not in kernels:
                 form = s.form if split is None else "split"
