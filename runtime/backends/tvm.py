@@ -211,10 +211,9 @@ class TvmBackend(Backend):
                                      f"{unit}, not what device {device!r} names; a GPU's engines load with "
                                      "device='DEVICE:gpu'")
         here = host_cpu()
-        built = meta.get("host", {})
-        if device == HOST and (built.get("arch") != here["arch"] or
-                               (here["mcpu"] is not None and built.get("mcpu") != here["mcpu"])):
-            h = meta.get("host", {})
+        h = meta.get("host", {})                # the machine that compiled it
+        if device == HOST and (h.get("arch") != here["arch"] or
+                               (here["mcpu"] is not None and h.get("mcpu") != here["mcpu"])):
             raise BackendUnavailable(f"bundle {bundle.name!r}: its host TVM engines were compiled for "
                                      f"{h.get('arch')} {h.get('mcpu')}, this machine is {here['arch']} "
                                      f"{here['mcpu']}; re-run `edgeflex compile --target host` here")
