@@ -348,6 +348,9 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
         from edgeflex.kernels import tir
 
         mod, applied = tir.apply(mod, tir.RewriteContext(tgt, job.rel, dict(job.params), batch))
+    # the hand-written functions the rewrites added (e.g. fits_split_nx720x7_h816_r118: which FITS kernel)
+    functions = sorted(gv.name_hint for gv, f in mod.functions.items()
+                       if f.attrs is not None and "tirx.is_scheduled" in f.attrs) if applied else []
     mod, transform = _lift_param_transforms(mod, model, job)
     tuned = None
     if tuning_dir is not None:
@@ -387,7 +390,8 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
             "cuda_device_code": _cuda_device_code(ex.mod), "elf": elf,
             "cuda_check": cuda_ahead_check(ex.mod, target, job.rel) if target.unit == "gpu" and cuda_check
             else None,
-            "used_by": job.used_by, "kernels": applied, "transform_params": transform,
+            "used_by": job.used_by, "kernels": applied, "kernel_functions": functions,
+            "transform_params": transform,
             "compile_s": round(time.perf_counter() - t0, 2), "tuning": tuned}
 
 

@@ -77,8 +77,8 @@ def board_run(tmp_path_factory, fits_bundle: Path, snnet_bundle, make_fits):
         compile_bundle(path, "host", configs=configs, **opts)
         engines = compile_bundle(path, "rpi5", configs=configs, **opts)["engines"]
         kernels[name] = sorted({k for e in engines for k in e["kernels"]}
-                               | {"fits (split)" for e in engines for sym in e["elf"]["symbols"]
-                                  if "fits_split" in sym})
+                               | {"fits (split)" for e in engines for f in e["kernel_functions"]
+                                  if f.startswith("fits_split_")})
         ort = ef.Runtime(path, threads=1, only=configs, **opts)
         tvm = ef.Runtime(path, backend="tvm", threads=1, only=configs, **opts)
         names = configs or [c.name for c in ort.configs]

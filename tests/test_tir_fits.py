@@ -232,6 +232,8 @@ def test_compiled_fits_bundle_runs_the_kernel_and_equals_ort(tmp_path: Path, fit
         pytest.skip(f"the exporter chose form {form!r} for the session bundle; TVM takes folded/lowrank only")
     (engine,) = compile_bundle(path, "host")["engines"]
     assert engine["kernels"] == ["fits"]
+    (fn,) = engine["kernel_functions"]                  # which FITS kernel: the session bundle is small
+    assert fn.startswith(("fits_folded_", "fits_lowrank_", "fits_split_")), fn
     rt, ort_rt = ef.Runtime(path, backend="tvm"), ef.Runtime(path)
     for n in (1, 3):
         x = np.random.default_rng(n).standard_normal((n, *rt.inputs[0].shape[1:])).astype(np.float32)
