@@ -312,6 +312,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
     print(f"\ntarget {report['target']}: {json.dumps(report['target_dict'], separators=(',', ':'))} "
           f"({report['source']}); {len(rows)} engine(s) added to {report['bundle']} in "
           f"{time.perf_counter() - start:.0f} s")
+    be = report.get("backends") or {}
+    if be.get("faster"):
+        print(f"\nTVM vs ONNX Runtime here (batch {be['batch']}, {be['threads']} threads): ONNX Runtime / "
+              f"TVM {be['ratio']:.2f}x (geometric mean over configs): --backend auto runs {be['faster']}")
     levels = (report.get("dress_kernels") or {}).get("levels")
     if levels:
         rows = [[name, f"{v['median_us']['dense']:.1f}", f"{v['median_us']['sparse']:.1f}", v["kernel"]]

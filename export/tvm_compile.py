@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgeflex.runtime.backends.base import Backend, Engine
-from edgeflex.runtime.backends.tvm import DRESS_CHOICE, HOST, creator, host_cpu, target_dir
+from edgeflex.runtime.backends.tvm import BACKEND_CHOICE, DRESS_CHOICE, HOST, creator, host_cpu, target_dir
 from edgeflex.runtime.bundle import Bundle, TensorSpec, sha256_bytes, update_bundle
 from edgeflex.runtime.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 
@@ -621,9 +621,55 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
         # the libraries change: an earlier measurement no longer describes them
         files[choice_file] = (json.dumps({"stale": True, "levels": {}}) + "\n").encode()
     update_bundle(bundle.path, files)
+    backends = None
+    if tgt.name == HOST:
+        try:
+            backends = measure_backends(bundle.path, threads=threads, configs=configs, fused=fused,
+                                        dress_kernel=dress_kernel, batch=batch or 1)
+        except EdgeflexError as e:         # the libraries are in; backend="auto" keeps to ONNX Runtime
+            log.warning("could not time TVM against ONNX Runtime (%s); backend='auto' runs ONNX Runtime", e)
+            backends = {"stale": True, "faster": None, "error": str(e)}
+        update_bundle(bundle.path, {f"{folder}/{BACKEND_CHOICE}": (json.dumps(backends, indent=1) + "\n")
+                                    .encode()})
     return {"bundle": str(bundle.path), "target": tgt.name, "target_dict": tgt.target, "source": tgt.source,
             "engines": records, "dress_kernels": json.loads(files[choice_file]) if choice_file in files
-            else None}
+            else None, "backends": backends}
+
+
+def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
+                     configs: Sequence[str] | None = None, fused: bool = False,
+                     dress_kernel: str | None = None, runs: int = 60, batch: int = 1) -> dict[str, Any]:
+    """Every config's median latency on the TVM engines just compiled and on ONNX Runtime (interleaved, this
+    host, the same threads and DRESS option, each fused or chained as its Runtime would by default), and the
+    faster backend by the geometric mean of the per-config ratios: what `Runtime(backend="auto")` runs."""
+    from edgeflex.runtime import Runtime
+
+    only = list(configs) if configs else None
+    # each as `Runtime(backend=...)` runs by default (fused="auto": ORT may fuse what TVM chains)
+    del fused
+    opts = {"threads": threads, "only": only, "dress_kernel": dress_kernel}
+    rts = {"onnxruntime": Runtime(path, **opts), "tvm": Runtime(path, backend="tvm", **opts)}
+    spec = rts["tvm"].inputs[0]
+    x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
+    per = {}
+    for c in rts["tvm"].configs:
+        if only is not None and c.name not in only:
+            continue
+        times: dict[str, list[float]] = {k: [] for k in rts}
+        for rt in rts.values():
+            rt.switch(c.name)
+            for _ in range(5):
+                rt.run(x)
+        for _ in range(runs):
+            for k, rt in rts.items():
+                t0 = time.perf_counter()
+                rt.run(x)
+                times[k].append(time.perf_counter() - t0)
+        per[c.name] = {k: round(float(np.median(v)) * 1e6, 2) for k, v in times.items()}
+    ratio = float(np.exp(np.mean([np.log(v["onnxruntime"] / v["tvm"]) for v in per.values()])))
+    return {"stale": False, "faster": "tvm" if ratio > 1 else "onnxruntime", "ratio": round(ratio, 3),
+            "threads": rts["tvm"].threads, "host": host_cpu(), "runs": runs, "batch": batch,
+            "fused": {k: rt.fused for k, rt in rts.items()}, "median_us": per}
 
 
 def _dress_kernels(bundle: Bundle) -> tuple[str, ...]:

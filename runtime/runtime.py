@@ -63,6 +63,8 @@ class Runtime:
     where it measured (TVM, host target), else by the exporter on ONNX Runtime. `only` loads just those
     configs (less memory; switching to another then raises). `allow_native=True` lets a backend that runs
     compiled native code from the bundle (tvm) load code that another user or machine compiled (see README).
+    `backend="auto"` runs TVM where `edgeflex compile --target host` measured its engines faster than
+    ONNX Runtime on this machine, else ONNX Runtime; `rt.backend` says which, `rt.backend_reason` why.
     `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
     global pool instead of a pool per session: a chained config stops handing the cores from one segment's
     pool to the next (SN-Net at 224x224 chained over 4-6 sessions: 60-100 % over its fused graph with pools
@@ -77,6 +79,11 @@ class Runtime:
         self.device = check_device(device)
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
         self.thread_counts = _thread_counts(threads)
+        self.backend_reason = "asked for"
+        if backend == "auto":
+            from .backends.tvm import auto_backend
+
+            backend, self.backend_reason = auto_backend(self.bundle, self.device)
         self._backend = get_backend(backend) if isinstance(backend, str) else backend
         self.backend = self._backend.name
         if len(self.thread_counts) > 1 and not self._backend.per_engine_threads:
@@ -385,7 +392,8 @@ class Runtime:
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
         return {"name": self.bundle.name, "path": str(self.bundle.path), "family": self.bundle.family,
-                "backend": self.backend, "device": self.device, "threads": self.threads,
+                "backend": self.backend, "backend_reason": self.backend_reason, "device": self.device,
+                "threads": self.threads,
                 "thread_counts": list(self.thread_counts),
                 "config": self.config, "fused": self.fused, "fused_reason": self.fused_reason,
                 "inputs": [s.describe() for s in self.inputs],

@@ -319,3 +319,35 @@ def test_unknown_target_lists_the_known_ones() -> None:
     with pytest.raises(ef.DeviceError, match="rpi5"):
         resolve_target("jetson-nano-9000")
     assert resolve_target("jetson-agx-orin").name == "jetson-agx-orin-64gb"
+
+
+def test_backend_auto_runs_what_compile_measured_faster(tmp_path: Path, fits_tvm: Path,
+                                                         fits_bundle: Path) -> None:
+    """`edgeflex compile --target host` times TVM against ONNX Runtime; `backend="auto"` runs the faster,
+    and ONNX Runtime wherever that measurement is missing, stale, from another CPU or for another device."""
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    rel = "engines/tvm/host/choices/backend.json"
+    choice = json.loads((path / rel).read_text())
+    assert choice["faster"] in ("tvm", "onnxruntime") and choice["median_us"]
+    assert all(v["tvm"] > 0 and v["onnxruntime"] > 0 for v in choice["median_us"].values())
+    rt = ef.Runtime(path, backend="auto")
+    assert rt.backend == choice["faster"] and "measured by `edgeflex compile`" in rt.backend_reason
+    assert rt.info()["backend_reason"] == rt.backend_reason
+    x = np.random.default_rng(0).standard_normal((2, *rt.inputs[0].shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(rt.run(x), ef.Runtime(path).run(x), rtol=1e-4, atol=1e-5)
+    assert ef.Runtime(path, backend="auto", device="rpi5").backend == "onnxruntime"
+
+    def rewrite(change) -> ef.Runtime:
+        data = dict(choice)
+        change(data)
+        update_bundle(path, {rel: (json.dumps(data) + "\n").encode()})
+        return ef.Runtime(path, backend="auto")
+
+    for change, why in ((lambda d: d.update(faster="tvm", stale=True), "changed since"),
+                        (lambda d: d.update(faster="tvm", host={"arch": "aarch64", "mcpu": "cortex-a76"}),
+                         "measured on aarch64")):
+        rt = rewrite(change)
+        assert rt.backend == "onnxruntime" and why in rt.backend_reason, rt.backend_reason
+    rt = ef.Runtime(fits_bundle, backend="auto")                 # never compiled: nothing measured
+    assert rt.backend == "onnxruntime" and "no TVM engines measured" in rt.backend_reason

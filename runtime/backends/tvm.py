@@ -31,6 +31,37 @@ ENGINES = "engines/tvm"
 HOST = "host"
 # Under a target's folder: per DRESS level, the kernel `edgeflex compile` timed fastest on TVM there.
 DRESS_CHOICE = "choices/dress.json"
+# Under the host folder: every config timed on TVM and on ONNX Runtime by `edgeflex compile`, and the
+# faster backend, which `Runtime(backend="auto")` runs.
+BACKEND_CHOICE = "choices/backend.json"
+
+
+def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
+    """(backend, why) for `Runtime(backend="auto")`: "tvm" where `edgeflex compile` measured TVM faster
+    than ONNX Runtime on this machine (same CPU, engines still those it measured), else "onnxruntime"."""
+    rel = f"{target_dir(HOST)}/{BACKEND_CHOICE}"
+    if device != HOST:
+        return "onnxruntime", f"no backend measurement for device {device!r} (only the host's are made)"
+    if rel not in bundle.manifest["files"]:
+        return "onnxruntime", ("no TVM engines measured against ONNX Runtime here: `edgeflex compile "
+                               f"{bundle.path} --target host` measures both")
+    choice = json.loads(bundle.read(rel))
+    if choice.get("stale") or not choice.get("faster"):
+        return "onnxruntime", "the TVM engines changed since the backends were measured: re-run compile"
+    import importlib.util
+
+    if importlib.util.find_spec("tvm") is None:
+        return "onnxruntime", "TVM is not installed here (pip install 'edgeflex[tvm]')"
+    here = host_cpu()
+    made = choice.get("host", {})
+    if (made.get("arch"), made.get("mcpu")) != (here["arch"], here["mcpu"]) and here["mcpu"] is not None:
+        return "onnxruntime", (f"the backends were measured on {made.get('arch')} {made.get('mcpu')}, this "
+                               f"machine is {here['arch']} {here['mcpu']}")
+    ratio = choice.get("ratio")
+    return choice["faster"], (f"measured by `edgeflex compile` at {choice.get('threads')} threads, batch "
+                              f"{choice.get('batch')}: {choice['faster']} faster"
+                              + (f" (ONNX Runtime / TVM {ratio:.2f}x, geometric mean over configs)"
+                                 if ratio else ""))
 
 
 def target_dir(target: str) -> str:
