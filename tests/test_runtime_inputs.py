@@ -41,10 +41,10 @@ def test_inputs_outputs_configs(rt: ef.Runtime) -> None:
 
 def test_info(rt: ef.Runtime, fits_bundle: Path) -> None:
     info = rt.info()
-    assert set(info) == {"name", "path", "family", "backend", "device", "threads", "config", "inputs",
-                         "outputs", "configs", "export", "tools", "engine_versions", "fused", "fused_reason",
-                         "thread_counts"}
-    assert info["thread_counts"] == [1]
+    assert set(info) == {"name", "path", "family", "backend", "backend_reason", "device", "threads", "config",
+                         "inputs", "outputs", "configs", "export", "tools", "engine_versions", "fused",
+                         "fused_reason", "thread_counts"}
+    assert info["thread_counts"] == [1] and info["backend_reason"] == "asked for"
     assert info["fused"] is False and info["fused_reason"] == "no fused graphs in the bundle"
     assert info["path"] == str(fits_bundle) and info["family"] == "fits"
     assert (info["backend"], info["device"], info["threads"], info["config"]) == ("onnxruntime", "host", 1,
