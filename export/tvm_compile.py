@@ -624,7 +624,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     backends = None
     if tgt.name == HOST:
         try:
-            backends = measure_backends(bundle.path, threads=threads, configs=configs, fused=fused,
+            backends = measure_backends(bundle.path, threads=threads, configs=configs,
                                         dress_kernel=dress_kernel, batch=batch or 1)
         except EdgeflexError as e:         # the libraries are in; backend="auto" keeps to ONNX Runtime
             log.warning("could not time TVM against ONNX Runtime (%s); backend='auto' runs ONNX Runtime", e)
@@ -637,8 +637,8 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
 
 
 def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
-                     configs: Sequence[str] | None = None, fused: bool = False,
-                     dress_kernel: str | None = None, runs: int = 60, batch: int = 1) -> dict[str, Any]:
+                     configs: Sequence[str] | None = None, dress_kernel: str | None = None,
+                     runs: int = 60, batch: int = 1) -> dict[str, Any]:
     """Every config's latency (lower quartile) on the TVM engines just compiled and on ONNX Runtime
     (interleaved, this host, the same threads and DRESS option, each fused or chained as its Runtime would by
     default), and the faster backend by the geometric mean of the per-config ratios: what
@@ -647,18 +647,32 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
 
     only = list(configs) if configs else None
     # each as `Runtime(backend=...)` runs by default (fused="auto": ORT may fuse what TVM chains)
-    del fused
     opts = {"threads": threads, "only": only, "dress_kernel": dress_kernel}
     rts = {"onnxruntime": Runtime(path, **opts), "tvm": Runtime(path, backend="tvm", **opts)}
-    spec = rts["tvm"].inputs[0]
-    x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
+    times = _time_interleaved(rts, [c.name for c in rts["tvm"].configs if only is None or c.name in only],
+                              batch, runs)
     per = {}
-    for c in rts["tvm"].configs:
-        if only is not None and c.name not in only:
-            continue
+    for name, t in times.items():
+        # NOTE: the lower quartile, not the median: another process's load slows ORT's spinning thread
+        # pool more than TVM's (S1 read 1.78x in TVM's favour under load, 0.86x idle, by medians)
+        per[name] = {k: round(float(np.percentile(v, 25)) * 1e6, 2) for k, v in t.items()}
+    ratio = float(np.exp(np.mean([np.log(v["onnxruntime"] / v["tvm"]) for v in per.values()])))
+    return {"stale": False, "faster": "tvm" if ratio > 1 else "onnxruntime", "ratio": round(ratio, 3),
+            "threads": rts["tvm"].threads, "host": host_cpu(), "runs": runs, "batch": batch,
+            "fused": {k: rt.fused for k, rt in rts.items()}, "p25_us": per}
+
+
+def _time_interleaved(rts: dict[str, Any], configs: Sequence[str], batch: int,
+                      runs: int) -> dict[str, dict[str, list[float]]]:
+    """Per config, each runtime's `runs` call times (s) on one random batch, the runtimes taking turns call
+    by call after 5 warm-up calls each, so a slow spell of the machine falls on all of them alike."""
+    spec = next(iter(rts.values())).inputs[0]
+    x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
+    out = {}
+    for name in configs:
         times: dict[str, list[float]] = {k: [] for k in rts}
         for rt in rts.values():
-            rt.switch(c.name)
+            rt.switch(name)
             for _ in range(5):
                 rt.run(x)
         for _ in range(runs):
@@ -666,13 +680,8 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
                 t0 = time.perf_counter()
                 rt.run(x)
                 times[k].append(time.perf_counter() - t0)
-        # NOTE: the lower quartile, not the median: another process's load slows ORT's spinning thread
-        # pool more than TVM's (S1 read 1.78x in TVM's favour under load, 0.86x idle, by medians)
-        per[c.name] = {k: round(float(np.percentile(v, 25)) * 1e6, 2) for k, v in times.items()}
-    ratio = float(np.exp(np.mean([np.log(v["onnxruntime"] / v["tvm"]) for v in per.values()])))
-    return {"stale": False, "faster": "tvm" if ratio > 1 else "onnxruntime", "ratio": round(ratio, 3),
-            "threads": rts["tvm"].threads, "host": host_cpu(), "runs": runs, "batch": batch,
-            "fused": {k: rt.fused for k, rt in rts.items()}, "p25_us": per}
+        out[name] = times
+    return out
 
 
 def _dress_kernels(bundle: Bundle) -> tuple[str, ...]:
@@ -705,21 +714,9 @@ def measure_dress_kernels(path: str | os.PathLike, *, threads: int | None = None
     only = list(configs) if configs else None
     rts = {k: Runtime(path, backend="tvm", threads=threads, dress_kernel=k, only=only)
            for k in ("dense", "sparse")}
-    spec = rts["dense"].inputs[0]
-    x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
     levels = {}
-    for c in rts["dense"].configs:
-        times: dict[str, list[float]] = {k: [] for k in rts}
-        for rt in rts.values():
-            rt.switch(c.name)
-            for _ in range(5):
-                rt.run(x)
-        for _ in range(runs):
-            for k, rt in rts.items():
-                t0 = time.perf_counter()
-                rt.run(x)
-                times[k].append(time.perf_counter() - t0)
-        us = {k: round(float(np.median(v)) * 1e6, 2) for k, v in times.items()}
-        levels[c.name] = {"kernel": min(us, key=us.get), "median_us": us}
+    for name, t in _time_interleaved(rts, [c.name for c in rts["dense"].configs], batch, runs).items():
+        us = {k: round(float(np.median(v)) * 1e6, 2) for k, v in t.items()}
+        levels[name] = {"kernel": min(us, key=us.get), "median_us": us}
     return {"stale": False, "threads": rts["dense"].threads, "host": host_cpu(), "runs": runs,
             "batch": batch, "levels": levels}
