@@ -29,7 +29,6 @@ from edgeflex.kernels.tir.fits import (
     FitsShape,
     SplitPlan,
     build_kernel,
-    fits_split_primfunc,
     schedule_for,
     split_kernel_operands,
 )
@@ -139,11 +138,13 @@ def setup(tmp: Path, threads: int) -> Setup:
                  split)
 
 
-def _kernel_call(s: FitsShape, ops: list[np.ndarray], x: np.ndarray) -> Callable[[], Any]:
-    """The kernel's compiled function alone, inputs and output already TVM tensors (no VM, no copies)."""
+def _kernel_call(s: FitsShape, ops: list[np.ndarray], x: np.ndarray,
+                 plan: SplitPlan | None = None) -> Callable[[], Any]:
+    """The kernel's compiled function alone, inputs and output already TVM tensors (no VM, no copies); with
+    `plan`, the split kernel on its operands (`split_kernel_operands`)."""
     import tvm
 
-    lib = build_kernel(s)
+    lib = build_kernel(s, plan=plan)
     dev = tvm.cpu(0)
     args = [tvm.runtime.tensor(a, dev) for a in (x, *ops)]
     y = tvm.runtime.tensor(np.empty((x.shape[0], s.out_len, s.channels), np.float32), dev)
@@ -152,15 +153,8 @@ def _kernel_call(s: FitsShape, ops: list[np.ndarray], x: np.ndarray) -> Callable
 
 
 def _split_call(s: FitsShape, ops: Any, x: np.ndarray) -> Callable[[], Any]:
-    """The split kernel's compiled function alone (what the engine runs for a plain FITS bundle)."""
-    import tvm
-
-    mod = tvm.IRModule({"fits": fits_split_primfunc(s, SplitPlan.of(ops)).with_attr("global_symbol", "fits")})
-    fn = tvm.compile(mod, target=tvm.target.Target(host_target()))["fits"]
-    dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, *split_kernel_operands(ops))]
-    y = tvm.runtime.tensor(np.empty((x.shape[0], s.out_len, s.channels), np.float32), dev)
-    return lambda: fn(*args, y)
+    """The split kernel alone (what the engine runs for a plain FITS bundle), on `SplitOperands` `ops`."""
+    return _kernel_call(s, split_kernel_operands(ops), x, SplitPlan.of(ops))
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:

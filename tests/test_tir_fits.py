@@ -23,7 +23,6 @@ from edgeflex.kernels.tir.fits import (  # noqa: E402
     FitsShape,
     SplitPlan,
     build_kernel,
-    fits_split_primfunc,
     rewrite_fits,
     run_kernel,
     schedule_for,
@@ -91,8 +90,7 @@ def test_split_kernel_equals_reference(seq_len: int, pred_len: int, channels: in
     ops = spectral.split_operands(F, W)
     assert ops is not None
     s = schedule_for(seq_len, w.out_len, channels, w.eps * (seq_len - 1) / seq_len, F.shape[1], cores=cores)
-    mod = tvm.IRModule({"fits": fits_split_primfunc(s, SplitPlan.of(ops)).with_attr("global_symbol", "fits")})
-    lib = tvm.compile(mod, target=tvm.target.Target(host_target()))
+    lib = build_kernel(s, plan=SplitPlan.of(ops))
     for batch in (1, 5):
         x = _x(rng, batch, seq_len, channels)
         args = [tvm.runtime.tensor(a) for a in (x, *split_kernel_operands(ops))]

@@ -456,14 +456,16 @@ def _column_tiles(ndim: int, vectors: int) -> tuple[int, int, int, int, int, int
     return 0, 0, ndim // LANES, ndim - LANES, 1, 0
 
 
-def build_kernel(s: FitsShape, target: Any = None) -> Any:
-    """The kernel compiled alone (entry `fits`), for `run_kernel`; target default: this host."""
+def build_kernel(s: FitsShape, target: Any = None, plan: SplitPlan | None = None) -> Any:
+    """The kernel compiled alone (entry `fits`), for `run_kernel`; with `plan`, the split kernel (its
+    arguments: x, `split_kernel_operands`, y); target default: this host."""
     import tvm
 
     if target is None:
         from edgeflex.export.tvm_compile import host_target
         target = host_target()
-    mod = tvm.IRModule({"fits": fits_primfunc(s).with_attr("global_symbol", "fits")})
+    fn = fits_primfunc(s) if plan is None else fits_split_primfunc(s, plan)
+    mod = tvm.IRModule({"fits": fn.with_attr("global_symbol", "fits")})
     return tvm.compile(mod, target=tvm.target.Target(target))
 
 
