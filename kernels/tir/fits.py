@@ -305,25 +305,16 @@ def fits_primfunc(s: FitsShape) -> Any:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """What the split kernel is specialised on beyond `FitsShape` (from `spectral.SplitOperands`): per
-    forward group g (bin j' = g) its first row in D's order and inner length, and the low-rank row of each of
-    its lanes (-1: padding); per pair of inverse groups its rows in u / T; the operand sizes."""
+    """What the split kernel is specialised on beyond `FitsShape` (from `spectral.SplitOperands`): the
+    operand sizes. Which rows each group reads and writes reaches the kernel as data (its `pos` and `pairs`
+    arguments), or follows from the layout (a forward group g reads D rows 2g - 1 and 2g)."""
 
     lanes: int                                   # Bc's lanes per group (a multiple of 16)
-    fwd: tuple[tuple[int, int], ...]             # (first D row, inner length) per forward group
-    pos: tuple[tuple[int, ...], ...]             # low-rank row per lane, per forward group
-    inv: tuple[tuple[int, int], ...]             # (first row, rows) per pair of inverse groups
     k2: int                                      # 2 * up: u's length
 
     @staticmethod
     def of(ops: Any) -> SplitPlan:
-        from edgeflex.kernels.spectral import SPLIT
-
-        q = ops.seq_len // SPLIT
-        fwd = tuple((0 if g == 0 else 2 * g - 1, q if g in (0, SPLIT // 2) else 2 * q)
-                    for g in range(SPLIT // 2 + 1))
-        return SplitPlan(int(ops.Bc.shape[2]), fwd, tuple(tuple(int(i) for i in row) for row in ops.pos),
-                         tuple(zip(ops.group_off, ops.group_len)), int(ops.U.shape[1]))
+        return SplitPlan(int(ops.Bc.shape[2]), int(ops.U.shape[1]))
 
 
 def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
