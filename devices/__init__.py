@@ -46,6 +46,12 @@ def check_device(name: str) -> str:
     return name
 
 
+def path_name(device: str) -> str:
+    """A device's name in bundle paths (`profiles/<name>.json`, `engines/tvm/<name>/`): `DEVICE:gpu` is
+    `DEVICE-gpu`, any other name itself."""
+    return device.replace(":", "-")
+
+
 __all__ = ["HOST", "KNOWN", "Device", "DeviceError", "catalog_names", "check_device", "detect_host",
            "get_device", "host_info", "known_names", "list_rows", "load_catalog", "load_device_file",
-           "render_rows"]
+           "path_name", "render_rows"]

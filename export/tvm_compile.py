@@ -112,7 +112,9 @@ def resolve_target(name: str, *, threads: int | None = None) -> CompileTarget:
         raise BackendUnavailable(f"device {canonical!r} has no TVM {unit} target in the {source}; it has: "
                                  f"{', '.join(units) or 'none'}")
     target = units[unit]
-    folder = canonical if unit == "cpu" else f"{canonical}-gpu"
+    from edgeflex.devices import path_name
+
+    folder = canonical if unit == "cpu" else path_name(f"{canonical}:gpu")
     host = target.get("host", target) if unit == "gpu" else target
     triple = str(host.get("mtriple", ""))
     here = platform.machine()

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.devices import host_info
+from edgeflex.devices import host_info, path_name
 
 from .bundle import Bundle, update_bundle
 from .errors import BundleError, UsageError
@@ -28,7 +28,7 @@ PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): se
 
 
 def profile_path(device: str) -> str:
-    return f"profiles/{device.replace(':', '-')}.json"
+    return f"profiles/{path_name(device)}.json"
 
 
 _MEM_PROBE = """

@@ -67,7 +67,9 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
 def target_dir(target: str) -> str:
     """The bundle folder of one target's engines, e.g. `engines/tvm/host`; a device's GPU (`DEVICE:gpu`,
     as `Runtime(device=)` names it) is `engines/tvm/DEVICE-gpu`."""
-    return f"{ENGINES}/{target.replace(':', '-')}"
+    from edgeflex.devices import path_name
+
+    return f"{ENGINES}/{path_name(target)}"
 
 
 def machine_id() -> str:
