@@ -190,3 +190,22 @@ def test_one_error_base_catches_each_failure(fits_bundle: Path, rt: ef.Runtime) 
 def test_bad_threads_is_an_edgeflex_error(fits_bundle: Path) -> None:
     with pytest.raises(ef.EdgeflexError, match="threads"):
         ef.Runtime(fits_bundle, threads=0)
+
+
+@pytest.mark.parametrize("n", [63, 64, 5040, (1 << 16) - 1, 1 << 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_check_at_every_size_and_extreme(n: int, dtype) -> None:
+    # the check is a dot product below 64 Ki elements and another one above: finite values at the type's
+    # limits must pass without a warning, and one NaN / inf anywhere must be caught
+    from edgeflex.runtime.checks import _all_finite
+
+    big = np.full(n, np.finfo(dtype).max, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _all_finite(big) and _all_finite(-big) and _all_finite(np.full(n, np.finfo(dtype).tiny, dtype))
+        for bad in (np.nan, np.inf, -np.inf):
+            for where in (0, n // 2, n - 1):
+                for base in (big, np.zeros(n, dtype)):
+                    y = base.copy()
+                    y[where] = bad
+                    assert not _all_finite(y), (bad, where)

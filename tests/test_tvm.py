@@ -351,3 +351,42 @@ def test_backend_auto_runs_what_compile_measured_faster(tmp_path: Path, fits_tvm
         assert rt.backend == "onnxruntime" and why in rt.backend_reason, rt.backend_reason
     rt = ef.Runtime(fits_bundle, backend="auto")                 # never compiled: nothing measured
     assert rt.backend == "onnxruntime" and "no TVM engines measured" in rt.backend_reason
+
+
+def test_engine_copies_an_output_that_aliases_its_input() -> None:
+    # The engine hands the VM's outputs over as numpy views; a graph that returns its input (or a view of
+    # it) would hand back the engine's staging buffer, which the next call overwrites: those are copied.
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from edgeflex.runtime.backends.tvm import TvmEngine
+
+    @I.ir_module
+    class Mod:
+        @R.function
+        def same(x: R.Tensor((2, 3), "float32")):
+            return x
+
+        @R.function
+        def views(x: R.Tensor((2, 3), "float32")):
+            y = R.reshape(x, (3, 2))
+            z = R.add(x, x)
+            return (y, z)
+
+    vm = relax.VirtualMachine(tvm.compile(Mod, target="llvm"), tvm.cpu())
+    spec = ef.TensorSpec("x", (2, 3), "float32")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    same = TvmEngine(vm["same"], tvm.cpu(), [], [spec], [spec], None, "same")
+    (y,) = same.run([x])
+    assert not np.shares_memory(y, same._stages[0])
+    y_kept = y.copy()
+    same.run([x + 10])
+    np.testing.assert_array_equal(y, y_kept)
+    views = TvmEngine(vm["views"], tvm.cpu(), [], [spec],
+                      [ef.TensorSpec("y", (3, 2), "float32"), spec], None, "views")
+    y, z = views.run([x])
+    np.testing.assert_array_equal(y, x.reshape(3, 2))
+    np.testing.assert_array_equal(z, 2 * x)
+    assert not np.shares_memory(y, views._stages[0]) and not np.shares_memory(z, views._stages[0])

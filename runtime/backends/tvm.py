@@ -130,6 +130,7 @@ class TvmEngine(Engine):
             import tvm_ffi
 
             self._dlpack = tvm_ffi.from_dlpack
+            self._tensor_type = tvm_ffi.Tensor
         self._stages: dict[int, np.ndarray] = {}
 
     def _stage(self, i: int, a: np.ndarray) -> np.ndarray:
@@ -164,12 +165,20 @@ class TvmEngine(Engine):
                 return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
         # CPU: 2-3x less per-call overhead than tvm.runtime.tensor in + .numpy() out (15 us of a 44 us FITS
         # call, measured in benchmarks/bench_tir_fits.py). Outputs are the VM's fresh tensors, handed over
-        # as numpy views; one that aliases an input buffer (a graph that returns its input) is copied.
+        # as numpy views; one whose data lies inside an input's buffer (a graph that returns its input, or a
+        # view of it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
         with self._lock:
-            stages = [self._stage(i, a) for i, a in enumerate(arrays)]
-            out = self._fn(*(self._dlpack(st) for st in stages), *self._params)
-            outs = [np.from_dlpack(o) for o in (out if isinstance(out, tuple | list) else [out])]
-            return [o.copy() if any(np.may_share_memory(o, st) for st in stages) else o for o in outs]
+            ins = [self._dlpack(self._stage(i, a)) for i, a in enumerate(arrays)]
+            out = self._fn(*ins, *self._params)
+            if isinstance(out, self._tensor_type):
+                out = (out,)
+            spans = [(t.data_ptr(), t.data_ptr() + a.nbytes) for t, a in zip(ins, arrays)]
+            res = []
+            for o in out:
+                r = np.from_dlpack(o)
+                p = o.data_ptr()
+                res.append(r.copy() if any(lo <= p < hi for lo, hi in spans) else r)
+            return res
 
 
 class TvmBackend(Backend):
