@@ -131,25 +131,28 @@ class TvmEngine(Engine):
 
             self._dlpack = tvm_ffi.from_dlpack
             self._tensor_type = tvm_ffi.Tensor
-        self._stages: dict[int, np.ndarray] = {}
+        self._stages: dict[int, tuple[np.ndarray, Any, int, int]] = {}   # buffer, its tensor, span
 
-    def _stage(self, i: int, a: np.ndarray) -> np.ndarray:
-        """Input `i` as the compiled code may read it: the caller's array itself when it is large (64 KiB or
-        more), C-contiguous, writable (DLPack exports no read-only array) and 64-byte aligned (a 5 MB FITS
-        batch saves its 0.13 ms copy; TVM's own outputs, e.g. a chained segment's, are 64-byte aligned),
-        else copied into this engine's 64-byte-aligned buffer for it (compiled code assumes that alignment;
-        numpy guarantees 16), made anew only when the shape or dtype changes. Under the lock."""
+    def _stage(self, i: int, a: np.ndarray) -> tuple[Any, int, int]:
+        """Input `i` as the compiled code may read it, as (TVM tensor, first byte, end byte): the caller's
+        array itself when it is large (64 KiB or more), C-contiguous, writable (DLPack exports no read-only
+        array) and 64-byte aligned (a 5 MB FITS batch saves its 0.13 ms copy; TVM's own outputs, e.g. a
+        chained segment's, are 64-byte aligned), else copied into this engine's 64-byte-aligned buffer for it
+        (compiled code assumes that alignment; numpy guarantees 16), made with its TVM tensor anew only when
+        the shape or dtype changes. Under the lock."""
         # (asking for the address costs ~0.7 us: only where the copy it may save costs more)
         if a.nbytes >= 1 << 16 and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0:
-            return a
+            t = self._dlpack(a)
+            return t, t.data_ptr(), t.data_ptr() + a.nbytes
         st = self._stages.get(i)
-        if st is None or st.shape != a.shape or st.dtype != a.dtype:
+        if st is None or st[0].shape != a.shape or st[0].dtype != a.dtype:
             raw = np.empty(a.nbytes + 64, np.uint8)
             off = (-raw.ctypes.data) % 64
-            st = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-            self._stages[i] = st
-        np.copyto(st, a)
-        return st
+            buf = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            t = self._dlpack(buf)
+            st = self._stages[i] = (buf, t, t.data_ptr(), t.data_ptr() + a.nbytes)
+        np.copyto(st[0], a)
+        return st[1], st[2], st[3]
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         if self._batch is not None and arrays and arrays[0].shape[0] != self._batch:
@@ -168,16 +171,15 @@ class TvmEngine(Engine):
         # as numpy views; one whose data lies inside an input's buffer (a graph that returns its input, or a
         # view of it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
         with self._lock:
-            ins = [self._dlpack(self._stage(i, a)) for i, a in enumerate(arrays)]
-            out = self._fn(*ins, *self._params)
+            staged = [self._stage(i, a) for i, a in enumerate(arrays)]
+            out = self._fn(*[t for t, _, _ in staged], *self._params)
             if isinstance(out, self._tensor_type):
                 out = (out,)
-            spans = [(t.data_ptr(), t.data_ptr() + a.nbytes) for t, a in zip(ins, arrays)]
             res = []
             for o in out:
                 r = np.from_dlpack(o)
                 p = o.data_ptr()
-                res.append(r.copy() if any(lo <= p < hi for lo, hi in spans) else r)
+                res.append(r.copy() if any(lo <= p < hi for _, lo, hi in staged) else r)
             return res
 
 
