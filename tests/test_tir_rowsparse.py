@@ -62,7 +62,7 @@ def test_linear_equals_reference_at_every_level_from_one_function(portable: bool
     idx = idx if index_dtype == "narrow" else idx.astype(np.int64)
     lib = _build(rs.linear_func(OUT, IN, vals.shape[1], LEVELS, index_dtype=str(idx.dtype),
                                 target=_target(portable)), _target(portable))
-    for batch in (1, 3, 4, 16, 17, 40):        # GEMV, GEMV x3, pixel schedule: 1 vector, 2, 2 + 1 padded
+    for batch in (1, 3, 4, 16, 17, 40):        # GEMV, GEMV x3, batch schedule: 1 chunk of 16, 2, 3 padded
         x = rng.standard_normal((batch, IN)).astype(np.float32)
         outs = []
         for level in range(LEVELS):
@@ -72,6 +72,29 @@ def test_linear_equals_reference_at_every_level_from_one_function(portable: bool
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=f"batch {batch} level {level}")
             outs.append(y)
         assert not np.allclose(outs[0], outs[-1])              # the level really changes what runs
+
+
+def test_linear_batch_schedule_on_the_thread_pool_equals_reference() -> None:
+    # large enough for the batch schedule's one parallel launch (transpose, barrier, row blocks) at the
+    # dense levels and its serial loops at the sparse ones; odd sizes: a column tail, a partial row block,
+    # a partial batch chunk. The row blocks read rows of x's copy that other threads wrote: the copy must
+    # end at a barrier (a race here can pass by chance, so the generated code is checked for it too).
+    out_f, in_f = 203, 301
+    rng, vals, idx, k, bias = _ell(seed=11, out_f=out_f, in_f=in_f)
+    assert rs.blocks(out_f) * 16 * k[0] * 32 >= rs.PARALLEL_MACS > rs.blocks(out_f) * 16 * k[-1] * 16
+    target = _target(False)
+    fn = rs.linear_func(out_f, in_f, vals.shape[1], LEVELS, index_dtype=str(idx.dtype), target=target)
+    lib = _build(fn, target)
+    ir = lib.inspect_source("ll")
+    # two barriers: after the 16-column tiles and after the column tail
+    assert ir.count("load ptr, ptr @__TVMBackendParallelBarrier") == 2
+    for batch in (5, 16, 23, 32):
+        for level in range(LEVELS):
+            x = rng.standard_normal((batch, in_f)).astype(np.float32)     # fresh: no stale copy of x can pass
+            y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(level, np.int64), bias,
+                      out_shape=(batch, out_f))
+            np.testing.assert_allclose(y, ell_reference(x, vals, idx, k, level, bias), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"batch {batch} level {level}")
 
 
 def test_out_of_range_level_is_clamped_not_read_out_of_bounds() -> None:

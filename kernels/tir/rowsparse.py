@@ -16,10 +16,14 @@ Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
 - batch < `GEMV_MAX_BATCH` (GEMV): per block of 16 rows, one vector accumulator (two, alternating) gets
   values[j, 0:16] * x[index[j, 0:16]], the x values gathered with AVX-512 `vgatherdps` where the target has it
   (else LLVM's scalarised gather): no horizontal sums, no per-row tails.
-- the pixel schedule (1x1 conv; linear at larger batch, x copied once to [in, batch padded to 16]): `RB`
-  output rows x `PV` vectors of 16 pixels (or batch lanes) accumulate in registers; per entry one index,
-  one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16 ends with a vector
-  that overlaps the previous one (same values written twice) instead of a scalar tail.
+- the batch schedule (linear, batch >= `GEMV_MAX_BATCH`): x copied once to [batch / 16, in, 16], 16 x 16
+  tiles transposed through registers; per task one ELL block (16 output rows) x 16 batch lanes in 16
+  registers, per entry and row one index, one broadcast value, one aligned load and one FMA; the block
+  transposed back through registers into 16-wide stores of y. The copy and the blocks share one
+  thread-pool launch, with a barrier between them.
+- the pixel schedule (1x1 conv): `RB` output rows x `PV` vectors of 16 pixels accumulate in registers; per
+  entry one index, one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16
+  ends with a vector that overlaps the previous one (same values written twice) instead of a scalar tail.
 Tasks (blocks of rows) run in parallel when a call has at least `PARALLEL_MACS` multiply-adds
 (`PARALLEL_GATHERS` in the GEMV schedule); below that a thread-pool launch costs more than it saves.
 """
@@ -165,9 +169,9 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
 
     _check(out_f, in_f, kmax, n_levels, index_dtype)
     NO, NI, K, L, V = out_f, in_f, kmax, n_levels, LANES
-    NB, NT = blocks(out_f), blocks(out_f) * (LANES // RB)
+    NB = blocks(out_f)
+    NI16 = NI // V                              # whole 16-column blocks of x (the rest copied one by one)
     gather = _has_avx512(target) and in_f < (1 << 31)
-    rows, _ = _pixel_macros(T, NO, K, V)
 
     def gathered(x, ib, b, blk, j):
         idx = T.Cast("int32x16", ib[blk, j, T.Ramp(0, 1, V)])
@@ -176,6 +180,54 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
                                       T.Broadcast(T.float32(0), V), T.address_of(x[b, 0]), idx,
                                       T.int16(-1), T.int32(4))
         return x[b, idx]
+
+    @T.macro
+    def to_xt(x, xt, B, c, i0):
+        # xt[c, i0 .. i0 + 16, :] = x[16 c .. 16 c + 16, i0 .. i0 + 16]^T: 16 row vectors in,
+        # transposed through registers, 16 out (a 16 x 16 tile; rows past the batch are zeros)
+        tb = T.decl_buffer((V * V,), "float32", scope="local")
+        if c * V + V <= B:
+            for b in T.unroll(V):
+                tb[T.Ramp(b * V, 1, V)] = x[c * V + b, T.Ramp(i0 * V, 1, V)]
+        else:
+            for b in T.unroll(V):
+                tb[T.Ramp(b * V, 1, V)] = T.if_then_else(c * V + b < B, x[T.min(c * V + b, B - 1),
+                                                         T.Ramp(i0 * V, 1, V)], T.Broadcast(T.float32(0), V))
+        for i in T.unroll(V):
+            xt[c, i0 * V + i, T.Ramp(0, 1, V)] = tb[T.Ramp(i, V, V)]
+
+    @T.macro
+    def to_xt_tail(x, xt, B, c):
+        # the columns past the last whole block of 16, one value at a time
+        for i in range(NI16 * V, NI):
+            for b in range(V):
+                xt[c, i, b] = T.if_then_else(c * V + b < B, x[T.min(c * V + b, B - 1), i], T.float32(0))
+
+    @T.macro
+    def batch_block(xt, vb, ib, bias_buf, y, B, blk, c, kk):
+        # 16 output rows (one ELL block) x 16 batch lanes in 16 registers; per entry j and row r one index,
+        # one broadcast value, one aligned load of xt's row and one FMA; the block transposed back through
+        # registers so y gets 16-wide row stores
+        acc = T.decl_buffer((V * V,), "float32", scope="local")
+        for r in T.unroll(V):
+            acc[T.Ramp(r * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for j in range(kk):
+            for r in T.unroll(V):
+                acc[T.Ramp(r * V, 1, V)] = acc[T.Ramp(r * V, 1, V)] + T.Broadcast(vb[blk, j, r], V) * \
+                    xt[c, T.Cast("int64", ib[blk, j, r]), T.Ramp(0, 1, V)]
+        if blk * V + V <= NO and c * V + V <= B:
+            for b in T.unroll(V):
+                y[c * V + b, T.Ramp(blk * V, 1, V)] = acc[T.Ramp(b, V, V)] + bias_buf[T.Ramp(blk * V, 1, V)]
+        elif blk * V + V <= NO:
+            for b in range(V):
+                if c * V + b < B:
+                    y[c * V + b, T.Ramp(blk * V, 1, V)] = acc[T.Ramp(b, V, V)] + \
+                        bias_buf[T.Ramp(blk * V, 1, V)]
+        else:
+            for b in range(V):
+                if c * V + b < B:
+                    for r in range(NO - (NB - 1) * V):
+                        y[c * V + b, blk * V + r] = acc[r * V + b] + bias_buf[blk * V + r]
 
     @T.macro
     def gemv_block(x, vb, ib, bias_buf, y, b, blk, kk):
@@ -214,26 +266,31 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
                     for blk in range(NB):
                         gemv_block(x, vb, ib, bias_buf, y, b, blk, kk)
         else:
-            bp: T.let = (B + V - 1) // V * V
-            xt = T.decl_buffer((1, NI, bp), "float32")
-            yt = T.decl_buffer((1, NO, bp), "float32")
-            if NB * V * kk * bp >= PARALLEL_MACS:
-                # the transposing copies in and out are a third of a 10 % layer's time on one thread
-                for i in T.parallel(NI):
-                    for b in range(bp):
-                        xt[0, i, b] = T.if_then_else(b < B, x[T.min(b, B - 1), i], T.float32(0))
-                for t in T.parallel(NT):
-                    rows(xt, vb, ib, bias_buf, yt, 0, t, bp, kk)
-                for o in T.parallel(NO):
-                    for b in range(B):
-                        y[b, o] = yt[0, o, b]
+            # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed through registers);
+            # tasks of 16 rows x 16 batch lanes; one thread-pool launch for both phases, a barrier between
+            # (the pixel schedule this replaced, with a launch per phase and y copied back by one value at
+            # a time, spent 2-3x the arithmetic of a 10 % layer at batch 16 on those)
+            nc: T.let = (B + V - 1) // V
+            xt = T.decl_buffer((nc, NI, V), "float32")
+            if NB * V * kk * nc * V >= PARALLEL_MACS:
+                with T.attr(0, "pragma_parallel_launch_point", 0):
+                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                        for t in T.parallel(nc * NI16):
+                            to_xt(x, xt, B, t // NI16, t % NI16)
+                    if NI16 * V < NI:
+                        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                            for c in T.parallel(nc):
+                                to_xt_tail(x, xt, B, c)
+                    for t in T.parallel(NB * nc):
+                        batch_block(xt, vb, ib, bias_buf, y, B, t // nc, t % nc, kk)
             else:
-                for i, b in T.grid(NI, bp):
-                    xt[0, i, b] = T.if_then_else(b < B, x[T.min(b, B - 1), i], T.float32(0))
-                for t in range(NT):
-                    rows(xt, vb, ib, bias_buf, yt, 0, t, bp, kk)
-                for b, o in T.grid(B, NO):
-                    y[b, o] = yt[0, o, b]
+                for t in range(nc * NI16):
+                    to_xt(x, xt, B, t // NI16, t % NI16)
+                if NI16 * V < NI:
+                    for c in range(nc):
+                        to_xt_tail(x, xt, B, c)
+                for t in range(NB * nc):
+                    batch_block(xt, vb, ib, bias_buf, y, B, t // nc, t % nc, kk)
 
     return rowsparse_linear
 
