@@ -275,7 +275,10 @@ class Runtime:
         first = plan.engines[0]
         adapter = self._adapter
         t0 = time.perf_counter() if adapter is not None else 0.0
-        outs = first._run(check_inputs(first.inputs, arrays) + list(plan.extra))
+        checked = check_inputs(first.inputs, arrays)
+        if plan.extra:
+            checked += plan.extra
+        outs = first._run(checked)
         for engine in plan.engines[1:]:
             outs = engine._run(outs)
         if adapter is not None:

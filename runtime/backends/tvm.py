@@ -171,15 +171,25 @@ class TvmEngine(Engine):
         # as numpy views; one whose data lies inside an input's buffer (a graph that returns its input, or a
         # view of it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
         with self._lock:
-            staged = [self._stage(i, a) for i, a in enumerate(arrays)]
-            out = self._fn(*[t for t, _, _ in staged], *self._params)
+            if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
+                t, lo, hi = self._stage(0, arrays[0])
+                out = self._fn(t, *self._params)
+                spans: Any = ((lo, hi),)
+            else:
+                staged = [self._stage(i, a) for i, a in enumerate(arrays)]
+                out = self._fn(*[t for t, _, _ in staged], *self._params)
+                spans = [(lo, hi) for _, lo, hi in staged]
             if isinstance(out, self._tensor_type):
                 out = (out,)
             res = []
             for o in out:
                 r = np.from_dlpack(o)
                 p = o.data_ptr()
-                res.append(r.copy() if any(lo <= p < hi for _, lo, hi in staged) else r)
+                for lo, hi in spans:
+                    if lo <= p < hi:
+                        r = r.copy()
+                        break
+                res.append(r)
             return res
 
 
