@@ -199,13 +199,15 @@ def _scaled_bundle(workdir: Path, size: int) -> Path:
 Times = dict[str, dict[str, list[float]]]
 
 
-def chain_times(paths: list[Path], threads: int, runs: int, shared: bool) -> Times:
+def chain_times(paths: list[Path], threads: int, runs: int, shared: bool,
+                backend: str = "onnxruntime") -> Times:
     """Per bundle, per config: [chained p50 ms, fused p50 ms], interleaved. `shared`: every ORT session
     on the process's one pool (`Runtime(shared_threads=True)`), which only a fresh process can have."""
     out: Times = {}
+    kw = {"shared_threads": shared} if backend == "onnxruntime" else {}
     for path in paths:
-        chained = ef.Runtime(path, threads=threads, fused=False, shared_threads=shared)
-        fused = ef.Runtime(path, threads=threads, fused=True, shared_threads=shared)
+        chained = ef.Runtime(path, backend=backend, threads=threads, fused=False, **kw)
+        fused = ef.Runtime(path, backend=backend, threads=threads, fused=True, **kw)
         x = example_input(chained)
         out[str(path)] = {}
         for c in chained.configs:
@@ -227,14 +229,26 @@ def shared_chain_times(paths: list[Path], threads: int, runs: int) -> Times:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def tvm_chain_times(paths: list[Path], threads: int, runs: int) -> Times:
+    """`chain_times` on TVM engines, compiled here for this host first (segments and fused graphs; the
+    bundles in --workdir gain them, and a --reuse run finds them)."""
+    from edgeflex.export.tvm_compile import compile_bundle
+
+    for path in paths:
+        for fused in (False, True):
+            compile_bundle(path, "host", fused=fused, threads=threads)
+    return chain_times(paths, threads, runs, shared=False, backend="tvm")
+
+
 def chaining_at_scale(workdir: Path, threads: int, runs: int, sizes: tuple[int, ...],
-                      shared: Times) -> list[str]:
+                      shared: Times, tvm: Times | None) -> list[str]:
     """The same SN-Net (s050 -> s100, untrained: latency only) exported at larger input sizes: chained
-    segments vs each config's fused graph, with a pool per ORT session (the default) and with one shared
-    pool (`shared`, measured by `shared_chain_times`)."""
+    segments vs each config's fused graph, with a pool per ORT session (the default), with one shared
+    pool (`shared`, measured by `shared_chain_times`), and on TVM (`tvm`, where measured)."""
     lines = ["| input | config | engines chained | p50 ms chained | p50 ms fused | overhead "
-             "| us per extra call | shared pool: chained | fused | overhead |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| us per extra call | shared pool: chained | fused | overhead "
+             "| TVM: chained | fused | overhead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     paths = {size: _scaled_bundle(workdir, size) for size in sizes}
     own = chain_times(list(paths.values()), threads, runs, shared=False)
     for size, path in paths.items():
@@ -242,9 +256,11 @@ def chaining_at_scale(workdir: Path, threads: int, runs: int, sizes: tuple[int, 
             ch, fu = own[str(path)][c.name]
             sch, sfu = shared[str(path)][c.name]
             hops = len(c.segments) - 1
+            tv = (tvm or {}).get(str(path), {}).get(c.name)
+            tcells = f"{tv[0]:.3f} | {tv[1]:.3f} | **{(tv[0] - tv[1]) / tv[1]:+.1%}**" if tv else "- | - | -"
             lines.append(f"| {size}x{size} | {c.name} | {hops + 1} | {ch:.3f} | {fu:.3f} | "
                          f"{(ch - fu) / fu:+.1%} | {(ch - fu) * 1e3 / max(hops, 1):.1f} | {sch:.3f} | "
-                         f"{sfu:.3f} | **{(sch - sfu) / sfu:+.1%}** |")
+                         f"{sfu:.3f} | **{(sch - sfu) / sfu:+.1%}** | {tcells} |")
     return lines
 
 
@@ -257,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse bundles already in --workdir")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224],
                    help="input sizes of the SN-Net chaining-at-scale table")
+    p.add_argument("--no-tvm", action="store_true",
+                   help="leave out chaining on TVM engines (compiled here first: ~2 minutes)")
     p.add_argument("--out", type=Path, help="write the section into this RESULTS.md (and the PNG beside it)")
     p.add_argument("--shared-child", nargs="+", type=Path, help=argparse.SUPPRESS)   # shared_chain_times
     a = p.parse_args(argv)
@@ -267,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_bundles(a.workdir, a.reuse)
     scaled = [_scaled_bundle(a.workdir, size) for size in a.sizes]
     shared = shared_chain_times([paths["snnet-starnet"], *scaled], a.threads, a.runs)   # (not "others")
+    tvm = None if a.no_tvm else tvm_chain_times([paths["snnet-starnet"], *scaled], a.threads, a.runs)
     with OthersLoad() as load:
         table, curves = config_table(paths, a.threads, a.runs)
         switch = switch_vs_reload(paths["dress-starnet-s050"], a.threads)
         layers = rowsparse_layers(a.threads, a.runs)
-        scale = chaining_at_scale(a.workdir, a.threads, a.runs, tuple(a.sizes), shared)
+        scale = chaining_at_scale(a.workdir, a.threads, a.runs, tuple(a.sizes), shared, tvm)
     png = (a.out.parent if a.out else Path("benchmarks")) / "elastic_accuracy_flops.png"
     metrics = {}
     for name, path in paths.items():
@@ -291,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         ch, fu = float(cells[8]), float(cells[9])
         sch, sfu = shared[str(paths["snnet-starnet"])][cells[1]]
-        chained.append(f"- {cells[1]}: chained {ch:.3f} ms vs fused {fu:.3f} ms: overhead "
-                       f"**{(ch - fu) / fu:+.1%}**; one shared ORT pool: chained {sch:.3f} ms vs fused "
-                       f"{sfu:.3f} ms: **{(sch - sfu) / sfu:+.1%}**")
+        line = (f"- {cells[1]}: chained {ch:.3f} ms vs fused {fu:.3f} ms: overhead "
+                f"**{(ch - fu) / fu:+.1%}**; one shared ORT pool: chained {sch:.3f} ms vs fused "
+                f"{sfu:.3f} ms: **{(sch - sfu) / sfu:+.1%}**")
+        if tvm is not None:
+            tch, tfu = tvm[str(paths["snnet-starnet"])][cells[1]]
+            line += f"; TVM: chained {tch:.3f} ms vs fused {tfu:.3f} ms: **{(tch - tfu) / tfu:+.1%}**"
+        chained.append(line)
     body = "\n".join([
         (f"Accuracy vs FLOPs per config (held-out top-1: DRESS on scikit-learn digits, SN-Net on "
          f"digits-corrupted, models/digits.py CORRUPTIONS; plot: `{png.name}`), latency "
@@ -306,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         "SN-Net segment chaining vs the config's fused graph (goal: < 10 %), the trained 32x32 bundle:", "",
         *chained, "",
         ("The same SN-Net (untrained; latency only) at larger inputs, with a pool per ORT session (the "
-         "default) and with one shared pool (`Runtime(shared_threads=True)`, measured in a child process: "
-         "ORT sets its global pool once per process):"), "", *scale, "",
+         "default), with one shared pool (`Runtime(shared_threads=True)`, measured in a child process: "
+         "ORT sets its global pool once per process), and on TVM (engines compiled here for this host, "
+         "`edgeflex compile --target host [--fused]`; TVM's pool is one per process):"), "", *scale, "",
         "Bundle size (weights stored once; goal for DRESS: <= 1.15x the densest level's weights):", "",
         *sizes, "", ("Row-sparse (ELL, level as a run-time input) vs dense Gemm with the masked weight, one "
                      "Linear layer on ONNX Runtime:"), "", *layers, "",

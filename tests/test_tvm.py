@@ -142,6 +142,10 @@ def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, sn
     report = compile_bundle(path, "host", configs=[config])
     assert len(report["engines"]) == len(Bundle.open(path).config(config).segments)
     assert all(e["params"] for e in report["engines"])  # weights come from weights.bin, not the library
+    # the stitching layer (a lone 1x1 conv) runs the conv kernel, not TVM's unscheduled default
+    stitches = [e for e in report["engines"] if e["graph"].startswith("graphs/stitch.")]
+    assert stitches and all("conv" in e["kernels"] for e in stitches), [(e["graph"], e["kernels"])
+                                                                       for e in report["engines"]]
     rt, ort = ef.Runtime(path, backend="tvm", only=[config]), ef.Runtime(path, only=[config])
     x = _x(rt.inputs[0], 3)
     assert _rel(rt.run(x), ort.run(x)) <= 1e-4
