@@ -98,6 +98,9 @@ def test_1x1_convs_are_taken_too() -> None:
     (2, 3, 4, 3, 7, (3, 3, 3, 3), False, True),         # plane smaller than the kernel, any batch
     (1, 7, 20, 37, 3, (1, 0, 2, 1), True, False),       # uneven padding, wider than a vector
     (1, 3, 31, 40, 7, (3, 3, 3, 3), True, False),       # 3 vectors a row: blocks of 5 rows, the last overlaps
+    (2, 9, 1, 1, 7, (3, 3, 3, 3), True, True),          # one pixel: the tap-list schedule, centre tap only
+    (1, 6, 2, 2, 7, (3, 3, 3, 3), False, False),        # 2x2: every output sums 4 in-bounds taps
+    (1, 4, 4, 4, 3, (1, 0, 2, 1), True, False),         # 16 outputs (the most it takes), uneven padding
 ])
 def test_depthwise_kernel_equals_numpy(n, c, h, w, k, pad, residual, dynamic) -> None:
     from edgeflex.kernels.tir.dwconv import dwconv_primfunc, dwconv_reference

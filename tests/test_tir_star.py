@@ -42,23 +42,33 @@ def _weights(rng: np.random.Generator, c: int, r: int, co: int) -> list[np.ndarr
     return [rng.standard_normal(s).astype(np.float32) for s in shapes]
 
 
-@pytest.mark.parametrize("n,c,r,co,h,w,dynamic", [
-    (1, 13, 39, 13, 9, 9, False),       # odd everything; 81 pixels: the last tile overlaps
-    (2, 5, 15, 7, 3, 5, True),          # fewer pixels than a tile, C != Cout, any batch
-    (3, 24, 96, 24, 7, 7, False),       # StarNet-S1 stage-1 widths at 7x7 (49 pixels)
-    (1, 3, 2, 1, 1, 1, False),          # one pixel, fewer rows than a register block
+@pytest.mark.parametrize("n,c,r,co,h,w,dynamic,small", [
+    (1, 13, 39, 13, 9, 9, False, False),    # odd everything; 81 pixels: the last tile overlaps
+    (2, 5, 15, 7, 3, 5, True, False),       # fewer pixels than a tile, C != Cout, any batch
+    (3, 24, 96, 24, 7, 7, False, False),    # StarNet-S1 stage-1 widths at 7x7 (49 pixels)
+    (1, 3, 2, 1, 1, 1, False, False),       # one pixel, fewer rows than a register block
+    # the small-map kernel (channels as the vector, weights transposed):
+    (1, 128, 384, 128, 1, 1, False, True),  # StarNet-S050's last stage at a 32x32 input: one pixel
+    (2, 13, 40, 21, 2, 2, True, True),      # 2x2, odd widths: the last hidden and output blocks overlap
+    (1, 9, 16, 17, 2, 4, False, True),      # 8 pixels (the most it takes), one hidden block
 ])
-def test_kernel_equals_numpy(n: int, c: int, r: int, co: int, h: int, w: int, dynamic: bool) -> None:
+def test_kernel_equals_numpy(n: int, c: int, r: int, co: int, h: int, w: int, dynamic: bool,
+                             small: bool) -> None:
+    from edgeflex.kernels.tir.star import star_small_primfunc, uses_small_kernel
+
+    assert uses_small_kernel(c, r, co, h, w) == small       # what the rewrite would pick
     rng, seed = _rng()
     x = rng.standard_normal((n, c, h, w)).astype(np.float32) * 2
     w1, b1, w2, b2, wg, bg = _weights(rng, c, r, co)
-    func = star_primfunc(None if dynamic else n, c, r, co, h, w).with_attr("global_symbol", "star")
+    w12, wgo = np.concatenate([w1, w2]), wg
+    if small:
+        w12, wgo = np.ascontiguousarray(w12.T), np.ascontiguousarray(wg.T)
+    make = star_small_primfunc if small else star_primfunc
+    func = make(None if dynamic else n, c, r, co, h, w).with_attr("global_symbol", "star")
     kernel = tvm.compile(tvm.IRModule({"star": func}), target=TARGET)["star"]
     dev = tvm.cpu()
-    arrays = (x, np.concatenate([w1, w2]), np.concatenate([b1, b2]), wg, bg)
-    args = [tvm.runtime.tensor(a, dev) for a in arrays]
     y = tvm.runtime.tensor(np.full((n, co, h, w), np.nan, np.float32), dev)
-    kernel(*args, y)
+    kernel(*[tvm.runtime.tensor(a, dev) for a in (x, w12, np.concatenate([b1, b2]), wgo, bg)], y)
     ref = star_reference(x, w1, b1, w2, b2, wg, bg)
     assert np.isfinite(y.numpy()).all(), f"seed {seed}: outputs left unwritten"
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),

@@ -28,6 +28,7 @@ from edgeflex.kernels.tir.match import (
 
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
 MAX_ACC = 16        # accumulator vectors per block (of 32 registers): R output rows x the vectors of a row
+SMALL_PIXELS = 16   # up to this many output pixels per plane: the tap-list schedule (see dwconv_primfunc)
 
 
 def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],
@@ -70,6 +71,27 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
     HW, OHW = H * W, OH * OW
     # Without a residual the kernel takes a one-element placeholder in its place (never read).
     res_shape, res_size = ((n_img, C, OH, OW), n_img * C * OHW) if residual else ((1,), 1)
+    # Small planes (the last stages of a small input: 1x1, 2x2, 4x4 under a 7x7 kernel): most taps fall in
+    # the padding, and the vector schedule spent ~5-7 us there on a thread-pool launch and zeroed planes
+    # for a few hundred multiply-adds. There each output sums only its in-bounds taps, one channel after
+    # another on the calling thread (the taps are known at compile time: the loops unroll to a fixed list).
+    small = OHW <= SMALL_PIXELS
+
+    @T.macro
+    def tap_list(xf, w, b, rf, yf, task):
+        c: T.let = task % C
+        for oh in T.unroll(OH):
+            for ow in T.unroll(OW):
+                acc = T.decl_buffer((1,), "float32", scope="local")
+                acc[0] = b[c]
+                for kh in range(T.max(0, top - oh), T.min(KH, H + top - oh)):
+                    for kw in range(T.max(0, left - ow), T.min(KW, W + left - ow)):
+                        acc[0] = acc[0] + w[c, kh * KW + kw] * \
+                            xf[task * HW + (oh + kh - top) * W + ow + kw - left]
+                if residual:
+                    yf[task * OHW + oh * OW + ow] = acc[0] + rf[task * OHW + oh * OW + ow]
+                else:
+                    yf[task * OHW + oh * OW + ow] = acc[0]
 
     @T.prim_func
     def dwconv(x_h: T.handle, w_h: T.handle, b_h: T.handle, r_h: T.handle, y_h: T.handle):
@@ -82,39 +104,43 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         rf = T.decl_buffer((res_size,), "float32", data=res.data)
         yf = T.decl_buffer((n_img * C * OHW,), "float32", data=y.data)
-        for task in T.parallel(n_img * C):
-            c: T.let = task % C
-            plane = T.decl_buffer((HP * WPP,), "float32", scope="local")
-            for q in range(HP * WPP // V):
-                for s in T.vectorized(V):
-                    plane[q * V + s] = T.float32(0)
-            for r in range(H):
-                for s in T.vectorized(W):
-                    plane[(r + top) * WPP + left + s] = xf[task * HW + r * W + s]
-            for blk in range(NBLK):
-                r0: T.let = T.min(blk * R, OH - R)
-                acc = T.decl_buffer((R * NV, V), "float32", scope="local")
-                row = T.decl_buffer((V,), "float32", scope="local")
-                for a in T.unroll(R * NV):
+        if small:
+            for task in range(n_img * C):
+                tap_list(xf, w, b, rf, yf, task)
+        else:
+            for task in T.parallel(n_img * C):
+                c: T.let = task % C
+                plane = T.decl_buffer((HP * WPP,), "float32", scope="local")
+                for q in range(HP * WPP // V):
                     for s in T.vectorized(V):
-                        acc[a, s] = b[c]
-                for j in T.unroll(KW):
-                    for ii in T.unroll(R + KH - 1):            # plane rows the block reads
-                        for cv in T.unroll(NV):
-                            for s in T.vectorized(V):
-                                row[s] = plane[(r0 + ii) * WPP + cv * V + j + s]
-                            for r in T.unroll(R):              # every output row this plane row feeds
-                                if ii - r >= 0 and ii - r < KH:
-                                    for s in T.vectorized(V):
-                                        acc[r * NV + cv, s] = acc[r * NV + cv, s] + \
-                                            w[c, (ii - r) * KW + j] * row[s]
-                for r in range(R):
-                    for s in T.vectorized(OW):
-                        if residual:
-                            yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V] + \
-                                rf[task * OHW + (r0 + r) * OW + s]
-                        else:
-                            yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V]
+                        plane[q * V + s] = T.float32(0)
+                for r in range(H):
+                    for s in T.vectorized(W):
+                        plane[(r + top) * WPP + left + s] = xf[task * HW + r * W + s]
+                for blk in range(NBLK):
+                    r0: T.let = T.min(blk * R, OH - R)
+                    acc = T.decl_buffer((R * NV, V), "float32", scope="local")
+                    row = T.decl_buffer((V,), "float32", scope="local")
+                    for a in T.unroll(R * NV):
+                        for s in T.vectorized(V):
+                            acc[a, s] = b[c]
+                    for j in T.unroll(KW):
+                        for ii in T.unroll(R + KH - 1):            # plane rows the block reads
+                            for cv in T.unroll(NV):
+                                for s in T.vectorized(V):
+                                    row[s] = plane[(r0 + ii) * WPP + cv * V + j + s]
+                                for r in T.unroll(R):              # every output row this plane row feeds
+                                    if ii - r >= 0 and ii - r < KH:
+                                        for s in T.vectorized(V):
+                                            acc[r * NV + cv, s] = acc[r * NV + cv, s] + \
+                                                w[c, (ii - r) * KW + j] * row[s]
+                    for r in range(R):
+                        for s in T.vectorized(OW):
+                            if residual:
+                                yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V] + \
+                                    rf[task * OHW + (r0 + r) * OW + s]
+                            else:
+                                yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V]
 
     return dwconv
 

@@ -139,6 +139,17 @@ def stacked(parts: list[Any], rows: list[int], cols: int | None) -> Any:
     return exprs[0] if len(exprs) == 1 else relax.op.concat(exprs, axis=0)
 
 
+def transposed(expr: Any) -> Any:
+    """A [rows, cols] weight expression (`stacked`'s) transposed: a new constant when it is one, else a
+    permute_dims that the compile lifts with the other weight transforms into the load-time function."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, tvm.ir.Constant):
+        return relax.const(np.ascontiguousarray(expr.value.numpy().T), "float32")
+    return relax.op.permute_dims(expr, [1, 0])
+
+
 def _replacer():
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator

@@ -14,11 +14,22 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.match import Matcher, batch_of, op_name, rewrite_matches, stacked, static
+from edgeflex.kernels.tir.match import (
+    Matcher,
+    batch_of,
+    op_name,
+    rewrite_matches,
+    stacked,
+    static,
+    transposed,
+)
 
 PIXELS = 32         # pixels per tile: two AVX-512 vectors of float32
 HIDDEN_BLOCK = 4    # rows of f1 (and as many of f2) accumulated at once: 2 x 4 x 2 = 16 vector registers
 OUT_BLOCK = 6       # rows of g accumulated at once: 6 x 2 = 12 vector registers
+LANES = 16          # float32 lanes of one AVX-512 register
+SMALL_PIXELS = 8    # up to this many pixels per image: the channel-vector kernel (`star_small_primfunc`)
+SMALL_PARALLEL_MACS = 1 << 16   # ... on the thread pool from this many multiply-adds per call
 
 
 def star_reference(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
@@ -103,6 +114,94 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
     return star
 
 
+def uses_small_kernel(channels: int, hidden: int, out_channels: int, height: int, width: int) -> bool:
+    """Whether the rewrite runs this star op with `star_small_primfunc`: a feature map of at most
+    SMALL_PIXELS pixels (the last stages of a small input: 1x1, 2x2), where `star_primfunc`'s vectors over
+    pixels would be 1-4 lanes wide (a 128-channel 1x1 star op took 41 us there, scalar), and at least one
+    vector of hidden and output rows."""
+    return height * width <= SMALL_PIXELS and hidden >= LANES and out_channels >= LANES
+
+
+def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_channels: int, height: int,
+                        width: int) -> Any:
+    """The star op for a small feature map, vectorised over channels instead of pixels: x [batch, channels,
+    H, W], w12t [channels, 2*hidden] (f1's columns then f2's: the stacked weights transposed, once at load),
+    b12 [2*hidden], wgt [hidden, out_channels], bg [out_channels] -> y [batch, out_channels, H, W].
+    Two phases: per block of 16 hidden rows, ReLU6(f1) * f2 for every pixel (one broadcast of x[c, p] per
+    16-wide multiply-add) into a workspace; then per block of 16 output rows, g. Above SMALL_PARALLEL_MACS
+    both run in one thread-pool launch with a barrier between (a 1x1 star op with 128 channels reads 590 KB
+    of weights: two cores read them twice as fast). Tails: the last block starts early (overlaps)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    C, R, CO, HW, V = channels, hidden, out_channels, height * width, LANES
+    if not uses_small_kernel(C, R, CO, height, width):
+        raise ValueError(f"the small star kernel needs <= {SMALL_PIXELS} pixels and >= {LANES} hidden and "
+                         f"output rows, got {HW} pixels, hidden {R}, out {CO}")
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    JB, OBK = -(-R // V), -(-CO // V)
+    parallel = (batch or 1) * HW * (2 * R * C + CO * R) >= SMALL_PARALLEL_MACS
+
+    @T.macro
+    def hidden_block(xf, w12t, b12, mid, img, jb):
+        j0: T.let = T.min(jb * V, R - V)
+        acc = T.decl_buffer((2 * HW * V,), "float32", scope="local")
+        for p in T.unroll(HW):
+            acc[T.Ramp(p * V, 1, V)] = b12[T.Ramp(j0, 1, V)]
+            acc[T.Ramp((HW + p) * V, 1, V)] = b12[T.Ramp(R + j0, 1, V)]
+        for c in range(C):
+            for p in T.unroll(HW):
+                acc[T.Ramp(p * V, 1, V)] = acc[T.Ramp(p * V, 1, V)] + w12t[c, T.Ramp(j0, 1, V)] * \
+                    T.Broadcast(xf[(img * C + c) * HW + p], V)
+                acc[T.Ramp((HW + p) * V, 1, V)] = acc[T.Ramp((HW + p) * V, 1, V)] + \
+                    w12t[c, T.Ramp(R + j0, 1, V)] * T.Broadcast(xf[(img * C + c) * HW + p], V)
+        for p in T.unroll(HW):
+            mid[img, p, T.Ramp(j0, 1, V)] = T.min(T.max(acc[T.Ramp(p * V, 1, V)], T.Broadcast(
+                T.float32(0), V)), T.Broadcast(T.float32(6), V)) * acc[T.Ramp((HW + p) * V, 1, V)]
+
+    @T.macro
+    def out_block(mid, wgt, bg, yf, img, ob):
+        o0: T.let = T.min(ob * V, CO - V)
+        acc = T.decl_buffer((HW * V,), "float32", scope="local")
+        for p in T.unroll(HW):
+            acc[T.Ramp(p * V, 1, V)] = bg[T.Ramp(o0, 1, V)]
+        for j in range(R):
+            for p in T.unroll(HW):
+                acc[T.Ramp(p * V, 1, V)] = acc[T.Ramp(p * V, 1, V)] + wgt[j, T.Ramp(o0, 1, V)] * \
+                    T.Broadcast(mid[img, p, j], V)
+        for p in T.unroll(HW):
+            for v in range(V):
+                yf[(img * CO + o0 + v) * HW + p] = acc[p * V + v]
+
+    @T.prim_func
+    def star_small(x_h: T.handle, w12t_h: T.handle, b12_h: T.handle, wgt_h: T.handle, bg_h: T.handle,
+                   y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
+        w12t = T.match_buffer(w12t_h, (C, 2 * R), "float32")
+        b12 = T.match_buffer(b12_h, (2 * R,), "float32")
+        wgt = T.match_buffer(wgt_h, (R, CO), "float32")
+        bg = T.match_buffer(bg_h, (CO,), "float32")
+        y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
+        xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
+        yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
+        mid = T.decl_buffer((n_img, HW, R), "float32")
+        if parallel:
+            with T.attr(0, "pragma_parallel_launch_point", 0):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for t in T.parallel(n_img * JB):
+                        hidden_block(xf, w12t, b12, mid, t // JB, t % JB)
+                for t in T.parallel(n_img * OBK):
+                    out_block(mid, wgt, bg, yf, t // OBK, t % OBK)
+        else:
+            for t in range(n_img * JB):
+                hidden_block(xf, w12t, b12, mid, t // JB, t % JB)
+            for t in range(n_img * OBK):
+                out_block(mid, wgt, bg, yf, t // OBK, t % OBK)
+
+    return star_small
+
+
 # --- the Relax rewrite ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -179,6 +278,9 @@ def _lower(var: Any, s: StarMatch) -> tuple[str, Any, list[Any]]:
     c, h, w = (int(v) for v in list(s.x.ty.shape)[1:])
     r, co = int(s.w1.ty.shape[0]), int(s.wg.ty.shape[0])
     name = f"star_{'n' if batch is None else batch}x{c}x{h}x{w}_r{r}_o{co}"
-    args = [s.x, stacked([s.w1, s.w2], [r, r], c), stacked([s.b1, s.b2], [r, r], None),
-            stacked([s.wg], [co], r), stacked([s.bg], [co], None)]
-    return name, lambda: star_primfunc(batch, c, r, co, h, w), args
+    w12, wg = stacked([s.w1, s.w2], [r, r], c), stacked([s.wg], [co], r)
+    b12, bg = stacked([s.b1, s.b2], [r, r], None), stacked([s.bg], [co], None)
+    if uses_small_kernel(c, r, co, h, w):
+        args = [s.x, transposed(w12), b12, transposed(wg), bg]
+        return name + "_small", lambda: star_small_primfunc(batch, c, r, co, h, w), args
+    return name, lambda: star_primfunc(batch, c, r, co, h, w), [s.x, w12, b12, wg, bg]
