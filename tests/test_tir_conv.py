@@ -15,7 +15,13 @@ from tvm import relax  # noqa: E402
 
 from edgeflex.export.tvm_compile import host_target  # noqa: E402
 from edgeflex.kernels.tir import RewriteContext  # noqa: E402
-from edgeflex.kernels.tir.conv import conv_primfunc, conv_reference, rewrite_conv  # noqa: E402
+from edgeflex.kernels.tir.conv import (  # noqa: E402
+    conv_primfunc,
+    conv_reference,
+    conv_small_primfunc,
+    rewrite_conv,
+    uses_small_kernel,
+)
 
 TARGET = tvm.target.Target(host_target())
 
@@ -26,6 +32,10 @@ TARGET = tvm.target.Target(host_target())
     (1, 4, 13, 13, 9, 5, 3, (2, 1, 0, 2), False, False),    # 5x5 stride 3, uneven padding
     (1, 6, 8, 8, 3, 3, 1, (0, 0, 0, 0), True, False),       # stride 1, no padding
     (2, 37, 9, 11, 29, 1, 1, (0, 0, 0, 0), False, True),    # 1x1 stride 1 (an SN-Net stitching layer)
+    # the small-output kernel (output channels as the vector, weights transposed):
+    (1, 64, 2, 2, 128, 3, 2, (1, 1, 1, 1), False, False),   # S050's last down-sampling at 32x32: 1x1 out
+    (2, 7, 4, 3, 21, 3, 2, (1, 1, 1, 1), True, True),       # 2x2 out, odd widths, ReLU6, any batch
+    (1, 5, 3, 5, 16, 3, 1, (0, 0, 0, 0), False, False),     # 1x3 out, no padding, one channel block
 ])
 def test_kernel_equals_numpy(n, c, h, w, o, k, s, pad, relu6, dynamic) -> None:
     seed = int(np.random.SeedSequence().entropy % 2**32)
@@ -34,11 +44,14 @@ def test_kernel_equals_numpy(n, c, h, w, o, k, s, pad, relu6, dynamic) -> None:
     wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
     ref = conv_reference(x, wt, b, s, pad, relu6)
-    func = conv_primfunc(None if dynamic else n, c, h, w, o, (k, k), (s, s), pad, relu6)
+    small = uses_small_kernel(h, w, o, (k, k), (s, s), pad)         # what the rewrite would pick
+    make = conv_small_primfunc if small else conv_primfunc
+    func = make(None if dynamic else n, c, h, w, o, (k, k), (s, s), pad, relu6)
     mod = tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")})
     kernel = tvm.compile(mod, target=TARGET)["conv"]
     y = tvm.runtime.tensor(np.full(ref.shape, np.nan, np.float32))
-    kernel(*[tvm.runtime.tensor(a) for a in (x, wt.reshape(o, -1), b)], y)
+    wmat = np.ascontiguousarray(wt.reshape(o, -1).T) if small else wt.reshape(o, -1)
+    kernel(*[tvm.runtime.tensor(a) for a in (x, wmat, b)], y)
     assert np.isfinite(y.numpy()).all(), f"seed {seed}: outputs left unwritten"
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
                                err_msg=f"seed {seed}")

@@ -1,6 +1,6 @@
 """Dense KxK convolutions (StarNet's stem and down-sampling 3x3 stride-2 convs) as one hand-scheduled TVM
 kernel on NCHW, with the bias and an optional ReLU6 fused, and the Relax rewrite ("conv") that puts it in
-place of conv2d [+ bias] [+ ReLU6]. 1x1 stride-1 convs are left to the star op and to TVM.
+place of conv2d [+ bias] [+ ReLU6]; 1x1 convs too, where the star op (rewritten first) has not taken them.
 
 The kernel first splits the (zero-padded) input by stride phase (space to depth, one pass, the size of
 the input), so that every tap of a tile of output pixels is a contiguous vector; then the [Cout x
@@ -14,11 +14,22 @@ from typing import Any
 import numpy as np
 
 from edgeflex.kernels.tir import RewriteContext, register
-from edgeflex.kernels.tir.match import Matcher, batch_of, outermost, padding4, rewrite_matches, stacked
+from edgeflex.kernels.tir.match import (
+    Matcher,
+    batch_of,
+    outermost,
+    padding4,
+    rewrite_matches,
+    stacked,
+    transposed,
+)
 
 PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
 OUT_BLOCK = 12      # output channels accumulated at once: 12 x 2 = 24 vector registers (3-8 % faster than 6
                     # on S1's strided convs, measured here)
+LANES = 16          # float32 lanes of one AVX-512 register
+SMALL_PIXELS = 4    # up to this many output pixels per image: `conv_small_primfunc`
+SMALL_PARALLEL_MACS = 1 << 16   # ... on the thread pool from this many multiply-adds per call
 
 
 def conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: tuple[int, ...],
@@ -123,6 +134,79 @@ def conv_primfunc(batch: int | None, channels: int, height: int, width: int, out
     return conv
 
 
+def out_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+             pad: tuple[int, int, int, int]) -> tuple[int, int]:
+    return ((height + pad[0] + pad[2] - kernel[0]) // stride[0] + 1,
+            (width + pad[1] + pad[3] - kernel[1]) // stride[1] + 1)
+
+
+def uses_small_kernel(height: int, width: int, out_channels: int, kernel: tuple[int, int],
+                      stride: tuple[int, int], pad: tuple[int, int, int, int]) -> bool:
+    """Whether the rewrite runs this conv with `conv_small_primfunc`: at most SMALL_PIXELS output pixels
+    (the last down-sampling of a small input: 2x2 -> 1x1), where `conv_primfunc`'s vectors over pixels are
+    1-4 lanes wide, and at least one vector of output channels."""
+    oh, ow = out_size(height, width, kernel, stride, pad)
+    return oh * ow <= SMALL_PIXELS and out_channels >= LANES
+
+
+def conv_small_primfunc(batch: int | None, channels: int, height: int, width: int, out_channels: int,
+                        kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int, int, int],
+                        relu6: bool) -> Any:
+    """The conv for a few output pixels, vectorised over output channels: x [batch, C, H, W], wt [C*KH*KW,
+    out_channels] (the OIHW weights flattened and transposed, once at load), b [out_channels] -> y. Per task
+    (image, block of 16 output channels) every output pixel sums only its in-bounds taps (known at compile
+    time), one broadcast input value per 16-wide multiply-add. The last block starts early (overlaps)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    C, H, W, CO, V = channels, height, width, out_channels, LANES
+    KH, KW = kernel
+    SH, SW = stride
+    OH, OW = out_size(H, W, kernel, stride, pad)
+    if not uses_small_kernel(H, W, CO, kernel, stride, pad):
+        raise ValueError(f"the small conv kernel needs <= {SMALL_PIXELS} output pixels and >= {LANES} "
+                         f"output channels, got {OH}x{OW} and {CO}")
+    top, left = pad[0], pad[1]
+    OHW, OBK = OH * OW, -(-CO // V)
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    parallel = (batch or 1) * OHW * CO * C * KH * KW >= SMALL_PARALLEL_MACS
+    lo, hi = (0.0, 6.0) if relu6 else (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
+
+    @T.macro
+    def block(x, wt, b, yf, task):
+        img: T.let = task // OBK
+        o0: T.let = T.min(task % OBK * V, CO - V)
+        acc = T.decl_buffer((OHW * V,), "float32", scope="local")
+        for p in T.unroll(OHW):
+            acc[T.Ramp(p * V, 1, V)] = b[T.Ramp(o0, 1, V)]
+            for i in range(T.max(0, top - p // OW * SH), T.min(KH, H + top - p // OW * SH)):
+                for j in range(T.max(0, left - p % OW * SW), T.min(KW, W + left - p % OW * SW)):
+                    for c in range(C):
+                        acc[T.Ramp(p * V, 1, V)] = acc[T.Ramp(p * V, 1, V)] + \
+                            wt[(c * KH + i) * KW + j, T.Ramp(o0, 1, V)] * \
+                            T.Broadcast(x[img, c, p // OW * SH + i - top, p % OW * SW + j - left], V)
+            for v in range(V):
+                yf[((img * CO + o0 + v) * OHW) + p] = T.min(T.max(acc[p * V + v], T.float32(lo)),
+                                                            T.float32(hi))
+
+    @T.prim_func
+    def conv_small(x_h: T.handle, wt_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, (n_img, C, H, W), "float32")
+        wt = T.match_buffer(wt_h, (C * KH * KW, CO), "float32")
+        b = T.match_buffer(b_h, (CO,), "float32")
+        y = T.match_buffer(y_h, (n_img, CO, OH, OW), "float32")
+        yf = T.decl_buffer((n_img * CO * OHW,), "float32", data=y.data)
+        if parallel:
+            for task in T.parallel(n_img * OBK):
+                block(x, wt, b, yf, task)
+        else:
+            for task in range(n_img * OBK):
+                block(x, wt, b, yf, task)
+
+    return conv_small
+
+
 def _is_dense_kxk(call: Any) -> bool:
     """A groups-1 conv (1x1 ones too: the star rewrite, which runs first, has taken those of star blocks;
     what is left, e.g. an SN-Net stitching layer, TVM's default legalization runs unscheduled)."""
@@ -163,5 +247,9 @@ def _lower(var: Any, hit: tuple[Any, Any, bool]) -> tuple[str, Any, list[Any]]:
     pad = padding4(call.attrs.padding)
     name = (f"conv_{'n' if batch is None else batch}x{c}x{h}x{wd}_o{co}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
             f"_p{'-'.join(map(str, pad))}{'_relu6' if relu6 else ''}")
-    args = [x, stacked([w], [co], c * kh * kw), stacked([bias], [co], None)]
-    return name, lambda: conv_primfunc(batch, c, h, wd, co, (kh, kw), stride, pad, relu6), args
+    wmat, bvec = stacked([w], [co], c * kh * kw), stacked([bias], [co], None)
+    if uses_small_kernel(h, wd, co, (kh, kw), stride, pad):
+        make = conv_small_primfunc
+        return name + "_small", lambda: make(batch, c, h, wd, co, (kh, kw), stride, pad, relu6), \
+            [x, transposed(wmat), bvec]
+    return name, lambda: conv_primfunc(batch, c, h, wd, co, (kh, kw), stride, pad, relu6), [x, wmat, bvec]
