@@ -29,6 +29,8 @@ from edgeflex.kernels.tir.match import (
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
 MAX_ACC = 16        # accumulator vectors per block (of 32 registers): R output rows x the vectors of a row
 SMALL_PIXELS = 16   # up to this many output pixels per plane: the tap-list schedule (see dwconv_primfunc)
+PARALLEL_MACS = 1 << 16     # multiply-adds per call from which planes run on the thread pool (a launch
+                            # costs ~2 us here: a 16-channel 8x8 plane set is ~1 us of work)
 
 
 def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],
@@ -93,6 +95,41 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
                 else:
                     yf[task * OHW + oh * OW + ow] = acc[0]
 
+    @T.macro
+    def plane_task(xf, w, b, rf, yf, task):
+        c: T.let = task % C
+        plane = T.decl_buffer((HP * WPP,), "float32", scope="local")
+        for q in range(HP * WPP // V):
+            for s in T.vectorized(V):
+                plane[q * V + s] = T.float32(0)
+        for r in range(H):
+            for s in T.vectorized(W):
+                plane[(r + top) * WPP + left + s] = xf[task * HW + r * W + s]
+        for blk in range(NBLK):
+            r0: T.let = T.min(blk * R, OH - R)
+            acc = T.decl_buffer((R * NV, V), "float32", scope="local")
+            row = T.decl_buffer((V,), "float32", scope="local")
+            for a in T.unroll(R * NV):
+                for s in T.vectorized(V):
+                    acc[a, s] = b[c]
+            for j in T.unroll(KW):
+                for ii in T.unroll(R + KH - 1):            # plane rows the block reads
+                    for cv in T.unroll(NV):
+                        for s in T.vectorized(V):
+                            row[s] = plane[(r0 + ii) * WPP + cv * V + j + s]
+                        for r in T.unroll(R):              # every output row this plane row feeds
+                            if ii - r >= 0 and ii - r < KH:
+                                for s in T.vectorized(V):
+                                    acc[r * NV + cv, s] = acc[r * NV + cv, s] + \
+                                        w[c, (ii - r) * KW + j] * row[s]
+            for r in range(R):
+                for s in T.vectorized(OW):
+                    if residual:
+                        yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V] + \
+                            rf[task * OHW + (r0 + r) * OW + s]
+                    else:
+                        yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V]
+
     @T.prim_func
     def dwconv(x_h: T.handle, w_h: T.handle, b_h: T.handle, r_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
@@ -107,40 +144,12 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
         if small:
             for task in range(n_img * C):
                 tap_list(xf, w, b, rf, yf, task)
-        else:
+        elif n_img * C * OHW * KH * KW >= PARALLEL_MACS:
             for task in T.parallel(n_img * C):
-                c: T.let = task % C
-                plane = T.decl_buffer((HP * WPP,), "float32", scope="local")
-                for q in range(HP * WPP // V):
-                    for s in T.vectorized(V):
-                        plane[q * V + s] = T.float32(0)
-                for r in range(H):
-                    for s in T.vectorized(W):
-                        plane[(r + top) * WPP + left + s] = xf[task * HW + r * W + s]
-                for blk in range(NBLK):
-                    r0: T.let = T.min(blk * R, OH - R)
-                    acc = T.decl_buffer((R * NV, V), "float32", scope="local")
-                    row = T.decl_buffer((V,), "float32", scope="local")
-                    for a in T.unroll(R * NV):
-                        for s in T.vectorized(V):
-                            acc[a, s] = b[c]
-                    for j in T.unroll(KW):
-                        for ii in T.unroll(R + KH - 1):            # plane rows the block reads
-                            for cv in T.unroll(NV):
-                                for s in T.vectorized(V):
-                                    row[s] = plane[(r0 + ii) * WPP + cv * V + j + s]
-                                for r in T.unroll(R):              # every output row this plane row feeds
-                                    if ii - r >= 0 and ii - r < KH:
-                                        for s in T.vectorized(V):
-                                            acc[r * NV + cv, s] = acc[r * NV + cv, s] + \
-                                                w[c, (ii - r) * KW + j] * row[s]
-                    for r in range(R):
-                        for s in T.vectorized(OW):
-                            if residual:
-                                yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V] + \
-                                    rf[task * OHW + (r0 + r) * OW + s]
-                            else:
-                                yf[task * OHW + (r0 + r) * OW + s] = acc[r * NV + s // V, s % V]
+                plane_task(xf, w, b, rf, yf, task)
+        else:
+            for task in range(n_img * C):
+                plane_task(xf, w, b, rf, yf, task)
 
     return dwconv
 

@@ -30,6 +30,8 @@ OUT_BLOCK = 6       # rows of g accumulated at once: 6 x 2 = 12 vector registers
 LANES = 16          # float32 lanes of one AVX-512 register
 SMALL_PIXELS = 8    # up to this many pixels per image: the channel-vector kernel (`star_small_primfunc`)
 SMALL_PARALLEL_MACS = 1 << 16   # ... on the thread pool from this many multiply-adds per call
+PARALLEL_MACS = 1 << 16     # `star_primfunc`: pixel tiles on the thread pool from this many multiply-adds
+                            # per call (a launch costs ~2 us here)
 
 
 def star_reference(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
@@ -65,6 +67,41 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
     OB = min(OUT_BLOCK, CO)
     tiles, jblocks, oblocks = -(-HW // P), -(-R // J), -(-CO // OB)
 
+    @T.macro
+    def tile_task(xf, w12, b12, wg, bg, yf, task):
+        img: T.let = task // tiles
+        p0: T.let = T.min(task % tiles * P, HW - P)
+        mid = T.decl_buffer((R, P), "float32", scope="local")
+        for jb in range(jblocks):
+            j0: T.let = T.min(jb * J, R - J)
+            acc = T.decl_buffer((2 * J, P), "float32", scope="local")
+            for k in T.unroll(J):
+                for p in T.vectorized(P):
+                    acc[k, p] = b12[j0 + k]
+                    acc[J + k, p] = b12[R + j0 + k]
+            for c in range(C):
+                row: T.let = (img * C + c) * HW + p0
+                for k in T.unroll(J):
+                    for p in T.vectorized(P):
+                        acc[k, p] = acc[k, p] + w12[j0 + k, c] * xf[row + p]
+                        acc[J + k, p] = acc[J + k, p] + w12[R + j0 + k, c] * xf[row + p]
+            for k in T.unroll(J):
+                for p in T.vectorized(P):
+                    mid[j0 + k, p] = T.min(T.max(acc[k, p], T.float32(0)), T.float32(6)) * acc[J + k, p]
+        for ob in range(oblocks):
+            o0: T.let = T.min(ob * OB, CO - OB)
+            acc2 = T.decl_buffer((OB, P), "float32", scope="local")
+            for k in T.unroll(OB):
+                for p in T.vectorized(P):
+                    acc2[k, p] = bg[o0 + k]
+            for j in range(R):
+                for k in T.unroll(OB):
+                    for p in T.vectorized(P):
+                        acc2[k, p] = acc2[k, p] + wg[o0 + k, j] * mid[j, p]
+            for k in T.unroll(OB):
+                for p in T.vectorized(P):
+                    yf[(img * CO + o0 + k) * HW + p0 + p] = acc2[k, p]
+
     @T.prim_func
     def star(x_h: T.handle, w12_h: T.handle, b12_h: T.handle, wg_h: T.handle, bg_h: T.handle,
              y_h: T.handle):
@@ -77,39 +114,12 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
-        for task in T.parallel(n_img * tiles):
-            img: T.let = task // tiles
-            p0: T.let = T.min(task % tiles * P, HW - P)
-            mid = T.decl_buffer((R, P), "float32", scope="local")
-            for jb in range(jblocks):
-                j0: T.let = T.min(jb * J, R - J)
-                acc = T.decl_buffer((2 * J, P), "float32", scope="local")
-                for k in T.unroll(J):
-                    for p in T.vectorized(P):
-                        acc[k, p] = b12[j0 + k]
-                        acc[J + k, p] = b12[R + j0 + k]
-                for c in range(C):
-                    row: T.let = (img * C + c) * HW + p0
-                    for k in T.unroll(J):
-                        for p in T.vectorized(P):
-                            acc[k, p] = acc[k, p] + w12[j0 + k, c] * xf[row + p]
-                            acc[J + k, p] = acc[J + k, p] + w12[R + j0 + k, c] * xf[row + p]
-                for k in T.unroll(J):
-                    for p in T.vectorized(P):
-                        mid[j0 + k, p] = T.min(T.max(acc[k, p], T.float32(0)), T.float32(6)) * acc[J + k, p]
-            for ob in range(oblocks):
-                o0: T.let = T.min(ob * OB, CO - OB)
-                acc2 = T.decl_buffer((OB, P), "float32", scope="local")
-                for k in T.unroll(OB):
-                    for p in T.vectorized(P):
-                        acc2[k, p] = bg[o0 + k]
-                for j in range(R):
-                    for k in T.unroll(OB):
-                        for p in T.vectorized(P):
-                            acc2[k, p] = acc2[k, p] + wg[o0 + k, j] * mid[j, p]
-                for k in T.unroll(OB):
-                    for p in T.vectorized(P):
-                        yf[(img * CO + o0 + k) * HW + p0 + p] = acc2[k, p]
+        if n_img * HW * (2 * R * C + CO * R) >= PARALLEL_MACS:
+            for task in T.parallel(n_img * tiles):
+                tile_task(xf, w12, b12, wg, bg, yf, task)
+        else:
+            for task in range(n_img * tiles):
+                tile_task(xf, w12, b12, wg, bg, yf, task)
 
     return star
 
