@@ -278,9 +278,14 @@ class Runtime:
         checked = check_inputs(first.inputs, arrays)
         if plan.extra:
             checked += plan.extra
-        outs = first._run(checked)
-        for engine in plan.engines[1:]:
-            outs = engine._run(outs)
+        engines = plan.engines
+        if len(engines) == 1:
+            outs = first._run(checked)
+        else:
+            outs = first._run_chained(checked, True, False)
+            for engine in engines[1:-1]:
+                outs = engine._run_chained(outs, False, False)
+            outs = engines[-1]._run_chained(outs, False, True)
         if adapter is not None:
             target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
             if target is not None:

@@ -148,7 +148,12 @@ def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, sn
                                                                        for e in report["engines"]]
     rt, ort = ef.Runtime(path, backend="tvm", only=[config]), ef.Runtime(path, only=[config])
     x = _x(rt.inputs[0], 3)
-    assert _rel(rt.run(x), ort.run(x)) <= 1e-4
+    y = rt.run(x)                               # the segments hand each other TVM tensors
+    assert _rel(y, ort.run(x)) <= 1e-4
+    kept = y.copy()
+    y2 = rt.run(_x(rt.inputs[0], 3, seed=1))
+    np.testing.assert_array_equal(y, kept)      # the next run wrote nothing the first one returned
+    assert not np.array_equal(y2, kept)
     with pytest.raises(ef.BackendUnavailable, match="edgeflex compile") as info:
         ef.Runtime(path, backend="tvm")                 # the other configs' segments were not compiled
     assert "\n" not in str(info.value)

@@ -26,6 +26,12 @@ class Engine(ABC):
     @abstractmethod
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
 
+    def _run_chained(self, values: list, first: bool, last: bool) -> list:
+        """One engine of a chained config: `values` are the checked inputs (`first`) or what the previous
+        engine returned; returns what the next engine takes, numpy arrays when `last`. Default: numpy
+        arrays all along; a backend may hand its own tensors from engine to engine instead."""
+        return self._run(values)
+
 
 class Backend(ABC):
     name: str

@@ -154,22 +154,29 @@ class TvmEngine(Engine):
         np.copyto(st[0], a)
         return st[1], st[2], st[3]
 
-    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def _check_batch(self, arrays: list[np.ndarray]) -> None:
         if self._batch is not None and arrays and arrays[0].shape[0] != self._batch:
             n = arrays[0].shape[0]
             raise InputError(f"TVM engine {self._name!r} was compiled for batch {self._batch} (tuned and "
                              f"--batch libraries are static), got {n}; recompile with --batch {n}, or "
                              "without --batch and tuning records for any batch")
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        self._check_batch(arrays)
         if self._dlpack is None:
             # NOTE: np.require, not np.ascontiguousarray, which makes a 0-d input (a DRESS level) 1-d
             args = [self._tensor(np.require(a, requirements="C"), self._dev) for a in arrays]
             with self._lock:
                 out = self._fn(*args, *self._params)
                 return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
+        return self._call(arrays, numpy_out=True)
+
+    def _call(self, arrays: list[np.ndarray], numpy_out: bool) -> list:
         # CPU: 2-3x less per-call overhead than tvm.runtime.tensor in + .numpy() out (15 us of a 44 us FITS
         # call, measured in benchmarks/bench_tir_fits.py). Outputs are the VM's fresh tensors, handed over
-        # as numpy views; one whose data lies inside an input's buffer (a graph that returns its input, or a
-        # view of it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
+        # as numpy views (or, `numpy_out=False`, as the tensors themselves, for the next engine of a chain);
+        # one whose data lies inside an input's staging buffer (a graph that returns its input, or a view of
+        # it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
         with self._lock:
             if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
                 t, lo, hi = self._stage(0, arrays[0])
@@ -179,18 +186,35 @@ class TvmEngine(Engine):
                 staged = [self._stage(i, a) for i, a in enumerate(arrays)]
                 out = self._fn(*[t for t, _, _ in staged], *self._params)
                 spans = [(lo, hi) for _, lo, hi in staged]
-            if isinstance(out, self._tensor_type):
-                out = (out,)
-            res = []
-            for o in out:
+            return self._outputs(out, spans, numpy_out)
+
+    def _outputs(self, out: Any, spans: Any, numpy_out: bool) -> list:
+        if isinstance(out, self._tensor_type):
+            out = (out,)
+        res = []
+        for o in out:
+            p = o.data_ptr()
+            aliased = any(lo <= p < hi for lo, hi in spans)
+            if numpy_out:
                 r = np.from_dlpack(o)
-                p = o.data_ptr()
-                for lo, hi in spans:
-                    if lo <= p < hi:
-                        r = r.copy()
-                        break
-                res.append(r)
-            return res
+                res.append(r.copy() if aliased else r)
+            else:
+                res.append(self._dlpack(np.from_dlpack(o).copy()) if aliased else o)
+        return res
+
+    def _run_chained(self, values: list, first: bool, last: bool) -> list:
+        """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
+        numpy view, no staging copy, no DLPack export per hop (~1 us of the ~3 us an extra engine call
+        costs at 32x32). The first engine stages the caller's arrays; the last hands numpy arrays back."""
+        if self._dlpack is None:
+            return self._run(values)
+        if first:
+            self._check_batch(values)
+            return self._call(values, numpy_out=last)
+        with self._lock:
+            out = self._fn(*values, *self._params)
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize) for t in values] if last else ()
+        return self._outputs(out, spans, last)
 
 
 class TvmBackend(Backend):
