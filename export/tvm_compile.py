@@ -360,7 +360,14 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
         tuned = {"trials_budget": trials, **counts,
                  "records": sorted(p.name for p in tuning_dir.glob("*.json"))}
     try:
-        ex = tvm.compile(mod, target=tgt)
+        if target.unit == "gpu":
+            ex = tvm.compile(mod, target=tgt)
+        else:
+            # NOTE: the VM's functions compiled to native code instead of interpreted bytecode: ~0.2 us less
+            # per kernel call (StarNet-S050 at 32x32, 27 calls: 78 -> 73 us). CPU only: unchecked on a GPU.
+            from tvm import relax
+
+            ex = relax.build(mod, tgt, exec_mode="compiled")
     except Exception as e:  # noqa: BLE001 - one line naming the graph and target
         first = _one_line(e)
         if target.unit == "gpu" and "cuda" in str(e).lower():
