@@ -173,7 +173,7 @@ def conv_small_primfunc(batch: int | None, channels: int, height: int, width: in
     top, left = pad[0], pad[1]
     OHW, OBK = OH * OW, -(-CO // V)
     n_img = tirx.Var("n", "int64") if batch is None else batch
-    parallel = (batch or 1) * OHW * CO * C * KH * KW >= SMALL_PARALLEL_MACS
+    macs = OHW * CO * C * KH * KW               # per image
     lo, hi = (0.0, 6.0) if relu6 else (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
 
     @T.macro
@@ -201,7 +201,7 @@ def conv_small_primfunc(batch: int | None, channels: int, height: int, width: in
         b = T.match_buffer(b_h, (CO,), "float32")
         y = T.match_buffer(y_h, (n_img, CO, OH, OW), "float32")
         yf = T.decl_buffer((n_img * CO * OHW,), "float32", data=y.data)
-        if parallel:
+        if n_img * macs >= SMALL_PARALLEL_MACS:           # decided per call: the batch may be dynamic
             for task in T.parallel(n_img * OBK):
                 block(x, wt, b, yf, task)
         else:

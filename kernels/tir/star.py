@@ -150,7 +150,7 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
                          f"output rows, got {HW} pixels, hidden {R}, out {CO}")
     n_img = tirx.Var("n", "int64") if batch is None else batch
     JB, OBK = -(-R // V), -(-CO // V)
-    parallel = (batch or 1) * HW * (2 * R * C + CO * R) >= SMALL_PARALLEL_MACS
+    macs = HW * (2 * R * C + CO * R)            # per image
 
     @T.macro
     def hidden_block(xf, w12t, b12, mid, img, jb):
@@ -196,7 +196,7 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
         mid = T.decl_buffer((n_img, HW, R), "float32")
-        if parallel:
+        if n_img * macs >= SMALL_PARALLEL_MACS:           # decided per call: the batch may be dynamic
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for t in T.parallel(n_img * JB):
