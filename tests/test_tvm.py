@@ -399,3 +399,12 @@ def test_engine_copies_an_output_that_aliases_its_input() -> None:
     np.testing.assert_array_equal(y, x.reshape(3, 2))
     np.testing.assert_array_equal(z, 2 * x)
     assert not np.shares_memory(y, views._stages[0][0]) and not np.shares_memory(z, views._stages[0][0])
+    # chained: the first engine hands the next its output tensor; one that is its staging buffer is copied
+    # (64-byte aligned, as compiled code assumes) before the lock is let go
+    (t,) = same._run_chained([x], True, False)
+    stage = same._stages[0][1]
+    assert t.data_ptr() != stage.data_ptr() and t.data_ptr() % 64 == 0
+    same._run_chained([x + 100], True, False)                       # overwrites the staging buffer
+    y, z = views._run_chained([t], False, True)
+    np.testing.assert_array_equal(y, x.reshape(3, 2))
+    np.testing.assert_array_equal(z, 2 * x)

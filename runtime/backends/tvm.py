@@ -112,6 +112,15 @@ def host_cpu() -> dict[str, str | None]:
         return {"arch": platform.machine(), "mcpu": None, "mtriple": None}
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary (what compiled TVM code assumes;
+    numpy guarantees 16)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
 class TvmEngine(Engine):
     """One compiled graph on the Relax VM; its parameters live on the device for the engine's lifetime.
     Runs are serialised: a Relax VM keeps per-call state in the VM object (not thread-safe, unlike an ORT
@@ -146,9 +155,7 @@ class TvmEngine(Engine):
             return t, t.data_ptr(), t.data_ptr() + a.nbytes
         st = self._stages.get(i)
         if st is None or st[0].shape != a.shape or st[0].dtype != a.dtype:
-            raw = np.empty(a.nbytes + 64, np.uint8)
-            off = (-raw.ctypes.data) % 64
-            buf = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            buf = _aligned_empty(a.shape, a.dtype)
             t = self._dlpack(buf)
             st = self._stages[i] = (buf, t, t.data_ptr(), t.data_ptr() + a.nbytes)
         np.copyto(st[0], a)
@@ -199,7 +206,11 @@ class TvmEngine(Engine):
                 r = np.from_dlpack(o)
                 res.append(r.copy() if aliased else r)
             else:
-                res.append(self._dlpack(np.from_dlpack(o).copy()) if aliased else o)
+                if aliased:                     # the next engine's code assumes 64-byte alignment too
+                    copy = _aligned_empty(tuple(o.shape), np.from_dlpack(o).dtype)
+                    np.copyto(copy, np.from_dlpack(o))
+                    o = self._dlpack(copy)
+                res.append(o)
         return res
 
     def _run_chained(self, values: list, first: bool, last: bool) -> list:
