@@ -224,8 +224,10 @@ class TvmEngine(Engine):
             return self._call(values, numpy_out=last)
         with self._lock:
             out = self._fn(*values, *self._params)
-        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize) for t in values] if last else ()
-        return self._outputs(out, spans, last)
+        if not last:                            # tensors between engines: nobody else holds them
+            return [out] if isinstance(out, self._tensor_type) else list(out)
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize) for t in values]
+        return self._outputs(out, spans, True)
 
 
 class TvmBackend(Backend):
