@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir import LANES, PARALLEL_MACS, RewriteContext, register
 from edgeflex.kernels.tir.match import (
     Matcher,
     batch_of,
@@ -27,9 +27,7 @@ from edgeflex.kernels.tir.match import (
 PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
 OUT_BLOCK = 12      # output channels accumulated at once: 12 x 2 = 24 vector registers (3-8 % faster than 6
                     # on S1's strided convs, measured here)
-LANES = 16          # float32 lanes of one AVX-512 register
 SMALL_PIXELS = 4    # up to this many output pixels per image: `conv_small_primfunc`
-SMALL_PARALLEL_MACS = 1 << 16   # ... on the thread pool from this many multiply-adds per call
 
 
 def conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: tuple[int, ...],
@@ -201,7 +199,7 @@ def conv_small_primfunc(batch: int | None, channels: int, height: int, width: in
         b = T.match_buffer(b_h, (CO,), "float32")
         y = T.match_buffer(y_h, (n_img, CO, OH, OW), "float32")
         yf = T.decl_buffer((n_img * CO * OHW,), "float32", data=y.data)
-        if n_img * macs >= SMALL_PARALLEL_MACS:           # decided per call: the batch may be dynamic
+        if n_img * macs >= PARALLEL_MACS:                 # decided per call: the batch may be dynamic
             for task in T.parallel(n_img * OBK):
                 block(x, wt, b, yf, task)
         else:

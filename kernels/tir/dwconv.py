@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir import PARALLEL_MACS, RewriteContext, register
 from edgeflex.kernels.tir.match import (
     Matcher,
     batch_of,
@@ -29,8 +29,6 @@ from edgeflex.kernels.tir.match import (
 VECTOR = 16         # output pixels per vector: one AVX-512 register of float32
 MAX_ACC = 16        # accumulator vectors per block (of 32 registers): R output rows x the vectors of a row
 SMALL_PIXELS = 16   # up to this many output pixels per plane: the tap-list schedule (see dwconv_primfunc)
-PARALLEL_MACS = 1 << 16     # multiply-adds per call from which planes run on the thread pool (a launch
-                            # costs ~2 us here: a 16-channel 8x8 plane set is ~1 us of work)
 
 
 def dwconv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: tuple[int, ...],

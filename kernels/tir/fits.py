@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir import LANES, RewriteContext, register
 from edgeflex.runtime.errors import UsageError
 
-LANES = 16          # float32 lanes of one AVX-512 register
 ACC_VECTORS = 24    # accumulator registers per GEMM tile (of 32): the rest hold the B row and a broadcast
 MAX_GROUP = 8       # channels per task at most
 

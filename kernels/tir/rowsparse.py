@@ -16,11 +16,11 @@ Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
 - batch < `GEMV_MAX_BATCH` (GEMV): per block of 16 rows, one vector accumulator (two, alternating) gets
   values[j, 0:16] * x[index[j, 0:16]], the x values gathered with AVX-512 `vgatherdps` where the target has it
   (else LLVM's scalarised gather): no horizontal sums, no per-row tails.
-- the batch schedule (linear, batch >= `GEMV_MAX_BATCH`): x copied once to [batch / 16, in, 16], 16 x 16
-  tiles transposed through registers; per task one ELL block (16 output rows) x 16 batch lanes in 16
+- the batch schedule (linear, batch >= `GEMV_MAX_BATCH`): x copied once to [batch / 16, in, 16], in 16 x 16
+  tiles transposed through a local buffer; per task one ELL block (16 output rows) x 16 batch lanes in 16
   registers, per entry and row one index, one broadcast value, one aligned load and one FMA; the block
-  transposed back through registers into 16-wide stores of y. The copy and the blocks share one
-  thread-pool launch, with a barrier between them.
+  transposed back (strided reads of the accumulators) into 16-wide stores of y. The copy and the blocks
+  share one thread-pool launch, with a barrier between them.
 - the pixel schedule (1x1 conv): `RB` output rows x `PV` vectors of 16 pixels accumulate in registers; per
   entry one index, one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16
   ends with a vector that overlaps the previous one (same values written twice) instead of a scalar tail.
@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir import LANES, RewriteContext, register
 
 log = logging.getLogger(__name__)
 
-LANES = 16                  # float32 lanes of an AVX-512 register; the vector width and the ELL row block
+# LANES (16, from kernels.tir) is also the ELL row block: 16 output rows per blocked entry
 RB = 8                      # output rows per register block in the pixel schedule
 PV = 2                      # vectors of 16 pixels per register block: RB * PV = 16 accumulators
 GEMV_MAX_BATCH = 4          # below this batch, the gather (GEMV) schedule
@@ -183,8 +183,8 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
 
     @T.macro
     def to_xt(x, xt, B, c, i0):
-        # xt[c, i0 .. i0 + 16, :] = x[16 c .. 16 c + 16, i0 .. i0 + 16]^T: 16 row vectors in,
-        # transposed through registers, 16 out (a 16 x 16 tile; rows past the batch are zeros)
+        # xt[c, i0 .. i0 + 16, :] = x[16 c .. 16 c + 16, i0 .. i0 + 16]^T: 16 row vectors into a local
+        # 16 x 16 tile, 16 strided reads of it out (rows past the batch are zeros)
         tb = T.decl_buffer((V * V,), "float32", scope="local")
         if c * V + V <= B:
             for b in T.unroll(V):
@@ -206,8 +206,8 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
     @T.macro
     def batch_block(xt, vb, ib, bias_buf, y, B, blk, c, kk):
         # 16 output rows (one ELL block) x 16 batch lanes in 16 registers; per entry j and row r one index,
-        # one broadcast value, one aligned load of xt's row and one FMA; the block transposed back through
-        # registers so y gets 16-wide row stores
+        # one broadcast value, one aligned load of xt's row and one FMA; the block read back strided so y
+        # gets 16-wide row stores
         acc = T.decl_buffer((V * V,), "float32", scope="local")
         for r in T.unroll(V):
             acc[T.Ramp(r * V, 1, V)] = T.Broadcast(T.float32(0), V)
@@ -266,7 +266,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
                     for blk in range(NB):
                         gemv_block(x, vb, ib, bias_buf, y, b, blk, kk)
         else:
-            # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed through registers);
+            # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed through a local buffer);
             # tasks of 16 rows x 16 batch lanes; one thread-pool launch for both phases, a barrier between
             # (the pixel schedule this replaced, with a launch per phase and y copied back by one value at
             # a time, spent 2-3x the arithmetic of a 10 % layer at batch 16 on those)

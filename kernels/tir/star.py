@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir import LANES, PARALLEL_MACS, RewriteContext, register
 from edgeflex.kernels.tir.match import (
     Matcher,
     batch_of,
@@ -27,11 +27,7 @@ from edgeflex.kernels.tir.match import (
 PIXELS = 32         # pixels per tile: two AVX-512 vectors of float32
 HIDDEN_BLOCK = 4    # rows of f1 (and as many of f2) accumulated at once: 2 x 4 x 2 = 16 vector registers
 OUT_BLOCK = 6       # rows of g accumulated at once: 6 x 2 = 12 vector registers
-LANES = 16          # float32 lanes of one AVX-512 register
 SMALL_PIXELS = 8    # up to this many pixels per image: the channel-vector kernel (`star_small_primfunc`)
-SMALL_PARALLEL_MACS = 1 << 16   # ... on the thread pool from this many multiply-adds per call
-PARALLEL_MACS = 1 << 16     # `star_primfunc`: pixel tiles on the thread pool from this many multiply-adds
-                            # per call (a launch costs ~2 us here)
 
 
 def star_reference(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
@@ -43,6 +39,11 @@ def star_reference(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
     b = np.einsum("jc,ncp->njp", w2, flat) + b2[None, :, None]
     y = np.einsum("oj,njp->nop", wg, np.clip(a, 0.0, 6.0) * b) + bg[None, :, None]
     return y.reshape(n, wg.shape[0], h, w).astype(np.float32)
+
+
+def _macs(channels: int, hidden: int, out_channels: int, pixels: int) -> int:
+    """Multiply-adds of one image's star op: f1 and f2, then g."""
+    return pixels * (2 * hidden * channels + out_channels * hidden)
 
 
 def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: int, height: int,
@@ -114,7 +115,7 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
-        if n_img * HW * (2 * R * C + CO * R) >= PARALLEL_MACS:
+        if n_img * _macs(C, R, CO, HW) >= PARALLEL_MACS:
             for task in T.parallel(n_img * tiles):
                 tile_task(xf, w12, b12, wg, bg, yf, task)
         else:
@@ -138,7 +139,7 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
     H, W], w12t [channels, 2*hidden] (f1's columns then f2's: the stacked weights transposed, once at load),
     b12 [2*hidden], wgt [hidden, out_channels], bg [out_channels] -> y [batch, out_channels, H, W].
     Two phases: per block of 16 hidden rows, ReLU6(f1) * f2 for every pixel (one broadcast of x[c, p] per
-    16-wide multiply-add) into a workspace; then per block of 16 output rows, g. Above SMALL_PARALLEL_MACS
+    16-wide multiply-add) into a workspace; then per block of 16 output rows, g. Above PARALLEL_MACS
     both run in one thread-pool launch with a barrier between (a 1x1 star op with 128 channels reads 590 KB
     of weights: two cores read them twice as fast). Tails: the last block starts early (overlaps)."""
     from tvm import tirx
@@ -150,7 +151,6 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
                          f"output rows, got {HW} pixels, hidden {R}, out {CO}")
     n_img = tirx.Var("n", "int64") if batch is None else batch
     JB, OBK = -(-R // V), -(-CO // V)
-    macs = HW * (2 * R * C + CO * R)            # per image
 
     @T.macro
     def hidden_block(xf, w12t, b12, mid, img, jb):
@@ -196,7 +196,7 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
         xf = T.decl_buffer((n_img * C * HW,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * HW,), "float32", data=y.data)
         mid = T.decl_buffer((n_img, HW, R), "float32")
-        if n_img * macs >= SMALL_PARALLEL_MACS:           # decided per call: the batch may be dynamic
+        if n_img * _macs(C, R, CO, HW) >= PARALLEL_MACS:  # decided per call: the batch may be dynamic
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for t in T.parallel(n_img * JB):

@@ -207,16 +207,18 @@ class TvmEngine(Engine):
                 res.append(r.copy() if aliased else r)
             else:
                 if aliased:                     # the next engine's code assumes 64-byte alignment too
-                    copy = _aligned_empty(tuple(o.shape), np.from_dlpack(o).dtype)
-                    np.copyto(copy, np.from_dlpack(o))
+                    view = np.from_dlpack(o)
+                    copy = _aligned_empty(view.shape, view.dtype)
+                    np.copyto(copy, view)
                     o = self._dlpack(copy)
                 res.append(o)
         return res
 
     def _run_chained(self, values: list, first: bool, last: bool) -> list:
         """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
-        numpy view, no staging copy, no DLPack export per hop (~1 us of the ~3 us an extra engine call
-        costs at 32x32). The first engine stages the caller's arrays; the last hands numpy arrays back."""
+        numpy view, no staging copy, no DLPack export per hop (an extra engine call at 32x32: 2.4 -> 2.05
+        us, measured interleaved). The first engine stages the caller's arrays; the last hands numpy arrays
+        back."""
         if self._dlpack is None:
             return self._run(values)
         if first:
