@@ -51,13 +51,18 @@ class Hog:
             p.wait()
 
 
-def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float, gap_ms: float, x: np.ndarray) -> dict:
-    """Requests back to back (with `gap_ms` between) for `seconds`; the hog runs in every odd period."""
+def trace(rt: ef.Runtime, hog: Hog, *, seconds: float, period: float | None, gap_ms: float, x: np.ndarray,
+          settle: float = 0.0) -> dict:
+    """Requests back to back (with `gap_ms` between) for `seconds`; the hog runs in every odd period
+    (`period=None`: never). Requests in the first `settle` seconds run but are not recorded."""
+    settle_end = time.perf_counter() + settle
+    while time.perf_counter() < settle_end:
+        rt.run_config(x)
     t_start = time.perf_counter()
     ts, lat, cfg, hog_on, threads = [], [], [], [], []
     on = False
     while (now := time.perf_counter() - t_start) < seconds:
-        want = int(now // period) % 2 == 1
+        want = period is not None and int(now // period) % 2 == 1
         if want != on:
             hog.resume() if want else hog.pause()
             on = want
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--late-share", type=float, default=0.01,
                    help="a window with more late runs than this share plans on its tail (set_budget's "
                         "late_share; default 0.01, the runtime's)")
+    p.add_argument("--quiet-seconds", type=float, default=12.0,
+                   help="each strategy's requests with the hog never running (after a 1 s settle): the "
+                        "'when idle' comparison without the hand-over at the end of each hog period")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     tail = a.tail
@@ -199,14 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     # (this VM has fast and slow spells of ~1.4x) falls on every strategy alike
     chunk = max(2 * a.period, round(a.seconds / a.rounds / (2 * a.period)) * 2 * a.period)
     parts: dict[str, list[dict]] = {name: [] for name in strategies}
+    quiet_parts: dict[str, list[dict]] = {name: [] for name in strategies}
+    n_chunks = max(1, round(a.seconds / chunk))
+    quiet_chunk = a.quiet_seconds / n_chunks
     try:
-        for _ in range(max(1, round(a.seconds / chunk))):
+        for _ in range(n_chunks):
             for name, (runtime, _fixed) in strategies.items():
+                if quiet_chunk > 0:
+                    quiet_parts[name].append(trace(runtime, hog, seconds=quiet_chunk, period=None,
+                                                   gap_ms=a.gap_ms, x=x, settle=1.0))
                 parts[name].append(trace(runtime, hog, seconds=chunk, period=a.period, gap_ms=a.gap_ms, x=x))
     finally:
         hog.close()
     traces = {name: concat(chunks, chunk) for name, chunks in parts.items()}
     rows = [summarise(n, tr, budget_ms, quality) for n, tr in traces.items()]
+    quiet = {}
+    if quiet_chunk > 0:
+        quiet = {n: summarise(n, concat(c, quiet_chunk), budget_ms, quality) for n, c in quiet_parts.items()}
     hog_cores = cores if a.hog_cores == "all" else cores[-1:]
     png = (a.out.parent if a.out else Path("benchmarks")) / "budget_trace.png"
     plot(traces, budget_ms, quality, png)
@@ -219,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['quality_idle']:.4f} | {r['quality_hog']:.4f} | {r['p90_idle']:.3f} | "
                      f"{r['p90_hog']:.3f} | {r['switches']} | {r['one_thread_idle']:.0%} / "
                      f"{r['one_thread_hog']:.0%} |")
+    if quiet:
+        lines += ["", f"With the hog never running ({a.quiet_seconds:g} s per strategy in {n_chunks} chunks, "
+                  "each after 1 s of unrecorded requests; the 'idle' columns above also hold the hand-over "
+                  "after each hog period):", "",
+                  "| strategy | requests | within budget | mean top-1 | p90 ms | switches | 1-thread runs |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in quiet.values():
+            lines.append(f"| {r['strategy']} | {r['requests']} | **{r['within']:.1%}** | "
+                         f"**{r['quality']:.4f}** | {r['p90_idle']:.3f} | {r['switches']} | "
+                         f"{r['one_thread_idle']:.0%} |")
     adapter = rt_counts._adapter
     if len(counts) > 1 and adapter is not None:
         how = ("by timer only" if a.no_os_hint

@@ -135,6 +135,20 @@ def choose(cands: list[Candidate], b: Budget, *, margin: float = 0.85, slowdown:
 MAX_HINTED_BACKOFF = 5
 
 
+# Late runs a window needs before `late_share` plans on its tail. Two late runs in a window of 100 are
+# chance for a config that is late 0.5 % of the time (OS noise on an idle host: 9 % of its windows have 2 or
+# more); with 3 the share of such windows falls to 1.4 %, while a busy loop on the other core (5-7 % late)
+# still shows 3 or more in 88-97 % of them. Each false alarm moved the budget trace's idle runtime down a
+# config, where the up-switch hysteresis can hold it for a whole slow spell.
+TAIL_MIN_LATE = 3
+# Flap guard (Adapter._hold_after_leaving): a config left for being late within UP_RECENT windows of
+# being entered by an up-switch is held back, up_after windows doubling to at most UP_HOLD_MAX. Measured
+# here with the hog never running, in a slow spell: without it the runtime went s100 -> s050 -> s100 31
+# times a minute (s100 was late 1.3 % of the time, in bursts of 3).
+UP_RECENT = 50
+UP_HOLD_MAX = 64
+
+
 class Adapter:
     """Online re-selection from observed latencies.
 
@@ -145,7 +159,8 @@ class Adapter:
 
     Down is fast, up is slow: `fast_down` consecutive runs over the latency budget end the window early
     (their smallest latency sets the slowdown), so a sudden slowdown costs a few late requests, not a
-    window of them. 0 turns it off.
+    window of them. 0 turns it off. A config left for lateness soon after an up-switch into it is held
+    back from the next up-switches for up_after windows, doubling with each such flap (`UP_HOLD_MAX`).
 
     Thread counts (candidates with `threads` > 0): load slows engines at different thread counts
     differently (a co-running process on one core slows a 2-thread engine, not a 1-thread one), so the
@@ -154,10 +169,10 @@ class Adapter:
     *probes* it: switches to it on trial, and goes back after `probe_late` late runs (a failed probe costs
     about that many late requests) or keeps it after a clean window. Probes wait `probe_after` runs
     (default 2 windows), doubling after each failure up to 4x that, reset by a success.
-    `late_share` (e.g. 0.02): a window with more than that share of runs over the latency budget sets the
-    slowdown from its (1 - late_share) quantile instead of `percentile`: a config whose p90 fits but whose
-    tail misses the budget too often (2 threads with a busy loop on one core: 5-7 % late) is left, as the
-    budget is judged per request. None: the percentile alone.
+    `late_share` (e.g. 0.02): a window with more than that share of runs over the latency budget, and at
+    least TAIL_MIN_LATE of them, sets the slowdown from its (1 - late_share) quantile instead of
+    `percentile`: a config whose p90 fits but whose tail misses the budget too often (2 threads with a busy
+    loop on one core: 5-7 % late) is left, as the budget is judged per request. None: the percentile alone.
     `idle_cores` (e.g. `devices.load.IdleCores()`), asked every `hint_every` runs (default a quarter
     window: at a hog's end the 1-thread runtime learns of the free core within ~25 runs, not ~100; each ask
     reads /proc/stat, ~20 us), tells how many cores were idle:
@@ -205,6 +220,10 @@ class Adapter:
         self.idle_cores = idle_cores
         self._hinted = False
         self._fails = 0                          # probes failed in a row although the OS said free
+        self._runs = 0                           # runs observed at the current candidate, all told
+        self._entered_up: dict[str, int] = {}    # key -> run count when an up-switch entered it
+        self._hold: dict[str, int] = {}          # key -> windows the last flap held it back
+        self._held_until: dict[str, int] = {}    # key -> run count before which no up-switch enters it
         self._lock = threading.Lock()
 
     @property
@@ -218,6 +237,7 @@ class Adapter:
         with self._lock:
             if config != self.current:
                 return None                      # a run that started before the last switch
+            self._runs += 1
             if self._probe is not None:
                 return self._on_trial(latency_ms)
             self._window.append(latency_ms)
@@ -233,8 +253,8 @@ class Adapter:
                 return self._maybe_probe()
             q = self.percentile
             if self.late_share is not None and limit is not None:
-                late = sum(1 for v in self._window if v > limit) / len(self._window)
-                if late > self.late_share:
+                late = sum(1 for v in self._window if v > limit)
+                if late > self.late_share * len(self._window) and late >= TAIL_MIN_LATE:
                     q = max(q, 100 * (1 - self.late_share))
             self._set_slowdown(float(np.percentile(self._window, q)))
             self._window.clear()
@@ -252,8 +272,10 @@ class Adapter:
             best, self.fits = choose(cands, self.budget, margin=self.margin_hi, slowdown=self.slowdowns,
                                      degrade=True)
             self._agree = 0
+            self._hold_after_leaving(cur.key)
             return self._switch(best.key)
-        up = [c for c in cands if c.rank > cur.rank and fits(c, self.budget, self.margin_lo, self.slowdowns)]
+        up = [c for c in cands if c.rank > cur.rank and fits(c, self.budget, self.margin_lo, self.slowdowns)
+              and self._runs >= self._held_until.get(c.key, 0)]
         if not up:
             self._agree = 0
             return None
@@ -261,7 +283,22 @@ class Adapter:
         if self._agree < self.up_after:
             return None
         self._agree = 0
-        return self._switch(max(up, key=lambda c: (c.rank, -c.p90_ms * _slow(c, self.slowdowns))).key)
+        target = max(up, key=lambda c: (c.rank, -c.p90_ms * _slow(c, self.slowdowns))).key
+        self._entered_up[target] = self._runs
+        return self._switch(target)
+
+    def _hold_after_leaving(self, key: str) -> None:
+        """Flap guard: a config left for being late within UP_RECENT windows of an up-switch into it was
+        judged on a slowdown that did not hold (its own tail, a slow spell: the window p90 of a smaller
+        config says little about a larger one's tail); going back up to it waits up_after windows the first
+        time, doubling with each such return up to UP_HOLD_MAX windows. Kept a while, the hold resets."""
+        w = self._window.maxlen
+        entered = self._entered_up.pop(key, None)
+        if entered is None or self._runs - entered > UP_RECENT * w:
+            self._hold[key] = 0
+            return
+        self._hold[key] = min(max(self.up_after, 2 * self._hold.get(key, 0)), UP_HOLD_MAX)
+        self._held_until[key] = self._runs + self._hold[key] * w
 
     def _maybe_probe(self) -> str | None:
         """Try a better candidate at another thread count whose stale slowdown alone holds it back."""
