@@ -197,6 +197,10 @@ class TvmEngine(Engine):
 
     def _outputs(self, out: Any, spans: Any, numpy_out: bool) -> list:
         if isinstance(out, self._tensor_type):
+            if numpy_out and len(spans) == 1:   # one input, one output: no generator (~0.3 us)
+                lo, hi = spans[0]
+                r = np.from_dlpack(out)
+                return [r.copy() if lo <= out.data_ptr() < hi else r]
             out = (out,)
         res = []
         for o in out:
