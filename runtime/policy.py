@@ -220,6 +220,7 @@ class Adapter:
         self.idle_cores = idle_cores
         self._hinted = False
         self._fails = 0                          # probes failed in a row although the OS said free
+        self._over_before = False                # the last window left the margin with no late run
         self._runs = 0                           # runs observed at the current candidate, all told
         self._entered_up: dict[str, int] = {}    # key -> run count when an up-switch entered it
         self._hold: dict[str, int] = {}          # key -> windows the last flap held it back
@@ -252,23 +253,33 @@ class Adapter:
             if len(self._window) < self._window.maxlen:
                 return self._maybe_probe()
             q = self.percentile
+            late = sum(1 for v in self._window if v > limit) if limit is not None else 0
             if self.late_share is not None and limit is not None:
-                late = sum(1 for v in self._window if v > limit)
                 if late > self.late_share * len(self._window) and late >= TAIL_MIN_LATE:
                     q = max(q, 100 * (1 - self.late_share))
             self._set_slowdown(float(np.percentile(self._window, q)))
             self._window.clear()
             self._late = []
-            return self._decide() or self._maybe_probe()
+            return self._decide(window_late=late) or self._maybe_probe()
 
     def _set_slowdown(self, latency_ms: float) -> None:
         cur = self.cands[self.current]
         self.slowdowns[cur.threads] = max(latency_ms / cur.p90_ms, 1e-3)
 
-    def _decide(self) -> str | None:
+    def _decide(self, window_late: int | None = None) -> str | None:
+        """Re-select after a window (`window_late`: how many of its runs were over the latency budget),
+        a fast-down or a trial. A window whose percentile leaves the margin while none of its runs was late
+        moves down only if the window before did too: the margin is a proxy for lateness, and one window's
+        p90 of a config at the margin's edge crosses it by chance (this VM's slow spells)."""
         cur = self.cands[self.current]
         cands = list(self.cands.values())
-        if not fits(cur, self.budget, self.margin_hi, self.slowdowns):
+        over = not fits(cur, self.budget, self.margin_hi, self.slowdowns)
+        if over and window_late == 0 and not self._over_before:
+            self._over_before = True
+            self._agree = 0
+            return None
+        self._over_before = over and window_late == 0
+        if over:
             best, self.fits = choose(cands, self.budget, margin=self.margin_hi, slowdown=self.slowdowns,
                                      degrade=True)
             self._agree = 0
@@ -360,5 +371,6 @@ class Adapter:
         if key == self.current:
             return None
         self.current = key
+        self._over_before = False
         self._since_probe = 0
         return key

@@ -96,6 +96,18 @@ def test_adapter_does_not_flap_on_noise_around_the_limit():
     assert switches == 0
 
 
+def test_adapter_needs_two_windows_over_the_margin_when_no_run_was_late():
+    # large's p90 at 4.7 ms leaves 0.9 x 5 ms, but no run is over the 5 ms budget: one such window is
+    # chance at the margin's edge, two in a row move down; a window with a late run moves at once
+    a = Adapter(CANDS, Budget(latency_ms=5.0), window=10, fast_down=0)
+    assert feed(a, "large", 4.7, 10) == []
+    assert feed(a, "large", 4.0, 10) == []            # back inside: the count starts again
+    assert feed(a, "large", 4.7, 10) == []
+    assert feed(a, "large", 4.7, 10) == ["mid"]
+    b = Adapter(CANDS, Budget(latency_ms=5.0), window=10, fast_down=0)
+    assert feed(b, "large", 4.7, 9) == [] and b.observe("large", 5.5) == "mid"
+
+
 def test_adapter_leaves_a_config_whose_tail_is_late_too_often_when_asked():
     # large's window p90 (4.0 ms) fits 0.9 x 5 ms, but 1 run in 20 takes 8 ms: 5 % of requests late
     runs = ([4.0] * 19 + [8.0]) * 3                    # never 2 late in a row: fast_down does not fire
