@@ -221,7 +221,7 @@ class Adapter:
         self._hinted = False
         self._fails = 0                          # probes failed in a row although the OS said free
         self._over_before = False                # the last window left the margin with no late run
-        self._runs = 0                           # runs observed at the current candidate, all told
+        self._runs = 0                           # runs observed (each of the then current candidate)
         self._entered_up: dict[str, int] = {}    # key -> run count when an up-switch entered it
         self._hold: dict[str, int] = {}          # key -> windows the last flap held it back
         self._held_until: dict[str, int] = {}    # key -> run count before which no up-switch enters it
