@@ -282,10 +282,11 @@ class Runtime:
         if len(engines) == 1:
             outs = first._run(checked)
         else:
+            one = checked[0].ndim > 0 and checked[0].shape[0] == 1
             outs = first._run_chained(checked, True, False)
             for engine in engines[1:-1]:
-                outs = engine._run_chained(outs, False, False)
-            outs = engines[-1]._run_chained(outs, False, True)
+                outs = engine._run_chained(outs, False, False, one)
+            outs = engines[-1]._run_chained(outs, False, True, one)
         if adapter is not None:
             target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
             if target is not None:

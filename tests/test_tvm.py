@@ -121,14 +121,19 @@ def test_dress_levels_share_one_library_with_each_levels_weights(tmp_path: Path)
     path = export_dress(model, torch.randn(2, 1, 8, 8), tmp_path / "mlp.efx").path
     (engine,) = compile_bundle(path, "host", dress_kernel="dense")["engines"]  # each level's masked weights
     assert engine["params"] and len(engine["used_by"]) == len(Bundle.open(path).configs)
+    assert engine["batch"] is None and engine["batch1"]["library"].endswith(".b1.so")   # + batch 1's own
     rt, ort = ef.Runtime(path, backend="tvm", dress_kernel="dense"), ef.Runtime(path, dress_kernel="dense")
-    x = _x(rt.inputs[0], 3)
+    eng = rt._plan.engines[0]
+    assert eng._fn1 is not None
+    assert all(a is b for a, b in zip(eng._params, eng._params1))   # one copy of the weights, not two
+    x, x1 = _x(rt.inputs[0], 3), _x(rt.inputs[0], 1, seed=1)
     outs = []
     for c in rt.configs:
         rt.switch(c.name)
         ort.switch(c.name)
         outs.append(rt.run(x))
         assert _rel(outs[-1], ort.run(x)) <= 1e-4, c.name
+        assert _rel(rt.run(x1), ort.run(x1)) <= 1e-4, c.name          # the batch-1 library
     assert not np.allclose(outs[0], outs[-1])           # the levels really run different weights
 
 
@@ -150,6 +155,9 @@ def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, sn
     x = _x(rt.inputs[0], 3)
     y = rt.run(x)                               # the segments hand each other TVM tensors
     assert _rel(y, ort.run(x)) <= 1e-4
+    x1 = _x(rt.inputs[0], 1, seed=2)            # batch 1: each segment's batch-1 library
+    assert all(e._fn1 is not None for e in rt._plan.engines)
+    assert _rel(rt.run(x1), ort.run(x1)) <= 1e-4
     kept = y.copy()
     y2 = rt.run(_x(rt.inputs[0], 3, seed=1))
     np.testing.assert_array_equal(y, kept)      # the next run wrote nothing the first one returned

@@ -26,10 +26,11 @@ class Engine(ABC):
     @abstractmethod
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
 
-    def _run_chained(self, values: list, first: bool, last: bool) -> list:
+    def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
         """One engine of a chained config: `values` are the checked inputs (`first`) or what the previous
-        engine returned; returns what the next engine takes, numpy arrays when `last`. Default: numpy
-        arrays all along; a backend may hand its own tensors from engine to engine instead."""
+        engine returned; returns what the next engine takes, numpy arrays when `last`; `one`: the run's
+        batch is 1 (told once by the caller, not asked of every engine's tensors). Default: numpy arrays all
+        along; a backend may hand its own tensors from engine to engine instead."""
         return self._run(values)
 
 

@@ -126,12 +126,15 @@ class TvmEngine(Engine):
     Runs are serialised: a Relax VM keeps per-call state in the VM object (not thread-safe, unlike an ORT
     session), and a runtime may be run from several threads."""
 
-    def __init__(self, fn, device, params: list, inputs, outputs, batch: int | None, name: str, keep=()):
+    def __init__(self, fn, device, params: list, inputs, outputs, batch: int | None, name: str, keep=(),
+                 batch1: tuple[Any, list] | None = None):
         super().__init__(inputs, outputs)
         import tvm
 
         self._tensor = tvm.runtime.tensor
         self._fn, self._dev, self._params = fn, device, params
+        # (function, weights) of the library specialised to batch 1, where the bundle has one
+        self._fn1, self._params1 = batch1 if batch1 is not None else (None, None)
         self._batch, self._name, self._keep = batch, name, keep
         self._lock = threading.Lock()
         self._dlpack = None
@@ -184,14 +187,17 @@ class TvmEngine(Engine):
         # as numpy views (or, `numpy_out=False`, as the tensors themselves, for the next engine of a chain);
         # one whose data lies inside an input's staging buffer (a graph that returns its input, or a view of
         # it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
+        fn, params = self._fn, self._params
+        if self._fn1 is not None and arrays[0].ndim and arrays[0].shape[0] == 1:
+            fn, params = self._fn1, self._params1
         with self._lock:
             if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
                 t, lo, hi = self._stage(0, arrays[0])
-                out = self._fn(t, *self._params)
+                out = fn(t, *params)
                 spans: Any = ((lo, hi),)
             else:
                 staged = [self._stage(i, a) for i, a in enumerate(arrays)]
-                out = self._fn(*[t for t, _, _ in staged], *self._params)
+                out = fn(*[t for t, _, _ in staged], *params)
                 spans = [(lo, hi) for _, lo, hi in staged]
             return self._outputs(out, spans, numpy_out)
 
@@ -218,7 +224,7 @@ class TvmEngine(Engine):
                 res.append(o)
         return res
 
-    def _run_chained(self, values: list, first: bool, last: bool) -> list:
+    def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
         """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
         numpy view, no staging copy, no DLPack export per hop (an extra engine call at 32x32: 2.4 -> 2.05
         us, measured interleaved). The first engine stages the caller's arrays; the last hands numpy arrays
@@ -228,8 +234,9 @@ class TvmEngine(Engine):
         if first:
             self._check_batch(values)
             return self._call(values, numpy_out=last)
+        fn, params = (self._fn1, self._params1) if one and self._fn1 is not None else (self._fn, self._params)
         with self._lock:
-            out = self._fn(*values, *self._params)
+            out = fn(*values, *params)
         if not last:                            # tensors between engines: nobody else holds them
             return [out] if isinstance(out, self._tensor_type) else list(out)
         spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize) for t in values]
@@ -332,14 +339,26 @@ class TvmBackend(Backend):
             raise BackendUnavailable(f"bundle {b.name!r} has no TVM engine ({self.target}) for {name}, which "
                                      "this runtime loads; it was not compiled with these options (configs, "
                                      "fused=, dress_kernel=): re-run `edgeflex compile` with them")
-        tvm = self._tvm
+        _configure_threads(threads)
+        inits = initializers or {}
+        fn, params, keep = self._load_vm(meta, inits)
+        one = None
+        if meta.get("batch1"):          # the batch-1 specialisation beside the dynamic library
+            fn1, params1, keep1 = self._load_vm({**meta, **meta["batch1"]}, inits)
+            one = (fn1, _shared(params, params1))
+            keep += keep1
+        return TvmEngine(fn, self._dev, params, inputs, outputs, meta.get("batch"), meta["library"],
+                         keep=keep, batch1=one)
+
+    def _load_vm(self, meta: dict[str, Any], inits: dict[str, np.ndarray]) -> tuple[Any, list, tuple]:
+        """One library of an engine record on the VM: (entry function, its weights as the VM takes them,
+        what must outlive them)."""
         from tvm.runtime.vm import VirtualMachine
 
-        _configure_threads(threads)
-        lib = _load_library(b.read(meta["library"]), Path(meta["library"]).name)  # sha256-checked bytes
+        tvm = self._tvm
+        lib = _load_library(self._bundle.read(meta["library"]), Path(meta["library"]).name)  # sha256-checked
         dev = self._dev
         vm = VirtualMachine(lib, dev)
-        inits = initializers or {}
         params = []
         for p in meta["params"]:
             if p["name"] not in inits:
@@ -359,11 +378,24 @@ class TvmBackend(Backend):
                 raise BundleError(f"TVM engine {meta['library']}: its load-time weight transform "
                                   f"{transform!r} failed ({str(e).strip().splitlines()[0][:160]}); re-run "
                                   "`edgeflex compile`") from None
-        return TvmEngine(vm[meta["entry"]], dev, params, inputs, outputs, meta.get("batch"), meta["library"],
-                         keep=(lib, vm))
+        return vm[meta["entry"]], params, (lib, vm)
 
     def versions(self) -> dict[str, str]:
         return {"tvm": self._tvm.__version__, "target": self.target}
+
+
+def _shared(params: list, params1: list) -> list:
+    """The batch-1 library's weights, each replaced by the dynamic library's tensor where the two hold the
+    same values (their load-time transforms lay weights out alike unless a kernel's layout depends on the
+    batch): one copy of the weights in memory, not two. Compared once, at load."""
+    if len(params) != len(params1):
+        return params1
+    out = []
+    for a, b in zip(params, params1):
+        same = (tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+                and np.array_equal(np.from_dlpack(a), np.from_dlpack(b)))
+        out.append(a if same else b)
+    return out
 
 
 def cuda_device(bundle: str, device: str):
