@@ -298,7 +298,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",
-             "any" if e["batch"] is None else str(e["batch"]), f"{e['compile_s']:.1f}",
+             ("any + 1" if e.get("batch1") else "any") if e["batch"] is None else str(e["batch"]),
+             f"{e['compile_s'] + (e.get('batch1') or {}).get('compile_s', 0):.1f}",
              ", ".join(e["used_by"])[:48]] for e in report["engines"]]
     print(_table(rows, ["library", "arch", "params", "batch", "compile s", "configs"]))
     checks = [e["cuda_check"] for e in report["engines"] if e.get("cuda_check")]
