@@ -135,6 +135,7 @@ class TvmEngine(Engine):
         self._fn, self._dev, self._params = fn, device, params
         # (function, weights) of the library specialised to batch 1, where the bundle has one
         self._fn1, self._params1 = batch1 if batch1 is not None else (None, None)
+        self._itemsizes = tuple(np.dtype(s.dtype).itemsize for s in inputs)
         self._batch, self._name, self._keep = batch, name, keep
         self._lock = threading.Lock()
         self._dlpack = None
@@ -203,10 +204,12 @@ class TvmEngine(Engine):
 
     def _outputs(self, out: Any, spans: Any, numpy_out: bool) -> list:
         if isinstance(out, self._tensor_type):
-            if numpy_out and len(spans) == 1:   # one input, one output: no generator (~0.3 us)
+            if len(spans) == 1:                 # one input, one output: no generator (~0.3 us)
                 lo, hi = spans[0]
-                r = np.from_dlpack(out)
-                return [r.copy() if lo <= out.data_ptr() < hi else r]
+                if not lo <= out.data_ptr() < hi:
+                    return [np.from_dlpack(out) if numpy_out else out]
+                if numpy_out:
+                    return [np.from_dlpack(out).copy()]
             out = (out,)
         res = []
         for o in out:
@@ -239,7 +242,11 @@ class TvmEngine(Engine):
             out = fn(*values, *params)
         if not last:                            # tensors between engines: nobody else holds them
             return [out] if isinstance(out, self._tensor_type) else list(out)
-        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize) for t in values]
+        # the inputs' extents from this engine's specs: a TVM tensor's dtype.itemsize costs 0.57 us here
+        spans = []
+        for t, size in zip(values, self._itemsizes):
+            p = t.data_ptr()
+            spans.append((p, p + t.numel() * size))
         return self._outputs(out, spans, True)
 
 
