@@ -283,7 +283,7 @@ class Runtime:
             outs = first._run(checked)
         else:
             one = checked[0].ndim > 0 and checked[0].shape[0] == 1
-            outs = first._run_chained(checked, True, False)
+            outs = first._run_chained(checked, True, False, one)
             for engine in engines[1:-1]:
                 outs = engine._run_chained(outs, False, False, one)
             outs = engines[-1]._run_chained(outs, False, True, one)

@@ -180,17 +180,20 @@ class TvmEngine(Engine):
             with self._lock:
                 out = self._fn(*args, *self._params)
                 return [o.numpy() for o in out] if isinstance(out, tuple | list) else [out.numpy()]
-        return self._call(arrays, numpy_out=True)
+        return self._call(arrays, numpy_out=True, one=arrays[0].ndim > 0 and arrays[0].shape[0] == 1)
 
-    def _call(self, arrays: list[np.ndarray], numpy_out: bool) -> list:
+    def _entry(self, one: bool) -> tuple[Any, list]:
+        """(function, weights) for a run of batch 1 (`one`) or any other: the batch-1 library's where the
+        bundle has one."""
+        return (self._fn1, self._params1) if one and self._fn1 is not None else (self._fn, self._params)
+
+    def _call(self, arrays: list[np.ndarray], numpy_out: bool, one: bool) -> list:
         # CPU: 2-3x less per-call overhead than tvm.runtime.tensor in + .numpy() out (15 us of a 44 us FITS
         # call, measured in benchmarks/bench_tir_fits.py). Outputs are the VM's fresh tensors, handed over
         # as numpy views (or, `numpy_out=False`, as the tensors themselves, for the next engine of a chain);
         # one whose data lies inside an input's staging buffer (a graph that returns its input, or a view of
         # it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
-        fn, params = self._fn, self._params
-        if self._fn1 is not None and arrays[0].ndim and arrays[0].shape[0] == 1:
-            fn, params = self._fn1, self._params1
+        fn, params = self._entry(one)
         with self._lock:
             if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
                 t, lo, hi = self._stage(0, arrays[0])
@@ -236,8 +239,8 @@ class TvmEngine(Engine):
             return self._run(values)
         if first:
             self._check_batch(values)
-            return self._call(values, numpy_out=last)
-        fn, params = (self._fn1, self._params1) if one and self._fn1 is not None else (self._fn, self._params)
+            return self._call(values, numpy_out=last, one=one)
+        fn, params = self._entry(one)
         with self._lock:
             out = fn(*values, *params)
         if not last:                            # tensors between engines: nobody else holds them
