@@ -42,6 +42,7 @@ class _Plan:
     extra: tuple[np.ndarray, ...] = ()       # constant inputs after the user's (a DRESS sparse level)
     threads: int = 1
     key: str = ""                            # the policy's name for it: config, or config@<threads>t
+    fast: Any = None                         # its one engine's `fast_path`, where it has one
 
 
 class Runtime:
@@ -114,7 +115,9 @@ class Runtime:
         self._by_key = {}
         for t, plans in self._plan_sets.items():
             for name, plan in plans.items():
-                plans[name] = plan = replace(plan, threads=t, key=candidate_key(name, t if multi else 0))
+                fast = plan.engines[0].fast_path() if len(plan.engines) == 1 and not plan.extra else None
+                plans[name] = plan = replace(plan, threads=t, key=candidate_key(name, t if multi else 0),
+                                             fast=fast)
                 self._by_key[plan.key] = plan
         self._plan = self._plan_sets[self.thread_counts[0]][start.name]
         self._adapter: Adapter | None = None
@@ -267,14 +270,28 @@ class Runtime:
     def run(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         """Run one batch through the current config. One array back for a one-output model, else a tuple.
         Raises InputError on bad input."""
-        return self.run_config(*arrays)[1]
+        plan = self._plan                       # read once: the whole run uses this config
+        if plan.fast is not None and self._adapter is None and len(arrays) == 1:
+            out = plan.fast(arrays[0])          # the engine's own checks and call (batch 1, TVM)
+            if out is not None:
+                return out
+        return self._run_plan(plan, arrays)[1]
 
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
-        plan = self._plan                       # read once: the whole run uses this config
+        return self._run_plan(self._plan, arrays)
+
+    def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray]) \
+            -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         first = plan.engines[0]
         adapter = self._adapter
         t0 = time.perf_counter() if adapter is not None else 0.0
+        if plan.fast is not None and len(arrays) == 1:
+            out = plan.fast(arrays[0])
+            if out is not None:
+                if adapter is not None:
+                    self._observe(adapter, plan, t0)
+                return plan.config.name, out
         checked = check_inputs(first.inputs, arrays)
         if plan.extra:
             checked += plan.extra
@@ -288,10 +305,13 @@ class Runtime:
                 outs = engine._run_chained(outs, False, False, one)
             outs = engines[-1]._run_chained(outs, False, True, one)
         if adapter is not None:
-            target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
-            if target is not None:
-                self._plan = self._by_key[target]
+            self._observe(adapter, plan, t0)
         return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))
+
+    def _observe(self, adapter: Adapter, plan: _Plan, t0: float) -> None:
+        target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
+        if target is not None:
+            self._plan = self._by_key[target]
 
     # --- profiles and budgets ----------------------------------------------------------------------------
 

@@ -416,3 +416,87 @@ def test_engine_copies_an_output_that_aliases_its_input() -> None:
     y, z = views._run_chained([t], False, True)
     np.testing.assert_array_equal(y, x.reshape(3, 2))
     np.testing.assert_array_equal(z, 2 * x)
+
+
+def test_batch1_fast_path_checks_what_the_general_path_checks(fits_tvm: Path) -> None:
+    # Runtime.run at batch 1 on a one-input CPU engine takes the engine's fast path (its own checks, staging
+    # buffer and batch-1 library call): every bad input must still get the general path's one-line error,
+    # and every input the general path takes must still run, with the same answer.
+    import warnings
+
+    rt, ort = ef.Runtime(fits_tvm, backend="tvm"), ef.Runtime(fits_tvm)
+    assert rt._plan.fast is not None and ort._plan.fast is None
+    spec = rt.inputs[0]
+    x = _x(spec, 1, seed=7)
+    engine = rt._plan.engines[0]
+    (general,) = engine._run([x])                       # the general path, same engine
+    assert rt._plan.fast(x) is not None and rt._plan.fast(x[:, :-1]) is None
+    y = rt.run(x)
+    np.testing.assert_array_equal(y, general)
+    assert _rel(y, ort.run(x)) <= 1e-4
+    bad = {"float64": x.astype(np.float64), "shape": x[:, :-1], "ndim": x[0], "list": x.tolist(),
+           "more channels": np.concatenate([x, x], axis=2)}
+    for kind, value in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
+        z = x.copy()
+        z[0, 3, 1] = value
+        bad[kind] = z
+    for what, a in bad.items():
+        with pytest.raises(ef.InputError) as tvm_err:
+            rt.run(a)
+        with pytest.raises(ef.InputError) as ort_err:
+            ort.run(a)
+        assert str(tvm_err.value) == str(ort_err.value), what
+    # taken as they are by the general path: a non-contiguous view, an ndarray subclass, huge finite values
+    base = np.ascontiguousarray(_x(spec, 1, seed=8).transpose(0, 2, 1))
+    view = base.transpose(0, 2, 1)
+    assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(rt.run(view), rt.run(np.ascontiguousarray(view)))
+
+    class Sub(np.ndarray):
+        pass
+
+    np.testing.assert_array_equal(rt.run(x.view(Sub)), y)
+    huge = np.full_like(x, 3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # the fast check's dot must not overflow either
+        assert rt.run(huge).shape == y.shape
+    # fresh outputs, the caller's input neither kept nor written
+    x_before, kept = x.copy(), y.copy()
+    y2 = rt.run(x + 1)
+    np.testing.assert_array_equal(y, kept)
+    np.testing.assert_array_equal(x, x_before)
+    assert not np.may_share_memory(y, y2)
+
+
+def test_batch1_check_accepts_exactly_what_check_inputs_accepts() -> None:
+    # the fast path's predicate against check_inputs, across dtypes, sizes on either side of the dot's
+    # range (63 and 64 elements) and bad values: it may turn down more (then check_inputs decides), never less
+    from edgeflex.runtime.checks import batch1_check, check_inputs
+
+    rng = np.random.default_rng(0)
+    for dtype in ("float32", "float64", "float16", "int64"):
+        for shape in ((None, 7, 9), (1, 64), (None, 63), (1,)):
+            spec = ef.TensorSpec("x", shape, dtype)
+            got = batch1_check(spec)
+            assert got is not None
+            one, ok = got
+            assert one == (1, *shape[1:])
+            cases = [rng.standard_normal(one).astype(dtype), np.zeros((2, *one[1:]), dtype),
+                     np.zeros(one, "float32" if dtype != "float32" else "float64"), np.zeros(one[1:], dtype)]
+            if np.dtype(dtype).kind == "f":
+                for value in (np.nan, np.inf):
+                    z = np.zeros(one, dtype)
+                    z.flat[-1] = value
+                    cases.append(z)
+            assert ok(cases[0]) and not ok(cases[1])    # batch 1 taken; batch 2 left to the general path
+            for a in cases:
+                try:
+                    check_inputs([spec], [a])
+                    passes = True
+                except ef.InputError:
+                    passes = False
+                assert passes or not ok(a), (dtype, shape, a.shape, a.dtype)
+                assert passes == ok(a) or a.shape[0] != 1, (dtype, shape, a.shape, a.dtype)
+    # a spec with an open dimension besides the batch has no one batch-1 shape
+    assert batch1_check(ef.TensorSpec("x", (None, None, 3), "float32")) is None
+    assert batch1_check(ef.TensorSpec("x", (4, 3), "float32")) is None

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,14 @@ class Engine(ABC):
         batch is 1 (told once by the caller, not asked of every engine's tensors). Default: numpy arrays all
         along; a backend may hand its own tensors from engine to engine instead."""
         return self._run(values)
+
+    def fast_path(self) -> Callable[[object], Any] | None:
+        """A cheaper call for the commonest case, where the backend has one: a function of one caller array
+        that returns the run's result as `Runtime.run` does (an array, for the one output), or None when it
+        does not take that array as it is (the runtime then checks it the usual way, and raises or runs
+        it); it checks exactly what `check_inputs` checks. Asked once per single-engine plan that takes the
+        caller's one input only. Default: none."""
+        return None
 
 
 class Backend(ABC):
