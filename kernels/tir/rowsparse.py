@@ -17,9 +17,9 @@ Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
   values[j, 0:16] * x[index[j, 0:16]], the x values gathered with AVX-512 `vgatherdps` where the target has it
   (else LLVM's scalarised gather): no horizontal sums, no per-row tails.
 - the batch schedule (linear, batch >= `GEMV_MAX_BATCH`): x copied once to [batch / 16, in, 16], in 16 x 16
-  tiles transposed through a local buffer; per task one ELL block (16 output rows) x 16 batch lanes in 16
-  registers, per entry and row one index, one broadcast value, one aligned load and one FMA; the block
-  transposed back (strided reads of the accumulators) into 16-wide stores of y. The copy and the blocks
+  tiles transposed in registers (64 two-source shuffles, `_transpose16`); per task one ELL block (16 output
+  rows) x 16 batch lanes in 16 registers, per entry and row one index, one broadcast value, one aligned load
+  and one FMA; the block transposed back the same way into 16-wide stores of y. The copy and the blocks
   share one thread-pool launch, with a barrier between them.
 - the pixel schedule (1x1 conv): `RB` output rows x `PV` vectors of 16 pixels accumulate in registers; per
   entry one index, one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16
@@ -106,6 +106,27 @@ def _level_k(T, ell_k, level, n_levels: int, kmax: int):
     return T.min(T.max(ell_k[lv], T.int64(0)), T.int64(kmax))
 
 
+def _transpose16(T, src, dst):
+    """dst (a local [256] buffer, 16 rows of 16) = src transposed, in registers: four stages of 16 two-source
+    shuffles (AVX-512 `vpermt2ps`), each swapping the off-diagonal h x h blocks of every 2h x 2h block
+    (h = 8, 4, 2, 1): 64 shuffles, where reading src by a stride of 16 builds each row from 16 scalars."""
+    V = LANES
+    rows = [src[T.Ramp(r * V, 1, V)] for r in range(V)]
+    h = V // 2
+    while h:
+        lo = [c if not c & h else V + c - h for c in range(V)]      # row i: its own left, row i + h's
+        hi = [c + h if not c & h else V + c for c in range(V)]      # row i + h: row i's right, its own
+        nxt = list(rows)
+        for i in range(V):
+            if not i & h:
+                nxt[i] = T.Shuffle([rows[i], rows[i + h]], lo)
+                nxt[i + h] = T.Shuffle([rows[i], rows[i + h]], hi)
+        rows = nxt
+        h //= 2
+    for r in range(V):                          # statements into the prim func being parsed
+        T.buffer_store(dst, rows[r], [T.Ramp(r * V, 1, V)])
+
+
 def _pixel_macros(T, NO: int, K: int, W: int):
     """The pixel schedule as TVMScript macros over x [n, in, P] and y [n, out, P] (P >= W, rows of P
     contiguous), `(rows, chunk)`: `rows` runs every vector of one row block of one image, `chunk` one pass of
@@ -184,7 +205,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
     @T.macro
     def to_xt(x, xt, B, c, i0):
         # xt[c, i0 .. i0 + 16, :] = x[16 c .. 16 c + 16, i0 .. i0 + 16]^T: 16 row vectors into a local
-        # 16 x 16 tile, 16 strided reads of it out (rows past the batch are zeros)
+        # 16 x 16 tile, transposed in registers (`_transpose16`; rows past the batch are zeros)
         tb = T.decl_buffer((V * V,), "float32", scope="local")
         if c * V + V <= B:
             for b in T.unroll(V):
@@ -193,8 +214,10 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
             for b in T.unroll(V):
                 tb[T.Ramp(b * V, 1, V)] = T.if_then_else(c * V + b < B, x[T.min(c * V + b, B - 1),
                                                          T.Ramp(i0 * V, 1, V)], T.Broadcast(T.float32(0), V))
+        tt = T.decl_buffer((V * V,), "float32", scope="local")
+        _transpose16(T, tb, tt)
         for i in T.unroll(V):
-            xt[c, i0 * V + i, T.Ramp(0, 1, V)] = tb[T.Ramp(i, V, V)]
+            xt[c, i0 * V + i, T.Ramp(0, 1, V)] = tt[T.Ramp(i * V, 1, V)]
 
     @T.macro
     def to_xt_tail(x, xt, B, c):
@@ -206,8 +229,8 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
     @T.macro
     def batch_block(xt, vb, ib, bias_buf, y, B, blk, c, kk):
         # 16 output rows (one ELL block) x 16 batch lanes in 16 registers; per entry j and row r one index,
-        # one broadcast value, one aligned load of xt's row and one FMA; the block read back strided so y
-        # gets 16-wide row stores
+        # one broadcast value, one aligned load of xt's row and one FMA; the block transposed in registers
+        # (`_transpose16`) so y gets 16-wide row stores
         acc = T.decl_buffer((V * V,), "float32", scope="local")
         for r in T.unroll(V):
             acc[T.Ramp(r * V, 1, V)] = T.Broadcast(T.float32(0), V)
@@ -215,13 +238,17 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
             for r in T.unroll(V):
                 acc[T.Ramp(r * V, 1, V)] = acc[T.Ramp(r * V, 1, V)] + T.Broadcast(vb[blk, j, r], V) * \
                     xt[c, T.Cast("int64", ib[blk, j, r]), T.Ramp(0, 1, V)]
+        at = T.decl_buffer((V * V,), "float32", scope="local")
+        if blk * V + V <= NO:
+            _transpose16(T, acc, at)
         if blk * V + V <= NO and c * V + V <= B:
             for b in T.unroll(V):
-                y[c * V + b, T.Ramp(blk * V, 1, V)] = acc[T.Ramp(b, V, V)] + bias_buf[T.Ramp(blk * V, 1, V)]
+                y[c * V + b, T.Ramp(blk * V, 1, V)] = at[T.Ramp(b * V, 1, V)] + \
+                    bias_buf[T.Ramp(blk * V, 1, V)]
         elif blk * V + V <= NO:
             for b in range(V):
                 if c * V + b < B:
-                    y[c * V + b, T.Ramp(blk * V, 1, V)] = acc[T.Ramp(b, V, V)] + \
+                    y[c * V + b, T.Ramp(blk * V, 1, V)] = at[T.Ramp(b * V, 1, V)] + \
                         bias_buf[T.Ramp(blk * V, 1, V)]
         else:
             for b in range(V):
