@@ -106,25 +106,48 @@ def _level_k(T, ell_k, level, n_levels: int, kmax: int):
     return T.min(T.max(ell_k[lv], T.int64(0)), T.int64(kmax))
 
 
+def _f32x4(imm: int) -> list[int]:
+    # two-source mask of AVX-512 `vshuff32x4 imm`: 128-bit lanes 0-1 from the first source, 2-3 the second
+    sel = [(imm >> 2 * d) & 3 for d in range(4)]
+    return [(0 if d < 2 else LANES) + 4 * sel[d] + e for d in range(4) for e in range(4)]
+
+
+# Two-source shuffle masks (indices into the 32 lanes of two vectors) of the classic 16 x 16 transpose: the
+# x86 instruction each matches, so LLVM emits that one-uop shuffle.
+_UNPACKLO_PS = [x for q in range(4) for x in (4 * q, 16 + 4 * q, 4 * q + 1, 17 + 4 * q)]
+_UNPACKHI_PS = [x for q in range(4) for x in (4 * q + 2, 18 + 4 * q, 4 * q + 3, 19 + 4 * q)]
+_UNPACKLO_PD = [x for q in range(4) for x in (4 * q, 4 * q + 1, 16 + 4 * q, 17 + 4 * q)]
+_UNPACKHI_PD = [x for q in range(4) for x in (4 * q + 2, 4 * q + 3, 18 + 4 * q, 19 + 4 * q)]
+_EVEN_LANES, _ODD_LANES = _f32x4(0x88), _f32x4(0xDD)
+
+
 def _transpose16(T, src, dst):
-    """dst (a local [256] buffer, 16 rows of 16) = src transposed, in registers: four stages of 16 two-source
-    shuffles (AVX-512 `vpermt2ps`), each swapping the off-diagonal h x h blocks of every 2h x 2h block
-    (h = 8, 4, 2, 1): 64 shuffles, where reading src by a stride of 16 builds each row from 16 scalars."""
+    """dst (a local [256] buffer, 16 rows of 16) = src transposed, in registers: 64 one-uop shuffles in four
+    stages (unpck{l,h}ps of row pairs, unpck{l,h}pd, then two rounds of vshuff32x4), where reading src by a
+    stride of 16 makes LLVM build each row from scalars or cross-lane permutes. Checked against numpy in
+    tests/test_tir_rowsparse.py through the batch schedule, which transposes x in and y out with it."""
     V = LANES
-    rows = [src[T.Ramp(r * V, 1, V)] for r in range(V)]
-    h = V // 2
-    while h:
-        lo = [c if not c & h else V + c - h for c in range(V)]      # row i: its own left, row i + h's
-        hi = [c + h if not c & h else V + c for c in range(V)]      # row i + h: row i's right, its own
-        nxt = list(rows)
-        for i in range(V):
-            if not i & h:
-                nxt[i] = T.Shuffle([rows[i], rows[i + h]], lo)
-                nxt[i + h] = T.Shuffle([rows[i], rows[i + h]], hi)
-        rows = nxt
-        h //= 2
-    for r in range(V):                          # statements into the prim func being parsed
-        T.buffer_store(dst, rows[r], [T.Ramp(r * V, 1, V)])
+    r = [src[T.Ramp(i * V, 1, V)] for i in range(V)]
+
+    def shuf(a, b, mask):
+        return T.Shuffle([a, b], mask)
+
+    t = [None] * V
+    for i in range(V // 2):
+        t[2 * i] = shuf(r[2 * i], r[2 * i + 1], _UNPACKLO_PS)
+        t[2 * i + 1] = shuf(r[2 * i], r[2 * i + 1], _UNPACKHI_PS)
+    u = [None] * V
+    for k in range(0, V, 4):
+        u[k], u[k + 1] = shuf(t[k], t[k + 2], _UNPACKLO_PD), shuf(t[k], t[k + 2], _UNPACKHI_PD)
+        u[k + 2], u[k + 3] = shuf(t[k + 1], t[k + 3], _UNPACKLO_PD), shuf(t[k + 1], t[k + 3], _UNPACKHI_PD)
+    v = [None] * V
+    for h in (0, 8):
+        for i in range(h, h + 4):
+            v[i], v[i + 4] = shuf(u[i], u[i + 4], _EVEN_LANES), shuf(u[i], u[i + 4], _ODD_LANES)
+    for i in range(V // 2):
+        row_i, row_i8 = shuf(v[i], v[i + 8], _EVEN_LANES), shuf(v[i], v[i + 8], _ODD_LANES)
+        T.buffer_store(dst, row_i, [T.Ramp(i * V, 1, V)])      # statements into the prim func being parsed
+        T.buffer_store(dst, row_i8, [T.Ramp((i + 8) * V, 1, V)])
 
 
 def _pixel_macros(T, NO: int, K: int, W: int):
