@@ -106,6 +106,13 @@ def test_out_of_range_level_is_clamped_not_read_out_of_bounds() -> None:
     np.testing.assert_allclose(y, ell_reference(x, vals, idx, k, LEVELS - 1, bias), rtol=1e-5, atol=1e-5)
 
 
+def _conv_reference(x, vals, idx, k, level, bias):
+    w = np.zeros((vals.shape[0], x.shape[1]))
+    for o in range(vals.shape[0]):
+        w[o, idx[o, :k[level]]] = vals[o, :k[level]]
+    return np.einsum("oc,ncp->nop", w, x) + bias[None, :, None]
+
+
 @pytest.mark.parametrize("pixels", [49, 16, 5, 196])
 def test_conv1x1_equals_numpy_at_every_level(pixels: int) -> None:
     rng, vals, idx, k, bias = _ell(seed=pixels)
@@ -116,11 +123,8 @@ def test_conv1x1_equals_numpy_at_every_level(pixels: int) -> None:
         for level in range(LEVELS):
             y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(level, np.int64), bias,
                       out_shape=(batch, OUT, pixels))
-            w = np.zeros((OUT, IN))
-            for o in range(OUT):
-                w[o, idx[o, :k[level]]] = vals[o, :k[level]]
-            ref = np.einsum("oc,ncp->nop", w, x) + bias[None, :, None]
-            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=f"batch {batch} level {level}")
+            np.testing.assert_allclose(y, _conv_reference(x, vals, idx, k, level, bias), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"batch {batch} level {level}")
 
 
 def test_bad_arguments_name_what_was_expected() -> None:
@@ -234,3 +238,24 @@ def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kern
     again = ef.Runtime(path, backend="tvm", dress_kernel=None)
     exported = {c.name: c.extra["dress"]["kernel"] for c in again.configs}
     assert all(bool(again._plans[n].extra) == (k == "sparse") for n, k in exported.items())
+
+
+@pytest.mark.parametrize("pixels", [20, 49])
+def test_conv1x1_padded_rows_on_the_thread_pool_equal_numpy(pixels: int) -> None:
+    # rows of pixels that are not whole vectors run on an aligned copy of x padded to whole vectors (copy,
+    # barrier, then the tasks, in one launch): large enough for the parallel paths at the dense levels
+    # (tasks over pixel passes at 49 pixels, over row blocks at 20: one pass) and the serial one at 10 %
+    out_c, in_c = 203, 101
+    rng, vals, idx, k, bias = _ell(seed=pixels + 1, out_f=out_c, in_f=in_c)
+    assert rs.blocks(out_c) * 16 * k[0] * pixels >= rs.PARALLEL_MACS > rs.blocks(out_c) * 16 * k[-1] * pixels
+    target = _target(False)
+    lib = _build(rs.conv1x1_func(out_c, in_c, vals.shape[1], LEVELS, pixels, index_dtype=str(idx.dtype),
+                                 target=target), target)
+    assert lib.inspect_source("ll").count("load ptr, ptr @__TVMBackendParallelBarrier") == 2   # one a path
+    for batch in (1, 3):
+        for level in range(LEVELS):
+            x = rng.standard_normal((batch, in_c, pixels)).astype(np.float32)
+            y = _call(lib, x, *rs.block_ell(vals, idx), k, np.array(level, np.int64), bias,
+                      out_shape=(batch, out_c, pixels))
+            np.testing.assert_allclose(y, _conv_reference(x, vals, idx, k, level, bias), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"batch {batch} level {level}")

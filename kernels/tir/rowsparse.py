@@ -22,8 +22,10 @@ Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
   and one FMA; the block transposed back the same way into 16-wide stores of y. The copy and the blocks
   share one thread-pool launch, with a barrier between them.
 - the pixel schedule (1x1 conv): `RB` output rows x `PV` vectors of 16 pixels accumulate in registers; per
-  entry one index, one broadcast value, `PV` loads and FMAs. A row whose length is not a multiple of 16
-  ends with a vector that overlaps the previous one (same values written twice) instead of a scalar tail.
+  entry one index, one broadcast value, `PV` loads and FMAs. Rows of more than 16 pixels that are not a
+  multiple of 16 (7x7, 14x14) are read from a 64-byte-aligned copy of x padded to whole vectors, made in the
+  same thread-pool launch before a barrier: every load then lies in one cache line (unpadded, nearly every
+  load of a 49-float row straddled two, and 384->1536 @7x7 at 10 % took 1.5x as long).
 Tasks (blocks of rows) run in parallel when a call has at least `PARALLEL_MACS` multiply-adds
 (`PARALLEL_GATHERS` in the GEMV schedule); below that a thread-pool launch costs more than it saves.
 """
@@ -151,10 +153,11 @@ def _transpose16(T, src, dst):
 
 
 def _pixel_macros(T, NO: int, K: int, W: int):
-    """The pixel schedule as TVMScript macros over x [n, in, P] and y [n, out, P] (P >= W, rows of P
-    contiguous), `(rows, chunk)`: `rows` runs every vector of one row block of one image, `chunk` one pass of
-    PV vectors of one image through every row block; both through `tile`, which accumulates RB rows x nvec
-    vectors starting at vector v0. The last vector of a row starts at P - W when P % W."""
+    """The pixel schedule as TVMScript macros over x [n, in, PP] and y [n, out, P] (P >= W; rows of x
+    contiguous and whole vectors: PP = P where P % W == 0, else x is the aligned copy padded to whole
+    vectors, `conv1x1_func`'s `pad_rows`), `(rows, chunk)`: `rows` runs every vector of one row block of one
+    image, `chunk` one pass of PV vectors of one image through every row block; both through `tile`, which
+    accumulates RB rows x nvec vectors starting at vector v0."""
     V = LANES
 
     def lanes(base):
@@ -165,6 +168,9 @@ def _pixel_macros(T, NO: int, K: int, W: int):
 
     @T.macro
     def tile(x, vb, ib, bias, y, n, blk, r0, P, v0, nvec, kk):
+        # x's rows are whole vectors: P <= W or P % W == 0 as they are, else the aligned padded copy; no
+        # load straddles two cache lines (at 7x7, 49-float rows, nearly all did: the 384->1536 layer at
+        # 10 % ran 1.5x slower for it). The valid lanes of a padded row's last vector are stored one by one.
         acc = T.decl_buffer((RB * PV * W,), "float32", scope="local")
         acc[T.Ramp(0, 1, RB * PV * W)] = T.Broadcast(T.float32(0), RB * PV * W)
         for j in range(kk):
@@ -172,12 +178,17 @@ def _pixel_macros(T, NO: int, K: int, W: int):
                 for q in T.unroll(nvec):
                     acc[lanes((r * PV + q) * W)] = acc[lanes((r * PV + q) * W)] + \
                         bcast(vb[blk, j, r0 + r]) * \
-                        x[n, T.Cast("int64", ib[blk, j, r0 + r]), lanes(T.min((v0 + q) * W, P - W))]
+                        x[n, T.Cast("int64", ib[blk, j, r0 + r]), lanes((v0 + q) * W)]
         for r in T.unroll(RB):
             if blk * V + r0 + r < NO:
                 for q in T.unroll(nvec):
-                    y[n, blk * V + r0 + r, lanes(T.min((v0 + q) * W, P - W))] = \
-                        acc[lanes((r * PV + q) * W)] + bcast(bias[blk * V + r0 + r])
+                    if (v0 + q) * W + W <= P:
+                        y[n, blk * V + r0 + r, lanes((v0 + q) * W)] = \
+                            acc[lanes((r * PV + q) * W)] + bcast(bias[blk * V + r0 + r])
+                    else:
+                        for lane in range(P % W):
+                            y[n, blk * V + r0 + r, (v0 + q) * W + lane] = \
+                                acc[(r * PV + q) * W + lane] + bias[blk * V + r0 + r]
 
     @T.macro
     def rows(x, vb, ib, bias, y, n, task, P, kk):
@@ -359,9 +370,24 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
         raise ValueError(f"1x1 conv needs pixels >= 1 (H * W), got {pixels}")
     NO, C, K, L, P, V = out_c, in_c, kmax, n_levels, pixels, LANES
     NB, NT = blocks(out_c), blocks(out_c) * (LANES // RB)
+    # rows of P floats that are not whole vectors (7x7, 14x14): the kernel reads an aligned copy of x whose
+    # rows are padded to whole vectors (`_pad_rows`), copied once per call
+    padded = P > V and P % V != 0
+    PP = -(-P // V) * V if padded else P
     rows, chunk = _pixel_macros(T, NO, K, min(V, P))
     n_vectors = -(-P // min(V, P))
     NPASS = -(-n_vectors // PV)                 # passes of PV vectors over a row of P pixels
+    tail = [V - P % V + lane if lane < P % V else V for lane in range(V)]   # the last pixels, then zeros
+
+    @T.macro
+    def pad_rows(x, xp, t):
+        # row t (image t // C, channel t % C) of x into xp: whole vectors as they are, the last one's
+        # P % V pixels shifted down from the row's last full-width window, zeros after them (the padding
+        # lanes are computed and never stored: zeros keep them finite and fast)
+        for v in T.unroll(P // V):
+            xp[t // C, t % C, T.Ramp(v * V, 1, V)] = x[t // C, t % C, T.Ramp(v * V, 1, V)]
+        xp[t // C, t % C, T.Ramp(PP - V, 1, V)] = T.Shuffle(
+            [x[t // C, t % C, T.Ramp(P - V, 1, V)], T.Broadcast(T.float32(0), V)], tail)
 
     @T.prim_func(private=True)
     def rowsparse_conv1x1(var_x: T.handle, vb: T.Buffer((NB, K, V), "float32"),
@@ -373,7 +399,31 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
         x = T.match_buffer(var_x, (B, C, P), "float32")
         y = T.match_buffer(var_y, (B, NO, P), "float32")
         kk: T.let = _level_k(T, ell_k, level, L, K)
-        if NB * V * kk * P * B >= PARALLEL_MACS and B * NPASS >= 2:
+        if padded:
+            xp = T.decl_buffer((B, C, PP), "float32")
+            if NB * V * kk * P * B >= PARALLEL_MACS and B * NPASS >= 2:
+                # the copy and the tasks in one thread-pool launch, a barrier between
+                with T.attr(0, "pragma_parallel_launch_point", 0):
+                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                        for t in T.parallel(B * C):
+                            pad_rows(x, xp, t)
+                    for task in T.parallel(B * NPASS):
+                        chunk(xp, vb, ib, bias_buf, y, task // NPASS, task % NPASS, P, kk)
+            elif NB * V * kk * P * B >= PARALLEL_MACS:
+                with T.attr(0, "pragma_parallel_launch_point", 0):
+                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                        for t in T.parallel(B * C):
+                            pad_rows(x, xp, t)
+                    for t in T.parallel(NT):
+                        for n in range(B):
+                            rows(xp, vb, ib, bias_buf, y, n, t, P, kk)
+            else:
+                for t in range(B * C):
+                    pad_rows(x, xp, t)
+                for t in range(NT):
+                    for n in range(B):
+                        rows(xp, vb, ib, bias_buf, y, n, t, P, kk)
+        elif NB * V * kk * P * B >= PARALLEL_MACS and B * NPASS >= 2:
             # tasks = (image, pixel pass): each streams the (contiguous) weights past an x tile held in L1,
             # instead of re-reading x rows at data-dependent places from L2 (96->384 @14x14, batch 16, 10 %:
             # 2.4x -> 3.4x over ORT's dense conv)
