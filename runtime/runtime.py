@@ -42,7 +42,7 @@ class _Plan:
     extra: tuple[np.ndarray, ...] = ()       # constant inputs after the user's (a DRESS sparse level)
     threads: int = 1
     key: str = ""                            # the policy's name for it: config, or config@<threads>t
-    fast: Any = None                         # its one engine's `fast_path`, where it has one
+    fast: Any = None                         # its batch-1 call (`_fast_path`), where it has one
 
 
 class Runtime:
@@ -115,7 +115,7 @@ class Runtime:
         self._by_key = {}
         for t, plans in self._plan_sets.items():
             for name, plan in plans.items():
-                fast = plan.engines[0].fast_path() if len(plan.engines) == 1 and not plan.extra else None
+                fast = _fast_path(plan.engines) if not plan.extra else None
                 plans[name] = plan = replace(plan, threads=t, key=candidate_key(name, t if multi else 0),
                                              fast=fast)
                 self._by_key[plan.key] = plan
@@ -272,7 +272,7 @@ class Runtime:
         Raises InputError on bad input."""
         plan = self._plan                       # read once: the whole run uses this config
         if plan.fast is not None and self._adapter is None and len(arrays) == 1:
-            out = plan.fast(arrays[0])          # the engine's own checks and call (batch 1, TVM)
+            out = plan.fast(arrays[0])          # the first engine's own checks and call (batch 1, TVM)
             if out is not None:
                 return out
         return self._run_plan(plan, arrays)[1]
@@ -433,6 +433,27 @@ class Runtime:
     def __repr__(self) -> str:
         return (f"Runtime({self.bundle.name!r}, backend={self.backend!r}, device={self.device!r}, "
                 f"config={self.config!r}, threads={self.threads})")
+
+
+def _fast_path(engines: Sequence[Engine]):
+    """`Runtime.run`'s batch-1 call for a plan, where its first engine has a fast path (`Engine.fast_path`):
+    that engine's, or for a chain its first engine's followed by the others' chained calls (batch 1)."""
+    if len(engines) == 1:
+        return engines[0].fast_path()
+    first = engines[0].fast_path(last=False)
+    if first is None:
+        return None
+    steps = tuple(e.chain_step(last=i == len(engines) - 2) for i, e in enumerate(engines[1:]))
+
+    def run_chain(a: object):
+        outs = first(a)
+        if outs is None:
+            return None
+        for step in steps:
+            outs = step(outs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return run_chain
 
 
 def _thread_counts(threads: int | Sequence[int] | None) -> tuple[int, ...]:

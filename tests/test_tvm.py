@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,21 @@ def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, sn
     x1 = _x(rt.inputs[0], 1, seed=2)            # batch 1: each segment's batch-1 library
     assert all(e._fn1 is not None for e in rt._plan.engines)
     assert _rel(rt.run(x1), ort.run(x1)) <= 1e-4
+    # batch 1 takes the chain's fast path (the first engine's own checks and staging): the same answer as
+    # the general path through the same engines, and the same one-line errors as ONNX Runtime
+    assert rt._plan.fast is not None
+    general = rt._run_plan(replace(rt._plan, fast=None), [x1])[1]
+    np.testing.assert_array_equal(rt.run(x1), general)
+    y1 = rt.run(x1)
+    kept1 = y1.copy()
+    rt.run(x1 + 1)
+    np.testing.assert_array_equal(y1, kept1)
+    for bad in (x1.astype(np.float64), x1[..., :-1], np.where(x1 > 1, np.nan, x1).astype(np.float32)):
+        with pytest.raises(ef.InputError) as tvm_err:
+            rt.run(bad)
+        with pytest.raises(ef.InputError) as ort_err:
+            ort.run(bad)
+        assert str(tvm_err.value) == str(ort_err.value)
     kept = y.copy()
     y2 = rt.run(_x(rt.inputs[0], 3, seed=1))
     np.testing.assert_array_equal(y, kept)      # the next run wrote nothing the first one returned

@@ -34,13 +34,19 @@ class Engine(ABC):
         along; a backend may hand its own tensors from engine to engine instead."""
         return self._run(values)
 
-    def fast_path(self) -> Callable[[object], Any] | None:
+    def fast_path(self, last: bool = True) -> Callable[[object], Any] | None:
         """A cheaper call for the commonest case, where the backend has one: a function of one caller array
         that returns the run's result as `Runtime.run` does (an array, for the one output), or None when it
         does not take that array as it is (the runtime then checks it the usual way, and raises or runs
-        it); it checks exactly what `check_inputs` checks. Asked once per single-engine plan that takes the
-        caller's one input only. Default: none."""
+        it); it checks exactly what `check_inputs` checks. `last=False`: for the first engine of a chain,
+        returning what `_run_chained` hands the next engine. Asked once per plan that takes the caller's
+        one input only. Default: none."""
         return None
+
+    def chain_step(self, last: bool) -> Callable[[list], list]:
+        """This engine as a later step of a chain's batch-1 fast path: values from the engine before ->
+        what the next takes (numpy arrays when `last`). Default: `_run_chained`."""
+        return lambda values: self._run_chained(values, False, last, True)
 
 
 class Backend(ABC):

@@ -231,13 +231,15 @@ class TvmEngine(Engine):
                 res.append(o)
         return res
 
-    def fast_path(self) -> Any:
-        """Batch 1 of a one-input, one-output CPU engine in one function: the input checks of `check_inputs`
+    def fast_path(self, last: bool = True) -> Any:
+        """Batch 1 of a one-input CPU engine in one function: the input checks of `check_inputs`
         (`batch1_check`), the copy into a staging buffer of its own with its TVM tensor made once, the
         batch-1 library's call, the output by DLPack; no per-call lists, spans or generic dispatch. FITS at
         batch 1 through `Runtime.run`: 9.7 -> 8.2 us, the bare VM call being 6.2 (interleaved,
-        benchmarks/bench_tir_fits.py). Other batches, and arrays it turns down, take the general path."""
-        if self._dlpack is None or len(self.inputs) != 1 or len(self.outputs) != 1 \
+        benchmarks/bench_tir_fits.py). Other batches, and arrays it turns down, take the general path.
+        `last=False`: the first engine of a chain, returning its outputs as TVM tensors for the next engine
+        (`_run_chained`), any number of them; else one output, as a numpy array."""
+        if self._dlpack is None or len(self.inputs) != 1 or (last and len(self.outputs) != 1) \
                 or self._batch not in (None, 1):
             return None
         check = batch1_check(self.inputs[0])
@@ -263,7 +265,36 @@ class TvmEngine(Engine):
             # a graph that returns its input (or a view of it) would hand out the staging buffer
             return r.copy() if lo <= out.data_ptr() < hi else r
 
-        return run1
+        def first1(a: object) -> list | None:
+            if not ok(a):
+                return None
+            with lock:
+                copyto(buf, a)
+                out = fn(t, *params)
+                outs = [out] if isinstance(out, tensor_type) else list(out)
+                if any(lo <= o.data_ptr() < hi for o in outs):     # copied before the lock is let go
+                    return self._outputs(out, ((lo, hi),), False)
+            return outs
+
+        return run1 if last else first1
+
+    def chain_step(self, last: bool) -> Any:
+        """A later engine of a chain's batch-1 fast path: the batch-1 library on the previous engine's VM
+        tensors; no alias check, since its inputs are tensors only this run holds (the first engine copies
+        any output that lies in its staging buffer), so a numpy view of one keeps it alive, nothing more."""
+        if self._dlpack is None:
+            return super().chain_step(last)
+        fn, params = self._entry(True)
+        lock, tensor_type, to_numpy = self._lock, self._tensor_type, np.from_dlpack
+
+        def step(values: list) -> list:
+            with lock:
+                out = fn(*values, *params)
+            if isinstance(out, tensor_type):
+                return [to_numpy(out) if last else out]
+            return [to_numpy(o) for o in out] if last else list(out)
+
+        return step
 
     def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
         """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
