@@ -275,18 +275,21 @@ class Runtime:
             out = plan.fast(arrays[0])          # the first engine's own checks and call (batch 1, TVM)
             if out is not None:
                 return out
+            return self._run_plan(plan, arrays, fast=False)[1]
         return self._run_plan(plan, arrays)[1]
 
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
         return self._run_plan(self._plan, arrays)
 
-    def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray]) \
+    def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray], fast: bool = True) \
             -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
+        """Run `arrays` through `plan`: its fast path where it has one that takes them (`fast=False`: the
+        caller already asked it), else the input checks and each engine in turn."""
         first = plan.engines[0]
         adapter = self._adapter
         t0 = time.perf_counter() if adapter is not None else 0.0
-        if plan.fast is not None and len(arrays) == 1:
+        if fast and plan.fast is not None and len(arrays) == 1:
             out = plan.fast(arrays[0])
             if out is not None:
                 if adapter is not None:
