@@ -136,7 +136,6 @@ class TvmEngine(Engine):
         self._fn, self._dev, self._params = fn, device, params
         # (function, weights) of the library specialised to batch 1, where the bundle has one
         self._fn1, self._params1 = batch1 if batch1 is not None else (None, None)
-        self._itemsizes = tuple(np.dtype(s.dtype).itemsize for s in inputs)
         self._batch, self._name, self._keep = batch, name, keep
         self._lock = threading.Lock()
         self._dlpack = None
@@ -279,22 +278,22 @@ class TvmEngine(Engine):
         return run1 if last else first1
 
     def chain_step(self, last: bool) -> Any:
-        """A later engine of a chain's batch-1 fast path: the batch-1 library on the previous engine's VM
-        tensors; no alias check, since its inputs are tensors only this run holds (the first engine copies
-        any output that lies in its staging buffer), so a numpy view of one keeps it alive, nothing more."""
+        """A later engine of a chain's batch-1 fast path: `_hop` with the batch-1 library, chosen once."""
         if self._dlpack is None:
             return super().chain_step(last)
         fn, params = self._entry(True)
-        lock, tensor_type, to_numpy = self._lock, self._tensor_type, np.from_dlpack
+        return lambda values: self._hop(fn, params, values, last)
 
-        def step(values: list) -> list:
-            with lock:
-                out = fn(*values, *params)
-            if isinstance(out, tensor_type):
-                return [to_numpy(out) if last else out]
-            return [to_numpy(o) for o in out] if last else list(out)
-
-        return step
+    def _hop(self, fn: Any, params: list, values: list, last: bool) -> list:
+        """A later engine of a chain on the previous engine's VM tensors: its outputs as tensors for the
+        next engine, or as numpy views when `last`. No alias check: its inputs are tensors only this run
+        holds (the first engine copies any output that lies in its staging buffer), so a view of one that is
+        handed out keeps that tensor alive, and nothing writes it again."""
+        with self._lock:
+            out = fn(*values, *params)
+        if isinstance(out, self._tensor_type):
+            return [np.from_dlpack(out) if last else out]
+        return [np.from_dlpack(o) for o in out] if last else list(out)
 
     def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
         """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
@@ -306,17 +305,7 @@ class TvmEngine(Engine):
         if first:
             self._check_batch(values)
             return self._call(values, numpy_out=last, one=one)
-        fn, params = self._entry(one)
-        with self._lock:
-            out = fn(*values, *params)
-        if not last:                            # tensors between engines: nobody else holds them
-            return [out] if isinstance(out, self._tensor_type) else list(out)
-        # the inputs' extents from this engine's specs: a TVM tensor's dtype.itemsize costs 0.57 us here
-        spans = []
-        for t, size in zip(values, self._itemsizes):
-            p = t.data_ptr()
-            spans.append((p, p + t.numel() * size))
-        return self._outputs(out, spans, True)
+        return self._hop(*self._entry(one), values, last)
 
 
 class TvmBackend(Backend):
