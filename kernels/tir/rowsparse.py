@@ -327,7 +327,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
                     for blk in range(NB):
                         gemv_block(x, vb, ib, bias_buf, y, b, blk, kk)
         else:
-            # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed through a local buffer);
+            # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed in registers);
             # tasks of 16 rows x 16 batch lanes; one thread-pool launch for both phases, a barrier between
             # (the pixel schedule this replaced, with a launch per phase and y copied back by one value at
             # a time, spent 2-3x the arithmetic of a 10 % layer at batch 16 on those)
@@ -371,7 +371,7 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
     NO, C, K, L, P, V = out_c, in_c, kmax, n_levels, pixels, LANES
     NB, NT = blocks(out_c), blocks(out_c) * (LANES // RB)
     # rows of P floats that are not whole vectors (7x7, 14x14): the kernel reads an aligned copy of x whose
-    # rows are padded to whole vectors (`_pad_rows`), copied once per call
+    # rows are padded to whole vectors (`pad_rows`), copied once per call
     padded = P > V and P % V != 0
     PP = -(-P // V) * V if padded else P
     rows, chunk = _pixel_macros(T, NO, K, min(V, P))
