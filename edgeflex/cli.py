@@ -116,10 +116,13 @@ def _plain(q: dict) -> dict:
 
 def cmd_export(a: argparse.Namespace) -> int:
     import edgeflex as ef
+    from edgeflex.runtime.store import target
 
+    target(a.out, overwrite=a.force, new=True)      # refuse before training, not after
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
                                                    image_size=a.image_size, horizon=a.horizon, data=a.data)
-    kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta}
+    kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta,
+          "overwrite": a.force}
     if a.model.startswith("dress-"):
         from edgeflex.export.elastic import export_dress
         bundle = export_dress(model, example, a.out, **kw)
@@ -356,7 +359,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         model, example, quality, meta, held = build_model(name, train=True, epochs=None, seed=a.seed,
                                                           image_size=None)
         print(f"[{time.perf_counter() - start:5.1f}s] {name}: exporting and validating ...", flush=True)
-        bundle = ef.export(model, example, out / f"{name}.efx", name=name, quality=quality, metadata=meta)
+        bundle = ef.export(model, example, out / f"{name}.efx", name=name, quality=quality, metadata=meta,
+                           overwrite=True)     # the demo's own output (never anything but a bundle)
         rt = Runtime(bundle.path, threads=a.threads)           # re-opened: checksums verified
         if name == "fits":
             pred = rt.run(held.x)[:, model.seq_len:]
@@ -395,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a built-in model into a bundle")
     e.add_argument("--model", required=True, choices=MODELS)
     e.add_argument("--out", required=True, help="bundle path, NAME.efx")
+    e.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
     e.add_argument("--train", action="store_true", help="train on the shipped data first (fits: CO2; "
                    "starnet-*: digits at 32x32; dress-*/snnet-* always train)")
     e.add_argument("--epochs", type=int)

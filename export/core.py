@@ -24,6 +24,7 @@ import torch
 from edgeflex.devices import usable_cores
 from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.errors import ExportError
+from edgeflex.runtime.store import target as store_target
 
 from . import analysis, fits
 from .costs import config_costs
@@ -101,7 +102,7 @@ def tool_versions() -> dict[str, str]:
 
 def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *, name: str | None = None,
            quality: dict | None = None, tolerance: float = 1e-4, n_random: int = 4,
-           threads: int | None = None, overwrite: bool = True, metadata: dict | None = None) -> Bundle:
+           threads: int | None = None, overwrite: bool = False, metadata: dict | None = None) -> Bundle:
     """Export `model` into a validated bundle at `path` (a directory ending in .efx) and return it opened.
 
     `example_inputs`: a tensor or a tuple of tensors, batch first (the batch becomes dynamic).
@@ -109,6 +110,7 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
     Raises ExportError if no capture strategy works or the graph differs from PyTorch by > `tolerance`
     (relative to the output's scale); then nothing is written.
     """
+    store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

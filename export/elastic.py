@@ -23,6 +23,7 @@ from edgeflex.kernels import rowsparse
 from edgeflex.kernels.rowsparse import ell_tensors
 from edgeflex.runtime.bundle import Bundle, TensorSpec, write_bundle
 from edgeflex.runtime.errors import ExportError
+from edgeflex.runtime.store import target as store_target
 
 from . import analysis
 from .core import capture, default_threads, manifest_base
@@ -112,9 +113,10 @@ def _specs_json(tensors, names) -> list[dict]:
 
 def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: list[dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
-                 metadata: dict | None = None, overwrite: bool = True) -> Bundle:
+                 metadata: dict | None = None, overwrite: bool = False) -> Bundle:
     """Export a `models.dress.DressModel`: one graph, one stored dense copy of each prunable weight plus its
     2-bit level codes; config `density-NN` per level. `quality`: per level, in level order."""
+    store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     threads = threads or default_threads()
     model = model.eval()
     levels = list(model.levels)
@@ -279,9 +281,10 @@ def model_level_stats(model, example) -> list[dict]:
 
 def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: dict[str, dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
-                 metadata: dict | None = None, overwrite: bool = True) -> Bundle:
+                 metadata: dict | None = None, overwrite: bool = False) -> Bundle:
     """Export a `models.snnet.SNNet`: every segment (anchor blocks, stitching layers) once; a config is the
     ordered list of segments it chains. `quality`: config name -> metric dict."""
+    store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     from edgeflex.models.snnet import config_stats, segment_plan
 
     threads = threads or default_threads()

@@ -18,6 +18,7 @@ import torch
 from edgeflex.kernels import spectral
 from edgeflex.models.fits_elastic import ElasticFITS
 from edgeflex.runtime.bundle import Bundle, write_bundle
+from edgeflex.runtime.store import target as store_target
 
 from . import analysis
 from .core import default_threads, manifest_base
@@ -65,10 +66,11 @@ def derive(stored_w: np.ndarray, stored_b: np.ndarray, hyper: dict, cut_freq: in
 def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | os.PathLike, *,
                         name: str | None = None, quality: list[dict] | None = None, tolerance: float = 1e-4,
                         threads: int | None = None, metadata: dict | None = None,
-                        overwrite: bool = True) -> Bundle:
+                        overwrite: bool = False) -> Bundle:
     """Export an `ElasticFITS` into one bundle, config `cut-K` per level (largest first). `quality`: per
     level, in `model.cut_freqs` order. Every level is validated against its plain PyTorch FITS through the
     engine the runtime builds (stored weight -> derived operands) before anything is written."""
+    store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     threads = threads or default_threads()
     model = model.eval()
     hyper = model.hyper()

@@ -9,20 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from . import store
 from .errors import BundleError
+from .store import FORMAT, MANIFEST, SUFFIX
 
-FORMAT = "edgeflex-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SUFFIX = ".efx"
+MANIFEST_LIMIT = 64 << 20       # a manifest lists files and tensors; more than this is not one of ours
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -103,11 +102,20 @@ class Segment:
 
 
 class Bundle:
-    """An opened, verified bundle. Construct with `Bundle.open(path)`; nothing here writes."""
+    """An opened, verified bundle: one version of it. Construct with `Bundle.open(path)`; nothing here writes.
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    The bundle holds the version it opened (`store.Pinned`): its files are read from that version even
+    when `edgeflex export`/`profile`/`compile` swap another in at the path, and no writer removes it
+    until `close()` (or the object goes). After `close()`, `read` opens the path again and reads on only
+    if the same version is still there (`version`: the sha256 of its manifest), else raises BundleError.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], *, pinned: store.Pinned | None = None,
+                 version: str = ""):
         self.path = path
         self.manifest = manifest
+        self.version = version
+        self._pinned = pinned
         self.name: str = manifest["name"]
         self.family: str = manifest["family"]
         self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
@@ -120,51 +128,84 @@ class Bundle:
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, family={self.family!r}, configs={len(self.configs)})"
 
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let writers remove this version once replaced (reads after this re-open the path, same version
+        only)."""
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            pinned.close()
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> Bundle:
         """Open a bundle directory, checking its format version and the sha256 of every file."""
+        if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+            raise BundleError(f"bundle path must be a str or os.PathLike naming a NAME{SUFFIX}/ directory, "
+                              f"got {type(path).__name__}")
         root = Path(path)
-        if not root.is_dir():
-            raise BundleError(f"bundle {str(root)!r} not found: expected a directory NAME{SUFFIX}/ "
-                              "written by `edgeflex export`")
-        mpath = root / MANIFEST
+        if not os.path.lexists(root):
+            store.recover_missing(root)     # a kill may have left it moved aside (no RENAME_EXCHANGE here)
+        pinned = store.Pinned(root)
         try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated "
-                              "copy") from None
+            raw, manifest = cls._load_manifest(pinned)
+            bundle = cls._verify(root, root / MANIFEST, manifest, pinned, sha256_bytes(raw))
+        except BaseException:
+            pinned.close()
+            raise
+        return bundle
+
+    @classmethod
+    def _load_manifest(cls, pinned: store.Pinned) -> tuple[bytes, dict[str, Any]]:
+        root, mpath = pinned.path, pinned.path / MANIFEST
+        try:
+            raw = pinned.read(MANIFEST, limit=MANIFEST_LIMIT)
+        except BundleError as e:
+            if "is missing" in str(e):
+                raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated "
+                                  "copy") from None
+            raise
+        try:
+            manifest = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath}: manifest is corrupted ({e}); re-export the bundle") from None
         cls._check_manifest(mpath, manifest)
+        return raw, manifest
+
+    @classmethod
+    def _verify(cls, root: Path, mpath: Path, manifest: dict[str, Any], pinned: store.Pinned,
+                version: str) -> Bundle:
         try:
-            return cls._verify(root, mpath, manifest)
+            cls._check_files(root, manifest, pinned)
+            return cls(root, manifest, pinned=pinned, version=version)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(f"{mpath}: manifest is malformed ({type(e).__name__}: {e}); re-export the "
                               "bundle") from None
 
-    @classmethod
-    def _verify(cls, root: Path, mpath: Path, manifest: dict[str, Any]) -> Bundle:
+    @staticmethod
+    def _check_files(root: Path, manifest: dict[str, Any], pinned: store.Pinned) -> None:
         listed = set()
         for rel, meta in manifest["files"].items():
-            fpath = root / _safe_relpath(rel)
+            _safe_relpath(rel)
             listed.add(rel)
             if not isinstance(meta, dict) or not {"bytes", "sha256"} <= meta.keys():
                 raise BundleError(f"manifest entry for bundle file {rel!r} lacks its size or sha256; "
                                   "re-export the bundle")
-            if not fpath.is_file():
-                raise BundleError(f"bundle file {rel!r} is missing from {root}; re-export the bundle")
-            size = fpath.stat().st_size
+            size = pinned.size(rel)
             if size != meta["bytes"]:
                 raise BundleError(f"bundle file {rel!r} is {size} bytes, manifest says {meta['bytes']}: "
                                   "truncated or modified; re-export the bundle")
-            if _sha256_file(fpath) != meta["sha256"]:
+            if sha256_bytes(pinned.read(rel)) != meta["sha256"]:
                 raise BundleError(f"bundle file {rel!r} fails its sha256 check: modified after export; "
                                   "re-export the bundle")
-        for fpath in root.rglob("*"):
-            rel = fpath.relative_to(root).as_posix()
-            if fpath.is_file() and rel != MANIFEST and rel not in listed:
+        for rel in pinned.files():
+            if rel != MANIFEST and rel not in listed:
                 raise BundleError(f"bundle file {rel!r} is not listed in the manifest: added after export; "
                                   "remove it or re-export")
         segments = manifest.get("segments", {})
@@ -187,7 +228,6 @@ class Bundle:
             f = manifest["files"].get(t["file"])
             if f is None or t["offset"] + t["bytes"] > f["bytes"]:
                 raise BundleError(f"tensor {tid!r} lies outside {t['file']!r}; the manifest is inconsistent")
-        return cls(root, manifest)
 
     @staticmethod
     def _check_manifest(mpath: Path, m: Any) -> None:
@@ -211,13 +251,31 @@ class Bundle:
         return meta["sha256"]
 
     def read(self, rel: str) -> bytes:
-        """The bytes of a listed file, checked again against its sha256 (files may change after open)."""
+        """The bytes of a listed file of this version, checked again against its sha256."""
         want = self.sha256(rel)
-        data = (self.path / _safe_relpath(rel)).read_bytes()
+        _safe_relpath(rel)
+        data = self._version().read(rel)
         if sha256_bytes(data) != want:
-            raise BundleError(f"bundle file {rel!r} fails its sha256 check: modified after the bundle was "
-                              "opened; re-export the bundle")
+            raise BundleError(f"bundle file {rel!r} fails its sha256 check: modified in place after the "
+                              "bundle was opened (edgeflex never does); re-export the bundle")
         return data
+
+    def _version(self) -> store.Pinned:
+        """This version, held: the pin taken at open, or after `close()` a new one if the path still holds
+        this version."""
+        if self._pinned is None:
+            pinned = store.Pinned(self.path)
+            try:
+                raw = pinned.read(MANIFEST, limit=MANIFEST_LIMIT)
+            except BaseException:
+                pinned.close()
+                raise
+            if sha256_bytes(raw) != self.version:
+                pinned.close()
+                raise BundleError(f"bundle {str(self.path)!r} was rewritten since it was opened (a new "
+                                  "export, profile or compile): open it again to read the new version")
+            self._pinned = pinned
+        return self._pinned
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the weights file(s), read once (checksummed) as read-only array views."""
@@ -240,98 +298,99 @@ class Bundle:
         raise BundleError(f"bundle {self.name!r} has no config {name!r}; it has: {known}")
 
 
+def model_id(manifest: dict[str, Any]) -> str:
+    """What identifies the model a bundle version holds: its manifest and files but for measurements and
+    builds added later (`profiles/`, `engines/`) and the manifest's own checksum. `profile`/`compile` keep
+    it; a re-export changes it."""
+    later = ("profiles/", "engines/")
+    files = {k: v for k, v in manifest.get("files", {}).items() if not k.startswith(later)}
+    core = {**{k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256")}, "files": files}
+    return sha256_bytes(json.dumps(core, sort_keys=True, separators=(",", ":")).encode())
+
+
 def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], files: dict[str, bytes],
-                 *, overwrite: bool = True) -> Bundle:
-    """Write a bundle atomically: everything goes to a temp dir beside `path`, then one rename.
+                 *, overwrite: bool = False) -> Bundle:
+    """Write a bundle at `path` atomically (`store.commit`: built beside it, swapped in whole).
 
     `manifest` gets `format`, `format_version` and `files` (sha256 and size of each) filled in here.
-    An existing bundle at `path` is replaced only after the new one is complete.
+    Something at `path` that is not an edgeflex bundle is never replaced; a bundle only with `overwrite`.
+    The new directory's permissions follow the umask. Returns the new version, opened and closed.
     """
-    dest = Path(path)
-    if dest.suffix != SUFFIX:
-        raise BundleError(f"bundle path {str(dest)!r} must end in {SUFFIX} (e.g. {dest.name}{SUFFIX})")
-    if dest.exists() and not overwrite:
-        raise BundleError(f"bundle {str(dest)!r} already exists; pass overwrite=True or choose another path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = store.target(path, overwrite=overwrite, new=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
                 "files": {_safe_relpath(rel): {"sha256": sha256_bytes(data), "bytes": len(data)}
                           for rel, data in sorted(files.items())}}
 
     def fill(tmp: Path) -> None:
         for rel, data in files.items():
-            fpath = tmp / rel
-            fpath.parent.mkdir(parents=True, exist_ok=True)
-            fpath.write_bytes(data)
+            store.write_file(tmp / rel, data)
 
-    return _commit(dest, manifest, fill)
-
-
-def _commit(dest: Path, manifest: dict[str, Any], fill) -> Bundle:
-    """Build the bundle in a temp dir beside `dest` (`fill` writes the files, then the manifest), fsync it,
-    swap it in; on any failure remove the temp dir and leave `dest` as it was."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        fill(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle.open(dest)
+    with _writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with store.writer_lock(dest.parent):
+            store.recover(dest)
+            store.target(dest, overwrite=overwrite, new=True)      # again, now that no writer can race us
+            store.commit(dest, fill, _manifest_bytes(manifest), mode=None)
+    return _opened(dest)
 
 
-def _fsync_tree(root: Path) -> None:
-    for fpath in root.rglob("*"):
-        if fpath.is_file():
-            with open(fpath, "rb") as f:
-                os.fsync(f.fileno())
+def update_bundle(path: str | os.PathLike,
+                  files: dict[str, bytes] | Callable[[Bundle], dict[str, bytes]]) -> Bundle:
+    """Add or replace files of an existing, verified bundle, atomically (a new version swapped in).
 
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    # NOTE: a directory cannot be swapped in one rename over a non-empty one; the old copy is moved
-    # aside first and removed only once the new one is in place, so one of them is always whole.
-    if not dest.exists():
-        os.rename(new, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    try:
-        os.rename(dest, old / dest.name)
-    except BaseException:
-        old.rmdir()
-        raise
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        os.rename(old / dest.name, dest)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def update_bundle(path: str | os.PathLike, files: dict[str, bytes]) -> Bundle:
-    """Add or replace files of an existing, verified bundle, atomically (a new directory swapped in).
-
-    Unchanged files are hard-linked into the new copy where the file system allows (copied otherwise).
+    `files` may be a function of the bundle as it is when the writer lock is held (to merge with what is
+    there without losing another writer's update). Unchanged files are hard-linked into the new version
+    where the file system allows (copied otherwise); the new version keeps the old one's permissions.
+    Returns the new version, opened and closed.
     """
-    old = Bundle.open(path)
-    dest = old.path
-    manifest = {k: v for k, v in old.manifest.items() if k not in ("format", "format_version")}
-    entries = dict(manifest["files"])
-    for rel, data in files.items():
-        entries[_safe_relpath(rel)] = {"sha256": sha256_bytes(data), "bytes": len(data)}
-    manifest["files"] = dict(sorted(entries.items()))
+    dest = store.target(path, overwrite=True, new=False)
+    with _writing(dest), store.writer_lock(dest.parent):
+        store.recover(dest)
+        with Bundle.open(dest) as old:
+            add = files(old) if callable(files) else files
+            manifest = {k: v for k, v in old.manifest.items() if k not in ("format", "format_version")}
+            entries = dict(manifest["files"])
+            for rel, data in add.items():
+                entries[_safe_relpath(rel)] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+            manifest["files"] = dict(sorted(entries.items()))
+            pinned = old._version()
+            mode = os.fstat(pinned.fd).st_mode & 0o7777
 
-    def fill(tmp: Path) -> None:
-        for rel in entries:
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if rel in files:
-                target.write_bytes(files[rel])
-                continue
-            try:
-                os.link(dest / rel, target)
-            except OSError:
-                shutil.copy2(dest / rel, target)
+            def fill(tmp: Path) -> None:
+                for rel in entries:
+                    if rel in add:
+                        store.write_file(tmp / rel, add[rel], mode=mode & 0o666)
+                    else:
+                        store.link_or_copy(pinned, rel, tmp / rel)
+                store.copy_dir_modes(pinned, tmp, mode)
 
-    return _commit(dest, {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, fill)
+            store.commit(dest, fill, _manifest_bytes({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                      **manifest}), mode=mode)
+    return _opened(dest)
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1) + "\n").encode()
+
+
+def _opened(dest: Path) -> Bundle:
+    b = Bundle.open(dest)
+    b.close()
+    return b
+
+
+class _writing:
+    """Turns an OS error of a write into a one-line BundleError naming the bundle and the cause."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            raise BundleError(f"cannot write bundle {str(self.dest)!r}: {err.strerror or err}{where}; "
+                              "nothing was changed") from None
+        return False

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeflex.devices import host_info, path_name
 
-from .bundle import Bundle, update_bundle
+from .bundle import Bundle, model_id, update_bundle
 from .errors import BundleError, UsageError
 
 PROFILE_FORMAT = 1
@@ -114,6 +114,7 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
         by_threads[str(threads)][name] = stats
     rt.switch(start_config, threads=start_threads)
     return {"format": PROFILE_FORMAT, "device": rt.device, "obtained": "measured", "batch": batch,
+            "model": model_id(rt.bundle.manifest),
             "env": environment(rt), "configs": by_threads[str(rt.thread_counts[0])],
             "by_threads": by_threads}
 
@@ -144,21 +145,34 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
     """Add or replace `profiles/<device>.json` in the bundle at `path`, atomically.
 
     With `merge`, measurements the stored profile has at other thread counts are kept when it was taken
-    on the same host, backend and batch (so `--threads 2` then `--threads 1` adds up); otherwise replaced."""
-    if merge:
-        old = load_profile(Bundle.open(path), profile["device"])
+    on the same host, backend and batch (so `--threads 2` then `--threads 1` adds up); otherwise replaced.
+    The merge reads the stored profile under the writer lock, so two profilers at once lose nothing. A
+    profile measured on another model than the one now at `path` (re-exported meanwhile) is refused."""
+
+    def files(current: Bundle) -> dict[str, bytes]:
+        prof = profile
+        if prof.get("model", model_id(current.manifest)) != model_id(current.manifest):
+            raise BundleError(f"bundle {str(path)!r} was re-exported while it was being profiled: the "
+                              "profile is of the model it held before; profile it again")
+        old = load_profile(current, prof["device"]) if merge else None
         same = old is not None and all(
-            old.get("env", {}).get(k) == profile.get("env", {}).get(k) for k in ("host", "backend", "fused")
-        ) and old.get("batch") == profile.get("batch")
+            old.get("env", {}).get(k) == prof.get("env", {}).get(k) for k in ("host", "backend", "fused")
+        ) and old.get("batch") == prof.get("batch")
         if same:
             kept = {str(t): profile_at(old, t) for t in profile_threads(old)}
-            new = profile.get("by_threads") or {str(profile["env"]["threads"]): profile["configs"]}
+            new = prof.get("by_threads") or {str(prof["env"]["threads"]): prof["configs"]}
             by_threads = {**kept, **new}
             counts = sorted(int(t) for t in by_threads)
-            profile = {**profile, "by_threads": by_threads,
-                       "env": {**profile["env"], "thread_counts": counts}}
-    data = (json.dumps(profile, indent=1) + "\n").encode()
-    return update_bundle(path, {profile_path(profile["device"]): data})
+            prof = {**prof, "by_threads": by_threads, "env": {**prof["env"], "thread_counts": counts}}
+        return {profile_path(prof["device"]): (json.dumps(prof, indent=1) + "\n").encode()}
+
+    return update_bundle(path, files)
+
+
+def load_profiles(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    """Every latency profile stored in `bundle`, by device file name (read once: a `Runtime` keeps them)."""
+    return {rel: load_profile(bundle, rel.removeprefix("profiles/").removesuffix(".json"))
+            for rel in bundle.manifest["files"] if rel.startswith("profiles/") and rel.endswith(".json")}
 
 
 def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:

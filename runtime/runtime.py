@@ -22,11 +22,11 @@ from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
 from .backends import Backend, Engine, get_backend
-from .bundle import Bundle, Config, TensorSpec
+from .bundle import Bundle, Config, TensorSpec, model_id
 from .checks import check_inputs
 from .errors import BundleError, UsageError
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
-from .profiles import load_profile, profile_at, profile_threads
+from .profiles import load_profiles, profile_at, profile_path, profile_threads
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,12 @@ class Runtime:
                 self._by_key[plan.key] = plan
         self._plan = self._plan_sets[self.thread_counts[0]][start.name]
         self._adapter: Adapter | None = None
+        self._budget_call: dict[str, Any] | None = None
         self.budget_met = True
+        # Everything is loaded: keep the profiles of this version and let writers remove it once replaced
+        # (this runtime never reads the bundle again; `reload_profiles` reads a newer version's).
+        self._profiles = load_profiles(self.bundle)
+        self.bundle.close()
 
     # --- loading -----------------------------------------------------------------------------------------
 
@@ -321,7 +326,7 @@ class Runtime:
     def latency_profile(self) -> dict[str, Any] | None:
         """This device's measured profile stored in the bundle (None if there is none, or it was measured
         on another host than this one)."""
-        prof = load_profile(self.bundle, self.device)
+        prof = self._profiles.get(profile_path(self.device))
         if prof is not None and self.device == "host":
             here, there = host_info(), prof.get("env", {}).get("host", {})
             if (there.get("cpu"), there.get("cores")) != (here["cpu"], here["cores"]):
@@ -334,7 +339,7 @@ class Runtime:
         from edgeflex.devices import get_device
         from edgeflex.devices.predictor import fit
 
-        host = load_profile(self.bundle, "host")
+        host = self._profiles.get(profile_path("host"))
         costed = [c for c in self.configs if "costs" in c.extra]
         if host is None or len(costed) < 2:
             raise BudgetError(f"no profile of bundle {self.bundle.name!r} measured on {device}, and no host "
@@ -357,7 +362,7 @@ class Runtime:
         """The configs that fit `budget` on `device` (default: this runtime's), p90 within margin x latency,
         best quality first. Without a profile measured on that device, the predictor's (each row says)."""
         device = device or self.device
-        prof = self.latency_profile() if device == self.device else load_profile(self.bundle, device)
+        prof = self.latency_profile() if device == self.device else self._profiles.get(profile_path(device))
         if prof is None and device != "host":
             prof = self.predicted_profile(device)
         if prof is None:
@@ -386,8 +391,9 @@ class Runtime:
 
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
+        call = {k: v for k, v in locals().items() if k != "self"}
         if budget is None:
-            self._adapter, self.budget_met = None, True
+            self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
         prof = self.latency_profile()
         if prof is None:
@@ -419,7 +425,25 @@ class Runtime:
                         adapter.current)
         self._plan = self._by_key[adapter.current]
         self._adapter = adapter if adapt else None
+        self._budget_call = call
         return self.config
+
+    def reload_profiles(self) -> list[str]:
+        """Take up the latency profiles of the bundle now at this runtime's path (measured by `edgeflex
+        profile` since it was opened); the engines stay as they are. A budget set is planned again on them.
+        Returns the profile files that changed. Raises BundleError when the bundle there holds another model
+        (re-exported): make a new Runtime to run that one."""
+        with Bundle.open(self.bundle.path) as now:
+            if model_id(now.manifest) != model_id(self.bundle.manifest):
+                raise BundleError(f"bundle {str(self.bundle.path)!r} was re-exported since this runtime "
+                                  "opened it: its profiles are of another model; open a new Runtime for it")
+            profiles = load_profiles(now)
+        changed = sorted(rel for rel in {*profiles, *self._profiles}
+                         if profiles.get(rel) != self._profiles.get(rel))
+        self.bundle, self._profiles = now, profiles
+        if self._budget_call is not None:
+            self.set_budget(**self._budget_call)
+        return changed
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import edgeflex as ef
-from edgeflex.runtime import bundle as bundle_mod
+from edgeflex.runtime import store
 from edgeflex.runtime.bundle import MANIFEST, write_bundle
 
 GRAPH = "graphs/main.onnx"
@@ -149,16 +149,16 @@ def test_write_bundle_replaces_existing(copy: Path) -> None:
     manifest, files = _parts(ef.Bundle.open(copy))
     manifest["name"] = "second"
     files["graphs/extra.bin"] = b"\x00\x01"
-    b = write_bundle(copy, manifest, files)
+    b = write_bundle(copy, manifest, files, overwrite=True)
     assert b.name == "second" and ef.Bundle.open(copy).name == "second"
     assert set(b.manifest["files"]) == {GRAPH, "graphs/extra.bin"}
     assert os.listdir(copy.parent) == [copy.name]
 
 
-def test_write_bundle_refuses_overwrite_false_and_bad_suffix(copy: Path) -> None:
+def test_write_bundle_refuses_an_existing_bundle_by_default_and_bad_suffix(copy: Path) -> None:
     manifest, files = _parts(ef.Bundle.open(copy))
-    with pytest.raises(ef.BundleError, match="already exists"):
-        write_bundle(copy, manifest, files, overwrite=False)
+    with pytest.raises(ef.BundleError, match="already exists.*--force"):
+        write_bundle(copy, manifest, files)
     with pytest.raises(ef.BundleError, match=r"\.efx"):
         write_bundle(copy.parent / "plain", manifest, files)
     assert os.listdir(copy.parent) == [copy.name]
@@ -173,34 +173,31 @@ def test_failed_write_midway_keeps_old_bundle(copy: Path, monkeypatch: pytest.Mo
     old = ef.Bundle.open(copy)
     manifest, files = _parts(old)
     manifest["name"] = "second"
-    real = Path.write_bytes
+    real = store.write_file
 
-    def write_bytes(self, data):
-        real(self, data[: len(data) // 2])
+    def write_file(path, data, **kw):
+        real(path, data[: len(data) // 2], **kw)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", write_bytes)
-    with pytest.raises(OSError, match="No space"):
-        write_bundle(copy, manifest, files)
+    monkeypatch.setattr(store, "write_file", write_file)
+    with pytest.raises(ef.BundleError, match="cannot write bundle.*No space.*nothing was changed"):
+        write_bundle(copy, manifest, files, overwrite=True)
     monkeypatch.undo()
     _old_intact(copy, old.name)
 
 
 def test_failed_swap_keeps_old_bundle(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rename that moves the new tree into place fails: the old tree must come back."""
+    """The rename that moves the new tree into place fails: the old tree stays."""
     old = ef.Bundle.open(copy)
     manifest, files = _parts(old)
     manifest["name"] = "second"
-    real = os.rename
 
-    def rename(src, dst):
-        if Path(dst) == copy and ".tmp-" in Path(src).name:
-            raise OSError(16, "Device or resource busy")
-        return real(src, dst)
+    def swap(new, dest):
+        raise OSError(16, "Device or resource busy")
 
-    monkeypatch.setattr(bundle_mod.os, "rename", rename)
-    with pytest.raises(OSError, match="busy"):
-        write_bundle(copy, manifest, files)
+    monkeypatch.setattr(store, "_swap", swap)
+    with pytest.raises(ef.BundleError, match="busy"):
+        write_bundle(copy, manifest, files, overwrite=True)
     monkeypatch.undo()
     _old_intact(copy, old.name)
 
@@ -212,14 +209,17 @@ def test_interrupted_write_keeps_old_bundle(copy: Path, monkeypatch: pytest.Monk
     def fsync_tree(root):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_mod, "_fsync_tree", fsync_tree)
+    monkeypatch.setattr(store, "_fsync_tree", fsync_tree)
     with pytest.raises(KeyboardInterrupt):
-        write_bundle(copy, manifest, files)
+        write_bundle(copy, manifest, files, overwrite=True)
     monkeypatch.undo()
     _old_intact(copy, old.name)
 
 
-def test_failed_move_aside_leaves_no_temp_dir(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_move_aside_without_exchange_leaves_no_temp_dir(copy: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the file system has no RENAME_EXCHANGE, the old version is moved aside first: that failing
+    leaves the old bundle and no temp directory."""
     old = ef.Bundle.open(copy)
     manifest, files = _parts(old)
     real = os.rename
@@ -229,8 +229,9 @@ def test_failed_move_aside_leaves_no_temp_dir(copy: Path, monkeypatch: pytest.Mo
             raise OSError(13, "Permission denied")
         return real(src, dst)
 
-    monkeypatch.setattr(bundle_mod.os, "rename", rename)
-    with pytest.raises(OSError, match="Permission denied"):
-        write_bundle(copy, manifest, files)
+    monkeypatch.setenv("EDGEFLEX_NO_RENAME_EXCHANGE", "1")
+    monkeypatch.setattr(store.os, "rename", rename)
+    with pytest.raises(ef.BundleError, match="Permission denied"):
+        write_bundle(copy, manifest, files, overwrite=True)
     monkeypatch.undo()
     _old_intact(copy, old.name)

@@ -164,7 +164,7 @@ def test_failed_export_leaves_an_existing_bundle_alone(make_fits, tmp_path: Path
     first = ef.export(model, torch.randn(2, SEQ_LEN, CHANNELS), path)
     before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
     with pytest.raises(ef.ExportError, match="exceeds the tolerance"):
-        ef.export(model, torch.randn(2, SEQ_LEN, CHANNELS), path, tolerance=1e-12)
+        ef.export(model, torch.randn(2, SEQ_LEN, CHANNELS), path, tolerance=1e-12, overwrite=True)
     after = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
     assert after == before
     assert ef.Bundle.open(path).manifest["created"] == first.manifest["created"]
