@@ -365,7 +365,7 @@ def update_bundle(path: str | os.PathLike,
                 store.copy_dir_modes(pinned, tmp, mode)
 
             store.commit(dest, fill, _manifest_bytes({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                      **manifest}), mode=mode)
+                                                      **manifest}), mode=mode, swapped=old.close)
     return _opened(dest)
 
 

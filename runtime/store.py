@@ -184,10 +184,13 @@ def writer_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def commit(dest: Path, fill: Callable[[Path], None], manifest: bytes, *, mode: int | None) -> None:
+def commit(dest: Path, fill: Callable[[Path], None], manifest: bytes, *, mode: int | None,
+           swapped: Callable[[], None] | None = None) -> None:
     """Build a version in `.NAME.efx.tmp-*` beside `dest` (`fill` writes its files, then `manifest`),
     fsync it, and swap it in; the caller holds `writer_lock(dest.parent)`. On any failure the temp
-    directory goes and `dest` stays as it was. `mode`: the new root's permissions (None: from the umask)."""
+    directory goes and `dest` stays as it was. `mode`: the new root's permissions (None: from the umask).
+    `swapped` is called once the new version is in, before the old one is retired (an update lets go of
+    the old version it linked from there, so that its own hold does not keep it)."""
     fault("locked")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP}", dir=dest.parent))
     try:
@@ -196,7 +199,7 @@ def commit(dest: Path, fill: Callable[[Path], None], manifest: bytes, *, mode: i
         fault("created")
         fill(tmp)
         fault("filled")
-        _write_synced(tmp / MANIFEST, manifest)
+        _write_synced(tmp / MANIFEST, manifest, None if mode is None else mode & 0o666)
         _fsync_tree(tmp)
         fault("synced")
         os.unlink(tmp / PARTIAL)
@@ -207,6 +210,8 @@ def commit(dest: Path, fill: Callable[[Path], None], manifest: bytes, *, mode: i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fault("swapped")
+    if swapped is not None:
+        swapped()
     _fsync_dir(dest.parent)
     if tmp.exists():            # the exchange left the replaced version at the temp name
         retire(tmp, dest)
@@ -250,9 +255,11 @@ def copy_dir_modes(old: Pinned, new: Path, mode: int) -> None:
             os.chmod(os.path.join(top, d), m)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes, mode: int | None) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.flush()
         os.fsync(f.fileno())
 
