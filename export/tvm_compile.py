@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeflex.runtime.backends.base import Backend, Engine
 from edgeflex.runtime.backends.tvm import BACKEND_CHOICE, DRESS_CHOICE, HOST, creator, host_cpu, target_dir
-from edgeflex.runtime.bundle import Bundle, TensorSpec, sha256_bytes, update_bundle
+from edgeflex.runtime.bundle import Bundle, TensorSpec, model_id, sha256_bytes, update_bundle
 from edgeflex.runtime.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 
 log = logging.getLogger(__name__)
@@ -628,8 +628,10 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
             if progress is not None and not tune:
                 progress(stem, i + 1, len(jobs))
     choice_file = f"{folder}/{DRESS_CHOICE}"
+    bundle.close()          # let the updates below retire the version compiled from
+    model = model_id(bundle.manifest)
     if both and tgt.name == HOST:
-        update_bundle(bundle.path, files)
+        update_bundle(bundle.path, files, model=model)
         try:
             choice = measure_dress_kernels(bundle.path, threads=threads, configs=configs,
                                            batch=batch or 1)
@@ -641,7 +643,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     elif choice_file in bundle.manifest["files"]:
         # the libraries change: an earlier measurement no longer describes them
         files[choice_file] = (json.dumps({"stale": True, "levels": {}}) + "\n").encode()
-    update_bundle(bundle.path, files)
+    update_bundle(bundle.path, files, model=model)
     backends = None
     if tgt.name == HOST:
         try:
@@ -651,7 +653,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
             log.warning("could not time TVM against ONNX Runtime (%s); backend='auto' runs ONNX Runtime", e)
             backends = {"stale": True, "faster": None, "error": str(e)}
         update_bundle(bundle.path, {f"{folder}/{BACKEND_CHOICE}": (json.dumps(backends, indent=1) + "\n")
-                                    .encode()})
+                                    .encode()}, model=model)
     return {"bundle": str(bundle.path), "target": tgt.name, "target_dict": tgt.target, "source": tgt.source,
             "engines": records, "dress_kernels": json.loads(files[choice_file]) if choice_file in files
             else None, "backends": backends}

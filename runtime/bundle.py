@@ -334,19 +334,23 @@ def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], files: dict[
     return _opened(dest)
 
 
-def update_bundle(path: str | os.PathLike,
-                  files: dict[str, bytes] | Callable[[Bundle], dict[str, bytes]]) -> Bundle:
+def update_bundle(path: str | os.PathLike, files: dict[str, bytes] | Callable[[Bundle], dict[str, bytes]],
+                  *, model: str | None = None) -> Bundle:
     """Add or replace files of an existing, verified bundle, atomically (a new version swapped in).
 
     `files` may be a function of the bundle as it is when the writer lock is held (to merge with what is
     there without losing another writer's update). Unchanged files are hard-linked into the new version
     where the file system allows (copied otherwise); the new version keeps the old one's permissions.
-    Returns the new version, opened and closed.
+    `model`: the `model_id` what is added was made from; refused if the bundle now holds another model
+    (re-exported meanwhile). Returns the new version, opened and closed.
     """
     dest = store.target(path, overwrite=True, new=False)
     with _writing(dest), store.writer_lock(dest.parent):
         store.recover(dest)
         with Bundle.open(dest) as old:
+            if model is not None and model_id(old.manifest) != model:
+                raise BundleError(f"bundle {str(dest)!r} was re-exported meanwhile: what was to be added was "
+                                  "made from the model it held before; run the command again")
             add = files(old) if callable(files) else files
             manifest = {k: v for k, v in old.manifest.items() if k not in ("format", "format_version")}
             entries = dict(manifest["files"])

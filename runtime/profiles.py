@@ -151,9 +151,6 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
 
     def files(current: Bundle) -> dict[str, bytes]:
         prof = profile
-        if prof.get("model", model_id(current.manifest)) != model_id(current.manifest):
-            raise BundleError(f"bundle {str(path)!r} was re-exported while it was being profiled: the "
-                              "profile is of the model it held before; profile it again")
         old = load_profile(current, prof["device"]) if merge else None
         same = old is not None and all(
             old.get("env", {}).get(k) == prof.get("env", {}).get(k) for k in ("host", "backend", "fused")
@@ -166,7 +163,7 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
             prof = {**prof, "by_threads": by_threads, "env": {**prof["env"], "thread_counts": counts}}
         return {profile_path(prof["device"]): (json.dumps(prof, indent=1) + "\n").encode()}
 
-    return update_bundle(path, files)
+    return update_bundle(path, files, model=profile.get("model"))
 
 
 def load_profiles(bundle: Bundle) -> dict[str, dict[str, Any]]:
