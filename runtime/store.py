@@ -80,12 +80,14 @@ class Pinned:
         except NotADirectoryError:
             raise BundleError(f"bundle {str(path)!r} is a file, not a directory NAME{SUFFIX}/ written by "
                               "`edgeflex export`") from None
-        except PermissionError:
-            raise BundleError(f"bundle {str(path)!r} cannot be read: permission denied") from None
+        except (OSError, ValueError) as e:     # permission, a link loop, a NUL in the name, ...
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise BundleError(f"bundle {str(path)!r} cannot be opened: {why}") from None
 
     def _open(self, rel: str) -> int:
         try:
-            fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.fd)
+            # O_NONBLOCK: a FIFO or device planted under a listed name must not hang the open
+            fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self.fd)
         except FileNotFoundError:
             raise BundleError(f"bundle file {rel!r} is missing from {self.path}; re-export the bundle") \
                 from None

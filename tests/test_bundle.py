@@ -235,3 +235,21 @@ def test_failed_move_aside_without_exchange_leaves_no_temp_dir(copy: Path,
         write_bundle(copy, manifest, files, overwrite=True)
     monkeypatch.undo()
     _old_intact(copy, old.name)
+
+
+def test_odd_things_at_the_path_or_inside_are_one_line_errors(copy: Path) -> None:
+    """A FIFO planted as the manifest must not hang the open; links loops, NULs, bytes and a file path
+    are named, never raised raw."""
+    os.rename(copy / MANIFEST, copy.parent / "m.json")
+    os.mkfifo(copy / MANIFEST)
+    assert "not a regular file" in _open_fails(copy, MANIFEST)
+    os.unlink(copy / MANIFEST)
+    os.rename(copy.parent / "m.json", copy / MANIFEST)
+    (copy.parent / "loop.efx").symlink_to("loop.efx")
+    for bad, words in [(copy.parent / "loop.efx", "symbolic links"), (f"{copy}\0x", "null byte"),
+                       (bytes(copy), "str or os.PathLike"), (copy / MANIFEST, "is a file"),
+                       (None, "str or os.PathLike")]:
+        with pytest.raises(ef.BundleError, match=words):
+            ef.Bundle.open(bad)
+    (copy / "graphs" / "planted").symlink_to("/etc/passwd")
+    _open_fails(copy, "graphs/planted", "not listed")
