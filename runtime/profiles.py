@@ -20,8 +20,10 @@ import numpy as np
 
 from edgeflex.devices import host_info, path_name
 
+from .args import check_bool, check_int, check_real
 from .bundle import Bundle, update_bundle
-from .errors import BundleError, UsageError
+from .errors import BundleError
+from .progress import bar as progress_bar
 
 PROFILE_FORMAT = 1
 PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): see measure_profile
@@ -73,10 +75,14 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
     import random
 
-    from tqdm.auto import tqdm
-
-    if rounds < 1:
-        raise UsageError(f"profile rounds must be >= 1, got {rounds}")
+    check_int("batch", batch, 1)
+    check_int("warmup", warmup, 0)
+    check_int("min_runs", min_runs, 1)
+    check_int("max_runs", max_runs, 1)
+    check_real("min_seconds", min_seconds, 0, lo_open=False)
+    check_bool("memory", memory)
+    check_bool("progress", progress)
+    check_int("rounds", rounds, 1)
     shape = [batch if d is None else d for d in rt.inputs[0].shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(rt.inputs[0].dtype)
     extra = [np.random.default_rng(i).standard_normal([batch if d is None else d for d in s.shape])
@@ -86,7 +92,7 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     times: dict[tuple[int, str], list[float]] = {item: [] for item in todo}
     per_round_s, per_round_runs = min_seconds / rounds, max(1, -(-min_runs // rounds))
     cap = max(1, max_runs // rounds)
-    bar = tqdm(total=rounds * len(todo), desc=f"profile {rt.bundle.name}", disable=not progress, leave=False)
+    bar = progress_bar(rounds * len(todo), f"profile {rt.bundle.name}", show=progress, leave=False)
     for r in range(rounds):
         order = list(todo)
         random.Random(r).shuffle(order)
