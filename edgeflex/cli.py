@@ -363,6 +363,8 @@ def cmd_query(a: argparse.Namespace) -> int:
     from edgeflex.devices import check_device
     from edgeflex.runtime import Budget
 
+    if a.latency_ms is None and a.memory_mb is None and a.energy_mj is None:
+        raise UsageError("query needs a budget: give --latency-ms, --memory-mb and/or --energy-mj")
     rt = Runtime(a.bundle, threads=a.threads)          # runs here; the query is about --device
     budget = Budget(latency_ms=a.latency_ms, memory_mb=a.memory_mb, energy_mj=a.energy_mj)
     hits = rt.query(budget, margin=a.margin, device=check_device(a.device))
