@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeflex.devices import host_info, path_name
 
-from .args import check_bool, check_int, check_real
+from .args import check_bool, check_int, check_path, check_real, fail
 from .bundle import Bundle, update_bundle
 from .errors import BundleError
 from .progress import bar as progress_bar
@@ -75,6 +75,10 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
     import random
 
+    from .runtime import Runtime  # here: runtime.py imports this module
+
+    if not isinstance(rt, Runtime):
+        fail("rt", rt, "an edgeflex.Runtime")
     check_int("batch", batch, 1)
     check_int("warmup", warmup, 0)
     check_int("min_runs", min_runs, 1)
@@ -151,6 +155,10 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
 
     With `merge`, measurements the stored profile has at other thread counts are kept when it was taken
     on the same host, backend and batch (so `--threads 2` then `--threads 1` adds up); otherwise replaced."""
+    check_path("path", path)
+    if not isinstance(profile, dict) or not {"device", "configs", "env"} <= set(profile):
+        fail("profile", profile, "a profile dict from measure_profile (device, configs, env)")
+    check_bool("merge", merge)
     if merge:
         old = load_profile(Bundle.open(path), profile["device"])
         same = old is not None and all(
