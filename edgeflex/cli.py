@@ -202,6 +202,9 @@ def load_npy(path: str) -> np.ndarray:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise bad("the file is empty")
+        if f.read(4) == b"PK\x03\x04":
+            raise bad("it is a zip archive (np.savez: .npz), not one array")
+        f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \

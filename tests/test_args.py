@@ -438,7 +438,7 @@ def test_run_input_files_that_are_not_arrays(capsys, fits_bundle: Path, tmp_path
     assert rc == 2 and "Python objects" in err
     np.savez(tmp_path / "x.npz", x=_x())
     rc, _, err = run_cli(capsys, "run", fits_bundle, "--input", tmp_path / "x.npz")
-    assert rc == 2 and "no valid .npy header" in err
+    assert rc == 2 and "zip archive (np.savez: .npz)" in err
     rc, _, err = run_cli(capsys, "run", fits_bundle, "--input", tmp_path / "missing.npy")
     assert rc == 1 and "missing.npy: No such file or directory" in err
 
