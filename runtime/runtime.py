@@ -105,8 +105,8 @@ class Runtime:
         check_bool("allow_native", allow_native)
         check_bool("shared_threads", shared_threads)
         self.device = check_device(device)
+        self.thread_counts = _thread_counts(threads)          # every argument checked before any file read
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
-        self.thread_counts = _thread_counts(threads)
         self.backend_reason = "asked for"
         if backend == "auto":
             from .backends.tvm import auto_backend

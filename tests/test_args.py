@@ -133,6 +133,16 @@ def test_runtime_arguments_raise_one_usage_error_naming_them(fits_bundle: Path, 
         ef.Runtime(fits_bundle, **kw)
 
 
+def test_arguments_are_checked_before_the_bundle_is_read(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.efx"
+    for kw, name in (({"threads": 2.0}, "threads"), ({"device": "nope"}, "device"), ({"fused": 0}, "fused"),
+                     ({"threads": CORES + 1}, "threads"), ({"only": []}, "only")):
+        with pytest.raises((ef.UsageError, ef.DeviceError), match=name):
+            ef.Runtime(missing, **kw)
+    with pytest.raises(ef.BundleError, match="not found"):
+        ef.Runtime(missing)
+
+
 @pytest.mark.parametrize("path", [None, 3, b"fits.efx", "", ["fits.efx"]])
 def test_runtime_path_must_be_a_path(path) -> None:
     with pytest.raises(ef.UsageError, match=r"^path=.*expected a path"):
