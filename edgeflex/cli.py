@@ -1,20 +1,30 @@
 """The `edgeflex` command line: export, info, run, compile, demo.
 
-Only this module prints. Verbs that need torch (export, demo) import it when they run, so `info` and
-`run` work on a board with numpy + onnxruntime alone.
+Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
+so `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime alone; on such a
+board those verbs say in one line which extra to install. A user's mistake (a bad argument, a missing or
+unreadable file, a bundle that fails its checks) ends in one line `edgeflex: error: ...`, never a traceback
+(`edgeflex --debug VERB ...` re-raises, for developers).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from edgeflex.runtime import EdgeflexError, Runtime
+from edgeflex import __version__
+from edgeflex.runtime import EdgeflexError, InputError, Runtime, UsageError
+from edgeflex.runtime.args import check_int, check_real, check_share, check_threads
 
 STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
 ELASTIC = ("dress-starnet-s050", "dress-mlp", "snnet-starnet")
@@ -118,7 +128,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     import edgeflex as ef
     from edgeflex.runtime.store import target
 
-    target(a.out, overwrite=a.force, new=True)      # refuse before training, not after
+    writable_file("--out", a.out, dir_ok=True)     # before training: a bad path fails in a second, not after
+    target(a.out, overwrite=a.force, new=True)      # never over what is not a bundle; a bundle with --force
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
                                                    image_size=a.image_size, horizon=a.horizon, data=a.data)
     kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta,
@@ -183,21 +194,88 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def load_npy(path: str) -> np.ndarray:
+    """A .npy file's array, its header checked before any byte of data is read: a header that promises
+    more bytes than the file holds (a 775 GiB shape in a 1 KiB file), an object dtype (pickle: never
+    loaded), an empty or garbage file are refused in one InputError naming the file."""
+    def bad(why: str) -> InputError:
+        return InputError(f"cannot read input {path!r} as a .npy array: {why}; save one array with np.save")
+
+    with open(path, "rb") as f:                         # OSError (missing, unreadable): main() names it
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise bad("the file is empty")
+        if f.read(4) == b"PK\x03\x04":
+            raise bad("it is a zip archive (np.savez: .npz), not one array")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise bad(f"no valid .npy header ({' '.join(str(e).split())[:120]})") from None
+        if dtype.hasobject:
+            raise bad(f"dtype {dtype} holds Python objects, which would need unpickling (refused)")
+        need, have = math.prod(shape) * dtype.itemsize, size - f.tell()
+        if need > have:
+            raise bad(f"its header says shape {list(shape)} {dtype} ({need:,} bytes), the file holds "
+                      f"{have:,} bytes of data (truncated or not a .npy file)")
+        f.seek(0)
+        try:
+            return np.load(f, allow_pickle=False)       # never unpickle a user's file
+        except (ValueError, EOFError) as e:
+            raise bad(" ".join(str(e).split())[:120]) from None
+
+
+def writable_file(flag: str, path: str, suffix: str = "", *, dir_ok: bool = False) -> Path:
+    """The file `path` will be written as (`suffix` added when missing, as np.save does), once its
+    directory is known to exist and take a file: checked before any work, so a long run is not lost to a
+    typo in the output path. `dir_ok`: `path` may be an existing directory (a bundle, replaced whole)."""
+    out = Path(path)
+    if suffix and out.suffix != suffix:
+        out = out.with_name(out.name + suffix)
+    if out.is_dir() and not dir_ok:
+        raise UsageError(f"{flag} {path!r} is a directory; expected a file path")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: directory {str(parent)!r} does not exist; create it or write "
+                         "elsewhere")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()      # a real probe: os.access says yes to root
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r}: cannot write in {str(parent)!r} ({e.strerror}); expected a "
+                         "writable directory") from None
+    return out
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to `path` atomically: a temp file beside it, synced, then renamed over it, so a failed
+    write (full disk, interrupt) leaves the old file or none, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def cmd_run(a: argparse.Namespace) -> int:
+    out = writable_file("--output", a.output, ".npy") if a.output else None
+    x = load_npy(a.input)
     rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, config=a.config,
                  allow_native=a.allow_native, shared_threads=True)  # it owns its process: one ORT pool
-    try:
-        x = np.load(a.input, allow_pickle=False)   # never unpickle a user's file
-    except (OSError, ValueError) as e:
-        raise EdgeflexError(f"cannot read input {a.input!r} as a .npy array ({e}); "
-                            "save it with np.save") from None
     y = rt.run(x)
     outs = y if isinstance(y, tuple) else (y,)
-    if a.output:
-        np.save(a.output, outs[0], allow_pickle=False)
+    if out is not None:
+        save_npy(out, outs[0])
     for spec, o in zip(rt.outputs, outs):
         print(f"{spec.name}: shape {list(o.shape)} {o.dtype}  min {o.min():.4g}  max {o.max():.4g}  "
-              f"mean {o.mean():.4g}" + (f"  -> {a.output}" if a.output else ""))
+              f"mean {o.mean():.4g}" + (f"  -> {out}" if out is not None else ""))
     return 0
 
 
@@ -239,13 +317,51 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- argument types: a bad value is refused while parsing, in argparse's one line ---------------------------
+
+def arg_type(parse: Callable[[str], object], check: Callable[[object], object], what: str):
+    """An argparse `type=`: the text parsed by `parse` (int, float), then checked by `check` (a
+    `runtime.args` check, called as check(value)); its error message says what is expected."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            return check(value)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(f"expected {getattr(e, 'expected', e)}, got {text!r}") from None
+
+    convert.__name__ = what         # argparse names the type in some messages
+    return convert
+
+
+def int_arg(lo: int, hi: int | None = None):
+    return arg_type(int, lambda v: check_int("value", v, lo, hi), "a whole number")
+
+
+def real_arg(lo: float, hi: float | None = None):
+    return arg_type(float, lambda v: check_real("value", v, lo, hi), "a number")
+
+
+POSITIVE = int_arg(1)
+COUNT = int_arg(0)
+SEED = int_arg(0, 2**32 - 1)        # numpy's and torch's seeds: non-negative, 32 bits here
+POSITIVE_REAL = real_arg(0)
+MARGIN = arg_type(float, lambda v: check_share("value", v), "a number")
+THREADS = arg_type(int, lambda v: check_threads("value", v), "a whole number")
+
+
 def _threads_arg(text: str) -> int | tuple[int, ...]:
-    """--threads: N, or N,M,... (each count's engines loaded and profiled)."""
+    """--threads: N, or N,M,... (each count's engines loaded and profiled), each in 1..usable cores."""
     try:
         counts = tuple(int(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"threads must be N or N,M,... (whole numbers), got {text!r}") \
             from None
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"threads must be distinct counts, got {text!r}")
+    counts = tuple(THREADS(str(t)) for t in counts)
     return counts[0] if len(counts) == 1 else counts
 
 
@@ -253,6 +369,8 @@ def cmd_query(a: argparse.Namespace) -> int:
     from edgeflex.devices import check_device
     from edgeflex.runtime import Budget
 
+    if a.latency_ms is None and a.memory_mb is None and a.energy_mj is None:
+        raise UsageError("query needs a budget: give --latency-ms, --memory-mb and/or --energy-mj")
     rt = Runtime(a.bundle, threads=a.threads)          # runs here; the query is about --device
     budget = Budget(latency_ms=a.latency_ms, memory_mb=a.memory_mb, energy_mj=a.energy_mj)
     hits = rt.query(budget, margin=a.margin, device=check_device(a.device))
@@ -278,17 +396,18 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if a.backend != "tvm":
         raise EdgeflexError(f"compile --backend {a.backend!r}: only 'tvm' compiles ahead of time "
                             "(onnxruntime needs no compile step)")
-    bar = None
+    from edgeflex.runtime.progress import bar as progress_bar
+
+    bar, bar_graph = None, None
 
     def progress(graph: str, done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, bar_graph
         if a.trials:
-            from tqdm import tqdm
-            if bar is not None and bar.desc != graph:
+            if bar is not None and bar_graph != graph:
                 bar.close()
                 bar = None
             if bar is None:
-                bar = tqdm(total=total, desc=graph, unit="trial")
+                bar, bar_graph = progress_bar(total, graph, unit="trial"), graph
             bar.update(done - bar.n)
         else:
             print(f"  [{done}/{total}] {graph}", flush=True)
@@ -352,6 +471,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from edgeflex.devices.measure import measure
 
     out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {a.out!r}: cannot create the directory ({e.strerror}); expected a writable "
+                         "path") from None
+    writable_file("--out", str(out / "summary.json"))
     start = time.perf_counter()
     rows, summary = [], {}
     for name in ("fits", "starnet-s050"):
@@ -393,8 +518,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # --- entry point -------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line like every other error of the command (no usage
+    block: `--help` shows it). Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeflex", description=__doc__.splitlines()[0])
+    p = _Parser(prog="edgeflex", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edgeflex {__version__}")
+    p.add_argument("--debug", action="store_true", help="let errors raise with their traceback")
     sub = p.add_subparsers(dest="verb", required=True)
     e = sub.add_parser("export", help="export a built-in model into a bundle")
     e.add_argument("--model", required=True, choices=MODELS)
@@ -402,20 +537,21 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
     e.add_argument("--train", action="store_true", help="train on the shipped data first (fits: CO2; "
                    "starnet-*: digits at 32x32; dress-*/snnet-* always train)")
-    e.add_argument("--epochs", type=int)
-    e.add_argument("--image-size", type=int, help="starnet input size (default 224, or 32 with --train)")
-    e.add_argument("--horizon", type=int, help="fits-*etth*: forecast horizon (default 96)")
+    e.add_argument("--epochs", type=POSITIVE)
+    e.add_argument("--image-size", type=POSITIVE, help="starnet input size (default 224, or 32 with --train)")
+    e.add_argument("--horizon", type=POSITIVE, help="fits-*etth*: forecast horizon (default 96)")
     e.add_argument("--data", help="fits-*etth*: ETTh1.csv / ETTh2.csv or their directory "
                    "(default ../shared/data/ETT beside the repository)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--name")
-    e.add_argument("--tolerance", type=float, default=1e-4, help="max relative export error (default 1e-4)")
+    e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
+                   help="max relative export error (default 1e-4)")
     e.set_defaults(fn=cmd_export)
     for verb, fn, help_ in (("info", cmd_info, "show a bundle"), ("run", cmd_run, "run a bundle on a .npy")):
         s = sub.add_parser(verb, help=help_)
         s.add_argument("bundle")
         s.add_argument("--backend", default="onnxruntime")
-        s.add_argument("--threads", type=int)
+        s.add_argument("--threads", type=THREADS)
         s.add_argument("--device", default="host", help=DEVICE_HELP)
         s.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
         s.set_defaults(fn=fn)
@@ -431,8 +567,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_threads_arg,
                     help="threads (default: the usable cores); several, e.g. 2,1, profile each count, for a "
                          "Runtime(threads=(2, 1)) that chooses the count too")
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--min-seconds", type=float, default=0.5, help="least time spent timing each config")
+    pr.add_argument("--batch", type=POSITIVE, default=1)
+    pr.add_argument("--min-seconds", type=POSITIVE_REAL, default=0.5,
+                    help="least time spent timing each config")
     pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")
     pr.add_argument("--device", default="host", help=DEVICE_HELP + "; the profile is stored under its name")
     pr.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
@@ -440,11 +577,12 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="the configs that fit a budget on a device, best quality first")
     q.add_argument("bundle")
     q.add_argument("--device", default="host")
-    q.add_argument("--latency-ms", type=float)
-    q.add_argument("--memory-mb", type=float)
-    q.add_argument("--energy-mj", type=float)
-    q.add_argument("--margin", type=float, default=0.85, help="fit p90 within margin x budget (default 0.85)")
-    q.add_argument("--threads", type=int)
+    q.add_argument("--latency-ms", type=POSITIVE_REAL)
+    q.add_argument("--memory-mb", type=POSITIVE_REAL)
+    q.add_argument("--energy-mj", type=POSITIVE_REAL)
+    q.add_argument("--margin", type=MARGIN, default=0.85,
+                   help="fit p90 within margin x budget (default 0.85)")
+    q.add_argument("--threads", type=THREADS)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_query)
     c = sub.add_parser("compile", help="compile a bundle's graphs into engines for a target (TVM)")
@@ -452,16 +590,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="tvm", help="tvm (the only backend with a compile step)")
     c.add_argument("--target", default="host", help="host, a device (jetson-orin-nano, jetson-agx-orin, "
                    "rpi5, ...: its CPU, cross-compiled) or DEVICE:gpu (CUDA; compile-only here)")
-    c.add_argument("--trials", type=int, default=0, help="MetaSchedule tuning trials on this host (default "
+    c.add_argument("--trials", type=COUNT, default=0, help="MetaSchedule tuning trials on this host (default "
                    "0: untuned; records kept in the bundle and reused)")
-    c.add_argument("--batch", type=int, help="compile for this batch size only (default: any; tuning: 1)")
+    c.add_argument("--batch", type=POSITIVE,
+                   help="compile for this batch size only (default: any; tuning: 1)")
     c.add_argument("--no-batch1", action="store_true", help="without --batch: do not add the library "
                    "specialised to batch 1 beside the any-batch one (half the compile time and library "
                    "bytes; batch-1 calls ~7 %% slower on small inputs)")
     c.add_argument("--config", action="append", help="compile only this config's graphs (repeatable)")
     c.add_argument("--fused", action="store_true", help="the fused graph of each segmented config")
     c.add_argument("--dress-kernel", choices=["dense", "sparse"], help="DRESS: this kernel for every level")
-    c.add_argument("--threads", type=int, help="host target's num-cores (default: the usable cores)")
+    c.add_argument("--threads", type=POSITIVE, help="host target's num-cores (default: the usable cores)")
     c.add_argument("--no-cuda-check", action="store_true", help="DEVICE:gpu targets: do not compile the "
                    "engines' CUDA C for the GPU here with nvcc (done by default when nvcc is found)")
     c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
@@ -473,20 +612,86 @@ def parser() -> argparse.ArgumentParser:
     dv.set_defaults(fn=cmd_devices)
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
-    d.add_argument("--threads", type=int)
-    d.add_argument("--runs", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=THREADS)
+    d.add_argument("--runs", type=POSITIVE, default=200)
+    d.add_argument("--seed", type=SEED, default=0)
     d.set_defaults(fn=cmd_demo)
     return p
 
 
+# The extras a verb needs (pyproject.toml) and the modules checked before it runs; and the extra that
+# brings each other optional module, should one be missing deeper in.
+NEEDS = {"export": ("export", ("torch", "onnx", "onnxscript")),
+         "demo": ("export", ("torch", "onnx", "onnxscript")),
+         "compile": ("tvm", ("tvm", "onnx"))}
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "sklearn": "export",
+          "statsmodels": "export", "tqdm": "export", "tvm": "tvm", "tvm_ffi": "tvm", "xgboost": "tvm",
+          "psutil": "tvm"}
+
+
+def missing_extra(verb: str, module: str) -> str | None:
+    """The one line for a verb whose optional `module` is not installed (None: not an optional one)."""
+    extra, modules = NEEDS.get(verb, (None, ()))
+    extra = extra if module in modules else EXTRAS.get(module)
+    if extra is None:
+        return None
+    return f"edgeflex {verb} needs {module}, which is not installed: pip install 'edgeflex[{extra}]'"
+
+
+def _check_needs(verb: str) -> None:
+    for module in NEEDS.get(verb, (None, ()))[1]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            line = missing_extra(verb, (e.name or module).partition(".")[0])
+            if line is None:
+                raise
+            raise EdgeflexError(line) from None
+
+
+def _os_error(verb: str, e: OSError) -> str:
+    """An OSError as one line: the path(s) and the system's reason."""
+    if e.filename is None:
+        return f"{verb}: {e.strerror or e}"
+    paths = f"{e.filename!s}" + (f" -> {e.filename2!s}" if e.filename2 is not None else "")
+    return f"{verb}: {paths}: {e.strerror or e}"
+
+
+def _error(text: str) -> None:
+    print("edgeflex: error: " + " ".join(str(text).split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    """The command line. Returns the exit status: 0, 1 (the system refused: a file, memory), 2 (a usage or
+    bundle error; argparse's refusals too), 130 (interrupted). Every error is one line on stderr."""
     try:
+        a = parser().parse_args(argv)
+    except SystemExit as e:             # --help, --version, or an argument refused: argparse has printed
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if a.debug:
+        _check_needs(a.verb)
         return a.fn(a)
-    except EdgeflexError as e:
-        print(f"edgeflex: error: {e}", file=sys.stderr)
+    try:
+        _check_needs(a.verb)
+        return a.fn(a)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except ModuleNotFoundError as e:
+        line = missing_extra(a.verb, (e.name or "").partition(".")[0])
+        if line is None:
+            raise                       # not an optional dependency: a bug or a broken install
+        _error(line)
         return 2
+    except EdgeflexError as e:
+        _error(str(e))
+        return 2
+    except OSError as e:
+        _error(_os_error(a.verb, e))
+        return 1
+    except MemoryError as e:
+        _error(f"{a.verb}: out of memory{f' ({e})' if str(e) else ''}; try a smaller batch or input")
+        return 1
 
 
 if __name__ == "__main__":

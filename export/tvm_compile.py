@@ -25,6 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.runtime.args import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_names,
+    check_path,
+    check_str,
+    fail,
+)
 from edgeflex.runtime.backends.base import Backend, Engine
 from edgeflex.runtime.backends.tvm import BACKEND_CHOICE, DRESS_CHOICE, HOST, creator, host_cpu, target_dir
 from edgeflex.runtime.bundle import Bundle, TensorSpec, model_id, sha256_bytes, update_bundle
@@ -561,18 +570,30 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     library specialised to batch 1 beside it (`<stem>.b1.so`), which the engine runs for batch-1 calls: no
     shape function, fewer VM steps (SN-Net at 32x32: 7-8 % faster per call, measured here), for twice the
     compile time and library bytes."""
+    check_path("path", path)
+    check_str("target", target)
+    check_int("trials", trials, 0)
+    check_int("batch", batch, 1, none=True)
+    if configs is not None:
+        check_names("configs", configs)
+    if dress_kernel is not None:
+        check_choice("dress_kernel", dress_kernel, ("dense", "sparse"))
+    # the target's num-cores: any count >= 1 (a board's cores, not this machine's); 0 or less wrote an
+    # engine record that made backend="auto" fall back to ONNX Runtime without a word
+    check_int("threads", threads, 1, none=True)
+    for flag, value in (("fused", fused), ("kernels", kernels), ("cuda_check", cuda_check),
+                        ("batch1", batch1)):
+        check_bool(flag, value)
+    if progress is not None and not callable(progress):
+        fail("progress", progress, "None or a callable (graph, done, total)")
     import tvm
 
     import edgeflex
 
     bundle = Bundle.open(path)
     tgt = resolve_target(target, threads=threads)
-    if trials < 0:
-        raise UsageError(f"trials must be >= 0, got {trials}")
     if trials and tgt.name != HOST:
         raise UsageError(f"tuning measures on this machine: --trials needs --target host, got {tgt.name!r}")
-    if batch is not None and batch < 1:
-        raise UsageError(f"batch must be >= 1, got {batch}")
     folder = target_dir(tgt.name)
     have_records = any(r.startswith(f"{folder}/tuning/") for r in bundle.manifest["files"])
     tune = tgt.name == HOST and (trials > 0 or have_records)      # records in the bundle are always reused

@@ -7,7 +7,6 @@ Pure logic over profiles (dicts of numbers): no engine, no clock of its own, so 
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .args import check_int, check_real
 from .errors import UsageError
 
 
@@ -32,9 +32,7 @@ class Budget:
 
     def __post_init__(self):
         for name in ("latency_ms", "memory_mb", "energy_mj"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise UsageError(f"Budget {name} must be a positive number, got {v!r}")
+            check_real(f"Budget {name}", getattr(self, name), 0, none=True)
         if self.latency_ms is None and self.memory_mb is None and self.energy_mj is None:
             raise UsageError("an empty Budget: give latency_ms, memory_mb and/or energy_mj")
 
@@ -186,6 +184,7 @@ class Adapter:
                  fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2,
                  idle_cores: Callable[[], float | None] | None = None, late_share: float | None = None,
                  hint_every: int | None = None):
+        check_int("window", window, 1)     # 0: an empty window whose percentile is an IndexError
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:

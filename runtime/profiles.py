@@ -20,8 +20,10 @@ import numpy as np
 
 from edgeflex.devices import host_info, path_name
 
+from .args import check_bool, check_int, check_path, check_real, fail
 from .bundle import Bundle, model_id, update_bundle
-from .errors import BundleError, UsageError
+from .errors import BundleError
+from .progress import bar as progress_bar
 
 PROFILE_FORMAT = 1
 PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): see measure_profile
@@ -73,10 +75,18 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
     import random
 
-    from tqdm.auto import tqdm
+    from .runtime import Runtime  # here: runtime.py imports this module
 
-    if rounds < 1:
-        raise UsageError(f"profile rounds must be >= 1, got {rounds}")
+    if not isinstance(rt, Runtime):
+        fail("rt", rt, "an edgeflex.Runtime")
+    check_int("batch", batch, 1)
+    check_int("warmup", warmup, 0)
+    check_int("min_runs", min_runs, 1)
+    check_int("max_runs", max_runs, 1)
+    check_real("min_seconds", min_seconds, 0, lo_open=False)
+    check_bool("memory", memory)
+    check_bool("progress", progress)
+    check_int("rounds", rounds, 1)
     shape = [batch if d is None else d for d in rt.inputs[0].shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(rt.inputs[0].dtype)
     extra = [np.random.default_rng(i).standard_normal([batch if d is None else d for d in s.shape])
@@ -86,7 +96,7 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     times: dict[tuple[int, str], list[float]] = {item: [] for item in todo}
     per_round_s, per_round_runs = min_seconds / rounds, max(1, -(-min_runs // rounds))
     cap = max(1, max_runs // rounds)
-    bar = tqdm(total=rounds * len(todo), desc=f"profile {rt.bundle.name}", disable=not progress, leave=False)
+    bar = progress_bar(rounds * len(todo), f"profile {rt.bundle.name}", show=progress, leave=False)
     for r in range(rounds):
         order = list(todo)
         random.Random(r).shuffle(order)
@@ -148,6 +158,10 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
     on the same host, backend and batch (so `--threads 2` then `--threads 1` adds up); otherwise replaced.
     The merge reads the stored profile under the writer lock, so two profilers at once lose nothing. A
     profile measured on another model than the one now at `path` (re-exported meanwhile) is refused."""
+    check_path("path", path)
+    if not isinstance(profile, dict) or not {"device", "configs", "env"} <= set(profile):
+        fail("profile", profile, "a profile dict from measure_profile (device, configs, env)")
+    check_bool("merge", merge)
 
     def files(current: Bundle) -> dict[str, bytes]:
         prof = profile

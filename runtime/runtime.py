@@ -21,6 +21,20 @@ from edgeflex.devices.load import IdleCores
 from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
 from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
+from .args import (
+    check_bool,
+    check_budget,
+    check_choice,
+    check_int,
+    check_names,
+    check_path,
+    check_real,
+    check_share,
+    check_str,
+    check_thread_counts,
+    fail,
+)
+from .backends import KNOWN as BACKENDS
 from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec, model_id
 from .checks import check_inputs
@@ -77,9 +91,22 @@ class Runtime:
                  device: str = "host", *, threads: int | None = None, config: str | None = None,
                  fused: bool | str = "auto", dress_kernel: str | None = None, only: list[str] | None = None,
                  allow_native: bool = False, shared_threads: bool = False):
+        if not isinstance(path, Bundle):
+            check_path("path", path)
+        if not isinstance(backend, (str, Backend)):
+            fail("backend", backend, f"a backend name: auto, {', '.join(BACKENDS)}")
+        check_str("device", device)
+        check_str("config", config, none=True)
+        check_choice("fused", fused, (True, False, "auto"))
+        if dress_kernel is not None:
+            check_choice("dress_kernel", dress_kernel, ("dense", "sparse"))
+        if only is not None:
+            check_names("only", only)
+        check_bool("allow_native", allow_native)
+        check_bool("shared_threads", shared_threads)
         self.device = check_device(device)
+        self.thread_counts = _thread_counts(threads)          # every argument checked before any file read
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
-        self.thread_counts = _thread_counts(threads)
         self.backend_reason = "asked for"
         if backend == "auto":
             from .backends.tvm import auto_backend
@@ -261,6 +288,8 @@ class Runtime:
     def switch(self, name: str, threads: int | None = None) -> None:
         """Make `name` (at `threads`, default: the current count) the config of every run that starts
         from now on. No engine is (re)loaded."""
+        check_str("name", name)
+        check_int("threads", threads, 1, none=True)
         if threads is not None and threads not in self._plan_sets:
             raise UsageError(f"threads={threads} was not loaded; this runtime has engines at "
                              f"{', '.join(map(str, self.thread_counts))} threads (Runtime(threads=(...)))")
@@ -361,6 +390,9 @@ class Runtime:
               device: str | None = None) -> list[dict[str, Any]]:
         """The configs that fit `budget` on `device` (default: this runtime's), p90 within margin x latency,
         best quality first. Without a profile measured on that device, the predictor's (each row says)."""
+        check_budget(budget)
+        check_share("margin", margin)
+        check_str("device", device, none=True)
         device = device or self.device
         prof = self.latency_profile() if device == self.device else self._profiles.get(profile_path(device))
         if prof is None and device != "host":
@@ -392,6 +424,15 @@ class Runtime:
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
         call = {k: v for k, v in locals().items() if k != "self"}
+        if budget is not None:
+            check_budget(budget)
+        for flag, value in (("degrade", degrade), ("adapt", adapt), ("os_hint", os_hint)):
+            check_bool(flag, value)
+        check_share("margin", margin)
+        check_int("window", window, 1)
+        check_choice("tail", tail, ("p90", "p99"))
+        check_int("fast_down", fast_down, 0)
+        check_real("late_share", late_share, 0, 1, none=True)
         if budget is None:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
@@ -399,8 +440,6 @@ class Runtime:
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
-        if tail not in ("p90", "p99"):
-            raise UsageError(f"tail must be 'p90' or 'p99', got {tail!r}")
         multi = len(self.thread_counts) > 1
         cands = []
         for t in self.thread_counts:
@@ -484,11 +523,8 @@ def _fast_path(engines: Sequence[Engine]):
 
 
 def _thread_counts(threads: int | Sequence[int] | None) -> tuple[int, ...]:
-    """`threads` as a tuple of distinct counts >= 1, first kept first (None: the usable cores)."""
+    """`threads` as a tuple of distinct counts in 1..usable cores, first kept first (None: the usable
+    cores)."""
     if threads is None:
         return (usable_cores(),)
-    counts = (threads,) if isinstance(threads, (int, np.integer)) else tuple(threads)
-    if not counts or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 1
-                             for t in counts):
-        raise UsageError(f"threads must be an int >= 1 or a non-empty sequence of them, got {threads!r}")
-    return tuple(dict.fromkeys(int(t) for t in counts))
+    return check_thread_counts("threads", threads)
