@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
+from .schema import check_manifest, check_seal, read_manifest, seal_manifest
 
 FORMAT = "edgeflex-bundle"
 FORMAT_VERSION = 1
@@ -128,13 +129,9 @@ class Bundle:
             raise BundleError(f"bundle {str(root)!r} not found: expected a directory NAME{SUFFIX}/ "
                               "written by `edgeflex export`")
         mpath = root / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated "
-                              "copy") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: manifest is corrupted ({e}); re-export the bundle") from None
+        if not mpath.exists() and not mpath.is_symlink():
+            raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated copy")
+        manifest = read_manifest(mpath)
         cls._check_manifest(mpath, manifest)
         try:
             return cls._verify(root, mpath, manifest)
@@ -167,26 +164,6 @@ class Bundle:
             if fpath.is_file() and rel != MANIFEST and rel not in listed:
                 raise BundleError(f"bundle file {rel!r} is not listed in the manifest: added after export; "
                                   "remove it or re-export")
-        segments = manifest.get("segments", {})
-        for c in manifest["configs"]:
-            if "graph" in c and c["graph"] not in listed:
-                raise BundleError(f"config {c['name']!r} names graph {c['graph']!r}, which the manifest "
-                                  "does not list")
-            for seg in c.get("segments", []):
-                if seg not in segments:
-                    raise BundleError(f"config {c['name']!r} names segment {seg!r}, which the manifest "
-                                      "does not define")
-            if "graph" not in c and not c.get("segments"):
-                raise BundleError(f"config {c['name']!r} has neither a graph nor segments")
-        for n, seg in segments.items():
-            if seg["graph"] not in listed:
-                raise BundleError(f"segment {n!r} names graph {seg['graph']!r}, which the manifest does "
-                                  "not list")
-        tensors = manifest.get("tensors", {})
-        for tid, t in tensors.items():
-            f = manifest["files"].get(t["file"])
-            if f is None or t["offset"] + t["bytes"] > f["bytes"]:
-                raise BundleError(f"tensor {tid!r} lies outside {t['file']!r}; the manifest is inconsistent")
         return cls(root, manifest)
 
     @staticmethod
@@ -194,14 +171,11 @@ class Bundle:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleError(f"{mpath}: not an edgeflex manifest (expected \"format\": \"{FORMAT}\")")
         version = m.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:      # not bool: True == 1
             raise BundleError(f"{mpath}: bundle format version {version!r}, this edgeflex reads version "
                               f"{FORMAT_VERSION}; re-export with this edgeflex or upgrade it")
-        for key in ("name", "family", "inputs", "outputs", "configs", "files"):
-            if key not in m:
-                raise BundleError(f"{mpath}: manifest lacks the {key!r} entry; re-export the bundle")
-        if not m["configs"]:
-            raise BundleError(f"{mpath}: manifest lists no configs; re-export the bundle")
+        check_seal(mpath, m)
+        check_manifest(mpath, m)
 
     def sha256(self, rel: str) -> str:
         """The sha256 the manifest lists for a file (what its bytes hash to), without reading it."""
@@ -272,7 +246,7 @@ def _commit(dest: Path, manifest: dict[str, Any], fill) -> Bundle:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fill(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(seal_manifest(manifest), indent=1) + "\n")
         _fsync_tree(tmp)
         _replace_dir(tmp, dest)
     except BaseException:

@@ -11,7 +11,6 @@ handed over from the verified bundle at load; they are not compiled into the lib
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import platform
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import schema
 from ..bundle import Bundle, TensorSpec, sha256_bytes
 from ..checks import batch1_check
 from ..errors import BackendUnavailable, BundleError, InputError, UsageError
@@ -46,7 +46,7 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
     if rel not in bundle.manifest["files"]:
         return "onnxruntime", ("no TVM engines measured against ONNX Runtime here: `edgeflex compile "
                                f"{bundle.path} --target host` measures both")
-    choice = json.loads(bundle.read(rel))
+    choice = _read_json(bundle, rel, schema.BACKEND_CHOICE)
     if choice.get("stale") or not choice.get("faster"):
         return "onnxruntime", "the TVM engines changed since the backends were measured: re-run compile"
     import importlib.util
@@ -63,6 +63,11 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
                               f"{choice.get('batch')}: {choice['faster']} faster"
                               + (f" (ONNX Runtime / TVM {ratio:.2f}x, geometric mean over configs)"
                                  if ratio else ""))
+
+
+def _read_json(bundle: Bundle, rel: str, spec) -> Any:
+    """A JSON file `edgeflex compile` wrote into the bundle, checked against `spec` (one-line BundleError)."""
+    return schema.load_json(f"bundle file {rel!r}", bundle.read(rel), "re-run `edgeflex compile`", spec)
 
 
 def target_dir(target: str) -> str:
@@ -339,7 +344,8 @@ class TvmBackend(Backend):
         engines = {}
         gpu = False
         for rel in records:
-            meta = json.loads(bundle.read(rel))
+            meta = _read_json(bundle, rel, schema.ENGINE)
+            schema.check_engine_record(rel, meta, bundle.manifest["files"])
             if not created_here(meta.get("created_by")) and not allow_native:
                 who = meta.get("created_by") or {}
                 raise BundleError(f"bundle {bundle.name!r} holds native code ({meta.get('library')}) "
@@ -355,7 +361,7 @@ class TvmBackend(Backend):
         self._choices = {}
         choice = f"{folder}/{DRESS_CHOICE}"
         if choice in bundle.manifest["files"]:
-            levels = json.loads(bundle.read(choice)).get("levels", {})
+            levels = _read_json(bundle, choice, schema.DRESS_CHOICE).get("levels", {})
             graphs = {k: bundle.sha256(bundle.segments[s].graph) for k, s in
                       (("dense", "main"), ("sparse", "main.sparse")) if s in bundle.segments}
             # only a choice whose engine is here (a later compile of one kernel leaves the other's out)
