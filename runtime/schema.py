@@ -31,6 +31,9 @@ DTYPES = ("float32", "float16", "float64", "int8", "int16", "int32", "int64", "u
 # The tensor index stores NumPy's canonical `dtype.str` ("<f4", "|u1"): native little-endian only.
 TENSOR_DTYPES = {np.dtype(n).str: np.dtype(n) for n in DTYPES}
 DRESS_MAX_LEVELS = 4                   # 2-bit level codes (kernels.rowsparse.MAX_LEVELS)
+# The weight store's rule (export.elastic.WeightStore): every tensor starts on a 64-byte boundary and no two
+# overlap, so a shifted offset cannot still point inside its file at other bytes of the right size.
+TENSOR_ALIGN = 64
 FITS_FORMS = {"folded": 1, "lowrank": 2}   # elastic FITS forms -> how many GEMM operands are derived
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MISSING = object()
@@ -283,12 +286,16 @@ def _refs(m: dict[str, Any]) -> None:
     for tid, t in tensors.items():
         where = f"tensors[{tid!r}]"
         listed(t["file"], f"{where}.file")
-        if t["offset"] + t["bytes"] > files[t["file"]]["bytes"]:
-            _fail(f"{where}.offset", t["offset"], f"offset + bytes ({t['bytes']}) within {t['file']!r} "
-                  f"({files[t['file']]['bytes']} bytes)")
+        if t["offset"] + t["bytes"] > files[t["file"]]["bytes"] or t["offset"] % TENSOR_ALIGN:
+            _fail(f"{where}.offset", t["offset"], f"a multiple of {TENSOR_ALIGN} with offset + bytes "
+                  f"({t['bytes']}) within {t['file']!r} ({files[t['file']]['bytes']} bytes)")
         want = math.prod(t["shape"]) * TENSOR_DTYPES[t["dtype"]].itemsize
         if t["bytes"] != want:
             _fail(f"{where}.bytes", t["bytes"], f"{want} (shape {t['shape']} x {t['dtype']})")
+    spans = sorted((t["file"], t["offset"], t["offset"] + t["bytes"], tid) for tid, t in tensors.items())
+    for (f, _, end, a), (g, start, _, b) in zip(spans, spans[1:]):
+        if f == g and start < end:
+            _fail(f"tensors[{b!r}].offset", start, f"a span not overlapping tensor {a!r} (ends at {end})")
     for name, s in segments.items():
         listed(s["graph"], f"segments[{name!r}].graph")
         for init, tid in s.get("tensors", {}).items():
