@@ -10,10 +10,13 @@ from the API and from `edgeflex info`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -293,3 +296,77 @@ def test_zz_report_generated_cases():
     """Says how many generated manifests each property test ran (-s shows it; zz: runs after them)."""
     print("\ngenerated manifest mutations:", json.dumps(RAN))
     assert all(t["ran"] + t["refused"] > 0 for t in RAN.values())
+
+
+# --- a TVM library truncated, its checksums re-fixed: refused in one line, not SIGBUS --------------------
+
+def _elf64(machine: int = 62, phnum: int = 0, phoff: int = 64) -> bytes:
+    """A bare ELF64 little-endian shared-object header (no tables unless `phnum`)."""
+    import struct
+
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    return ident + struct.pack("<HHIQQQIHHHHHH", 3, machine, 1, 0, phoff, 0, 0, 64, 56, phnum, 64, 0, 0)
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"MZ" + bytes(100), ["no ELF32/ELF64 header"]), (_elf64()[:40], ["header cut short"]),
+    (_elf64(machine=183), ["built for aarch64, this is x86_64"]),
+    (_elf64(phnum=3), ["program header table (3 x 56 bytes at 64) past the end"])])
+def test_check_elf_refuses(data, words):
+    from edgeflex.runtime.backends.tvm import check_elf
+
+    with pytest.raises(ef.BundleError) as info:
+        check_elf(data, "lib.so", "x86_64")
+    assert all(w in str(info.value) for w in words), str(info.value)
+    check_elf(_elf64(), "lib.so", "x86_64")             # the bare header itself is fine
+
+
+@pytest.fixture(scope="module")
+def fits_tvm_bundle(fits_bundle, tmp_path_factory) -> Path:
+    pytest.importorskip("tvm", reason="apache-tvm is not installed")
+    from edgeflex.export.tvm_compile import compile_bundle
+
+    path = tmp_path_factory.mktemp("tvm") / "fits.efx"
+    shutil.copytree(fits_bundle, path)
+    compile_bundle(path, "host", batch1=False)          # one library, ~4 s
+    return path
+
+
+_LOAD = """
+import sys
+import edgeflex as ef
+try:
+    ef.Runtime(sys.argv[1], backend="tvm", allow_native=True)
+except ef.BundleError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def _load_in_subprocess(path: Path, tmpdir: Path) -> subprocess.CompletedProcess:
+    """Load the bundle on TVM in a fresh process whose temp dir is `tmpdir` (where private copies go)."""
+    return subprocess.run([sys.executable, "-c", _LOAD, str(path)], env={**os.environ, "TMPDIR": str(tmpdir)},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cut", ["half", "last byte"])
+def test_truncated_tvm_library_refused_not_sigbus(fits_tvm_bundle, tmp_path, cut):
+    private = tmp_path / "private"
+    private.mkdir()
+    ok = _load_in_subprocess(fits_tvm_bundle, private)
+    assert ok.returncode == 0 and not list(private.iterdir()), ok.stderr[-800:]    # copy removed after load
+    path = _copy(fits_tvm_bundle, tmp_path / "t.efx")
+    so = next(path.rglob("*.so"))
+    data = so.read_bytes()
+    data = data[: len(data) // 2] if cut == "half" else data[:-1]
+    so.unlink()                                         # hard-linked: replace, never write through
+    so.write_bytes(data)
+    m = _manifest(path)
+    rel = so.relative_to(path).as_posix()
+    m["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _write(path, m)                                     # checksums re-fixed and the manifest resealed
+    r = _load_in_subprocess(path, private)
+    assert r.returncode == 3, f"exit {r.returncode} (a negative one is a signal): {r.stderr[-800:]}"
+    msg = r.stdout.strip()
+    assert "\n" not in msg and "TVM library main.so" in msg and "past the end" in msg, msg
+    assert not list(private.iterdir())                  # no private copy left behind

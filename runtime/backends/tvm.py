@@ -14,6 +14,7 @@ import getpass
 import os
 import platform
 import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -530,11 +531,55 @@ def _configure_threads(threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
 
 
+# ELF e_machine of the architectures engines are built for, by `platform.machine()` name.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+# Per ELF class (32, 64 bit): header size, header fields after e_ident, and for the program and section
+# header tables: entry format, entry size, and the indices of the entry's file offset and file size.
+_ELF = {1: {"ehsize": 52, "head": "HHIIIIIHHHHHH", "ph": ("IIIIIIII", 32, 1, 4),
+            "sh": ("IIIIIIIIII", 40, 4, 5)},
+        2: {"ehsize": 64, "head": "HHIQQQIHHHHHH", "ph": ("IIQQQQQQ", 56, 2, 5),
+            "sh": ("IIQQQQIIQQ", 64, 4, 5)}}
+
+
+def check_elf(data: bytes, name: str, machine: str | None = None) -> None:
+    """Refuse, in one line, a library whose ELF header or tables point past its end, before the loader maps
+    it: a truncated library's pages beyond the end fault with SIGBUS when touched, killing the process.
+    Checks the magic, class and byte order, the header size, the program and section header tables, every
+    PT_LOAD segment's and every section's file extent, and (when `machine` is given) the architecture."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"TVM library {name} is not a loadable shared object ({why}; {len(data)} bytes): "
+                           "truncated or corrupted; re-run `edgeflex compile`")
+
+    if len(data) < 16 or data[:4] != b"\x7fELF" or data[4] not in _ELF or data[5] not in (1, 2):
+        raise bad("no ELF32/ELF64 header")
+    layout, order = _ELF[data[4]], "<" if data[5] == 1 else ">"
+    if len(data) < layout["ehsize"]:
+        raise bad("header cut short")
+    (e_type, e_machine, _, _, phoff, shoff, _, ehsize, phentsize, phnum, shentsize, shnum, _) = \
+        struct.unpack_from(order + layout["head"], data, 16)
+    if ehsize != layout["ehsize"] or e_type != 3:
+        raise bad(f"header size {ehsize}, type {e_type}: not a shared object")
+    if machine is not None and machine in ELF_MACHINES.values() and ELF_MACHINES.get(e_machine) != machine:
+        raise bad(f"built for {ELF_MACHINES.get(e_machine, f'machine {e_machine}')}, this is {machine}")
+    tables = (("program", phoff, phentsize, phnum, layout["ph"]),
+              ("section", shoff, shentsize, shnum, layout["sh"]))
+    for table, off, size, count, (fmt, entsize, i_off, i_size) in tables:
+        if count and (size != entsize or off + count * size > len(data)):
+            raise bad(f"{table} header table ({count} x {size} bytes at {off}) past the end")
+        for i in range(count):
+            ent = struct.unpack_from(order + fmt, data, off + i * size)
+            kind = ent[0] if table == "program" else ent[1]
+            if (kind == 1 if table == "program" else kind != 8) and ent[i_off] + ent[i_size] > len(data):
+                what = "PT_LOAD segment" if table == "program" else "section"
+                raise bad(f"{what} {i} ends at byte {ent[i_off] + ent[i_size]}, past the end")
+
+
 def _load_library(data: bytes, name: str):
     """Load a verified library from its bytes: written to a private temp file, loaded, removed, so the
     code that runs is the code the bundle's checksum covered (not a file that could change meanwhile)."""
     import tvm
 
+    check_elf(data, name, platform.machine())
     tmp = tempfile.mkdtemp(prefix="edgeflex-tvm-")
     try:
         path = os.path.join(tmp, name)
