@@ -386,6 +386,10 @@ STATS = _obj({"p50_ms": _num(0), "p90_ms": _num(0)},
 PROFILE = _obj({"format": _one_of(1), "configs": _dict(STATS)},
                {"device": _str, "obtained": _str, "batch": _int(1), "by_threads": _dict(_dict(STATS)),
                 "env": _obj({}, {"threads": _opt(_int(1)), "host": _dict(_any)})})
+# What `edgeflex compile` times on TVM: per DRESS level the faster kernel; TVM against ONNX Runtime.
+DRESS_CHOICE = _obj({}, {"levels": _dict(_obj({"kernel": _one_of("dense", "sparse")}))})
+BACKEND_CHOICE = _obj({}, {"faster": _opt(_one_of("tvm", "onnxruntime")), "ratio": _opt(_num(0)),
+                           "host": _dict(_any)})
 PARAM = _obj({"name": _str, "shape": _list(_int(), nonempty=False), "dtype": _one_of(*DTYPES)})
 LIBRARY = {"library": _relpath, "entry": _str, "params": _list(PARAM, nonempty=False)}
 ENGINE = _obj({**LIBRARY, "graph_sha256": _sha},

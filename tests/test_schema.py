@@ -370,3 +370,31 @@ def test_truncated_tvm_library_refused_not_sigbus(fits_tvm_bundle, tmp_path, cut
     msg = r.stdout.strip()
     assert "\n" not in msg and "TVM library main.so" in msg and "past the end" in msg, msg
     assert not list(private.iterdir())                  # no private copy left behind
+
+
+def test_profile_json_checked_where_read(fits_bundle, tmp_path):
+    from edgeflex.runtime.bundle import update_bundle
+
+    path = _copy(fits_bundle, tmp_path / "b.efx")
+    prof = {"format": 1, "device": "host", "configs": {"default": {"p50_ms": "fast", "p90_ms": 1.0}}}
+    update_bundle(path, {"profiles/host.json": json.dumps(prof).encode()})
+    with pytest.raises(ef.BundleError, match=r"profiles/host.json.*configs\['default'\].p50_ms is 'fast'"):
+        ef.Runtime(path).latency_profile()
+    update_bundle(path, {"profiles/host.json": b'{"format": 1, "format": 1, "configs": {}}'})
+    with pytest.raises(ef.BundleError, match="duplicate key 'format'"):
+        ef.Runtime(path).latency_profile()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("entry", 5, ["entry is 5"]), ("library", "engines/tvm/host/gone.so", ["a library the manifest lists"]),
+    ("params", [{"name": "w", "shape": [-1], "dtype": "float32"}], ["params[0].shape[0] is -1"])])
+def test_tvm_engine_record_checked_where_read(fits_tvm_bundle, tmp_path, field, value, words):
+    from edgeflex.runtime.bundle import update_bundle
+
+    path = _copy(fits_tvm_bundle, tmp_path / "t.efx")
+    rel = "engines/tvm/host/main.json"
+    rec = {**json.loads((path / rel).read_text()), field: value}
+    update_bundle(path, {rel: json.dumps(rec).encode()})
+    with pytest.raises(ef.BundleError) as info:
+        ef.Runtime(path, backend="tvm", allow_native=True)
+    assert rel in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
