@@ -15,6 +15,7 @@ import json
 import math
 import re
 import reprlib
+import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +36,7 @@ DRESS_MAX_LEVELS = 4                   # 2-bit level codes (kernels.rowsparse.MA
 # overlap, so a shifted offset cannot still point inside its file at other bytes of the right size.
 TENSOR_ALIGN = 64
 FITS_FORMS = {"folded": 1, "lowrank": 2}   # elastic FITS forms -> how many GEMM operands are derived
+INT_MAX = 2**63 - 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MISSING = object()
 _repr = reprlib.Repr()             # values in messages: short, one line
@@ -127,16 +129,19 @@ def _is_int(v: Any) -> bool:
     return type(v) is int                      # not bool: True == 1 in Python
 
 
-def _int(lo: int = 0, hi: int | None = None) -> Check:
+def _int(lo: int = 0, hi: int = INT_MAX) -> Check:
+    """An int in lo..hi; by default at most int64's largest (readers divide counts as floats: 10**400
+    would overflow there)."""
     def check(v, path):
-        if not _is_int(v) or v < lo or (hi is not None and v > hi):
-            _fail(path, v, f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}")
+        if not _is_int(v) or not lo <= v <= hi:
+            _fail(path, v, f"an int in {lo}..{'2**63-1' if hi == INT_MAX else hi}")
     return check
 
 
 def _num(lo: float = -math.inf) -> Check:
+    """A number a float can hold (int or float; not NaN, not infinite, no int past 1.8e308)."""
     def check(v, path):
-        if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
+        if type(v) not in (int, float) or not abs(v) <= sys.float_info.max or v < lo:
             _fail(path, v, "a finite number" + (f" >= {lo}" if lo > -math.inf else ""))
     return check
 
