@@ -356,8 +356,9 @@ def _load_in_subprocess(path: Path, tmpdir: Path) -> subprocess.CompletedProcess
 def test_truncated_tvm_library_refused_not_sigbus(fits_tvm_bundle, tmp_path, cut):
     private = tmp_path / "private"
     private.mkdir()
-    ok = _load_in_subprocess(fits_tvm_bundle, private)
-    assert ok.returncode == 0 and not list(private.iterdir()), ok.stderr[-800:]    # copy removed after load
+    if cut == "half":                                   # once: a good load removes its private copy
+        ok = _load_in_subprocess(fits_tvm_bundle, private)
+        assert ok.returncode == 0 and not list(private.iterdir()), ok.stderr[-800:]
     path = _copy(fits_tvm_bundle, tmp_path / "t.efx")
     so = next(path.rglob("*.so"))
     data = so.read_bytes()
