@@ -35,14 +35,21 @@ from edgeflex.runtime.args import (
     fail,
 )
 from edgeflex.runtime.backends.base import Backend, Engine
-from edgeflex.runtime.backends.tvm import BACKEND_CHOICE, DRESS_CHOICE, HOST, creator, host_cpu, target_dir
+from edgeflex.runtime.backends.tvm import (
+    BACKEND_CHOICE,
+    DRESS_CHOICE,
+    ELF_MACHINES,
+    HOST,
+    creator,
+    host_cpu,
+    target_dir,
+)
 from edgeflex.runtime.bundle import Bundle, TensorSpec, model_id, sha256_bytes, update_bundle
 from edgeflex.runtime.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 
 log = logging.getLogger(__name__)
 
 ENGINE_FORMAT = "edgeflex-tvm-engine"
-ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
 # Used only when the device catalogue (edgeflex.devices.catalog) is not installed: the same target dicts as
 # its TOML files. NOTE: not TVM's `nvidia/jetson-orin-nano` tag, whose host CPU is wrong for the module.

@@ -18,10 +18,10 @@ import numpy as np
 
 from . import store
 from .errors import BundleError
+from .schema import MAX_MANIFEST_BYTES, check_manifest, check_seal, load_json, seal_manifest
 from .store import FORMAT, MANIFEST, SUFFIX
 
 FORMAT_VERSION = 1
-MANIFEST_LIMIT = 64 << 20       # a manifest lists files and tensors; more than this is not one of ours
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -163,16 +163,13 @@ class Bundle:
     def _load_manifest(cls, pinned: store.Pinned) -> tuple[bytes, dict[str, Any]]:
         root, mpath = pinned.path, pinned.path / MANIFEST
         try:
-            raw = pinned.read(MANIFEST, limit=MANIFEST_LIMIT)
+            raw = pinned.read(MANIFEST, limit=MAX_MANIFEST_BYTES)
         except BundleError as e:
             if "is missing" in str(e):
                 raise BundleError(f"bundle {str(root)!r} has no {MANIFEST}: not a bundle, or a truncated "
                                   "copy") from None
             raise
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: manifest is corrupted ({e}); re-export the bundle") from None
+        manifest = load_json(mpath, raw)
         cls._check_manifest(mpath, manifest)
         return raw, manifest
 
@@ -208,40 +205,17 @@ class Bundle:
             if rel != MANIFEST and rel not in listed:
                 raise BundleError(f"bundle file {rel!r} is not listed in the manifest: added after export; "
                                   "remove it or re-export")
-        segments = manifest.get("segments", {})
-        for c in manifest["configs"]:
-            if "graph" in c and c["graph"] not in listed:
-                raise BundleError(f"config {c['name']!r} names graph {c['graph']!r}, which the manifest "
-                                  "does not list")
-            for seg in c.get("segments", []):
-                if seg not in segments:
-                    raise BundleError(f"config {c['name']!r} names segment {seg!r}, which the manifest "
-                                      "does not define")
-            if "graph" not in c and not c.get("segments"):
-                raise BundleError(f"config {c['name']!r} has neither a graph nor segments")
-        for n, seg in segments.items():
-            if seg["graph"] not in listed:
-                raise BundleError(f"segment {n!r} names graph {seg['graph']!r}, which the manifest does "
-                                  "not list")
-        tensors = manifest.get("tensors", {})
-        for tid, t in tensors.items():
-            f = manifest["files"].get(t["file"])
-            if f is None or t["offset"] + t["bytes"] > f["bytes"]:
-                raise BundleError(f"tensor {tid!r} lies outside {t['file']!r}; the manifest is inconsistent")
 
     @staticmethod
     def _check_manifest(mpath: Path, m: Any) -> None:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleError(f"{mpath}: not an edgeflex manifest (expected \"format\": \"{FORMAT}\")")
         version = m.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:      # not bool: True == 1
             raise BundleError(f"{mpath}: bundle format version {version!r}, this edgeflex reads version "
                               f"{FORMAT_VERSION}; re-export with this edgeflex or upgrade it")
-        for key in ("name", "family", "inputs", "outputs", "configs", "files"):
-            if key not in m:
-                raise BundleError(f"{mpath}: manifest lacks the {key!r} entry; re-export the bundle")
-        if not m["configs"]:
-            raise BundleError(f"{mpath}: manifest lists no configs; re-export the bundle")
+        check_seal(mpath, m)
+        check_manifest(mpath, m)
 
     def sha256(self, rel: str) -> str:
         """The sha256 the manifest lists for a file (what its bytes hash to), without reading it."""
@@ -266,7 +240,7 @@ class Bundle:
         if self._pinned is None:
             pinned = store.Pinned(self.path)
             try:
-                raw = pinned.read(MANIFEST, limit=MANIFEST_LIMIT)
+                raw = pinned.read(MANIFEST, limit=MAX_MANIFEST_BYTES)
             except BaseException:
                 pinned.close()
                 raise
@@ -374,7 +348,7 @@ def update_bundle(path: str | os.PathLike, files: dict[str, bytes] | Callable[[B
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=1) + "\n").encode()
+    return (json.dumps(seal_manifest(manifest), indent=1) + "\n").encode()
 
 
 def _opened(dest: Path) -> Bundle:

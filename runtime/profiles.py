@@ -22,8 +22,8 @@ from edgeflex.devices import host_info, path_name
 
 from .args import check_bool, check_int, check_path, check_real, fail
 from .bundle import Bundle, model_id, update_bundle
-from .errors import BundleError
 from .progress import bar as progress_bar
+from .schema import PROFILE, load_json
 
 PROFILE_FORMAT = 1
 PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): see measure_profile
@@ -190,10 +190,4 @@ def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:
     rel = profile_path(device)
     if rel not in bundle.manifest["files"]:
         return None
-    try:
-        prof = json.loads(bundle.read(rel))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"bundle file {rel!r} is not valid JSON ({e}); re-run `edgeflex profile`") from None
-    if prof.get("format") != PROFILE_FORMAT or "configs" not in prof:
-        raise BundleError(f"bundle file {rel!r} is not an edgeflex profile (format {PROFILE_FORMAT})")
-    return prof
+    return load_json(f"bundle file {rel!r}", bundle.read(rel), "re-run `edgeflex profile`", PROFILE)

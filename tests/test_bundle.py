@@ -15,6 +15,7 @@ import pytest
 import edgeflex as ef
 from edgeflex.runtime import store
 from edgeflex.runtime.bundle import MANIFEST, write_bundle
+from edgeflex.runtime.schema import seal_manifest
 
 GRAPH = "graphs/main.onnx"
 
@@ -27,9 +28,10 @@ def copy(fits_bundle: Path, tmp_path: Path) -> Path:
 
 
 def _edit_manifest(path: Path, edit) -> None:
+    """Edit the manifest and reseal it, so the deeper check under test is the one that fails."""
     m = json.loads((path / MANIFEST).read_text())
     edit(m)
-    (path / MANIFEST).write_text(json.dumps(m))
+    (path / MANIFEST).write_text(json.dumps(seal_manifest(m)))
 
 
 def _open_fails(path: Path, *names: str) -> str:

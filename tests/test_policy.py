@@ -12,6 +12,7 @@ import edgeflex as ef
 from edgeflex.runtime import policy
 from edgeflex.runtime.policy import Adapter, Budget, BudgetError, Candidate, choose
 from edgeflex.runtime.profiles import load_profile, measure_profile, save_profile
+from edgeflex.runtime.schema import seal_manifest
 
 # rank: higher is better; p90 in ms
 CANDS = [Candidate("small", 0.90, 1.0, 10), Candidate("mid", 0.95, 2.0, 20),
@@ -249,7 +250,7 @@ def test_query_without_profile_says_to_profile(tmp_path, elastic):
     m = json.loads((copy / "manifest.json").read_text())
     del m["files"]["profiles/host.json"]
     (copy / "profiles" / "host.json").unlink()
-    (copy / "manifest.json").write_text(json.dumps(m))
+    (copy / "manifest.json").write_text(json.dumps(seal_manifest(m)))
     with pytest.raises(BudgetError, match="edgeflex profile"):
         ef.Runtime(copy).query(Budget(latency_ms=1.0))
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..bundle import TensorSpec
-from ..errors import BackendUnavailable, UsageError
+from ..errors import BackendUnavailable, BundleError, UsageError
 from .base import Backend, Engine
 
 # How long (us) an ORT worker spins for more work before it sleeps (see session_options).
@@ -133,7 +133,13 @@ class OnnxRuntimeBackend(Backend):
                       for a in initializers.values()]
             so.add_external_initializers(list(initializers), values)
         # NOTE: providers are named: ORT must not pick (or silently fall back to) another one.
-        sess = self._ort.InferenceSession(graph, so, providers=self._providers)
+        try:
+            sess = self._ort.InferenceSession(graph, so, providers=self._providers)
+        except Exception as e:  # noqa: BLE001 - ORT's own error types; one line naming what failed
+            # the bundle verified, so its graph or the weights handed to it disagree (an edited manifest)
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise BundleError(f"ONNX Runtime refused a graph of the bundle with the weights the manifest "
+                              f"gives it ({msg}); re-export the bundle") from None
         cuda = self._providers[0] != "CPUExecutionProvider"
         if cuda and "CUDAExecutionProvider" not in sess.get_providers():
             # ORT drops a provider whose libraries fail to load (CUDA, cuDNN) with only a log line

@@ -11,10 +11,10 @@ handed over from the verified bundle at load; they are not compiled into the lib
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import platform
 import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import schema
 from ..bundle import Bundle, TensorSpec, sha256_bytes
 from ..checks import batch1_check
 from ..errors import BackendUnavailable, BundleError, InputError, UsageError
@@ -46,7 +47,7 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
     if rel not in bundle.manifest["files"]:
         return "onnxruntime", ("no TVM engines measured against ONNX Runtime here: `edgeflex compile "
                                f"{bundle.path} --target host` measures both")
-    choice = json.loads(bundle.read(rel))
+    choice = _read_json(bundle, rel, schema.BACKEND_CHOICE)
     if choice.get("stale") or not choice.get("faster"):
         return "onnxruntime", "the TVM engines changed since the backends were measured: re-run compile"
     import importlib.util
@@ -63,6 +64,11 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
                               f"{choice.get('batch')}: {choice['faster']} faster"
                               + (f" (ONNX Runtime / TVM {ratio:.2f}x, geometric mean over configs)"
                                  if ratio else ""))
+
+
+def _read_json(bundle: Bundle, rel: str, spec) -> Any:
+    """A JSON file `edgeflex compile` wrote into the bundle, checked against `spec` (one-line BundleError)."""
+    return schema.load_json(f"bundle file {rel!r}", bundle.read(rel), "re-run `edgeflex compile`", spec)
 
 
 def target_dir(target: str) -> str:
@@ -339,7 +345,8 @@ class TvmBackend(Backend):
         engines = {}
         gpu = False
         for rel in records:
-            meta = json.loads(bundle.read(rel))
+            meta = _read_json(bundle, rel, schema.ENGINE)
+            schema.check_engine_record(rel, meta, bundle.manifest["files"])
             if not created_here(meta.get("created_by")) and not allow_native:
                 who = meta.get("created_by") or {}
                 raise BundleError(f"bundle {bundle.name!r} holds native code ({meta.get('library')}) "
@@ -355,7 +362,7 @@ class TvmBackend(Backend):
         self._choices = {}
         choice = f"{folder}/{DRESS_CHOICE}"
         if choice in bundle.manifest["files"]:
-            levels = json.loads(bundle.read(choice)).get("levels", {})
+            levels = _read_json(bundle, choice, schema.DRESS_CHOICE).get("levels", {})
             graphs = {k: bundle.sha256(bundle.segments[s].graph) for k, s in
                       (("dense", "main"), ("sparse", "main.sparse")) if s in bundle.segments}
             # only a choice whose engine is here (a later compile of one kernel leaves the other's out)
@@ -524,11 +531,55 @@ def _configure_threads(threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
 
 
+# ELF e_machine of the architectures engines are built for, by `platform.machine()` name.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+# Per ELF class (32, 64 bit): header size, header fields after e_ident, and for the program and section
+# header tables: entry format, entry size, and the indices of the entry's file offset and file size.
+_ELF = {1: {"ehsize": 52, "head": "HHIIIIIHHHHHH", "ph": ("IIIIIIII", 32, 1, 4),
+            "sh": ("IIIIIIIIII", 40, 4, 5)},
+        2: {"ehsize": 64, "head": "HHIQQQIHHHHHH", "ph": ("IIQQQQQQ", 56, 2, 5),
+            "sh": ("IIQQQQIIQQ", 64, 4, 5)}}
+
+
+def check_elf(data: bytes, name: str, machine: str | None = None) -> None:
+    """Refuse, in one line, a library whose ELF header or tables point past its end, before the loader maps
+    it: a truncated library's pages beyond the end fault with SIGBUS when touched, killing the process.
+    Checks the magic, class and byte order, the header size, the program and section header tables, every
+    PT_LOAD segment's and every section's file extent, and (when `machine` is given) the architecture."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"TVM library {name} is not a loadable shared object ({why}; {len(data)} bytes): "
+                           "truncated or corrupted; re-run `edgeflex compile`")
+
+    if len(data) < 16 or data[:4] != b"\x7fELF" or data[4] not in _ELF or data[5] not in (1, 2):
+        raise bad("no ELF32/ELF64 header")
+    layout, order = _ELF[data[4]], "<" if data[5] == 1 else ">"
+    if len(data) < layout["ehsize"]:
+        raise bad("header cut short")
+    (e_type, e_machine, _, _, phoff, shoff, _, ehsize, phentsize, phnum, shentsize, shnum, _) = \
+        struct.unpack_from(order + layout["head"], data, 16)
+    if ehsize != layout["ehsize"] or e_type != 3:
+        raise bad(f"header size {ehsize}, type {e_type}: not a shared object")
+    if machine is not None and machine in ELF_MACHINES.values() and ELF_MACHINES.get(e_machine) != machine:
+        raise bad(f"built for {ELF_MACHINES.get(e_machine, f'machine {e_machine}')}, this is {machine}")
+    tables = (("program", phoff, phentsize, phnum, layout["ph"]),
+              ("section", shoff, shentsize, shnum, layout["sh"]))
+    for table, off, size, count, (fmt, entsize, i_off, i_size) in tables:
+        if count and (size != entsize or off + count * size > len(data)):
+            raise bad(f"{table} header table ({count} x {size} bytes at {off}) past the end")
+        for i in range(count):
+            ent = struct.unpack_from(order + fmt, data, off + i * size)
+            kind = ent[0] if table == "program" else ent[1]
+            if (kind == 1 if table == "program" else kind != 8) and ent[i_off] + ent[i_size] > len(data):
+                what = "PT_LOAD segment" if table == "program" else "section"
+                raise bad(f"{what} {i} ends at byte {ent[i_off] + ent[i_size]}, past the end")
+
+
 def _load_library(data: bytes, name: str):
     """Load a verified library from its bytes: written to a private temp file, loaded, removed, so the
     code that runs is the code the bundle's checksum covered (not a file that could change meanwhile)."""
     import tvm
 
+    check_elf(data, name, platform.machine())
     tmp = tempfile.mkdtemp(prefix="edgeflex-tvm-")
     try:
         path = os.path.join(tmp, name)
