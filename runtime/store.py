@@ -114,8 +114,8 @@ class Pinned:
         try:
             size = os.fstat(fd).st_size
             if limit is not None and size > limit:
-                raise BundleError(f"bundle file {rel!r} in {self.path} is {size} bytes, more than the "
-                                  f"{limit} such a file may have")
+                raise BundleError(f"bundle file {rel!r} in {self.path} is {size} bytes, over the "
+                                  f"{limit >> 20} MiB such a file may have; re-export the bundle")
             with os.fdopen(os.dup(fd), "rb") as f:
                 return f.read()
         finally:
