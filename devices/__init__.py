@@ -4,7 +4,7 @@ one TOML file per device, every figure sourced). The predictor for devices not a
 
 from __future__ import annotations
 
-from edgeflex.runtime.errors import DeviceError
+from edgeflex.errors import DeviceError
 
 from .catalog import (
     HOST,

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgeflex.runtime.errors import DeviceError
+from edgeflex.errors import DeviceError
 
 BOARD_DIR = ".board"
 DEVICE = "rpi5"
@@ -235,9 +235,7 @@ class Board:
                         (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(f, dst / f.relative_to(src))
         else:                                            # an installed edgeflex: one complete package tree
-            import edgeflex
-
-            shutil.copytree(Path(edgeflex.__file__).parent, tmp / "edgeflex",
+            shutil.copytree(Path(__file__).resolve().parents[1], tmp / "edgeflex",
                             ignore=shutil.ignore_patterns("__pycache__"))
         shutil.rmtree(self.pkg, ignore_errors=True)
         tmp.replace(self.pkg)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from edgeflex.runtime.errors import DeviceError
+from edgeflex.errors import DeviceError
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 HOST = "host"

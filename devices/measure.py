@@ -13,7 +13,7 @@ import numpy as np
 
 def measure(fn: Callable[[], object], *, warmup: int = 10, runs: int = 100) -> dict[str, float]:
     """Run fn `warmup` times, then `runs` times timed one by one; milliseconds p50/p90/p99/mean."""
-    from edgeflex.runtime.args import check_int, fail
+    from edgeflex.args import check_int, fail
 
     if not callable(fn):
         fail("fn", fn, "a callable taking no arguments")

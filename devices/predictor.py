@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.runtime.errors import DeviceError
+from edgeflex.errors import DeviceError
 
 from .catalog import Device
 

@@ -4,9 +4,7 @@
 the first time it is touched.
 """
 
-__version__ = "0.1.0"
-
-from edgeflex.runtime import (  # noqa: E402 - __version__ first: submodules read it
+from edgeflex.runtime import (
     BackendUnavailable,
     Budget,
     BudgetError,
@@ -21,8 +19,10 @@ from edgeflex.runtime import (  # noqa: E402 - __version__ first: submodules rea
     TensorSpec,
     UsageError,
 )
+from edgeflex.version import __version__
 
 __all__ = [
+    "__version__",
     "BackendUnavailable",
     "Budget",
     "BudgetError",

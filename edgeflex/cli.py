@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeflex import __version__
+from edgeflex.args import check_int, check_real, check_share
 from edgeflex.runtime import EdgeflexError, InputError, Runtime, UsageError
-from edgeflex.runtime.args import check_int, check_real, check_share, check_threads
+from edgeflex.runtime.checks import check_threads
 
 STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
 ELASTIC = ("dress-starnet-s050", "dress-mlp", "snnet-starnet")
@@ -321,7 +322,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 def arg_type(parse: Callable[[str], object], check: Callable[[object], object], what: str):
     """An argparse `type=`: the text parsed by `parse` (int, float), then checked by `check` (a
-    `runtime.args` check, called as check(value)); its error message says what is expected."""
+    `edgeflex.args` check, called as check(value)); its error message says what is expected."""
     def convert(text: str):
         try:
             value = parse(text)

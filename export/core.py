@@ -22,8 +22,8 @@ import onnx
 import torch
 
 from edgeflex.devices import usable_cores
+from edgeflex.errors import ExportError
 from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
-from edgeflex.runtime.errors import ExportError
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis, fits
@@ -94,7 +94,7 @@ def _specs(values, names: list[str]) -> list[TensorSpec]:
 def tool_versions() -> dict[str, str]:
     import onnxruntime
 
-    from edgeflex import __version__
+    from edgeflex.version import __version__
     return {"edgeflex": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
             "python": platform.python_version()}

@@ -19,10 +19,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from edgeflex.errors import ExportError
 from edgeflex.kernels import rowsparse
 from edgeflex.kernels.rowsparse import ell_tensors
 from edgeflex.runtime.bundle import Bundle, TensorSpec, write_bundle
-from edgeflex.runtime.errors import ExportError
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.runtime.args import (
+from edgeflex.args import (
     check_bool,
     check_choice,
     check_int,
@@ -34,6 +34,7 @@ from edgeflex.runtime.args import (
     check_str,
     fail,
 )
+from edgeflex.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 from edgeflex.runtime.backends.base import Backend, Engine
 from edgeflex.runtime.backends.tvm import (
     BACKEND_CHOICE,
@@ -45,7 +46,6 @@ from edgeflex.runtime.backends.tvm import (
     target_dir,
 )
 from edgeflex.runtime.bundle import Bundle, TensorSpec, model_id, sha256_bytes, update_bundle
-from edgeflex.runtime.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -595,7 +595,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
         fail("progress", progress, "None or a callable (graph, done, total)")
     import tvm
 
-    import edgeflex
+    from edgeflex.version import __version__
 
     bundle = Bundle.open(path)
     tgt = resolve_target(target, threads=threads)
@@ -616,7 +616,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     records = []
     stamp = {"created_by": creator(), "host": host_cpu(),
              "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-             "versions": {"tvm": tvm.__version__, "edgeflex": edgeflex.__version__}}
+             "versions": {"tvm": tvm.__version__, "edgeflex": __version__}}
     with tempfile.TemporaryDirectory(prefix="edgeflex-tvm-compile-") as tmp:
         for i, job in enumerate(jobs):
             stem = PurePosixPath(job.rel).stem

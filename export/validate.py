@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgeflex.runtime.errors import ExportError
+from edgeflex.errors import ExportError
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edgeflex.runtime.errors import UsageError
+from edgeflex.errors import UsageError
 
 # ../shared/data/ETT relative to the repository root (models/ett.py -> repo -> its parent).
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ETT"

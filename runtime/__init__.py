@@ -1,7 +1,6 @@
 """The board side: bundles, backends, the runtime, budgets. Imports numpy and the engine, never torch."""
 
-from .bundle import Bundle, Config, Segment, TensorSpec
-from .errors import (
+from edgeflex.errors import (
     BackendUnavailable,
     BundleError,
     DeviceError,
@@ -10,6 +9,8 @@ from .errors import (
     InputError,
     UsageError,
 )
+
+from .bundle import Bundle, Config, Segment, TensorSpec
 from .policy import Budget, BudgetError
 from .runtime import Runtime
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.errors import BundleError
+
 from . import store
-from .errors import BundleError
 from .schema import MAX_MANIFEST_BYTES, check_manifest, check_seal, load_json, seal_manifest
 from .store import FORMAT, MANIFEST, SUFFIX
 

@@ -14,11 +14,15 @@ import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
+from edgeflex.args import fail, is_int
+from edgeflex.devices import usable_cores
+from edgeflex.errors import InputError
+
 from .bundle import TensorSpec
-from .errors import InputError
 
 
 def _expect(spec: TensorSpec):
@@ -131,3 +135,37 @@ def _all_finite(a: np.ndarray) -> bool:
 
 def _isfinite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
+
+
+# --- arguments that depend on this device or on the budget policy (the rest: `edgeflex.args`) -------
+
+def check_threads(name: str, value: Any, cores: int | None = None) -> int:
+    """A thread count: a whole number from 1 to the cores this process may use (`cores`; default
+    detected). More threads than cores only queue on the same cores: every engine call then waits on
+    its slowest thread's time slice."""
+    if cores is None:
+        cores = usable_cores()
+    if not is_int(value) or not 1 <= value <= cores:
+        fail(name, value, f"a whole number in 1..{cores} (the cores this process may use)")
+    return int(value)
+
+
+def check_thread_counts(name: str, value: Any) -> tuple[int, ...]:
+    """A thread count, or a non-empty sequence of distinct ones (each `check_threads`)."""
+    if is_int(value):
+        return (check_threads(name, value),)
+    if not isinstance(value, (list, tuple)) or not value:
+        fail(name, value, "a thread count >= 1 or a non-empty tuple of them, e.g. (2, 1)")
+    counts = tuple(check_threads(name, t) for t in value)
+    if len(set(counts)) != len(counts):
+        fail(name, value, "distinct thread counts", "give each count once")
+    return counts
+
+
+def check_budget(value: Any) -> Any:
+    """A `Budget` (its own fields are checked when it is made)."""
+    from .policy import Budget  # policy imports this module
+
+    if not isinstance(value, Budget):
+        fail("budget", value, "an edgeflex.Budget", "e.g. Budget(latency_ms=5.0)")
+    return value

@@ -1,32 +1,12 @@
-"""The error types every part of edgeflex raises: one base, one subclass per kind of failure.
+"""Kept so that `from edgeflex.runtime.errors import ...`, written before the errors moved to the package
+top, still works; the errors live in `edgeflex/errors.py`."""
 
-Messages are one line: what was wrong, what was expected, and the fix where there is one.
-"""
-
-
-class EdgeflexError(Exception):
-    """Base of every error edgeflex raises on purpose."""
-
-
-class BundleError(EdgeflexError):
-    """A bundle is missing, truncated, tampered with, or of an unknown format."""
-
-
-class InputError(EdgeflexError, ValueError):
-    """An array handed to `run` has the wrong count, shape, dtype, or non-finite values."""
-
-
-class BackendUnavailable(EdgeflexError):
-    """A backend is not installed, not implemented, or has no device here."""
-
-
-class DeviceError(EdgeflexError, ValueError):
-    """An unknown device name."""
-
-
-class UsageError(EdgeflexError, ValueError):
-    """An argument out of its range (threads, tolerance, ...)."""
-
-
-class ExportError(EdgeflexError):
-    """A model could not be exported, or its export does not match PyTorch within tolerance."""
+from edgeflex.errors import (  # noqa: F401
+    BackendUnavailable,
+    BundleError,
+    DeviceError,
+    EdgeflexError,
+    ExportError,
+    InputError,
+    UsageError,
+)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .args import check_int, check_real
-from .errors import UsageError
+from edgeflex.args import check_int, check_real
+from edgeflex.errors import UsageError
 
 
 class BudgetError(UsageError):

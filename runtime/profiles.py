@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.args import check_bool, check_int, check_path, check_real, fail
 from edgeflex.devices import host_info, path_name
 
-from .args import check_bool, check_int, check_path, check_real, fail
 from .bundle import Bundle, model_id, update_bundle
 from .progress import bar as progress_bar
 from .schema import PROFILE, load_json

@@ -16,14 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.devices import check_device, host_info, usable_cores
-from edgeflex.devices.load import IdleCores
-from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
-from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
-
-from .args import (
+from edgeflex.args import (
     check_bool,
-    check_budget,
     check_choice,
     check_int,
     check_names,
@@ -31,14 +25,18 @@ from .args import (
     check_real,
     check_share,
     check_str,
-    check_thread_counts,
     fail,
 )
+from edgeflex.devices import check_device, host_info, usable_cores
+from edgeflex.devices.load import IdleCores
+from edgeflex.errors import BundleError, UsageError
+from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
+from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
+
 from .backends import KNOWN as BACKENDS
 from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec, model_id
-from .checks import check_inputs
-from .errors import BundleError, UsageError
+from .checks import check_budget, check_inputs, check_thread_counts
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
 from .profiles import load_profiles, profile_at, profile_path, profile_threads
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from edgeflex.errors import BundleError
 
 SEAL = "manifest_sha256"
 MAX_MANIFEST_BYTES = 64 << 20          # a real manifest is kilobytes; refuse to parse anything this big

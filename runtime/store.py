@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import BundleError
+from edgeflex.errors import BundleError
 
 FORMAT = "edgeflex-bundle"
 MANIFEST = "manifest.json"

@@ -14,7 +14,7 @@ import pytest
 
 import edgeflex.devices as devices
 from edgeflex.devices import catalog
-from edgeflex.runtime.errors import DeviceError
+from edgeflex.errors import DeviceError
 
 EXPECTED = {"jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "rpi5", "snapdragon-8-gen-2", "nvidia-h100-sxm"}
 

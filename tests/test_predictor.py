@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeflex.devices import get_device
 from edgeflex.devices.predictor import FEATURES, KINDS, Predictor, features, fit, leave_one_out, nnls
+from edgeflex.errors import DeviceError
 from edgeflex.export import costs as costs_mod
 from edgeflex.export.costs import config_costs, graph_costs
-from edgeflex.runtime.errors import DeviceError
 
 
 def _init(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 import edgeflex as ef
 from edgeflex.cli import main as cli
+from edgeflex.errors import EdgeflexError
 from edgeflex.runtime.bundle import MANIFEST
-from edgeflex.runtime.errors import EdgeflexError
 from edgeflex.runtime.schema import SEAL, seal_manifest
 
 # Cases each property test ran, reported at the end of the session (pytest -s, or the summary below).

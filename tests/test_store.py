@@ -236,7 +236,7 @@ def test_a_kill_between_the_two_renames_without_exchange_is_recovered_at_open(co
 _READER = """
 import json, sys, time
 from edgeflex.runtime.bundle import Bundle
-from edgeflex.runtime.errors import BundleError
+from edgeflex.errors import BundleError
 path, seconds = sys.argv[1], float(sys.argv[2])
 opens, errors, names = 0, [], set()
 end = time.monotonic() + seconds

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.errors import UsageError
 from edgeflex.kernels.tir import LANES, RewriteContext, register
-from edgeflex.runtime.errors import UsageError
 
 ACC_VECTORS = 24    # accumulator registers per GEMM tile (of 32): the rest hold the B row and a broadcast
 MAX_GROUP = 8       # channels per task at most
@@ -451,9 +451,10 @@ def build_kernel(s: FitsShape, target: Any = None, plan: SplitPlan | None = None
     arguments: x, `split_kernel_operands`, y); target default: this host."""
     import tvm
 
-    if target is None:
-        from edgeflex.export.tvm_compile import host_target
-        target = host_target()
+    if target is None:      # this host: LLVM's own CPU and triple (the kernels use its vector units)
+        from tvm.target import codegen
+        target = {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
+                  "mtriple": str(codegen.llvm_get_system_triple())}
     fn = fits_primfunc(s) if plan is None else fits_split_primfunc(s, plan)
     mod = tvm.IRModule({"fits": fn.with_attr("global_symbol", "fits")})
     return tvm.compile(mod, target=tvm.target.Target(target))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BackendUnavailable
+from edgeflex.errors import BackendUnavailable
+
 from .base import Backend, Engine
 
 # name -> (module, class). tensorrt arrives with its issue; until then it says so.

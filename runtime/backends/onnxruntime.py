@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgeflex.errors import BackendUnavailable, BundleError, UsageError
+
 from ..bundle import TensorSpec
-from ..errors import BackendUnavailable, BundleError, UsageError
 from .base import Backend, Engine
 
 # How long (us) an ORT worker spins for more work before it sleeps (see session_options).

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.errors import BackendUnavailable, BundleError, InputError, UsageError
+
 from .. import schema
 from ..bundle import Bundle, TensorSpec, sha256_bytes
 from ..checks import batch1_check
-from ..errors import BackendUnavailable, BundleError, InputError, UsageError
 from .base import Backend, Engine
 
 ENGINES = "engines/tvm"

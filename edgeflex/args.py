@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .errors import UsageError
+from edgeflex.errors import UsageError
 
 
 def shown(value: Any) -> str:
@@ -134,38 +134,4 @@ def check_path(name: str, value: Any) -> str | os.PathLike:
     """A path: a non-empty str or an os.PathLike."""
     if not (isinstance(value, os.PathLike) or (isinstance(value, str) and value)):
         fail(name, value, "a path (str or os.PathLike)")
-    return value
-
-
-def check_threads(name: str, value: Any, cores: int | None = None) -> int:
-    """A thread count: a whole number from 1 to the cores this process may use (`cores`; default
-    detected). More threads than cores only queue on the same cores: every engine call then waits on
-    its slowest thread's time slice."""
-    if cores is None:
-        from edgeflex.devices import usable_cores
-
-        cores = usable_cores()
-    if not is_int(value) or not 1 <= value <= cores:
-        fail(name, value, f"a whole number in 1..{cores} (the cores this process may use)")
-    return int(value)
-
-
-def check_thread_counts(name: str, value: Any) -> tuple[int, ...]:
-    """A thread count, or a non-empty sequence of distinct ones (each `check_threads`)."""
-    if is_int(value):
-        return (check_threads(name, value),)
-    if not isinstance(value, (list, tuple)) or not value:
-        fail(name, value, "a thread count >= 1 or a non-empty tuple of them, e.g. (2, 1)")
-    counts = tuple(check_threads(name, t) for t in value)
-    if len(set(counts)) != len(counts):
-        fail(name, value, "distinct thread counts", "give each count once")
-    return counts
-
-
-def check_budget(value: Any) -> Any:
-    """A `Budget` (its own fields are checked when it is made)."""
-    from .policy import Budget
-
-    if not isinstance(value, Budget):
-        fail("budget", value, "an edgeflex.Budget", "e.g. Budget(latency_ms=5.0)")
     return value
