@@ -30,3 +30,7 @@ class UsageError(EdgeflexError, ValueError):
 
 class ExportError(EdgeflexError):
     """A model could not be exported, or its export does not match PyTorch within tolerance."""
+
+
+__all__ = ["EdgeflexError", "BundleError", "InputError", "BackendUnavailable", "DeviceError", "UsageError",
+           "ExportError"]
