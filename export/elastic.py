@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +17,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from edgeflex.devices.measure import median_ms
 from edgeflex.errors import ExportError
 from edgeflex.kernels import rowsparse
 from edgeflex.kernels.rowsparse import ell_tensors
@@ -94,17 +93,6 @@ def _ort_session(graph: bytes, store: WeightStore, refs: dict[str, str], threads
     return OnnxRuntimeBackend().load(graph, [], [], threads=threads, initializers=inits)
 
 
-def _median_ms(fn: Callable[[], object], runs: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
-
-
 def _specs_json(tensors, names) -> list[dict]:
     return [TensorSpec(n, (None, *t.shape[1:]), "float32").to_json() for t, n in zip(tensors, names)]
 
@@ -157,13 +145,13 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         label = f"level {s} (density {density:g})"
         check = validate_fn(reference, lambda xs, e=engine: e._run(list(xs)), (example,), tolerance=tolerance,
                             label=label)
-        measured = {"dense": round(_median_ms(lambda e=engine, x1=x1: e._run([x1])), 4)}
+        measured = {"dense": round(median_ms(lambda e=engine, x1=x1: e._run([x1])), 4)}
         if sparse_engine is not None:
             lv = np.array(s, np.int64)
             sparse_check = validate_fn(reference, lambda xs, lv=lv: sparse_engine._run([*xs, lv]), (example,),
                                        tolerance=tolerance, label=label + " row-sparse kernel")
             check = max(check, sparse_check, key=lambda c: c.max_rel_err)
-            measured["sparse"] = round(_median_ms(lambda lv=lv, x1=x1: sparse_engine._run([x1, lv])), 4)
+            measured["sparse"] = round(median_ms(lambda lv=lv, x1=x1: sparse_engine._run([x1, lv])), 4)
         checks.append(check.to_json())
         configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
                         "costs": costs,

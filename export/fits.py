@@ -7,11 +7,10 @@ on that engine at batch 1 and a large batch, not by habit; the timings go into t
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
+from edgeflex.devices.measure import median_ms
 from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 
@@ -22,17 +21,6 @@ FORMS_BY_ENGINE = {"onnxruntime": spectral.FORMS, "tvm": ("folded", "lowrank"),
 
 def is_fits(model: torch.nn.Module) -> bool:
     return isinstance(model, FITS)
-
-
-def _median_us(sess, feed: dict, runs: int) -> float:
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e6)
 
 
 def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
@@ -55,7 +43,9 @@ def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
         measured[form] = {}
         for b in batches:
             x = rng.standard_normal((b, model.seq_len, model.channels)).astype(np.float32)
-            measured[form][f"batch{b}_us"] = round(_median_us(sess, {input_name: x}, 40 if b == 1 else 8), 1)
+            feed = {input_name: x}
+            ms = median_ms(lambda s=sess, feed=feed: s.run(None, feed), runs=40 if b == 1 else 8)
+            measured[form][f"batch{b}_us"] = round(1e3 * ms, 1)
     # Batch 1 decides (edge inference is latency-bound); the large batch breaks near-ties (< 10 %).
     b1 = {f: m[f"batch{batches[0]}_us"] for f, m in measured.items()}
     best_b1 = min(b1.values())

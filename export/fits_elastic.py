@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from edgeflex.devices.measure import median_ms
 from edgeflex.kernels import spectral
 from edgeflex.models.fits_elastic import ElasticFITS
 from edgeflex.runtime.bundle import Bundle, write_bundle
@@ -22,7 +23,7 @@ from edgeflex.runtime.store import target as store_target
 
 from . import analysis
 from .core import default_threads, manifest_base
-from .elastic import WEIGHTS, WeightStore, _mark_derived, _median_ms, _ort_session, _stem, _worst
+from .elastic import WEIGHTS, WeightStore, _mark_derived, _ort_session, _stem, _worst
 from .validate import validate_fn
 
 FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is ~25x slower on ORT
@@ -137,7 +138,7 @@ def _measure(engines: dict, seq_len: int, channels: int, rng: np.random.Generato
         rounds_ms = {f: [] for f in engines}
         for _ in range(rounds):
             for f, e in engines.items():
-                rounds_ms[f].append(_median_ms(lambda e=e, x=x: e._run([x]), runs=40 if b == 1 else 10))
+                rounds_ms[f].append(median_ms(lambda e=e, x=x: e._run([x]), runs=40 if b == 1 else 10))
         for f, ms in rounds_ms.items():
             measured[f][f"batch{b}_us"] = round(1e3 * float(np.median(ms)), 1)
     return measured

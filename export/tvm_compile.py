@@ -34,6 +34,7 @@ from edgeflex.args import (
     check_str,
     fail,
 )
+from edgeflex.devices.measure import interleaved
 from edgeflex.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
 from edgeflex.runtime.backends.base import Backend, Engine
 from edgeflex.runtime.backends.tvm import (
@@ -724,19 +725,10 @@ def _time_interleaved(rts: dict[str, Any], configs: Sequence[str], batch: int, r
     x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
     out = {}
     for name in configs:
-        times: dict[str, list[float]] = {k: [] for k in rts}
-        for rt in rts.values():
-            rt.switch(name)
-            for _ in range(5):
-                rt.run(x)
-        while len(next(iter(times.values()))) < runs:
-            for k, rt in rts.items():
-                rt.run(x)
-                for _ in range(min(block, runs - len(times[k]))):
-                    t0 = time.perf_counter()
-                    rt.run(x)
-                    times[k].append(time.perf_counter() - t0)
-        out[name] = times
+        calls = {k: (lambda rt=rt, name=name: rt.switch(name), lambda rt=rt: rt.run(x))
+                 for k, rt in rts.items()}
+        ms = interleaved(calls, rounds=-(-runs // block), runs_per_round=block, warmup=5, lead=1)
+        out[name] = {k: list(t[:runs] / 1e3) for k, t in ms.items()}
     return out
 
 

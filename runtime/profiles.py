@@ -13,13 +13,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
 from edgeflex.args import check_bool, check_int, check_path, check_real, fail
 from edgeflex.devices import host_info, path_name
+from edgeflex.devices.measure import interleaved
 
 from .bundle import Bundle, model_id, update_bundle
 from .progress import bar as progress_bar
@@ -73,7 +73,6 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     whose speed drifts for seconds at a time (this project's VM: ~1.4x spells) then slows every config
     alike instead of whichever was being measured: the predictor's leave-one-out at 2 threads went from
     40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
-    import random
 
     from .runtime import Runtime  # here: runtime.py imports this module
 
@@ -93,25 +92,12 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
              .astype(s.dtype) for i, s in enumerate(rt.inputs[1:], start=1)]
     start_config, start_threads = rt.config, rt.threads
     todo = [(t, c.name) for t in rt.thread_counts for c in rt.configs]
-    times: dict[tuple[int, str], list[float]] = {item: [] for item in todo}
-    per_round_s, per_round_runs = min_seconds / rounds, max(1, -(-min_runs // rounds))
-    cap = max(1, max_runs // rounds)
+    calls = {(t, name): (lambda t=t, name=name: rt.switch(name, threads=t), lambda: rt.run(x, *extra))
+             for t, name in todo}
     bar = progress_bar(rounds * len(todo), f"profile {rt.bundle.name}", show=progress, leave=False)
-    for r in range(rounds):
-        order = list(todo)
-        random.Random(r).shuffle(order)
-        for threads, name in order:
-            rt.switch(name, threads=threads)
-            for _ in range(warmup if r == 0 else 2):       # a full warm-up once, then the caches again
-                rt.run(x, *extra)
-            got, start = times[(threads, name)], time.perf_counter()
-            for i in range(cap):
-                t0 = time.perf_counter()
-                rt.run(x, *extra)
-                got.append((time.perf_counter() - t0) * 1e3)
-                if i + 1 >= per_round_runs and time.perf_counter() - start >= per_round_s:
-                    break
-            bar.update(1)
+    times = interleaved(calls, rounds=rounds, runs_per_round=max(1, -(-min_runs // rounds)),
+                        seconds_per_round=min_seconds / rounds, max_runs_per_round=max(1, max_runs // rounds),
+                        warmup=warmup, lead=2, shuffle=True, on_block=lambda: bar.update(1))
     bar.close()
     by_threads: dict[str, dict[str, Any]] = {str(t): {} for t in rt.thread_counts}
     for (threads, name), got in times.items():
