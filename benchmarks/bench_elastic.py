@@ -232,7 +232,7 @@ def shared_chain_times(paths: list[Path], threads: int, runs: int) -> Times:
 def tvm_chain_times(paths: list[Path], threads: int, runs: int) -> Times:
     """`chain_times` on TVM engines, compiled here for this host first (segments and fused graphs; the
     bundles in --workdir gain them, and a --reuse run finds them)."""
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     for path in paths:
         for fused in (False, True):

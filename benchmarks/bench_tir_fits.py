@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import edgeflex as ef
-from edgeflex.export.tvm_compile import compile_bundle, host_target
+from edgeflex.compile.tvm import compile_bundle, host_target
 from edgeflex.kernels import spectral
 from edgeflex.kernels.tir.fits import (
     FitsShape,

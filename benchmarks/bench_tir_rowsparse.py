@@ -162,7 +162,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import tvm
 
-    from edgeflex.export.tvm_compile import host_target
+    from edgeflex.compile.tvm import host_target
 
     usable = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import edgeflex as ef
-from edgeflex.export.tvm_compile import compile_bundle
+from edgeflex.compile.tvm import compile_bundle
 from edgeflex.models.starnet import Block, starnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import edgeflex as ef
-from edgeflex.export.tvm_compile import compile_bundle
+from edgeflex.compile.tvm import compile_bundle
 from edgeflex.models.fits import FITS
 from edgeflex.models.starnet import starnet
 

@@ -49,7 +49,7 @@ def prepare(args: argparse.Namespace) -> None:
     import tvm
 
     import edgeflex as ef
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
     from edgeflex.runtime.bundle import Bundle
 
     d = Path(args.dir)

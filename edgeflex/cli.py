@@ -392,7 +392,7 @@ def cmd_query(a: argparse.Namespace) -> int:
 # --- compile -----------------------------------------------------------------------------------------------
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     if a.backend != "tvm":
         raise EdgeflexError(f"compile --backend {a.backend!r}: only 'tvm' compiles ahead of time "

@@ -2,7 +2,7 @@
 
 Needs the `export` extra (torch, onnx, onnxscript); the board side never imports it. torch and onnx are
 imported when an export is asked for (`export` or a call), not with the package: `edgeflex compile`
-(`export.tvm_compile`) needs the `tvm` extra only.
+(`compile.tvm`) needs the `tvm` extra only.
 """
 
 import sys

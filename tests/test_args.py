@@ -104,7 +104,7 @@ def test_query_nan_margin_no_longer_lists_configs_far_over_budget(srt: ef.Runtim
 
 @pytest.mark.parametrize("threads", [0, -3])
 def test_compile_threads_below_one_is_refused(fits_bundle: Path, threads: int) -> None:
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     with pytest.raises(ef.UsageError, match=rf"threads={threads}: expected a whole number >= 1"):
         compile_bundle(fits_bundle, threads=threads)

@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edgeflex[tvm]'): board untested")
 
 import edgeflex as ef  # noqa: E402
+from edgeflex.compile.tvm import compile_bundle  # noqa: E402
 from edgeflex.devices.board import Board  # noqa: E402
-from edgeflex.export.tvm_compile import compile_bundle  # noqa: E402
 
 BOARD = Board(Path(__file__).resolve().parents[1] / ".board")
 WHY = BOARD.why_not_ready()

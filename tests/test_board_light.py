@@ -62,7 +62,7 @@ def test_the_harness_refuses_every_workstation_module(board) -> None:
         assert r.returncode == 1 and f"No module named '{name}'" in r.stderr, (name, r.stderr)
     # and the board side imports without them
     r = run(code="import edgeflex, edgeflex.runtime, edgeflex.devices, edgeflex.cli, "
-                 "edgeflex.export.tvm_compile; print(edgeflex.__version__)")
+                 "edgeflex.compile.tvm; print(edgeflex.__version__)")
     assert r.returncode == 0 and r.stdout == f"{ef.__version__}\n", r.stderr
 
 

@@ -327,7 +327,7 @@ def test_check_elf_refuses(data, words):
 @pytest.fixture(scope="module")
 def fits_tvm_bundle(fits_bundle, tmp_path_factory) -> Path:
     pytest.importorskip("tvm", reason="apache-tvm is not installed")
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     path = tmp_path_factory.mktemp("tvm") / "fits.efx"
     shutil.copytree(fits_bundle, path)

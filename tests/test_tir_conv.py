@@ -13,7 +13,7 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edg
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from edgeflex.export.tvm_compile import host_target  # noqa: E402
+from edgeflex.compile.tvm import host_target  # noqa: E402
 from edgeflex.kernels.tir import RewriteContext  # noqa: E402
 from edgeflex.kernels.tir.conv import (  # noqa: E402
     conv_primfunc,

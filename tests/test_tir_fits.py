@@ -16,8 +16,8 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edg
 import onnxruntime as ort  # noqa: E402
 
 import edgeflex as ef  # noqa: E402
+from edgeflex.compile.tvm import _relax_module, compile_bundle, host_target, prepare_onnx  # noqa: E402
 from edgeflex.errors import UsageError  # noqa: E402
-from edgeflex.export.tvm_compile import _relax_module, compile_bundle, host_target, prepare_onnx  # noqa: E402
 from edgeflex.kernels import spectral  # noqa: E402
 from edgeflex.kernels.tir import RewriteContext, apply  # noqa: E402
 from edgeflex.kernels.tir.fits import (  # noqa: E402

@@ -25,7 +25,7 @@ IN, OUT, LEVELS = 37, 29, 4                 # odd sizes: vector tails everywhere
 def _target(portable: bool = False):
     import tvm
 
-    from edgeflex.export.tvm_compile import host_target
+    from edgeflex.compile.tvm import host_target
 
     t = host_target(threads=1)
     return tvm.target.Target({**t, "mcpu": "x86-64"} if portable else t)
@@ -138,8 +138,8 @@ def test_bad_arguments_name_what_was_expected() -> None:
 
 @pytest.fixture(scope="module")
 def dress_bundle(tmp_path_factory) -> tuple[Path, list]:
+    from edgeflex.compile.tvm import collect_graphs
     from edgeflex.export.elastic import export_dress
-    from edgeflex.export.tvm_compile import collect_graphs
     from edgeflex.models.dress import DressModel, build_backbone
     from edgeflex.runtime.bundle import Bundle
 
@@ -151,7 +151,7 @@ def dress_bundle(tmp_path_factory) -> tuple[Path, list]:
 
 
 def test_rewrite_fires_on_the_dress_sparse_graph_and_not_on_the_dense_one(dress_bundle) -> None:
-    from edgeflex.export.tvm_compile import _relax_module, prepare_onnx
+    from edgeflex.compile.tvm import _relax_module, prepare_onnx
     from edgeflex.kernels import tir
 
     path, (sparse, dense) = dress_bundle
@@ -169,7 +169,7 @@ def test_rewrite_fires_on_the_dress_sparse_graph_and_not_on_the_dense_one(dress_
 def test_rewrites_run_in_a_fixed_order_and_per_op_ones_survive_the_sparse_graph(dress_bundle) -> None:
     import importlib
 
-    from edgeflex.export.tvm_compile import _relax_module, prepare_onnx
+    from edgeflex.compile.tvm import _relax_module, prepare_onnx
     from edgeflex.kernels import tir
 
     for name in reversed(tir.ORDER):                   # whatever was imported first, the order is ORDER's
@@ -188,7 +188,7 @@ def test_rewrites_run_in_a_fixed_order_and_per_op_ones_survive_the_sparse_graph(
 def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundle, tmp_path: Path) -> None:
     import shutil
 
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     src, _ = dress_bundle
     path = Path(shutil.copytree(src, tmp_path / "mlp.efx"))
@@ -212,7 +212,7 @@ def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kern
                                                                                    tmp_path: Path) -> None:
     import shutil
 
-    from edgeflex.export.tvm_compile import compile_bundle
+    from edgeflex.compile.tvm import compile_bundle
 
     src, _ = dress_bundle
     path = Path(shutil.copytree(src, tmp_path / "mlp.efx"))

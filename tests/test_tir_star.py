@@ -17,7 +17,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import edgeflex as ef  # noqa: E402
-from edgeflex.export.tvm_compile import (  # noqa: E402
+from edgeflex.compile.tvm import (  # noqa: E402
     _relax_module,  # noqa: E402
     collect_graphs,
     compile_bundle,

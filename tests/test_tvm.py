@@ -18,7 +18,7 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'edg
 
 import edgeflex as ef  # noqa: E402
 from edgeflex.cli import main as cli  # noqa: E402
-from edgeflex.export.tvm_compile import (  # noqa: E402
+from edgeflex.compile.tvm import (  # noqa: E402
     compile_bundle,
     cuda_ahead_check,
     find_nvcc,

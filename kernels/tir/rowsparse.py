@@ -9,7 +9,7 @@ Blocked ELL (`block_ell`): the bundle's ELL [out, kmax] (values, indices; each r
 cut into blocks of 16 output rows and stored [out/16, kmax, 16]: entry j of 16 neighbouring rows is one
 contiguous 64-byte vector, and a level's entries are still a prefix (the first k_s of axis 1). The engine
 makes this copy once at load (the rewrite's reshapes of the weights are lifted into `main_transform_params`
-by `export.tvm_compile`), never per call.
+by `compile.tvm`), never per call.
 
 One prim func serves every level: it reads k = ell_k[level] at run time and loops over the first k entries.
 Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):

@@ -1,6 +1,6 @@
 """Apache TVM backend: runs the engines `edgeflex compile --backend tvm` put into a bundle
 (`engines/tvm/<target>/<graph>.so` + `<graph>.json`) on TVM's Relax virtual machine, and owns the
-native-code trust rule. Compiling (ONNX -> Relax -> library) is `edgeflex.export.tvm_compile`.
+native-code trust rule. Compiling (ONNX -> Relax -> library) is `edgeflex.compile.tvm`.
 
 An engine is found by the sha256 of the graph the runtime asks for, so every plan (plain graph, segment,
 fused graph, DRESS level) finds its library without the runtime knowing about TVM. Weights that the graph
