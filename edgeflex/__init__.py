@@ -1,7 +1,8 @@
 """edgeflex: export PyTorch models to verified bundles and run them on edge devices.
 
 `import edgeflex as ef` loads only the board side (numpy + onnxruntime). `ef.export` imports torch
-the first time it is touched.
+the first time it is touched; `ef.models` (the registry: `ef.models.list()`, `ef.models.create(name)`)
+imports it only when a model is built.
 """
 
 from edgeflex.runtime import (
@@ -37,6 +38,7 @@ __all__ = [
     "TensorSpec",
     "UsageError",
     "export",
+    "models",
 ]
 
 
@@ -44,4 +46,7 @@ def __getattr__(name: str):
     if name == "export":
         import importlib
         return importlib.import_module("edgeflex.export")   # a callable module: ef.export(model, x, path)
+    if name == "models":
+        import importlib
+        return importlib.import_module("edgeflex.models")    # torch-free until a builder runs
     raise AttributeError(f"module 'edgeflex' has no attribute {name!r}")

@@ -1,10 +1,10 @@
-"""The `edgeflex` command line: export, info, run, compile, demo.
+"""The `edgeflex` command line: export, models, info, run, compile, demo.
 
 Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
-so `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime alone; on such a
-board those verbs say in one line which extra to install. A user's mistake (a bad argument, a missing or
-unreadable file, a bundle that fails its checks) ends in one line `edgeflex: error: ...`, never a traceback
-(`edgeflex --debug VERB ...` re-raises, for developers).
+so `models`, `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime
+alone; on such a board those verbs say in one line which extra to install. A user's mistake (a bad argument,
+a missing or unreadable file, a bundle that fails its checks) ends in one line `edgeflex: error: ...`, never
+a traceback (`edgeflex --debug VERB ...` re-raises, for developers).
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import numpy as np
 
 from edgeflex import __version__
 from edgeflex.args import check_int, check_real, check_share
+from edgeflex.models import registry
 from edgeflex.runtime import EdgeflexError, InputError, Runtime, UsageError
 from edgeflex.runtime.checks import check_threads
 
-STARNETS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")
-ELASTIC = ("dress-starnet-s050", "dress-mlp", "snnet-starnet")
-ETT = ("fits-etth1", "fits-etth2", "fits-elastic-etth1")      # trained on ../shared/data/ETT (or --data)
-MODELS = ("fits", *(f"starnet-{v}" for v in STARNETS), *ELASTIC, *ETT)
+MODELS = tuple(m.name for m in registry.list_models())     # the built-in names (listing imports no torch)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -56,73 +54,10 @@ def _quality_str(q: dict | None) -> str:
 
 def build_model(name: str, *, train: bool, epochs: int | None, seed: int, image_size: int | None,
                 progress: bool = True, horizon: int | None = None, data: str | None = None):
-    """(model, example input, quality or None, metadata, held-out data or None) for a built-in model name."""
-    import torch
-
-    if name in ETT:
-        from edgeflex.models.ett import build_ett_model
-        return build_ett_model(name, horizon=horizon, data=data, epochs=epochs, seed=seed, progress=progress)
-    if name == "fits":
-        from edgeflex.models.co2 import load_co2, split_scale, train_fits_co2, windows
-        from edgeflex.models.fits import FITS, cut_freq_for
-        if train:
-            kw = {"epochs": epochs} if epochs else {}
-            model, q = train_fits_co2(seed=seed, progress=progress, **kw)
-            _, _, test_z, _ = split_scale(load_co2(), model.seq_len)
-            held = windows(test_z, model.seq_len, model.pred_len)
-            meta = {"data": q["data"], "scaler": q.pop("scaler")}
-            return model, torch.from_numpy(held.x[:1]), q, meta, held
-        torch.manual_seed(seed)
-        model = FITS(208, 52, 1, cut_freq_for(208, 52, 3))
-        return model, torch.randn(1, 208, 1), None, {}, None
-    if name.startswith("starnet-") and name.removeprefix("starnet-") in STARNETS:
-        variant = name.removeprefix("starnet-")
-        if train:
-            from edgeflex.models.digits import NUM_CLASSES, load_digits_images, train_starnet_digits
-            size = image_size or 32
-            kw = {"epochs": epochs} if epochs else {}
-            model, q = train_starnet_digits(variant, image_size=size, seed=seed, progress=progress, **kw)
-            _, _, xte, yte = load_digits_images(size, seed=seed)
-            q = {**q, "split": "test", "classes": NUM_CLASSES}
-            return model, torch.from_numpy(xte[:1]), q, {"data": "scikit-learn digits"}, (xte, yte)
-        from edgeflex.models.starnet import starnet
-        torch.manual_seed(seed)
-        size = image_size or 224
-        return starnet(variant).eval(), torch.randn(1, 3, size, size), None, {}, None
-    if name.startswith("dress-"):
-        from edgeflex.models.dress import train_dress_digits
-        arch = name.removeprefix("dress-")
-        kw = {"epochs": epochs} if epochs else {}
-        model, q = train_dress_digits(arch, image_size=image_size or 32, seed=seed, progress=progress, **kw)
-        levels = [{"metric": q["metric"], "value": lv["value"], "direction": q["direction"], "split": "test",
-                   "density": lv["density"]} for lv in q["levels"]]
-        return model, _digits_example(arch, image_size or 32, seed), levels, {"data": "scikit-learn digits",
-                                                                          "training": _plain(q)}, None
-    if name == "snnet-starnet":
-        from edgeflex.models.snnet import train_snnet_digits
-        kw = {"epochs": epochs} if epochs else {}
-        model, q = train_snnet_digits(image_size=image_size or 32, seed=seed, progress=progress, **kw)
-        quality = {c["name"]: {"metric": q["metric"], "value": c["value"], "direction": q["direction"],
-                               "split": "test"} for c in q["configs"]}
-        from edgeflex.models.digits import CORRUPTIONS, TEST_SEED_OFFSET
-        data = (f"scikit-learn digits, corrupted ({q['data']}): each training batch corrupted afresh, test "
-                f"split = {q['test_images']} fixed corrupted images (seed {seed + TEST_SEED_OFFSET})")
-        return model, _digits_example("starnet", image_size or 32, seed), quality, {
-            "data": data, "corruption": CORRUPTIONS[q["corruption"]], "training": _plain(q)}, None
-    raise EdgeflexError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
-
-
-def _digits_example(arch: str, image_size: int, seed: int):
-    import torch
-
-    from edgeflex.models.digits import load_digits_images
-    if arch == "mlp":      # the DRESS MLP reads the raw 8x8 grey digit, one channel
-        return torch.from_numpy(load_digits_images(8, seed=seed)[2][:2, :1])
-    return torch.from_numpy(load_digits_images(image_size, seed=seed)[2][:2])
-
-
-def _plain(q: dict) -> dict:
-    return {k: v for k, v in q.items() if isinstance(v, (int, float, str))}
+    """(model, example input, quality or None, metadata, held-out data or None) for a registered model name
+    (`edgeflex.models.create`); an unknown name is refused in one line naming the registered ones."""
+    return tuple(registry.create(name, train=train, epochs=epochs, seed=seed, image_size=image_size,
+                                 horizon=horizon, data=data, progress=progress))
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -135,22 +70,26 @@ def cmd_export(a: argparse.Namespace) -> int:
                                                    image_size=a.image_size, horizon=a.horizon, data=a.data)
     kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta,
           "overwrite": a.force}
-    if a.model.startswith("dress-"):
-        from edgeflex.export.elastic import export_dress
-        bundle = export_dress(model, example, a.out, **kw)
-    elif a.model.startswith("snnet-"):
-        from edgeflex.export.elastic import export_snnet
-        bundle = export_snnet(model, example, a.out, **kw)
-    elif a.model.startswith("fits-elastic-"):
-        from edgeflex.export.fits_elastic import export_fits_elastic
-        bundle = export_fits_elastic(model, example, a.out, **kw)
-    else:
-        bundle = ef.export(model, example, a.out, **kw)
+    bundle = ef.export(model, example, a.out, **kw)     # the registry picks the model's family's exporter
     v = bundle.manifest["export"]["validation"]
     print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
           f"{v['max_rel_err']:.2e} relative)")
     for c in bundle.configs:
         print(f"  {c.name}: {_quality_str(c.quality)}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    """The registered models: a table of name, family, description (or all of each entry, --json)."""
+    entries = [(m, registry.get_family(m.family).elastic) for m in registry.list_models()]
+    if a.json:
+        print(json.dumps([{"name": m.name, "family": m.family, "elastic": elastic,
+                           "description": m.description, "always_trains": m.always_trains,
+                           "settings": dict(m.settings)}
+                          for m, elastic in entries], indent=1))
+        return 0
+    rows = [[m.name, m.family + (" (elastic)" if elastic else ""), m.description] for m, elastic in entries]
+    print(_table(rows, ["model", "family", "description"]))
     return 0
 
 
@@ -533,7 +472,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="let errors raise with their traceback")
     sub = p.add_subparsers(dest="verb", required=True)
     e = sub.add_parser("export", help="export a built-in model into a bundle")
-    e.add_argument("--model", required=True, choices=MODELS)
+    e.add_argument("--model", required=True, choices=[m.name for m in registry.list_models()],
+                   help="a registered model (`edgeflex models` lists them with their families)")
     e.add_argument("--out", required=True, help="bundle path, NAME.efx")
     e.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
     e.add_argument("--train", action="store_true", help="train on the shipped data first (fits: CO2; "
@@ -548,6 +488,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
                    help="max relative export error (default 1e-4)")
     e.set_defaults(fn=cmd_export)
+    ms = sub.add_parser("models", help="the registered models: name, family, description")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(fn=cmd_models)
     for verb, fn, help_ in (("info", cmd_info, "show a bundle"), ("run", cmd_run, "run a bundle on a .npy")):
         s = sub.add_parser(verb, help=help_)
         s.add_argument("bundle")

@@ -1,13 +1,15 @@
-"""`export(model, example_inputs, path)`: PyTorch module -> validated ONNX graph -> bundle on disk.
+"""`export(model, example_inputs, path)`: PyTorch module -> validated ONNX graph(s) -> bundle on disk.
 
-Tries the family-specific lowering first (FITS), else torch.onnx's capture strategies in order,
-keeping every failure so the final error explains what was tried. Nothing is written unless the
-graph matches PyTorch within tolerance.
+`export` asks the family registry which exporter writes the model (elastic families have their own, in
+`elastic.py` / `fits_elastic.py`); `export_plain`, the one-config exporter, tries FITS's lowering first,
+else torch.onnx's capture strategies in order, keeping every failure so the final error explains what was
+tried. Nothing is written unless the graph matches PyTorch within tolerance.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import io
 import logging
 import os
@@ -100,16 +102,52 @@ def tool_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+N_RANDOM = 4
+
+
 def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *, name: str | None = None,
-           quality: dict | None = None, tolerance: float = 1e-4, n_random: int = 4,
+           quality: dict | list | None = None, tolerance: float = 1e-4, n_random: int = N_RANDOM,
            threads: int | None = None, overwrite: bool = False, metadata: dict | None = None) -> Bundle:
     """Export `model` into a validated bundle at `path` (a directory ending in .efx) and return it opened.
 
+    The family registry (`edgeflex.models.place`) picks the exporter: a model of an elastic family
+    (DressModel, SNNet, ElasticFITS) goes to that family's exporter (one config per level / stitch point /
+    cut frequency; `quality` then per config, as that exporter takes it); FITS keeps its lowering; any other
+    module is one config captured by torch.onnx; an elastic-looking model no family places is refused.
     `example_inputs`: a tensor or a tuple of tensors, batch first (the batch becomes dynamic).
     `quality`: the held-out metric, e.g. {"metric": "top1", "value": 0.98, "direction": "higher"}.
     Raises ExportError if no capture strategy works or the graph differs from PyTorch by > `tolerance`
     (relative to the output's scale); then nothing is written.
     """
+    from edgeflex.models.registry import place
+
+    store_target(path, overwrite=overwrite, new=True)     # refuse before any work
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
+    family = place(model)
+    fn = family.export_fn()
+    kw = {"name": name, "quality": quality, "tolerance": tolerance, "threads": threads,
+          "overwrite": overwrite, "metadata": metadata}
+    if "n_random" in inspect.signature(fn).parameters:
+        kw["n_random"] = n_random
+    elif n_random != N_RANDOM:
+        raise ExportError(f"n_random={n_random}: the {family.name} exporter validates every config on its "
+                          "own inputs; leave n_random out")
+    if not family.elastic:
+        return fn(model, example_inputs, path, **kw)
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if len(example) != 1 or not isinstance(example[0], torch.Tensor):
+        raise ExportError(f"the {family.name} exporter takes one example tensor (batch first), got "
+                          f"{len(example)} inputs")
+    return fn(model, example[0], path, **kw)
+
+
+def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                 name: str | None = None, quality: dict | None = None, tolerance: float = 1e-4,
+                 n_random: int = N_RANDOM, threads: int | None = None, overwrite: bool = False,
+                 metadata: dict | None = None) -> Bundle:
+    """The one-config exporter (FITS, StarNet, DLinear, generic): FITS's lowering, else torch.onnx's capture
+    strategies in order; validated, then written. `ef.export` calls it for every non-elastic family."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
