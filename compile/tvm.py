@@ -36,7 +36,6 @@ from edgeflex.args import (
 )
 from edgeflex.devices.measure import interleaved
 from edgeflex.errors import BackendUnavailable, BundleError, DeviceError, EdgeflexError, UsageError
-from edgeflex.runtime.backends.base import Backend, Engine
 from edgeflex.runtime.backends.tvm import (
     BACKEND_CHOICE,
     DRESS_CHOICE,
@@ -47,6 +46,7 @@ from edgeflex.runtime.backends.tvm import (
     target_dir,
 )
 from edgeflex.runtime.bundle import Bundle, TensorSpec, model_id, sha256_bytes, update_bundle
+from edgeflex.runtime.plan import build_plans
 
 log = logging.getLogger(__name__)
 
@@ -153,55 +153,23 @@ class GraphJob:
     used_by: list[str] = field(default_factory=list)
 
 
-class _NullEngine(Engine):
-    def __init__(self, key: str, inputs, outputs):
-        super().__init__(inputs, outputs)
-        self.key = key
-
-    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        raise UsageError("this engine only records what the runtime loads (edgeflex compile)")
-
-
-class _Collector(Backend):
-    """A backend that records every graph the runtime loads, and the weights it hands each one."""
-
-    name = "tvm"
-
-    def __init__(self):
-        self.graphs: dict[str, tuple[bytes, list[TensorSpec], dict[str, tuple[tuple[int, ...], str]]]] = {}
-        self.order: list[str] = []
-
-    def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
-             threads: int, initializers: dict[str, np.ndarray] | None = None) -> Engine:
-        key = sha256_bytes(graph)
-        if key not in self.graphs:
-            specs = {n: (tuple(a.shape), np.asarray(a).dtype.str) for n, a in (initializers or {}).items()}
-            self.graphs[key] = (graph, list(inputs), specs)
-            self.order.append(key)
-        return _NullEngine(key, inputs, outputs)
-
-
 def collect_graphs(bundle: Bundle, *, configs: Sequence[str] | None = None, fused: bool = False,
                    dress_kernel: str | None = None) -> list[GraphJob]:
     """The graphs `Runtime(bundle, fused=, dress_kernel=, only=configs)` would load, each once, named by
-    their bundle file. Built by running the runtime's own plan building with a recording backend."""
-    from edgeflex.runtime import Runtime
-
-    rec = _Collector()
-    by_sha = {m["sha256"]: rel for rel, m in bundle.manifest["files"].items() if rel.endswith(".onnx")}
-    rt = Runtime(bundle, backend=rec, threads=1, fused=fused, dress_kernel=dress_kernel,
-                 only=list(configs) if configs else None)
-    jobs = {}
-    for key in rec.order:
-        data, inputs, params = rec.graphs[key]
-        rel = by_sha.get(key)
-        if rel is None:
-            raise BundleError(f"bundle {bundle.name!r}: the runtime loads a graph that is not a bundle file "
-                              f"(sha256 {key[:12]}); the bundle is inconsistent, re-export it")
-        jobs[key] = GraphJob(rel, data, inputs, params)
-    for name, plan in rt._plans.items():
-        for engine in plan.engines:
-            jobs[engine.key].used_by.append(name)
+    their bundle file: the runtime's own plans (`runtime.plan.build_plans`), read without loading anything."""
+    for name in configs or ():
+        bundle.config(name)                 # an unknown name is refused, listing the configs
+    plans = build_plans(bundle, fused=fused, only=set(configs) if configs else None,
+                        dress_kernel=(lambda _name: dress_kernel) if dress_kernel else None)
+    jobs: dict[str, GraphJob] = {}
+    for name, plan in plans.items():
+        for step in plan.steps:
+            if step.graph not in jobs:
+                params = {n: (tuple(a.shape), np.asarray(a).dtype.str)
+                          for n, a in (step.initializers or {}).items()}
+                jobs[step.graph] = GraphJob(step.graph, bundle.read(step.graph), list(step.inputs), params)
+            if name not in jobs[step.graph].used_by:
+                jobs[step.graph].used_by.append(name)
     return list(jobs.values())
 
 

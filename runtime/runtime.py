@@ -30,13 +30,12 @@ from edgeflex.args import (
 from edgeflex.devices import check_device, host_info, usable_cores
 from edgeflex.devices.load import IdleCores
 from edgeflex.errors import BundleError, UsageError
-from edgeflex.kernels.rowsparse import ell_tensors, masked, unpack_codes
-from edgeflex.kernels.spectral import SpectralWeights, gemm_operands, nested
 
 from .backends import KNOWN as BACKENDS
 from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec, model_id
 from .checks import check_budget, check_inputs, check_thread_counts
+from .plan import Plan, Step, build_plans
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
 from .profiles import load_profiles, profile_at, profile_path, profile_threads
 
@@ -135,7 +134,9 @@ class Runtime:
                 and max(self.thread_counts) > 1 and any(len(c.segments) > 1 for c in self.bundle.configs):
             self.fused_reason += ("; chained with a thread pool per session, which hands the cores from one "
                                   "segment to the next: shared_threads=True runs them on one pool")
-        self._plan_sets = {t: self._build_plans(t) for t in self.thread_counts}
+        specs = build_plans(self.bundle, fused=self.fused, only=self._only,
+                            dress_kernel=lambda name: self.dress_kernel or self._backend.kernel_choice(name))
+        self._plan_sets = {t: self._build_plans(t, specs) for t in self.thread_counts}
         multi = len(self.thread_counts) > 1
         self._by_key = {}
         for t, plans in self._plan_sets.items():
@@ -172,88 +173,17 @@ class Runtime:
             return False, f"fused copies would take {mb:.1f} MB > {AUTO_FUSE_MB} MB: segments chained"
         return True, f"fused copies take {mb:.1f} MB <= {AUTO_FUSE_MB} MB"
 
-    def _build_plans(self, threads: int) -> dict[str, _Plan]:
-        b = self.bundle
-        tensors = b.tensors() if b.tensor_index else {}
+    def _build_plans(self, threads: int, specs: dict[str, Plan]) -> dict[str, _Plan]:
+        """Every plan's engines at `threads`: one engine per distinct step, shared by the configs using it."""
         cache: dict[tuple, Engine] = {}
 
-        def load(key: tuple, graph: str, ins, outs, inits: dict | None = None) -> Engine:
-            if key not in cache:
-                cache[key] = self._backend.load(b.read(graph), ins, outs, threads=threads,
-                                                initializers=inits)
-            return cache[key]
+        def load(step: Step) -> Engine:
+            if step.key not in cache:
+                cache[step.key] = self._backend.load(self.bundle.read(step.graph), step.inputs, step.outputs,
+                                                     threads=threads, initializers=step.initializers)
+            return cache[step.key]
 
-        def seg_specs(name: str, field: str, default):
-            return [TensorSpec.from_json(d) for d in b.manifest["segments"][name].get(field, [])] or default
-
-        plans = {}
-        for c in b.configs:
-            if self._only is not None and c.name not in self._only:
-                continue
-            dress = c.extra.get("dress")
-            if c.graph is not None:
-                plans[c.name] = _Plan(c, (load(("graph", c.graph), c.graph, b.inputs, b.outputs),))
-            elif self.fused and "fused" in c.extra:
-                f = c.extra["fused"]
-                inits = {init: tensors[tid] for init, tid in f["tensors"].items()}
-                plans[c.name] = _Plan(c, (load(("fused", c.name), f["graph"], b.inputs, b.outputs, inits),))
-            elif dress is not None:
-                plans[c.name] = self._dress_plan(c, dress, tensors, load)
-            elif "fits_level" in c.extra:
-                plans[c.name] = self._fits_plan(c, c.extra["fits_level"], tensors, load)
-            else:
-                engines = []
-                for i, name in enumerate(c.segments):
-                    seg = b.segments[name]
-                    inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-                    ins = b.inputs if i == 0 else seg_specs(name, "inputs", [])
-                    outs = seg_specs(name, "outputs", b.outputs)
-                    engines.append(load((name,), seg.graph, ins, outs, inits))
-                plans[c.name] = _Plan(c, tuple(engines))
-        return plans
-
-    def _dress_plan(self, c: Config, dress: dict, tensors: dict[str, np.ndarray], load) -> _Plan:
-        """A DRESS level: the masked dense graph, or the row-sparse graph with the level as an input.
-        Both are derived here from the one stored dense weight and its packed level codes."""
-        b, level = self.bundle, dress["level"]
-        kernel = self.dress_kernel or self._backend.kernel_choice(c.name) or dress["kernel"]
-        coded = b.manifest["dress"]["segments"]["main"]
-        weights = {}
-        for init, d in coded.items():
-            if d["weight"] not in tensors or d["codes"] not in tensors:
-                raise BundleError(f"DRESS weight {init!r} names tensors missing from the bundle")
-            w = tensors[d["weight"]]
-            weights[init] = (w, unpack_codes(tensors[d["codes"]], w.shape))
-        if kernel == "dense":
-            seg = b.segments["main"]
-            inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-            inits.update({init: masked(w, codes, level) for init, (w, codes) in weights.items()})
-            return _Plan(c, (load(("main", level), seg.graph, b.inputs, b.outputs, inits),))
-        if kernel != "sparse" or "main.sparse" not in b.segments:
-            raise UsageError(f"DRESS kernel {kernel!r} is not in bundle {b.name!r}; it has: dense"
-                             + (", sparse" if "main.sparse" in b.segments else ""))
-        seg = b.segments["main.sparse"]
-        inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-        for init in b.manifest["segments"]["main.sparse"]["derived_ell"]:
-            inits.update(ell_tensors(init, *weights[init], len(b.manifest["dress"]["densities"])))
-        engine = load(("main.sparse",), seg.graph, b.inputs, b.outputs, inits)
-        return _Plan(c, (engine,), (np.array(level, np.int64),))
-
-    def _fits_plan(self, c: Config, level: dict, tensors: dict[str, np.ndarray], load) -> _Plan:
-        """An elastic FITS level: its spectral graph, whose GEMM operands are derived here from the top-left
-        block of the one stored complex weight (`kernels.spectral.nested` + `gemm_operands`)."""
-        b, fe = self.bundle, self.bundle.manifest["fits_elastic"]
-        if fe["weight"] not in tensors or fe["bias"] not in tensors:
-            raise BundleError(f"elastic FITS bundle {b.name!r} names weight tensors missing from it")
-        w, bias = tensors[fe["weight"]], tensors[fe["bias"]]
-        full = SpectralWeights(fe["seq_len"], fe["pred_len"], w[0] + 1j * w[1], bias[0] + 1j * bias[1],
-                               fe["eps"])
-        ops = gemm_operands(nested(full, level["cut_freq"]), level["form"])
-        (name,) = c.segments
-        seg = b.segments[name]
-        inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-        inits.update({init: op.astype(np.float32) for init, op in zip(level["derived"], ops)})
-        return _Plan(c, (load((name,), seg.graph, b.inputs, b.outputs, inits),))
+        return {name: _Plan(p.config, tuple(load(s) for s in p.steps), p.extra) for name, p in specs.items()}
 
     # --- the public surface ------------------------------------------------------------------------------
 
