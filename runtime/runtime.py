@@ -208,6 +208,22 @@ class Runtime:
         """The thread count the current config runs at."""
         return self._plan.threads
 
+    def engines(self, name: str | None = None, threads: int | None = None) -> tuple[Engine, ...]:
+        """The engines config `name` (default: the current one) runs, in order, at `threads` (default: the
+        current count): one for a plain or fused config, one per segment for a chain. Configs that run the
+        same graph share its engine (one DRESS sparse engine serves every level)."""
+        if threads is not None and threads not in self._plan_sets:
+            raise UsageError(f"threads={threads} was not loaded; this runtime has engines at "
+                             f"{', '.join(map(str, self.thread_counts))} threads")
+        plans = self._plan_sets[threads or self._plan.threads]
+        if name is None:
+            return self._plan.engines
+        if name not in plans:
+            self.bundle.config(name)            # an unknown name: BundleError listing the configs
+            raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
+                             f"{', '.join(plans)}")
+        return plans[name].engines
+
     @property
     def _plans(self) -> dict[str, _Plan]:
         """The loaded configs at the current thread count."""

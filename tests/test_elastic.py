@@ -76,8 +76,8 @@ def test_dress_bundle_stores_weights_once(dress):
 def test_snnet_every_config_chained_and_fused_equals_pytorch(snnet):
     model, path = snnet
     chained, fused = ef.Runtime(path, fused=False), ef.Runtime(path, fused=True)
-    assert not chained.fused and len(chained._plans["s050"].engines) > 1
-    assert fused.fused and all(len(p.engines) == 1 for p in fused._plans.values())
+    assert not chained.fused and len(chained.engines("s050")) > 1
+    assert fused.fused and all(len(fused.engines(c.name)) == 1 for c in fused.configs)
     names = [c.name for c in chained.configs]
     assert len(names) >= 4 and set(names) >= {"s050", "s100"}
     x = _x((1, 3, 32, 32))
@@ -98,11 +98,11 @@ def test_snnet_auto_fuses_small_models_and_chains_when_copies_exceed_the_limit(s
     _, path = snnet
     small = ef.Runtime(path)                                   # default "auto": weights are a few MB
     assert small.fused and "<=" in small.fused_reason
-    assert all(len(p.engines) == 1 for p in small._plans.values())
+    assert all(len(small.engines(c.name)) == 1 for c in small.configs)
     monkeypatch.setattr(runtime_mod, "AUTO_FUSE_MB", 0.5)
     big = ef.Runtime(path)
     assert not big.fused and "chained" in big.fused_reason
-    assert len(big._plans["s100"].engines) > 1
+    assert len(big.engines("s100")) > 1
     x = _x((1, 3, 32, 32))
     for c in small.configs:
         small.switch(c.name)
@@ -215,7 +215,7 @@ def test_dress_sparse_kernel_serves_every_level_and_choice_is_measured(dress):
         assert set(d["measured_ms_batch1"]) == {"dense", "sparse"}
         assert d["kernel"] == min(d["measured_ms_batch1"], key=d["measured_ms_batch1"].get)
     # one sparse graph, the level a run-time input: a single engine serves all four levels
-    engines = {id(p.engines[0]) for p in rt._plans.values()}
+    engines = {id(rt.engines(c.name)[0]) for c in rt.configs}
     assert len(engines) == 1
     with pytest.raises(ef.UsageError, match="dress_kernel='fast': expected one of 'dense', 'sparse'"):
         ef.Runtime(path, dress_kernel="fast")

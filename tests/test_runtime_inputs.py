@@ -209,3 +209,22 @@ def test_finite_check_at_every_size_and_extreme(n: int, dtype) -> None:
                     y = base.copy()
                     y[where] = bad
                     assert not _all_finite(y), (bad, where)
+
+
+def test_engines_names_what_a_config_runs_and_refuses_what_was_not_loaded(snnet_bundle) -> None:
+    _, path = snnet_bundle
+    rt = ef.Runtime(path, fused=False, threads=1)
+    assert rt.engines() == rt.engines(rt.config)
+    for c in rt.configs:
+        assert len(rt.engines(c.name)) == len(c.segments)
+    firsts = {}
+    for c in rt.configs:                   # configs that start on the same segment share its engine
+        first = rt.engines(c.name)[0]
+        assert firsts.setdefault(c.segments[0], first) is first
+    only = ef.Runtime(path, fused=False, threads=1, only=[rt.configs[0].name])
+    with pytest.raises(ef.UsageError, match="was not loaded"):
+        only.engines(rt.configs[1].name)
+    with pytest.raises(ef.BundleError, match="no config 'nope'"):
+        only.engines("nope")
+    with pytest.raises(ef.UsageError, match="threads=2 was not loaded"):
+        only.engines(threads=2)

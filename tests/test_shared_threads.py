@@ -30,8 +30,8 @@ CHILD = textwrap.dedent("""
         rt.switch(c.name)
         ys[c.name] = rt.run(x)
     np.savez(out, **ys)
-    report = {"pool": eo.shared_threads(), "versions": rt._backend.versions(),
-              "chained": max(len(p.engines) for p in rt._plans.values())}
+    report = {"pool": eo.shared_threads(), "versions": rt.info()["engine_versions"],
+              "chained": max(len(rt.engines(c.name)) for c in rt.configs)}
     again = ef.Runtime(path, threads=2, fused=False)      # same count: joins the shared pool
     again.switch(rt.configs[-1].name)
     report["again_equal"] = bool(np.array_equal(again.run(x), ys[rt.configs[-1].name]))

@@ -205,7 +205,7 @@ def test_dress_sparse_bundle_runs_every_level_on_tvm_from_one_engine(dress_bundl
         outs.append(rt.run(x))
         np.testing.assert_allclose(outs[-1], ort.run(x), rtol=1e-4, atol=1e-5, err_msg=c.name)
     assert not np.allclose(outs[0], outs[-1])
-    assert len({id(p.engines[0]) for p in rt._plans.values()}) == 1      # one library serves all levels
+    assert len({id(rt.engines(c.name)[0]) for c in rt.configs}) == 1    # one library serves all levels
 
 
 def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kernel(dress_bundle,
