@@ -472,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="let errors raise with their traceback")
     sub = p.add_subparsers(dest="verb", required=True)
     e = sub.add_parser("export", help="export a built-in model into a bundle")
-    e.add_argument("--model", required=True, choices=[m.name for m in registry.list_models()],
+    e.add_argument("--model", required=True, choices=MODELS,
                    help="a registered model (`edgeflex models` lists them with their families)")
     e.add_argument("--out", required=True, help="bundle path, NAME.efx")
     e.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")

@@ -23,6 +23,7 @@ from edgeflex.devices import usable_cores
 from edgeflex.errors import InputError
 
 from .bundle import TensorSpec
+from .policy import Budget
 
 
 def _expect(spec: TensorSpec):
@@ -164,8 +165,6 @@ def check_thread_counts(name: str, value: Any) -> tuple[int, ...]:
 
 def check_budget(value: Any) -> Any:
     """A `Budget` (its own fields are checked when it is made)."""
-    from .policy import Budget  # policy imports this module
-
     if not isinstance(value, Budget):
         fail("budget", value, "an edgeflex.Budget", "e.g. Budget(latency_ms=5.0)")
     return value

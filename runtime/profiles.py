@@ -168,12 +168,14 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
 
 def load_profiles(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """Every latency profile stored in `bundle`, by device file name (read once: a `Runtime` keeps them)."""
-    return {rel: load_profile(bundle, rel.removeprefix("profiles/").removesuffix(".json"))
+    return {rel: _read_profile(bundle, rel)
             for rel in bundle.manifest["files"] if rel.startswith("profiles/") and rel.endswith(".json")}
 
 
 def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:
     rel = profile_path(device)
-    if rel not in bundle.manifest["files"]:
-        return None
+    return _read_profile(bundle, rel) if rel in bundle.manifest["files"] else None
+
+
+def _read_profile(bundle: Bundle, rel: str) -> dict[str, Any]:
     return load_json(f"bundle file {rel!r}", bundle.read(rel), "re-run `edgeflex profile`", PROFILE)

@@ -157,8 +157,6 @@ class Runtime:
     # --- loading -----------------------------------------------------------------------------------------
 
     def _resolve_fused(self, fused: bool | str) -> tuple[bool, str]:
-        if fused not in (True, False, "auto"):
-            raise UsageError(f"fused must be True, False or 'auto', got {fused!r}")
         if fused != "auto":
             return bool(fused), "asked for"
         b = self.bundle
@@ -212,17 +210,7 @@ class Runtime:
         """The engines config `name` (default: the current one) runs, in order, at `threads` (default: the
         current count): one for a plain or fused config, one per segment for a chain. Configs that run the
         same graph share its engine (one DRESS sparse engine serves every level)."""
-        if threads is not None and threads not in self._plan_sets:
-            raise UsageError(f"threads={threads} was not loaded; this runtime has engines at "
-                             f"{', '.join(map(str, self.thread_counts))} threads")
-        plans = self._plan_sets[threads or self._plan.threads]
-        if name is None:
-            return self._plan.engines
-        if name not in plans:
-            self.bundle.config(name)            # an unknown name: BundleError listing the configs
-            raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
-                             f"{', '.join(plans)}")
-        return plans[name].engines
+        return self._loaded(name or self.config, threads).engines
 
     @property
     def _plans(self) -> dict[str, _Plan]:
@@ -234,16 +222,21 @@ class Runtime:
         from now on. No engine is (re)loaded."""
         check_str("name", name)
         check_int("threads", threads, 1, none=True)
+        self._plan = self._loaded(name, threads)    # one reference store: atomic under the GIL
+
+    def _loaded(self, name: str, threads: int | None) -> _Plan:
+        """The loaded plan of config `name` at `threads` (default: the current count), or the one-line error
+        saying it was not loaded (an unknown name: BundleError listing the configs)."""
         if threads is not None and threads not in self._plan_sets:
             raise UsageError(f"threads={threads} was not loaded; this runtime has engines at "
                              f"{', '.join(map(str, self.thread_counts))} threads (Runtime(threads=(...)))")
         plans = self._plan_sets[threads or self._plan.threads]
         plan = plans.get(name)
         if plan is None:
-            self.bundle.config(name)            # raises BundleError listing the configs
+            self.bundle.config(name)
             raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
                              f"{', '.join(plans)}")
-        self._plan = plan                       # one reference store: atomic under the GIL
+        return plan
 
     def run(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         """Run one batch through the current config. One array back for a one-output model, else a tuple.

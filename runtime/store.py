@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -107,6 +109,14 @@ class Pinned:
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
+
+    def sha256(self, rel: str) -> str:
+        """The sha256 of `rel`, read through in 1 MiB chunks (a weights file is never held whole to hash)."""
+        h = hashlib.sha256()
+        with os.fdopen(self._open(rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def read(self, rel: str, limit: int | None = None) -> bytes:
         """The bytes of `rel`; more than `limit` bytes is a BundleError (a manifest is small)."""
@@ -304,13 +314,9 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _swap(new: Path, dest: Path) -> None:

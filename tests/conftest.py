@@ -6,6 +6,7 @@ copy it first.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def fits_bundle(tmp_path_factory: pytest.TempPathFactory, fits_model: FITS) -> P
     path = tmp_path_factory.mktemp("bundles") / "fits.efx"
     ef.export(fits_model, torch.randn(2, seq_len, channels), path)
     return path
+
+
+@pytest.fixture
+def copy(fits_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's FITS bundle, `b.efx` alone in its folder, for tests that change it."""
+    dest = tmp_path / "b.efx"
+    shutil.copytree(fits_bundle, dest)
+    return dest
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from edgeflex.runtime.bundle import MANIFEST, write_bundle
 from edgeflex.runtime.schema import seal_manifest
 
 GRAPH = "graphs/main.onnx"
-
-
-@pytest.fixture
-def copy(fits_bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "b.efx"
-    shutil.copytree(fits_bundle, dest)
-    return dest
 
 
 def _edit_manifest(path: Path, edit) -> None:

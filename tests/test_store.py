@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -25,13 +24,6 @@ from edgeflex.runtime.bundle import update_bundle, write_bundle
 from edgeflex.runtime.profiles import measure_profile, save_profile
 
 TAG = "notes/tag.txt"
-
-
-@pytest.fixture
-def copy(fits_bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "b.efx"
-    shutil.copytree(fits_bundle, dest)
-    return dest
 
 
 def _parts(path: Path) -> tuple[dict, dict[str, bytes]]:
