@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -279,9 +279,16 @@ VALID = hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.just(SEQ_LEN), st
                    elements=st.floats(-1e3, 1e3, width=32))
 
 
+# A lone spike among zeros (std ~200): the old absolute tolerance of 1e-5 failed it in the folded and the
+# low-rank form alike (Hypothesis found such a case, a spike of 380, in a CI run)
+SPIKE = np.zeros((2, SEQ_LEN, CHANNELS), np.float32)
+SPIKE[1, 4, 0] = 999.0
+
+
 @FEW
 @given(args=st.one_of(st.tuples(VALID), st.lists(_arrays(), min_size=0, max_size=2).map(tuple),
                       st.tuples(JUNK), st.tuples(st.lists(st.floats(), max_size=4))))
+@example(args=(SPIKE,))
 def test_run_property(rt: ef.Runtime, fits_model, args) -> None:
     ok = (len(args) == 1 and isinstance(args[0], np.ndarray) and args[0].dtype == np.float32
           and args[0].ndim == 3 and args[0].shape[0] >= 1 and args[0].shape[1:] == (SEQ_LEN, CHANNELS)
@@ -296,7 +303,10 @@ def test_run_property(rt: ef.Runtime, fits_model, args) -> None:
             continue
         assert ok, "an invalid input was run"
         want = fits_model(torch.from_numpy(args[0])).detach().numpy()
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+        # FITS normalises each series by its std and multiplies it back, so float32 rounding in either
+        # engine is in units of that std: the absolute tolerance is 1e-5 of it (of 1 for quiet inputs)
+        scale = max(1.0, float(args[0].std(axis=1).max()))
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * scale)
 
 
 @FEW
