@@ -67,7 +67,7 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Sequence[object]) -> list[
 
 
 def batch1_check(spec: TensorSpec) -> tuple[tuple[int, ...], Callable[[object], bool]] | None:
-    """For an engine's one-input fast path (`Engine.fast_path`): (the batch-1 shape, a predicate true for
+    """For an engine's one-input batch-1 path (`TvmEngine.batch1`): (the batch-1 shape, a predicate true for
     an array that passes every check of `check_inputs` at that shape), or None where the spec has other
     dimensions than the batch left open (no one shape to stage). The predicate is only an accept: an
     array it turns down goes through `check_inputs`, which says what is wrong, or takes it (a view, an

@@ -106,10 +106,18 @@ class OnnxRuntimeBackend(Backend):
         self._ort = onnxruntime
         self._providers: list = ["CPUExecutionProvider"]
 
-    def open(self, bundle, *, device: str, allow_native: bool = False) -> None:
-        """A GPU device (`DEVICE:gpu`) runs on ORT's CUDA execution provider, which only a CUDA build of
-        onnxruntime has (`onnxruntime-gpu`); without it the device is refused here, in one line, instead of
-        silently running on the CPU. Any other device runs on the CPU provider."""
+    @property
+    def per_engine_threads(self) -> bool:          # once a shared pool is set, every session uses it
+        return shared_threads() is None
+
+    def open(self, bundle, *, device: str, allow_native: bool = False,
+             shared_threads: int | None = None) -> None:
+        """`shared_threads=n`: the process's one ORT pool of n workers (`share_threads`). A GPU device
+        (`DEVICE:gpu`) runs on ORT's CUDA execution provider, which only a CUDA build of onnxruntime has
+        (`onnxruntime-gpu`); without it the device is refused here, in one line, instead of silently running
+        on the CPU. Any other device runs on the CPU provider."""
+        if shared_threads is not None:
+            share_threads(shared_threads)
         if not device.endswith(":gpu"):
             self._providers = ["CPUExecutionProvider"]
             return
@@ -148,12 +156,6 @@ class OnnxRuntimeBackend(Backend):
                                      "libraries missing or mismatched; its log says which); the session ran "
                                      f"on {', '.join(sess.get_providers())}")
         return OnnxRuntimeEngine(sess, inputs, outputs, values)
-
-    def share_threads(self, threads: int) -> None:
-        share_threads(threads)
-
-    def shares_threads(self) -> bool:
-        return shared_threads() is not None
 
     def versions(self) -> dict[str, str]:
         v = {"onnxruntime": self._ort.__version__}
