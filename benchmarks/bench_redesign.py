@@ -99,9 +99,9 @@ def package_tree(src: Path, dest: Path) -> Path:
 
 def make_bundles(tmp: Path) -> tuple[Path, Path]:
     import torch
+    from bench_foundation import build_fits
 
     import edgeflex as ef
-    from bench_foundation import build_fits
     from edgeflex.compile.tvm import compile_bundle
     from edgeflex.export.elastic import export_snnet
     from edgeflex.models.snnet import SNNet
@@ -168,8 +168,8 @@ def main() -> None:
                    "after": Worker("after", package_tree(REPO, tmp / "after-pkg"), fits, sn)}
         for w in workers.values():
             print(f"{w.label}: edgeflex from {w.source}", file=sys.stderr)
-        same = {k: float(np.max(np.abs(np.array(workers["before"].out[k]) - np.array(workers["after"].out[k]))))
-                for k in workers["after"].out}
+        outs = {v: {k: np.array(o) for k, o in w.out.items()} for v, w in workers.items()}
+        same = {k: float(np.max(np.abs(outs["before"][k] - outs["after"][k]))) for k in outs["after"]}
         medians: dict[str, dict[str, list[float]]] = {c: {"before": [], "after": []} for c in CASES}
         for r in range(a.rounds):
             for case, (_, runs) in CASES.items():
@@ -191,14 +191,14 @@ def main() -> None:
         rows.append(f"| SN-Net chaining overhead (chained / fused - 1), {name} | {over['before']:+.1%} | "
                     f"{over['after']:+.1%} | |")
     body = "\n".join([
-        f"Before: `git archive {a.before}` (main before the backend interface shrank); after: this tree. Both "
-        "load the same bundles in their own worker process; medians over "
+        f"Before: `git archive {a.before}` (main before the backend interface shrank); after: this tree. "
+        "Both load the same bundles in their own worker process; medians over "
         f"{a.rounds} interleaved blocks (block = the calls per case below, each block's median).", "",
         *rows, "",
         "Outputs equal between the versions (max abs difference per case): "
         + ", ".join(f"{k} {v:.1g}" for k, v in same.items()), "",
         *machine_and_run(2, f"- cpu flags (of interest): {cpu_flags()}",
-                         "- per case calls per block: " + ", ".join(f"{c} {n}" for c, (_, n) in CASES.items()),
+                         "- calls per block: " + ", ".join(f"{c} {n}" for c, (_, n) in CASES.items()),
                          started=started)])
     publish(a.out, SECTION, "bench_redesign", body)
 
