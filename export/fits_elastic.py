@@ -26,7 +26,7 @@ from .core import default_threads, manifest_base
 from .elastic import WEIGHTS, WeightStore, _mark_derived, _ort_session, _stem, _worst, plan_call
 from .validate import example_specs, validate_fn
 
-FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is ~25x slower on ORT
+FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is far slower on ORT
 
 
 def stored_weights(w: spectral.SpectralWeights) -> tuple[np.ndarray, np.ndarray]:

@@ -66,9 +66,9 @@ class Runtime:
     be faster (see `policy.Adapter`). The first count is the one runs start on.
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
-    the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments
-    (one copy of every weight, a fixed cost per extra engine call: ~5 us on ONNX Runtime). The default
-    `"auto"` fuses when the backend can load every fused graph and the copies would take at most
+    the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments (one
+    copy of every weight, a fixed cost per extra engine call: benchmarks/RESULTS.md, Elastic models). The
+    default `"auto"` fuses when the backend can load every fused graph and the copies would take at most
     `AUTO_FUSE_MB` (small models, where the per-call cost is a large share of a run), else chains;
     `rt.fused` says which, `rt.fused_reason` why. `dress_kernel` ("dense" or "sparse")
     overrides, for every DRESS level, the kernel measured fastest: by `edgeflex compile` on this backend
@@ -79,9 +79,10 @@ class Runtime:
     ONNX Runtime on this machine, else ONNX Runtime; `rt.backend` says which, `rt.backend_reason` why.
     `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
     global pool instead of a pool per session: a chained config stops handing the cores from one segment's
-    pool to the next (SN-Net at 224x224 chained over 4-6 sessions: 60-100 % over its fused graph with pools
-    per session, 5-8 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
-    anywhere in the process, so it is opt-in; the `edgeflex` command turns it on (it owns its process).
+    pool to the next, which with a pool per session is most of a large chained config's overhead over its
+    fused graph (benchmarks/RESULTS.md, Elastic models; benchmarks/bench_elastic.py). ORT then refuses
+    sessions with their own pools anywhere in the process, so it is opt-in; the `edgeflex` command turns it on
+    (it owns its process).
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",

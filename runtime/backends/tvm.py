@@ -156,11 +156,11 @@ class TvmEngine(Engine):
     def _stage(self, i: int, a: np.ndarray) -> tuple[Any, int, int]:
         """Input `i` as the compiled code may read it, as (TVM tensor, first byte, end byte): the caller's
         array itself when it is large (64 KiB or more), C-contiguous, writable (DLPack exports no read-only
-        array) and 64-byte aligned (a 5 MB FITS batch saves its 0.13 ms copy; TVM's own outputs, e.g. a
-        chained segment's, are 64-byte aligned), else copied into this engine's 64-byte-aligned buffer for it
-        (compiled code assumes that alignment; numpy guarantees 16), made with its TVM tensor anew only when
-        the shape or dtype changes. Under the lock."""
-        # (asking for the address costs ~0.7 us: only where the copy it may save costs more)
+        array) and 64-byte aligned (a large FITS batch saves its copy, benchmarks/RESULTS.md, FITS TIR kernel;
+        TVM's own outputs, e.g. a chained segment's, are 64-byte aligned), else copied into this engine's
+        64-byte-aligned buffer for it (compiled code assumes that alignment; numpy guarantees 16), made with
+        its TVM tensor anew only when the shape or dtype changes. Under the lock."""
+        # (asking for the address has a cost of its own: only where the copy it may save costs more)
         if a.nbytes >= 1 << 16 and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0:
             t = self._dlpack(a)
             return t, t.data_ptr(), t.data_ptr() + a.nbytes
@@ -195,14 +195,15 @@ class TvmEngine(Engine):
         return (self._fn1, self._params1) if one and self._fn1 is not None else (self._fn, self._params)
 
     def _call(self, arrays: list[np.ndarray], numpy_out: bool, one: bool) -> list:
-        # CPU: 2-3x less per-call overhead than tvm.runtime.tensor in + .numpy() out (15 us of a 44 us FITS
-        # call, measured in benchmarks/bench_tir_fits.py). Outputs are the VM's fresh tensors, handed over
-        # as numpy views (or, `numpy_out=False`, as the tensors themselves, for the next engine of a chain);
-        # one whose data lies inside an input's staging buffer (a graph that returns its input, or a view of
-        # it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
+        # CPU: less per-call overhead than tvm.runtime.tensor in + .numpy() out, which were a large share of a
+        # small FITS call (benchmarks/RESULTS.md, FITS TIR kernel; benchmarks/bench_tir_fits.py). Outputs are
+        # the VM's fresh tensors, handed over as numpy views (or, `numpy_out=False`, as the tensors
+        # themselves, for the next engine of a chain); one whose data lies inside an input's staging buffer (a
+        # graph that returns its input, or a view of it) is copied: data pointers compared, cheaper than
+        # np.may_share_memory.
         fn, params = self._entry(one)
         with self._lock:
-            if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
+            if len(arrays) == 1:                # the common case without the per-call lists
                 t, lo, hi = self._stage(0, arrays[0])
                 out = fn(t, *params)
                 spans: Any = ((lo, hi),)
@@ -214,7 +215,7 @@ class TvmEngine(Engine):
 
     def _outputs(self, out: Any, spans: Any, numpy_out: bool) -> list:
         if isinstance(out, self._tensor_type):
-            if len(spans) == 1:                 # one input, one output: no generator (~0.3 us)
+            if len(spans) == 1:                 # one input, one output: no generator
                 lo, hi = spans[0]
                 if not lo <= out.data_ptr() < hi:
                     return [np.from_dlpack(out) if numpy_out else out]
