@@ -30,7 +30,8 @@ def stitch(anchors: Sequence[Any], train: Any, val: Any, *, adapter: Callable[[A
     one-line `ef.DataError`). `adapter(model) -> Layout(before, blocks, after)` says how an anchor runs
     (default: StarNet's published layout, `starnet_layout`). A stitch is a 1x1 conv between feature maps,
     a linear layer between tokens or vectors, set by least squares on up to `ls_rows` training rows, then
-    trained with the anchors for `epochs`, one config sampled per step (SN-Net). `stitches` per pair of
+    trained with copies of the anchors (yours are left as they are) for `epochs`, one config sampled per step
+    (SN-Net). `stitches` per pair of
     neighbouring anchors and `direction` ("slow-to-fast": the larger anchor in front; "fast-to-slow";
     "both"). `names`: the anchors' names in config names (default a0, a1, ...).
 
