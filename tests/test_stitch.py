@@ -193,6 +193,16 @@ def test_an_adapter_described_pair_stitches_tokens_from_a_dataloader_and_runs_li
     runs_like_pytorch(model, tmp_path / "mix.efx", x_val[:5])
 
 
+def test_anchors_of_equal_depth_stitch_block_for_block_as_in_the_paper() -> None:
+    torch.manual_seed(0)
+    model = stitch_module.build([Mixer(8, 4), Mixer(16, 4)], torch.randn(2, 8, 8), adapter=mixer_layout,
+                                direction="both", stitches=None)
+    stitched = sorted(n for n in model.config_names() if n not in ("a0", "a1"))
+    # the front runs blocks 0..i, the back resumes at block i + 1; never at the head alone
+    pairs = (("a0", "a1"), ("a1", "a0"))
+    assert stitched == sorted(f"{f}.b{i}-{b}.b{i + 1}" for f, b in pairs for i in range(3))
+
+
 class ForgetsThePool(nn.Module):
     def __init__(self, m: Mixer) -> None:
         super().__init__()
