@@ -431,11 +431,12 @@ def _checked_layout(name: str, anchor: nn.Module, layers: list[tuple[str, nn.Mod
 # --- the user's anchors on the user's data ---------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: Stitched, data: Checked, batch_size: int = 512) -> dict[str, float]:
-    """Top-1 of every config on `data` (the model's current config is kept)."""
+def evaluate(model: Stitched, data: Checked, configs: Sequence[str] | None = None,
+             batch_size: int = 512) -> dict[str, float]:
+    """Top-1 of every config (or of `configs`) on `data` (the model's current config is kept)."""
     current, top1 = model.config, {}
     with _eval_mode(model):
-        for name in model.config_names():
+        for name in model.config_names() if configs is None else configs:
             model.set_config(name)
             correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in data.batches(batch_size))
             top1[name] = correct / data.rows
@@ -506,20 +507,20 @@ def stitch(anchors: Sequence[nn.Module], train: Any, val: Any, *,
     gen = torch.Generator().manual_seed(seed)
     anchors = [copy.deepcopy(a) for a in anchors]     # joint training tunes them: the user's stay as they are
     model = build(anchors, example, adapter=adapter, names=names, direction=direction, stitches=stitches)
-    before = evaluate(model, val_data)          # the anchors as they came (stitches not yet fitted)
+    before = evaluate(model, val_data, list(model.anchors))       # the anchors as they came
     ls_errors = lstsq_init(model, train_data.head(ls_rows))
     ls_top1 = evaluate(model, val_data)
     joint_train(model, train_data, epochs=epochs, lr=lr, batch_size=batch_size, gen=gen, progress=progress)
     top1 = evaluate(model, val_data)
     stats = config_stats(model, example)
-    names = model.config_names()
-    model.set_config(names[-1])
+    configs = model.config_names()
+    model.set_config(configs[-1])
     metric = {"metric": "top1", "direction": "higher", "split": "val"}
-    model.quality = {n: {**metric, "value": top1[n]} for n in names}
+    model.quality = {n: {**metric, "value": top1[n]} for n in configs}
     model.report = {
         "configs": [{"name": n, "value": top1[n], **stats[n], "value_ls_init": ls_top1[n],
-                     "value_before": before[n] if n in model.anchors else None, "ls_error": ls_errors.get(n)}
-                    for n in names],
+                     "value_before": before.get(n), "ls_error": ls_errors.get(n)}
+                    for n in configs],
         "metric": "top1", "direction": "higher", "train_rows": train_data.rows, "val_rows": val_data.rows,
         "epochs": epochs, "lr": lr, "direction_stitched": direction,
         "train_seconds": time.perf_counter() - start,
