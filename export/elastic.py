@@ -280,10 +280,15 @@ def model_level_stats(model, example) -> list[dict]:
 def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: dict[str, dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
                  metadata: dict | None = None, overwrite: bool = False) -> Bundle:
-    """Export a `models.snnet.SNNet`: every segment (anchor blocks, stitching layers) once; a config is the
-    ordered list of segments it chains. `quality`: config name -> metric dict."""
+    """Export a stitched network (`models.stitch.Stitched`: an `SNNet`, or the user's anchors stitched by
+    `ef.elastic.stitch`): every segment (anchor blocks, stitching layers) once; a config is the ordered list
+    of segments it chains. `quality`: config name -> metric dict (default: the model's own `quality`, which
+    `ef.elastic.stitch` measures on the user's held-out data)."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
-    from edgeflex.models.snnet import config_stats, segment_plan
+    from edgeflex.models.stitch import config_stats, segment_plan
+
+    if quality is None:
+        quality = getattr(model, "quality", None)
 
     threads = threads or default_threads()
     model = model.eval()
