@@ -250,6 +250,8 @@ class _Lowering:
             src = self.env[node.args[0]]
             return Pair(self.op(operator.getitem, src.re, node.args[1]),
                         None if src.im is None else self.op(operator.getitem, src.im, node.args[1]))
+        if node.target is aten.slice_scatter.default and _static_scatter(node):
+            return _scatter_as_cat(self, node, involved)
         if not involved:
             return self.graph.node_copy(node, lambda a: self.env[a])
         if node.target in _DROP:
@@ -409,8 +411,59 @@ _BOTH = (
 
 @rule(*_BOTH)
 def _both(low: _Lowering, node: fx.Node) -> Pair:
+    if _is_noop(node):          # a whole-axis slice or scatter from the decomposition: keep the graph small
+        return low.pair(low.arg(node.args[1 if node.target is aten.slice_scatter.default else 0]))
     ra, rk, ia, ik = low.parts(node)
     return Pair(low.op(node.target, *ra, **rk), low.op(node.target, *ia, **ik))
+
+
+def _is_noop(node: fx.Node) -> bool:
+    if node.target is aten.slice.Tensor:
+        src = node.args[0]
+    elif node.target is aten.slice_scatter.default:
+        src = node.args[1]
+    else:
+        return False
+    args = list(node.args) + [None] * 6
+    dim, start, end, step = (args[1:5] if node.target is aten.slice.Tensor else args[2:6])
+    return ((start or 0) == 0 and (step or 1) == 1 and (end is None or end >= 2**62)
+            and _shape(src) == _shape(node))
+
+
+def _scatter_bounds(node: fx.Node) -> tuple[int, int, int, int]:
+    args = list(node.args) + [None] * 6
+    dim, start, end, step = args[2:6]
+    shape = _shape(node.args[0])
+    dim = (dim or 0) % len(shape)
+    size = shape[dim]
+    start, end = start or 0, size if end is None else end
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    return dim, max(0, min(start, size)), max(0, min(end, size)), step or 1
+
+
+def _static_scatter(node: fx.Node) -> bool:
+    try:
+        dim, start, end, step = _scatter_bounds(node)
+        int(_shape(node.args[0])[dim]), int(start), int(end)
+    except (TypeError, ValueError):
+        return False
+    return step == 1 and int(start) <= int(end)
+
+
+def _scatter_as_cat(low: _Lowering, node: fx.Node, involved: bool):
+    # slice_scatter along a static axis as slices and a cat: torch.onnx writes slice_scatter as ScatterND,
+    # which TVM's Relax importer rejects once the batch is dynamic (FITS's `spec[:, cut:] = 0`)
+    dim, start, end, _ = (int(v) for v in _scatter_bounds(node))
+    size = int(_shape(node.args[0])[dim])
+
+    def part(dst, src):
+        pieces = ([low.op(aten.slice.Tensor, dst, dim, 0, start)] if start > 0 else []) + [src] + \
+                 ([low.op(aten.slice.Tensor, dst, dim, end, size)] if end < size else [])
+        return pieces[0] if len(pieces) == 1 else low.op(aten.cat.default, pieces, dim)
+    if not involved:
+        return part(low.env[node.args[0]], low.env[node.args[1]])
+    ra, _, ia, _ = low.parts(node)
+    return Pair(part(ra[0], ra[1]), part(ia[0], ia[1]))
 
 
 @rule(aten.copy.default)
