@@ -326,12 +326,13 @@ class _Lowering:
         return Pair(t(out.re), t(out.im))
 
     def matrices(self, kind: str, n_in: int, n_out: int, n: int, scale: float) -> tuple[fx.Node, fx.Node]:
-        key = (kind, n_in, n_out, n, scale)
+        v = _val(self.node.args[0])              # the FFT's input: float32 / complex64, or 64-bit
+        dtype = torch.float64 if v.dtype in (torch.float64, torch.complex128) else torch.float32
+        key = (kind, n_in, n_out, n, scale, dtype)
         if key not in self.dft_cache:
             cos, sin = dft_matrices(kind, n_in, n_out, n, scale)
             i = self.n_dft
             self.n_dft += 1
-            dtype = torch.float32
             self.dft_cache[key] = (
                 self.const(f"dft{i}_{kind}_cos", torch.from_numpy(cos).to(dtype)),
                 self.const(f"dft{i}_{kind}_sin", torch.from_numpy(sin).to(dtype)))

@@ -62,6 +62,14 @@ class FFT1d(nn.Module):
         return torch.fft.irfft(spec * 0.5, n=self.n_out, dim=1, norm=self.norm)
 
 
+class DoubleFFT(nn.Module):
+    """An FFT in float64 / complex128."""
+
+    def forward(self, x):
+        spec = torch.fft.rfft(x.double(), dim=-1)
+        return torch.fft.irfft(spec * (1 - 1j), n=x.shape[-1], dim=-1).float()
+
+
 class ComplexFFT(nn.Module):
     """fft of a real input, ifft with n, fft of a complex tensor; .real and .imag out."""
 
@@ -117,6 +125,15 @@ class Layout(nn.Module):
         return torch.view_as_real(d).flatten(1)
 
 
+class Reduce(nn.Module):
+    """roll, constant pad, squeeze, sum and mean of complex tensors."""
+
+    def forward(self, x):                               # (batch, 6, 4)
+        s = torch.fft.rfft(x, dim=1)                    # (batch, 4, 4)
+        a = torch.roll(s, 1, dims=2).sum(dim=1) + s.mean(dim=2) + s[:, :1].squeeze(1)
+        return torch.view_as_real(a), torch.view_as_real(nn.functional.pad(s, (1, 2)))
+
+
 class Scatter(nn.Module):
     """Writes into complex zeros: slice assignment, index_put with a mask, copy_, zeros/new_zeros/zeros_like,
     ones, and the FITS low-pass `spec[:, cut:] = 0`."""
@@ -151,9 +168,11 @@ OP_FAMILIES = {
     "rfft-irfft-forward-trim": (lambda: FFT1d(6, "forward", 10), (2, 9, 3)),
     "fft-ifft-backward": (lambda: ComplexFFT(None), (2, 4, 7)),
     "fft-ifft-ortho": (lambda: ComplexFFT("ortho"), (2, 4, 7)),
+    "rfft-complex128": (DoubleFFT, (2, 3, 7)),
     "rfftn-fftn": (FFTnd, (2, 5, 6, 7)),
     "products": (Products, (2, 3, 8)),
     "layout": (Layout, (2, 6, 4)),
+    "reduce-pad": (Reduce, (2, 6, 4)),
     "scatter": (Scatter, (2, 8, 3)),
     "parts": (Parts, (2, 9, 2)),
     "spectral-conv-1d": (lambda: authors.SpectralConv1d(2, 3, 4), (2, 2, 11)),
