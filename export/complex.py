@@ -12,7 +12,9 @@ Graph form of the result, for passes that look for patterns in it (e.g. a FITS m
   the products combined by `aten.add.Tensor` / `aten.sub.Tensor`, then the transpose back. A forward real
   FFT is two matmuls (re = x @ cos, im = x @ sin, where sin holds -sin(2 pi j k / n)); an inverse real FFT
   is `re @ cos - im @ sin` (cos/sin carry the Hermitian weights 1, 2, ..., 2, 1 and the 1/n); a complex
-  FFT four matmuls. Multi-axis FFTs are one such DFT per axis.
+  FFT four matmuls. Multi-axis FFTs are one such DFT per axis. Then `dft_bins.prune_bins` keeps only the
+  bins the graph uses: a DFT whose output is sliced gets W's columns `<name>_cols<s>_<e>`, an inverse DFT
+  fed zero bins W's rows `<name>_rows<s>_<e>` (FITS's low-pass and zero padding: rows/cols = cut_freq).
 - A complex product (mm, bmm, matmul, mul) is the four real products combined by sub/add.
 - Every emitted node carries `meta["complex_lowering"]` (the ATen op it lowers) and the source op's
   `meta["stack_trace"]`. Nodes are not shape-annotated: `torch.export.export(gm, example)` annotates them.
@@ -36,6 +38,8 @@ from torch import fx
 
 from edgeflex.errors import ExportError
 
+from .dft_bins import prune_bins
+
 aten = torch.ops.aten
 
 REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
@@ -51,8 +55,9 @@ class Pair:
 def lower_complex(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     """`model` as a real GraphModule: same inputs, its tensor outputs (one, or a tuple), no complex value."""
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    gm = capture(model, example)
-    return _Lowering(gm).run(type(model).__name__)
+    gm = _Lowering(capture(model, example)).run(type(model).__name__)
+    gm.meta["complex_lowering"]["bin_rewrites"] = prune_bins(gm, example)
+    return gm
 
 
 class TensorOutputs(torch.nn.Module):

@@ -209,6 +209,15 @@ def test_a_lowered_dft_is_matmuls_with_named_cos_sin_buffers() -> None:
     assert gm.meta["complex_lowering"]["lowered_ops"]
 
 
+def test_a_lowered_fits_computes_only_the_bins_it_keeps() -> None:
+    model = _complex_weights(authors.FITS(authors.configs(16, 5, 2, 4)))     # cut 4 -> int(4 * 21/16) = 5
+    gm = lower_complex(model, torch.randn(2, 16, 2))
+    dft = {k: tuple(t.shape) for k, t in gm.named_buffers() if k.startswith("dft")}
+    assert dft == {"dft0_r2c_cos_cols0_4": (16, 4), "dft0_r2c_sin_cols0_4": (16, 4),
+                   "dft1_c2r_cos_rows0_5": (5, 20), "dft1_c2r_sin_rows0_5": (5, 20)}, dft
+    assert gm.meta["complex_lowering"]["bin_rewrites"] > 0
+
+
 @pytest.mark.parametrize("n", [7, 8])
 def test_the_inverse_dft_matrix_ignores_the_dc_and_nyquist_imaginary_parts_as_pocketfft_does(n: int) -> None:
     bins = n // 2 + 1
