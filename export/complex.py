@@ -93,9 +93,16 @@ def uses_complex(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> b
     return _Seen.found
 
 
+def traceable(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`example` with a batch of 1 repeated to 2: torch.export specialises a size-1 dimension (its 0/1 rule)
+    and the graph of a model whose other sizes are static is the same at any batch."""
+    return tuple(t.repeat(2, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] == 1 else t for t in example)
+
+
 def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     """torch.export with a dynamic batch (static batch if that fails), decomposed to core ATen."""
     model = model.eval()
+    example = traceable(example)
     tries = (tuple({0: torch.export.Dim("batch")} for _ in example), None)
     failures = []
     for dyn in tries:

@@ -174,7 +174,7 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         strategy = "edgeflex FITS lowering (kernels.spectral)"
     elif lower:
         lowered = complex_lowering.lower_complex(model.model, example)
-        graph, how = capture_with_strategy(lowered, example, in_names, out_names)
+        graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names, out_names)
         strategy = f"edgeflex complex lowering (export.complex) + {how}"
         extra["complex_lowering"] = lowered.meta["complex_lowering"]
     else:

@@ -254,7 +254,7 @@ EXPORTS = {
     "real-fits": (lambda: authors.RealFITS(authors.configs(16, 5, 2, 4)), (3, 16, 2)),
     "fno-1d-mixed": (lambda: authors.FNO1d(3, 4), (3, 10, 1)),
     "spectral-conv-2d": (lambda: authors.SpectralConv2d(2, 3, 3, 2), (3, 2, 8, 7)),
-    "ortho-fft-dim1": (lambda: authors.OrthoFilter(9, 2), (3, 9, 2)),
+    "ortho-fft-dim1": (lambda: authors.OrthoFilter(9, 2), (1, 9, 2)),       # a batch-1 example, too
 }
 
 
