@@ -264,6 +264,12 @@ class _Lowering:
                         None if src.im is None else self.op(operator.getitem, src.im, node.args[1]))
         if node.target is aten.slice_scatter.default and _static_scatter(node):
             return _scatter_as_cat(self, node, involved)
+        if node.target is aten.repeat.default and not involved and _repeat_is_expand(node):
+            # NOTE: torch.onnx writes a repeat by the dynamic batch as Tile of a shape expression, which
+            # TVM's Relax importer refuses (FNO's grid); repeating size-1 axes is an expand
+            x, times = self.env[node.args[0]], node.args[1]
+            return self.op(aten.expand.default, x, [-1 if isinstance(r, int) and r == 1 else self.arg(r)
+                                                    for r in times])
         if not involved:
             return self.graph.node_copy(node, lambda a: self.env[a])
         if node.target in _DROP:
@@ -441,6 +447,12 @@ def _is_noop(node: fx.Node) -> bool:
     dim, start, end, step = (args[1:5] if node.target is aten.slice.Tensor else args[2:6])
     return ((start or 0) == 0 and (step or 1) == 1 and (end is None or end >= 2**62)
             and _shape(src) == _shape(node))
+
+
+def _repeat_is_expand(node: fx.Node) -> bool:
+    shape, times = _shape(node.args[0]), node.args[1]
+    return len(shape) == len(times) and all((isinstance(r, int) and r == 1) or (isinstance(s, int) and s == 1)
+                                            for r, s in zip(times, shape))
 
 
 def _scatter_bounds(node: fx.Node) -> tuple[int, int, int, int]:
