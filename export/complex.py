@@ -17,7 +17,8 @@ Graph form of the result, for passes that look for patterns in it (e.g. a FITS m
   fed zero bins W's rows `<name>_rows<s>_<e>` (FITS's low-pass and zero padding: rows/cols = cut_freq).
 - A complex product (mm, bmm, matmul, mul) is the four real products combined by sub/add.
 - Every emitted node carries `meta["complex_lowering"]` (the ATen op it lowers) and the source op's
-  `meta["stack_trace"]`. Nodes are not shape-annotated: `torch.export.export(gm, example)` annotates them.
+  `meta["stack_trace"]`; every node `meta["tensor_meta"]` from a run on the example (its batch, not a
+  symbol: `torch.export.export(gm, example)` gives symbolic `meta["val"]`).
 - Non-tensor outputs (an `(xy, 0)` return) are dropped; the graph returns its tensors, one or a tuple.
 
 An op on complex values without a rule raises ExportError naming the op and the user's source line.
