@@ -647,6 +647,21 @@ def _mul(low: _Lowering, node: fx.Node) -> Pair:
     return _mul_pairs(low, low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1])))
 
 
+@rule(aten.pow.Tensor_Scalar)
+def _pow(low: _Lowering, node: fx.Node) -> Pair:
+    n = node.args[1]
+    if not (isinstance(n, int) or float(n).is_integer()) or not 1 <= n <= 64:
+        raise low.fail(f"{node.target} with exponent {n} (only whole exponents 1..64)")
+    base, out, n = low.pair(low.arg(node.args[0])), None, int(n)
+    while n:                                        # square and multiply
+        if n & 1:
+            out = base if out is None else _mul_pairs(low, out, base)
+        n >>= 1
+        if n:
+            base = _mul_pairs(low, base, base)
+    return out
+
+
 @rule(aten.div.Tensor, aten.div.Scalar)
 def _div(low: _Lowering, node: fx.Node) -> Pair:
     a, b = low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1]))

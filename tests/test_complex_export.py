@@ -94,8 +94,18 @@ class FFTnd(nn.Module):
         return out + c.real
 
 
+class Spectra(nn.Module):
+    """fftshift/ifftshift of an fft2, hfft, and an stft's magnitude."""
+
+    def forward(self, x):                               # (batch, 4, 7)
+        shifted = torch.fft.ifftshift(torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)) * 1j)
+        h = torch.fft.hfft(torch.fft.rfft(x), n=10)
+        st = torch.stft(x.flatten(1), 4, return_complex=True, window=torch.ones(4))
+        return shifted.real, h, st.abs()
+
+
 class Products(nn.Module):
-    """Complex Linear, matmul of complex by complex and by real, einsum, and mul/add/sub/neg/conj/div."""
+    """Complex Linear, matmul of complex by complex and by real, einsum, mul/add/sub/neg/conj/div/pow."""
 
     def __init__(self):
         super().__init__()
@@ -109,7 +119,7 @@ class Products(nn.Module):
         h = self.lin(s)                                 # (batch, 3, 4)
         h = (h @ self.w) @ self.r.to(torch.cfloat)      # (batch, 3, 2)
         e = torch.einsum("bij,j->bij", h, self.gain)
-        z = (-e.conj() + h * 2 - h / 3.0 + e * 1j - (1 + 2j)) / (h + 3.0) + h / x[:, :, :2]
+        z = (-e.conj() + h * 2 - h / 3.0 + e * 1j - (1 + 2j)) / (h + 3.0) + h / x[:, :, :2] + h**3
         return torch.view_as_real(z)
 
 
@@ -170,6 +180,7 @@ OP_FAMILIES = {
     "fft-ifft-ortho": (lambda: ComplexFFT("ortho"), (2, 4, 7)),
     "rfft-complex128": (DoubleFFT, (2, 3, 7)),
     "rfftn-fftn": (FFTnd, (2, 5, 6, 7)),
+    "shift-hfft-stft": (Spectra, (2, 4, 7)),
     "products": (Products, (2, 3, 8)),
     "layout": (Layout, (2, 6, 4)),
     "reduce-pad": (Reduce, (2, 6, 4)),
