@@ -238,12 +238,22 @@ def test_the_inverse_dft_matrix_ignores_the_dc_and_nyquist_imaginary_parts_as_po
     assert np.allclose(got, torch.fft.irfft(spec, n=n).numpy(), atol=1e-12)
 
 
-def test_an_unsupported_complex_op_is_refused_in_one_line_naming_it_and_its_source_line() -> None:
+class ComplexInverse(nn.Module):
+    def forward(self, x):                               # (batch, 3, 3)
+        return torch.linalg.inv(torch.fft.fft(x)).real
+
+
+@pytest.mark.parametrize("make, shape, op, where", [
+    (authors.ComplexExp, (2, 9), "aten.exp.default", "authors.py:"),
+    (ComplexInverse, (2, 3, 3), "aten.linalg_inv_ex.default", "test_complex_export.py:"),
+], ids=["exp", "linalg.inv"])
+def test_an_unsupported_complex_op_is_refused_in_one_line_naming_it_and_its_source_line(make, shape, op,
+                                                                                         where) -> None:
     with pytest.raises(ef.ExportError) as info:
-        lower_complex(authors.ComplexExp(), torch.randn(2, 9))
+        lower_complex(make(), torch.randn(shape))
     msg = str(info.value)
     assert "\n" not in msg
-    assert "aten.exp" in msg and "authors.py:" in msg and "torch.exp(spec)" in msg
+    assert f"no rule for {op} on a complex tensor at " in msg and where in msg and "(`return torch." in msg
 
 
 def test_a_complex_output_is_refused_with_the_fix() -> None:
