@@ -159,10 +159,10 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     model = model.eval()
     threads = threads or default_threads()
     lower = not fits.is_fits(model) and complex_lowering.uses_complex(model, example)
-    if lower:       # validate against the model's tensor outputs: the lowered graph drops an `(xy, 0)`'s 0
-        model = complex_lowering.TensorOutputs(model)
+    # what the graph is held to: the model's tensor outputs (the complex lowering drops an `(xy, 0)`'s 0)
+    reference = complex_lowering.TensorOutputs(model) if lower else model
     with torch.no_grad():
-        out = model(*example)
+        out = reference(*example)
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
     out_names = ["y"] if len(outs) == 1 else [f"y{i}" for i in range(len(outs))]
@@ -173,13 +173,13 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
                                              threads=threads)
         strategy = "edgeflex FITS lowering (kernels.spectral)"
     elif lower:
-        lowered = complex_lowering.lower_complex(model.model, example)
+        lowered = complex_lowering.lower_complex(model, example)
         graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names, out_names)
         strategy = f"edgeflex complex lowering (export.complex) + {how}"
         extra["complex_lowering"] = lowered.meta["complex_lowering"]
     else:
         graph, strategy = capture_with_strategy(model, example, in_names, out_names)
-    check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
+    check = validate(reference, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
                     {"costs": config_costs([proto])})

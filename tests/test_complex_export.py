@@ -308,8 +308,10 @@ def test_the_manifest_records_the_complex_lowering(exported) -> None:
     assert export["strategy"].startswith("edgeflex complex lowering (export.complex) + torch.onnx")
     assert export["complex_lowering"]["lowered_ops"]
     assert export["validation"]["max_rel_err"] <= TOL
-    outputs = [o["name"] for o in ef.Bundle.open(path).manifest["outputs"]]
+    manifest = ef.Bundle.open(path).manifest
+    outputs = [o["name"] for o in manifest["outputs"]]
     assert outputs == (["y0", "y1"] if name.startswith("fits") else ["y"])   # Real_FITS's `0` is dropped
+    assert manifest["model"]["class"] == type(model).__name__ and manifest["family"] == "generic"
 
 
 def test_an_unsupported_complex_op_fails_the_export_in_one_line(tmp_path) -> None:
