@@ -226,7 +226,7 @@ def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name
     x = b.op("Transpose", [input_name], perm=[2, 0, 1] if w.individual else [0, 2, 1])
     # NOTE: LayerNormalization is ORT's fused one-kernel mean/variance (two-pass exact, checked at
     # offsets up to 1e4); with eps' = eps*(L-1)/L, rho = 1/InvStdDev = sqrt((L-1)/L) * std, where std is
-    # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops that cost 2x more.
+    # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops, each a pass of its own.
     ln = [b._name("ln_y"), b._name("mean"), b._name("inv_std")]
     b.nodes.append(_node("LayerNormalization", [x, b.const(np.ones(L)), b.const(np.zeros(L))], ln, axis=-1,
                          epsilon=w.eps * (L - 1) / L))

@@ -55,7 +55,7 @@ FAST_TO_SLOW_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
 # Joint training after the least-squares initialisation. The paper fine-tunes anchors and stitching layers
 # together ("fulltune") at 1/10 of the pre-training learning rate (its DeiT recipe: 5e-5 vs 5e-4). It solves
 # the least squares on 100 images; stage-2 maps are 2x2 here, so 512 images give enough pixels per channel.
-# Epochs for the corrupted digits: 50 anchor + 30 joint epochs take 254 s on 2 loaded cores (1 thread).
+# Epochs for the corrupted digits: 50 anchor + 30 joint epochs take minutes on 2 loaded cores (1 thread).
 # `distill` and `freeze_bn` (see `_joint_train`) are off: on the corrupted digits neither lifted the stitched
 # configs (Fast-to-Slow s050 -> s100 and s025 -> s100, seed 0; benchmarks/RESULTS.md, "SN-Net recipes tried").
 SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50, "epochs": 30,
