@@ -678,7 +678,27 @@ def _div(low: _Lowering, node: fx.Node) -> Pair:
 
 @rule(aten.mm.default, aten.bmm.default, aten.matmul.default)
 def _matmul(low: _Lowering, node: fx.Node) -> Pair:
-    return low.bilinear(node.target, low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1])))
+    a, b = node.args[:2]
+    if node.target is aten.bmm.default:
+        # a Linear decomposes to bmm(view(expand(x)), view(expand(W))): as matmul(x, W), the weight is
+        # not copied per batch item (fewer ops, and the ONNX graph keeps W a plain 2-D initializer)
+        a2, b2 = _unexpanded(a), _unexpanded(b)
+        if len(_shape(a2)) == 3 and len(_shape(b2)) == 2:
+            return low.bilinear(aten.matmul.default, low.pair(low.arg(a2)), low.pair(low.arg(b2)))
+    return low.bilinear(node.target, low.pair(low.arg(a)), low.pair(low.arg(b)))
+
+
+def _unexpanded(node: fx.Node) -> fx.Node:
+    """x for view(expand(x)) of the same shape, or of a 2-D x broadcast over a batch; else `node`."""
+    if not (node.target is aten.view.default and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is aten.expand.default):
+        return node
+    base = node.args[0].args[0]
+    if not isinstance(base, fx.Node) or _val(base) is None:
+        return node
+    if _shape(base) == _shape(node) or (len(_shape(base)) == 2 and _shape(base) == _shape(node)[1:]):
+        return base
+    return node
 
 
 @rule(aten.addmm.default)
