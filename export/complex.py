@@ -271,6 +271,8 @@ class _Lowering:
             x, times = self.env[node.args[0]], node.args[1]
             return self.op(aten.expand.default, x, [-1 if isinstance(r, int) and r == 1 else self.arg(r)
                                                     for r in times])
+        if node.target is aten.bmm.default and not involved:
+            return _matmul(self, node).re                   # a real Linear: as matmul(x, W) too
         if not involved:
             return self.graph.node_copy(node, lambda a: self.env[a])
         if node.target in _DROP:
