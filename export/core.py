@@ -29,6 +29,7 @@ from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis, fits
+from . import complex as complex_lowering
 from .costs import config_costs
 from .validate import validate
 
@@ -146,7 +147,8 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
                  name: str | None = None, quality: dict | None = None, tolerance: float = 1e-4,
                  n_random: int = N_RANDOM, threads: int | None = None, overwrite: bool = False,
                  metadata: dict | None = None) -> Bundle:
-    """The one-config exporter (FITS, StarNet, DLinear, generic): FITS's lowering, else torch.onnx's capture
+    """The one-config exporter (FITS, StarNet, DLinear, generic): FITS's lowering; else, for a model with
+    complex tensors, the complex-to-real lowering (`complex.py`) then torch.onnx; else torch.onnx's capture
     strategies in order; validated, then written. `ef.export` calls it for every non-elastic family."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
@@ -156,8 +158,11 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         raise ExportError("example_inputs must be a tensor or a non-empty tuple of tensors (batch first)")
     model = model.eval()
     threads = threads or default_threads()
+    lower = not fits.is_fits(model) and complex_lowering.uses_complex(model, example)
+    # what the graph is held to: the model's tensor outputs (the complex lowering drops an `(xy, 0)`'s 0)
+    reference = complex_lowering.TensorOutputs(model) if lower else model
     with torch.no_grad():
-        out = model(*example)
+        out = reference(*example)
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
     out_names = ["y"] if len(outs) == 1 else [f"y{i}" for i in range(len(outs))]
@@ -167,9 +172,14 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         graph, extra["kernels"] = fits.lower(model, input_name=in_names[0], output_name=out_names[0],
                                              threads=threads)
         strategy = "edgeflex FITS lowering (kernels.spectral)"
+    elif lower:
+        lowered = complex_lowering.lower_complex(model, example)
+        graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names, out_names)
+        strategy = f"edgeflex complex lowering (export.complex) + {how}"
+        extra["complex_lowering"] = lowered.meta["complex_lowering"]
     else:
         graph, strategy = capture_with_strategy(model, example, in_names, out_names)
-    check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
+    check = validate(reference, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
                     {"costs": config_costs([proto])})
