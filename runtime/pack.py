@@ -12,6 +12,7 @@ smaller; the rest (and a tensor where plain zstd is smaller) as plain zstd frame
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -256,6 +257,9 @@ def pack_bundle(bundle: Bundle, out: str | os.PathLike, *, base: str | os.PathLi
     files = _members(bundle)
     if base is not None:
         old = Pack.open(base)
+        if old.kind != "full":
+            raise BundleError(f"{old.where} is a delta; the base must be a full pack (.efz)")
+        old.members()                               # verified before any of its pieces is left out
         data = encode(files, bundle.manifest, base=old, level=level)
     else:
         data = encode(files, bundle.manifest, level=level)
@@ -320,8 +324,14 @@ def write_file(dest: Path, data: bytes, suffix: str, *, force: bool) -> None:
             if os.path.lexists(dest):
                 os.replace(tmp, dest)
             else:
-                os.link(tmp, dest)                  # fails if something appeared meanwhile: never replaced
-                os.unlink(tmp)
+                try:
+                    os.link(tmp, dest)              # fails if something appeared meanwhile: never replaced
+                except OSError as e:
+                    if e.errno == errno.EEXIST:
+                        raise
+                    os.rename(tmp, dest)            # no hard links here (FAT on an SD card): checked above
+                else:
+                    os.unlink(tmp)
         except BaseException:
             with suppress(OSError):
                 os.unlink(tmp)

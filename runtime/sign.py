@@ -113,6 +113,8 @@ def _pem_blocks(data: bytes, where: str) -> list[Any]:
 def load_trusted(keys: list[Any] | None) -> list[Any]:
     """The public keys to trust: each of `keys` (a PEM file path, PEM bytes, or an Ed25519PublicKey) and
     those of the board-wide keys file when it exists. Empty: no signature is asked for."""
+    if isinstance(keys, (str, bytes, os.PathLike)):
+        keys = [keys]
     out = []
     board = os.environ.get("EDGEFLEX_TRUSTED_KEYS", BOARD_KEYS)
     if board and os.path.exists(board):
