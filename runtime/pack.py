@@ -596,6 +596,20 @@ def open_pack(path: str | os.PathLike, *, limit: int = MAX_UNPACKED) -> PackedBu
 def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, *, level: int = LEVEL) -> bytes:
     """The full pack that `delta` describes, rebuilt from `base`: every member decompressed and checked
     against the delta's manifest, then packed again (as `edgeflex pack` would have packed it)."""
+    d, manifest, files = _rebuild(base, delta)
+    return encode({MANIFEST: d.manifest_raw, **dict(sorted(files.items()))}, manifest, level=level)
+
+
+def open_delta(base: str | os.PathLike, delta: str | os.PathLike,
+               *, limit: int = MAX_UNPACKED) -> PackedBundle:
+    """The bundle `delta` describes, rebuilt in memory from `base` and verified, no file written:
+    `Runtime(open_delta("old.efz", "d.efzd"))` runs the update before (or without) `edgeflex apply`."""
+    d, manifest, files = _rebuild(base, delta, limit)
+    return PackedBundle(Path(delta), manifest, files, d.manifest_raw)
+
+
+def _rebuild(base: str | os.PathLike, delta: str | os.PathLike,
+             limit: int = MAX_UNPACKED) -> tuple[Pack, dict[str, Any], dict[str, bytes]]:
     old, d = Pack.open(base), Pack.open(delta)
     if d.kind != "delta":
         raise BundleError(f"{d.where} is not a delta (.efzd); a full pack needs no base")
@@ -605,8 +619,8 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, *, level: int
     if d.base != old.version:
         raise BundleError(f"{d.where} was made against another base (manifest sha256 {str(d.base)[:16]}...), "
                           f"not {str(base)!r} ({old.version[:16]}...)")
-    manifest, files = d.members(base=old)
-    return encode({MANIFEST: d.manifest_raw, **dict(sorted(files.items()))}, manifest, level=level)
+    manifest, files = d.members(limit, base=old)
+    return d, manifest, files
 
 
 def unpack(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:

@@ -136,6 +136,9 @@ def _delta_round_trip(old: Path, new: Path, tmp: Path) -> tuple[int, int]:
     assert {r: rebuilt.read(r) for r in rebuilt.manifest["files"]} == {r: want.read(r)
                                                                         for r in want.manifest["files"]}
     assert (tmp / "new.efz").read_bytes() == full.read_bytes()     # the very same file, as it happens
+    inline = pack.open_delta(base, tmp / "d.efzd")                 # or in memory, for a Runtime
+    assert inline.manifest == want.manifest and ef.Runtime(inline, threads=1).configs == ef.Runtime(
+        full, threads=1).configs
     return (tmp / "d.efzd").stat().st_size, full.stat().st_size
 
 
