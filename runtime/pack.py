@@ -68,7 +68,10 @@ def from_planes(planes: list[bytes]) -> bytes:
     for i, p in enumerate(planes):
         r[:, 3 - i] = np.frombuffer(p, dtype=np.uint8)
     u = r.view("<u4").ravel()
-    return ((u >> np.uint32(1)) | (u << np.uint32(31))).tobytes()
+    sign = u << np.uint32(31)
+    u >>= np.uint32(1)                  # in place: r is ours
+    u |= sign
+    return u.tobytes()
 
 
 # --- where the float32 tensors are -----------------------------------------------------------------------

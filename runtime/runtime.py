@@ -60,6 +60,11 @@ class _Plan:
 class Runtime:
     """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
 
+    `path` may be a packed bundle `NAME.efz` (read and verified in memory, see docs/bundles.md).
+    `trusted_keys` (Ed25519 public keys: PEM file paths or bytes) and the board's keys file
+    (`EDGEFLEX_TRUSTED_KEYS`, else /etc/edgeflex/trusted_keys.pem, when it exists): when either names a
+    key, a bundle not signed by one of them is refused; `rt.signed_by` is the key id that signed it.
+
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
     A sequence of counts, e.g. `threads=(2, 1)`, loads every config's engines at each count (memory grows
     with the counts: each engine keeps its own packed weights) and makes the count part of what
@@ -83,10 +88,6 @@ class Runtime:
     pool to the next (SN-Net at 224x224 chained over 4-6 sessions: 60-100 % over its fused graph with pools
     per session, 5-8 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
     anywhere in the process, so it is opt-in; the `edgeflex` command turns it on (it owns its process).
-    `path` may be a packed bundle `NAME.efz` (read and verified in memory, see docs/bundles.md).
-    `trusted_keys` (Ed25519 public keys: PEM file paths or bytes) and the board's keys file
-    (`EDGEFLEX_TRUSTED_KEYS`, else /etc/edgeflex/trusted_keys.pem, when it exists): when either names a
-    key, a bundle not signed by one of them is refused; `rt.signed_by` is the key id that signed it.
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
