@@ -410,8 +410,10 @@ class Pack:
         self.index: dict[str, dict[str, Any]] = {}
         for m in index["members"]:
             if not isinstance(m, dict) or set(m) != {"name", "bytes", "segments"}:
-                kind = m.get("type", "?") if isinstance(m, dict) else type(m).__name__
-                raise self._bad(f"an index entry of kind {kind!r} is not a plain file member")
+                what = m.get("type", "?") if isinstance(m, dict) else type(m).__name__
+                name = m.get("name") if isinstance(m, dict) else None
+                raise BundleError(f"{self.where}: member {name!r} is an index entry of kind {what!r}, not a "
+                                  "plain file (links, devices, folders are never packed); refusing the pack")
             name = _safe_name(m["name"], self.where)
             if name in self.index:
                 raise BundleError(f"{self.where}: member {name!r} appears twice; refusing the pack")
