@@ -63,15 +63,20 @@ def to_planes(data: bytes | memoryview) -> list[bytes]:
 
 def from_planes(planes: list[bytes]) -> bytes:
     """The inverse of `to_planes`."""
-    n = len(planes[0])
-    r = np.empty((n, 4), dtype=np.uint8)
+    out = bytearray(4 * len(planes[0]))
+    from_planes_into(planes, memoryview(out))
+    return bytes(out)
+
+
+def from_planes_into(planes: list[bytes | memoryview], dst: memoryview) -> None:
+    """`from_planes` written into `dst` (writable, 4 x a plane's length): no temporary of the result."""
+    r = np.frombuffer(dst, dtype=np.uint8).reshape(-1, 4)
     for i, p in enumerate(planes):
         r[:, 3 - i] = np.frombuffer(p, dtype=np.uint8)
     u = r.view("<u4").ravel()
     sign = u << np.uint32(31)
-    u >>= np.uint32(1)                  # in place: r is ours
+    u >>= np.uint32(1)
     u |= sign
-    return u.tobytes()
 
 
 # --- where the float32 tensors are -----------------------------------------------------------------------
@@ -482,41 +487,60 @@ class Pack:
 
     def segment(self, name: str, s: dict[str, Any], base: Pack | None = None) -> bytes:
         """One segment's bytes, decompressed within its declared size (which the member's bound capped)."""
+        out = bytearray(s["bytes"])
+        self._segment_into(name, s, memoryview(out), base)
+        return bytes(out)
+
+    def _segment_into(self, name: str, s: dict[str, Any], dst: memoryview, base: Pack | None) -> None:
         what = f"member {name!r}"
         if s["codec"] == "zstd":
-            return self._zstd(what, self._part(s["parts"][0]), s["bytes"], s["bytes"])
-        if s["codec"] == "planes":
+            dst[:] = self._zstd(what, self._part(s["parts"][0]), s["bytes"], s["bytes"])
+        elif s["codec"] == "planes":
             n = s["bytes"] // 4
-            planes = []
+            planes: list[bytes | memoryview] = []
             for codec, p in zip(s["planes"], s["parts"]):
                 if codec == "raw":
                     if p[1] != n:
                         raise BundleError(f"{self.where}: {what}: a stored byte plane of {p[1]} bytes, "
                                           f"expected {n}: a lying size; refusing the pack")
-                    planes.append(bytes(self._part(p)))
+                    planes.append(self._part(p))
                 else:
                     planes.append(self._zstd(what, self._part(p), n, n))
-            return from_planes(planes)
-        if base is None:
-            raise BundleError(f"{self.where}: {what} refers to a base pack: apply it to its base "
-                              "(`edgeflex apply BASE.efz DELTA.efzd --out NEW.efz`)")
-        data = base.pieces().get(s["sha256"])
-        if data is None or len(data) != s["bytes"]:
-            raise BundleError(f"{self.where}: {what} needs a piece (sha256 {s['sha256'][:16]}...) that base "
-                              f"{str(base.path)!r} does not hold: not the base this delta was made from")
-        return data
+            from_planes_into(planes, dst)
+        else:
+            if base is None:
+                raise BundleError(f"{self.where}: {what} refers to a base pack: apply it to its base "
+                                  "(`edgeflex apply BASE.efz DELTA.efzd --out NEW.efz`)")
+            data = base.pieces().get(s["sha256"])
+            if data is None or len(data) != s["bytes"]:
+                raise BundleError(f"{self.where}: {what} needs a piece (sha256 {s['sha256'][:16]}...) that "
+                                  f"base {str(base.path)!r} does not hold: not the base this delta was made "
+                                  "from")
+            dst[:] = data
 
-    def member(self, name: str, bound: int, base: Pack | None = None) -> bytes:
+    def member(self, name: str, bound: int, base: Pack | None = None, sha256: str | None = None) -> bytes:
         """A member's bytes; `bound` (from the manifest) caps what its segments may decompress to, checked
-        before any is decompressed."""
+        before any is decompressed; `sha256`: what they must hash to (then its size must be `bound`)."""
         m = self.index.get(name)
         if m is None:
             raise BundleError(f"{self.where}: member {name!r} is missing; the pack is incomplete: pack it "
                               "again")
-        if m["bytes"] > bound:
+        if m["bytes"] > bound or (sha256 is not None and m["bytes"] != bound):
             raise BundleError(f"{self.where}: member {name!r} declares {m['bytes']} bytes, the manifest "
-                              f"allows {bound}: a lying size or a decompression bomb; refusing the pack")
-        return b"".join(self.segment(name, s, base) for s in m["segments"])
+                              f"{'says' if sha256 else 'allows'} {bound}: a lying size or a decompression "
+                              "bomb; refusing the pack")
+        out = np.empty(m["bytes"], dtype=np.uint8)      # not zeroed: every byte is written below
+        view, at, h = memoryview(out).cast("B"), 0, hashlib.sha256()
+        for s in m["segments"]:
+            dst = view[at:at + s["bytes"]]
+            self._segment_into(name, s, dst, base)
+            if sha256 is not None:
+                h.update(dst)           # while it is still in cache (a helper thread measured slower)
+            at += s["bytes"]
+        if sha256 is not None and h.hexdigest() != sha256:
+            raise BundleError(f"{self.where}: member {name!r} fails its sha256 check against the manifest: "
+                              "modified after packing; pack it again")
+        return out.tobytes()
 
     def pieces(self) -> dict[str, bytes]:
         """Every segment of this (full, verified by `members`) pack by its sha256: what a delta may reuse."""
@@ -547,11 +571,7 @@ class Pack:
                                   "the pack")
         out = {}
         for rel, meta in files.items():
-            data = self.member(rel, meta["bytes"], base)
-            if len(data) != meta["bytes"] or _sha(data) != meta["sha256"]:
-                raise BundleError(f"{self.where}: member {rel!r} fails its sha256 check against the "
-                                  "manifest: modified after packing; pack it again")
-            out[rel] = data
+            out[rel] = self.member(rel, meta["bytes"], base, meta["sha256"])
         return manifest, out
 
 

@@ -305,16 +305,22 @@ def test_sizes_that_lie_are_refused_naming_the_member(fits_efz: Path, tmp_path: 
     m["bytes"] += 1
     m["segments"][-1]["bytes"] += 1
     _refused(assemble(body, index), tmp_path, r"member 'graphs/main.onnx' declares \d+ bytes, the manifest "
-                                              "allows")
+                                              "says")
     body, index = _parts(fits_efz)
     m = _graph(index)
     m["bytes"] += 1
     _refused(assemble(body, index), tmp_path, r"member 'graphs/main.onnx': its segments hold")
-    body, index = _parts(fits_efz)      # fewer bytes than its frame holds: within the bound, still refused
+    body, index = _parts(fits_efz)
     m = _graph(index)
     m["bytes"] -= 1
     m["segments"][-1]["bytes"] -= 1
-    _refused(assemble(body, index), tmp_path, r"member 'graphs/main.onnx': compressed data claims \d+ bytes, "
+    _refused(assemble(body, index), tmp_path, r"member 'graphs/main.onnx' declares \d+ bytes, the manifest "
+                                              "says")
+    body, index = _parts(fits_efz)      # fewer bytes than its frame holds: within the bound, still refused
+    m = _member(index, MANIFEST)
+    m["bytes"] -= 1
+    m["segments"][-1]["bytes"] -= 1
+    _refused(assemble(body, index), tmp_path, r"member 'manifest.json': compressed data claims \d+ bytes, "
                                               r"expected \d+: a lying size")
 
 
