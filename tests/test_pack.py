@@ -215,6 +215,20 @@ def test_a_signed_bundle_and_pack_run_only_with_a_trusted_key(copy: Path, fits_b
     assert ef.Runtime(plain, trusted_keys=[a_pub.read_bytes()]).signed_by
 
 
+def test_keygen_sign_and_trusted_key_on_the_command_line(fits_efz: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    efz = tmp_path / "f.efz"
+    shutil.copy(fits_efz, efz)
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 2            # never over a key
+    assert main(["info", str(efz), "--trusted-key", str(tmp_path / "k.pub.pem")]) == 2
+    assert "is not signed" in capsys.readouterr().err
+    assert main(["sign", str(efz), "--key", str(tmp_path / "k.pem")]) == 0
+    assert main(["info", str(efz), "--trusted-key", str(tmp_path / "k.pub.pem")]) == 0
+    assert main(["sign", str(efz), "--key", str(tmp_path / "k.pub.pem")]) == 2     # a public key
+    assert "not an unencrypted PEM private key" in capsys.readouterr().err
+
+
 def test_a_manifest_changed_after_signing_is_refused(copy: Path, keys) -> None:
     from edgeflex.runtime.schema import seal_manifest
 
