@@ -114,7 +114,8 @@ class Runtime:
         try:
             self.signed_by = check_trust(self.bundle, trusted_keys)
         except BaseException:
-            self.bundle.close()
+            if not isinstance(path, Bundle):        # ours: let go of it; a caller's stays theirs
+                self.bundle.close()
             raise
         self.backend_reason = "asked for"
         if backend == "auto":
