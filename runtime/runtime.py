@@ -38,6 +38,7 @@ from .checks import check_budget, check_thread_counts
 from .plan import Plan, Step, build_plans
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
 from .profiles import load_profiles, profile_at, profile_path, profile_threads
+from .sign import check_trust
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class _Plan:
 
 class Runtime:
     """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
+
+    `path` may be a packed bundle `NAME.efz` (read and verified in memory, see docs/bundles.md).
+    `trusted_keys` (Ed25519 public keys: PEM file paths or bytes) and the board's keys file
+    (`EDGEFLEX_TRUSTED_KEYS`, else /etc/edgeflex/trusted_keys.pem, when it exists): when either names a
+    key, a bundle not signed by one of them is refused; `rt.signed_by` is the key id that signed it.
 
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
     A sequence of counts, e.g. `threads=(2, 1)`, loads every config's engines at each count (memory grows
@@ -88,7 +94,8 @@ class Runtime:
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
                  device: str = "host", *, threads: int | None = None, config: str | None = None,
                  fused: bool | str = "auto", dress_kernel: str | None = None, only: list[str] | None = None,
-                 allow_native: bool = False, shared_threads: bool = False):
+                 allow_native: bool = False, shared_threads: bool = False,
+                 trusted_keys: Sequence[Any] | None = None):
         if not isinstance(path, Bundle):
             check_path("path", path)
         if not isinstance(backend, (str, Backend)):
@@ -105,6 +112,12 @@ class Runtime:
         self.device = check_device(device)
         self.thread_counts = _thread_counts(threads)          # every argument checked before any file read
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
+        try:
+            self.signed_by = check_trust(self.bundle, trusted_keys)
+        except BaseException:
+            if not isinstance(path, Bundle):        # ours: let go of it; a caller's stays theirs
+                self.bundle.close()
+            raise
         self.backend_reason = "asked for"
         if backend == "auto":
             from .backends.tvm import auto_backend
