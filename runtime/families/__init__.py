@@ -45,7 +45,7 @@ class ConfigKind:
         missing field is one BundleError line naming it."""
         path = f"{where}.{cls.key}"
         if not isinstance(d, dict):
-            raise BundleError(f"{path} is {d!r}, expected an object; re-export the bundle")
+            raise BundleError(f"{path} is {_short(d)}, expected an object; re-export the bundle")
         hints = typing.get_type_hints(cls)
         values, names = {}, set()
         for f in dataclasses.fields(cls):
