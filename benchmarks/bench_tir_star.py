@@ -166,7 +166,7 @@ def run_case(case: Case, tmp: Path, *, threads: int, warmup: int, block: int, ru
     print(f"per-kernel breakdown of {case.key} ...", file=sys.stderr, flush=True)
     library, engine = libs["tvm kernels"]
     ops = per_kernel_ms(str(library), x, reps)
-    per_kind = bundle.configs[0].extra["costs"]["per_kind"]
+    per_kind = bundle.configs[0].costs["per_kind"]
     macs = sum(per_kind[k]["flops"] for k in ("conv", "dwconv", "matmul")) / 2
     return Result(case, times, rel, compile_s, engine["kernels"], ops, others.share, os.getloadavg()[0],
                   engine.get("tuning"), macs)

@@ -129,11 +129,11 @@ def elastic(a, start: float) -> dict:
     levels, twins, twin_rts = [], [], {}
     for c in rt.configs:
         rt.switch(c.name)
-        cut = c.extra["fits_level"]["cut_freq"]
+        cut = c.kind.cut_freq
         levels.append({"cut_freq": cut, "mse": c.quality["value"], "mae": c.quality["mae"],
                        "bundle": ett.evaluate(rt.run, d.test)})
         # The twin at the paper's cut is the table's H=96 model (same data, recipe and seed).
-        name = "fits-etth1-96.efx" if cut == rt.configs[0].extra["fits_level"]["cut_freq"] else \
+        name = "fits-etth1-96.efx" if cut == rt.configs[0].kind.cut_freq else \
             f"fits-etth1-96-cut{cut}.efx"
         tb = bundle_for(a.workdir / name, a, make_fits(a, "ETTh1", 96, cut))
         twin_rts[cut] = ef.Runtime(tb, threads=a.threads)
@@ -161,7 +161,7 @@ def time_levels(rt: ef.Runtime, twin_rts: dict, runs: int) -> dict:
         x = rng.standard_normal((batch, *rt.inputs[0].shape[1:])).astype(np.float32)
         contenders = {}
         for c in rt.configs:
-            cut = c.extra["fits_level"]["cut_freq"]
+            cut = c.kind.cut_freq
             contenders[("elastic", cut)] = lambda name=c.name, x=x: (rt.switch(name), rt.run(x))
             contenders[("twin", cut)] = lambda r=twin_rts[cut], x=x: r.run(x)
         for (kind, cut), t in time_interleaved(contenders, n, 10, 10).items():

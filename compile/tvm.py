@@ -160,7 +160,7 @@ def collect_graphs(bundle: Bundle, *, configs: Sequence[str] | None = None, fuse
     for name in configs or ():
         bundle.config(name)                 # an unknown name is refused, listing the configs
     plans = build_plans(bundle, fused=fused, only=set(configs) if configs else None,
-                        dress_kernel=(lambda _name: dress_kernel) if dress_kernel else None)
+                        kernel=(lambda _name: dress_kernel) if dress_kernel else None)
     jobs: dict[str, GraphJob] = {}
     for name, plan in plans.items():
         for step in plan.steps:

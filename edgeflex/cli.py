@@ -484,12 +484,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         bundle = ef.export(model, example, out / f"{name}.efx", name=name, quality=quality, metadata=meta,
                            overwrite=True)     # the demo's own output (never anything but a bundle)
         rt = Runtime(bundle.path, threads=a.threads)           # re-opened: checksums verified
-        if name == "fits":
-            pred = rt.run(held.x)[:, model.seq_len:]
-            bundle_value = float(((pred - held.y) ** 2).mean())
-        else:
-            xte, yte = held
-            bundle_value = float((rt.run(xte).argmax(1) == yte).mean())
+        bundle_value = registry.get_family(bundle.family).evaluation.evaluate(rt.run, held)
         bundle_q = f"{quality['metric']} {bundle_value:.4g}"
         x1 = example.numpy()
         lat = measure(lambda rt=rt, x1=x1: rt.run(x1), warmup=20, runs=a.runs)

@@ -182,7 +182,7 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     check = validate(reference, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
-                    {"costs": config_costs([proto])})
+                    costs=config_costs([proto]))
     manifest = manifest_base(model, example, in_names, outs, out_names,
                              name or Path(path).name.removesuffix(".efx"))
     manifest.update({

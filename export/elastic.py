@@ -21,7 +21,8 @@ from edgeflex.devices.measure import median_ms
 from edgeflex.errors import ExportError
 from edgeflex.kernels import rowsparse
 from edgeflex.kernels.rowsparse import ell_tensors
-from edgeflex.runtime.bundle import Bundle, TensorSpec, write_bundle
+from edgeflex.runtime.bundle import Bundle, Config, Fused, TensorSpec, write_bundle
+from edgeflex.runtime.families.dress import DressLevel
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis
@@ -163,12 +164,10 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
             check = max(check, sparse_check, key=lambda c: c.max_rel_err)
             measured["sparse"] = round(median_ms(lambda run=sparse, x1=(x1,): run(x1)), 4)
         checks.append(check.to_json())
-        configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
-                        "costs": costs,
-                        "dress": {"level": s, "density": density, "kernel": min(measured, key=measured.get),
-                                  "measured_ms_batch1": measured, "threads": threads},
-                        "quality": (quality or [None] * len(levels))[s],
-                        "flops": stats[s]["flops"], "param_bytes": stats[s]["param_bytes"]})
+        level = DressLevel(s, min(measured, key=measured.get), density, measured, threads)
+        configs.append(Config(f"density-{round(density * 100)}", quality=(quality or [None] * len(levels))[s],
+                              flops=stats[s]["flops"], param_bytes=stats[s]["param_bytes"],
+                              segments=("main",), costs=costs, kind=level).to_json())
     dense_weight_bytes = sum(int(np.prod(d["shape"])) * 4 for d in masked_spec.values())
     manifest = manifest_base(model, (example,), ["x"], [dense(example)], ["y"], name or _stem(path))
     segments = {"main": {"graph": "graphs/main.onnx", "tensors": refs,
@@ -329,10 +328,10 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         fused_bytes, fused_refs = store.externalize(fuse_chain([protos[seg] for seg in chain]))
         fused_path = f"graphs/fused/{_safe(cfg)}.onnx"
         graphs[fused_path] = fused_bytes
-        configs.append({"name": cfg, "segments": list(chain), "quality": (quality or {}).get(cfg),
-                        "costs": config_costs([protos[seg] for seg in chain]),
-                        "flops": stats[cfg]["flops"], "param_bytes": stats[cfg]["param_bytes"],
-                        "fused": {"graph": fused_path, "tensors": fused_refs}})
+        configs.append(Config(cfg, quality=(quality or {}).get(cfg), flops=stats[cfg]["flops"],
+                              param_bytes=stats[cfg]["param_bytes"], segments=tuple(chain),
+                              costs=config_costs([protos[seg] for seg in chain]),
+                              fused=Fused(fused_path, fused_refs)).to_json())
     model.set_config(next(iter(plans)))
     with torch.no_grad():
         y = model(example)

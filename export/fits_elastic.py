@@ -18,7 +18,8 @@ import torch
 from edgeflex.devices.measure import median_ms
 from edgeflex.kernels import spectral
 from edgeflex.models.fits_elastic import ElasticFITS
-from edgeflex.runtime.bundle import Bundle, write_bundle
+from edgeflex.runtime.bundle import Bundle, Config, write_bundle
+from edgeflex.runtime.families.fits_elastic import FitsLevel
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis
@@ -102,13 +103,12 @@ def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | o
         segments[seg] = {"graph": f"graphs/{seg}.onnx", "tensors": refs,
                          "inputs": manifest["inputs"], "outputs": manifest["outputs"]}
         params = model.level_parameters(cut)
-        configs.append({
-            "name": seg, "segments": [seg], "quality": (quality or [None] * len(model.cut_freqs))[i],
-            "flops": analysis.flops(proto), "param_bytes": 8 * params,
-            "fits_level": {"cut_freq": cut, "up_freq": w.up_freq, "parameters": params, "form": form,
-                           "derived": list(spectral.GEMM_NAMES[:len(spectral.gemm_operands(w, form))]),
-                           "engine_bytes": analysis.param_bytes(proto), "measured": measured,
-                           "threads": threads}})
+        level = FitsLevel(cut, form, list(spectral.GEMM_NAMES[:len(spectral.gemm_operands(w, form))]),
+                          up_freq=w.up_freq, parameters=params, engine_bytes=analysis.param_bytes(proto),
+                          measured=measured, threads=threads)
+        configs.append(Config(seg, quality=(quality or [None] * len(model.cut_freqs))[i],
+                              flops=analysis.flops(proto), param_bytes=8 * params, segments=(seg,),
+                              kind=level).to_json())
     manifest.update({
         "configs": configs,
         "segments": segments,

@@ -5,6 +5,7 @@ Importing this package imports no torch (the registry names builders and exporte
 
 from .registry import (
     Built,
+    Evaluation,
     Family,
     ModelEntry,
     create,
@@ -19,5 +20,5 @@ from .registry import (
 
 list = list_models      # `ef.models.list()`, as issue 17 names it (the builtin is not used in this module)
 
-__all__ = ["Built", "Family", "ModelEntry", "create", "families", "get_family", "get_model", "list",
-           "list_models", "place", "register_family", "register_model"]
+__all__ = ["Built", "Evaluation", "Family", "ModelEntry", "create", "families", "get_family", "get_model",
+           "list", "list_models", "place", "register_family", "register_model"]

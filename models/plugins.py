@@ -8,9 +8,12 @@ nor the exporters (`export/`), which the records name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .registry import Built, Family, ModelEntry
+import numpy as np
+
+from .registry import Built, Evaluation, Family, ModelEntry
 
 STARNET_VARIANTS = ("s050", "s100", "s150", "s1", "s2", "s3", "s4")    # as models/starnet.py, smallest first
 
@@ -113,22 +116,51 @@ def build_ett(entry: ModelEntry, *, epochs: int | None, seed: int, horizon: int 
                                   epochs=epochs, seed=seed, progress=progress))
 
 
+# --- quality evaluations: NumPy only, of a run function and the held-out data a builder returns ----------
+
+def forecast_mse(run: Callable[[np.ndarray], np.ndarray], held: Any) -> float:
+    """Mean squared error of the forecast (the last H steps of `run`'s output) over every held-out window:
+    `held` has arrays `x` [n, L, C] and `y` [n, H, C] (CO2's test windows), or is an ETT split."""
+    x, y = held.windows() if hasattr(held, "windows") else (held.x, held.y)
+    pred = np.asarray(run(x))[:, -y.shape[1]:]
+    return float(((pred - y) ** 2).mean())
+
+
+def top1(run: Callable[[np.ndarray], np.ndarray], held: tuple[np.ndarray, np.ndarray]) -> float:
+    """Share of held-out images whose largest logit is their label: `held` = (images, labels)."""
+    x, y = held
+    return float((np.asarray(run(x)).argmax(1) == y).mean())
+
+
+FORECAST = Evaluation("mse", "the test windows of the series it was trained on (Mauna Loa CO2, ETT), "
+                      "standardised as in training", "edgeflex.models.plugins:forecast_mse")
+DIGITS = Evaluation("top1", "the scikit-learn digits test split", "edgeflex.models.plugins:top1")
+
+
 # --- the tables --------------------------------------------------------------------------------------------
 
 FAMILIES: tuple[Family, ...] = (
     Family("fits", ("edgeflex.models.fits:FITS",),
-           description="FITS forecaster: one config, its spectral path lowered by kernels.spectral"),
+           description="FITS forecaster: one config, its spectral path lowered by kernels.spectral",
+           evaluation=FORECAST),
     Family("fits-elastic", ("edgeflex.models.fits_elastic:ElasticFITS",),
            "edgeflex.export.fits_elastic:export_fits_elastic", elastic=True,
-           description="elastic FITS: one config per cut frequency, the complex weight stored once"),
-    Family("starnet", ("edgeflex.models.starnet:StarNet",), description="StarNet image classifier"),
+           description="elastic FITS: one config per cut frequency, the complex weight stored once",
+           kind="edgeflex.runtime.families.fits_elastic:FitsLevel", evaluation=FORECAST),
+    Family("starnet", ("edgeflex.models.starnet:StarNet",), description="StarNet image classifier",
+           evaluation=DIGITS),
     Family("dress", ("edgeflex.models.dress:DressModel",), "edgeflex.export.elastic:export_dress",
-           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight"),
+           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight",
+           kind="edgeflex.runtime.families.dress:DressLevel", evaluation=DIGITS),
     Family("snnet", ("edgeflex.models.snnet:SNNet", "edgeflex.models.stitch:Stitched"),
            "edgeflex.export.elastic:export_snnet", elastic=True,
            description="SN-Net: stitched anchors (edgeflex's StarNets or the user's own, ef.elastic.stitch), "
-                       "a config per stitch point, segments stored once"),
-    Family("dlinear", ("edgeflex.models.dlinear:DLinear",), description="DLinear forecaster"),
+                       "a config per stitch point, segments stored once",
+           evaluation=Evaluation("top1", "the digits test split, corrupted as in training (fixed seed), or "
+                                 "the user's held-out data (ef.elastic.stitch)",
+                                 "edgeflex.models.plugins:top1")),
+    Family("dlinear", ("edgeflex.models.dlinear:DLinear",), description="DLinear forecaster",
+           evaluation=FORECAST),
     Family("generic", (), description="any other module: one config, captured by torch.onnx"),
 )
 

@@ -1,9 +1,10 @@
 """The model registry: each family is one `Family` record, each built-in model name one `ModelEntry`.
 
-Owns recognising a model's family (`place`), the exporter each family writes its bundle with, and the
-built-in names (`create`, `list_models`). Imports no torch: builders and exporters are named as
-"module:function" and imported when called, so `ef.models.list()` works on a board. The built-in plug-ins
-are the tables in `models/plugins.py`; the load-time planner is still in `runtime/runtime.py`.
+Owns recognising a model's family (`place`), the exporter each family writes its bundle with, its quality
+evaluation, and the built-in names (`create`, `list_models`). Imports no torch: builders, exporters and
+evaluations are named as "module:function" and imported when called, so `ef.models.list()` works on a board.
+The built-in plug-ins are the tables in `models/plugins.py`. A family's board-side half (its typed config
+fields and load-time planner) is its config kind in `runtime/families/`, which `Family.kind` names.
 """
 
 from __future__ import annotations
@@ -28,17 +29,37 @@ def resolve(ref: str) -> Callable:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """How a family's quality is measured: `metric` (as its builders' quality dicts name it) on `data`, the
+    shipped held-out split its builders return, computed by `fn`: "module:function" (NumPy only), called as
+    fn(run, held_out) -> float, `run` a function of a NumPy batch (`Runtime.run`, or a wrapped PyTorch
+    model)."""
+
+    metric: str
+    data: str
+    fn: str
+
+    def evaluate(self, run: Callable[[Any], Any], held_out: Any) -> float:
+        return resolve(self.fn)(run, held_out)
+
+
+@dataclass(frozen=True)
 class Family:
     """A kind of model. `classes`: "module:QualName" of the model classes it owns (subclasses too);
     `exporter`: "module:function" called as fn(model, example, path, *, name, quality, tolerance, threads,
     metadata, overwrite[, n_random]) -> Bundle, `example` one tensor for an elastic family (a tensor or a
-    tuple otherwise); `elastic`: its bundles hold several configs."""
+    tuple otherwise); `elastic`: its bundles hold several configs; `kind`: "module:Class" of its config
+    kind on the board side (`runtime.families`: the typed fields its configs carry and their load-time
+    planner; registered there, as the board never imports this registry), "" when its configs need none
+    (a plain graph, a chain of segments); `evaluation`: its quality evaluation."""
 
     name: str
     classes: tuple[str, ...]
     exporter: str = PLAIN_EXPORTER
     elastic: bool = False
     description: str = ""
+    kind: str = ""
+    evaluation: Evaluation | None = None
 
     def matches(self, model: object) -> bool:
         mro = {f"{c.__module__}:{c.__qualname__}" for c in type(model).__mro__}

@@ -12,13 +12,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from edgeflex.errors import BundleError
 
 from . import store
+from .families import ConfigKind, parse_kind
 from .schema import MAX_MANIFEST_BYTES, check_manifest, check_seal, load_json, seal_manifest
 from .store import FORMAT, MANIFEST, SUFFIX
 
@@ -57,31 +58,65 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Fused:
+    """A chained config's fused graph: the chain as one graph, its tensors from the weights file."""
+
+    graph: str
+    tensors: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Config:
-    """One runnable variant of the model: for a plain model, the only one."""
+    """One runnable variant of the model: for a plain model, the only one.
+
+    `graph`: its one graph, or `segments`: the segments it chains, in order; `fused`: that chain as one
+    graph, where exported; `costs`: operator-level costs for the latency predictor; `kind`: its family's
+    typed fields (`runtime.families`: a DRESS level, an elastic FITS cut level), None for a plain or chained
+    config. Written to and read from the manifest's config objects as they always were; keys no field
+    knows are kept in `unknown`, written back as they were."""
 
     name: str
     graph: str | None = None
     quality: dict[str, Any] | None = None
     flops: int | None = None
     param_bytes: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    segments: tuple[str, ...] = ()
+    costs: dict[str, Any] | None = None
+    fused: Fused | None = None
+    kind: ConfigKind | None = None
+    unknown: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def segments(self) -> list[str]:
-        """The segments this config chains, in order (an elastic bundle); empty for a one-graph config."""
-        return list(self.extra.get("segments", []))
+    KNOWN: ClassVar[tuple[str, ...]] = ("name", "graph", "quality", "flops", "param_bytes", "segments",
+                                        "costs", "fused")
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Config:
-        known = {"name", "graph", "quality", "flops", "param_bytes"}
+    def from_json(cls, d: dict[str, Any], where: str = "config") -> Config:
+        """A config from its manifest object (checked by the schema at `Bundle.open`); its kind is the
+        registered family kind whose key it has (`runtime.families`)."""
+        where = f"{where} {d.get('name')!r}"
+        kind = parse_kind(d, where)
+        fused = d.get("fused")
+        known = set(cls.KNOWN) | ({kind.key} if kind is not None else set())
         return cls(d["name"], d.get("graph"), d.get("quality"), d.get("flops"), d.get("param_bytes"),
+                   tuple(d.get("segments", ())), d.get("costs"),
+                   Fused(fused["graph"], dict(fused["tensors"])) if fused is not None else None, kind,
                    {k: v for k, v in d.items() if k not in known})
 
     def to_json(self) -> dict[str, Any]:
-        d = {"name": self.name, "graph": self.graph, "quality": self.quality, "flops": self.flops,
-             "param_bytes": self.param_bytes, **self.extra}
-        return {k: v for k, v in d.items() if not (k == "graph" and v is None)}
+        """The manifest object this config reads from (the same keys and values)."""
+        d: dict[str, Any] = {"name": self.name}
+        if self.graph is not None:
+            d["graph"] = self.graph
+        d.update(quality=self.quality, flops=self.flops, param_bytes=self.param_bytes)
+        if self.segments:
+            d["segments"] = list(self.segments)
+        if self.costs is not None:
+            d["costs"] = self.costs
+        if self.fused is not None:
+            d["fused"] = {"graph": self.fused.graph, "tensors": dict(self.fused.tensors)}
+        if self.kind is not None:
+            d[self.kind.key] = self.kind.to_json()
+        return {**d, **self.unknown}
 
 
 @dataclass(frozen=True)
@@ -113,7 +148,7 @@ class Bundle:
         self.family: str = manifest["family"]
         self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
-        self.configs = [Config.from_json(d) for d in manifest["configs"]]
+        self.configs = [Config.from_json(d, f"{path / MANIFEST}: config") for d in manifest["configs"]]
         self.segments = {n: Segment(n, d["graph"], dict(d.get("tensors", {})))
                          for n, d in manifest.get("segments", {}).items()}
         self.tensor_index: dict[str, dict[str, Any]] = manifest.get("tensors", {})

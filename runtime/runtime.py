@@ -150,7 +150,8 @@ class Runtime:
                                   "segment to the next: shared_threads=True runs them on one pool")
         measured = self._backend.measured
         specs = build_plans(self.bundle, fused=self.fused, only=self._only,
-                            dress_kernel=lambda c: self.dress_kernel or measured(c).get("kernel"))
+                            kernel=lambda c: self.dress_kernel or measured(c).get("kernel"))
+        self._graphs = {name: tuple(s.graph for s in p.steps) for name, p in specs.items()}
         self._plan_sets = {t: self._build_plans(t, specs) for t in self.thread_counts}
         multi = len(self.thread_counts) > 1
         self._by_key = {}
@@ -174,11 +175,11 @@ class Runtime:
         if fused != "auto":
             return bool(fused), "asked for"
         b = self.bundle
-        todo = [c for c in b.configs if c.graph is None and "fused" in c.extra
+        todo = [c for c in b.configs if c.graph is None and c.fused is not None
                 and (self._only is None or c.name in self._only)]
         if not todo:
             return False, "no fused graphs in the bundle"
-        if not all(self._backend.can_load(b.sha256(c.extra["fused"]["graph"])) for c in todo):
+        if not all(self._backend.can_load(b.sha256(c.fused.graph)) for c in todo):
             return False, f"backend {self.backend!r} has no engine for the fused graphs"
         mb = sum(c.param_bytes or 0 for c in todo) / 2**20
         if mb > AUTO_FUSE_MB:
@@ -195,7 +196,8 @@ class Runtime:
                                                      threads=threads, initializers=step.initializers)
             return cache[step.key]
 
-        return {name: _Plan(p.config, tuple(load(s) for s in p.steps), p.extra) for name, p in specs.items()}
+        return {name: _Plan(p.config, tuple(load(s) for s in p.steps), p.constants)
+                for name, p in specs.items()}
 
     # --- the public surface ------------------------------------------------------------------------------
 
@@ -225,6 +227,20 @@ class Runtime:
         current count): one for a plain or fused config, one per segment for a chain. Configs that run the
         same graph share its engine (one DRESS sparse engine serves every level)."""
         return self._loaded(name or self.config, threads).engines
+
+    def graphs(self, name: str | None = None) -> tuple[str, ...]:
+        """The bundle's graph files config `name` (default: the current one) runs, in order: its own graph,
+        its fused graph, its segments' graphs, or the one its family's plan chose (a DRESS level's dense or
+        row-sparse graph)."""
+        name = name or self.config
+        self._loaded(name, None)                # an unknown or unloaded name: its one-line error
+        return self._graphs[name]
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The budget policy re-selecting the config from observed latencies (`set_budget(adapt=True)`), or
+        None without one. Read it (`current`, `fits`, `probes`); `set_budget` changes it."""
+        return self._adapter
 
     @property
     def _plans(self) -> dict[str, _Plan]:
@@ -299,17 +315,17 @@ class Runtime:
         from edgeflex.devices.predictor import fit
 
         host = self._profiles.get(profile_path("host"))
-        costed = [c for c in self.configs if "costs" in c.extra]
+        costed = [c for c in self.configs if c.costs is not None]
         if host is None or len(costed) < 2:
             raise BudgetError(f"no profile of bundle {self.bundle.name!r} measured on {device}, and no host "
                               "profile (with per-config costs) to predict from; run `edgeflex profile` here")
-        samples = [(c.extra["costs"], host["configs"][c.name]["p50_ms"], c.name) for c in costed
+        samples = [(c.costs, host["configs"][c.name]["p50_ms"], c.name) for c in costed
                    if c.name in host["configs"]]
         pred = fit(samples, get_device("host"), with_loo=True)
         target = get_device(device)
         out = {}
         for c in costed:
-            detail = pred.predict_detail(c.extra["costs"], target)
+            detail = pred.predict_detail(c.costs, target)
             h = host["configs"].get(c.name, {})
             tail = h.get("p90_ms", 1.0) / h.get("p50_ms", 1.0) if h else 1.1
             out[c.name] = {"p50_ms": detail["ms"], "p90_ms": detail["ms"] * tail, "note": detail["note"]}

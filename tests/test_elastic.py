@@ -211,9 +211,9 @@ def test_dress_sparse_kernel_serves_every_level_and_choice_is_measured(dress):
         with torch.no_grad():
             ref = model.set_level(level)(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(rt.run(x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-        d = c.extra["dress"]
-        assert set(d["measured_ms_batch1"]) == {"dense", "sparse"}
-        assert d["kernel"] == min(d["measured_ms_batch1"], key=d["measured_ms_batch1"].get)
+        measured = c.kind.measured_ms_batch1
+        assert set(measured) == {"dense", "sparse"}
+        assert c.kind.kernel == min(measured, key=measured.get)
     # one sparse graph, the level a run-time input: a single engine serves all four levels
     engines = {id(rt.engines(c.name)[0]) for c in rt.configs}
     assert len(engines) == 1

@@ -171,19 +171,19 @@ def test_elastic_bundle_stores_the_weight_once_and_equals_pytorch(tmp_path):
     # when every level chose folded (the choice is by timing).
     shapes = [tuple(t["shape"]) for t in b.manifest["tensors"].values()]
     assert shapes.count(tuple(b.tensors()[fe["weight"]].shape)) == 1
-    if all(c.extra["fits_level"]["form"] == "folded" for c in b.configs):
+    if all(c.kind.form == "folded" for c in b.configs):
         assert weights < fe["storage"]["weight_bytes"] + 2048
     assert all(b.manifest["files"][f"graphs/cut-{k}.onnx"]["bytes"] < 4096 for k in m.cut_freqs)
     flops = [c.flops for c in b.configs]
     assert flops[-1] <= flops[0]                        # folded costs the same at every cut (L x (L+H))
-    if b.configs[-1].extra["fits_level"]["form"] == "lowrank":
+    if b.configs[-1].kind.form == "lowrank":
         assert flops[-1] < flops[0]                     # lowrank scales with the cut
     rt = ef.Runtime(path, threads=1)
     x = np.random.default_rng(1).standard_normal((5, m.seq_len, m.channels)).astype(np.float32)
     for c in rt.configs:
         rt.switch(c.name)
         with torch.no_grad():
-            ref = m.level(c.extra["fits_level"]["cut_freq"])(torch.from_numpy(x)).numpy()
+            ref = m.level(c.kind.cut_freq)(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(rt.run(x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 

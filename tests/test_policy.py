@@ -354,7 +354,7 @@ def test_runtime_with_several_thread_counts_switches_and_plans_on_each(elastic, 
     best = max(rt.configs, key=lambda c: c.quality["value"]).name
     assert rt.set_budget(Budget(latency_ms=1e6)) == best
     name, _ = rt.run_config(x)
-    assert name == best and rt._adapter.current in (f"{best}@1t", f"{best}@2t")
+    assert name == best and rt.adapter.current in (f"{best}@1t", f"{best}@2t")
 
 
 def test_adapter_probes_when_the_os_says_the_cores_are_free_and_not_before():

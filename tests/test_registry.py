@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,6 +46,25 @@ def test_each_family_names_its_own_classes_and_exporter() -> None:
         for ref in f.classes:
             cls = registry.resolve(ref)
             assert cls.family == f.name and f.matches(object.__new__(cls)), ref
+
+
+def test_each_family_names_its_config_kind_and_its_quality_evaluation() -> None:
+    from edgeflex.models.co2 import Windows
+    from edgeflex.runtime.families import ConfigKind, kinds
+
+    kinded = {f.name: registry.resolve(f.kind) for f in registry.families() if f.kind}
+    assert {n: k.key for n, k in kinded.items()} == {"fits-elastic": "fits_level", "dress": "dress"}
+    assert all(issubclass(k, ConfigKind) and kinds()[k.key] is k for k in kinded.values())
+    metrics = {f.name: f.evaluation.metric for f in registry.families() if f.evaluation}
+    assert metrics == {"fits": "mse", "fits-elastic": "mse", "starnet": "top1", "dress": "top1",
+                       "snnet": "top1", "dlinear": "mse"}
+    rng = np.random.default_rng(0)
+    held = Windows(rng.standard_normal((5, 8, 2)), rng.standard_normal((5, 3, 2)))
+    forecast = registry.get_family("fits").evaluation
+    assert forecast.evaluate(lambda x: np.concatenate([x, np.zeros((5, 3, 2))], 1), held) == \
+        pytest.approx(float((held.y ** 2).mean()))
+    logits, labels = np.eye(4)[[0, 1, 2, 3, 0]], np.array([0, 1, 2, 0, 0])
+    assert registry.get_family("starnet").evaluation.evaluate(lambda x: x, (logits, labels)) == 0.8
 
 
 @pytest.mark.parametrize("name", [m.name for m in registry.list_models() if not m.always_trains])

@@ -227,7 +227,7 @@ def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kern
         us = levels[c.name]["median_us"]
         assert set(us) == {"dense", "sparse"} and min(us.values()) > 0
         assert levels[c.name]["kernel"] == min(us, key=us.get)
-        sparse = bool(rt._plans[c.name].extra)                # the sparse graph takes the level as an input
+        sparse = rt.graphs(c.name) == ("graphs/main.sparse.onnx",)   # the level a run-time input
         assert sparse == (levels[c.name]["kernel"] == "sparse"), c.name
         rt.switch(c.name)
         ort.switch(c.name)
@@ -236,8 +236,9 @@ def test_compile_measures_each_level_on_tvm_and_the_runtime_runs_the_faster_kern
     report = compile_bundle(path, "host", dress_kernel="dense")
     assert report["dress_kernels"]["stale"] and report["dress_kernels"]["levels"] == {}
     again = ef.Runtime(path, backend="tvm", dress_kernel=None)
-    exported = {c.name: c.extra["dress"]["kernel"] for c in again.configs}
-    assert all(bool(again._plans[n].extra) == (k == "sparse") for n, k in exported.items())
+    exported = {c.name: c.kind.kernel for c in again.configs}
+    graph = {"dense": "graphs/main.onnx", "sparse": "graphs/main.sparse.onnx"}
+    assert all(again.graphs(n) == (graph[k],) for n, k in exported.items())
 
 
 @pytest.mark.parametrize("pixels", [20, 49])
