@@ -35,6 +35,7 @@ from .validate import validate
 log = logging.getLogger(__name__)
 
 GRAPH = "graphs/main.onnx"
+SPECTRAL_STRATEGY = "edgeflex FITS lowering: the spectral pattern recognised in the graph (kernels.spectral)"
 
 
 def default_threads() -> int:
@@ -175,14 +176,32 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     if not isinstance(out, torch.Tensor):
         model = FlatOutputs(model, [path for path, _ in kept]).eval()   # the graph yields the kept tensors
     family = getattr(user_model, "family", "generic")
-    if fits.is_fits(user_model):
-        graph, extra["kernels"] = fits.lower(user_model, input_name=in_names[0], output_name=out_names[0],
+    graph, check, rejected = None, None, None
+    found, why = fits.recognise(model, example)
+    if found is not None:
+        graph, extra["kernels"] = fits.lower(found, input_name=in_names[0], output_names=out_names,
                                              threads=threads)
-        strategy = "edgeflex FITS lowering (kernels.spectral)"
+        strategy = SPECTRAL_STRATEGY
+        try:
+            check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
+                             output_names=out_names)
+        except ExportError as e:             # the general graph may still pass; if not, this is the error
+            log.warning("the spectral form of %s does not validate (%s); trying the general graph",
+                        type(user_model).__name__, e)
+            rejected, graph = e, None
+            del extra["kernels"]
+            extra["spectral"] = {"recognised": True, "rejected": str(e)}
     else:
-        graph, strategy = capture_with_strategy(model, example, in_names, out_names)
-    check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
-                     output_names=out_names)
+        log.info("%s is not the FITS spectral pattern: %s", type(user_model).__name__, why)
+    if graph is None:
+        try:
+            graph, strategy = capture_with_strategy(model, example, in_names, out_names)
+            check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
+                             output_names=out_names)
+        except ExportError:
+            if rejected is not None:
+                raise rejected from None
+            raise
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
                     {"costs": config_costs([proto])})
