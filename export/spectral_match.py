@@ -35,10 +35,12 @@ _LINEAR = {
     "expand", "clone", "contiguous", "alias", "t", "transpose", "_to_copy", "to", "flip", "roll", "real",
     "imag", "view_as_real", "view_as_complex", "neg", "conj", "_conj", "resolve_conj", "conj_physical",
     "sum", "mean", "constant_pad_nd", "pad", "repeat", "index_select", "detach", "lift_fresh_copy",
-    "split", "split_with_sizes", "chunk", "unbind", "unfold",
+    "split", "split_with_sizes", "chunk", "unbind", "unfold", "expand_as", "view_as", "reshape_as",
     # several arguments, each linear: sums, concatenations, scatters of one into another
     "add", "sub", "cat", "stack", "complex", "slice_scatter", "select_scatter", "copy", "index_put",
 }
+# Ops that pick between values by a mask: affine when the mask (argument 0, or 1 for masked_fill) is constant.
+_MASKED = {"where": 0, "masked_fill": 1}
 # Ops linear in each argument separately: at most one argument may read the series.
 _BILINEAR = {"mul", "matmul", "mm", "bmm", "einsum", "linear", "dot", "addmm", "baddbmm", "addmv", "mv"}
 # Ops whose value does not depend on their tensor arguments' values (only their shapes).
@@ -82,10 +84,26 @@ def _is(n: Any, *ops: str) -> bool:
     return isinstance(n, Node) and _op(n) in ops
 
 
+def _is_size(n: Node) -> bool:
+    """A node computing a size (a symbolic batch under a dynamic-batch capture), not tensor data."""
+    val = n.meta.get("val")
+    if n.op == "call_function" and _op(n) in ("sym_size", "sym_numel", "sym_stride"):
+        return True
+    return n.op == "call_function" and val is not None and not isinstance(val, torch.Tensor) \
+        and isinstance(val, (int, torch.SymInt))
+
+
 def _tensor_args(n: Node) -> list[Node]:
+    """The nodes `n` reads as data (sizes aside)."""
     out: list[Node] = []
     torch.fx.node.map_arg((n.args, n.kwargs), lambda a: out.append(a) or a)
-    return out
+    return [a for a in out if not _is_size(a)]
+
+
+def _size_args(n: Node) -> list[Node]:
+    out: list[Node] = []
+    torch.fx.node.map_arg((n.args, n.kwargs), lambda a: out.append(a) or a)
+    return [a for a in out if _is_size(a)]
 
 
 def _where(n: Node) -> str:
@@ -95,22 +113,26 @@ def _where(n: Node) -> str:
 
 
 def _descendants(start: Node) -> set[Node]:
+    """The nodes whose data depends on `start` (sizes read from it do not count)."""
     seen, todo = {start}, [start]
     while todo:
         for u in todo.pop().users:
-            if u not in seen:
+            if u not in seen and not _is_size(u):
                 seen.add(u)
                 todo.append(u)
     return seen
 
 
-def _ancestors(start: Node, stop: Node) -> set[Node]:
+def _ancestors(start: Node, stop: Node, sizes: bool = False) -> set[Node]:
+    """The nodes `start` reads as data, back to `stop`; with `sizes`, also the size nodes it reads (not
+    what those read)."""
     seen, todo = {start}, [start]
     while todo:
         n = todo.pop()
-        if n is stop:
+        if n is stop or (_is_size(n) and not sizes):
             continue
-        for a in _tensor_args(n):
+        reads = _size_args(n) if _is_size(n) else _tensor_args(n) + (_size_args(n) if sizes else [])
+        for a in reads:
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
@@ -199,12 +221,16 @@ def _check_affine(region: set[Node], z: Node, reads: set[Node]) -> None:
             if len(set(live)) > 1 or (op == "addmm" and n.args[0] in live and len(live) > 1):
                 raise NoMatch(f"{_where(n)} multiplies two values computed from the series: not affine")
             continue
+        if op in _MASKED:
+            mask = n.args[_MASKED[op]]
+            if mask in live:
+                raise NoMatch(f"{_where(n)} picks by a mask computed from the series: not affine")
+            continue
         if op == "div":
             if n.args[1] in live:
                 raise NoMatch(f"{_where(n)} divides by a value computed from the series: not affine")
             continue
-        raise NoMatch(f"{_where(n)} is not an affine op (edgeflex's spectral recogniser knows {op!r} as "
-                      "not affine)")
+        raise NoMatch(f"{_where(n)}: {op!r} is not among the ops the spectral recogniser knows to be affine")
 
 
 def _tensor_args_list(indices: Any) -> list[Node]:
@@ -242,7 +268,7 @@ def find(gm: GraphModule) -> tuple[dict[str, Any], Node, list[str], set[Node]]:
     denorm = {o for o in outs} | {m for o in outs if _is(o, "add") for m in o.args[:2] if _is(m, "mul")}
     known = {x, norm["mean"], norm["sub"], norm["var"], norm["add"], z, *norm["sqrts"], *region, *denorm}
     for n in g.nodes:
-        if n in known or n.op in ("output", "get_attr") or n not in reads:
+        if n in known or n.op in ("output", "get_attr") or n not in reads or _is_size(n):
             continue
         guard = n.op == "call_module" and str(n.target).startswith("_guards")
         if not n.users and (_op(n) in _IGNORED or guard):
@@ -265,8 +291,9 @@ _WIDER = {torch.float32: torch.float64, torch.complex64: torch.complex128, torch
 
 
 def region_fn(gm: GraphModule, z: Node, end: Node, wide: bool):
-    """The region as a function of the normalised series (the example's batch size; float64 if `wide`)."""
-    needed = _ancestors(end, z)
+    """The region as a function of the normalised series (float64 if `wide`). A size the region reads from
+    outside it (the batch, under a dynamic capture) is read from the series, which has the input's shape."""
+    needed = _ancestors(end, z, sizes=True)
     sub = torch.fx.Graph()
     env: dict[Node, Node] = {z: sub.placeholder("z")}
     consts: list[torch.Tensor] = []
@@ -276,6 +303,9 @@ def region_fn(gm: GraphModule, z: Node, end: Node, wide: bool):
 
     for n in gm.graph.nodes:
         if n not in needed or n is z:
+            continue
+        if _is_size(n) and _op(n) == "sym_size":
+            env[n] = sub.call_function(n.target, (env.get(n.args[0], env[z]), *n.args[1:]))
             continue
         if n.op == "get_attr":
             t = _fetch(gm, n.target)
