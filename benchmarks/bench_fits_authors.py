@@ -49,7 +49,7 @@ def models() -> dict[str, torch.nn.Module]:
     h = FITS_HYPER
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)          # "complex modules are a new feature"
-        theirs = authors.Model(authors.configs(h["seq_len"], h["pred_len"], h["channels"], h["cut_freq"],
+        theirs = authors.FITS(authors.configs(h["seq_len"], h["pred_len"], h["channels"], h["cut_freq"],
                                                h["individual"]))
     theirs.load_state_dict(ours.state_dict())
     return {"authors' FITS": theirs.eval(), "edgeflex FITS": ours}

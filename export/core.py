@@ -29,6 +29,7 @@ from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis, fits
+from . import complex as complex_lowering
 from .costs import config_costs
 from .validate import validate
 
@@ -147,10 +148,13 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
                  name: str | None = None, quality: dict | None = None, tolerance: float = 1e-4,
                  n_random: int = N_RANDOM, threads: int | None = None, overwrite: bool = False,
                  metadata: dict | None = None) -> Bundle:
-    """The one-config exporter (FITS, StarNet, DLinear, generic): FITS's lowering, else torch.onnx's capture
-    strategies in order; validated, then written. `ef.export` calls it for every non-elastic family.
-    Every tensor of a (nested) tuple / list / dict output is an output of the bundle (`output_names`);
-    outputs that are not tensors are left out, noted in the manifest and warned about."""
+    """The one-config exporter (FITS, StarNet, DLinear, generic), validated, then written; `ef.export` calls
+    it for every non-elastic family. A model with complex tensors is first lowered to a real graph
+    (`complex.py`). If the graph is the FITS spectral pattern (`spectral_match`, whoever wrote the model)
+    the fastest spectral form of `kernels.spectral` is exported; else torch.onnx's capture strategies run
+    in order (on the lowered graph where there is one). Every tensor of a (nested) tuple / list / dict
+    output is an output of the bundle (`output_names`); outputs that are not tensors are left out, noted
+    in the manifest and warned about."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
@@ -176,8 +180,11 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     if not isinstance(out, torch.Tensor):
         model = FlatOutputs(model, [path for path, _ in kept]).eval()   # the graph yields the kept tensors
     family = getattr(user_model, "family", "generic")
+    lowered = None
+    if complex_lowering.uses_complex(model, example):
+        lowered = complex_lowering.lower_complex(model, example)
     graph, check, rejected = None, None, None
-    found, why = fits.recognise(model, example)
+    found, why = fits.recognise(model, example, graph=lowered)
     if found is not None:
         graph, extra["kernels"] = fits.lower(found, input_name=in_names[0], output_names=out_names,
                                              threads=threads)
@@ -195,7 +202,12 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         log.info("%s is not the FITS spectral pattern: %s", type(user_model).__name__, why)
     if graph is None:
         try:
-            graph, strategy = capture_with_strategy(model, example, in_names, out_names)
+            if lowered is not None:
+                graph, how = capture_with_strategy(lowered, example, in_names, out_names)
+                strategy = f"edgeflex complex lowering (export.complex) + {how}"
+                extra["complex_lowering"] = lowered.meta["complex_lowering"]
+            else:
+                graph, strategy = capture_with_strategy(model, example, in_names, out_names)
             check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
                              output_names=out_names)
         except ExportError:

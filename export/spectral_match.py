@@ -218,7 +218,10 @@ def _check_affine(region: set[Node], z: Node, reads: set[Node]) -> None:
                 raise NoMatch(f"{_where(n)}: indices computed from the series")
             continue
         if op in _BILINEAR:
-            if len(set(live)) > 1 or (op == "addmm" and n.args[0] in live and len(live) > 1):
+            # the product's factors (x * x counts twice); addmm and co. add their first argument
+            factors = [a for a in _tensor_args_list(n.args[1:3] if op.startswith("add") or op == "baddbmm"
+                                                    else (n.args, n.kwargs)) if a in region or a is z]
+            if len(factors) > 1:
                 raise NoMatch(f"{_where(n)} multiplies two values computed from the series: not affine")
             continue
         if op in _MASKED:

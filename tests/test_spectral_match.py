@@ -24,18 +24,28 @@ from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS
 
 
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights of the same kind (complex where the module's are), scaled like a trained FITS."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            re, im = torch.randn(p.shape, generator=g), torch.randn(p.shape, generator=g)
+            p.copy_(torch.complex(re, im) * 0.1 if p.is_complex() else re * 0.1)
+    return model.eval()
+
+
 def _authors(seq_len: int, pred_len: int, channels: int, cut: int, individual: bool = False,
              real: bool = False) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)           # "complex modules are a new feature"
-        cls = authors.RealModel if real else authors.Model
-        return authors.randomise(cls(authors.configs(seq_len, pred_len, channels, cut, individual)), seed=5)
+        cls = authors.RealFITS if real else authors.FITS
+        return randomise(cls(authors.configs(seq_len, pred_len, channels, cut, individual)), seed=5)
 
 
 def _ours(seq_len: int, pred_len: int, channels: int, cut: int, individual: bool = False) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return authors.randomise(FITS(seq_len, pred_len, channels, cut, individual=individual), seed=6)
+        return randomise(FITS(seq_len, pred_len, channels, cut, individual=individual), seed=6)
 
 
 class MatrixFITS(nn.Module):
@@ -83,7 +93,7 @@ CASES = {
     "authors-individual-odd": (lambda: _authors(30, 9, 3, 6, individual=True), (30, 3)),
     "authors-individual-even": (lambda: _authors(24, 12, 2, 13, individual=True), (24, 2)),
     "authors-real": (lambda: _authors(30, 9, 2, 6, real=True), (30, 2)),
-    "matrix": (lambda: authors.randomise(MatrixFITS(30, 9, 6), seed=2), (30, 2)),
+    "matrix": (lambda: randomise(MatrixFITS(30, 9, 6), seed=2), (30, 2)),
 }
 SHARED = {"ours-shared", "authors-shared-odd", "authors-shared-even", "authors-real", "matrix"}
 
@@ -153,7 +163,7 @@ def test_every_output_equals_pytorch_on_fresh_inputs(exported, batch: int) -> No
 @pytest.mark.parametrize("variant, reason", [("relu", "relu"), ("std", "not normalised as FITS does")])
 def test_an_almost_fits_is_not_recognised_and_exports_through_the_general_path(
         variant: str, reason: str, tmp_path: Path) -> None:
-    model = authors.randomise(MatrixFITS(30, 9, 6, variant), seed=2)
+    model = randomise(MatrixFITS(30, 9, 6, variant), seed=2)
     example = torch.randn(2, 30, 2)
     found, why = fits.recognise(model, (example,))
     assert found is None and reason in why
@@ -171,7 +181,7 @@ def test_a_path_that_mixes_channels_is_not_recognised() -> None:
         def forward(self, x):
             return super().forward(x.flip(2) * 0.5 + x)     # each channel reads the others: not per channel
 
-    model = authors.randomise(Mixer(30, 9, 6), seed=2)
+    model = randomise(Mixer(30, 9, 6), seed=2)
     found, why = fits.recognise(model, (torch.randn(2, 30, 2),))
     assert found is None
 
@@ -192,7 +202,7 @@ def _weights(model: FITS) -> spectral.SpectralWeights:
 
 
 def test_no_match_names_the_op_and_its_source_line() -> None:
-    model = authors.randomise(MatrixFITS(30, 9, 6, "relu"), seed=2)
+    model = randomise(MatrixFITS(30, 9, 6, "relu"), seed=2)
     gm = spectral_match.capture(model, (torch.randn(2, 30, 2),))
     with pytest.raises(spectral_match.NoMatch, match=r"relu.*test_spectral_match\.py"):
         spectral_match.match(gm, torch.randn(2, 30, 2))
@@ -217,3 +227,28 @@ def test_the_authors_fits_compiles_to_edgeflex_fits_kernel_on_tvm(tmp_path: Path
         assert len(got) == len(ref) == len(want) == 2
         for g, r, w in zip(got, ref, want):
             assert _rel_err(g, r) <= 1e-4 and _rel_err(g, w) <= 1e-4
+
+
+class SquaredSpectrum(nn.Module):
+    """FITS's shape with complex tensors, but the kept spectrum is squared: not affine, so not the pattern."""
+
+    def forward(self, x):
+        mean = x.mean(dim=1, keepdim=True)
+        xc = x - mean
+        var = torch.var(xc, dim=1, keepdim=True) + 1e-5
+        s = torch.fft.rfft(xc / torch.sqrt(var), dim=1)[:, :6]
+        full = torch.zeros(x.size(0), 20, x.size(2), dtype=s.dtype)
+        full[:, :6] = s * s
+        return torch.fft.irfft(full, n=39, dim=1) * torch.sqrt(var) + mean
+
+
+def test_an_almost_fits_with_complex_tensors_exports_through_the_complex_lowering(tmp_path: Path) -> None:
+    model, example = SquaredSpectrum().eval(), torch.randn(2, 30, 2)
+    found, why = fits.recognise(model, (example,))
+    assert found is None and "multiplies two values computed from the series" in why
+    bundle = ef.export(model, example, tmp_path / "sq.efx")
+    assert bundle.manifest["export"]["strategy"].startswith("edgeflex complex lowering")
+    x = np.random.default_rng(2).standard_normal((3, 30, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert _rel_err(ef.Runtime(bundle.path, backend="onnxruntime").run(x), want) <= 1e-4
