@@ -86,7 +86,8 @@ def main() -> None:
             with torch.inference_mode():
                 want = model(xt)
             refs[name] = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
-            contenders[(name, "PyTorch eager")] = lambda m=model: _eager(m, xt)
+            contenders[(name, f"PyTorch eager, {a.threads} threads")] = lambda m=model: _eager(m, xt)
+            contenders[(name, "PyTorch eager, 1 thread")] = lambda m=model: _eager(m, xt, 1, a.threads)
             contenders[(name, "edgeflex on ONNX Runtime (`Runtime.run`)")] = lambda r=ort_rt: r.run(x)
             contenders[(name, "edgeflex on TVM (`Runtime.run`)")] = lambda r=tvm_rt: r.run(x)
             for label, rt in (("ORT", ort_rt), ("TVM", tvm_rt)):
@@ -99,22 +100,27 @@ def main() -> None:
             times = time_interleaved({" / ".join(k): fn for k, fn in contenders.items()}, a.runs or RUNS,
                                      a.warmup, a.block)
     rows, verdicts = [], []
+
+    def eager_ms(name: str) -> float:
+        # the faster eager: two OpenMP threads stall now and then on a shared machine
+        return float(min(np.median(t) for k, t in times.items() if k.startswith(f"{name} / PyTorch eager")))
+
     for (name, who) in contenders:
         t = times[f"{name} / {who}"]
-        eager = np.median(times[f"{name} / PyTorch eager"])
+        eager = eager_ms(name)
         ort_t = np.median(times[f"{name} / edgeflex on ONNX Runtime (`Runtime.run`)"])
         med = float(np.median(t))
         rows.append(f"| {name} | {who} | {med:.4f} | {np.percentile(t, 90):.4f} | {eager / med:.1f}x | "
                     f"{ort_t / med:.2f}x |")
     for backend, key in (("tvm", "edgeflex on TVM (`Runtime.run`)"),
                          ("onnxruntime", "edgeflex on ONNX Runtime (`Runtime.run`)")):
-        eager = np.median(times["authors' FITS / PyTorch eager"])
+        eager = eager_ms("authors' FITS")
         ratio = eager / np.median(times[f"authors' FITS / {key}"])
         ok = "**met**" if ratio >= TARGETS[backend] else "**not met**"
         verdicts.append(f"- the authors' FITS on {backend}: {ratio:.1f}x eager "
                         f"(goal >= {TARGETS[backend]:.0f}x: {ok})")
     body = "\n".join([
-        "| model | contender | median ms | p90 ms | eager / this | ORT / this |",
+        "| model | contender | median ms | p90 ms | faster eager / this | ORT / this |",
         "|---|---|---:|---:|---:|---:|",
         *rows, "",
         "Batch 1, the same input for every contender; the authors' eager row computes both of its outputs, "
@@ -132,9 +138,16 @@ def main() -> None:
     publish(a.out, SECTION, "bench_fits_authors", body)
 
 
-def _eager(model: torch.nn.Module, x: torch.Tensor):
-    with torch.inference_mode():
-        return model(x)
+def _eager(model: torch.nn.Module, x: torch.Tensor, threads: int | None = None, restore: int = 1):
+    if threads is None:
+        with torch.inference_mode():
+            return model(x)
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return model(x)
+    finally:
+        torch.set_num_threads(restore)
 
 
 if __name__ == "__main__":
