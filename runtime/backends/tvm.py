@@ -244,9 +244,9 @@ class TvmEngine(Engine):
         batch 1 through `Runtime.run`: 9.7 -> 8.2 us, the bare VM call being 6.2 (interleaved,
         benchmarks/bench_tir_fits.py). Other batches, and arrays it turns down, take the general path.
         `last=False`: the first engine of a chain, returning its outputs as TVM tensors for the next engine
-        (`_run_chained`), any number of them; else one output, as a numpy array."""
-        if self._dlpack is None or len(self.inputs) != 1 or (last and len(self.outputs) != 1) \
-                or self._batch not in (None, 1):
+        (`_run_chained`), any number of them; else its output as a numpy array, or a tuple of them for
+        several (the authors' FITS: the forecast and the centred series)."""
+        if self._dlpack is None or len(self.inputs) != 1 or self._batch not in (None, 1):
             return None
         check = batch1_check(self.inputs[0])
         if check is None:
@@ -271,6 +271,14 @@ class TvmEngine(Engine):
             # a graph that returns its input (or a view of it) would hand out the staging buffer
             return r.copy() if lo <= out.data_ptr() < hi else r
 
+        def run_several(a: object) -> tuple[np.ndarray, ...] | None:
+            if not ok(a):
+                return None
+            with lock:
+                copyto(buf, a)
+                outs = list(fn(t, *params))
+            return tuple(to_numpy(o).copy() if lo <= o.data_ptr() < hi else to_numpy(o) for o in outs)
+
         def first1(a: object) -> list | None:
             if not ok(a):
                 return None
@@ -282,7 +290,9 @@ class TvmEngine(Engine):
                     return self._outputs(out, ((lo, hi),), False)
             return outs
 
-        return run1 if last else first1
+        if not last:
+            return first1
+        return run1 if len(self.outputs) == 1 else run_several
 
     def chain_step(self, last: bool) -> Any:
         """A later engine of a chain's batch-1 fast path: `_hop` with the batch-1 library, chosen once."""
