@@ -290,7 +290,8 @@ def _tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int
         # MetaSchedule's console handler takes this level (its per-task log files keep everything).
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         # NOTE: the default 30 s build/run timeouts fail every candidate on a loaded 2-core machine (a build
-        # worker alone takes ~60 s to start there): timeouts are a parameter, and failures are counted.
+        # worker alone can take longer than that to start there): timeouts are a parameter, and failures are
+        # counted.
         ms.relax_integration.tune_relax(
             mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
             max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), measure_callbacks=callbacks,
@@ -348,8 +349,9 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
         if target.unit == "gpu":
             ex = tvm.compile(mod, target=tgt)
         else:
-            # NOTE: the VM's functions compiled to native code instead of interpreted bytecode: ~0.2 us less
-            # per kernel call (StarNet-S050 at 32x32, 27 calls: 78 -> 73 us). CPU only: unchecked on a GPU.
+            # NOTE: the VM's functions compiled to native code instead of interpreted bytecode: less overhead
+            # per kernel call, which adds up over a small model's many calls (benchmarks/RESULTS.md, Elastic
+            # models). CPU only: unchecked on a GPU.
             from tvm import relax
 
             ex = relax.build(mod, tgt, exec_mode="compiled")
@@ -542,10 +544,10 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
     `trials > 0` tunes with MetaSchedule on this machine (host target only). Tuning records already in the
     bundle for this target are always applied, and further tuning starts from them (measures only new
     candidates). Tuned libraries have a static `batch` (default 1); otherwise `batch=None` keeps the batch
-    dimension dynamic (one library for every batch size), and on a CPU target `batch1` adds a second
-    library specialised to batch 1 beside it (`<stem>.b1.so`), which the engine runs for batch-1 calls: no
-    shape function, fewer VM steps (SN-Net at 32x32: 7-8 % faster per call, measured here), for twice the
-    compile time and library bytes."""
+    dimension dynamic (one library for every batch size), and on a CPU target `batch1` adds a second library
+    specialised to batch 1 beside it (`<stem>.b1.so`), which the engine runs for batch-1 calls: no shape
+    function, fewer VM steps (faster per call on small inputs: benchmarks/RESULTS.md, Elastic models), for
+    twice the compile time and library bytes."""
     check_path("path", path)
     check_str("target", target)
     check_int("trials", trials, 0)
@@ -674,7 +676,7 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
     per = {}
     for name, t in times.items():
         # NOTE: the lower quartile, not the median: another process's load slows ORT's spinning thread
-        # pool more than TVM's (S1 read 1.78x in TVM's favour under load, 0.86x idle, by medians)
+        # pool more than TVM's (by medians StarNet-S1 read as a TVM win under load and an ORT win idle)
         per[name] = {k: round(float(np.percentile(v, 25)) * 1e6, 2) for k, v in t.items()}
     ratio = float(np.exp(np.mean([np.log(v["onnxruntime"] / v["tvm"]) for v in per.values()])))
     return {"stale": False, "faster": "tvm" if ratio > 1 else "onnxruntime", "ratio": round(ratio, 3),
@@ -688,7 +690,7 @@ def _time_interleaved(rts: dict[str, Any], configs: Sequence[str], batch: int, r
     blocks of `block` calls after 5 warm-up calls each, so a slow spell of the machine falls on all of them
     alike. Each block starts with one untimed call: the other runtime's thread pool is still spinning on
     the cores (ORT's for up to 100 us after its call), and taking turns call by call had TVM pay for that on
-    every call (SN-Net at 32x32 measured 0.41x ORT's speed that way, 0.82-0.95x in blocks)."""
+    every call (SN-Net at 32x32 read far slower on TVM that way than in blocks)."""
     spec = next(iter(rts.values())).inputs[0]
     x = np.random.default_rng(0).standard_normal([batch, *spec.shape[1:]]).astype(spec.dtype)
     out = {}

@@ -263,10 +263,11 @@ class Board:
         return p.stdout or ""
 
     def run_cases(self, spec: str | os.PathLike, *, timeout: float | None = None) -> dict[str, Any]:
-        """Run `run_cases(spec)` (below) on the board; returns its report."""
+        """Run `edgeflex.runtime.board_cases` (the runtime's side of the check) on the board with `spec`;
+        returns its report."""
         # NOTE: -P: with -m, python puts the working directory first on sys.path, and in the source tree
         # that is the repo's own `edgeflex/` folder (which lacks the mapped sub-packages).
-        out = self.python(["-P", "-m", "edgeflex.devices.board", "run-cases", str(spec)], capture=True,
+        out = self.python(["-P", "-m", "edgeflex.runtime.board_cases", str(spec)], capture=True,
                           timeout=timeout)
         line = next((ln for ln in out.splitlines()[::-1] if ln.startswith(REPORT)), None)
         if line is None:
@@ -303,44 +304,6 @@ def hwcaps() -> list[str]:
     return [name for bit, name in sorted(HWCAP_BITS.items()) if aux.get(16, 0) >> bit & 1]
 
 
-def run_cases(spec_path: str) -> dict[str, Any]:
-    """Board side of the check: for each case of the JSON spec, open the bundle's TVM engines for the spec's
-    device with the case's Runtime options (first without allow_native, which the trust rule must refuse:
-    they were compiled on another machine), run every config on the case's inputs and save the outputs
-    (`<config>/<i>` in an .npz)."""
-    import numpy as np
-    from tvm.target import codegen
-
-    import edgeflex as ef
-
-    spec = json.loads(Path(spec_path).read_text())
-    report: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
-                              "numpy": np.__version__, "hwcaps": hwcaps(),
-                              "llvm_cpu": str(codegen.llvm_get_system_cpu()), "cases": {}}
-    for name, case in spec["cases"].items():
-        refused = None
-        opts = {"only": case.get("configs"), **case.get("options", {})}
-        try:
-            ef.Runtime(case["bundle"], backend="tvm", device=spec["device"], threads=1, **opts)
-        except ef.BundleError as e:
-            refused = str(e)
-        rt = ef.Runtime(case["bundle"], backend="tvm", device=spec["device"], threads=1, allow_native=True,
-                        **opts)
-        with np.load(case["inputs"]) as z:
-            xs = [z[f"x{i}"] for i in range(len(z.files))]
-        outs = {}
-        for config in case.get("configs") or [c.name for c in rt.configs]:
-            rt.switch(config)
-            y = rt.run(*xs)
-            for i, a in enumerate(y if isinstance(y, tuple) else (y,)):
-                outs[f"{config}/{i}"] = a
-        np.savez(case["out"], **outs)
-        report["cases"][name] = {"refused_without_allow_native": refused, "configs": len(outs),
-                                 "engine_versions": rt.info()["engine_versions"]}
-    report["imported"] = sorted(m for m in ("torch", "onnxruntime", "onnx") if m in sys.modules)
-    return report
-
-
 # --- command line ----------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,13 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a Python script on the board: run SCRIPT [ARGS...]")
     run.add_argument("script")
     run.add_argument("args", nargs=argparse.REMAINDER)
-    cases = sub.add_parser("run-cases", help="(on the board) run the cases of a JSON spec")
-    cases.add_argument("spec")
     a = ap.parse_args(argv)
     try:
-        if a.cmd == "run-cases":
-            print(REPORT + json.dumps(run_cases(a.spec)))
-            return 0
         board = Board(a.dir)
         if a.cmd == "build":
             seconds = board.build()

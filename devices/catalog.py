@@ -481,7 +481,7 @@ def measure_host_peaks(*, n: int = 384, copy_mib: int = 64, seconds: float = 0.3
     GFLOP/s of one core (n x n, best time), and memory-copy GB/s (copy_mib MiB, bytes read + written).
 
     NOTE: one thread on purpose: on a shared machine a multi-threaded BLAS spins against the other
-    processes and measures the load (3.5 GFLOP/s here at load 8 on 2 cores, vs 119 on one thread)."""
+    processes and measures the load (on a loaded 2-core host, a small fraction of the one-thread figure)."""
     env = {**os.environ, **{k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
     out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(n), str(copy_mib), str(seconds)], env=env,
                          capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ with k over operator kinds, g over the GEMM kinds (conv, matmul) whose channels,
 block, cost extra FLOPs (`export/costs.py` pad_flops).
 The h term is a config chained over several engines losing a share of its speed with every extra
 engine (on ONNX Runtime at 2 threads each engine has its own thread pool and converts layouts at its
-edges: 3-segment chains ran 1.3-1.6x their fused graph on this host with ORT's default spinning, less since
-the runtime caps it; at 1 thread a call costs ~5 us).
+edges: chains ran well behind their fused graph with ORT's default spinning, less since the runtime caps
+it; at 1 thread each extra call still costs a fixed overhead; benchmarks/RESULTS.md, Elastic models).
 The coefficients are fitted by non-negative least squares on relative error,
 from (costs, measured p50) pairs of a reference device. On another device the same coefficients are applied
 with that device's peak and bandwidth (c, d and v scaled by the clock ratio): that transfer is UNVALIDATED

@@ -1,10 +1,11 @@
 """edgeflex: export PyTorch models to verified bundles and run them on edge devices.
 
-`import edgeflex as ef` loads only the board side (numpy + onnxruntime). `ef.export` imports torch
-the first time it is touched; `ef.models` (the registry: `ef.models.list()`, `ef.models.create(name)`)
-imports it only when a model is built.
+`import edgeflex as ef` loads only the board side (numpy + onnxruntime). `ef.export` and `ef.elastic`
+(`ef.elastic.stitch`) import torch the first time they are touched; `ef.models` (the registry:
+`ef.models.list()`, `ef.models.create(name)`) imports it only when a model is built.
 """
 
+from edgeflex.errors import DataError
 from edgeflex.runtime import (
     BackendUnavailable,
     Budget,
@@ -30,6 +31,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Config",
+    "DataError",
     "DeviceError",
     "EdgeflexError",
     "ExportError",
@@ -37,6 +39,7 @@ __all__ = [
     "Runtime",
     "TensorSpec",
     "UsageError",
+    "elastic",
     "export",
     "models",
 ]
@@ -46,6 +49,9 @@ def __getattr__(name: str):
     if name == "export":
         import importlib
         return importlib.import_module("edgeflex.export")   # a callable module: ef.export(model, x, path)
+    if name == "elastic":
+        import importlib
+        return importlib.import_module("edgeflex.elastic")   # imports torch
     if name == "models":
         import importlib
         return importlib.import_module("edgeflex.models")    # torch-free until a builder runs

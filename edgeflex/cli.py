@@ -1,4 +1,4 @@
-"""The `edgeflex` command line: export, models, info, run, compile, demo.
+"""The `edgeflex` command line: export, models, info, run, compile, demo, pack, unpack, apply, sign.
 
 Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
 so `models`, `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime
@@ -97,13 +97,16 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 DEVICE_HELP = ("the device the engines are for: host, a catalogue device run on itself (its TVM engines), "
                "or DEVICE:gpu (its GPU's TVM engines; needs TVM's CUDA runtime and the GPU)")
+TRUSTED_HELP = ("an Ed25519 public key PEM (repeatable): refuse a bundle not signed by one of them (so does "
+                "the board's keys file, $EDGEFLEX_TRUSTED_KEYS or /etc/edgeflex/trusted_keys.pem)")
 NATIVE_HELP = "run native code (TVM engines) that another user or machine compiled into the bundle"
 
 
 # --- info / run --------------------------------------------------------------------------------------------
 
 def cmd_info(a: argparse.Namespace) -> int:
-    rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, allow_native=a.allow_native)
+    rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, allow_native=a.allow_native,
+                 trusted_keys=a.trusted_key)
     info = rt.info()
     if a.json:
         print(json.dumps(info, indent=1))
@@ -210,7 +213,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = writable_file("--output", a.output, ".npy") if a.output else None
     x = load_npy(a.input)
     rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, config=a.config,
-                 allow_native=a.allow_native, shared_threads=True)  # it owns its process: one ORT pool
+                 allow_native=a.allow_native, shared_threads=True,  # it owns its process: one ORT pool
+                 trusted_keys=a.trusted_key)
     y = rt.run(x)
     outs = y if isinstance(y, tuple) else (y,)
     if out is not None:
@@ -218,6 +222,58 @@ def cmd_run(a: argparse.Namespace) -> int:
     for spec, o in zip(rt.outputs, outs):
         print(f"{spec.name}: shape {list(o.shape)} {o.dtype}  min {o.min():.4g}  max {o.max():.4g}  "
               f"mean {o.mean():.4g}" + (f"  -> {out}" if out is not None else ""))
+    return 0
+
+
+# --- pack / unpack / apply / sign / keygen ------------------------------------------------------------------
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    from edgeflex.runtime import Bundle
+    from edgeflex.runtime.pack import pack_bundle
+
+    with Bundle.open(a.bundle) as b:
+        raw = sum(f["bytes"] for f in b.manifest["files"].values())
+        out = pack_bundle(b, a.out, base=a.base, force=a.force, level=a.level)
+    size = out.stat().st_size
+    kind = f"delta against {a.base}" if a.base else "pack"
+    print(f"wrote {out}  ({kind}: {_size(size)}; the bundle's {len(b.manifest['files']) + 1} files hold "
+          f"{_size(raw)})")
+    return 0
+
+
+def cmd_unpack(a: argparse.Namespace) -> int:
+    from edgeflex.runtime.pack import unpack
+
+    print(f"wrote {unpack(a.pack, a.out, force=a.force)}  (every file checked against its sha256)")
+    return 0
+
+
+def cmd_apply(a: argparse.Namespace) -> int:
+    from edgeflex.runtime.pack import PACK_SUFFIX, apply_delta, pack_target, write_file
+
+    dest = pack_target(a.out, PACK_SUFFIX, force=a.force)
+    write_file(dest, apply_delta(a.base, a.delta, level=a.level), PACK_SUFFIX, force=a.force)
+    print(f"wrote {dest}  (rebuilt from {a.base} and {a.delta}; every file checked against its sha256)")
+    return 0
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    from edgeflex.runtime.sign import sign_path
+
+    kid = sign_path(a.path, a.key)
+    print(f"signed {a.path} with key {kid}")
+    return 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from edgeflex.runtime.sign import generate_key
+
+    key, pub = generate_key(a.out)
+    print(f"wrote {key} (private: keep it on the signing machine) and {pub} (public: copy it to the boards)")
     return 0
 
 
@@ -289,6 +345,7 @@ def real_arg(lo: float, hi: float | None = None):
 POSITIVE = int_arg(1)
 COUNT = int_arg(0)
 SEED = int_arg(0, 2**32 - 1)        # numpy's and torch's seeds: non-negative, 32 bits here
+LEVEL = int_arg(1, 22)               # zstd compression levels
 POSITIVE_REAL = real_arg(0)
 MARGIN = arg_type(float, lambda v: check_share("value", v), "a number")
 THREADS = arg_type(int, lambda v: check_threads("value", v), "a whole number")
@@ -500,6 +557,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=THREADS)
         s.add_argument("--device", default="host", help=DEVICE_HELP)
         s.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
+        s.add_argument("--trusted-key", action="append", help=TRUSTED_HELP)
         s.set_defaults(fn=fn)
         if verb == "info":
             s.add_argument("--json", action="store_true")
@@ -552,6 +610,32 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
                    "TIR kernels (kernels/tir) in place of the ops they replace")
     c.set_defaults(fn=cmd_compile)
+    pk = sub.add_parser("pack", help="pack a bundle into one compressed file NAME.efz (or a delta .efzd)")
+    pk.add_argument("bundle", help="a bundle NAME.efx (or a pack NAME.efz)")
+    pk.add_argument("--out", required=True, help="NAME.efz; with --base, NAME.efzd")
+    pk.add_argument("--base", help="an older pack OLD.efz: write only what it lacks, as a delta")
+    pk.add_argument("--force", action="store_true", help="replace the pack at --out (never anything else)")
+    pk.add_argument("--level", type=LEVEL, default=9, help="zstd level 1..22 (default 9)")
+    pk.set_defaults(fn=cmd_pack)
+    up = sub.add_parser("unpack", help="unpack NAME.efz into a bundle directory, every file checked")
+    up.add_argument("pack")
+    up.add_argument("--out", required=True, help="bundle path, NAME.efx")
+    up.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
+    up.set_defaults(fn=cmd_unpack)
+    ap = sub.add_parser("apply", help="rebuild a new pack from an old one and a delta")
+    ap.add_argument("base", help="the pack the delta was made against, OLD.efz")
+    ap.add_argument("delta", help="the delta, D.efzd")
+    ap.add_argument("--out", required=True, help="the new pack, NEW.efz")
+    ap.add_argument("--force", action="store_true", help="replace the pack at --out (never anything else)")
+    ap.add_argument("--level", type=LEVEL, default=9, help="zstd level 1..22 (default 9, as pack)")
+    ap.set_defaults(fn=cmd_apply)
+    sg = sub.add_parser("sign", help="sign a bundle's or a pack's manifest with an Ed25519 key, in place")
+    sg.add_argument("path", help="a bundle NAME.efx or a pack NAME.efz")
+    sg.add_argument("--key", required=True, help="a private key PEM (`edgeflex keygen`)")
+    sg.set_defaults(fn=cmd_sign)
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for `edgeflex sign`")
+    kg.add_argument("--out", required=True, help="writes OUT.pem (private, 0600) and OUT.pub.pem (public)")
+    kg.set_defaults(fn=cmd_keygen)
     dv = sub.add_parser("devices", help="the described devices (catalogue) and this host")
     dv.add_argument("--json", action="store_true")
     dv.add_argument("--no-measure", action="store_true", help="do not measure this host's peaks")

@@ -28,9 +28,13 @@ class UsageError(EdgeflexError, ValueError):
     """An argument out of its range (threads, tolerance, ...)."""
 
 
+class DataError(EdgeflexError, ValueError):
+    """Training or held-out data with bad shapes, dtypes, labels or non-finite rows, or too few rows."""
+
+
 class ExportError(EdgeflexError):
     """A model could not be exported, or its export does not match PyTorch within tolerance."""
 
 
 __all__ = ["EdgeflexError", "BundleError", "InputError", "BackendUnavailable", "DeviceError", "UsageError",
-           "ExportError"]
+           "DataError", "ExportError"]

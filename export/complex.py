@@ -17,7 +17,8 @@ Graph form of the result, for passes that look for patterns in it (e.g. a FITS m
   fed zero bins W's rows `<name>_rows<s>_<e>` (FITS's low-pass and zero padding: rows/cols = cut_freq).
 - A complex product (mm, bmm, matmul, mul) is the four real products combined by sub/add.
 - Every emitted node carries `meta["complex_lowering"]` (the ATen op it lowers) and the source op's
-  `meta["stack_trace"]`. Nodes are not shape-annotated: `torch.export.export(gm, example)` annotates them.
+  `meta["stack_trace"]`; every node `meta["tensor_meta"]` from a run on the example (its batch, not a
+  symbol: `torch.export.export(gm, example)` gives symbolic `meta["val"]`).
 - Non-tensor outputs (an `(xy, 0)` return) are dropped; the graph returns its tensors, one or a tuple.
 
 An op on complex values without a rule raises ExportError naming the op and the user's source line.
@@ -93,9 +94,16 @@ def uses_complex(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> b
     return _Seen.found
 
 
+def traceable(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`example` with a batch of 1 repeated to 2: torch.export specialises a size-1 dimension (its 0/1 rule)
+    and the graph of a model whose other sizes are static is the same at any batch."""
+    return tuple(t.repeat(2, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] == 1 else t for t in example)
+
+
 def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     """torch.export with a dynamic batch (static batch if that fails), decomposed to core ATen."""
     model = model.eval()
+    example = traceable(example)
     tries = (tuple({0: torch.export.Dim("batch")} for _ in example), None)
     failures = []
     for dyn in tries:
@@ -257,6 +265,14 @@ class _Lowering:
                         None if src.im is None else self.op(operator.getitem, src.im, node.args[1]))
         if node.target is aten.slice_scatter.default and _static_scatter(node):
             return _scatter_as_cat(self, node, involved)
+        if node.target is aten.repeat.default and not involved and _repeat_is_expand(node):
+            # NOTE: torch.onnx writes a repeat by the dynamic batch as Tile of a shape expression, which
+            # TVM's Relax importer refuses (FNO's grid); repeating size-1 axes is an expand
+            x, times = self.env[node.args[0]], node.args[1]
+            return self.op(aten.expand.default, x, [-1 if isinstance(r, int) and r == 1 else self.arg(r)
+                                                    for r in times])
+        if node.target is aten.bmm.default and not involved:
+            return _matmul(self, node).re                   # a real Linear: as matmul(x, W) too
         if not involved:
             return self.graph.node_copy(node, lambda a: self.env[a])
         if node.target in _DROP:
@@ -434,6 +450,12 @@ def _is_noop(node: fx.Node) -> bool:
     dim, start, end, step = (args[1:5] if node.target is aten.slice.Tensor else args[2:6])
     return ((start or 0) == 0 and (step or 1) == 1 and (end is None or end >= 2**62)
             and _shape(src) == _shape(node))
+
+
+def _repeat_is_expand(node: fx.Node) -> bool:
+    shape, times = _shape(node.args[0]), node.args[1]
+    return len(shape) == len(times) and all((isinstance(r, int) and r == 1) or (isinstance(s, int) and s == 1)
+                                            for r, s in zip(times, shape))
 
 
 def _scatter_bounds(node: fx.Node) -> tuple[int, int, int, int]:
@@ -627,6 +649,21 @@ def _mul(low: _Lowering, node: fx.Node) -> Pair:
     return _mul_pairs(low, low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1])))
 
 
+@rule(aten.pow.Tensor_Scalar)
+def _pow(low: _Lowering, node: fx.Node) -> Pair:
+    n = node.args[1]
+    if not (isinstance(n, int) or float(n).is_integer()) or not 1 <= n <= 64:
+        raise low.fail(f"{node.target} with exponent {n} (only whole exponents 1..64)")
+    base, out, n = low.pair(low.arg(node.args[0])), None, int(n)
+    while n:                                        # square and multiply
+        if n & 1:
+            out = base if out is None else _mul_pairs(low, out, base)
+        n >>= 1
+        if n:
+            base = _mul_pairs(low, base, base)
+    return out
+
+
 @rule(aten.div.Tensor, aten.div.Scalar)
 def _div(low: _Lowering, node: fx.Node) -> Pair:
     a, b = low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1]))
@@ -643,7 +680,27 @@ def _div(low: _Lowering, node: fx.Node) -> Pair:
 
 @rule(aten.mm.default, aten.bmm.default, aten.matmul.default)
 def _matmul(low: _Lowering, node: fx.Node) -> Pair:
-    return low.bilinear(node.target, low.pair(low.arg(node.args[0])), low.pair(low.arg(node.args[1])))
+    a, b = node.args[:2]
+    if node.target is aten.bmm.default:
+        # a Linear decomposes to bmm(view(expand(x)), view(expand(W))): as matmul(x, W), the weight is
+        # not copied per batch item (fewer ops, and the ONNX graph keeps W a plain 2-D initializer)
+        a2, b2 = _unexpanded(a), _unexpanded(b)
+        if len(_shape(a2)) == 3 and len(_shape(b2)) == 2:
+            return low.bilinear(aten.matmul.default, low.pair(low.arg(a2)), low.pair(low.arg(b2)))
+    return low.bilinear(node.target, low.pair(low.arg(a)), low.pair(low.arg(b)))
+
+
+def _unexpanded(node: fx.Node) -> fx.Node:
+    """x for view(expand(x)) of the same shape, or of a 2-D x broadcast over a batch; else `node`."""
+    if not (node.target is aten.view.default and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is aten.expand.default):
+        return node
+    base = node.args[0].args[0]
+    if not isinstance(base, fx.Node) or _val(base) is None:
+        return node
+    if _shape(base) == _shape(node) or (len(_shape(base)) == 2 and _shape(base) == _shape(node)[1:]):
+        return base
+    return node
 
 
 @rule(aten.addmm.default)

@@ -203,7 +203,8 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     if graph is None:
         try:
             if lowered is not None:
-                graph, how = capture_with_strategy(lowered, example, in_names, out_names)
+                graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names,
+                                                   out_names)
                 strategy = f"edgeflex complex lowering (export.complex) + {how}"
                 extra["complex_lowering"] = lowered.meta["complex_lowering"]
             else:

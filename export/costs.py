@@ -12,9 +12,9 @@ when their data is external. Counting rules (one place, so every number can be c
   power-of-two length n: 5 n log2 n per transform (radix-2 FFT); of any other length what ONNX Runtime
   runs, Bluestein's algorithm: three FFTs of M = the power of two >= 2n - 1, 15 M log2 M per transform,
   plus a chirp set up once per node, counted apart as the kind's `setup_flops` (8 M) because it does not
-  grow with the number of transforms (measured on ORT 1.32, one thread either way: n = 720 and 816 cost the
-  same, 68 us per transform + 46 us per call, both M = 2048; 96 / 192 / 336: 7 / 15 / 32 us per transform,
-  9 / 14 / 24 us per call); data movement 0.
+  grow with the number of transforms (measured on ORT 1.32, one thread either way: n = 720 and 816, both
+  M = 2048, cost the same per transform and per call, and smaller n less, as Bluestein predicts and a direct
+  DFT does not; benchmarks/RESULTS.md, Latency predictor); data movement 0.
 - Bytes: every input (weights included) and every output, each tensor at its own element size, once per node
   that touches it. An upper bound on DRAM traffic: engines fuse nodes and keep tensors in cache.
 - Padding waste (`pad_flops`): CPU GEMM kernels block channels by the SIMD width (ONNX Runtime's NCHWc
@@ -22,12 +22,14 @@ when their data is external. Counting rules (one place, so every number can be c
   were rounded up to multiples of `PAD_BLOCK` (input channels under `UNBLOCKED_INPUT` are read unblocked, as
   ORT's NCHW-input first-layer kernel does), and a MatMul/Gemm its K and N: `pad_flops` is the FLOPs of
   that rounding. Measured here, it took the latency predictor's leave-one-out from 74 % to 81 % within
-  +-10 % (plain 3x3 CNNs at width 8 run at 84 GFLOP/s, at width 32 at 428). 16 is the host's block; other
-  devices' (8 with AVX2, 4 with NEON) differ, one of the reasons a transfer is unvalidated.
+  +-10 % (plain 3x3 CNNs at width 8 run at a fraction of the FLOP rate they reach at width 32;
+  benchmarks/RESULTS.md, Latency predictor). 16 is the host's block; other devices' (8 with AVX2, 4 with
+  NEON) differ, one of the reasons a transfer is unvalidated.
 - Small ops (`small_flops`, `small_nodes`): the FLOPs and the number of nodes with fewer than
   `SMALL_OP_FLOPS` FLOPs. At 2 threads such an op runs on one thread, or pays a fork/join worth more than
   its work; at 1 thread it costs what its FLOPs say. These took the predictor's leave-one-out at 2 threads
-  from 79-81 % to 84-87 % within +-10 % on this host (1 thread: unchanged, 89-92 %).
+  from 79-81 % to 84-87 % within +-10 % on this host (1 thread: unchanged, 89-92 %; benchmarks/RESULTS.md,
+  Latency predictor).
 - Nodes that no engine runs (Identity, Constant, Dropout: removed at load) are counted apart as `free_nodes`,
   so two exporters of one model give the same costs.
 """

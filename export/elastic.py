@@ -27,7 +27,7 @@ from edgeflex.runtime.store import target as store_target
 from . import analysis
 from .core import capture, default_threads, manifest_base
 from .costs import config_costs
-from .validate import validate_fn
+from .validate import example_specs, validate_fn
 
 WEIGHTS = "weights.bin"
 ALIGN = 64
@@ -80,7 +80,9 @@ class WeightStore:
 
 
 def _ort_session(graph: bytes, store: WeightStore, refs: dict[str, str], threads: int,
-                 overrides: dict[str, np.ndarray] | None = None):
+                 overrides: dict[str, np.ndarray] | None = None, inputs: list | None = None):
+    """The graph on ONNX Runtime with the stored weights (and `overrides`), its inputs checked against
+    `inputs` when it runs first in a plan (`plan_call`)."""
     from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     blob = bytes(store.blob)
@@ -90,7 +92,14 @@ def _ort_session(graph: bytes, store: WeightStore, refs: dict[str, str], threads
         inits[name] = np.frombuffer(blob, np.dtype(t["dtype"]), t["bytes"] // np.dtype(t["dtype"]).itemsize,
                                     t["offset"]).reshape(t["shape"])
     inits.update(overrides or {})
-    return OnnxRuntimeBackend().load(graph, [], [], threads=threads, initializers=inits)
+    return OnnxRuntimeBackend().load(graph, inputs or [], [], threads=threads, initializers=inits)
+
+
+def plan_call(engines: list, constants: tuple = ()):
+    """Engines (the first loaded with its input specs) as the runtime runs them: `Backend.compose`."""
+    from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend().compose(engines, constants)
 
 
 def _specs_json(tensors, names) -> list[dict]:
@@ -131,7 +140,8 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         for pname in sparse_layers:
             w = _stored(store, masked_spec[pname]["weight"])
             derived.update(ell_tensors(pname, w, model.codes[pname].numpy(), len(levels)))
-        sparse_engine = _ort_session(sparse_graph, store, sparse_refs, threads, derived)
+        sparse_engine = _ort_session(sparse_graph, store, sparse_refs, threads, derived,
+                                     example_specs((example,)))
     # Validate every level through the paths the runtime takes: stored weight x unpacked codes.
     configs, checks = [], []
     stats = model_level_stats(model, example)
@@ -140,18 +150,18 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     for s, density in enumerate(levels):
         overrides = {pname: rowsparse.masked(_stored(store, d["weight"]), model.codes[pname].numpy(), s)
                      for pname, d in masked_spec.items()}
-        engine = _ort_session(graph_bytes, store, refs, threads, overrides)
+        masked_run = plan_call([_ort_session(graph_bytes, store, refs, threads, overrides,
+                                        example_specs((example,)))])
         reference = model.dense_copy(s).eval()
         label = f"level {s} (density {density:g})"
-        check = validate_fn(reference, lambda xs, e=engine: e._run(list(xs)), (example,), tolerance=tolerance,
-                            label=label)
-        measured = {"dense": round(median_ms(lambda e=engine, x1=x1: e._run([x1])), 4)}
+        check = validate_fn(reference, masked_run, (example,), tolerance=tolerance, label=label)
+        measured = {"dense": round(median_ms(lambda run=masked_run, x1=(x1,): run(x1)), 4)}
         if sparse_engine is not None:
-            lv = np.array(s, np.int64)
-            sparse_check = validate_fn(reference, lambda xs, lv=lv: sparse_engine._run([*xs, lv]), (example,),
-                                       tolerance=tolerance, label=label + " row-sparse kernel")
+            sparse = plan_call([sparse_engine], (np.array(s, np.int64),))
+            sparse_check = validate_fn(reference, sparse, (example,), tolerance=tolerance,
+                                       label=label + " row-sparse kernel")
             check = max(check, sparse_check, key=lambda c: c.max_rel_err)
-            measured["sparse"] = round(median_ms(lambda lv=lv, x1=x1: sparse_engine._run([x1, lv])), 4)
+            measured["sparse"] = round(median_ms(lambda run=sparse, x1=(x1,): run(x1)), 4)
         checks.append(check.to_json())
         configs.append({"name": f"density-{round(density * 100)}", "segments": ["main"],
                         "costs": costs,
@@ -270,10 +280,15 @@ def model_level_stats(model, example) -> list[dict]:
 def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: dict[str, dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
                  metadata: dict | None = None, overwrite: bool = False) -> Bundle:
-    """Export a `models.snnet.SNNet`: every segment (anchor blocks, stitching layers) once; a config is the
-    ordered list of segments it chains. `quality`: config name -> metric dict."""
+    """Export a stitched network (`models.stitch.Stitched`: an `SNNet`, or the user's anchors stitched by
+    `ef.elastic.stitch`): every segment (anchor blocks, stitching layers) once; a config is the ordered list
+    of segments it chains. `quality`: config name -> metric dict (default: the model's own `quality`, which
+    `ef.elastic.stitch` measures on the user's held-out data)."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
-    from edgeflex.models.snnet import config_stats, segment_plan
+    from edgeflex.models.stitch import config_stats, segment_plan
+
+    if quality is None:
+        quality = getattr(model, "quality", None)
 
     threads = threads or default_threads()
     model = model.eval()
@@ -300,17 +315,15 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                              "outputs": _specs_json([out], ["y"]),
                              "flops": analysis.flops(proto)}
         engines[seg] = (gbytes, refs)
-    loaded = {seg: _ort_session(g, store, r, threads) for seg, (g, r) in engines.items()}
+    loaded = {seg: _ort_session(g, store, r, threads, None,
+                                [TensorSpec.from_json(d) for d in seg_manifest[seg]["inputs"]])
+              for seg, (g, r) in engines.items()}
     stats = config_stats(model, example[:1])
     configs, checks = [], []
     for cfg, chain in plans.items():
-        def chained(xs, chain=chain):
-            h = list(xs)
-            for seg in chain:
-                h = loaded[seg]._run(h)
-            return h
         model.set_config(cfg)
-        check = validate_fn(model, chained, (example,), tolerance=tolerance, label=f"config {cfg}")
+        check = validate_fn(model, plan_call([loaded[seg] for seg in chain]), (example,), tolerance=tolerance,
+                            label=f"config {cfg}")
         checks.append(check.to_json())
         # The store is content-addressed: the fused graph's tensors resolve to the segments' stored copies.
         fused_bytes, fused_refs = store.externalize(fuse_chain([protos[seg] for seg in chain]))

@@ -23,10 +23,10 @@ from edgeflex.runtime.store import target as store_target
 
 from . import analysis
 from .core import default_threads, manifest_base
-from .elastic import WEIGHTS, WeightStore, _mark_derived, _ort_session, _stem, _worst
-from .validate import validate_fn
+from .elastic import WEIGHTS, WeightStore, _mark_derived, _ort_session, _stem, _worst, plan_call
+from .validate import example_specs, validate_fn
 
-FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is ~25x slower on ORT
+FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is far slower on ORT
 
 
 def stored_weights(w: spectral.SpectralWeights) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +88,13 @@ def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | o
         candidates = {}
         for form in FORMS:
             graph, refs, proto = level_graph(w, form, model.channels, store)
-            engine = _ort_session(graph, store, refs, threads, derive(sw, sb, hyper, cut, form))
+            engine = plan_call([_ort_session(graph, store, refs, threads, derive(sw, sb, hyper, cut, form),
+                                             example_specs((example,)))])
             candidates[form] = (graph, refs, proto, engine)
         measured = _measure({f: c[3] for f, c in candidates.items()}, model.seq_len, model.channels, rng)
         form = _choose(measured)
         graph, refs, proto, engine = candidates[form]
-        check = validate_fn(model.level(cut), lambda xs, e=engine: e._run(list(xs)), (example,),
+        check = validate_fn(model.level(cut), engine, (example,),
                             tolerance=tolerance, label=f"cut_freq {cut} ({form})")
         checks.append({"config": f"cut-{cut}", **check.to_json()})
         seg = f"cut-{cut}"
@@ -138,7 +139,7 @@ def _measure(engines: dict, seq_len: int, channels: int, rng: np.random.Generato
         rounds_ms = {f: [] for f in engines}
         for _ in range(rounds):
             for f, e in engines.items():
-                rounds_ms[f].append(median_ms(lambda e=e, x=x: e._run([x]), runs=40 if b == 1 else 10))
+                rounds_ms[f].append(median_ms(lambda e=e, x=(x,): e(x), runs=40 if b == 1 else 10))
         for f, ms in rounds_ms.items():
             measured[f][f"batch{b}_us"] = round(1e3 * float(np.median(ms)), 1)
     return measured

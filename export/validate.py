@@ -49,24 +49,30 @@ def fresh_inputs(example: tuple[torch.Tensor, ...], n: int, seed: int = 0) -> li
 def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Tensor, ...], *,
              tolerance: float = 1e-4, n_random: int = 4, threads: int = 1,
              output_names: list[str] | None = None) -> Validation:
-    """Compare ONNX Runtime with PyTorch on every output; raise ExportError naming the worst case if over
-    tolerance. `output_names` (in the model's output order) name the outputs in the record and the error."""
-    import onnxruntime as ort
+    """Compare ONNX Runtime with PyTorch on every output, run the way `Runtime.run` runs it (the backend's
+    `compose`, input checks included); raise ExportError naming the worst case if over tolerance.
+    `output_names` (in the model's output order) name the outputs in the record and the error."""
+    from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend, shared_threads
 
-    from edgeflex.runtime.backends.onnxruntime import session_options, shared_threads
+    backend = OnnxRuntimeBackend()
+    engine = backend.load(onnx_bytes, example_specs(example), [], threads=shared_threads() or threads)
+    return validate_fn(model, backend.compose([engine]), example, tolerance=tolerance, n_random=n_random,
+                       output_names=output_names)
 
-    so = session_options(ort, shared_threads() or threads)
-    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    return validate_fn(model, lambda xs: sess.run(None, dict(zip(names, xs))), example, tolerance=tolerance,
-                       n_random=n_random, output_names=output_names)
+
+def example_specs(example: tuple[torch.Tensor, ...], names: list[str] | None = None) -> list:
+    """The input specs an example implies: its shapes with the batch left open, its dtypes."""
+    from edgeflex.runtime.bundle import TensorSpec
+
+    names = names or (["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))])
+    return [TensorSpec(n, (None, *t.shape[1:]), str(t.numpy().dtype)) for n, t in zip(names, example)]
 
 
 def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, ...], *,
                 tolerance: float = 1e-4, n_random: int = 4, label: str = "",
                 output_names: list[str] | None = None) -> Validation:
-    """Like `validate`, for any ONNX execution: `run_onnx(list of arrays) -> list of arrays`.
-    `label` names what is checked (e.g. a config) in the error."""
+    """Like `validate`, for any ONNX execution: `run_onnx(list of arrays)` -> an array or a sequence of them
+    (a composed plan, `Backend.compose`). `label` names what is checked (e.g. a config) in the error."""
     worst = (0.0, 0.0, "")
     per_output: dict[str, float] = {}
     cases = fresh_inputs(example, n_random)
@@ -75,6 +81,7 @@ def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, .
             ref = model(*inputs)
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
         outs = run_onnx([t.numpy() for t in inputs])
+        outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
         if len(outs) != len(refs):
             raise ExportError(f"exported graph has {len(outs)} outputs, PyTorch gave {len(refs)}")
         names = output_names if output_names and len(output_names) == len(refs) else \

@@ -302,7 +302,7 @@ def to_onnx(w: SpectralWeights | SpectralMap, form: str, *, input_name: str = "x
     x = b.op("Transpose", [input_name], perm=[2, 0, 1] if w.individual else [0, 2, 1])
     # NOTE: LayerNormalization is ORT's fused one-kernel mean/variance (two-pass exact, checked at
     # offsets up to 1e4); with eps' = eps*(L-1)/L, rho = 1/InvStdDev = sqrt((L-1)/L) * std, where std is
-    # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops that cost 2x more.
+    # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops, each a pass of its own.
     # (A biased variance, ddof 0: eps' = eps and rho = std.)
     c_scale, eps_ln = _var_scale(w)                                          # std = rho * c_scale
     ln = [b._name("ln_y"), b._name("mean"), b._name("inv_std")]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
-# Tuned for s050 at 32x32 on a 2-core CPU: 8 epochs give 0.99 held-out top-1 in ~7 s (seeds 0-3).
+# Tuned for s050 at 32x32 on a 2-core CPU: 8 epochs give 0.99 held-out top-1 in seconds (seeds 0-3).
 RECIPE = {
     "batch_size": 64,
     "lr": 4e-3,
@@ -182,7 +182,7 @@ def train_starnet_digits(
 
     AdamW with a one-cycle schedule, light random shifts (or, with a `corruption`, each batch freshly
     corrupted and the fixed corrupted test set), label smoothing. Uses 2 torch threads unless
-    OMP_NUM_THREADS is set (restored on return). s050, 32x32, 8 epochs: 0.99 top-1 in ~7 s on 2 cores.
+    OMP_NUM_THREADS is set (restored on return). s050, 32x32, 8 epochs: 0.99 top-1 in seconds on 2 cores.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # Levels as densities (fraction of each row kept), densest first; level s keeps `row_nnz(DENSITIES[s], n)`.
 DENSITIES: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
 
-# Per-backbone training settings (see `train_dress_digits`). Budgets on a 2-core CPU: s050 ~60 s, mlp ~15 s.
+# Per-backbone training settings (see `train_dress_digits`). Budgets on a 2-core CPU: about a minute for s050,
+# less for the mlp.
 DRESS_RECIPES: dict[str, dict] = {
     "starnet": {
         "warmup_epochs": 8, "epochs": 10, "remask_epochs": 6,

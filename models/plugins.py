@@ -124,8 +124,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("starnet", ("edgeflex.models.starnet:StarNet",), description="StarNet image classifier"),
     Family("dress", ("edgeflex.models.dress:DressModel",), "edgeflex.export.elastic:export_dress",
            elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight"),
-    Family("snnet", ("edgeflex.models.snnet:SNNet",), "edgeflex.export.elastic:export_snnet", elastic=True,
-           description="SN-Net: stitched anchors, a config per stitch point, segments stored once"),
+    Family("snnet", ("edgeflex.models.snnet:SNNet", "edgeflex.models.stitch:Stitched"),
+           "edgeflex.export.elastic:export_snnet", elastic=True,
+           description="SN-Net: stitched anchors (edgeflex's StarNets or the user's own, ef.elastic.stitch), "
+                       "a config per stitch point, segments stored once"),
     Family("dlinear", ("edgeflex.models.dlinear:DLinear",), description="DLinear forecaster"),
     Family("generic", (), description="any other module: one config, captured by torch.onnx"),
 )

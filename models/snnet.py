@@ -1,8 +1,8 @@
 """SN-Net (Stitchable Neural Networks, Pan et al., CVPR 2023) over StarNet anchors trained on the corrupted
 digits (clean digits saturate: every config scores ~0.99, so the accuracy-FLOPs curve would show nothing).
 
-Owns the stitched network, where it may be stitched (`STITCH_PLANS`), the least-squares initialisation of
-its stitching layers, joint training, and the split into shared segments that the exporter chains.
+Owns where StarNets are stitched by hand (`STITCH_PLANS`) and the digits recipe; the stitched network, its
+least-squares initialisation and its split into shared segments are `models/stitch.py`'s, for any anchors.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,8 +20,20 @@ from tqdm.auto import tqdm
 
 from edgeflex.models.digits import RECIPE, _top1, augment, data_name, load_digits_images, train_starnet_digits
 from edgeflex.models.starnet import StarNet
+from edgeflex.models.stitch import (
+    Stitched,
+    _eval_mode,
+    config_stats,
+    lstsq_init,
+    segment_plan,
+    starnet_layout,
+    stitch_errors,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FAST_TO_SLOW_PLANS", "SNNET_RECIPE", "STITCH_PLANS", "SNNet", "config_stats", "evaluate",
+           "lstsq_init", "segment_plan", "stitch_errors", "train_snnet_digits"]
 
 # Stitch points per pair of nearest anchors, keyed (front, back): (stage, front_block, back_block) = the front
 # anchor runs through block `front_block` of `stage`, a 1x1 conv maps its channels, the back anchor resumes at
@@ -55,7 +65,7 @@ FAST_TO_SLOW_PLANS: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
 # Joint training after the least-squares initialisation. The paper fine-tunes anchors and stitching layers
 # together ("fulltune") at 1/10 of the pre-training learning rate (its DeiT recipe: 5e-5 vs 5e-4). It solves
 # the least squares on 100 images; stage-2 maps are 2x2 here, so 512 images give enough pixels per channel.
-# Epochs for the corrupted digits: 50 anchor + 30 joint epochs take 254 s on 2 loaded cores (1 thread).
+# Epochs for the corrupted digits: 50 anchor + 30 joint epochs take minutes on 2 loaded cores (1 thread).
 # `distill` and `freeze_bn` (see `_joint_train`) are off: on the corrupted digits neither lifted the stitched
 # configs (Fast-to-Slow s050 -> s100 and s025 -> s100, seed 0; benchmarks/RESULTS.md, "SN-Net recipes tried").
 SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50, "epochs": 30,
@@ -64,61 +74,19 @@ SNNET_RECIPE = {"lr": 4e-4, "ls_images": 512, "ridge": 1e-3, "anchor_epochs": 50
 OFF_CURVE = 0.02
 
 
-class _Path(NamedTuple):
-    """A config: front's layers[:front_stop], then (if `back`) stitch `stitch`, back's layers[back_start:]."""
-
-    front: str
-    front_stop: int
-    back: str | None = None
-    back_start: int = 0
-    stitch: str = ""
-
-
-class _Tail(nn.Module):
-    """A StarNet's last BatchNorm, global average pool and linear head, as one layer."""
-
-    def __init__(self, net: StarNet) -> None:
-        super().__init__()
-        self.norm, self.avgpool, self.head = net.norm, net.avgpool, net.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
-
-
-def _flat_layers(net: StarNet) -> list[tuple[str, nn.Module]]:
-    """The anchor as a labelled chain: stem, each stage's down-sampling and blocks, then the head."""
-    layers: list[tuple[str, nn.Module]] = [("stem", net.stem)]
-    for s, stage in enumerate(net.stages):
-        layers.append((f"s{s}down", stage[0]))
-        layers += [(f"s{s}b{b}", block) for b, block in enumerate(stage[1:])]
-    layers.append(("head", _Tail(net)))
-    return layers
-
-
 def _block_index(net: StarNet, stage: int, block: int) -> int:
-    """Flat index of `block` of `stage` (block == depth: the layer that follows the stage)."""
+    """Flat index of `block` of `stage` in `starnet_layout(net).layers()` (block == depth: the layer that
+    follows the stage)."""
     return 2 + sum(len(net.stages[t]) for t in range(stage)) + block
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-class SNNet(nn.Module):
-    """Anchors (small -> large) plus stitching layers; `forward` runs the config chosen by `set_config`.
+class SNNet(Stitched):
+    """StarNet anchors (small -> large) plus stitching layers at hand-made `STITCH_PLANS`; `forward` runs the
+    config chosen by `set_config`.
 
     Configs are the pure anchors (named by variant) and one per stitch point, named
     `<front>.<last layer it runs>-<back>.<first layer it runs>`, e.g. `s100.s2b0-s050.s2b1`.
     """
-
-    family = "snnet"
 
     def __init__(
         self,
@@ -127,19 +95,15 @@ class SNNet(nn.Module):
         image_size: int = 32,
         plans: Mapping[tuple[str, str], Sequence[tuple[int, int, int]]] | None = None,
     ) -> None:
-        super().__init__()
         plans = STITCH_PLANS if plans is None else plans
         names = [a.variant for a in anchors]
         if len(anchors) < 2 or None in names or len(set(names)) != len(names):
             raise ValueError(f"SNNet needs >= 2 StarNets with distinct variant names, got {names}")
         if len({(a.num_classes, a.stem[0].conv.in_channels, len(a.stages)) for a in anchors}) != 1:
             raise ValueError(f"anchors {names} differ in classes, input channels or stage count")
+        pairs = list(zip(names, anchors, strict=True))
+        super().__init__(dict(pairs), {name: starnet_layout(net).layers() for name, net in pairs})
         self.image_size = image_size
-        self.variant = "-".join(names)  # e.g. "s050-s100"
-        self.anchors = nn.ModuleDict(dict(zip(names, anchors, strict=True)))
-        self.stitches = nn.ModuleDict()
-        self._layers = {name: _flat_layers(net) for name, net in self.anchors.items()}
-        self._paths = {name: _Path(name, len(self._layers[name])) for name in names}
         for small, large in itertools.pairwise(names):
             pairs = [p for p in ((large, small), (small, large)) if p in plans]
             if not pairs:
@@ -151,13 +115,8 @@ class SNNet(nn.Module):
             for front, back in pairs:
                 for stage, i, j in plans[(front, back)]:
                     self._add_stitch(front, back, stage, i, j)
-        self._names = list(self._paths)
         in_chans = anchors[0].stem[0].conv.in_channels
-        stats = config_stats(self, torch.zeros(1, in_chans, image_size, image_size))
-        self._names.sort(key=lambda n: stats[n]["flops"])
-        if [n for n in self._names if n in names] != names:
-            raise ValueError(f"anchors must be given small -> large by FLOPs, got {names}")
-        self._config = names[-1]
+        self.order_by_flops(torch.zeros(1, in_chans, image_size, image_size))
 
     def _add_stitch(self, front: str, back: str, stage: int, i: int, j: int) -> None:
         a, b = self.anchors[front], self.anchors[back]
@@ -166,152 +125,9 @@ class SNNet(nn.Module):
             raise ValueError(f"{where}: {front} has no block {i} in stage {stage}")
         if not 0 <= j < len(b.stages[stage]):
             raise ValueError(f"{where}: {back} cannot resume at block {j} of stage {stage}")
-        stop, start = _block_index(a, stage, i) + 1, _block_index(b, stage, j)
-        name = f"{front}.{self._layers[front][stop - 1][0]}-{back}.{self._layers[back][start][0]}"
-        key = name.replace(".", "_")  # ModuleDict keys may not hold dots
         dims = (a.stages[stage][0].conv.out_channels, b.stages[stage][0].conv.out_channels)
-        self.stitches[key] = nn.Conv2d(*dims, kernel_size=1, bias=True)
-        self._paths[name] = _Path(front, stop, back, start, key)
-
-    def config_names(self) -> list[str]:
-        """Every config, smallest FLOPs first (the first and last are the smallest and largest anchor)."""
-        return list(self._names)
-
-    @property
-    def config(self) -> str:
-        return self._config
-
-    def set_config(self, name: str) -> None:
-        if name not in self._paths:
-            raise ValueError(f"unknown SN-Net config {name!r}; expected one of {self._names}")
-        self._config = name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self._paths[self._config]
-        for _, layer in self._layers[path.front][: path.front_stop]:
-            x = layer(x)
-        if path.back is None:
-            return x
-        x = self.stitches[path.stitch](x)
-        for _, layer in self._layers[path.back][path.back_start :]:
-            x = layer(x)
-        return x
-
-
-def _stitched(model: SNNet) -> dict[str, _Path]:
-    return {name: p for name, p in model._paths.items() if p.back is not None}
-
-
-def segment_plan(model: SNNet) -> tuple[dict[str, nn.Module], dict[str, list[str]]]:
-    """Split `model` at its stitch points into segments, each stored once, and chain them per config.
-
-    Returns (segments, plan): every segment takes one tensor and returns one (it shares the model's modules,
-    it does not copy them); `plan[config]` lists the segment names whose chained application equals
-    `model.set_config(config); model(x)`. Anchor segments are named `<variant>.<first>-<last layer>`,
-    stitching layers `stitch.<config>`.
-    """
-    cuts = {name: {0, len(layers)} for name, layers in model._layers.items()}
-    for p in _stitched(model).values():
-        cuts[p.front].add(p.front_stop)
-        cuts[p.back].add(p.back_start)
-    segments: dict[str, nn.Module] = {}
-    pieces: dict[str, list[tuple[int, int, str]]] = {}
-    for name, layers in model._layers.items():
-        bounds = sorted(cuts[name])
-        pieces[name] = []
-        for start, stop in itertools.pairwise(bounds):
-            first, last = layers[start][0], layers[stop - 1][0]
-            seg = f"{name}.{first}" if stop - start == 1 else f"{name}.{first}-{last}"
-            segments[seg] = nn.Sequential(*(layer for _, layer in layers[start:stop]))
-            pieces[name].append((start, stop, seg))
-    plan: dict[str, list[str]] = {}
-    for config in model.config_names():
-        p = model._paths[config]
-        plan[config] = [seg for _, stop, seg in pieces[p.front] if stop <= p.front_stop]
-        if p.back is not None:
-            segments[f"stitch.{config}"] = model.stitches[p.stitch]
-            plan[config].append(f"stitch.{config}")
-            plan[config] += [seg for start, _, seg in pieces[p.back] if start >= p.back_start]
-    return segments, plan
-
-
-@torch.no_grad()
-def config_stats(model: SNNet, example: torch.Tensor) -> dict[str, dict[str, int]]:
-    """Per config: `flops` = 2 x multiply-accumulates of its Conv2d/Linear layers on `example[:1]` (batch 1),
-    `param_bytes` = float32 bytes of the parameters its segments hold (BatchNorm affine terms included)."""
-    segments, plan = segment_plan(model)
-    counter = [0]
-
-    def count(module: nn.Module, _: tuple, out: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            counter[0] += 2 * out.numel() * module.in_channels // module.groups * kh * kw
-        else:
-            counter[0] += 2 * out.numel() * module.in_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    stats = {}
-    try:
-        with _eval_mode(model):
-            for config, chain in plan.items():
-                counter[0], x = 0, example[:1]
-                for seg in chain:
-                    x = segments[seg](x)
-                params = {id(p): p for seg in chain for p in segments[seg].parameters()}
-                param_bytes = 4 * sum(p.numel() for p in params.values())
-                stats[config] = {"flops": counter[0], "param_bytes": param_bytes}
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return stats
-
-
-def _activations(model: SNNet, anchor: str, x: torch.Tensor) -> list[torch.Tensor]:
-    """acts[k] = the anchor's activation after its first k flat layers (acts[0] is the input)."""
-    acts = [x]
-    for _, layer in model._layers[anchor]:
-        acts.append(layer(acts[-1]))
-    return acts
-
-
-def _rows(act: torch.Tensor) -> torch.Tensor:
-    """NCHW -> (N*H*W, C) in float64: every pixel is one sample of the channel map."""
-    return act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]).double()
-
-
-@torch.no_grad()
-def stitch_errors(model: SNNet, x: torch.Tensor) -> dict[str, float]:
-    """Per stitched config: ||stitch(front act) - back act||^2 / ||back act - its mean||^2 on `x`."""
-    errors = {}
-    with _eval_mode(model):
-        acts = {name: _activations(model, name, x) for name in model.anchors}
-        for config, p in _stitched(model).items():
-            target = acts[p.back][p.back_start]
-            err = (model.stitches[p.stitch](acts[p.front][p.front_stop]) - target).square().sum()
-            errors[config] = float(err / (target - target.mean((0, 2, 3), keepdim=True)).square().sum())
-    return errors
-
-
-@torch.no_grad()
-def lstsq_init(model: SNNet, x: torch.Tensor, *, ridge: float = SNNET_RECIPE["ridge"]) -> dict[str, float]:
-    """Set every stitching layer to the ridge least-squares map from the front anchor's activation to the
-    back anchor's, both on the images `x` (the paper's M = pinv(A) B, with a bias); return `stitch_errors`.
-
-    `ridge` is relative to the mean eigenvalue of the centred Gram matrix, which keeps the solve stable
-    when there are few pixels per channel (2x2 maps in stage 2 at 32x32)."""
-    with _eval_mode(model):
-        acts = {name: _activations(model, name, x) for name in model.anchors}
-        for p in _stitched(model).values():
-            a, b = _rows(acts[p.front][p.front_stop]), _rows(acts[p.back][p.back_start])
-            a_mean, b_mean = a.mean(0), b.mean(0)
-            a, b = a - a_mean, b - b_mean
-            gram = a.T @ a
-            gram += ridge * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
-            weight = torch.linalg.solve(gram, a.T @ b)  # (C_front, C_back)
-            conv = model.stitches[p.stitch]
-            conv.weight.copy_(weight.T[:, :, None, None])
-            conv.bias.copy_(b_mean - a_mean @ weight)
-    return stitch_errors(model, x)
+        self.add_stitch(front, _block_index(a, stage, i) + 1, back, _block_index(b, stage, j),
+                        nn.Conv2d(*dims, kernel_size=1, bias=True))
 
 
 def evaluate(model: SNNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

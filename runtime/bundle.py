@@ -141,6 +141,10 @@ class Bundle:
             raise BundleError(f"bundle path must be a str or os.PathLike naming a NAME{SUFFIX}/ directory, "
                               f"got {type(path).__name__}")
         root = Path(path)
+        if root.suffix == ".efz":           # a packed bundle: read and verified in memory (runtime/pack.py)
+            from .pack import open_pack
+
+            return open_pack(root)
         if not os.path.lexists(root):
             store.recover_missing(root)     # a kill may have left it moved aside (no RENAME_EXCHANGE here)
         pinned = store.Pinned(root)
@@ -263,11 +267,12 @@ class Bundle:
 
 def model_id(manifest: dict[str, Any]) -> str:
     """What identifies the model a bundle version holds: its manifest and files but for measurements and
-    builds added later (`profiles/`, `engines/`) and the manifest's own checksum. `profile`/`compile` keep
-    it; a re-export changes it."""
+    builds added later (`profiles/`, `engines/`), the manifest's own checksum and its signatures
+    (`edgeflex sign`). `profile`/`compile`/`sign` keep it; a re-export changes it."""
     later = ("profiles/", "engines/")
     files = {k: v for k, v in manifest.get("files", {}).items() if not k.startswith(later)}
-    core = {**{k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256")}, "files": files}
+    core = {**{k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256", "signatures")},
+            "files": files}
     return sha256_bytes(json.dumps(core, sort_keys=True, separators=(",", ":")).encode())
 
 
@@ -298,14 +303,16 @@ def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], files: dict[
 
 
 def update_bundle(path: str | os.PathLike, files: dict[str, bytes] | Callable[[Bundle], dict[str, bytes]],
-                  *, model: str | None = None) -> Bundle:
+                  *, model: str | None = None,
+                  edit: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Bundle:
     """Add or replace files of an existing, verified bundle, atomically (a new version swapped in).
 
     `files` may be a function of the bundle as it is when the writer lock is held (to merge with what is
     there without losing another writer's update). Unchanged files are hard-linked into the new version
     where the file system allows (copied otherwise); the new version keeps the old one's permissions.
     `model`: the `model_id` what is added was made from; refused if the bundle now holds another model
-    (re-exported meanwhile). Returns the new version, opened and closed.
+    (re-exported meanwhile). `edit`: a function of the new manifest returning it changed (`edgeflex sign`
+    adds its signatures; the files it lists stay). Returns the new version, opened and closed.
     """
     dest = store.target(path, overwrite=True, new=False)
     with _writing(dest), store.writer_lock(dest.parent):
@@ -320,6 +327,8 @@ def update_bundle(path: str | os.PathLike, files: dict[str, bytes] | Callable[[B
             for rel, data in add.items():
                 entries[_safe_relpath(rel)] = {"sha256": sha256_bytes(data), "bytes": len(data)}
             manifest["files"] = dict(sorted(entries.items()))
+            if edit is not None:
+                manifest = {**edit(manifest), "files": manifest["files"]}
             pinned = old._version()
             mode = os.fstat(pinned.fd).st_mode & 0o7777
 

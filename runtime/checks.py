@@ -4,8 +4,9 @@ float64 is refused, not cast: a silent cast hides a 2x memory copy and a precisi
 caller. The error says how to cast.
 
 The checks run on every call, so the happy path is kept to a few C-level operations (a small model's whole
-call can be ~10 us: FITS at batch 1 on TVM spent 2.7 us here before this layout, 1.5 us after; measured in
-benchmarks/bench_tir_fits.py). Anything that fails it is re-checked by `_explain`, which names the problem.
+call takes microseconds, so the checks are a visible share of it: FITS at batch 1 on TVM,
+benchmarks/RESULTS.md, FITS TIR kernel). Anything that fails it is re-checked by `_explain`, which names the
+problem.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Sequence[object]) -> list[
         raise InputError(f"expected {len(specs)} input(s) ({want}), got {len(arrays)}")
     checked = []
     for spec, a in zip(specs, arrays):
-        # the spec's expectations, kept in its own __dict__ (a frozen dataclass; 0.05 us against an
-        # lru_cache's 0.3, which hashes the spec's fields on every call)
+        # the spec's expectations, kept in its own __dict__ (a frozen dataclass; one dict lookup, where an
+        # lru_cache would hash the spec's fields on every call)
         e = spec.__dict__.get("_expect")
         if e is None:
             e = _expect(spec)
@@ -67,12 +68,12 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Sequence[object]) -> list[
 
 
 def batch1_check(spec: TensorSpec) -> tuple[tuple[int, ...], Callable[[object], bool]] | None:
-    """For an engine's one-input fast path (`Engine.fast_path`): (the batch-1 shape, a predicate true for
+    """For an engine's one-input batch-1 path (`TvmEngine.batch1`): (the batch-1 shape, a predicate true for
     an array that passes every check of `check_inputs` at that shape), or None where the spec has other
     dimensions than the batch left open (no one shape to stage). The predicate is only an accept: an
     array it turns down goes through `check_inputs`, which says what is wrong, or takes it (a view, an
-    ndarray subclass). Each check costs ~0.1 us of a ~8 us FITS call; one comparison of the whole shape
-    replaces the rank, fixed-dimension and batch checks."""
+    ndarray subclass). Each check is a measurable share of a small model's call (FITS at batch 1); one
+    comparison of the whole shape replaces the rank, fixed-dimension and batch checks."""
     if not spec.shape or spec.shape[0] not in (None, 1) or any(d is None for d in spec.shape[1:]):
         return None
     shape = (1, *spec.shape[1:])
@@ -118,12 +119,12 @@ def _weights(n: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    # NOTE: one BLAS dot, no temporary: np.isfinite(a).all() makes a bool array and reduces it, 1.5 us for
-    # FITS's 5040 floats against 0.6 us here, and 1.4x the time on 5 MB. A NaN or an inf anywhere makes the
-    # dot non-finite (inf - inf is NaN). Below 64 Ki elements: x . w with w = 1 / 2n (`_weights`), which
-    # cannot overflow (np.errstate, to silence that, costs 0.9 us a call). Above: x . x, no weights as large
-    # as the input, under np.errstate (every term >= 0; it overflows from ~1e19 in float32), where a
-    # non-finite dot is confirmed the slow way. `a` is C-contiguous float32 or float64.
+    # NOTE: one BLAS dot, no temporary: np.isfinite(a).all() makes a bool array and reduces it, slower for
+    # FITS's 5040 floats and on 5 MB alike (benchmarks/RESULTS.md, FITS TIR kernel). A NaN or an inf anywhere
+    # makes the dot non-finite (inf - inf is NaN). Below 64 Ki elements: x . w with w = 1 / 2n (`_weights`),
+    # which cannot overflow (np.errstate, to silence that, costs more than the dot at that size). Above:
+    # x . x, no weights as large as the input, under np.errstate (every term >= 0; it overflows from ~1e19
+    # in float32), where a non-finite dot is confirmed the slow way. `a` is C-contiguous float32 or float64.
     v = a.ravel()
     n = v.size
     if n < 64:

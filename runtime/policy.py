@@ -137,7 +137,7 @@ MAX_HINTED_BACKOFF = 5
 # chance for a config that is late 0.5 % of the time (OS noise on an idle host: 9 % of its windows have 2 or
 # more); with 3 the share of such windows falls to 1.4 %, while a busy loop on the other core (5-7 % late)
 # still shows 3 or more in 88-97 % of them. Each false alarm moved the budget trace's idle runtime down a
-# config, where the up-switch hysteresis can hold it for a whole slow spell.
+# config, where the up-switch hysteresis can hold it for a whole slow spell (benchmarks/RESULTS.md, Budgets).
 TAIL_MIN_LATE = 3
 # Flap guard (Adapter._hold_after_leaving): a config left for being late within UP_RECENT windows of
 # being entered by an up-switch is held back, up_after windows doubling to at most UP_HOLD_MAX. Measured
@@ -173,7 +173,7 @@ class Adapter:
     loop on one core: 5-7 % late) is left, as the budget is judged per request. None: the percentile alone.
     `idle_cores` (e.g. `devices.load.IdleCores()`), asked every `hint_every` runs (default a quarter
     window: at a hog's end the 1-thread runtime learns of the free core within ~25 runs, not ~100; each ask
-    reads /proc/stat, ~20 us), tells how many cores were idle:
+    reads and parses /proc/stat, too dear for every run), tells how many cores were idle:
     where it answers, a probe goes ahead as soon as the extra threads' cores are free (0.75 of a core
     each) and never while they are busy; probes that fail although the cores look free back off
     (`MAX_HINTED_BACKOFF`); where it returns None, the timer above decides.

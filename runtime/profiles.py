@@ -70,9 +70,10 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
 
     Interleaved: `rounds` rounds, each running every (config, thread count) in a shuffled order for
     `min_seconds / rounds` (and at least `min_runs / rounds` runs); the stats pool all rounds. A machine
-    whose speed drifts for seconds at a time (this project's VM: ~1.4x spells) then slows every config
+    whose speed drifts for seconds at a time (a shared VM's slow spells) then slows every config
     alike instead of whichever was being measured: the predictor's leave-one-out at 2 threads went from
-    40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine."""
+    40-79 % (6 rounds of 50 ms) to 79-81 % (24 of 12.5 ms) within +-10 % on such a machine
+    (benchmarks/RESULTS.md, Latency predictor)."""
 
     from .runtime import Runtime  # here: runtime.py imports this module
 

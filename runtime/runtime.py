@@ -34,10 +34,11 @@ from edgeflex.errors import BundleError, UsageError
 from .backends import KNOWN as BACKENDS
 from .backends import Backend, Engine, get_backend
 from .bundle import Bundle, Config, TensorSpec, model_id
-from .checks import check_budget, check_inputs, check_thread_counts
+from .checks import check_budget, check_thread_counts
 from .plan import Plan, Step, build_plans
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
 from .profiles import load_profiles, profile_at, profile_path, profile_threads
+from .sign import check_trust
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,16 @@ class _Plan:
     extra: tuple[np.ndarray, ...] = ()       # constant inputs after the user's (a DRESS sparse level)
     threads: int = 1
     key: str = ""                            # the policy's name for it: config, or config@<threads>t
-    fast: Any = None                         # its batch-1 call (`_fast_path`), where it has one
+    call: Any = None                         # the whole plan as one callable (`Backend.compose`)
 
 
 class Runtime:
     """`Runtime(path, backend="onnxruntime", device="host", threads=None, config=None)`.
+
+    `path` may be a packed bundle `NAME.efz` (read and verified in memory, see docs/bundles.md).
+    `trusted_keys` (Ed25519 public keys: PEM file paths or bytes) and the board's keys file
+    (`EDGEFLEX_TRUSTED_KEYS`, else /etc/edgeflex/trusted_keys.pem, when it exists): when either names a
+    key, a bundle not signed by one of them is refused; `rt.signed_by` is the key id that signed it.
 
     `threads` defaults to the cores this process may use; it is always set explicitly on the engine.
     A sequence of counts, e.g. `threads=(2, 1)`, loads every config's engines at each count (memory grows
@@ -66,9 +72,9 @@ class Runtime:
     be faster (see `policy.Adapter`). The first count is the one runs start on.
     `config` is the one to start with (default: the bundle's first). `fused=True` runs each config of
     a segmented bundle as its one fused graph (no chaining cost; each config then holds its own copy of
-    the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments
-    (one copy of every weight, a fixed cost per extra engine call: ~5 us on ONNX Runtime). The default
-    `"auto"` fuses when the backend can load every fused graph and the copies would take at most
+    the weights in memory), where the bundle has fused graphs; `fused=False` chains the shared segments (one
+    copy of every weight, a fixed cost per extra engine call: benchmarks/RESULTS.md, Elastic models). The
+    default `"auto"` fuses when the backend can load every fused graph and the copies would take at most
     `AUTO_FUSE_MB` (small models, where the per-call cost is a large share of a run), else chains;
     `rt.fused` says which, `rt.fused_reason` why. `dress_kernel` ("dense" or "sparse")
     overrides, for every DRESS level, the kernel measured fastest: by `edgeflex compile` on this backend
@@ -79,15 +85,17 @@ class Runtime:
     ONNX Runtime on this machine, else ONNX Runtime; `rt.backend` says which, `rt.backend_reason` why.
     `shared_threads=True` (onnxruntime; one thread count) runs every session of the process on ORT's one
     global pool instead of a pool per session: a chained config stops handing the cores from one segment's
-    pool to the next (SN-Net at 224x224 chained over 4-6 sessions: 60-100 % over its fused graph with pools
-    per session, 5-8 % shared; benchmarks/bench_elastic.py). ORT then refuses sessions with their own pools
-    anywhere in the process, so it is opt-in; the `edgeflex` command turns it on (it owns its process).
+    pool to the next, which with a pool per session is most of a large chained config's overhead over its
+    fused graph (benchmarks/RESULTS.md, Elastic models; benchmarks/bench_elastic.py). ORT then refuses
+    sessions with their own pools anywhere in the process, so it is opt-in; the `edgeflex` command turns it on
+    (it owns its process).
     """
 
     def __init__(self, path: str | os.PathLike | Bundle, backend: str | Backend = "onnxruntime",
                  device: str = "host", *, threads: int | None = None, config: str | None = None,
                  fused: bool | str = "auto", dress_kernel: str | None = None, only: list[str] | None = None,
-                 allow_native: bool = False, shared_threads: bool = False):
+                 allow_native: bool = False, shared_threads: bool = False,
+                 trusted_keys: Sequence[Any] | None = None):
         if not isinstance(path, Bundle):
             check_path("path", path)
         if not isinstance(backend, (str, Backend)):
@@ -104,6 +112,12 @@ class Runtime:
         self.device = check_device(device)
         self.thread_counts = _thread_counts(threads)          # every argument checked before any file read
         self.bundle = path if isinstance(path, Bundle) else Bundle.open(path)
+        try:
+            self.signed_by = check_trust(self.bundle, trusted_keys)
+        except BaseException:
+            if not isinstance(path, Bundle):        # ours: let go of it; a caller's stays theirs
+                self.bundle.close()
+            raise
         self.backend_reason = "asked for"
         if backend == "auto":
             from .backends.tvm import auto_backend
@@ -119,8 +133,8 @@ class Runtime:
             if len(self.thread_counts) > 1:
                 raise UsageError(f"shared_threads=True runs every engine of the process on one pool of one "
                                  f"size; give one thread count, not {self.thread_counts}")
-            self._backend.share_threads(self.thread_counts[0])
-        self._backend.open(self.bundle, device=self.device, allow_native=allow_native)
+        self._backend.open(self.bundle, device=self.device, allow_native=allow_native,
+                           shared_threads=self.thread_counts[0] if shared_threads else None)
         start = self.bundle.config(config)
         self.dress_kernel = dress_kernel
         if only is not None:
@@ -130,20 +144,20 @@ class Runtime:
                 start = self.bundle.config(only[0])
         self._only = set(only) if only is not None else None
         self.fused, self.fused_reason = self._resolve_fused(fused)
-        if not self.fused and not self._backend.shares_threads() and self._backend.per_engine_threads \
+        if not self.fused and self._backend.per_engine_threads \
                 and max(self.thread_counts) > 1 and any(len(c.segments) > 1 for c in self.bundle.configs):
             self.fused_reason += ("; chained with a thread pool per session, which hands the cores from one "
                                   "segment to the next: shared_threads=True runs them on one pool")
+        measured = self._backend.measured
         specs = build_plans(self.bundle, fused=self.fused, only=self._only,
-                            dress_kernel=lambda name: self.dress_kernel or self._backend.kernel_choice(name))
+                            dress_kernel=lambda c: self.dress_kernel or measured(c).get("kernel"))
         self._plan_sets = {t: self._build_plans(t, specs) for t in self.thread_counts}
         multi = len(self.thread_counts) > 1
         self._by_key = {}
         for t, plans in self._plan_sets.items():
             for name, plan in plans.items():
-                fast = _fast_path(plan.engines) if not plan.extra else None
                 plans[name] = plan = replace(plan, threads=t, key=candidate_key(name, t if multi else 0),
-                                             fast=fast)
+                                             call=self._backend.compose(plan.engines, plan.extra))
                 self._by_key[plan.key] = plan
         self._plan = self._plan_sets[self.thread_counts[0]][start.name]
         self._adapter: Adapter | None = None
@@ -242,45 +256,24 @@ class Runtime:
         """Run one batch through the current config. One array back for a one-output model, else a tuple.
         Raises InputError on bad input."""
         plan = self._plan                       # read once: the whole run uses this config
-        if plan.fast is not None and self._adapter is None and len(arrays) == 1:
-            out = plan.fast(arrays[0])          # the first engine's own checks and call (batch 1, TVM)
-            if out is not None:
-                return out
-            return self._run_plan(plan, arrays, fast=False)[1]
+        if self._adapter is None:
+            return plan.call(arrays)
         return self._run_plan(plan, arrays)[1]
 
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
         return self._run_plan(self._plan, arrays)
 
-    def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray], fast: bool = True) \
+    def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray]) \
             -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
-        """Run `arrays` through `plan`: its fast path where it has one that takes them (`fast=False`: the
-        caller already asked it), else the input checks and each engine in turn."""
-        first = plan.engines[0]
+        """Run `arrays` through `plan`, timed for the budget's adapter where one is active."""
         adapter = self._adapter
-        t0 = time.perf_counter() if adapter is not None else 0.0
-        if fast and plan.fast is not None and len(arrays) == 1:
-            out = plan.fast(arrays[0])
-            if out is not None:
-                if adapter is not None:
-                    self._observe(adapter, plan, t0)
-                return plan.config.name, out
-        checked = check_inputs(first.inputs, arrays)
-        if plan.extra:
-            checked += plan.extra
-        engines = plan.engines
-        if len(engines) == 1:
-            outs = first._run(checked)
-        else:
-            one = checked[0].ndim > 0 and checked[0].shape[0] == 1
-            outs = first._run_chained(checked, True, False, one)
-            for engine in engines[1:-1]:
-                outs = engine._run_chained(outs, False, False, one)
-            outs = engines[-1]._run_chained(outs, False, True, one)
-        if adapter is not None:
-            self._observe(adapter, plan, t0)
-        return plan.config.name, (outs[0] if len(outs) == 1 else tuple(outs))
+        if adapter is None:
+            return plan.config.name, plan.call(arrays)
+        t0 = time.perf_counter()
+        out = plan.call(arrays)
+        self._observe(adapter, plan, t0)
+        return plan.config.name, out
 
     def _observe(self, adapter: Adapter, plan: _Plan, t0: float) -> None:
         target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
@@ -436,27 +429,6 @@ class Runtime:
     def __repr__(self) -> str:
         return (f"Runtime({self.bundle.name!r}, backend={self.backend!r}, device={self.device!r}, "
                 f"config={self.config!r}, threads={self.threads})")
-
-
-def _fast_path(engines: Sequence[Engine]):
-    """`Runtime.run`'s batch-1 call for a plan, where its first engine has a fast path (`Engine.fast_path`):
-    that engine's, or for a chain its first engine's followed by the others' chained calls (batch 1)."""
-    if len(engines) == 1:
-        return engines[0].fast_path()
-    first = engines[0].fast_path(last=False)
-    if first is None:
-        return None
-    steps = tuple(e.chain_step(last=i == len(engines) - 2) for i, e in enumerate(engines[1:]))
-
-    def run_chain(a: object):
-        outs = first(a)
-        if outs is None:
-            return None
-        for step in steps:
-            outs = step(outs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    return run_chain
 
 
 def _thread_counts(threads: int | Sequence[int] | None) -> tuple[int, ...]:

@@ -95,8 +95,18 @@ class FFTnd(nn.Module):
         return out + c.real
 
 
+class Spectra(nn.Module):
+    """fftshift/ifftshift of an fft2, hfft, and an stft's magnitude."""
+
+    def forward(self, x):                               # (batch, 4, 7)
+        shifted = torch.fft.ifftshift(torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)) * 1j)
+        h = torch.fft.hfft(torch.fft.rfft(x), n=10)
+        st = torch.stft(x.flatten(1), 4, return_complex=True, window=torch.ones(4))
+        return shifted.real, h, st.abs()
+
+
 class Products(nn.Module):
-    """Complex Linear, matmul of complex by complex and by real, einsum, and mul/add/sub/neg/conj/div."""
+    """Complex Linear, matmul of complex by complex and by real, einsum, mul/add/sub/neg/conj/div/pow."""
 
     def __init__(self):
         super().__init__()
@@ -110,7 +120,7 @@ class Products(nn.Module):
         h = self.lin(s)                                 # (batch, 3, 4)
         h = (h @ self.w) @ self.r.to(torch.cfloat)      # (batch, 3, 2)
         e = torch.einsum("bij,j->bij", h, self.gain)
-        z = (-e.conj() + h * 2 - h / 3.0 + e * 1j - (1 + 2j)) / (h + 3.0) + h / x[:, :, :2]
+        z = (-e.conj() + h * 2 - h / 3.0 + e * 1j - (1 + 2j)) / (h + 3.0) + h / x[:, :, :2] + h**3
         return torch.view_as_real(z)
 
 
@@ -171,6 +181,7 @@ OP_FAMILIES = {
     "fft-ifft-ortho": (lambda: ComplexFFT("ortho"), (2, 4, 7)),
     "rfft-complex128": (DoubleFFT, (2, 3, 7)),
     "rfftn-fftn": (FFTnd, (2, 5, 6, 7)),
+    "shift-hfft-stft": (Spectra, (2, 4, 7)),
     "products": (Products, (2, 3, 8)),
     "layout": (Layout, (2, 6, 4)),
     "reduce-pad": (Reduce, (2, 6, 4)),
@@ -228,12 +239,22 @@ def test_the_inverse_dft_matrix_ignores_the_dc_and_nyquist_imaginary_parts_as_po
     assert np.allclose(got, torch.fft.irfft(spec, n=n).numpy(), atol=1e-12)
 
 
-def test_an_unsupported_complex_op_is_refused_in_one_line_naming_it_and_its_source_line() -> None:
+class ComplexInverse(nn.Module):
+    def forward(self, x):                               # (batch, 3, 3)
+        return torch.linalg.inv(torch.fft.fft(x)).real
+
+
+@pytest.mark.parametrize("make, shape, op, where", [
+    (authors.ComplexExp, (2, 9), "aten.exp.default", "authors.py:"),
+    (ComplexInverse, (2, 3, 3), "aten.linalg_inv_ex.default", "test_complex_export.py:"),
+], ids=["exp", "linalg.inv"])
+def test_an_unsupported_complex_op_is_refused_in_one_line_naming_it_and_its_source_line(make, shape, op,
+                                                                                         where) -> None:
     with pytest.raises(ef.ExportError) as info:
-        lower_complex(authors.ComplexExp(), torch.randn(2, 9))
+        lower_complex(make(), torch.randn(shape))
     msg = str(info.value)
     assert "\n" not in msg
-    assert "aten.exp" in msg and "authors.py:" in msg and "torch.exp(spec)" in msg
+    assert f"no rule for {op} on a complex tensor at " in msg and where in msg and "(`return torch." in msg
 
 
 def test_a_complex_output_is_refused_with_the_fix() -> None:
@@ -255,7 +276,7 @@ EXPORTS = {
     "real-fits": (lambda: authors.RealFITS(authors.configs(16, 5, 2, 4)), (3, 16, 2)),
     "fno-1d-mixed": (lambda: authors.FNO1d(3, 4), (3, 10, 1)),
     "spectral-conv-2d": (lambda: authors.SpectralConv2d(2, 3, 3, 2), (3, 2, 8, 7)),
-    "ortho-fft-dim1": (lambda: authors.OrthoFilter(9, 2), (3, 9, 2)),
+    "ortho-fft-dim1": (lambda: authors.OrthoFilter(9, 2), (1, 9, 2)),       # a batch-1 example, too
 }
 
 
@@ -291,8 +312,10 @@ def test_the_manifest_records_the_complex_lowering(exported) -> None:
         assert export["strategy"].startswith("edgeflex complex lowering (export.complex) + torch.onnx")
         assert export["complex_lowering"]["lowered_ops"]
     assert export["validation"]["max_rel_err"] <= TOL
-    outputs = [o["name"] for o in ef.Bundle.open(path).manifest["outputs"]]
+    manifest = ef.Bundle.open(path).manifest
+    outputs = [o["name"] for o in manifest["outputs"]]
     assert outputs == (["y0", "y1"] if name.startswith("fits") else ["y"])   # Real_FITS's `0` is dropped
+    assert manifest["model"]["class"] == type(model).__name__ and manifest["family"] == "generic"
 
 
 def test_an_unsupported_complex_op_fails_the_export_in_one_line(tmp_path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +123,7 @@ def test_dress_levels_share_one_library_with_each_levels_weights(tmp_path: Path)
     assert engine["params"] and len(engine["used_by"]) == len(Bundle.open(path).configs)
     assert engine["batch"] is None and engine["batch1"]["library"].endswith(".b1.so")   # + batch 1's own
     rt, ort = ef.Runtime(path, backend="tvm", dress_kernel="dense"), ef.Runtime(path, dress_kernel="dense")
-    eng = rt._plan.engines[0]
+    eng = rt.engines()[0]
     assert eng._fn1 is not None
     assert all(a is b for a, b in zip(eng._params, eng._params1))   # one copy of the weights, not two
     x, x1 = _x(rt.inputs[0], 3), _x(rt.inputs[0], 1, seed=1)
@@ -157,13 +156,16 @@ def test_snnet_segments_take_the_bundle_weights_as_parameters(tmp_path: Path, sn
     y = rt.run(x)                               # the segments hand each other TVM tensors
     assert _rel(y, ort.run(x)) <= 1e-4
     x1 = _x(rt.inputs[0], 1, seed=2)            # batch 1: each segment's batch-1 library
-    assert all(e._fn1 is not None for e in rt._plan.engines)
+    engines = rt.engines()
+    assert len(engines) > 1 and all(e._fn1 is not None for e in engines)
     assert _rel(rt.run(x1), ort.run(x1)) <= 1e-4
-    # batch 1 takes the chain's fast path (the first engine's own checks and staging): the same answer as
-    # the general path through the same engines, and the same one-line errors as ONNX Runtime
-    assert rt._plan.fast is not None
-    general = rt._run_plan(replace(rt._plan, fast=None), [x1])[1]
-    np.testing.assert_array_equal(rt.run(x1), general)
+    # batch 1 takes the chain's batch-1 path (the first engine's own checks and staging): the same answer
+    # as each engine's own run on numpy arrays, and the same one-line errors as ONNX Runtime
+    assert engines[0].batch1(None, last=False) is not None
+    general = [x1]
+    for e in engines:
+        general = e.run(general)
+    np.testing.assert_array_equal(rt.run(x1), general[0])
     y1 = rt.run(x1)
     kept1 = y1.copy()
     rt.run(x1 + 1)
@@ -423,15 +425,15 @@ def test_engine_copies_an_output_that_aliases_its_input() -> None:
     np.testing.assert_array_equal(y, x.reshape(3, 2))
     np.testing.assert_array_equal(z, 2 * x)
     assert not np.shares_memory(y, views._stages[0][0]) and not np.shares_memory(z, views._stages[0][0])
-    # chained: the first engine hands the next its output tensor; one that is its staging buffer is copied
-    # (64-byte aligned, as compiled code assumes) before the lock is let go
-    (t,) = same._run_chained([x], True, False)
-    stage = same._stages[0][1]
-    assert t.data_ptr() != stage.data_ptr() and t.data_ptr() % 64 == 0
-    same._run_chained([x + 100], True, False)                       # overwrites the staging buffer
-    y, z = views._run_chained([t], False, True)
+    # chained (the backend's composed plan): the first engine hands the next its output tensor; one that is
+    # its staging buffer is copied (64-byte aligned, as compiled code assumes) before the lock is let go,
+    # so the next run, which overwrites the staging buffer, changes nothing already handed out
+    chain = TvmBackend.compose(None, [same, views])
+    y, z = chain([x])
+    chain([x + 100])
     np.testing.assert_array_equal(y, x.reshape(3, 2))
     np.testing.assert_array_equal(z, 2 * x)
+    assert y.ctypes.data % 64 == 0
 
 
 def test_batch1_fast_path_checks_what_the_general_path_checks(fits_tvm: Path) -> None:
@@ -441,12 +443,15 @@ def test_batch1_fast_path_checks_what_the_general_path_checks(fits_tvm: Path) ->
     import warnings
 
     rt, ort = ef.Runtime(fits_tvm, backend="tvm"), ef.Runtime(fits_tvm)
-    assert rt._plan.fast is not None and ort._plan.fast is None
     spec = rt.inputs[0]
     x = _x(spec, 1, seed=7)
-    engine = rt._plan.engines[0]
-    (general,) = engine._run([x])                       # the general path, same engine
-    assert rt._plan.fast(x) is not None and rt._plan.fast(x[:, :-1]) is None
+    (engine,) = rt.engines()
+    (general,) = engine.run([x])                        # the general path, same engine
+    taken = []
+    run1 = engine.batch1(lambda arrays: taken.append(arrays) or "general", last=True)
+    assert run1 is not None and not hasattr(ort.engines()[0], "batch1")
+    assert isinstance(run1([x]), np.ndarray) and not taken
+    assert run1([x[:, :-1]]) == "general" and len(taken) == 1
     y = rt.run(x)
     np.testing.assert_array_equal(y, general)
     assert _rel(y, ort.run(x)) <= 1e-4

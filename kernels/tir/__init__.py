@@ -19,8 +19,9 @@ from typing import Any
 Rewrite = Callable[[Any, "RewriteContext"], Any]
 
 # Multiply-adds per call from which the per-op kernels (star, conv, dwconv) run on the thread pool: a launch
-# costs ~2 us on this host, about the time of this much work on one core (a 16-channel 8x8 depthwise plane
-# set is ~1 us). The row-sparse kernels keep their own, measured for their gathers.
+# costs about the time of this much work on one core (a 16-channel 8x8 depthwise plane set takes about half a
+# launch; launch cost: benchmarks/RESULTS.md, FITS TIR kernel). The row-sparse kernels keep their own,
+# measured for their gathers.
 PARALLEL_MACS = 1 << 16
 LANES = 16          # float32 lanes of one AVX-512 register, the vector the kernels are written for
 

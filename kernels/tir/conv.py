@@ -25,8 +25,8 @@ from edgeflex.kernels.tir.match import (
 )
 
 PIXELS = 32         # output pixels per tile: two AVX-512 vectors of float32
-OUT_BLOCK = 12      # output channels accumulated at once: 12 x 2 = 24 vector registers (3-8 % faster than 6
-                    # on S1's strided convs, measured here)
+OUT_BLOCK = 12      # output channels accumulated at once: 12 x 2 = 24 vector registers (faster than 6 on
+                    # S1's strided convs: benchmarks/RESULTS.md, TVM kernels for StarNet)
 SMALL_PIXELS = 4    # up to this many output pixels per image: `conv_small_primfunc`
 
 
@@ -91,7 +91,7 @@ def conv_primfunc(batch: int | None, channels: int, height: int, width: int, out
         for img in range(n_img):
             for g in range(WG):
                 xs[C * SH * SW * HG * WG + g] = T.float32(0)
-            # one thread-pool launch per image for both loops, a barrier between (two cost ~2 us more)
+            # one thread-pool launch per image for both loops, a barrier between (two launches cost more)
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for row in T.parallel(C * SH * SW * HG):

@@ -2,8 +2,9 @@
 as one hand-scheduled TVM kernel, and the Relax rewrite ("dense") that puts it in place of matmul [+ bias].
 Only 2-D x and a [K, O] float32 weight of static shape; everything else is left to TVM.
 
-For StarNet-S1's 192 -> 1000 head TVM's default legalization runs one unvectorised thread (~0.13 ms, as
-long as a whole 14x14 star op); here the outputs are split into blocks of vectors, one task each.
+For StarNet-S1's 192 -> 1000 head TVM's default legalization runs one unvectorised thread (as long as a whole
+14x14 star op: benchmarks/RESULTS.md, TVM kernels for StarNet); here the outputs are split into blocks of
+vectors, one task each.
 """
 
 from __future__ import annotations

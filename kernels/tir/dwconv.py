@@ -3,10 +3,11 @@ NCHW, bias and an optional residual add fused, and the Relax rewrite ("dwconv") 
 conv2d(groups=C) [+ bias] [+ residual]. Other strides and channel multipliers are left to TVM.
 
 Per channel the kernel copies the plane into a zero-bordered local buffer whose rows are padded to whole
-vectors (so no tap needs a bounds check), then accumulates blocks of R output rows x the vectors of a row
-in registers. Each vector of the plane is loaded once per kernel column and used for every output row of
-the block it feeds (up to KH of them): ~0.4 loads per multiply-add at 56x56 instead of one, 1.1-1.7x
-faster than the tap-by-tap schedule it replaced (StarNet-S1's planes, 7x7 to 56x56, measured here).
+vectors (so no tap needs a bounds check), then accumulates blocks of R output rows x the vectors of a row in
+registers. Each vector of the plane is loaded once per kernel column and used for every output row of the
+block it feeds (up to KH of them): ~0.4 loads per multiply-add at 56x56 instead of one, faster than the
+tap-by-tap schedule it replaced on every StarNet-S1 plane, 7x7 to 56x56 (benchmarks/RESULTS.md, TVM kernels
+for StarNet).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def dwconv_primfunc(batch: int | None, channels: int, height: int, width: int, k
     # Without a residual the kernel takes a one-element placeholder in its place (never read).
     res_shape, res_size = ((n_img, C, OH, OW), n_img * C * OHW) if residual else ((1,), 1)
     # Small planes (the last stages of a small input: 1x1, 2x2, 4x4 under a 7x7 kernel): most taps fall in
-    # the padding, and the vector schedule spent ~5-7 us there on a thread-pool launch and zeroed planes
-    # for a few hundred multiply-adds. There each output sums only its in-bounds taps, one channel after
+    # the padding, and the vector schedule spent far longer there on a thread-pool launch and zeroed planes
+    # than on a few hundred multiply-adds. There each output sums only its in-bounds taps, one channel after
     # another on the calling thread (the taps are known at compile time: the loops unroll to a fixed list).
     small = OHW <= SMALL_PIXELS
 

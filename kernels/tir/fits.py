@@ -53,9 +53,9 @@ def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: in
     (at most MAX_GROUP channels each); at batch 1 the same single task (no parallel launch), or with
     `split_one` the channels split over the cores.
 
-    NOTE: split_one is off because it measured slower here: FITS L=720 C=7 lowrank at batch 1, 13.4 us in
-    one task vs 23.3 us split over the 2 cores of this shared host, whose other core is mostly busy with
-    other processes (benchmarks/bench_tir_fits.py times both). With free cores the split may win."""
+    NOTE: split_one is off because it measured slower: FITS L=720 C=7 lowrank at batch 1 ran faster in one
+    task than split over the 2 cores of a shared host whose other core is mostly busy with other processes
+    (benchmarks/bench_tir_fits.py times both). With free cores the split may win."""
     if min(seq_len, out_len, channels) < 1 or (rank is not None and rank < 1) or cores < 1:
         raise UsageError(f"FITS kernel shape must be positive: seq_len {seq_len}, out_len {out_len}, "
                          f"channels {channels}, rank {rank}, cores {cores}")
@@ -88,7 +88,7 @@ def _gemm_macros(C: int):
         # NOTE: the accumulators are two "global" buffers of rows, each under TVM's 1024-byte stack limit, so
         # they become stack allocas that LLVM keeps in registers. A bigger or "local" buffer becomes a heap
         # workspace, kept in registers only while LLVM can prove it does not alias the arguments: not once
-        # the entry function is inlined into a VM library with other functions (3x slower there).
+        # the entry function is inlined into a VM library with other functions (much slower there).
         acc = T.decl_buffer(((cb + 1) // 2, nvec, width), "float32")
         acc2 = T.decl_buffer((max(1, cb // 2), nvec, width), "float32")
         tmp = T.decl_buffer((cb, nvec * width), "float32")
@@ -356,8 +356,8 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         for cc in T.vectorized(cb):
             a[R, cc] = T.sqrt(st[1, cc] * T.float32(inv_len) + T.float32(eps))
         # A: ar[rho, r * cb + cc] = sum_m D[rho, m] x[Q m + r, cc], in two halves of P/2 rows.
-        # NOTE: one tile of all P rows measured 6x slower inside a VM library (1.6 vs 1.0 ms at batch 256):
-        # there LLVM inlines the kernel into its caller and loses the arguments' noalias, and the
+        # NOTE: one tile of all P rows measured slower inside a VM library (benchmarks/RESULTS.md, FITS TIR
+        # kernel): there LLVM inlines the kernel into its caller and loses the arguments' noalias, and the
         # P-row tile's accumulators no longer stay in registers; P/2 rows, like the other stages' cb, do.
         dt2 = T.decl_buffer((P, P), "float32", data=DT.data, elem_offset=P // 2)
         ar2 = T.decl_buffer((P, Q * cb), "float32", data=ar.data, elem_offset=P // 2 * Q * cb)
@@ -606,9 +606,10 @@ def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
     """Every FITS spectral block of `mod` (the imported `folded` or `lowrank` ONNX lowering: transpose,
     mean / variance, normalise, GEMM(s), de-normalise in the last GEMM, transpose) as one call of the kernel.
     Folded or low-rank operands that are graph constants, at lengths that are multiples of 16, become the
-    split kernel's (`fits_split_primfunc`, 2x the low-rank kernel); otherwise the GEMM operands (constants or
-    engine parameters) are passed as they are. CPU (llvm) targets only; None when
-    no block matches (an `individual` FITS, whose graph works channel-first, does not)."""
+    split kernel's (`fits_split_primfunc`, faster than the low-rank kernel: benchmarks/RESULTS.md, FITS TIR
+    kernel); otherwise the GEMM operands (constants or engine parameters) are passed as they are. CPU (llvm)
+    targets only; None when no block matches (an `individual` FITS, whose graph works channel-first, does
+    not)."""
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 

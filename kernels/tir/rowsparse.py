@@ -25,7 +25,7 @@ Schedules (written out, `tirx.is_scheduled`, so nothing re-schedules them):
   entry one index, one broadcast value, `PV` loads and FMAs. Rows of more than 16 pixels that are not a
   multiple of 16 (7x7, 14x14) are read from a 64-byte-aligned copy of x padded to whole vectors, made in the
   same thread-pool launch before a barrier: every load then lies in one cache line (unpadded, nearly every
-  load of a 49-float row straddled two, and 384->1536 @7x7 at 10 % took 1.5x as long).
+  load of a 49-float row straddled two, and 384->1536 @7x7 at 10 % ran markedly slower for it).
 Tasks (blocks of rows) run in parallel when a call has at least `PARALLEL_MACS` multiply-adds
 (`PARALLEL_GATHERS` in the GEMV schedule); below that a thread-pool launch costs more than it saves.
 """
@@ -168,9 +168,9 @@ def _pixel_macros(T, NO: int, K: int, W: int):
 
     @T.macro
     def tile(x, vb, ib, bias, y, n, blk, r0, P, v0, nvec, kk):
-        # x's rows are whole vectors: P <= W or P % W == 0 as they are, else the aligned padded copy; no
-        # load straddles two cache lines (at 7x7, 49-float rows, nearly all did: the 384->1536 layer at
-        # 10 % ran 1.5x slower for it). The valid lanes of a padded row's last vector are stored one by one.
+        # x's rows are whole vectors: P <= W or P % W == 0 as they are, else the aligned padded copy; no load
+        # straddles two cache lines (at 7x7, 49-float rows, nearly all did: the 384->1536 layer at 10 % ran
+        # markedly slower for it). The valid lanes of a padded row's last vector are stored one by one.
         acc = T.decl_buffer((RB * PV * W,), "float32", scope="local")
         acc[T.Ramp(0, 1, RB * PV * W)] = T.Broadcast(T.float32(0), RB * PV * W)
         for j in range(kk):
@@ -330,7 +330,7 @@ def linear_func(out_f: int, in_f: int, kmax: int, n_levels: int, *, index_dtype:
             # x copied once to xt [batch / 16, in, 16] (16 x 16 tiles transposed in registers);
             # tasks of 16 rows x 16 batch lanes; one thread-pool launch for both phases, a barrier between
             # (the pixel schedule this replaced, with a launch per phase and y copied back by one value at
-            # a time, spent 2-3x the arithmetic of a 10 % layer at batch 16 on those)
+            # a time, spent longer on those than on the arithmetic of a 10 % layer at batch 16)
             nc: T.let = (B + V - 1) // V
             xt = T.decl_buffer((nc, NI, V), "float32")
             if NB * V * kk * nc * V >= PARALLEL_MACS:
@@ -425,8 +425,8 @@ def conv1x1_func(out_c: int, in_c: int, kmax: int, n_levels: int, pixels: int, *
                         rows(xp, vb, ib, bias_buf, y, n, t, P, kk)
         elif NB * V * kk * P * B >= PARALLEL_MACS and B * NPASS >= 2:
             # tasks = (image, pixel pass): each streams the (contiguous) weights past an x tile held in L1,
-            # instead of re-reading x rows at data-dependent places from L2 (96->384 @14x14, batch 16, 10 %:
-            # 2.4x -> 3.4x over ORT's dense conv)
+            # instead of re-reading x rows at data-dependent places from L2 (faster on 96->384 @14x14,
+            # batch 16, 10 %: benchmarks/RESULTS.md, Row-sparse TIR kernel)
             for task in T.parallel(B * NPASS):
                 chunk(x, vb, ib, bias_buf, y, task // NPASS, task % NPASS, P, kk)
         elif NB * V * kk * P * B >= PARALLEL_MACS:

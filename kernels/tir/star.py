@@ -60,7 +60,7 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
 
     # NOTE (all kernels here): "op_pattern" 8 (opaque) keeps Relax's FuseOps from fusing neighbours into a
     # hand-scheduled function; `x: T.let = ...` binds a value (a plain `x = ...` in this TVMScript declares
-    # a mutable scalar, which TVM allocated on the heap per parallel task: 3x slower kernels).
+    # a mutable scalar, which TVM allocated on the heap per parallel task: much slower kernels).
     C, R, CO, HW = channels, hidden, out_channels, height * width
     n_img = tirx.Var("n", "int64") if batch is None else batch
     P = min(PIXELS, HW)
@@ -128,8 +128,8 @@ def star_primfunc(batch: int | None, channels: int, hidden: int, out_channels: i
 def uses_small_kernel(channels: int, hidden: int, out_channels: int, height: int, width: int) -> bool:
     """Whether the rewrite runs this star op with `star_small_primfunc`: a feature map of at most
     SMALL_PIXELS pixels (the last stages of a small input: 1x1, 2x2), where `star_primfunc`'s vectors over
-    pixels would be 1-4 lanes wide (a 128-channel 1x1 star op took 41 us there, scalar), and at least one
-    vector of hidden and output rows."""
+    pixels would be 1-4 lanes wide (in effect scalar code, slow even for a 128-channel 1x1 star op), and at
+    least one vector of hidden and output rows."""
     return height * width <= SMALL_PIXELS and hidden >= LANES and out_channels >= LANES
 
 
@@ -141,7 +141,7 @@ def star_small_primfunc(batch: int | None, channels: int, hidden: int, out_chann
     Two phases: per block of 16 hidden rows, ReLU6(f1) * f2 for every pixel (one broadcast of x[c, p] per
     16-wide multiply-add) into a workspace; then per block of 16 output rows, g. Above PARALLEL_MACS
     both run in one thread-pool launch with a barrier between (a 1x1 star op with 128 channels reads 590 KB
-    of weights: two cores read them twice as fast). Tails: the last block starts early (overlaps)."""
+    of weights: two cores read them faster than one). Tails: the last block starts early (overlaps)."""
     from tvm import tirx
     from tvm.script import tirx as T
 

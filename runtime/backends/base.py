@@ -1,6 +1,17 @@
-"""The backend interface: `Backend.load(graph) -> Engine`, `Engine.run(arrays) -> outputs`.
+"""The backend interface, all of it:
 
-`Engine.run` checks inputs once against the bundle's specs; a backend fills in only `_run`.
+- `Backend.open(bundle, ...)`: once per runtime, before any load (find compiled engines, vet native code,
+  set up a shared thread pool).
+- `Backend.load(graph, ...) -> Engine`: one graph, loaded up front.
+- `Engine.run(arrays) -> outputs`: checks the inputs against the bundle's specs and runs; a backend fills in
+  only `_run`.
+- `Backend.compose(engines, constants) -> call`, optional: a whole plan (one engine, or a chain of them)
+  as one callable, `call(arrays)` returning what `Runtime.run` returns. The default checks the inputs and
+  runs each engine in turn on numpy arrays; a backend may do better (TVM: a batch-1 path with no generic
+  dispatch, VM tensors handed from engine to engine).
+
+`Runtime.run` and the exporters' validation and timing go through `compose`, so what is measured at export
+is what runs.
 """
 
 from __future__ import annotations
@@ -14,6 +25,9 @@ import numpy as np
 from ..bundle import Bundle, TensorSpec
 from ..checks import check_inputs
 
+# A composed plan: the caller's arrays -> one array (a one-output model) or a tuple of them.
+PlanCall = Callable[[Sequence[Any]], "np.ndarray | tuple[np.ndarray, ...]"]
+
 
 class Engine(ABC):
     """One loaded graph on one backend. Loading is up front; `run` is cheap and called many times."""
@@ -25,35 +39,23 @@ class Engine(ABC):
         return self._run(check_inputs(self.inputs, arrays))
 
     @abstractmethod
-    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
-
-    def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
-        """One engine of a chained config: `values` are the checked inputs (`first`) or what the previous
-        engine returned; returns what the next engine takes, numpy arrays when `last`; `one`: the run's
-        batch is 1 (told once by the caller, not asked of every engine's tensors). Default: numpy arrays all
-        along; a backend may hand its own tensors from engine to engine instead."""
-        return self._run(values)
-
-    def fast_path(self, last: bool = True) -> Callable[[object], Any] | None:
-        """A cheaper call for the commonest case, where the backend has one: a function of one caller array
-        that returns the run's result as `Runtime.run` does (an array, for the one output), or None when it
-        does not take that array as it is (the runtime then checks it the usual way, and raises or runs
-        it); it checks exactly what `check_inputs` checks. `last=False`: for the first engine of a chain,
-        returning what `_run_chained` hands the next engine. Asked once per plan that takes the caller's
-        one input only. Default: none."""
-        return None
-
-    def chain_step(self, last: bool) -> Callable[[list], list]:
-        """This engine as a later step of a chain's batch-1 fast path: values from the engine before ->
-        what the next takes (numpy arrays when `last`). Default: `_run_chained`."""
-        return lambda values: self._run_chained(values, False, last, True)
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run checked arrays (the engine's inputs, then any constant inputs its plan adds)."""
 
 
 class Backend(ABC):
     name: str
-    # False where the thread count is one setting for the whole process (TVM's thread pool): a Runtime
-    # then cannot hold engines at several counts.
+    # False where the thread count is one setting for the whole process (TVM's thread pool, or ONNX
+    # Runtime once a shared pool is set): a Runtime then cannot hold engines at several counts.
     per_engine_threads: bool = True
+
+    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False,
+             shared_threads: int | None = None) -> None:
+        """Called by `Runtime` before any `load`: a backend whose engines are compiled into the bundle (tvm)
+        finds and vets them here; `allow_native` is the caller's leave to run native code it did not
+        compile itself; `shared_threads=n` asks for every engine of the process on one pool of n workers
+        (a backend whose pool is process-wide already ignores it). Default: nothing to do."""
+        return None
 
     @abstractmethod
     def load(self, graph: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
@@ -61,27 +63,17 @@ class Backend(ABC):
         """Load a graph. `initializers` supplies the graph's external tensors (a bundle's shared weights,
         or weights the runtime derived, e.g. a sparsity level's masked copy) from memory."""
 
-        ...
+    def compose(self, engines: Sequence[Engine], constants: Sequence[np.ndarray] = ()) -> PlanCall:
+        """A plan as one callable: the caller's arrays, checked against the first engine's inputs, then
+        `constants` (inputs the plan adds, e.g. a DRESS level), through each engine in turn. Default: numpy
+        arrays all along."""
+        return sequential(engines, constants)
 
-    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
-        """Called by `Runtime` before any `load`: a backend whose engines are compiled into the bundle (tvm)
-        finds and vets them here; `allow_native` is the caller's leave to run native code it did not
-        compile itself. Default: nothing to do (the graph is all the engine needs)."""
-        return None
-
-    def share_threads(self, threads: int) -> None:
-        """Run every engine of this process on one pool of `threads` workers (`Runtime(shared_threads=
-        True)`). Default: nothing to do, for a backend whose pool is process-wide already (TVM)."""
-        return None
-
-    def shares_threads(self) -> bool:
-        """Whether this process already runs every engine of this backend on one shared pool."""
-        return False
-
-    def kernel_choice(self, config: str) -> str | None:
-        """The DRESS kernel ("dense" / "sparse") this backend measured fastest for `config` on this device,
-        where it measured one (TVM, at compile); None: the exporter's choice stands."""
-        return None
+    def measured(self, config: str) -> dict[str, str]:
+        """What `edgeflex compile` measured fastest for `config` on this backend and target, where it
+        measured (e.g. {"kernel": "sparse"} for a DRESS level on TVM); the planner prefers it to the
+        exporter's choice. Default: nothing measured."""
+        return {}
 
     def can_load(self, graph_sha256: str) -> bool:
         """Whether `load` of the graph with this sha256 would find what it needs (a compiled engine, for a
@@ -90,3 +82,19 @@ class Backend(ABC):
 
     def versions(self) -> dict[str, str]:
         return {}
+
+
+def sequential(engines: Sequence[Engine], constants: Sequence[np.ndarray] = ()) -> PlanCall:
+    """`Backend.compose`'s default: check, then each engine's `_run` on the previous one's numpy arrays."""
+    specs, extra = engines[0].inputs, list(constants)
+    runs = [e._run for e in engines]
+
+    def call(arrays: Sequence[Any]) -> np.ndarray | tuple[np.ndarray, ...]:
+        values = check_inputs(specs, arrays)
+        if extra:
+            values += extra
+        for run in runs:
+            values = run(values)
+        return values[0] if len(values) == 1 else tuple(values)
+
+    return call

@@ -68,8 +68,9 @@ def session_options(ort, threads: int):
     so.inter_op_num_threads = 1
     # NOTE: ORT's workers spin after each parallel op; with several sessions (a chained SN-Net config,
     # engines at several thread counts) an idle session's spinning workers take the cores from the one
-    # running: s100 at 224x224 chained over 5 sessions at 2 threads took 10.0 ms against 1.62 ms with
-    # spinning cut to 100 us (fused: 1.17 ms either way; 32x32: no change). Measured on this host.
+    # running: a chained s100 at 224x224 (5 sessions, 2 threads) ran several times slower than with spinning
+    # cut to SPIN_US, while its fused graph and the 32x32 chains did not change (what the spinning costs
+    # the next engine's calls: benchmarks/RESULTS.md, Row-sparse TIR kernel).
     so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     return so
 
@@ -82,9 +83,9 @@ class OnnxRuntimeEngine(Engine):
         self._in_names = [i.name for i in session.get_inputs()]
         self._out_names = [o.name for o in session.get_outputs()]
         # NOTE: the session's C binding, called directly: `InferenceSession.run` re-validates the feed names
-        # in Python on every call, which a chained config pays once per segment (s050 at 32x32 chained over
-        # 4 sessions: +27 % over its fused graph through `run`, +7 % through the binding; inputs are checked
-        # by the runtime before the first engine). Public `run` where a build lacks the binding.
+        # in Python on every call, which a chained config pays once per segment (for a small chained config,
+        # s050 at 32x32 over 4 sessions, most of its overhead over its fused graph; inputs are checked by
+        # the runtime before the first engine). Public `run` where a build lacks the binding.
         self._binding = getattr(session, "_sess", None)
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -106,10 +107,18 @@ class OnnxRuntimeBackend(Backend):
         self._ort = onnxruntime
         self._providers: list = ["CPUExecutionProvider"]
 
-    def open(self, bundle, *, device: str, allow_native: bool = False) -> None:
-        """A GPU device (`DEVICE:gpu`) runs on ORT's CUDA execution provider, which only a CUDA build of
-        onnxruntime has (`onnxruntime-gpu`); without it the device is refused here, in one line, instead of
-        silently running on the CPU. Any other device runs on the CPU provider."""
+    @property
+    def per_engine_threads(self) -> bool:          # once a shared pool is set, every session uses it
+        return shared_threads() is None
+
+    def open(self, bundle, *, device: str, allow_native: bool = False,
+             shared_threads: int | None = None) -> None:
+        """`shared_threads=n`: the process's one ORT pool of n workers (`share_threads`). A GPU device
+        (`DEVICE:gpu`) runs on ORT's CUDA execution provider, which only a CUDA build of onnxruntime has
+        (`onnxruntime-gpu`); without it the device is refused here, in one line, instead of silently running
+        on the CPU. Any other device runs on the CPU provider."""
+        if shared_threads is not None:
+            share_threads(shared_threads)
         if not device.endswith(":gpu"):
             self._providers = ["CPUExecutionProvider"]
             return
@@ -148,12 +157,6 @@ class OnnxRuntimeBackend(Backend):
                                      "libraries missing or mismatched; its log says which); the session ran "
                                      f"on {', '.join(sess.get_providers())}")
         return OnnxRuntimeEngine(sess, inputs, outputs, values)
-
-    def share_threads(self, threads: int) -> None:
-        share_threads(threads)
-
-    def shares_threads(self) -> bool:
-        return shared_threads() is not None
 
     def versions(self) -> dict[str, str]:
         v = {"onnxruntime": self._ort.__version__}

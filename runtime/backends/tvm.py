@@ -27,8 +27,8 @@ from edgeflex.errors import BackendUnavailable, BundleError, InputError, UsageEr
 
 from .. import schema
 from ..bundle import Bundle, TensorSpec, sha256_bytes
-from ..checks import batch1_check
-from .base import Backend, Engine
+from ..checks import batch1_check, check_inputs
+from .base import Backend, Engine, sequential
 
 ENGINES = "engines/tvm"
 HOST = "host"
@@ -156,11 +156,11 @@ class TvmEngine(Engine):
     def _stage(self, i: int, a: np.ndarray) -> tuple[Any, int, int]:
         """Input `i` as the compiled code may read it, as (TVM tensor, first byte, end byte): the caller's
         array itself when it is large (64 KiB or more), C-contiguous, writable (DLPack exports no read-only
-        array) and 64-byte aligned (a 5 MB FITS batch saves its 0.13 ms copy; TVM's own outputs, e.g. a
-        chained segment's, are 64-byte aligned), else copied into this engine's 64-byte-aligned buffer for it
-        (compiled code assumes that alignment; numpy guarantees 16), made with its TVM tensor anew only when
-        the shape or dtype changes. Under the lock."""
-        # (asking for the address costs ~0.7 us: only where the copy it may save costs more)
+        array) and 64-byte aligned (a large FITS batch saves its copy, benchmarks/RESULTS.md, FITS TIR kernel;
+        TVM's own outputs, e.g. a chained segment's, are 64-byte aligned), else copied into this engine's
+        64-byte-aligned buffer for it (compiled code assumes that alignment; numpy guarantees 16), made with
+        its TVM tensor anew only when the shape or dtype changes. Under the lock."""
+        # (asking for the address has a cost of its own: only where the copy it may save costs more)
         if a.nbytes >= 1 << 16 and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0:
             t = self._dlpack(a)
             return t, t.data_ptr(), t.data_ptr() + a.nbytes
@@ -195,14 +195,15 @@ class TvmEngine(Engine):
         return (self._fn1, self._params1) if one and self._fn1 is not None else (self._fn, self._params)
 
     def _call(self, arrays: list[np.ndarray], numpy_out: bool, one: bool) -> list:
-        # CPU: 2-3x less per-call overhead than tvm.runtime.tensor in + .numpy() out (15 us of a 44 us FITS
-        # call, measured in benchmarks/bench_tir_fits.py). Outputs are the VM's fresh tensors, handed over
-        # as numpy views (or, `numpy_out=False`, as the tensors themselves, for the next engine of a chain);
-        # one whose data lies inside an input's staging buffer (a graph that returns its input, or a view of
-        # it) is copied: data pointers compared, 0.04 us a pair against np.may_share_memory's 0.2.
+        # CPU: less per-call overhead than tvm.runtime.tensor in + .numpy() out, which were a large share of a
+        # small FITS call (benchmarks/RESULTS.md, FITS TIR kernel; benchmarks/bench_tir_fits.py). Outputs are
+        # the VM's fresh tensors, handed over as numpy views (or, `numpy_out=False`, as the tensors
+        # themselves, for the next engine of a chain); one whose data lies inside an input's staging buffer (a
+        # graph that returns its input, or a view of it) is copied: data pointers compared, cheaper than
+        # np.may_share_memory.
         fn, params = self._entry(one)
         with self._lock:
-            if len(arrays) == 1:                # the common case without the per-call lists (~0.5 us)
+            if len(arrays) == 1:                # the common case without the per-call lists
                 t, lo, hi = self._stage(0, arrays[0])
                 out = fn(t, *params)
                 spans: Any = ((lo, hi),)
@@ -214,7 +215,7 @@ class TvmEngine(Engine):
 
     def _outputs(self, out: Any, spans: Any, numpy_out: bool) -> list:
         if isinstance(out, self._tensor_type):
-            if len(spans) == 1:                 # one input, one output: no generator (~0.3 us)
+            if len(spans) == 1:                 # one input, one output: no generator
                 lo, hi = spans[0]
                 if not lo <= out.data_ptr() < hi:
                     return [np.from_dlpack(out) if numpy_out else out]
@@ -237,16 +238,16 @@ class TvmEngine(Engine):
                 res.append(o)
         return res
 
-    def fast_path(self, last: bool = True) -> Any:
-        """Batch 1 of a one-input CPU engine in one function: the input checks of `check_inputs`
-        (`batch1_check`), the copy into a staging buffer of its own with its TVM tensor made once, the
-        batch-1 library's call, the output by DLPack; no per-call lists, spans or generic dispatch. FITS at
-        batch 1 through `Runtime.run`: 9.7 -> 8.2 us, the bare VM call being 6.2 (interleaved,
-        benchmarks/bench_tir_fits.py). Other batches, and arrays it turns down, take the general path.
-        `last=False`: the first engine of a chain, returning its outputs as TVM tensors for the next engine
-        (`_run_chained`), any number of them; else its output as a numpy array, or a tuple of them for
-        several (the authors' FITS: the forecast and the centred series)."""
-        if self._dlpack is None or len(self.inputs) != 1 or self._batch not in (None, 1):
+    def batch1(self, general: Any, last: bool) -> Any:
+        """Batch 1 of a one-input CPU engine in one function of the caller's arrays: the input checks of
+        `check_inputs` (`batch1_check`), the copy into a staging buffer of its own with its TVM tensor made
+        once, the batch-1 library's call, the output by DLPack; no per-call lists, spans or generic
+        dispatch. Anything else (another batch, an array the predicate turns down) goes to `general`.
+        `last`: returns the run's result as `Runtime.run` does (one output); else, the first engine of a
+        chain, its outputs as TVM tensors for the next engine (`None` then means: not taken). None where
+        this engine has no such path."""
+        if self._dlpack is None or len(self.inputs) != 1 or (last and len(self.outputs) != 1) \
+                or self._batch not in (None, 1):
             return None
         check = batch1_check(self.inputs[0])
         if check is None:
@@ -259,9 +260,9 @@ class TvmEngine(Engine):
         hi = lo + buf.nbytes
         lock, copyto, to_numpy, tensor_type = self._lock, np.copyto, np.from_dlpack, self._tensor_type
 
-        def run1(a: object) -> np.ndarray | None:
-            if not ok(a):
-                return None
+        def run1(arrays: Sequence[Any]) -> Any:
+            if len(arrays) != 1 or not ok(a := arrays[0]):
+                return general(arrays)
             with lock:
                 copyto(buf, a)
                 out = fn(t, *params)
@@ -271,16 +272,8 @@ class TvmEngine(Engine):
             # a graph that returns its input (or a view of it) would hand out the staging buffer
             return r.copy() if lo <= out.data_ptr() < hi else r
 
-        def run_several(a: object) -> tuple[np.ndarray, ...] | None:
-            if not ok(a):
-                return None
-            with lock:
-                copyto(buf, a)
-                outs = list(fn(t, *params))
-            return tuple(to_numpy(o).copy() if lo <= o.data_ptr() < hi else to_numpy(o) for o in outs)
-
-        def first1(a: object) -> list | None:
-            if not ok(a):
+        def first1(arrays: Sequence[Any]) -> list | None:
+            if len(arrays) != 1 or not ok(a := arrays[0]):
                 return None
             with lock:
                 copyto(buf, a)
@@ -290,16 +283,7 @@ class TvmEngine(Engine):
                     return self._outputs(out, ((lo, hi),), False)
             return outs
 
-        if not last:
-            return first1
-        return run1 if len(self.outputs) == 1 else run_several
-
-    def chain_step(self, last: bool) -> Any:
-        """A later engine of a chain's batch-1 fast path: `_hop` with the batch-1 library, chosen once."""
-        if self._dlpack is None:
-            return super().chain_step(last)
-        fn, params = self._entry(True)
-        return lambda values: self._hop(fn, params, values, last)
+        return run1 if last else first1
 
     def _hop(self, fn: Any, params: list, values: list, last: bool) -> list:
         """A later engine of a chain on the previous engine's VM tensors: its outputs as tensors for the
@@ -312,17 +296,47 @@ class TvmEngine(Engine):
             return [np.from_dlpack(out) if last else out]
         return [np.from_dlpack(o) for o in out] if last else list(out)
 
-    def _run_chained(self, values: list, first: bool, last: bool, one: bool = False) -> list:
-        """A chained config's engines hand each other the VM's output tensors as they are (on the CPU): no
-        numpy view, no staging copy, no DLPack export per hop (an extra engine call at 32x32: 2.4 -> 2.05
-        us, measured interleaved). The first engine stages the caller's arrays; the last hands numpy arrays
-        back."""
-        if self._dlpack is None:
-            return self._run(values)
-        if first:
-            self._check_batch(values)
-            return self._call(values, numpy_out=last, one=one)
-        return self._hop(*self._entry(one), values, last)
+
+def compose(engines: Sequence[Engine], constants: Sequence[np.ndarray]) -> Any:
+    """`TvmBackend.compose`. On the CPU, a chain's engines hand each other the VM's output tensors as they
+    are: no numpy view, no staging copy, no DLPack export per hop; the first engine stages the caller's
+    arrays, the last hands numpy arrays back. A plan that takes the caller's one array and nothing else
+    gets the first engine's batch-1 path (`TvmEngine.batch1`), the rest of a chain on the batch-1
+    libraries. Other engines (a GPU's): the default."""
+    if not all(isinstance(e, TvmEngine) and e._dlpack is not None for e in engines):
+        return sequential(engines, constants)
+    first, later = engines[0], list(engines[1:])
+    specs, extra = first.inputs, list(constants)
+
+    def general(arrays: Sequence[Any]) -> Any:
+        values = check_inputs(specs, arrays)
+        if extra:
+            values += extra
+        first._check_batch(values)
+        one = values[0].ndim > 0 and values[0].shape[0] == 1
+        outs = first._call(values, numpy_out=not later, one=one)
+        for i, e in enumerate(later):
+            outs = e._hop(*e._entry(one), outs, i == len(later) - 1)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    if extra:
+        return general
+    if not later:
+        return first.batch1(general, last=True) or general
+    head = first.batch1(general, last=False)
+    if head is None:
+        return general
+    hops = [(e, *e._entry(True), i == len(later) - 1) for i, e in enumerate(later)]
+
+    def chain1(arrays: Sequence[Any]) -> Any:
+        outs = head(arrays)
+        if outs is None:
+            return general(arrays)
+        for e, fn, params, last in hops:
+            outs = e._hop(fn, params, outs, last)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return chain1
 
 
 class TvmBackend(Backend):
@@ -343,9 +357,10 @@ class TvmBackend(Backend):
         self._dev = None
         self.target = HOST
 
-    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False) -> None:
+    def open(self, bundle: Bundle, *, device: str, allow_native: bool = False,
+             shared_threads: int | None = None) -> None:
         """Index the bundle's engines for `device` (a target folder) and apply the trust rule to all of them
-        before any native code is loaded."""
+        before any native code is loaded. (TVM's thread pool is process-wide: `shared_threads` is moot.)"""
         folder = target_dir(device)
         records = sorted(r for r in bundle.manifest["files"] if PurePosixPath(r).parent.as_posix() == folder
                          and r.endswith(".json"))
@@ -380,8 +395,12 @@ class TvmBackend(Backend):
             self._choices = {c: v["kernel"] for c, v in levels.items()
                              if graphs.get(v.get("kernel")) in engines}
 
-    def kernel_choice(self, config: str) -> str | None:
-        return self._choices.get(config)
+    def measured(self, config: str) -> dict[str, str]:
+        kernel = self._choices.get(config)
+        return {"kernel": kernel} if kernel else {}
+
+    def compose(self, engines: Sequence[Engine], constants: Sequence[np.ndarray] = ()) -> Any:
+        return compose(engines, constants)
 
     def can_load(self, graph_sha256: str) -> bool:
         return graph_sha256 in self._engines
