@@ -398,6 +398,10 @@ def match(gm: GraphModule, example: torch.Tensor) -> SpectralMatch:
         raise NoMatch(f"input of rank {example.dim()}; the pattern takes [batch, L, channels]")
     norm, end, kinds, _ = find(gm)
     B, L, C = example.shape
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    val = x.meta.get("val", x.meta.get("tensor_meta"))
+    if val is not None and isinstance(val.shape[0], int):
+        B = val.shape[0]                  # a graph captured at a static batch runs at that batch only
     smap, dtype, err = probe(gm, norm["z"], end, (B, L, C), norm["eps"], norm["ddof"])
     if L < 2:
         raise NoMatch(f"sequence of length {L}")
