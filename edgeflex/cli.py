@@ -74,6 +74,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     v = bundle.manifest["export"]["validation"]
     print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
           f"{v['max_rel_err']:.2e} relative)")
+    for d in bundle.manifest["export"].get("dropped_outputs", []):
+        print(f"  left out output {d['output']} ({d['type']}): not a tensor")
     for c in bundle.configs:
         print(f"  {c.name}: {_quality_str(c.quality)}")
     return 0

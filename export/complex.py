@@ -57,7 +57,8 @@ def lower_complex(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     """`model` as a real GraphModule: same inputs, its tensor outputs (one, or a tuple), no complex value."""
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     gm = _Lowering(capture(model, example)).run(type(model).__name__)
-    gm.meta["complex_lowering"]["bin_rewrites"] = prune_bins(gm, example)
+    # shapes propagated at the batch the graph was captured at (a static fallback holds traceable's)
+    gm.meta["complex_lowering"]["bin_rewrites"] = prune_bins(gm, traceable(example))
     return gm
 
 

@@ -36,6 +36,7 @@ from .validate import validate
 log = logging.getLogger(__name__)
 
 GRAPH = "graphs/main.onnx"
+SPECTRAL_STRATEGY = "edgeflex FITS lowering: the spectral pattern recognised in the graph (kernels.spectral)"
 
 
 def default_threads() -> int:
@@ -147,9 +148,13 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
                  name: str | None = None, quality: dict | None = None, tolerance: float = 1e-4,
                  n_random: int = N_RANDOM, threads: int | None = None, overwrite: bool = False,
                  metadata: dict | None = None) -> Bundle:
-    """The one-config exporter (FITS, StarNet, DLinear, generic): FITS's lowering; else, for a model with
-    complex tensors, the complex-to-real lowering (`complex.py`) then torch.onnx; else torch.onnx's capture
-    strategies in order; validated, then written. `ef.export` calls it for every non-elastic family."""
+    """The one-config exporter (FITS, StarNet, DLinear, generic), validated, then written; `ef.export` calls
+    it for every non-elastic family. A model with complex tensors is first lowered to a real graph
+    (`complex.py`). If the graph is the FITS spectral pattern (`spectral_match`, whoever wrote the model)
+    the fastest spectral form of `kernels.spectral` is exported; else torch.onnx's capture strategies run
+    in order (on the lowered graph where there is one). Every tensor of a (nested) tuple / list / dict
+    output is an output of the bundle (`output_names`); outputs that are not tensors are left out, noted
+    in the manifest and warned about."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
@@ -158,32 +163,62 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         raise ExportError("example_inputs must be a tensor or a non-empty tuple of tensors (batch first)")
     model = model.eval()
     threads = threads or default_threads()
-    lower = not fits.is_fits(model) and complex_lowering.uses_complex(model, example)
-    # what the graph is held to: the model's tensor outputs (the complex lowering drops an `(xy, 0)`'s 0)
-    reference = complex_lowering.TensorOutputs(model) if lower else model
     with torch.no_grad():
-        out = reference(*example)
-    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        out = model(*example)
     in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
-    out_names = ["y"] if len(outs) == 1 else [f"y{i}" for i in range(len(outs))]
+    kept, dropped = flatten_outputs(out)
+    if not kept:
+        raise ExportError(f"{type(model).__name__} returns no tensor ({type(out).__name__}); a bundle "
+                          "needs at least one tensor output")
+    out_names = output_names([path for path, _ in kept], in_names)
+    outs = tuple(t for _, t in kept)
     extra: dict[str, Any] = {}
-    family = getattr(model, "family", "generic")
-    if fits.is_fits(model):
-        graph, extra["kernels"] = fits.lower(model, input_name=in_names[0], output_name=out_names[0],
-                                             threads=threads)
-        strategy = "edgeflex FITS lowering (kernels.spectral)"
-    elif lower:
+    if dropped:
+        extra["dropped_outputs"] = dropped
+        warnings.warn(dropped_line(type(model).__name__, dropped), DroppedOutputWarning, stacklevel=2)
+    user_model = model
+    if not isinstance(out, torch.Tensor):
+        model = FlatOutputs(model, [path for path, _ in kept]).eval()   # the graph yields the kept tensors
+    family = getattr(user_model, "family", "generic")
+    lowered = None
+    if complex_lowering.uses_complex(model, example):
         lowered = complex_lowering.lower_complex(model, example)
-        graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names, out_names)
-        strategy = f"edgeflex complex lowering (export.complex) + {how}"
-        extra["complex_lowering"] = lowered.meta["complex_lowering"]
+    graph, check, rejected = None, None, None
+    found, why = fits.recognise(model, example, graph=lowered)
+    if found is not None:
+        graph, extra["kernels"] = fits.lower(found, input_name=in_names[0], output_names=out_names,
+                                             threads=threads)
+        strategy = SPECTRAL_STRATEGY
+        try:
+            check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
+                             output_names=out_names)
+        except ExportError as e:             # the general graph may still pass; if not, this is the error
+            log.warning("the spectral form of %s does not validate (%s); trying the general graph",
+                        type(user_model).__name__, e)
+            rejected, graph = e, None
+            del extra["kernels"]
+            extra["spectral"] = {"recognised": True, "rejected": str(e)}
     else:
-        graph, strategy = capture_with_strategy(model, example, in_names, out_names)
-    check = validate(reference, graph, example, tolerance=tolerance, n_random=n_random, threads=threads)
+        log.info("%s is not the FITS spectral pattern: %s", type(user_model).__name__, why)
+    if graph is None:
+        try:
+            if lowered is not None:
+                graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names,
+                                                   out_names)
+                strategy = f"edgeflex complex lowering (export.complex) + {how}"
+                extra["complex_lowering"] = lowered.meta["complex_lowering"]
+            else:
+                graph, strategy = capture_with_strategy(model, example, in_names, out_names)
+            check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
+                             output_names=out_names)
+        except ExportError:
+            if rejected is not None:
+                raise rejected from None
+            raise
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
                     costs=config_costs([proto]))
-    manifest = manifest_base(model, example, in_names, outs, out_names,
+    manifest = manifest_base(user_model, example, in_names, outs, out_names,
                              name or Path(path).name.removesuffix(".efx"))
     manifest.update({
         "family": family,
@@ -193,6 +228,77 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {GRAPH: graph}, overwrite=overwrite)
+
+
+class DroppedOutputWarning(UserWarning):
+    """A model output that is not a tensor (a number, None, a string) was left out of the bundle."""
+
+
+class FlatOutputs(torch.nn.Module):
+    """`model` with its output structure flattened to the tuple of the tensors at `paths` (see
+    `flatten_outputs`): what is captured, so the graph computes the kept outputs and nothing else."""
+
+    def __init__(self, model: torch.nn.Module, paths: list[tuple]):
+        super().__init__()
+        self.model, self.paths = model, paths
+
+    def forward(self, *xs):
+        out = self.model(*xs)
+        flat = []
+        for path in self.paths:
+            v = out
+            for key in path:
+                v = v[key]
+            flat.append(v)
+        return tuple(flat)
+
+
+def flatten_outputs(out: Any, path: tuple = ()) -> tuple[list[tuple[tuple, torch.Tensor]], list[dict]]:
+    """The tensors of a (nested) tuple / list / dict output, each with its path of indices and keys, in
+    order; and a note for each leaf that is not a tensor (left out of the bundle)."""
+    if isinstance(out, torch.Tensor):
+        return [(path, out)], []
+    kept: list[tuple[tuple, torch.Tensor]] = []
+    dropped: list[dict] = []
+    items = out.items() if isinstance(out, dict) else \
+        enumerate(out) if isinstance(out, (tuple, list)) else None
+    if items is None:
+        note: dict[str, Any] = {"output": _path_str(path), "type": type(out).__name__}
+        if len(path) == 1 and isinstance(path[0], int):
+            note["index"] = path[0]
+        if out is None or isinstance(out, (bool, int, float)) or (isinstance(out, str) and len(out) <= 80):
+            note["value"] = out if not isinstance(out, float) or np.isfinite(out) else repr(out)
+        return [], [note]
+    for key, v in items:
+        k, d = flatten_outputs(v, (*path, key))
+        kept += k
+        dropped += d
+    return kept, dropped
+
+
+def _path_str(path: tuple) -> str:
+    return "out" + "".join(f"[{k!r}]" for k in path)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def output_names(paths: list[tuple], in_names: list[str]) -> list[str]:
+    """The bundle's output names: a dict output's keys (joined by '_' when nested) where every one is a
+    valid name and they are all distinct; else y (one output) or y0, y1, ..."""
+    names = ["_".join(p) if p and all(isinstance(k, str) and _NAME.fullmatch(k) for k in p) else None
+             for p in paths]
+    if all(names) and len(set(names)) == len(names) and not set(names) & set(in_names):
+        return names
+    return ["y"] if len(paths) == 1 else [f"y{i}" for i in range(len(paths))]
+
+
+def dropped_line(model_name: str, dropped: list[dict]) -> str:
+    """One line saying which outputs of the model are not in the bundle, and why."""
+    what = ", ".join(f"{d['output']} ({d['type']}" + (f" {d['value']!r})" if "value" in d else ")")
+                     for d in dropped)
+    return (f"{model_name} returns {len(dropped)} output(s) that are not tensors, left out of the bundle: "
+            f"{what}")
 
 
 def manifest_base(model: torch.nn.Module, example, in_names: list[str], outs, out_names: list[str],

@@ -1,48 +1,70 @@
-"""FITS lowering: the paper's module (complex Linear, rfft/irfft) cannot go through torch.onnx, so its
-spectral path is rebuilt from the trained weights by `edgeflex.kernels.spectral`.
-
-The form (folded matrix, low-rank DFT factors, ONNX DFT) is chosen per engine by timing each candidate
-on that engine at batch 1 and a large batch, not by habit; the timings go into the manifest.
+"""The fast FITS forms for any model whose graph is the FITS spectral pattern (edgeflex's `FITS`, the
+authors' code, a user's copy): `spectral_match` recognises the pattern and probes its map; here the ONNX
+forms of `edgeflex.kernels.spectral` are built from that map, and one is chosen per engine by timing
+each candidate on that engine at batch 1 and a large batch, not by habit; the timings go into the manifest.
+A model that is not exactly the pattern gets None (and the reason in the log): the general path exports it.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from edgeflex.devices.measure import median_ms
 from edgeflex.kernels import spectral
-from edgeflex.models.fits import FITS, spectral_weights
 
-# Engines that cannot run ONNX DFT (TensorRT's parser, TVM's Relax importer) are offered the real forms only.
-FORMS_BY_ENGINE = {"onnxruntime": spectral.FORMS, "tvm": ("folded", "lowrank"),
+from . import spectral_match
+
+log = logging.getLogger(__name__)
+
+# Engines that cannot run ONNX DFT (TensorRT's parser, TVM's Relax importer) are offered the real forms only;
+# a probed map has no complex weights, so the `dft` form (never the fastest on ONNX Runtime) is not offered.
+FORMS_BY_ENGINE = {"onnxruntime": spectral.FORMS_OF_MAP, "tvm": ("folded", "lowrank"),
                    "tensorrt": ("folded", "lowrank")}
 
 
-def is_fits(model: torch.nn.Module) -> bool:
-    return isinstance(model, FITS)
+def recognise(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
+              graph: torch.fx.GraphModule | None = None) -> tuple[spectral_match.SpectralMatch | None, str]:
+    """The spectral pattern of `model` (its torch.export graph, or `graph` when the caller has one), or
+    None and why not. Only a model with one float32 input [batch, L, C] is captured for it."""
+    if len(example) != 1 or example[0].dim() != 3 or example[0].dtype != torch.float32:
+        return None, "not one float32 [batch, L, C] input"
+    try:
+        gm = graph if graph is not None else spectral_match.capture(model, example)
+    except Exception as e:  # noqa: BLE001 - a model torch.export cannot capture is simply not the pattern
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return None, f"torch.export: {type(e).__name__}: {first}"
+    try:
+        return spectral_match.match(gm, example[0]), "matched"
+    except spectral_match.NoMatch as e:
+        return None, str(e)
 
 
-def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
+def lower(found: spectral_match.SpectralMatch, *, input_name: str, output_names: list[str], threads: int,
           engine: str = "onnxruntime", batches: tuple[int, ...] = (1, 64)) -> tuple[bytes, dict]:
-    """The ONNX bytes of the fastest valid form on `engine`, and a record of what was measured."""
+    """The ONNX bytes of the fastest valid form of the recognised map on `engine`, and a record of what was
+    measured and recognised."""
     import onnxruntime as ort
 
     from edgeflex.runtime.backends.onnxruntime import session_options, shared_threads
 
-    w = spectral_weights(model)
+    w = found.map
+    channels = found.channels
     so = session_options(ort, shared_threads() or threads)
     rng = np.random.default_rng(0)
     measured: dict[str, dict[str, float]] = {}
     graphs: dict[str, bytes] = {}
+    outputs = list(zip(output_names, found.outputs))
     for form in FORMS_BY_ENGINE[engine]:
-        data = spectral.to_onnx(w, form, input_name=input_name, output_name=output_name,
-                                channels=model.channels).SerializeToString()
+        data = spectral.to_onnx(w, form, input_name=input_name, channels=channels,
+                                outputs=outputs).SerializeToString()
         graphs[form] = data
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         measured[form] = {}
         for b in batches:
-            x = rng.standard_normal((b, model.seq_len, model.channels)).astype(np.float32)
+            x = rng.standard_normal((b, w.seq_len, channels)).astype(np.float32)
             feed = {input_name: x}
             ms = median_ms(lambda s=sess, feed=feed: s.run(None, feed), runs=40 if b == 1 else 8)
             measured[form][f"batch{b}_us"] = round(1e3 * ms, 1)
@@ -53,5 +75,6 @@ def lower(model: FITS, *, input_name: str, output_name: str, threads: int,
     chosen = min(near, key=lambda f: measured[f][f"batch{batches[-1]}_us"])
     record = {"kernel": "spectral", "form": chosen, "engine": engine, "threads": shared_threads() or threads,
               "measured": measured, "macs_per_channel": {f: spectral.macs(w, f) for f in measured},
-              "rule": "fastest at batch 1; among forms within 10% of it, fastest at the large batch"}
+              "rule": "fastest at batch 1; among forms within 10% of it, fastest at the large batch",
+              "recognised": found.to_json()}
     return graphs[chosen], record

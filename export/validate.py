@@ -21,11 +21,15 @@ class Validation:
     tolerance: float
     n_inputs: int
     worst_input: str
+    per_output: dict[str, float] | None = None     # the worst relative error of each output, by name
 
     def to_json(self) -> dict:
-        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "tolerance": self.tolerance,
-                "n_inputs": self.n_inputs, "worst_input": self.worst_input,
-                "rel_err_definition": "max|onnxruntime - torch| / max|torch| per output"}
+        out = {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "tolerance": self.tolerance,
+               "n_inputs": self.n_inputs, "worst_input": self.worst_input,
+               "rel_err_definition": "max|onnxruntime - torch| / max|torch| per output"}
+        if self.per_output is not None:
+            out["per_output_rel_err"] = self.per_output
+        return out
 
 
 def fresh_inputs(example: tuple[torch.Tensor, ...], n: int, seed: int = 0) -> list[tuple[str, tuple]]:
@@ -43,14 +47,17 @@ def fresh_inputs(example: tuple[torch.Tensor, ...], n: int, seed: int = 0) -> li
 
 
 def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Tensor, ...], *,
-             tolerance: float = 1e-4, n_random: int = 4, threads: int = 1) -> Validation:
-    """Compare ONNX Runtime with PyTorch, run the way `Runtime.run` runs it (the backend's `compose`, input
-    checks included); raise ExportError naming the worst case if over tolerance."""
+             tolerance: float = 1e-4, n_random: int = 4, threads: int = 1,
+             output_names: list[str] | None = None) -> Validation:
+    """Compare ONNX Runtime with PyTorch on every output, run the way `Runtime.run` runs it (the backend's
+    `compose`, input checks included); raise ExportError naming the worst case if over tolerance.
+    `output_names` (in the model's output order) name the outputs in the record and the error."""
     from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend, shared_threads
 
     backend = OnnxRuntimeBackend()
     engine = backend.load(onnx_bytes, example_specs(example), [], threads=shared_threads() or threads)
-    return validate_fn(model, backend.compose([engine]), example, tolerance=tolerance, n_random=n_random)
+    return validate_fn(model, backend.compose([engine]), example, tolerance=tolerance, n_random=n_random,
+                       output_names=output_names)
 
 
 def example_specs(example: tuple[torch.Tensor, ...], names: list[str] | None = None) -> list:
@@ -62,10 +69,12 @@ def example_specs(example: tuple[torch.Tensor, ...], names: list[str] | None = N
 
 
 def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, ...], *,
-                tolerance: float = 1e-4, n_random: int = 4, label: str = "") -> Validation:
+                tolerance: float = 1e-4, n_random: int = 4, label: str = "",
+                output_names: list[str] | None = None) -> Validation:
     """Like `validate`, for any ONNX execution: `run_onnx(list of arrays)` -> an array or a sequence of them
     (a composed plan, `Backend.compose`). `label` names what is checked (e.g. a config) in the error."""
     worst = (0.0, 0.0, "")
+    per_output: dict[str, float] = {}
     cases = fresh_inputs(example, n_random)
     for case, inputs in cases:
         with torch.no_grad():
@@ -75,17 +84,23 @@ def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, .
         outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
         if len(outs) != len(refs):
             raise ExportError(f"exported graph has {len(outs)} outputs, PyTorch gave {len(refs)}")
-        for r, o in zip(refs, outs):
+        names = output_names if output_names and len(output_names) == len(refs) else \
+            [f"output {i}" for i in range(len(refs))]
+        for name, r, o in zip(names, refs, outs):
             r = r.detach().numpy()
             if r.shape != o.shape:
-                raise ExportError(f"exported graph output shape {o.shape} != PyTorch {r.shape} on {case}")
+                raise ExportError(f"exported graph output {name} has shape {o.shape}, PyTorch {r.shape} "
+                                  f"on {case}")
             abs_err = float(np.max(np.abs(o.astype(np.float64) - r))) if r.size else 0.0
             rel_err = abs_err / max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
             if not np.isfinite(abs_err):
                 rel_err = abs_err = float("inf")
+            per_output[name] = max(per_output.get(name, 0.0), rel_err)
             if rel_err >= worst[1]:
-                worst = (abs_err, rel_err, case)
-    result = Validation(worst[0], worst[1], tolerance, len(cases), worst[2])
+                where = case if len(refs) == 1 else f"{case}, {name}"
+                worst = (abs_err, rel_err, where)
+    result = Validation(worst[0], worst[1], tolerance, len(cases), worst[2],
+                        per_output if output_names else None)
     if not result.max_rel_err <= tolerance:
         raise ExportError(
             f"export{' of ' + label if label else ''} does not match PyTorch: relative error "

@@ -63,6 +63,65 @@ class SpectralWeights:
             raise ValueError(f"bias shape {self.bias.shape} does not match weight {self.weight.shape}")
 
 
+@dataclass(frozen=True)
+class SpectralMap:
+    """A FITS-like spectral path known only as what it computes: the affine map z -> M @ z + c from the
+    normalised series z = (x - mean) / sqrt(var + eps) to the series the de-normalisation rescales, as the
+    exporter's pattern recogniser probes it from a user's graph (no complex weights needed).
+
+    `M` is [n, L] (or [channels, n, L] per channel), `c` [n] (or [channels, n]); `ddof` is the variance's
+    correction (1: torch.var's default, unbiased; 0: biased). Offers the `folded` and `lowrank` forms.
+    """
+
+    seq_len: int
+    out_len: int
+    M: np.ndarray
+    c: np.ndarray
+    eps: float = 1e-5
+    ddof: int = 1
+
+    @property
+    def individual(self) -> bool:
+        return self.M.ndim == 3
+
+    @property
+    def channels(self) -> int | None:
+        return self.M.shape[0] if self.individual else None
+
+    def check(self) -> None:
+        if self.M.shape[-2:] != (self.out_len, self.seq_len) or self.c.shape != self.M.shape[:-1]:
+            raise ValueError(f"map shapes M {self.M.shape}, c {self.c.shape} do not fit seq_len "
+                             f"{self.seq_len} and out_len {self.out_len}: expected M [(C,) n, L], c [(C,) n]")
+        if self.ddof not in (0, 1) or self.seq_len <= self.ddof:
+            raise ValueError(f"ddof {self.ddof} with seq_len {self.seq_len}: expected ddof 0 or 1 < seq_len")
+
+    @classmethod
+    def of(cls, w: SpectralWeights) -> SpectralMap:
+        """The map of known complex weights (what the recogniser recovers from their FITS's graph)."""
+        M, c = folded(w)
+        return cls(w.seq_len, w.out_len, M, c, w.eps)
+
+
+FORMS_OF_MAP = ("folded", "lowrank")
+
+
+def map_cut(M: np.ndarray, tol: float = 1e-6) -> int:
+    """The lowest cut frequency whose truncated DFT spans the rows of M [..., n, L]: one more than the
+    highest DFT bin with energy above `tol` of the largest (L // 2 + 1 when every bin is used). `tol` sits
+    above float32 rounding: a map probed through float32 DFT matrices has ~1e-7 in the bins it never uses."""
+    spec = np.abs(np.fft.rfft(np.asarray(M, np.float64), axis=-1))            # [..., n, L//2 + 1]
+    energy = spec.reshape(-1, spec.shape[-1]).max(axis=0)
+    live = np.flatnonzero(energy > tol * max(float(energy.max()), 1e-300))
+    return int(live.max()) + 1 if live.size else 1
+
+
+def _var_scale(w: SpectralWeights | SpectralMap) -> tuple[float, float]:
+    """(c_scale, LayerNormalization's epsilon): the model's std = c_scale * rho, where
+    rho = sqrt(biased var + eps')."""
+    L, ddof = w.seq_len, getattr(w, "ddof", 1)
+    return float(np.sqrt(L / (L - ddof))), w.eps * (L - ddof) / L
+
+
 def reference(x: np.ndarray, w: SpectralWeights) -> np.ndarray:
     """The slow, obvious FITS forward in NumPy (float64 inside): x [B, L, C] -> [B, L+H, C]."""
     x = np.asarray(x, dtype=np.float64)
@@ -120,8 +179,14 @@ def complex_linear_real(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarra
 
 
 def lowrank_factors(w: SpectralWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float64 (F [r, L], G [(C,) n, r], c [(C,) n]) with y_centred = G @ (F @ xc) + c * std."""
+    """Float64 (F [r, L], G [(C,) n, r], c [(C,) n]) with y_centred = G @ (F @ xc) + c * std.
+    For a `SpectralMap`, F is the truncated DFT up to `map_cut(M)` and G the rows' coordinates in it."""
     w.check()
+    if isinstance(w, SpectralMap):
+        M = w.M.astype(np.float64)
+        F, _ = forward_basis(w.seq_len, map_cut(M))
+        G = M @ (F.T / np.sum(F * F, axis=1))                                # F's rows are orthogonal
+        return F, G, w.c.astype(np.float64)
     F, rows = forward_basis(w.seq_len, w.cut_freq)
     inv = inverse_basis(w.out_len, w.up_freq, w.seq_len)                    # [n, 2up]
     Wr, br = complex_linear_real(w.weight.astype(np.complex128), w.bias.astype(np.complex128))
@@ -130,8 +195,10 @@ def lowrank_factors(w: SpectralWeights) -> tuple[np.ndarray, np.ndarray, np.ndar
     return F, G, c
 
 
-def folded(w: SpectralWeights) -> tuple[np.ndarray, np.ndarray]:
+def folded(w: SpectralWeights | SpectralMap) -> tuple[np.ndarray, np.ndarray]:
     """Float64 (M [(C,) n, L], c [(C,) n]): the whole spectral path as one matrix."""
+    if isinstance(w, SpectralMap):
+        return w.M.astype(np.float64), w.c.astype(np.float64)
     F, G, c = lowrank_factors(w)
     return G @ F, c
 
@@ -150,18 +217,19 @@ def matrix_reference(x: np.ndarray, w: SpectralWeights) -> np.ndarray:
     return (y + mean).astype(np.float32)
 
 
-def macs(w: SpectralWeights, form: str) -> int:
+def macs(w: SpectralWeights | SpectralMap, form: str) -> int:
     """Multiply-accumulates per sample per channel of the spectral core of each form (normalisation aside)."""
-    L, n, cut, up = w.seq_len, w.out_len, w.cut_freq, w.up_freq
+    L, n = w.seq_len, w.out_len
     if form == "folded":
         return n * L
+    cut = map_cut(w.M) if isinstance(w, SpectralMap) else w.cut_freq
     if form == "lowrank":
         r = len(forward_basis(L, cut)[1])
         return r * L + n * r
-    if form == "dft":
+    if form == "dft" and isinstance(w, SpectralWeights):
         # radix-2 or Bluestein FFTs in the engine: count as ~5 n log2 n real flops each way.
         fft = int(2.5 * (L * np.log2(L) + n * np.log2(n)))
-        return fft + 4 * cut * up
+        return fft + 4 * cut * w.up_freq
     raise ValueError(f"unknown spectral form {form!r}; expected one of {FORMS}")
 
 
@@ -169,7 +237,7 @@ def macs(w: SpectralWeights, form: str) -> int:
 GEMM_NAMES = ("spectral.gemm0", "spectral.gemm1")
 
 
-def gemm_operands(w: SpectralWeights, form: str) -> list[np.ndarray]:
+def gemm_operands(w: SpectralWeights | SpectralMap, form: str) -> list[np.ndarray]:
     """Float64 right-hand operands of the `folded` (one) or `lowrank` (two) graph's MatMuls, in graph order.
 
     The graph computes h = y_n @ ops[0] ... then [h * rho, rho, mean] @ ops[-1]: the last operand carries the
@@ -184,8 +252,7 @@ def gemm_operands(w: SpectralWeights, form: str) -> list[np.ndarray]:
         mats = [F[1:], G[..., 1:]]
     else:
         raise ValueError(f"form {form!r} has no GEMM operands; expected 'folded' or 'lowrank'")
-    L = w.seq_len
-    c_scale = np.sqrt(L / (L - 1))                                           # std = rho * c_scale
+    c_scale = _var_scale(w)[0]                                               # std = rho * c_scale
     # [h, rho, mean] @ [last, c * c_scale, 1]^T: the affine epilogue rides in the GEMM.
     last = mats[-1]
     last = np.concatenate([last, c[..., None] * c_scale, np.ones(last.shape[:-1] + (1,))], axis=-1)
@@ -203,11 +270,14 @@ def nested(w: SpectralWeights, cut_freq: int) -> SpectralWeights:
 
 # --- ONNX lowerings ---------------------------------------------------------------------------------------
 
-def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name: str = "y",
-            channels: int | None = None):
+def to_onnx(w: SpectralWeights | SpectralMap, form: str, *, input_name: str = "x", output_name: str = "y",
+            channels: int | None = None, outputs: list[tuple[str, str]] | None = None):
     """A standalone ONNX model (opset 17) computing FITS: input [batch, L, C] float32 -> [batch, L+H, C].
 
     `channels` fixes C in the graph's signature (required for `individual`, optional otherwise).
+    `outputs`: the graph's outputs in order as (name, kind), kind "y" (the de-normalised output) or
+    "centred" (y - mean, as the FITS authors' second output `low_xy * sqrt(var)`);
+    default [(output_name, "y")].
     The graph works channel-major ([B, C, L], or [C, B, L] for `individual`): every reduction and GEMM
     then runs along contiguous rows, and the de-normalisation rides in the last GEMM as two extra columns.
     """
@@ -215,24 +285,31 @@ def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name
     from onnx import TensorProto, helper
 
     w.check()
-    if form not in FORMS:
-        raise ValueError(f"unknown spectral form {form!r}; expected one of {FORMS}")
+    allowed = FORMS_OF_MAP if isinstance(w, SpectralMap) else FORMS
+    if form not in allowed:
+        raise ValueError(f"unknown spectral form {form!r} for a {type(w).__name__}; expected one of "
+                         f"{allowed}")
+    outputs = outputs or [(output_name, "y")]
+    if not outputs or any(kind not in ("y", "centred") for _, kind in outputs):
+        raise ValueError(f"outputs {outputs}: expected (name, 'y' | 'centred') pairs")
     if w.individual:
-        if channels not in (None, w.weight.shape[0]):
-            raise ValueError(f"individual FITS has {w.weight.shape[0]} channels, not {channels}")
-        channels = w.weight.shape[0]
+        per = w.M.shape[0] if isinstance(w, SpectralMap) else w.weight.shape[0]
+        if channels not in (None, per):
+            raise ValueError(f"individual FITS has {per} channels, not {channels}")
+        channels = per
     L, n = w.seq_len, w.out_len
     b = _Builder()
     x = b.op("Transpose", [input_name], perm=[2, 0, 1] if w.individual else [0, 2, 1])
     # NOTE: LayerNormalization is ORT's fused one-kernel mean/variance (two-pass exact, checked at
     # offsets up to 1e4); with eps' = eps*(L-1)/L, rho = 1/InvStdDev = sqrt((L-1)/L) * std, where std is
     # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops, each a pass of its own.
+    # (A biased variance, ddof 0: eps' = eps and rho = std.)
+    c_scale, eps_ln = _var_scale(w)                                          # std = rho * c_scale
     ln = [b._name("ln_y"), b._name("mean"), b._name("inv_std")]
     b.nodes.append(_node("LayerNormalization", [x, b.const(np.ones(L)), b.const(np.zeros(L))], ln, axis=-1,
-                         epsilon=w.eps * (L - 1) / L))
+                         epsilon=eps_ln))
     y_n, mean, inv = ln
     rho = b.op("Reciprocal", [inv])                                          # [B, C, 1]
-    c_scale = np.sqrt(L / (L - 1))                                           # std = rho * c_scale
     if form == "dft":
         core, c = _core_dft(b, w, b.op("Mul", [y_n, rho]))
         y = b.op("Add", [core, b.op("Add", [b.op("Mul", [rho, b.const(c[..., None, :] * c_scale)]), mean])])
@@ -244,11 +321,24 @@ def to_onnx(w: SpectralWeights, form: str, *, input_name: str = "x", output_name
         h = b.op("Mul", [h, rho])                                            # back to the centred scale
         h = b.op("Concat", [h, rho, mean], axis=2)
         y = b.op("MatMul", [h, b.const(operands[-1], name=GEMM_NAMES[len(operands) - 1])])
-    b.op("Transpose", [y], perm=[1, 2, 0] if w.individual else [0, 2, 1], name=output_name)
+    perm = [1, 2, 0] if w.individual else [0, 2, 1]
+    y_name = next((name for name, kind in outputs if kind == "y"), None)
+    y = b.op("Transpose", [y], perm=perm, name=y_name)
+    for name, kind in outputs:
+        if kind == "centred":
+            # NOTE: y - mean (float32 y carries ~1e-7 |mean|), channel-major like the rest, read back from
+            # the output y: the GEMM's own result stays inside the pattern the TVM kernel replaces (reading
+            # it made TVM compute the GEMM again, 70x slower). ORT, L=720, batch 1: cheaper than a
+            # ReduceMean of x and a Sub (+21 us over one output)
+            back = b.op("Transpose", [y], perm=[2, 0, 1] if w.individual else [0, 2, 1])
+            b.op("Transpose", [b.op("Sub", [back, mean])], perm=perm, name=name)
+        elif name != y_name:
+            b.op("Identity", [y], name=name)
     graph = helper.make_graph(
         b.nodes, f"fits_{form}",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", L, channels])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n, channels])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n, channels])
+         for name, _ in outputs],
         initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="edgeflex.kernels.spectral")

@@ -176,3 +176,36 @@ def test_macs_folded_exceeds_lowrank_for_small_cut(make_fits) -> None:
     assert spectral.macs(w, "dft") > 0
     with pytest.raises(ValueError, match="unknown spectral form"):
         spectral.macs(w, "fft")
+
+
+# --- SpectralMap: the form of a FITS known only by its probed map (export/spectral_match.py) ------------
+
+@pytest.mark.parametrize("form", spectral.FORMS_OF_MAP)
+@pytest.mark.parametrize("case", [c for c in CASES if c[1]], ids=_id)
+def test_a_map_gives_the_forms_of_its_weights_and_the_centred_output(case, form: str, case_data) -> None:
+    x, expected, w = case_data(case)
+    m = spectral.SpectralMap.of(w)
+    assert spectral.macs(m, form) == spectral.macs(w, form) or form == "lowrank"     # lowrank: bins M uses
+    model = spectral.to_onnx(m, form, channels=CHANNELS, outputs=[("y", "y"), ("yc", "centred")])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, yc = sess.run(None, {"x": x})
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(yc, expected - x.mean(axis=1, keepdims=True), rtol=0, atol=2e-5)
+
+
+def test_a_map_with_a_biased_variance_normalises_by_it() -> None:
+    rng = np.random.default_rng(0)
+    L, n = 20, 26
+    M, c = rng.standard_normal((n, L)) * 0.1, rng.standard_normal(n) * 0.1
+    x = (rng.standard_normal((3, L, 2)) * 3 + 1).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=1, keepdims=True)
+    std = np.sqrt((x64 - mean).var(axis=1, keepdims=True) + 1e-5)      # ddof 0
+    want = np.einsum("nl,blc->bnc", M, (x64 - mean) / std) * std + c[None, :, None] * std + mean
+    for form in spectral.FORMS_OF_MAP:
+        model = spectral.to_onnx(spectral.SpectralMap(L, n, M, c, 1e-5, ddof=0), form)
+        (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="unknown spectral form 'dft'"):
+        spectral.to_onnx(spectral.SpectralMap(L, n, M, c), "dft")
