@@ -1,9 +1,11 @@
 """Elastic models from the user's own models and data: `ef.elastic.stitch(anchors, train, val)` stitches
-pretrained anchors of one family into one SN-Net whose configs `ef.export` writes as shared segments.
+pretrained anchors of one family into one SN-Net whose configs `ef.export` writes as shared segments;
+`ef.elastic.dress(model, train, val)` makes one pretrained model nested-sparse (DRESS levels, one weight
+copy).
 
 The public face only: the training code is torch and lives in `models/stitch.py` (the network, stitch
-points, least squares, joint training) and `models/userdata.py` (the data checks). Importing this module
-imports torch.
+points, least squares, joint training), `models/dress.py` (levels, joint fine-tuning) and
+`models/userdata.py` (the data checks). Importing this module imports torch.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from edgeflex.models.dress import DENSITIES, USER_RECIPE, DressModel, PrunablePredicate, is_prunable
+from edgeflex.models.dress import dress as _dress
 from edgeflex.models.stitch import STITCH_RECIPE, Layout, Stitched, starnet_layout
 from edgeflex.models.stitch import stitch as _stitch
 
-__all__ = ["Layout", "Stitched", "starnet_layout", "stitch"]
+__all__ = ["DressModel", "Layout", "Stitched", "dress", "is_prunable", "starnet_layout", "stitch"]
 
 
 def stitch(anchors: Sequence[Any], train: Any, val: Any, *, adapter: Callable[[Any], Layout] | None = None,
@@ -41,3 +45,29 @@ def stitch(anchors: Sequence[Any], train: Any, val: Any, *, adapter: Callable[[A
     """
     return _stitch(anchors, train, val, adapter=adapter, names=names, direction=direction, stitches=stitches,
                    epochs=epochs, lr=lr, batch_size=batch_size, ls_rows=ls_rows, seed=seed, progress=progress)
+
+
+def dress(model: Any, train: Any, val: Any, *, densities: Sequence[float] = DENSITIES,
+          prunable: PrunablePredicate | None = None, loss_weights: Sequence[float] | None = None,
+          epochs: int = USER_RECIPE["epochs"], remask_epochs: int = USER_RECIPE["remask_epochs"],
+          lr: float = USER_RECIPE["lr"], batch_size: int = USER_RECIPE["batch_size"], seed: int = 0,
+          progress: bool = True) -> DressModel:
+    """Make a pretrained classifier nested-sparse (DRESS): every prunable Linear/Conv2d weight (default
+    `is_prunable`: all but the first Conv2d and the last Linear) keeps, at level s, the top `densities[s]`
+    of each row by magnitude, the levels nested (one dense copy and 2-bit codes), then the copy is fine-tuned
+    on `train` with the joint loss sum_s loss_weights[s] * loss_s (default: equal) and each level scored on
+    `val`. Your model is copied, never changed.
+
+    `train`, `val`: (x, y) arrays or DataLoaders, checked whole first as for `stitch` (one-line
+    `ef.DataError`). `densities`: 1.0 first, strictly decreasing, at most 4 (the bundle's 2-bit codes).
+    Fine-tuning: AdamW with a one-cycle schedule at `lr` for `epochs`, BatchNorm statistics frozen at
+    yours (shared by every level), codes re-ranked by magnitude at the start of each of the first
+    `remask_epochs` epochs, then fixed.
+
+    Returns the `DressModel` in eval mode at level 0: `set_level(s)`, `levels`, `quality` (per level,
+    held-out top-1; `ef.export` records it), `report` (per level FLOPs, parameter bytes, top-1 before and
+    after fine-tuning; the prunable weights).
+    """
+    return _dress(model, train, val, densities=densities, prunable=prunable, loss_weights=loss_weights,
+                  epochs=epochs, remask_epochs=remask_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                  progress=progress)

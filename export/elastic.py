@@ -112,8 +112,11 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                  quality: list[dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
                  metadata: dict | None = None, overwrite: bool = False) -> Bundle:
     """Export a `models.dress.DressModel`: one graph, one stored dense copy of each prunable weight plus its
-    2-bit level codes; config `density-NN` per level. `quality`: per level, in level order."""
+    2-bit level codes; config `density-NN` per level. `quality`: per level, in level order (default: the
+    model's own `quality`, which `ef.elastic.dress` measures on the user's held-out data)."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
+    if quality is None:
+        quality = getattr(model, "quality", None)
     threads = threads or default_threads()
     model = model.eval()
     levels = list(model.levels)
