@@ -123,7 +123,8 @@ FAMILIES: tuple[Family, ...] = (
            description="elastic FITS: one config per cut frequency, the complex weight stored once"),
     Family("starnet", ("edgeflex.models.starnet:StarNet",), description="StarNet image classifier"),
     Family("dress", ("edgeflex.models.dress:DressModel",), "edgeflex.export.elastic:export_dress",
-           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight"),
+           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight "
+                                      "(edgeflex's backbones or the user's own model, ef.elastic.dress)"),
     Family("snnet", ("edgeflex.models.snnet:SNNet", "edgeflex.models.stitch:Stitched"),
            "edgeflex.export.elastic:export_snnet", elastic=True,
            description="SN-Net: stitched anchors (edgeflex's StarNets or the user's own, ef.elastic.stitch), "
