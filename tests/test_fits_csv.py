@@ -110,6 +110,10 @@ def _bad_csv(tmp_path, case: str):
         values[:, 1] = 3.0
     elif case == "date":
         header = ("when", *COLUMNS)
+    elif case == "ragged":
+        cells = {(4, 3): "1.0,2.0"}
+    elif case == "named-date":
+        kw = {"date_column": "stamp"}
     path = tmp_path / f"{case}.csv"
     write_csv(path, values, header, cells)
     return path, kw
@@ -123,6 +127,8 @@ BAD = [
     ("unknown", r"unknown column\(s\) 'humidity'; its columns are date, load, temp, price"),
     ("constant", r"column\(s\) 'temp' are constant over the training rows"),
     ("date", r"line 2, column 'when': '2024-01-01 00:00' is not a number; name it with --date-column"),
+    ("ragged", r"line 6: 5 cells, the header has 4"),
+    ("named-date", r"no date column 'stamp'; its columns are date, load, temp, price"),
 ]
 
 
@@ -151,3 +157,10 @@ def test_the_minimum_rows_give_every_part_one_window():
     assert series.min_rows(96, 24) == 224      # the 10 % validation part holds one horizon
     parts = series.borders(series.min_rows(96, 24), 96)
     assert all(b - a >= 96 + 24 for a, b in parts.values())
+
+
+def test_a_date_column_of_another_name_is_skipped_when_named(tmp_path):
+    path = tmp_path / "when.csv"
+    write_csv(path, seasonal(300), ("when", *COLUMNS))
+    values, names, source = series.read_csv(path, date_column="when")
+    assert names == list(COLUMNS) and values.shape == (300, 3) and source["date_column"] == "when"
