@@ -75,6 +75,7 @@ def test_users_model_becomes_dress_exported_and_every_level_equals_pytorch(make,
     assert [lv["density"] for lv in levels] == [1.0, 0.5, 0.25, 0.1]
     assert all(a["flops"] > b["flops"] for a, b in zip(levels, levels[1:]))
     assert levels[0]["value"] > 0.6 and levels[-1]["value"] > 0.1     # level 0 far above chance (0.1)
+    assert levels[-1]["value"] > levels[-1]["value_before"]     # fine-tuning recovers the sparsest level
     bundle = ef.export(dm, torch.from_numpy(x_val[:2]), tmp_path / "d.efx")
     assert bundle.family == "dress" and len(bundle.configs) == 4
     same_as_pytorch(dm, tmp_path / "d.efx", x_val[:64])
