@@ -17,12 +17,12 @@ from typing import Any
 
 from edgeflex.models.dress import DENSITIES, USER_RECIPE, DressModel, PrunablePredicate, is_prunable
 from edgeflex.models.dress import dress as _dress
-from edgeflex.models.series import SeriesFit
+from edgeflex.models.series import SeriesFit, fits_series
 from edgeflex.models.series import fits_csv as _fits_csv
 from edgeflex.models.stitch import STITCH_RECIPE, Layout, Stitched, starnet_layout
 from edgeflex.models.stitch import stitch as _stitch
 
-__all__ = ["DressModel", "Layout", "SeriesFit", "Stitched", "dress", "fits_csv", "is_prunable",
+__all__ = ["DressModel", "Layout", "SeriesFit", "Stitched", "dress", "fits_csv", "fits_series", "is_prunable",
            "starnet_layout", "stitch"]
 
 
@@ -101,6 +101,9 @@ def fits_csv(path: str | os.PathLike, *, lookback: int, horizon: int, columns: S
     Returns a `SeriesFit`: `model`, `example`, `quality` (test MSE/MAE, per level when elastic, beside the
     repeat-the-last-value baseline), `metadata` (source sha256, split, scaler, training record), `test`;
     `fit.export("f.efx")` writes the bundle with the quality and metadata.
+
+    `ef.elastic.fits_series(values, lookback=, horizon=, names=...)` does the same on an array [T, C] (or a
+    tensor; 1-D: one column), checked alike (numbers, no NaN/inf rows, enough rows).
     """
     return _fits_csv(path, lookback=lookback, horizon=horizon, columns=columns, date_column=date_column,
                      elastic=elastic, period=period, cut_freq=cut_freq, cut_freqs=cut_freqs, epochs=epochs,

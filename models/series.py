@@ -132,14 +132,38 @@ class SeriesFit:
 
 
 def fits_csv(path: str | Path, *, lookback: int, horizon: int, columns: Sequence[str] | None = None,
-             date_column: str | None = None, elastic: bool = False, period: int | None = None,
-             cut_freq: int | None = None, cut_freqs: Sequence[int] | None = None, epochs: int | None = None,
-             seed: int = 0, progress: bool = True) -> SeriesFit:
+             date_column: str | None = None, **kw: Any) -> SeriesFit:
     """Train FITS (or, `elastic`, an ElasticFITS with one level per cut frequency) on the CSV's series; see
-    `ef.elastic.fits_csv`."""
-    from edgeflex.models.fits import FITS, cut_freq_for, dominant_period
-    from edgeflex.models.fits_elastic import ElasticFITS, evaluate_levels
+    `ef.elastic.fits_csv`. `kw`: as `fits_series`."""
+    _check_settings(lookback, horizon, kw.get("epochs"))
+    series, names, source = read_csv(path, columns, date_column)
+    return fits_series(series, lookback=lookback, horizon=horizon, names=names, source=source, **kw)
 
+
+def read_array(values: Any, names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The user's series as an array [T, C] float64 (a 1-D array is one column) and its column names
+    (default c0, c1, ...), checked as `read_csv` checks a file: one `DataError` line."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if not isinstance(values, np.ndarray):
+        raise DataError(f"series is {type(values).__name__}; expected a numpy array [time steps, columns] "
+                        "(or a CSV path: fits_csv)")
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise DataError(f"series has dtype {values.dtype}; expected numbers: pass values.astype(np.float32)")
+    if values.ndim not in (1, 2) or values.size == 0:
+        raise DataError(f"series has shape {values.shape}; expected [time steps, columns] (or one column)")
+    series = values.astype(np.float64).reshape(len(values), -1)
+    names = list(names) if names is not None else [f"c{i}" for i in range(series.shape[1])]
+    if len(names) != series.shape[1] or len(set(names)) != len(names):
+        raise DataError(f"names {names}: expected {series.shape[1]} distinct names, one per column")
+    bad = np.flatnonzero(~np.isfinite(series).all(axis=1))
+    if len(bad):
+        raise DataError(f"series has {len(bad)} rows with NaN or inf (first: row {bad[0]}); fill or drop "
+                        "them before training (FITS needs evenly spaced steps)")
+    return series, names
+
+
+def _check_settings(lookback: Any, horizon: Any, epochs: Any) -> None:
     for what, value in (("lookback", lookback), ("horizon", horizon)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"{what} must be an int >= 1, got {value!r}")
@@ -148,7 +172,23 @@ def fits_csv(path: str | Path, *, lookback: int, horizon: int, columns: Sequence
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise UsageError(f"epochs must be an int >= 1 (or None: the recipe's 100 with early stopping), got "
                          f"{epochs!r}")
-    series, names, source = read_csv(path, columns, date_column)
+
+
+def fits_series(values: Any, *, lookback: int, horizon: int, names: Sequence[str] | None = None,
+                elastic: bool = False, period: int | None = None, cut_freq: int | None = None,
+                cut_freqs: Sequence[int] | None = None, epochs: int | None = None, seed: int = 0,
+                progress: bool = True, source: dict | None = None) -> SeriesFit:
+    """Train FITS (or, `elastic`, an ElasticFITS) on `values` [T, C], oldest first; see
+    `ef.elastic.fits_csv`. `source`: where the rows came from (recorded; default: the array's sha256)."""
+    from edgeflex.models.fits import FITS, cut_freq_for, dominant_period
+    from edgeflex.models.fits_elastic import ElasticFITS, evaluate_levels
+
+    _check_settings(lookback, horizon, epochs)
+    series, names = read_array(values, names)
+    if source is None:
+        source = {"path": None, "sha256": hashlib.sha256(np.ascontiguousarray(series).tobytes()).hexdigest(),
+                  "rows": len(series), "columns": names, "date_column": None}
+    path = source["path"] or "series"
     need = min_rows(lookback, horizon)
     if len(series) < need:
         raise DataError(f"{path}: {len(series)} rows; look-back {lookback} + horizon {horizon} need at least "

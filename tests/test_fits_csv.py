@@ -164,3 +164,17 @@ def test_a_date_column_of_another_name_is_skipped_when_named(tmp_path):
     write_csv(path, seasonal(300), ("when", *COLUMNS))
     values, names, source = series.read_csv(path, date_column="when")
     assert names == list(COLUMNS) and values.shape == (300, 3) and source["date_column"] == "when"
+
+
+def test_an_array_trains_like_its_csv(csv_path):
+    raw, names, _ = series.read_csv(csv_path)
+    from_csv = ef.elastic.fits_csv(csv_path, lookback=L, horizon=H, epochs=1, progress=False)
+    from_array = ef.elastic.fits_series(raw, lookback=L, horizon=H, names=names, epochs=1, progress=False)
+    assert from_array.quality["value"] == pytest.approx(from_csv.quality["value"], rel=1e-6)
+    assert from_array.metadata["scaler"] == from_csv.metadata["scaler"]
+    bad = raw.copy()
+    bad[3, 1] = np.inf
+    with pytest.raises(ef.DataError, match=r"series has 1 rows with NaN or inf \(first: row 3\)"):
+        ef.elastic.fits_series(bad, lookback=L, horizon=H, progress=False)
+    with pytest.raises(ef.DataError, match=r"expected \[time steps, columns\]"):
+        ef.elastic.fits_series(raw[None], lookback=L, horizon=H, progress=False)
