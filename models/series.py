@@ -181,7 +181,7 @@ def fits_series(values: Any, *, lookback: int, horizon: int, names: Sequence[str
     """Train FITS (or, `elastic`, an ElasticFITS) on `values` [T, C], oldest first; see
     `ef.elastic.fits_csv`. `source`: where the rows came from (recorded; default: the array's sha256)."""
     from edgeflex.models.fits import FITS, cut_freq_for, dominant_period
-    from edgeflex.models.fits_elastic import ElasticFITS, evaluate_levels
+    from edgeflex.models.fits_elastic import ElasticFITS, evaluate_levels, fit_levels
 
     _check_settings(lookback, horizon, epochs)
     series, names = read_array(values, names)
@@ -216,18 +216,9 @@ def fits_series(values: Any, *, lookback: int, horizon: int, names: Sequence[str
         cuts = cut_freqs or sorted({top, *(max(1, round(top * f)) for f in ELASTIC_FRACTIONS)}, reverse=True)
         cuts = [_fit_cut(int(k), lookback, horizon) for k in cuts]
         model = ElasticFITS(lookback, horizon, channels, cuts)
-        weights = [1.0 / len(model.cut_freqs)] * len(model.cut_freqs)
-
-        def loss(m: ElasticFITS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return sum(w * ett.horizon_mse(o, y) for w, o in zip(weights, m.forward_levels(x)))
-
-        def val_score(m: ElasticFITS) -> float:
-            return sum(w * lv["mse"] for w, lv in zip(weights, evaluate_levels(m, data.val)))
-
-        record = ett.fit(model, data, recipe, loss=loss, val_score=val_score, progress=progress,
-                         desc=f"elastic FITS {data.name} L={lookback} H={horizon} "
-                              f"cuts={list(model.cut_freqs)}")
-        record.update(loss_weights=weights, cut_freqs=list(model.cut_freqs))
+        record = fit_levels(model, data, recipe, progress=progress,
+                            desc=f"elastic FITS {data.name} L={lookback} H={horizon} "
+                                 f"cuts={list(model.cut_freqs)}")
         quality = [{"metric": "mse", "value": lv["mse"], "mae": lv["mae"], "direction": "lower",
                     "split": "test", "cut_freq": lv["cut_freq"]} for lv in evaluate_levels(model, data.test)]
     else:
