@@ -135,7 +135,7 @@ def fits_csv(path: str | Path, *, lookback: int, horizon: int, columns: Sequence
              date_column: str | None = None, **kw: Any) -> SeriesFit:
     """Train FITS (or, `elastic`, an ElasticFITS with one level per cut frequency) on the CSV's series; see
     `ef.elastic.fits_csv`. `kw`: as `fits_series`."""
-    _check_settings(lookback, horizon, kw.get("epochs"))
+    _check_settings(lookback, horizon, kw.get("epochs"), kw.get("period"), kw.get("cut_freq"))
     series, names, source = read_csv(path, columns, date_column)
     return fits_series(series, lookback=lookback, horizon=horizon, names=names, source=source, **kw)
 
@@ -163,9 +163,13 @@ def read_array(values: Any, names: Sequence[str] | None = None) -> tuple[np.ndar
     return series, names
 
 
-def _check_settings(lookback: Any, horizon: Any, epochs: Any) -> None:
-    for what, value in (("lookback", lookback), ("horizon", horizon)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _check_settings(lookback: Any, horizon: Any, epochs: Any, period: Any = None,
+                    cut_freq: Any = None) -> None:
+    """Every setting an int >= 1 (period, cut_freq and epochs may be None), in one UsageError line."""
+    settings = {"lookback": lookback, "horizon": horizon, "period": period, "cut_freq": cut_freq}
+    for what, value in settings.items():
+        if (value is not None or what in ("lookback", "horizon")) and \
+                (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UsageError(f"{what} must be an int >= 1, got {value!r}")
     if lookback < 4:
         raise UsageError(f"lookback must be >= 4 steps (FITS interpolates its spectrum), got {lookback}")
@@ -183,7 +187,7 @@ def fits_series(values: Any, *, lookback: int, horizon: int, names: Sequence[str
     from edgeflex.models.fits import FITS, cut_freq_for, dominant_period
     from edgeflex.models.fits_elastic import ElasticFITS, evaluate_levels, fit_levels
 
-    _check_settings(lookback, horizon, epochs)
+    _check_settings(lookback, horizon, epochs, period, cut_freq)
     series, names = read_array(values, names)
     if source is None:
         source = {"path": None, "sha256": hashlib.sha256(np.ascontiguousarray(series).tobytes()).hexdigest(),

@@ -178,3 +178,10 @@ def test_an_array_trains_like_its_csv(csv_path):
         ef.elastic.fits_series(bad, lookback=L, horizon=H, progress=False)
     with pytest.raises(ef.DataError, match=r"expected \[time steps, columns\]"):
         ef.elastic.fits_series(raw[None], lookback=L, horizon=H, progress=False)
+
+
+@pytest.mark.parametrize("kw", [{"lookback": 0}, {"horizon": 2.5}, {"period": 0}, {"cut_freq": -3},
+                                {"epochs": 0}])
+def test_bad_settings_are_one_usage_error_line(csv_path, kw):
+    with pytest.raises(ef.UsageError, match=f"{next(iter(kw))} must be an int >= 1"):
+        ef.elastic.fits_csv(csv_path, **{"lookback": L, "horizon": H, **kw}, progress=False)
