@@ -1,4 +1,4 @@
-"""The `edgeflex` command line: export, models, info, run, compile, demo, pack, unpack, apply, sign.
+"""The `edgeflex` command line: export, train, models, info, run, compile, demo, pack, unpack, apply, sign.
 
 Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
 so `models`, `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime
@@ -76,6 +76,28 @@ def cmd_export(a: argparse.Namespace) -> int:
           f"{v['max_rel_err']:.2e} relative)")
     for d in bundle.manifest["export"].get("dropped_outputs", []):
         print(f"  left out output {d['output']} ({d['type']}): not a tensor")
+    for c in bundle.configs:
+        print(f"  {c.name}: {_quality_str(c.quality)}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """Train a family on the user's own data (today: FITS on a CSV's series), export, print the configs."""
+    from edgeflex.models.series import fits_csv
+    from edgeflex.runtime.store import target
+
+    writable_file("--out", a.out, dir_ok=True)     # before training, as export
+    target(a.out, overwrite=a.force, new=True)
+    columns = [c.strip() for c in a.columns.split(",")] if a.columns else None
+    fit = fits_csv(a.csv, lookback=a.lookback, horizon=a.horizon, columns=columns, date_column=a.date_column,
+                   elastic=a.elastic, period=a.period, cut_freq=a.cut_freq, epochs=a.epochs, seed=a.seed)
+    bundle = fit.export(a.out, name=a.name or Path(a.out).name.removesuffix(".efx"), tolerance=a.tolerance,
+                        overwrite=a.force)
+    v, t, d = bundle.manifest["export"]["validation"], fit.metadata["training"], fit.metadata["data"]
+    print(f"trained on {d['rows']} rows of {a.csv} ({', '.join(d['columns'])}): {t['epochs']} epochs (best "
+          f"{t['best_epoch']}), {t['train_seconds']} s; split {d['split']}")
+    print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
+          f"{v['max_rel_err']:.2e} relative)")
     for c in bundle.configs:
         print(f"  {c.name}: {_quality_str(c.quality)}")
     return 0
@@ -542,6 +564,30 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
                    help="max relative export error (default 1e-4)")
     e.set_defaults(fn=cmd_export)
+    t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series)")
+    t.add_argument("family", choices=["fits"], help="fits: FITS (--elastic: elastic FITS) on a CSV's series")
+    t.add_argument("--csv", required=True, help="a CSV: a header row, then one row per time step, oldest "
+                   "first (read with the csv module, no pickle)")
+    t.add_argument("--columns", help="comma-separated columns to model, in order (default: all but the date "
+                   "column)")
+    t.add_argument("--date-column", help="a column to skip (default: date, time, timestamp or datetime if "
+                   "present)")
+    t.add_argument("--lookback", type=POSITIVE, required=True, help="input steps L")
+    t.add_argument("--horizon", type=POSITIVE, required=True, help="forecast steps H")
+    t.add_argument("--elastic", action="store_true", help="elastic FITS: one config per cut frequency, the "
+                   "weight stored once")
+    t.add_argument("--period", type=POSITIVE, help="the base period in steps for the cut frequency (default: "
+                   "the training rows' dominant period)")
+    t.add_argument("--cut-freq", type=POSITIVE, help="the (largest) cut frequency (default: the paper's rule "
+                   "(L // period + 1) * 6 + 10)")
+    t.add_argument("--epochs", type=POSITIVE, help="at most this many epochs (default 100, early stopping)")
+    t.add_argument("--out", required=True, help="bundle path, NAME.efx")
+    t.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
+    t.add_argument("--seed", type=SEED, default=0)
+    t.add_argument("--name")
+    t.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
+                   help="max relative export error (default 1e-4)")
+    t.set_defaults(fn=cmd_train)
     ms = sub.add_parser("models", help="the registered models: name, family, description")
     ms.add_argument("--json", action="store_true")
     ms.set_defaults(fn=cmd_models)
@@ -647,6 +693,7 @@ def parser() -> argparse.ArgumentParser:
 # The extras a verb needs (pyproject.toml) and the modules checked before it runs; and the extra that
 # brings each other optional module, should one be missing deeper in.
 NEEDS = {"export": ("export", ("torch", "onnx", "onnxscript")),
+         "train": ("export", ("torch", "onnx", "onnxscript")),
          "demo": ("export", ("torch", "onnx", "onnxscript")),
          "compile": ("tvm", ("tvm", "onnx"))}
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "sklearn": "export",

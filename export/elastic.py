@@ -113,34 +113,35 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                  quality: list[dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
                  metadata: dict | None = None, overwrite: bool = False) -> Bundle:
     """Export a `models.dress.DressModel`: one graph, one stored dense copy of each prunable weight plus its
-    2-bit level codes; config `density-NN` per level. `quality`: per level, in level order."""
+    2-bit level codes; config `density-NN` per level. `quality`: per level, in level order (default: the
+    model's own `quality`, which `ef.elastic.dress` measures on the user's held-out data)."""
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
+    if quality is None:
+        quality = getattr(model, "quality", None)
     threads = threads or default_threads()
     model = model.eval()
     levels = list(model.levels)
     dense = model.dense_copy(0).eval()
     graph = onnx.load_from_string(capture(dense, (example,), ["x"], ["y"]))
-    inits = {t.name for t in graph.graph.initializer}
-    missing = [k for k in model.codes if k not in inits]
-    if missing:
-        raise ExportError(f"prunable weights {missing[:3]} not found among the ONNX initialisers; the "
-                          "capture renamed them")
+    # codes by initialiser, in the initialiser's layout (a Linear on tokens is captured as MatMul by W^T)
+    codes = {init: (c.numpy().T if transposed else c.numpy()).astype(np.uint8)
+             for pname, c in model.codes.items()
+             for init, transposed in [_locate(graph, pname, dense.get_parameter(pname))]}
     store = WeightStore()
     graph_bytes, refs = store.externalize(graph)
     masked_spec = {}
-    for pname, codes in model.codes.items():
-        c = codes.numpy().astype(np.uint8)
-        masked_spec[pname] = {"weight": refs[pname], "codes": store.add(rowsparse.pack_codes(c)),
-                              "shape": list(c.shape)}
+    for init, c in codes.items():
+        masked_spec[init] = {"weight": refs[init], "codes": store.add(rowsparse.pack_codes(c)),
+                             "shape": list(c.shape)}
     # The row-sparse variant: Linear layers as the ELL kernel, its tensors derived at load from the same
     # stored weight and codes (nothing more is stored). Conv layers keep the dense op (no ORT lowering).
     sparse_graph, sparse_refs, sparse_layers = _sparse_variant(graph_bytes, refs, masked_spec, len(levels))
     sparse_engine = None
     if sparse_graph is not None:
         derived = {}
-        for pname in sparse_layers:
-            w = _stored(store, masked_spec[pname]["weight"])
-            derived.update(ell_tensors(pname, w, model.codes[pname].numpy(), len(levels)))
+        for init in sparse_layers:
+            w = _stored(store, masked_spec[init]["weight"])
+            derived.update(ell_tensors(init, w, codes[init], len(levels)))
         sparse_engine = _ort_session(sparse_graph, store, sparse_refs, threads, derived,
                                      example_specs((example,)))
     # Validate every level through the paths the runtime takes: stored weight x unpacked codes.
@@ -149,8 +150,8 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     costs = config_costs([graph])        # the dense kernel runs every level: one cost for all
     x1 = example[:1].numpy()
     for s, density in enumerate(levels):
-        overrides = {pname: rowsparse.masked(_stored(store, d["weight"]), model.codes[pname].numpy(), s)
-                     for pname, d in masked_spec.items()}
+        overrides = {init: rowsparse.masked(_stored(store, d["weight"]), codes[init], s)
+                     for init, d in masked_spec.items()}
         masked_run = plan_call([_ort_session(graph_bytes, store, refs, threads, overrides,
                                         example_specs((example,)))])
         reference = model.dense_copy(s).eval()
@@ -195,6 +196,23 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**files, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
+
+
+def _locate(graph: onnx.ModelProto, pname: str, weight: torch.Tensor) -> tuple[str, bool]:
+    """The initialiser holding prunable weight `pname`, and whether it holds it transposed: by name, else by
+    value (torch.onnx folds the transpose of a Linear applied to tokens, [B, N, C], into a new constant)."""
+    w = weight.detach().numpy()
+    by_name = next((t for t in graph.graph.initializer if t.name == pname), None)
+    if by_name is not None and list(by_name.dims) == list(w.shape):
+        return pname, False
+    for t in graph.graph.initializer:
+        dims = list(t.dims)
+        if w.ndim == 2 and dims == list(w.T.shape) and np.array_equal(numpy_helper.to_array(t), w.T):
+            return t.name, True
+        if dims == list(w.shape) and np.array_equal(numpy_helper.to_array(t), w):
+            return t.name, False
+    raise ExportError(f"prunable weight {pname!r} {list(w.shape)} is not among the ONNX initialisers, as "
+                      "itself or transposed (the capture changed it); leave it dense with prunable=")
 
 
 def _stored(store: WeightStore, tid: str) -> np.ndarray:

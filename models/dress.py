@@ -1,8 +1,10 @@
 """DRESS (Dynamic REal-time Sparse Subnets, Qu et al., arXiv 2207.00670): nested row-sparse levels of a model.
 
-Owns the per-weight level codes, the wrapper that runs a backbone at a level, per-level FLOPs and bytes, and
-the joint training recipe on the shipped digits. Not the row-sparse storage or kernel (`kernels/rowsparse.py`)
-nor export: an exporter takes `dense_copy(level)` or `masked_state_dict(level)` plus `codes`.
+Owns the per-weight level codes, the wrapper that runs any backbone's Linear/Conv2d layers at a level,
+per-level FLOPs and bytes, the joint training recipe on the shipped digits, and `dress`: the user's own
+pretrained model fine-tuned into nested levels on the user's data. Not the row-sparse storage or kernel
+(`kernels/rowsparse.py`), the data checks (`userdata.py`) nor export: an exporter takes `dense_copy(level)`
+or `masked_state_dict(level)` plus `codes`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +24,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from edgeflex.errors import UsageError
+from edgeflex.kernels.rowsparse import MAX_LEVELS
 from edgeflex.models.digits import NUM_CLASSES, RECIPE, _random_shift, _top1, load_digits_images
 from edgeflex.models.starnet import list_variants, starnet
+from edgeflex.models.userdata import Checked, check_data
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,11 @@ DRESS_RECIPES: dict[str, dict] = {
         "lr": 4e-3, "joint_lr": 2e-3, "max_shift": 1,
     },
 }
+
+# Fine-tuning the user's pretrained model into levels (`dress`): from their weights, so fewer epochs and half
+# the from-scratch joint learning rate (2e-3 in DRESS_RECIPES), as SN-Net fine-tunes its anchors at a lower
+# rate (STITCH_RECIPE); codes re-ranked during the first half of the epochs, then fixed.
+USER_RECIPE = {"epochs": 10, "remask_epochs": 5, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64}
 
 PrunablePredicate = Callable[[nn.Module, str, nn.Module], bool]
 
@@ -91,9 +102,11 @@ def is_prunable(backbone: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 class DressModel(nn.Module):
-    """A backbone with nested row-sparse levels: `set_level(s)` makes forward use weight * (codes >= s)
-    for every prunable weight. The backbone's parameters stay dense (they are what training updates);
-    `codes` (uint8 buffers, keyed by the backbone's state_dict key) say which of them each level keeps."""
+    """Any backbone (edgeflex's or the user's own module) with nested row-sparse levels: `set_level(s)` makes
+    forward use weight * (codes >= s) for every prunable Linear/Conv2d weight, through `functional_call`, so
+    the backbone's own forward runs unchanged. The backbone's parameters stay dense (they are what training
+    updates); `codes` (uint8 buffers, keyed by the backbone's state_dict key) say which of them each level
+    keeps."""
 
     family = "dress"
 
@@ -107,6 +120,7 @@ class DressModel(nn.Module):
         self.backbone = backbone
         self.levels: list[float] = list(check_densities(densities))
         self.level = 0
+        self.quality: list[dict] | None = None     # per level, set by `dress`; what `ef.export` records
         self.backbone_family: str = getattr(backbone, "family", type(backbone).__name__.lower())
         self.variant: str | None = getattr(backbone, "variant", None)
         self.prunable_names: list[str] = [
@@ -168,6 +182,23 @@ class DressModel(nn.Module):
         model = copy.deepcopy(self.backbone)
         model.load_state_dict(self.masked_state_dict(level))
         return model
+
+
+def joint_loss(model: DressModel, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
+               weights: Sequence[float]) -> torch.Tensor:
+    """DRESS's joint loss: the same batch through every level, sum_s weights[s] * loss_s, into one set of
+    dense weights (a level whose weight is 0 is not run). Leaves the model at the last level run."""
+    return sum(w * loss_fn(model.set_level(s)(x), y) for s, w in enumerate(weights) if w != 0.0)
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm to eval mode (statistics frozen, affine terms still train): statistics updated by
+    every level in turn fit none of them, and one shared BN keeps every non-prunable tensor identical across
+    levels (see `train_dress_digits`)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
 
 
 def _weight_uses(module: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -328,7 +359,7 @@ def train_dress_digits(
             bar.update()
 
     def joint_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return sum(w * loss_fn(model.set_level(s)(xb), yb) for s, w in enumerate(weights) if w != 0.0)
+        return joint_loss(model, xb, yb, loss_fn, weights)
 
     def remask(epoch: int) -> None:
         if epoch < remask_epochs:
@@ -343,10 +374,7 @@ def train_dress_digits(
         warmup_seconds = time.perf_counter() - start
         backbone.eval()
         dense_top1 = _top1(backbone, x_test, y_test)
-        model = DressModel(backbone, dens).train()
-        for m in model.modules():  # NOTE: shared BN statistics, frozen at the dense warm-up's
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        model = freeze_batchnorm(DressModel(backbone, dens).train())  # NOTE: shared BN, the warm-up's
         run_epochs(list(model.parameters()), epochs, recipe["joint_lr"], joint_step, remask, "joint")
         bar.close()
         train_seconds = time.perf_counter() - start
@@ -377,3 +405,122 @@ def train_dress_digits(
         "seed": seed,
     }
     return model, result
+
+
+# --- the user's model on the user's data -------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_levels(model: DressModel, data: Checked, batch_size: int = 512) -> list[float]:
+    """Top-1 of every level on `data` (one pass per level); the model is left in eval mode at level 0."""
+    model.eval()
+    top1 = []
+    for s in range(len(model.levels)):
+        model.set_level(s)
+        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in data.batches(batch_size))
+        top1.append(correct / data.rows)
+    model.set_level(0)
+    return top1
+
+
+def _classes(model: nn.Module, example: torch.Tensor) -> int:
+    """The class count of the user's classifier (its output's last axis), in one line if it is not one."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example)
+    except Exception as e:  # noqa: BLE001 - reported in one line
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UsageError(f"{type(model).__name__} fails on the train rows of shape "
+                         f"{tuple(example.shape[1:])}: {type(e).__name__}: {text}") from e
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise UsageError(f"{type(model).__name__} returns {getattr(out, 'shape', type(out).__name__)}; dress "
+                         "fine-tunes classifiers: expected logits of shape (batch, classes)")
+    return int(out.shape[1])
+
+
+def dress(model: nn.Module, train: Any, val: Any, *, densities: Sequence[float] = DENSITIES,
+          prunable: PrunablePredicate | None = None, loss_weights: Sequence[float] | None = None,
+          epochs: int = USER_RECIPE["epochs"], remask_epochs: int = USER_RECIPE["remask_epochs"],
+          lr: float = USER_RECIPE["lr"], batch_size: int = USER_RECIPE["batch_size"], seed: int = 0,
+          progress: bool = True) -> DressModel:
+    """The user's pretrained classifier as a DRESS model, fine-tuned on `train`, each level scored on `val`;
+    see `ef.elastic.dress`. The user's model is copied, never changed."""
+    for what, value, low in (("epochs", epochs, 1), ("remask_epochs", remask_epochs, 0),
+                             ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"{what} must be an int >= {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise UsageError(f"lr must be > 0, got {lr!r}")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"dress takes a torch.nn.Module, got {type(model).__name__}")
+    try:
+        dens = check_densities(densities)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if len(dens) > MAX_LEVELS:
+        raise UsageError(f"densities {dens}: a bundle holds at most {MAX_LEVELS} levels (2-bit codes); "
+                         f"e.g. {DENSITIES}")
+    weights = [1.0 / len(dens)] * len(dens) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(dens) or any(w < 0 for w in weights) or not any(weights):
+        raise UsageError(f"loss_weights needs one weight >= 0 per level ({len(dens)}), not all 0; got "
+                         f"{list(loss_weights or [])}")
+    start = time.perf_counter()
+    train_data = check_data(train, "train")
+    val_data = check_data(val, "val", sample_shape=train_data.sample_shape)
+    example = train_data.head(2)
+    classes = _classes(model, example)
+    train_data.check_labels(classes)
+    val_data.check_labels(classes)
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        dm = DressModel(copy.deepcopy(model), dens, prunable or is_prunable)
+    except ValueError as e:
+        raise UsageError(f"{e}; the default keeps the first Conv2d and the last Linear dense") from None
+    before = evaluate_levels(dm, val_data)          # the user's weights, masked by their own magnitudes
+    loss_fn = nn.CrossEntropyLoss()
+    steps = epochs * train_data.batches_per_epoch(batch_size)
+    opt = torch.optim.AdamW(dm.parameters(), lr=lr, weight_decay=USER_RECIPE["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc="dress: joint fine-tuning", unit="step", disable=not progress)
+    try:
+        done = 0
+        for epoch in range(epochs):
+            if epoch < remask_epochs:
+                dm.recompute_codes()
+            freeze_batchnorm(dm.train())
+            for x, y in train_data.batches(batch_size, gen=gen):
+                if done == steps:        # a DataLoader may yield more batches than it promised
+                    break
+                loss = joint_loss(dm, x, y, loss_fn, weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    finally:
+        bar.close()
+        dm.eval().set_level(0)
+    top1 = evaluate_levels(dm, val_data)
+    stats = level_stats(dm, example[:1])
+    metric = {"metric": "top1", "direction": "higher", "split": "val"}
+    dm.quality = [{**metric, "value": t, "density": d} for t, d in zip(top1, dens)]
+    dm.report = {
+        "levels": [{"level": s, "density": d, "value": t, "value_before": b, "flops": st["flops"],
+                    "param_bytes": st["param_bytes"]}
+                   for s, (d, t, b, st) in enumerate(zip(dens, top1, before, stats))],
+        "metric": "top1", "direction": "higher", "prunable": list(dm.prunable_names),
+        "train_rows": train_data.rows, "val_rows": val_data.rows, "epochs": epochs,
+        "remask_epochs": min(remask_epochs, epochs), "lr": lr, "loss_weights": weights,
+        "train_seconds": time.perf_counter() - start,
+    }
+    log.info("dress %s: val top1 per level %s (before fine-tuning %s)", type(model).__name__,
+             [f"{d:g}:{t:.4f}" for d, t in zip(dens, top1)], [f"{b:.4f}" for b in before])
+    return dm

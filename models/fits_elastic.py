@@ -125,6 +125,18 @@ def train_elastic(name: str, pred_len: int, *, data: str | Path | None = None,
     torch.manual_seed(recipe.seed)
     model = ElasticFITS(s["seq_len"], pred_len, len(ett.COLUMNS),
                         cut_freqs or default_cuts(s["seq_len"], s["period"], s["harmonic_order"]))
+    record = fit_levels(model, d, recipe, loss_weights, progress=progress,
+                        desc=f"elastic FITS {name} H={pred_len} cuts={list(model.cut_freqs)}")
+    val = evaluate_levels(model, d.val)
+    levels = [{**t, "val_mse": v["mse"], "parameters": model.level_parameters(t["cut_freq"])}
+              for t, v in zip(evaluate_levels(model, d.test), val)]
+    return model, d, {**record, "levels": levels}
+
+
+def fit_levels(model: ElasticFITS, data: ett.EttData, recipe: ett.Recipe,
+               loss_weights: Sequence[float] | None = None, *, desc: str, progress: bool = True) -> dict:
+    """`ett.fit` with the joint loss sum_k w_k * horizon_mse_k (default: equal weights summing to 1) and
+    early stopping on the same weighted sum over validation; the record adds the weights and the cuts."""
     k = len(model.cut_freqs)
     weights = [1.0 / k] * k if loss_weights is None else [float(w) for w in loss_weights]
     if len(weights) != k:
@@ -134,11 +146,7 @@ def train_elastic(name: str, pred_len: int, *, data: str | Path | None = None,
         return sum(w * ett.horizon_mse(o, y) for w, o in zip(weights, m.forward_levels(x)))
 
     def val_score(m: ElasticFITS) -> float:
-        return sum(w * lv["mse"] for w, lv in zip(weights, evaluate_levels(m, d.val)))
+        return sum(w * lv["mse"] for w, lv in zip(weights, evaluate_levels(m, data.val)))
 
-    record = ett.fit(model, d, recipe, loss=loss, val_score=val_score, progress=progress,
-                     desc=f"elastic FITS {name} H={pred_len} cuts={list(model.cut_freqs)}")
-    val = evaluate_levels(model, d.val)
-    levels = [{**t, "val_mse": v["mse"], "parameters": model.level_parameters(t["cut_freq"])}
-              for t, v in zip(evaluate_levels(model, d.test), val)]
-    return model, d, {**record, "loss_weights": weights, "cut_freqs": list(model.cut_freqs), "levels": levels}
+    record = ett.fit(model, data, recipe, loss=loss, val_score=val_score, progress=progress, desc=desc)
+    return {**record, "loss_weights": weights, "cut_freqs": list(model.cut_freqs)}

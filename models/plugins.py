@@ -150,7 +150,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("starnet", ("edgeflex.models.starnet:StarNet",), description="StarNet image classifier",
            evaluation=DIGITS),
     Family("dress", ("edgeflex.models.dress:DressModel",), "edgeflex.export.elastic:export_dress",
-           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight",
+           elastic=True, description="DRESS: nested row-sparse levels over one stored dense weight "
+                                      "(edgeflex's backbones or the user's own model, ef.elastic.dress)",
            kind="edgeflex.runtime.families.dress:DressLevel", evaluation=DIGITS),
     Family("snnet", ("edgeflex.models.snnet:SNNet", "edgeflex.models.stitch:Stitched"),
            "edgeflex.export.elastic:export_snnet", elastic=True,

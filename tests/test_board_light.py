@@ -3,7 +3,7 @@
 `edgeflex info/run/profile/query/devices` run in a fresh interpreter where torch, onnx, onnxscript, tqdm,
 scikit-learn, statsmodels and TVM cannot be imported (a `sitecustomize.py` on PYTHONPATH puts a finder in
 front of `sys.meta_path` that refuses them), on a bundle exported beforehand here, and must answer
-correctly; `export`, `compile` and `demo` must say in one line which extra to install.
+correctly; `export`, `train`, `compile` and `demo` must say in one line which extra to install.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def test_info_run_profile_query_devices_work_without_them(board) -> None:
 @pytest.mark.parametrize(("argv", "module", "extra"), [
     (["export", "--model", "fits", "--out", "{d}/e.efx"], "torch", "export"),
     (["demo", "--out", "{d}/demo"], "torch", "export"),
+    (["train", "fits", "--csv", "{d}/s.csv", "--lookback", "8", "--horizon", "2", "--out", "{d}/e.efx"],
+     "torch", "export"),
     (["compile", "{bundle}"], "tvm", "tvm")])
 def test_workstation_verbs_name_the_extra(board, argv, module, extra) -> None:
     run, bundle, d = board
