@@ -83,7 +83,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     """Train a family on the user's own data (today: FITS on a CSV's series), export, print the configs."""
-    from edgeflex.models.series import fits_csv
+    from edgeflex.elastic import fits_csv
     from edgeflex.runtime.store import target
 
     writable_file("--out", a.out, dir_ok=True)     # before training, as export

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from edgeflex.models import series as _series
 from edgeflex.models.dress import DENSITIES, USER_RECIPE, DressModel, PrunablePredicate, is_prunable
 from edgeflex.models.dress import dress as _dress
-from edgeflex.models.series import SeriesFit, fits_series
-from edgeflex.models.series import fits_csv as _fits_csv
 from edgeflex.models.stitch import STITCH_RECIPE, Layout, Stitched, starnet_layout
 from edgeflex.models.stitch import stitch as _stitch
 
@@ -105,6 +106,29 @@ def fits_csv(path: str | os.PathLike, *, lookback: int, horizon: int, columns: S
     `ef.elastic.fits_series(values, lookback=, horizon=, names=...)` does the same on an array [T, C] (or a
     tensor; 1-D: one column), checked alike (numbers, no NaN/inf rows, enough rows).
     """
-    return _fits_csv(path, lookback=lookback, horizon=horizon, columns=columns, date_column=date_column,
-                     elastic=elastic, period=period, cut_freq=cut_freq, cut_freqs=cut_freqs, epochs=epochs,
-                     seed=seed, progress=progress)
+    return SeriesFit.of(_series.fits_csv(path, lookback=lookback, horizon=horizon, columns=columns,
+                                         date_column=date_column, elastic=elastic, period=period,
+                                         cut_freq=cut_freq, cut_freqs=cut_freqs, epochs=epochs, seed=seed,
+                                         progress=progress))
+
+
+def fits_series(values: Any, *, lookback: int, horizon: int, **kw: Any) -> SeriesFit:
+    """`fits_csv` on an array [T, C] (or a tensor; 1-D: one column) instead of a file; `names=`: the
+    columns' names. Checked alike (numbers, no NaN/inf rows, enough rows)."""
+    return SeriesFit.of(_series.fits_series(values, lookback=lookback, horizon=horizon, **kw))
+
+
+@dataclass
+class SeriesFit(_series.SeriesFit):
+    """A trained FITS on the user's series (`models.series.SeriesFit`) that exports itself."""
+
+    @classmethod
+    def of(cls, fit: _series.SeriesFit) -> SeriesFit:
+        return cls(**vars(fit))
+
+    def export(self, path: str | os.PathLike | Path, **kw: Any):
+        """`ef.export` of the model with its example, test quality and metadata (`kw` as `ef.export`'s)."""
+        from edgeflex.export.core import export
+
+        return export(self.model, self.example, path, **{"quality": self.quality, "metadata": self.metadata,
+                                                         **kw})

@@ -117,18 +117,14 @@ def min_rows(seq_len: int, pred_len: int) -> int:
 class SeriesFit:
     """A FITS (or elastic FITS) trained on the user's CSV: the model, an example input (two test windows),
     its test quality (a dict; per level for elastic), the bundle metadata (source, split, scaler, training
-    record) and the held-out test split. `export(path)` writes the bundle with all of it."""
+    record) and the held-out test split. `ef.elastic` returns it with `export(path)`, which writes the bundle
+    with all of it (the export stage comes after models/)."""
 
     model: torch.nn.Module
     example: torch.Tensor
     quality: Any
     metadata: dict
     test: ett.Split
-
-    def export(self, path: str | Path, **kw: Any):
-        import edgeflex as ef
-        kw = {"quality": self.quality, "metadata": self.metadata, **kw}
-        return ef.export(self.model, self.example, path, **kw)
 
 
 def fits_csv(path: str | Path, *, lookback: int, horizon: int, columns: Sequence[str] | None = None,
