@@ -243,11 +243,10 @@ class TvmEngine(Engine):
         `check_inputs` (`batch1_check`), the copy into a staging buffer of its own with its TVM tensor made
         once, the batch-1 library's call, the output by DLPack; no per-call lists, spans or generic
         dispatch. Anything else (another batch, an array the predicate turns down) goes to `general`.
-        `last`: returns the run's result as `Runtime.run` does (one output); else, the first engine of a
-        chain, its outputs as TVM tensors for the next engine (`None` then means: not taken). None where
-        this engine has no such path."""
-        if self._dlpack is None or len(self.inputs) != 1 or (last and len(self.outputs) != 1) \
-                or self._batch not in (None, 1):
+        `last`: returns the run's result as `Runtime.run` does (one array, or a tuple for several outputs);
+        else, the first engine of a chain, its outputs as TVM tensors for the next engine (`None` then
+        means: not taken). None where this engine has no such path."""
+        if self._dlpack is None or len(self.inputs) != 1 or self._batch not in (None, 1):
             return None
         check = batch1_check(self.inputs[0])
         if check is None:
@@ -272,6 +271,14 @@ class TvmEngine(Engine):
             # a graph that returns its input (or a view of it) would hand out the staging buffer
             return r.copy() if lo <= out.data_ptr() < hi else r
 
+        def run_many(arrays: Sequence[Any]) -> Any:
+            if len(arrays) != 1 or not ok(a := arrays[0]):
+                return general(arrays)
+            with lock:
+                copyto(buf, a)
+                out = fn(t, *params)
+                return tuple(to_numpy(o).copy() if lo <= o.data_ptr() < hi else to_numpy(o) for o in out)
+
         def first1(arrays: Sequence[Any]) -> list | None:
             if len(arrays) != 1 or not ok(a := arrays[0]):
                 return None
@@ -283,7 +290,9 @@ class TvmEngine(Engine):
                     return self._outputs(out, ((lo, hi),), False)
             return outs
 
-        return run1 if last else first1
+        if not last:
+            return first1
+        return run1 if len(self.outputs) == 1 else run_many
 
     def _hop(self, fn: Any, params: list, values: list, last: bool) -> list:
         """A later engine of a chain on the previous engine's VM tensors: its outputs as tensors for the
