@@ -21,9 +21,7 @@ def parse(text: str) -> dict[str, dict]:
     ops: dict[str, dict] = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("|") or len(cells) < 2 or cells[0] in ("Operator", "") or cells[0].startswith("-"):
-            continue
-        if cells[1] not in ("Y", "N"):
+        if not line.startswith("|") or len(cells) < 2 or cells[1] not in ("Y", "N"):
             continue
         types = [t.strip() for t in cells[2].split(",") if t.strip()] if len(cells) > 2 else []
         ops[cells[0]] = {"supported": cells[1] == "Y", "types": types,
@@ -33,7 +31,8 @@ def parse(text: str) -> dict[str, dict]:
 
 def main(git_dir: str, tag: str, version: str) -> None:
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", git_dir, *args], check=True, capture_output=True, text=True).stdout
+        done = subprocess.run(["git", "-C", git_dir, *args], check=True, capture_output=True, text=True)
+        return done.stdout
 
     text = git("show", f"{tag}:docs/operators.md")
     data = {"tensorrt": version, "source": f"{SOURCE}/blob/{tag}/docs/operators.md", "tag": tag,
