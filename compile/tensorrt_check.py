@@ -70,3 +70,20 @@ def check_model(model: onnx.ModelProto, version: str = DEFAULT_VERSION) -> list[
         if entry["restrictions"]:
             found.append(Finding(name, n.op_type, "restricted", entry["restrictions"]))
     return found
+
+
+def check_bundle(path: str, version: str = DEFAULT_VERSION) -> dict[str, list[Finding]]:
+    """Findings per graph file for every graph any config runs, chained or fused (runtime/plan.py)."""
+    from edgeflex.runtime.bundle import Bundle
+    from edgeflex.runtime.plan import build_plans
+
+    b = Bundle.open(path)
+    graphs: dict[str, list[Finding]] = {}
+    for fused in (False, True):
+        for plan in build_plans(b, fused=fused).values():
+            for step in plan.steps:
+                if step.graph not in graphs:
+                    m = onnx.ModelProto()
+                    m.ParseFromString(b.read(step.graph))
+                    graphs[step.graph] = check_model(m, version)
+    return graphs

@@ -37,3 +37,13 @@ def test_plain_graph_clean():
     m = _model([helper.make_node("Relu", ["x"], ["y"], name="r")], [f("x")], [f("y")])
     onnx.checker.check_model(m)
     assert check_model(m) == []
+
+
+def test_fits_bundle_findings(fits_bundle):
+    """The FITS bundle as exported today (for ONNX Runtime): its one graph's LayerNormalization (the
+    instance normalisation) asks for mean and inv_std too, which TensorRT's parser rejects. Nothing else."""
+    from compile.tensorrt_check import check_bundle
+
+    found = check_bundle(str(fits_bundle))
+    bad = {(g, f.op) for g, fs in found.items() for f in fs if f.level != "restricted"}
+    assert bad == {("graphs/main.onnx", "LayerNormalization")}
