@@ -47,3 +47,13 @@ def test_fits_bundle_findings(fits_bundle):
     found = check_bundle(str(fits_bundle))
     bad = {(g, f.op) for g, fs in found.items() for f in fs if f.level != "restricted"}
     assert bad == {("graphs/main.onnx", "LayerNormalization")}
+
+
+def test_cli_check(fits_bundle, capsys):
+    from edgeflex.cli import main
+
+    assert main(["check", str(fits_bundle), "--engine", "tensorrt"]) == 1
+    out = capsys.readouterr().out
+    assert "LayerNormalization" in out and out.strip().endswith("in 1 graph(s)")
+    assert main(["check", str(fits_bundle), "--version", "9.9"]) != 0
+    assert "no TensorRT operator matrix for 9.9" in capsys.readouterr().err
