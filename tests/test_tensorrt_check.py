@@ -57,3 +57,12 @@ def test_cli_check(fits_bundle, capsys):
     assert "LayerNormalization" in out and out.strip().endswith("in 1 graph(s)")
     assert main(["check", str(fits_bundle), "--version", "9.9"]) != 0
     assert "no TensorRT operator matrix for 9.9" in capsys.readouterr().err
+
+
+def test_snnet_bundle_findings(snnet_bundle):
+    """Every SN-Net graph (StarNet stitches), chained and fused: what TensorRT's parser would reject."""
+    from compile.tensorrt_check import check_bundle
+
+    found = check_bundle(str(snnet_bundle[1]))
+    bad = sorted({(f.op, f.level) for fs in found.values() for f in fs if f.level != "restricted"})
+    assert bad == []
