@@ -480,6 +480,26 @@ def cmd_devices(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(a: argparse.Namespace) -> int:
+    from edgeflex.compile.tensorrt_check import check_bundle, matrix
+
+    try:
+        matrix(a.version)
+    except ValueError as e:
+        raise EdgeflexError(str(e)) from None
+    found = check_bundle(a.bundle, a.version)
+    if a.json:
+        print(json.dumps({g: [vars(f) for f in fs] for g, fs in found.items()}, indent=1))
+    else:
+        print(f"{'graph':<28} {'node':<28} {'op':<20} {'level':<11} why")
+        for g, fs in found.items():
+            for f in fs:
+                print(f"{g:<28} {f.node:<28} {f.op:<20} {f.level:<11} {f.why}")
+    bad = sum(f.level != "restricted" for fs in found.values() for f in fs)
+    print(f"{bad} node(s) TensorRT {a.version} would reject or cast, in {len(found)} graph(s)")
+    return 1 if bad else 0
+
+
 # --- demo --------------------------------------------------------------------------------------------------
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -651,6 +671,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
                    "TIR kernels (kernels/tir) in place of the ops they replace")
     c.set_defaults(fn=cmd_compile)
+    ck = sub.add_parser("check", help="what TensorRT's ONNX parser would reject in every graph a config runs")
+    ck.add_argument("bundle")
+    ck.add_argument("--engine", choices=["tensorrt"], default="tensorrt")
+    ck.add_argument("--version", default="10.1", help="the TensorRT operator matrix (compile/tensorrt_ops)")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(fn=cmd_check)
     pk = sub.add_parser("pack", help="pack a bundle into one compressed file NAME.efz (or a delta .efzd)")
     pk.add_argument("bundle", help="a bundle NAME.efx (or a pack NAME.efz)")
     pk.add_argument("--out", required=True, help="NAME.efz; with --base, NAME.efzd")
