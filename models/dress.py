@@ -28,7 +28,7 @@ from edgeflex.errors import UsageError
 from edgeflex.kernels.rowsparse import MAX_LEVELS
 from edgeflex.models.digits import NUM_CLASSES, RECIPE, _random_shift, _top1, load_digits_images
 from edgeflex.models.starnet import list_variants, starnet
-from edgeflex.models.userdata import Checked, check_data
+from edgeflex.models.userdata import Checked, check_data, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -484,29 +484,18 @@ def dress(model: nn.Module, train: Any, val: Any, *, densities: Sequence[float] 
         raise UsageError(f"{e}; the default keeps the first Conv2d and the last Linear dense") from None
     before = evaluate_levels(dm, val_data)          # the user's weights, masked by their own magnitudes
     loss_fn = nn.CrossEntropyLoss()
-    steps = epochs * train_data.batches_per_epoch(batch_size)
-    opt = torch.optim.AdamW(dm.parameters(), lr=lr, weight_decay=USER_RECIPE["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc="dress: joint fine-tuning", unit="step", disable=not progress)
+
+    def before_epoch(epoch: int) -> None:
+        if epoch < remask_epochs:
+            dm.recompute_codes()
+        freeze_batchnorm(dm.train())
+
     try:
-        done = 0
-        for epoch in range(epochs):
-            if epoch < remask_epochs:
-                dm.recompute_codes()
-            freeze_batchnorm(dm.train())
-            for x, y in train_data.batches(batch_size, gen=gen):
-                if done == steps:        # a DataLoader may yield more batches than it promised
-                    break
-                loss = joint_loss(dm, x, y, loss_fn, weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                done += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        train_steps(dm.parameters(), train_data, epochs=epochs, batch_size=batch_size, lr=lr,
+                    weight_decay=USER_RECIPE["weight_decay"], gen=gen, desc="dress: joint fine-tuning",
+                    progress=progress, before_epoch=before_epoch,
+                    step_loss=lambda x, y: joint_loss(dm, x, y, loss_fn, weights))
     finally:
-        bar.close()
         dm.eval().set_level(0)
     top1 = evaluate_levels(dm, val_data)
     stats = level_stats(dm, example[:1])

@@ -21,10 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from edgeflex.errors import UsageError
-from edgeflex.models.userdata import Checked, check_data
+from edgeflex.models.userdata import Checked, check_data, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -451,29 +450,18 @@ def joint_train(model: Stitched, data: Checked, *, epochs: int, lr: float, batch
     if epochs == 0:
         return
     names = model.config_names()
-    steps = epochs * data.batches_per_epoch(batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=STITCH_RECIPE["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model.set_config(names[int(torch.randint(len(names), (1,), generator=gen))])
+        return loss_fn(model(x), y)
+
     model.train()
-    bar = tqdm(total=steps, desc="stitch: joint training", unit="step", disable=not progress)
     try:
-        done = 0
-        for _ in range(epochs):
-            for x, y in data.batches(batch_size, gen=gen):
-                if done == steps:        # a DataLoader may yield more batches than it promised
-                    break
-                model.set_config(names[int(torch.randint(len(names), (1,), generator=gen))])
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                done += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        train_steps(model.parameters(), data, epochs=epochs, batch_size=batch_size, lr=lr,
+                    weight_decay=STITCH_RECIPE["weight_decay"], gen=gen, step_loss=step_loss,
+                    desc="stitch: joint training", progress=progress)
     finally:
-        bar.close()
         model.eval()
 
 

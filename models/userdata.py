@@ -2,13 +2,14 @@
 DataLoader of (x, y) batches, checked whole before any training starts.
 
 Owns the checks (shapes, dtypes, labels, non-finite rows, too few rows; one-line `DataError`s named after
-the .npz keys x_train, y_train, x_val, y_val) and batching. Not the training loops that read it.
+the .npz keys x_train, y_train, x_val, y_val), batching, and the one optimisation loop the user-model
+trainers share (`train_steps`). Not what each trains.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -144,3 +145,34 @@ def _check_loader(loader: DataLoader, role: str, sample_shape: tuple[int, ...] |
         raise DataError(f"{role} DataLoader gave {rows} rows; expected at least {min_rows} (MIN_ROWS in "
                         "edgeflex/models/userdata.py)")
     return Checked(role, rows, sample_shape or (), (low or 0, high or 0), loader=loader, n_batches=batches)
+
+
+def train_steps(params: Any, data: Checked, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                gen: torch.Generator, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                desc: str, progress: bool, before_epoch: Callable[[int], None] | None = None) -> None:
+    """`epochs` passes over `data` (shuffled by `gen`): per batch `step_loss(x, y)` and one step of AdamW with
+    a one-cycle schedule over every step, a progress bar. `before_epoch(epoch)` runs at each epoch's start."""
+    from tqdm.auto import tqdm
+
+    steps = epochs * data.batches_per_epoch(batch_size)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+    try:
+        done = 0
+        for epoch in range(epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            for x, y in data.batches(batch_size, gen=gen):
+                if done == steps:        # a DataLoader may yield more batches than it promised
+                    break
+                loss = step_loss(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    finally:
+        bar.close()
