@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgeflex-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,dev,bench,tvm]'
+	$(PY) -m pip install -q -e '.[export,dev,bench,tvm,fleet,cross]'
 	touch $(STAMP)
 
 demo: $(STAMP)
