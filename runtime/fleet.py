@@ -144,7 +144,7 @@ def board_identity(name: str) -> dict[str, Any]:
             "host": host_info(), "llvm": host_cpu(), "pid": os.getpid(),
             "versions": {"tvm": tvm.__version__, "edgeflex": __version__,
                          "python": platform.python_version()},
-            "imported": sorted(m for m in HEAVY if m in sys.modules)}
+            "imported": sorted(m for m in HEAVY if sys.modules.get(m) is not None)}
 
 
 def _workdir() -> Path:
@@ -268,13 +268,14 @@ class Board:
     def call(self, fn: str, *args: Any) -> Any:
         try:
             return self.session.get_function(PREFIX + fn)(*args)
-        except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a lost or failed session
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types, for a failed call or session
             msg = _one_line(e)
-            lost = any(w in msg.lower() for w in ("socket", "connection", "closed", "broken pipe", "eof",
-                                                  "rpcsessiontimeout", "recv", "send"))
-            if lost:
-                raise BoardLost(f"board {self.name} was lost ({msg})") from None
-            raise DeviceError(f"board {self.name}: {msg}") from None
+        # a board function that raised leaves the session usable; a dead board (killed, unplugged) does not
+        try:
+            self.session.get_function(PREFIX + "identity")()
+        except Exception:  # noqa: BLE001 - whatever TVM raises on a broken session
+            raise BoardLost(f"board {self.name} was lost ({msg})") from None
+        raise DeviceError(f"board {self.name}: {msg}") from None
 
     def send(self, bundle: Bundle) -> None:
         """Every file of `bundle` to this board's session (each checked there against its sha256), once."""
