@@ -437,11 +437,16 @@ def cmd_compile(a: argparse.Namespace) -> int:
         else:
             print(f"  [{done}/{total}] {graph}", flush=True)
 
+    boards = None
+    if a.rpc:                               # tune on the boards of an RPC tracker
+        from edgeflex.cli_fleet import compile_boards
+
+        boards = compile_boards(a)
     start = time.perf_counter()
     report = compile_bundle(a.bundle, a.target, trials=a.trials, batch=a.batch, configs=a.config,
                             fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads,
                             kernels=not a.no_kernels, cuda_check=not a.no_cuda_check, batch1=not a.no_batch1,
-                            progress=progress)
+                            boards=boards, progress=progress)
     if bar is not None:
         bar.close()
     rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",

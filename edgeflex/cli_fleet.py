@@ -141,3 +141,18 @@ def cmd_check_remote(a: argparse.Namespace) -> int:
               f"({report['board']['host']['cpu']}) against ONNX Runtime here, batch {report['batch']}, "
               f"seed {report['seed']}")
     return 0 if all(v <= a.tolerance for v in errs.values()) else 1
+
+
+def compile_boards(a: argparse.Namespace):
+    """`compile --rpc HOST:PORT --key KEY`: the boards MetaSchedule's RPC runner tunes on."""
+    from edgeflex.compile.tvm import Boards
+    from edgeflex.runtime.fleet import parse_addr, tracker_summary
+
+    host, port = parse_addr("--rpc", a.rpc)
+    key = _key(a)
+    if not a.trials:
+        raise UsageError("--rpc tunes on the boards: give --trials N (N > 0)")
+    if not tracker_summary((host, port)).get(key, {}).get("boards"):
+        raise UsageError(f"no board registered under key {key!r} at {host}:{port} (`edgeflex boards "
+                         f"--tracker {host}:{port}`)")
+    return Boards(host, port, key)
