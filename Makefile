@@ -36,4 +36,4 @@ clean:
 .PHONY: board-test
 board-test: $(STAMP)
 	$(PY) -m edgeflex.devices.board build
-	$(PY) -m pytest -q -s -p no:logging tests/test_board.py
+	$(PY) -m pytest -q -s -p no:logging tests/test_board.py tests/test_board_fleet.py

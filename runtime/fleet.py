@@ -37,6 +37,7 @@ LOOPBACK = "127.0.0.1"
 HEAVY = ("torch", "onnx", "onnxruntime")
 PREFIX = "edgeflex.fleet."              # the names of the functions `board serve` registers in TVM's server
 BUNDLE_DIR = "bundle.efx"               # where a session keeps the bundle it was sent, in its work directory
+EMULATED_ENV = "EDGEFLEX_EMULATED"      # set by devices/board.py on the emulated board: how it is emulated
 
 
 class BoardLost(DeviceError):
@@ -144,7 +145,8 @@ def board_identity(name: str) -> dict[str, Any]:
             "host": host_info(), "llvm": host_cpu(), "pid": os.getpid(),
             "versions": {"tvm": tvm.__version__, "edgeflex": __version__,
                          "python": platform.python_version()},
-            "imported": sorted(m for m in HEAVY if sys.modules.get(m) is not None)}
+            "imported": sorted(m for m in HEAVY if sys.modules.get(m) is not None),
+            "emulated": os.environ.get(EMULATED_ENV) or None}
 
 
 def _workdir() -> Path:
@@ -483,7 +485,11 @@ def _merge(bundle: Bundle, device: str, parts: list[tuple[Board, dict[str, Any]]
     order = [c.name for c in bundle.configs]
     by_threads = {t: {n: s[n] for n in order if n in s} for t, s in by_threads.items()}
     env = {**first["env"], "rpc": {"tracker": f"{tracker[0]}:{tracker[1]}", "key": key}}
-    return {**first, "device": device, "model": model_id(bundle.manifest), "env": env,
+    emulated = sorted({b.identity["emulated"] for b, _ in parts if b.identity.get("emulated")})
+    # NOTE: times under emulation are not the device's: recorded as such (the predictor and `query` must
+    # not take them for measurements of the device)
+    obtained = {"obtained": "emulated", "emulated": emulated} if emulated else {}
+    return {**first, **obtained, "device": device, "model": model_id(bundle.manifest), "env": env,
             "configs": by_threads[counts[0]], "by_threads": by_threads,
             "boards": identities, "measured_on": measured_on}
 
