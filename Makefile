@@ -32,7 +32,8 @@ clean:
 
 # Issue 5: run aarch64 (rpi5) TVM engines on an emulated arm64 board (QEMU user mode, Cortex-A76) and compare
 # with this host. Builds the board into .board/ on first use (~660 MB); needs Debian's qemu-user-static,
-# debootstrap and g++-aarch64-linux-gnu. tests/test_board.py (in `make test` too) skips until it is built.
+# debootstrap, and g++-aarch64-linux-gnu or the ziglang wheel (edgeflex[cross]). tests/test_board.py and
+# tests/test_board_fleet.py (in `make test` too) skip until it is built.
 .PHONY: board-test
 board-test: $(STAMP)
 	$(PY) -m edgeflex.devices.board build
