@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.errors import BackendUnavailable, DeviceError, EdgeflexError, UsageError
+from edgeflex.errors import BackendUnavailable, DeviceError, UsageError
 
 from .bundle import Bundle, model_id, sha256_bytes
 
@@ -291,8 +291,7 @@ class Board:
         self.sent = digest
 
 
-def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = None,
-                   timeout_s: float = 60.0) -> list[Board]:
+def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = None) -> list[Board]:
     """Sessions with the free boards under `key` (at most `most`), each asked who it is. DeviceError in one
     line when the tracker has none free."""
     rpc = _rpc()
@@ -318,7 +317,6 @@ def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = Non
         board.identity = json.loads(board.call("identity"))
         board.name = board.identity["name"]
         boards.append(board)
-    del timeout_s
     return boards
 
 
@@ -422,8 +420,9 @@ def profile_remote(path: str | os.PathLike, tracker: tuple[str, int], key: str, 
     """Profile every config of the bundle at `path` on the boards under `key`: the bundle (with its TVM
     engines for `device`) sent to each board, the configs dealt over the boards and measured there in
     parallel by edgeflex's own profiler on the TVM backend; a lost board's configs are measured by another.
-    Returns the profile, in the form of a local one, `obtained: measured`, with `boards` (each board's
-    identity) and `measured_on` (config -> board name). Not saved: `save_profile` does that."""
+    Returns the profile, in the form of a local one, `obtained: measured` (`emulated` from an emulated
+    board), with `boards` (each board's identity) and `measured_on` (config -> board name). Not saved:
+    `save_profile` does that. `on_event(kind, board, configs)` is told of each start, done and lost."""
     from edgeflex.args import check_int, check_real
 
     check_int("batch", batch, 1)
@@ -559,5 +558,5 @@ def wait_for_boards(tracker: tuple[str, int], key: str, n: int, timeout_s: float
         time.sleep(0.2)
 
 
-__all__ = ["BoardLost", "EdgeflexError", "check_remote", "connect_boards", "parse_addr", "profile_remote",
+__all__ = ["BoardLost", "check_remote", "connect_boards", "parse_addr", "profile_remote",
            "start_server", "start_tracker", "tracker_summary", "wait_for_boards"]
