@@ -154,6 +154,20 @@ def test_a_remote_check_equals_the_local_outputs(fleet_setup, capsys) -> None:
     fleet.wait_for_boards(tracker, KEY, 2)
 
 
+def test_a_board_refuses_a_file_whose_bytes_differ_from_the_bundles_sha256(fleet_setup) -> None:
+    from edgeflex.runtime.bundle import sha256_bytes
+
+    tracker, _, _ = fleet_setup
+    (board,) = fleet.connect_boards(tracker, KEY, most=1)
+    with pytest.raises(ef.DeviceError, match="not written"):
+        board.call("put", "engines/tvm/host/main.so", "0" * 64, b"\x7fELF not the bundle's")
+    with pytest.raises(ef.DeviceError, match="outside the bundle"):
+        board.call("put", "../escape.so", sha256_bytes(b"x"), b"x")
+    board.call("identity")                              # a refused file leaves the session usable
+    board.session = None
+    fleet.wait_for_boards(tracker, KEY, 2)
+
+
 def test_bad_fleet_arguments_are_one_line_errors(fleet_setup, capsys) -> None:
     (host, port), _, path = fleet_setup
     for args, want in ((["boards", "--tracker", "nohost"], "expected HOST:PORT"),
