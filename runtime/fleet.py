@@ -291,7 +291,8 @@ class Board:
         self.sent = digest
 
 
-def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = None) -> list[Board]:
+def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = None,
+                   request_timeout_s: float = 30.0) -> list[Board]:
     """Sessions with the free boards under `key` (at most `most`), each asked who it is. DeviceError in one
     line when the tracker has none free."""
     rpc = _rpc()
@@ -308,7 +309,11 @@ def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = Non
     boards = []
     for _ in range(n):
         try:
-            sess = rpc.connect_tracker(*tracker).request(key, priority=1, session_timeout=0, max_retry=2)
+            conn = rpc.connect_tracker(*tracker)
+            # NOTE: the tracker queues a request until a board is free: one taken meanwhile by another user
+            # would block this one without end (the socket is TrackerSession's own; no setter for it)
+            conn._sock.settimeout(request_timeout_s)
+            sess = conn.request(key, priority=1, session_timeout=0, max_retry=2)
         except (OSError, RuntimeError) as e:
             if boards:
                 break                           # taken meanwhile by another user: go with those we have
