@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgeflex-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,dev,bench,tvm]'
+	$(PY) -m pip install -q -e '.[export,dev,bench,tvm,fleet,cross]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,8 +32,9 @@ clean:
 
 # Issue 5: run aarch64 (rpi5) TVM engines on an emulated arm64 board (QEMU user mode, Cortex-A76) and compare
 # with this host. Builds the board into .board/ on first use (~660 MB); needs Debian's qemu-user-static,
-# debootstrap and g++-aarch64-linux-gnu. tests/test_board.py (in `make test` too) skips until it is built.
+# debootstrap, and g++-aarch64-linux-gnu or the ziglang wheel (edgeflex[cross]). tests/test_board.py and
+# tests/test_board_fleet.py (in `make test` too) skip until it is built.
 .PHONY: board-test
 board-test: $(STAMP)
 	$(PY) -m edgeflex.devices.board build
-	$(PY) -m pytest -q -s -p no:logging tests/test_board.py
+	$(PY) -m pytest -q -s -p no:logging tests/test_board.py tests/test_board_fleet.py

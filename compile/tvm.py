@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -136,8 +137,75 @@ def resolve_target(name: str, *, threads: int | None = None) -> CompileTarget:
     triple = str(host.get("mtriple", ""))
     here = platform.machine()
     cross = bool(triple) and not triple.startswith(here)
-    linker = f"{triple}-g++" if cross else os.environ.get("CXX", "g++")
+    linker = cross_linker(triple) if cross else os.environ.get("CXX", "g++")
     return CompileTarget(folder, target, unit, linker, source)
+
+
+# --- linking: the system's C++ driver; for another architecture its cross g++ or the ziglang wheel ----
+
+ZIG = "zig c++"             # a CompileTarget.linker that starts so links with the ziglang wheel
+LINKER_ENV = "EDGEFLEX_LINKER"  # `zig`: link cross targets with ziglang even where the cross g++ is installed
+
+
+def cross_linker(triple: str) -> str:
+    """The linker of libraries for `triple` (another architecture): Debian's `<triple>-g++` where it is
+    installed, else the `ziglang` wheel (`edgeflex[cross]`, no apt needed) as `zig c++ -target <triple>`;
+    $EDGEFLEX_LINKER=zig picks zig even where the g++ is there. Without either, the g++'s name (compiling
+    says what to install)."""
+    gxx = f"{triple}-g++"
+    want = os.environ.get(LINKER_ENV, "")
+    if want not in ("", "zig"):
+        raise UsageError(f"${LINKER_ENV}={want!r}: expected 'zig' or unset")
+    if (want == "zig" or shutil.which(gxx) is None) and _zig_version() is not None:
+        return f"{ZIG} -target {triple}"
+    return gxx
+
+
+def _zig_version() -> str | None:
+    """The installed ziglang wheel's version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ziglang")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class ZigLinker:
+    """`export_library`'s fcompile for a cross target without its g++: `python -m ziglang c++ -target T
+    -shared -fPIC` over TVM's object files (the first call builds zig's cache for the target, ~1 min)."""
+
+    output_format = "so"
+
+    def __init__(self, triple: str):
+        self.triple = triple
+
+    def __call__(self, output: str, objects: Sequence[str] | str, options: Sequence[str] | None = None,
+                 **_: Any) -> None:
+        objects = [objects] if isinstance(objects, str) else list(objects)
+        cmd = [sys.executable, "-m", "ziglang", "c++", "-target", self.triple, "-shared", "-fPIC",
+               "-o", output, *objects, *(options or [])]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
+            raise BackendUnavailable(f"zig could not link {Path(output).name} for {self.triple} "
+                                     f"({last[0][:200]}); command: {' '.join(cmd)}")
+
+
+def fcompile_for(target: CompileTarget):
+    """The fcompile `export_library` links `target`'s library with (BackendUnavailable, one line, if its
+    linker is not installed)."""
+    from tvm.support import cc
+
+    if target.linker.startswith(ZIG):
+        return ZigLinker(target.linker.split()[-1])
+    if shutil.which(target.linker) is None:
+        arch = target.host_triple.replace("-linux-gnu", "")
+        hint = (f"apt-get install g++-{arch}-linux-gnu, or pip install 'edgeflex[cross]' (ziglang)"
+                if target.host_triple else "install a C++ compiler")
+        raise BackendUnavailable(f"linking the {target.name} library needs {target.linker!r}, not found on "
+                                 f"PATH (Debian: {hint})")
+    return cc.cross_compiler(target.linker)
 
 
 # --- which graphs: the ones the runtime would load --------------------------------------------------------
@@ -269,11 +337,36 @@ def _relax_module(model, inputs: list[TensorSpec], batch: int | None):
         return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
 
 
+@dataclass(frozen=True)
+class Boards:
+    """Tune on the boards of an RPC tracker (`edgeflex tracker`, `edgeflex board serve`): its address and the
+    boards' key."""
+
+    host: str
+    port: int
+    key: str
+
+    def __str__(self) -> str:
+        return f"boards {self.key!r} at RPC tracker {self.host}:{self.port}"
+
+
+def export_candidate(target: CompileTarget, mod) -> str:
+    """MetaSchedule's export of one candidate (run in its builder's worker processes): a shared library
+    linked with the target's linker (a cross g++ or zig for a board), which TVM's RPC server on the board
+    loads as it is, without a compiler there."""
+    path = os.path.join(tempfile.mkdtemp(prefix="edgeflex-ms-"), "candidate.so")
+    mod.export_library(path, fcompile=fcompile_for(target))
+    return path
+
+
 def _tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int], None] | None,
-          timeout_s: float) -> tuple[Any, dict[str, int]]:
+          timeout_s: float, compile_target: CompileTarget | None = None,
+          boards: Boards | None = None) -> tuple[Any, dict[str, int]]:
     """MetaSchedule tuning of `mod` with at most `trials` measured candidates in all, records in `work_dir`
-    (which may hold earlier records: they are reused, not re-measured), then applied. Returns the module
-    and the counts of candidates measured and failed this run."""
+    (which may hold earlier records: they are reused, not re-measured), then applied. Candidates run on
+    this machine, or with `boards` on the boards of an RPC tracker (MetaSchedule's RPCRunner, each
+    candidate linked here with the target's linker). Returns the module and the counts of candidates
+    measured and failed this run."""
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -292,11 +385,22 @@ def _tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int
         # NOTE: the default 30 s build/run timeouts fail every candidate on a loaded 2-core machine (a build
         # worker alone can take longer than that to start there): timeouts are a parameter, and failures are
         # counted.
+        if boards is None:
+            builder = ms.builder.LocalBuilder(timeout_sec=timeout_s)
+            runner = ms.runner.LocalRunner(timeout_sec=timeout_s)
+        else:
+            import functools
+
+            builder = ms.builder.LocalBuilder(timeout_sec=timeout_s,
+                                              f_export=functools.partial(export_candidate, compile_target))
+            runner = ms.runner.RPCRunner(
+                ms.runner.RPCConfig(tracker_host=boards.host, tracker_port=boards.port,
+                                    tracker_key=boards.key, session_timeout_sec=int(timeout_s)),
+                ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
         ms.relax_integration.tune_relax(
             mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
             max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), measure_callbacks=callbacks,
-            builder=ms.builder.LocalBuilder(timeout_sec=timeout_s),
-            runner=ms.runner.LocalRunner(timeout_sec=timeout_s))
+            builder=builder, runner=runner)
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod), counts
 
@@ -320,12 +424,12 @@ def _progress_callback(progress: Callable[[int, int], None] | None, total: int, 
 def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch: int | None = None,
                   trials: int = 0, tuning_dir: Path | None = None, timeout_s: float = 120.0,
                   kernels: bool = True, cuda_check: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None = None,
+                  boards: Boards | None = None) -> dict[str, Any]:
     """Compile one graph into `out_dir/<stem>.so`; returns its engine record (the JSON written beside it).
     `kernels` puts edgeflex's hand-written TIR kernels (`edgeflex.kernels.tir`) in place of the ops they
     replace; the names of those applied are recorded."""
     import tvm
-    from tvm.support import cc
 
     t0 = time.perf_counter()
     model = prepare_onnx(job.data, job.params)
@@ -342,8 +446,8 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
     mod, transform = _lift_param_transforms(mod, model, job)
     tuned = None
     if tuning_dir is not None:
-        mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s)
-        tuned = {"trials_budget": trials, **counts,
+        mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s, target, boards)
+        tuned = {"trials_budget": trials, **counts, "measured_on": str(boards) if boards else "this machine",
                  "records": sorted(p.name for p in tuning_dir.glob("*.json"))}
     try:
         if target.unit == "gpu":
@@ -368,12 +472,7 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
                                  f"{', '.join(kinds)}); this TVM build lacks CUDA code generation")
     stem = PurePosixPath(job.rel).stem
     so = out_dir / f"{stem}.so"
-    if shutil.which(target.linker) is None:
-        hint = (f"apt-get install g++-{target.host_triple.replace('-linux-gnu', '')}-linux-gnu"
-                if target.host_triple else "install a C++ compiler")
-        raise BackendUnavailable(f"linking the {target.name} library needs {target.linker!r}, not found on "
-                                 f"PATH (Debian: {hint})")
-    ex.export_library(str(so), fcompile=cc.cross_compiler(target.linker))
+    ex.export_library(str(so), fcompile=fcompile_for(target))
     elf = elf_summary(so.read_bytes())
     param_names = list(job.params)
     graph_inputs = [i.name for i in model.graph.input if i.name not in job.params]
@@ -382,7 +481,8 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
             "params": [{"name": n, "shape": list(job.params[n][0]), "dtype": np.dtype(job.params[n][1]).name}
                        for n in param_names if n in {i.name for i in model.graph.input}],
             "batch": batch, "target": target.target, "target_name": target.name, "unit": target.unit,
-            "target_source": target.source, "linker": target.linker, "modules": kinds,
+            "target_source": target.source, "linker": target.linker,
+            "linker_version": _zig_version() if target.linker.startswith(ZIG) else None, "modules": kinds,
             "cuda_device_code": _cuda_device_code(ex.mod), "elf": elf,
             "cuda_check": cuda_ahead_check(ex.mod, target, job.rel) if target.unit == "gpu" and cuda_check
             else None,
@@ -536,7 +636,7 @@ def elf_summary(data: bytes) -> dict[str, Any]:
 def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int = 0, batch: int | None = None,
                    configs: Sequence[str] | None = None, fused: bool = False, dress_kernel: str | None = None,
                    threads: int | None = None, kernels: bool = True, cuda_check: bool = True,
-                   batch1: bool = True,
+                   batch1: bool = True, boards: Boards | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Compile every graph `Runtime(path, fused=, dress_kernel=, only=configs)` loads for `target` and add the
     libraries (+ one JSON each, + tuning records) to the bundle atomically. Returns what was compiled.
@@ -570,11 +670,15 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
 
     bundle = Bundle.open(path)
     tgt = resolve_target(target, threads=threads)
-    if trials and tgt.name != HOST:
-        raise UsageError(f"tuning measures on this machine: --trials needs --target host, got {tgt.name!r}")
+    if boards is not None and not isinstance(boards, Boards):
+        fail("boards", boards, "None or a compile.tvm.Boards (tracker host, port, key)")
+    if trials and tgt.name != HOST and boards is None:
+        raise UsageError(f"tuning measures on this machine: --trials needs --target host, got {tgt.name!r}; "
+                         "or tune on the boards: --rpc HOST:PORT --key KEY")
     folder = target_dir(tgt.name)
     have_records = any(r.startswith(f"{folder}/tuning/") for r in bundle.manifest["files"])
-    tune = tgt.name == HOST and (trials > 0 or have_records)      # records in the bundle are always reused
+    # records in the bundle are always reused
+    tune = (tgt.name == HOST or boards is not None) and (trials > 0 or have_records)
     if tune and batch is None:
         batch = 1
     both = dress_kernel is None and _dress_kernels(bundle) == ("dense", "sparse")
@@ -606,7 +710,7 @@ def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int =
             log.info("compiling %s (%d/%d) for %s", job.rel, i + 1, len(jobs), tgt.name)
             rec = compile_graph(job, tgt, Path(tmp), batch=batch, trials=trials if tune else 0,
                                 tuning_dir=tuning_dir, kernels=kernels, cuda_check=cuda_check,
-                                progress=step if tune else None)
+                                progress=step if tune else None, boards=boards)
             rec["library"] = f"{folder}/{stem}.so"
             rec.update(stamp)
             files[rec["library"]] = (Path(tmp) / f"{stem}.so").read_bytes()

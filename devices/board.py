@@ -39,6 +39,7 @@ TOOLS = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap"
 # another machine, as a real board would.
 MACHINE_ID = "edgef1e0b0a4d00000000000000e0a4d"
 REPORT = "edgeflex-board-report: "
+EMULATED_ENV = "EDGEFLEX_EMULATED"     # set on the emulated board: how it is emulated
 STEPS = ("debootstrap", "unpack", "wheels", "smoke")
 # aarch64 AT_HWCAP bits (Linux arch/arm64/include/uapi/asm/hwcap.h): what QEMU's CPU model offers
 HWCAP_BITS = {0: "fp", 1: "asimd", 3: "aes", 4: "pmull", 7: "crc32", 8: "atomics", 9: "fphp", 10: "asimdhp",
@@ -47,8 +48,16 @@ HWCAP_BITS = {0: "fp", 1: "asimd", 3: "aes", 4: "pmull", 7: "crc32", 8: "atomics
 
 
 def missing_tools() -> list[str]:
-    """The tools the board needs (emulator, root builder, cross linker) that are not on PATH."""
-    return [t for t in TOOLS if shutil.which(t) is None]
+    """The tools the board needs (emulator, root builder, cross linker) that are not on PATH. The cross
+    linker is not needed where the ziglang wheel is installed (`edgeflex[cross]`: compile links with it)."""
+    zig = _has_module("ziglang")
+    return [t for t in TOOLS if shutil.which(t) is None and not (zig and t == "aarch64-linux-gnu-g++")]
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def require_tools() -> None:
@@ -245,7 +254,9 @@ class Board:
         """The host command line and environment that run `python3.11 ARGS` on the board."""
         env = {"PATH": "/usr/bin:/bin", "HOME": str(self.path), "LANG": "C.UTF-8",
                "PYTHONPATH": f"{self.pkg}:{self.site}", "PYTHONNOUSERSITE": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+               "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+               # what runs here is emulated: a profile measured here says so (runtime/fleet.py)
+               EMULATED_ENV: f"qemu-aarch64-static -cpu {qemu_cpu(self.device)}"}
         return ["qemu-aarch64-static", "-cpu", qemu_cpu(self.device), "-L", str(self.root),
                 str(self.root / PYTHON), *args], env
 

@@ -309,6 +309,10 @@ def _profile_table(stats: dict[str, dict]) -> str:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
+    if a.rpc:                               # on boards through TVM's RPC tracker
+        from edgeflex.cli_fleet import cmd_profile_remote
+
+        return cmd_profile_remote(a)
     from edgeflex.runtime.profiles import measure_profile, profile_path, save_profile
 
     # one ORT pool for every session, as `edgeflex run` has; several counts need a pool per session
@@ -433,11 +437,16 @@ def cmd_compile(a: argparse.Namespace) -> int:
         else:
             print(f"  [{done}/{total}] {graph}", flush=True)
 
+    boards = None
+    if a.rpc:                               # tune on the boards of an RPC tracker
+        from edgeflex.cli_fleet import compile_boards
+
+        boards = compile_boards(a)
     start = time.perf_counter()
     report = compile_bundle(a.bundle, a.target, trials=a.trials, batch=a.batch, configs=a.config,
                             fused=a.fused, dress_kernel=a.dress_kernel, threads=a.threads,
                             kernels=not a.no_kernels, cuda_check=not a.no_cuda_check, batch1=not a.no_batch1,
-                            progress=progress)
+                            boards=boards, progress=progress)
     if bar is not None:
         bar.close()
     rows = [[e["library"], f"{e['elf']['machine']}", f"{len(e['params'])}",
@@ -481,6 +490,10 @@ def cmd_devices(a: argparse.Namespace) -> int:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
+    if a.rpc:                               # every config on a board against ONNX Runtime here
+        from edgeflex.cli_fleet import cmd_check_remote
+
+        return cmd_check_remote(a)
     from edgeflex.compile.tensorrt_check import check_bundle, matrix
 
     try:
@@ -553,6 +566,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 # --- entry point -------------------------------------------------------------------------------------------
+
+def _fleet(name: str) -> Callable[[argparse.Namespace], int]:
+    """A fleet verb of `edgeflex.cli_fleet`, imported when it runs."""
+    def run(a: argparse.Namespace) -> int:
+        return getattr(importlib.import_module("edgeflex.cli_fleet"), name)(a)
+
+    return run
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose refusals are one line like every other error of the command (no usage
@@ -638,6 +659,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")
     pr.add_argument("--device", default="host", help=DEVICE_HELP + "; the profile is stored under its name")
     pr.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
+    pr.add_argument("--rpc", metavar="HOST:PORT", help="measure on the boards of an RPC tracker (TVM "
+                    "engines; configs spread over the free boards under --key)")
+    pr.add_argument("--key", help="with --rpc: the boards' key (`edgeflex boards`)")
     pr.set_defaults(fn=cmd_profile)
     q = sub.add_parser("query", help="the configs that fit a budget on a device, best quality first")
     q.add_argument("bundle")
@@ -670,12 +694,23 @@ def parser() -> argparse.ArgumentParser:
                    "engines' CUDA C for the GPU here with nvcc (done by default when nvcc is found)")
     c.add_argument("--no-kernels", action="store_true", help="plain TVM lowering: do not put edgeflex's "
                    "TIR kernels (kernels/tir) in place of the ops they replace")
+    c.add_argument("--rpc", metavar="HOST:PORT", help="with --trials: tune on the boards of this RPC tracker "
+                   "(MetaSchedule's RPC runner), any --target")
+    c.add_argument("--key", help="with --rpc: the boards' key (`edgeflex boards`)")
     c.set_defaults(fn=cmd_compile)
     ck = sub.add_parser("check", help="what TensorRT's ONNX parser would reject in every graph a config runs")
     ck.add_argument("bundle")
     ck.add_argument("--engine", choices=["tensorrt"], default="tensorrt")
     ck.add_argument("--version", default="10.1", help="the TensorRT operator matrix (compile/tensorrt_ops)")
     ck.add_argument("--json", action="store_true")
+    ck.add_argument("--rpc", metavar="HOST:PORT", help="instead: run every config's TVM engines on a "
+                    "board of this RPC tracker and compare with ONNX Runtime here")
+    ck.add_argument("--key", help="with --rpc: the boards' key (`edgeflex boards`)")
+    ck.add_argument("--device", default="host", help="with --rpc: whose TVM engines (default: the key if it "
+                    "names a catalogue device, else host)")
+    ck.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
+                    help="with --rpc: max relative difference")
+    ck.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
     ck.set_defaults(fn=cmd_check)
     pk = sub.add_parser("pack", help="pack a bundle into one compressed file NAME.efz (or a delta .efzd)")
     pk.add_argument("bundle", help="a bundle NAME.efx (or a pack NAME.efz)")
@@ -703,6 +738,28 @@ def parser() -> argparse.ArgumentParser:
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for `edgeflex sign`")
     kg.add_argument("--out", required=True, help="writes OUT.pem (private, 0600) and OUT.pub.pem (public)")
     kg.set_defaults(fn=cmd_keygen)
+    tr = sub.add_parser("tracker", help="run TVM's RPC tracker here: boards register, profile/check/compile "
+                        "--rpc use them")
+    tr.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default loopback: trusted hosts only)")
+    tr.add_argument("--port", type=int_arg(1, 65535), default=9190)
+    tr.add_argument("--verbose", action="store_true", help="TVM's tracker log")
+    tr.set_defaults(fn=_fleet("cmd_tracker"))
+    bd = sub.add_parser("board", help="this machine as a board of a fleet: board serve")
+    bds = bd.add_subparsers(dest="board_verb", required=True)
+    sv = bds.add_parser("serve", help="serve TVM RPC (TVM runtime only) and register with a tracker")
+    sv.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    sv.add_argument("--key", required=True, help="the key this board registers under, e.g. rpi5")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; give the "
+                    "board's address on a trusted network only)")
+    sv.add_argument("--port", type=int_arg(1, 65535), help="first port to try (default 9090)")
+    sv.add_argument("--name", help="the board's name in profiles (default: host name and process id)")
+    sv.add_argument("--verbose", action="store_true", help="TVM's server log")
+    sv.set_defaults(fn=_fleet("cmd_board_serve"))
+    bs = sub.add_parser("boards", help="the keys and boards an RPC tracker holds, free and busy")
+    bs.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(fn=_fleet("cmd_boards"))
     dv = sub.add_parser("devices", help="the described devices (catalogue) and this host")
     dv.add_argument("--json", action="store_true")
     dv.add_argument("--no-measure", action="store_true", help="do not measure this host's peaks")
