@@ -69,11 +69,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
                                                    image_size=a.image_size, horizon=a.horizon, data=a.data)
     kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta,
-          "overwrite": a.force}
+          "overwrite": a.force, "engine": a.engine}
     bundle = ef.export(model, example, a.out, **kw)     # the registry picks the model's family's exporter
     v = bundle.manifest["export"]["validation"]
     print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
           f"{v['max_rel_err']:.2e} relative)")
+    if (trt := bundle.manifest["export"].get("tensorrt_check")) is not None:
+        print(f"  for TensorRT: {trt['graphs']} graph(s), 0 nodes TensorRT {trt['version']}'s ONNX parser "
+              f"would reject ({trt['restricted_to_review']} with restrictions to review: edgeflex check "
+              f"{a.out} --engine tensorrt)")
     for d in bundle.manifest["export"].get("dropped_outputs", []):
         print(f"  left out output {d['output']} ({d['type']}): not a tensor")
     for c in bundle.configs:
@@ -583,6 +587,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--name")
     e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
                    help="max relative export error (default 1e-4)")
+    e.add_argument("--engine", choices=["tensorrt"], help="export the forms TensorRT's ONNX parser takes, "
+                   "every graph checked against its operator matrix (default: ONNX Runtime and TVM)")
     e.set_defaults(fn=cmd_export)
     t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series)")
     t.add_argument("family", choices=["fits"], help="fits: FITS (--elastic: elastic FITS) on a CSV's series")

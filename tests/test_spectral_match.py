@@ -264,3 +264,26 @@ def test_an_almost_fits_with_complex_tensors_exports_through_the_complex_lowerin
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert _rel_err(ef.Runtime(bundle.path, backend="onnxruntime").run(x), want) <= 1e-4
+
+
+def test_the_readme_fits_exports_through_the_spectral_form(tmp_path: Path) -> None:
+    """The FITS of README.md's "Use" (plain PyTorch, as its authors write it), at a small size: recognised,
+    exported in a spectral form, both outputs equal to PyTorch."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("class FITS(torch.nn.Module):")
+    end = readme.index("\n\n", readme.index("return low * torch.sqrt(var)", start))
+    scope: dict = {"torch": torch}
+    exec(readme[start:end], scope)                               # noqa: S102 - our own README's snippet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)              # "complex modules are a new feature"
+        model = randomise(scope["FITS"](L=64, H=16, cut=10), seed=5)
+    bundle = ef.export(model, torch.randn(1, 64, 3), tmp_path / "readme.efx")
+    assert bundle.manifest["export"]["strategy"] == SPECTRAL_STRATEGY
+    assert bundle.manifest["export"]["kernels"]["recognised"]["outputs"] == ["y", "centred"]
+    x = (np.random.default_rng(3).standard_normal((2, 64, 3)) * 4 + 9).astype(np.float32)
+    with torch.no_grad():
+        want = _flat(model(torch.from_numpy(x)))
+    got = ef.Runtime(tmp_path / "readme.efx").run(x)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) <= 1e-4

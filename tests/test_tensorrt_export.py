@@ -159,3 +159,14 @@ def test_an_unknown_engine_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"engine='tensorRT'.*expected None .* 'tensorrt'") as info:
         ef.export(_generic(), torch.randn(2, 12), tmp_path / "g.efx", engine="tensorRT")
     assert "\n" not in str(info.value)
+
+
+def test_the_cli_exports_a_builtin_model_for_tensorrt(tmp_path: Path, capsys) -> None:
+    from edgeflex.cli import main
+
+    path = tmp_path / "fits.efx"
+    assert main(["export", "--model", "fits", "--out", str(path), "--engine", "tensorrt"]) == 0
+    out = capsys.readouterr().out
+    assert "0 nodes TensorRT 10.1's ONNX parser would reject" in out
+    assert ef.Bundle.open(path).manifest["export"]["engine"] == "tensorrt"
+    assert main(["check", str(path), "--engine", "tensorrt"]) == 0
