@@ -151,7 +151,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     if "kernels" in info["export"]:
         k = info["export"]["kernels"]
         cands = ", ".join(f"{f} {t['batch1_us']:.0f} us" for f, t in k["measured"].items())
-        print(f"kernel   {k['kernel']} form {k['form']!r} (batch-1 on {k['engine']}: {cands})")
+        why = f"batch-1 on {k['engine']}: {cands}" if cands else k.get("rule", "")
+        print(f"kernel   {k['kernel']} form {k['form']!r} ({why})")
+    if (trt := info["export"].get("tensorrt_check")) is not None:
+        print(f"engine   exported for TensorRT: {trt['unsupported']} nodes of {trt['graphs']} graph(s) that "
+              f"TensorRT {trt['version']}'s ONNX parser would reject ({trt['restricted_to_review']} with "
+              "restrictions to review)")
     print(f"tools    {', '.join(f'{k} {v}' for k, v in info['tools'].items())}")
     rows = [[c["name"], _quality_str(c["quality"]), f"{(c['flops'] or 0) / 1e6:.2f}",
              f"{(c['param_bytes'] or 0) / 1024:.1f}", " > ".join(c.get("segments", [])) or c.get("graph", "")]

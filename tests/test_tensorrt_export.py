@@ -170,3 +170,7 @@ def test_the_cli_exports_a_builtin_model_for_tensorrt(tmp_path: Path, capsys) ->
     assert "0 nodes TensorRT 10.1's ONNX parser would reject" in out
     assert ef.Bundle.open(path).manifest["export"]["engine"] == "tensorrt"
     assert main(["check", str(path), "--engine", "tensorrt"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "exported for TensorRT: 0 nodes" in out and "fewest multiply-adds" in out
