@@ -761,7 +761,8 @@ def _fold_centred(bb: Any, kernels: dict[Any, Any]) -> None:
 
     by_gv = {gv: key for key, gv in kernels.items()}
     with PatternContext() as pctx:
-        # NOTE: wildcards only: a graph pattern's leaves must be variables, so constants are checked below
+        # NOTE: a graph pattern (PatternContext) matches bound variables: `is_const` leaves never matched when
+        # tried, so the leaves are wildcards and the rewriter checks the kernel call, its input and the axes
         y, x = wildcard(), wildcard()
         xt = is_op("relax.permute_dims")(x)
         mean = is_op("relax.mean")(xt)
