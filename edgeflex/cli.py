@@ -69,11 +69,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, example, quality, meta, _ = build_model(a.model, train=a.train, epochs=a.epochs, seed=a.seed,
                                                    image_size=a.image_size, horizon=a.horizon, data=a.data)
     kw = {"name": a.name or a.model, "quality": quality, "tolerance": a.tolerance, "metadata": meta,
-          "overwrite": a.force}
+          "overwrite": a.force, "engine": a.engine}
     bundle = ef.export(model, example, a.out, **kw)     # the registry picks the model's family's exporter
     v = bundle.manifest["export"]["validation"]
     print(f"wrote {bundle.path}  ({bundle.family}, {len(bundle.configs)} config(s), export error "
           f"{v['max_rel_err']:.2e} relative)")
+    if (trt := bundle.manifest["export"].get("tensorrt_check")) is not None:
+        print(f"  for TensorRT: {trt['graphs']} graph(s), 0 nodes TensorRT {trt['version']}'s ONNX parser "
+              f"would reject ({trt['restricted_to_review']} with restrictions to review: edgeflex check "
+              f"{a.out} --engine tensorrt)")
     for d in bundle.manifest["export"].get("dropped_outputs", []):
         print(f"  left out output {d['output']} ({d['type']}): not a tensor")
     for c in bundle.configs:
@@ -147,7 +151,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     if "kernels" in info["export"]:
         k = info["export"]["kernels"]
         cands = ", ".join(f"{f} {t['batch1_us']:.0f} us" for f, t in k["measured"].items())
-        print(f"kernel   {k['kernel']} form {k['form']!r} (batch-1 on {k['engine']}: {cands})")
+        why = f"batch-1 on {k['engine']}: {cands}" if cands else k.get("rule", "")
+        print(f"kernel   {k['kernel']} form {k['form']!r} ({why})")
+    if (trt := info["export"].get("tensorrt_check")) is not None:
+        print(f"engine   exported for TensorRT: {trt['unsupported']} nodes of {trt['graphs']} graph(s) that "
+              f"TensorRT {trt['version']}'s ONNX parser would reject ({trt['restricted_to_review']} with "
+              "restrictions to review)")
     print(f"tools    {', '.join(f'{k} {v}' for k, v in info['tools'].items())}")
     rows = [[c["name"], _quality_str(c["quality"]), f"{(c['flops'] or 0) / 1e6:.2f}",
              f"{(c['param_bytes'] or 0) / 1024:.1f}", " > ".join(c.get("segments", [])) or c.get("graph", "")]
@@ -604,6 +613,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--name")
     e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
                    help="max relative export error (default 1e-4)")
+    e.add_argument("--engine", choices=["tensorrt"], help="export the forms TensorRT's ONNX parser takes, "
+                   "every graph checked against its operator matrix (default: ONNX Runtime and TVM)")
     e.set_defaults(fn=cmd_export)
     t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series)")
     t.add_argument("family", choices=["fits"], help="fits: FITS (--elastic: elastic FITS) on a CSV's series")

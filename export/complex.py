@@ -26,6 +26,7 @@ An op on complex values without a rule raises ExportError naming the op and the 
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import re
@@ -105,7 +106,13 @@ def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.Gra
     """torch.export with a dynamic batch (static batch if that fails), decomposed to core ATen."""
     model = model.eval()
     example = traceable(example)
-    tries = (tuple({0: torch.export.Dim("batch")} for _ in example), None)
+    batch = tuple({0: torch.export.Dim("batch")} for _ in example)
+    # a forward(*xs) (the exporter's FlatOutputs around a model with several outputs) takes its inputs as one
+    # varargs tuple, and torch.export wants the dynamic shapes nested the same way
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        batch = (batch,)
+    tries = (batch, None)
     failures = []
     for dyn in tries:
         try:

@@ -28,7 +28,7 @@ from edgeflex.errors import ExportError
 from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, write_bundle
 from edgeflex.runtime.store import target as store_target
 
-from . import analysis, fits
+from . import analysis, engines, fits
 from . import complex as complex_lowering
 from .costs import config_costs
 from .validate import validate
@@ -109,7 +109,8 @@ N_RANDOM = 4
 
 def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *, name: str | None = None,
            quality: dict | list | None = None, tolerance: float = 1e-4, n_random: int = N_RANDOM,
-           threads: int | None = None, overwrite: bool = False, metadata: dict | None = None) -> Bundle:
+           threads: int | None = None, overwrite: bool = False, metadata: dict | None = None,
+           engine: str | None = None) -> Bundle:
     """Export `model` into a validated bundle at `path` (a directory ending in .efx) and return it opened.
 
     The family registry (`edgeflex.models.place`) picks the exporter: a model of an elastic family
@@ -118,6 +119,9 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
     module is one config captured by torch.onnx; an elastic-looking model no family places is refused.
     `example_inputs`: a tensor or a tuple of tensors, batch first (the batch becomes dynamic).
     `quality`: the held-out metric, e.g. {"metric": "top1", "value": 0.98, "direction": "higher"}.
+    `engine`: None (ONNX Runtime and TVM) or "tensorrt": the forms TensorRT's ONNX parser takes, every graph
+    checked against its operator matrix, ExportError naming the nodes it would reject (`export.engines`);
+    recorded in the manifest ("export": "engine", "tensorrt_check").
     Raises ExportError if no capture strategy works or the graph differs from PyTorch by > `tolerance`
     (relative to the output's scale); then nothing is written.
     """
@@ -130,11 +134,17 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
     fn = family.export_fn()
     kw = {"name": name, "quality": quality, "tolerance": tolerance, "threads": threads,
           "overwrite": overwrite, "metadata": metadata}
-    if "n_random" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    if "n_random" in params:
         kw["n_random"] = n_random
     elif n_random != N_RANDOM:
         raise ExportError(f"n_random={n_random}: the {family.name} exporter validates every config on its "
                           "own inputs; leave n_random out")
+    if "engine" in params:
+        kw["engine"] = engines.check_engine(engine)
+    elif engine is not None:
+        raise ExportError(f"engine={engine!r}: the {family.name} exporter writes one form for every engine; "
+                          "leave engine out")
     if not family.elastic:
         return fn(model, example_inputs, path, **kw)
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -147,14 +157,15 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
 def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                  name: str | None = None, quality: dict | None = None, tolerance: float = 1e-4,
                  n_random: int = N_RANDOM, threads: int | None = None, overwrite: bool = False,
-                 metadata: dict | None = None) -> Bundle:
+                 metadata: dict | None = None, engine: str | None = None) -> Bundle:
     """The one-config exporter (FITS, StarNet, DLinear, generic), validated, then written; `ef.export` calls
     it for every non-elastic family. A model with complex tensors is first lowered to a real graph
     (`complex.py`). If the graph is the FITS spectral pattern (`spectral_match`, whoever wrote the model)
     the fastest spectral form of `kernels.spectral` is exported; else torch.onnx's capture strategies run
     in order (on the lowered graph where there is one). Every tensor of a (nested) tuple / list / dict
     output is an output of the bundle (`output_names`); outputs that are not tensors are left out, noted
-    in the manifest and warned about."""
+    in the manifest and warned about. `engine`: as `export` takes it."""
+    engine = engines.check_engine(engine)
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export expects a torch.nn.Module, got {type(model).__name__}")
@@ -187,7 +198,7 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     found, why = fits.recognise(model, example, graph=lowered)
     if found is not None:
         graph, extra["kernels"] = fits.lower(found, input_name=in_names[0], output_names=out_names,
-                                             threads=threads)
+                                             threads=threads, engine=engine)
         strategy = SPECTRAL_STRATEGY
         try:
             check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
@@ -215,6 +226,7 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
             if rejected is not None:
                 raise rejected from None
             raise
+    extra.update(engines.engine_record(engine, {GRAPH: graph}))
     proto = onnx.load_from_string(graph)
     config = Config("default", GRAPH, quality, analysis.flops(proto), analysis.param_bytes(proto),
                     costs=config_costs([proto]))

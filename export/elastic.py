@@ -28,6 +28,7 @@ from edgeflex.runtime.store import target as store_target
 from . import analysis
 from .core import capture, default_threads, manifest_base
 from .costs import config_costs
+from .engines import check_engine, engine_record
 from .validate import example_specs, validate_fn
 
 WEIGHTS = "weights.bin"
@@ -111,10 +112,12 @@ def _specs_json(tensors, names) -> list[dict]:
 
 def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: list[dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
-                 metadata: dict | None = None, overwrite: bool = False) -> Bundle:
+                 metadata: dict | None = None, overwrite: bool = False, engine: str | None = None) -> Bundle:
     """Export a `models.dress.DressModel`: one graph, one stored dense copy of each prunable weight plus its
     2-bit level codes; config `density-NN` per level. `quality`: per level, in level order (default: the
-    model's own `quality`, which `ef.elastic.dress` measures on the user's held-out data)."""
+    model's own `quality`, which `ef.elastic.dress` measures on the user's held-out data). `engine`: as
+    `ef.export` takes it (the graphs are the same for every engine; "tensorrt" checks them)."""
+    engine = check_engine(engine)
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     if quality is None:
         quality = getattr(model, "quality", None)
@@ -192,7 +195,7 @@ def export_dress(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                                    "(dense = masked weights; sparse = row-sparse ELL, Linear layers only)"},
         "export": {"strategy": "torch.onnx dynamo (dense backbone) + edgeflex DRESS level codes",
                    "validation": _worst(checks), "per_config": checks,
-                   "opset": graph.opset_import[0].version},
+                   "opset": graph.opset_import[0].version, **engine_record(engine, files)},
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**files, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)
@@ -296,11 +299,13 @@ def model_level_stats(model, example) -> list[dict]:
 
 def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name: str | None = None,
                  quality: dict[str, dict] | None = None, tolerance: float = 1e-4, threads: int | None = None,
-                 metadata: dict | None = None, overwrite: bool = False) -> Bundle:
+                 metadata: dict | None = None, overwrite: bool = False, engine: str | None = None) -> Bundle:
     """Export a stitched network (`models.stitch.Stitched`: an `SNNet`, or the user's anchors stitched by
     `ef.elastic.stitch`): every segment (anchor blocks, stitching layers) once; a config is the ordered list
     of segments it chains. `quality`: config name -> metric dict (default: the model's own `quality`, which
-    `ef.elastic.stitch` measures on the user's held-out data)."""
+    `ef.elastic.stitch` measures on the user's held-out data). `engine`: as `ef.export` takes it (the
+    graphs are the same for every engine; "tensorrt" checks them)."""
+    engine = check_engine(engine)
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     from edgeflex.models.stitch import config_stats, segment_plan
 
@@ -357,7 +362,7 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     manifest.update({
         "configs": configs, "segments": seg_manifest, "tensors": store.index,
         "export": {"strategy": "torch.onnx dynamo per segment", "validation": _worst(checks),
-                   "per_config": checks},
+                   "per_config": checks, **engine_record(engine, graphs)},
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**graphs, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)

@@ -43,15 +43,27 @@ def recognise(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
 
 
 def lower(found: spectral_match.SpectralMatch, *, input_name: str, output_names: list[str], threads: int,
-          engine: str = "onnxruntime", batches: tuple[int, ...] = (1, 64)) -> tuple[bytes, dict]:
-    """The ONNX bytes of the fastest valid form of the recognised map on `engine`, and a record of what was
-    measured and recognised."""
+          engine: str | None = None, batches: tuple[int, ...] = (1, 64)) -> tuple[bytes, dict]:
+    """The ONNX bytes of the fastest valid form of the recognised map on `engine` (None: ONNX Runtime, whose
+    timing also serves TVM), and a record of what was measured and recognised. For "tensorrt" (no TensorRT
+    here to time on): the form with the fewest multiply-adds, normalised without LayerNormalization's extra
+    outputs (`export.engines`)."""
     import onnxruntime as ort
 
     from edgeflex.runtime.backends.onnxruntime import session_options, shared_threads
 
     w = found.map
     channels = found.channels
+    if engine == "tensorrt":
+        macs = {f: spectral.macs(w, f) for f in FORMS_BY_ENGINE[engine]}
+        chosen = min(macs, key=macs.__getitem__)
+        graph = spectral.to_onnx(w, chosen, input_name=input_name, channels=channels, layer_norm=False,
+                                 outputs=list(zip(output_names, found.outputs))).SerializeToString()
+        return graph, {"kernel": "spectral", "form": chosen, "engine": engine, "measured": {},
+                       "macs_per_channel": macs, "normalisation": "ReduceMean / Sqrt (no LayerNormalization)",
+                       "rule": "fewest multiply-adds: TensorRT is not here to time the forms on",
+                       "recognised": found.to_json()}
+    engine = engine or "onnxruntime"
     so = session_options(ort, shared_threads() or threads)
     rng = np.random.default_rng(0)
     measured: dict[str, dict[str, float]] = {}

@@ -25,6 +25,7 @@ from edgeflex.runtime.store import target as store_target
 from . import analysis
 from .core import default_threads, manifest_base
 from .elastic import WEIGHTS, WeightStore, _mark_derived, _ort_session, _stem, _worst, plan_call
+from .engines import check_engine, engine_record, uses_layer_norm
 from .validate import example_specs, validate_fn
 
 FORMS = ("folded", "lowrank")   # the forms with GEMM operands to derive; ONNX DFT is far slower on ORT
@@ -36,9 +37,11 @@ def stored_weights(w: spectral.SpectralWeights) -> tuple[np.ndarray, np.ndarray]
             np.stack([w.bias.real, w.bias.imag]).astype(np.float32))
 
 
-def level_graph(w: spectral.SpectralWeights, form: str, channels: int, store: WeightStore):
-    """(graph bytes with the GEMM operands marked derived, refs of the stored constants, the full proto)."""
-    proto = spectral.to_onnx(w, form, channels=channels)
+def level_graph(w: spectral.SpectralWeights, form: str, channels: int, store: WeightStore,
+                layer_norm: bool = True):
+    """(graph bytes with the GEMM operands marked derived, refs of the stored constants, the full proto);
+    `layer_norm` as `spectral.to_onnx` takes it."""
+    proto = spectral.to_onnx(w, form, channels=channels, layer_norm=layer_norm)
     derived = set(spectral.GEMM_NAMES[:len(spectral.gemm_operands(w, form))])
     lean = onnx.ModelProto()
     lean.CopyFrom(proto)
@@ -68,10 +71,13 @@ def derive(stored_w: np.ndarray, stored_b: np.ndarray, hyper: dict, cut_freq: in
 def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | os.PathLike, *,
                         name: str | None = None, quality: list[dict] | None = None, tolerance: float = 1e-4,
                         threads: int | None = None, metadata: dict | None = None,
-                        overwrite: bool = False) -> Bundle:
+                        overwrite: bool = False, engine: str | None = None) -> Bundle:
     """Export an `ElasticFITS` into one bundle, config `cut-K` per level (largest first). `quality`: per
     level, in `model.cut_freqs` order. Every level is validated against its plain PyTorch FITS through the
-    engine the runtime builds (stored weight -> derived operands) before anything is written."""
+    engine the runtime builds (stored weight -> derived operands) before anything is written. `engine`:
+    as `ef.export` takes it; for "tensorrt" the levels normalise without LayerNormalization's extra
+    outputs and each takes the form with the fewest multiply-adds (no TensorRT here to time on)."""
+    engine = check_engine(engine)
     store_target(path, overwrite=overwrite, new=True)     # refuse before any work
     threads = threads or default_threads()
     model = model.eval()
@@ -88,14 +94,14 @@ def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | o
         w = spectral.nested(model.spectral_weights(), cut)
         candidates = {}
         for form in FORMS:
-            graph, refs, proto = level_graph(w, form, model.channels, store)
-            engine = plan_call([_ort_session(graph, store, refs, threads, derive(sw, sb, hyper, cut, form),
-                                             example_specs((example,)))])
-            candidates[form] = (graph, refs, proto, engine)
+            graph, refs, proto = level_graph(w, form, model.channels, store, uses_layer_norm(engine))
+            call = plan_call([_ort_session(graph, store, refs, threads, derive(sw, sb, hyper, cut, form),
+                                           example_specs((example,)))])
+            candidates[form] = (graph, refs, proto, call)
         measured = _measure({f: c[3] for f, c in candidates.items()}, model.seq_len, model.channels, rng)
-        form = _choose(measured)
-        graph, refs, proto, engine = candidates[form]
-        check = validate_fn(model.level(cut), engine, (example,),
+        form = _choose(measured) if engine is None else min(FORMS, key=lambda f: spectral.macs(w, f))
+        graph, refs, proto, call = candidates[form]
+        check = validate_fn(model.level(cut), call, (example,),
                             tolerance=tolerance, label=f"cut_freq {cut} ({form})")
         checks.append({"config": f"cut-{cut}", **check.to_json()})
         seg = f"cut-{cut}"
@@ -120,10 +126,13 @@ def export_fits_elastic(model: ElasticFITS, example: torch.Tensor, path: str | o
             "storage": {"weight_bytes": sw.nbytes + sb.nbytes,
                         "separate_levels_bytes": sum(c["param_bytes"] for c in configs)},
             "form_choice": "per level, of folded/lowrank (alternated, 3 rounds): fastest at batch 1; among "
-                           "forms within 10% of it, fastest at batch 64 (the rule of export/fits.py)"},
+                           "forms within 10% of it, fastest at batch 64 (the rule of export/fits.py)"
+                           if engine is None else "per level, of folded/lowrank: the fewest multiply-adds "
+                           "(TensorRT is not here to time on); normalised by ReduceMean / Sqrt"},
         "export": {"strategy": "edgeflex FITS lowering per cut level (kernels.spectral); GEMM operands "
                                "derived at load from the one stored complex weight",
-                   "validation": _worst(checks), "per_config": checks, "opset": spectral.OPSET},
+                   "validation": _worst(checks), "per_config": checks, "opset": spectral.OPSET,
+                   **engine_record(engine, files)},
         "metadata": metadata or {},
     })
     return write_bundle(path, manifest, {**files, WEIGHTS: bytes(store.blob)}, overwrite=overwrite)

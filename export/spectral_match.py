@@ -396,6 +396,7 @@ def match(gm: GraphModule, example: torch.Tensor) -> SpectralMatch:
     raises NoMatch with the reason when the graph is not exactly that pattern."""
     if example.dim() != 3:
         raise NoMatch(f"input of rank {example.dim()}; the pattern takes [batch, L, channels]")
+    gm = _merged(gm)
     norm, end, kinds, _ = find(gm)
     B, L, C = example.shape
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -406,6 +407,19 @@ def match(gm: GraphModule, example: torch.Tensor) -> SpectralMatch:
     if L < 2:
         raise NoMatch(f"sequence of length {L}")
     return SpectralMatch(smap, kinds, C, dtype, err)
+
+
+def _merged(gm: GraphModule) -> GraphModule:
+    """`gm` with identical computations merged (torch.fx's CSE pass; impure ops are left alone), as a new
+    module: user code that writes `x - mean` twice (once for the variance, once to divide) captures two
+    subtractions, which the strict match would otherwise see as two different series. `gm` itself when
+    the pass fails."""
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+    try:
+        return CSEPass()(gm).graph_module
+    except Exception:  # noqa: BLE001 - no merge: the match runs on the graph as captured
+        return gm
 
 
 def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> GraphModule:

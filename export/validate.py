@@ -80,7 +80,12 @@ def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, .
         with torch.no_grad():
             ref = model(*inputs)
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-        outs = run_onnx([t.numpy() for t in inputs])
+        try:
+            outs = run_onnx([t.numpy() for t in inputs])
+        except Exception as e:  # noqa: BLE001 - the engine's own error, as one line
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ExportError(f"exported graph{' of ' + label if label else ''} does not run on {case}: "
+                              f"{type(e).__name__}: {first}; nothing was written") from None
         outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
         if len(outs) != len(refs):
             raise ExportError(f"exported graph has {len(outs)} outputs, PyTorch gave {len(refs)}")

@@ -271,7 +271,8 @@ def nested(w: SpectralWeights, cut_freq: int) -> SpectralWeights:
 # --- ONNX lowerings ---------------------------------------------------------------------------------------
 
 def to_onnx(w: SpectralWeights | SpectralMap, form: str, *, input_name: str = "x", output_name: str = "y",
-            channels: int | None = None, outputs: list[tuple[str, str]] | None = None):
+            channels: int | None = None, outputs: list[tuple[str, str]] | None = None,
+            layer_norm: bool = True):
     """A standalone ONNX model (opset 17) computing FITS: input [batch, L, C] float32 -> [batch, L+H, C].
 
     `channels` fixes C in the graph's signature (required for `individual`, optional otherwise).
@@ -280,6 +281,10 @@ def to_onnx(w: SpectralWeights | SpectralMap, form: str, *, input_name: str = "x
     default [(output_name, "y")].
     The graph works channel-major ([B, C, L], or [C, B, L] for `individual`): every reduction and GEMM
     then runs along contiguous rows, and the de-normalisation rides in the last GEMM as two extra columns.
+    `layer_norm`: the mean and variance by one LayerNormalization that also outputs its mean and inverse
+    standard deviation (ONNX Runtime's fused kernel, and the ops the TVM kernel's rewrite matches); False:
+    by ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, and the GEMMs read the centred series (TensorRT's ONNX
+    parser takes only LayerNormalization's first output).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -305,20 +310,29 @@ def to_onnx(w: SpectralWeights | SpectralMap, form: str, *, input_name: str = "x
     # FITS's sqrt(unbiased var + eps). Y = xc / rho. Replaces five broadcast ops, each a pass of its own.
     # (A biased variance, ddof 0: eps' = eps and rho = std.)
     c_scale, eps_ln = _var_scale(w)                                          # std = rho * c_scale
-    ln = [b._name("ln_y"), b._name("mean"), b._name("inv_std")]
-    b.nodes.append(_node("LayerNormalization", [x, b.const(np.ones(L)), b.const(np.zeros(L))], ln, axis=-1,
-                         epsilon=eps_ln))
-    y_n, mean, inv = ln
-    rho = b.op("Reciprocal", [inv])                                          # [B, C, 1]
+    if layer_norm:
+        ln = [b._name("ln_y"), b._name("mean"), b._name("inv_std")]
+        b.nodes.append(_node("LayerNormalization", [x, b.const(np.ones(L)), b.const(np.zeros(L))], ln,
+                             axis=-1, epsilon=eps_ln))
+        y_n, mean, inv = ln
+        rho = b.op("Reciprocal", [inv])                                      # [B, C, 1]
+        xc = None
+    else:
+        # the same rho = sqrt(biased var + eps'), op by op; the centred series is what the GEMMs read
+        mean = b.op("ReduceMean", [x], axes=[-1], keepdims=1)
+        xc = b.op("Sub", [x, mean])
+        var = b.op("ReduceMean", [b.op("Mul", [xc, xc])], axes=[-1], keepdims=1)
+        rho = b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps_ln))])])
     if form == "dft":
-        core, c = _core_dft(b, w, b.op("Mul", [y_n, rho]))
+        core, c = _core_dft(b, w, xc if xc is not None else b.op("Mul", [y_n, rho]))
         y = b.op("Add", [core, b.op("Add", [b.op("Mul", [rho, b.const(c[..., None, :] * c_scale)]), mean])])
     else:
         operands = gemm_operands(w, form)
-        h = y_n
+        h = y_n if xc is None else xc
         for i, m in enumerate(operands[:-1]):
             h = b.op("MatMul", [h, b.const(m, name=GEMM_NAMES[i])])
-        h = b.op("Mul", [h, rho])                                            # back to the centred scale
+        if xc is None:
+            h = b.op("Mul", [h, rho])                                        # back to the centred scale
         h = b.op("Concat", [h, rho, mean], axis=2)
         y = b.op("MatMul", [h, b.const(operands[-1], name=GEMM_NAMES[len(operands) - 1])])
     perm = [1, 2, 0] if w.individual else [0, 2, 1]

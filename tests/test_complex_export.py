@@ -340,3 +340,33 @@ def test_the_authors_fits_compiles_for_tvm_and_runs_equal_to_pytorch(tmp_path) -
         want = _tensors(model(x))
     for g, w in zip(rt.run(x.numpy()), want):
         assert _rel_err(g, w.numpy()) <= TOL
+
+
+class TwoOutputSpectrum(nn.Module):
+    """FNO's 1-D layer returning two tensors (a tuple, as FITS does) and sizing its zeros by x.size(0): the
+    general complex lowering's capture must keep the batch dynamic through the exporter's output wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = authors.SpectralConv1d(3, 3, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        pad = torch.zeros(x.size(0), 3, 9, dtype=torch.cfloat)
+        pad[:, :, :4] = torch.fft.rfft(x)[:, :, :4]
+        return y, torch.fft.irfft(pad, n=16) * 2
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_several_output_complex_model_exports_with_a_dynamic_batch(batch: int, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TwoOutputSpectrum().eval()
+    bundle = ef.export(model, torch.randn(batch, 3, 16), tmp_path / "two.efx")
+    assert bundle.manifest["export"]["strategy"].startswith("edgeflex complex lowering")
+    x = np.random.default_rng(batch).standard_normal((batch + 2, 3, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = [t.numpy() for t in model(torch.from_numpy(x))]
+    got = ef.Runtime(bundle.path).run(x)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert float(np.abs(g - w).max() / np.abs(w).max()) <= 1e-4

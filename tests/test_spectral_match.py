@@ -264,3 +264,65 @@ def test_an_almost_fits_with_complex_tensors_exports_through_the_complex_lowerin
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert _rel_err(ef.Runtime(bundle.path, backend="onnxruntime").run(x), want) <= 1e-4
+
+
+def test_the_readme_fits_exports_through_the_spectral_form(tmp_path: Path) -> None:
+    """The FITS of README.md's "Use" (plain PyTorch, as its authors write it), at a small size: recognised,
+    exported in a spectral form, both outputs equal to PyTorch."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("class FITS(torch.nn.Module):")
+    end = readme.index("\n\n", readme.index("return low * torch.sqrt(var)", start))
+    scope: dict = {"torch": torch}
+    exec(readme[start:end], scope)                               # noqa: S102 - our own README's snippet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)              # "complex modules are a new feature"
+        model = randomise(scope["FITS"](L=64, H=16, cut=10), seed=5)
+    bundle = ef.export(model, torch.randn(1, 64, 3), tmp_path / "readme.efx")
+    assert bundle.manifest["export"]["strategy"] == SPECTRAL_STRATEGY
+    assert bundle.manifest["export"]["kernels"]["recognised"]["outputs"] == ["y", "centred"]
+    x = (np.random.default_rng(3).standard_normal((2, 64, 3)) * 4 + 9).astype(np.float32)
+    with torch.no_grad():
+        want = _flat(model(torch.from_numpy(x)))
+    got = ef.Runtime(tmp_path / "readme.efx").run(x)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) <= 1e-4
+
+
+class TwiceCentred(nn.Module):
+    """FITS as a user might write it: `x - mean` written twice (for the variance, then to divide), which
+    torch.export captures as two subtractions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 7).to(torch.cfloat)
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = torch.var(x - mean, dim=1, keepdim=True) + 1e-5
+        spec = torch.fft.rfft((x - mean) / torch.sqrt(var), dim=1)[:, :6]
+        spec = self.up(spec.permute(0, 2, 1)).permute(0, 2, 1)
+        full = torch.zeros(x.size(0), 20, x.size(2), dtype=spec.dtype)
+        full[:, :7] = spec
+        return torch.fft.irfft(full, n=39, dim=1) * torch.sqrt(var) + mean
+
+
+def test_a_computation_written_twice_is_merged_before_matching() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = randomise(TwiceCentred(), seed=4)
+    x = torch.randn(2, 30, 2)
+    gm = spectral_match.capture(model, (x,))
+    assert sum(1 for n in gm.graph.nodes if str(n.target) == "aten.sub.Tensor") == 2
+    found = spectral_match.match(gm, x)
+    assert found.outputs == ["y"] and found.probe_err <= 1e-9
+    assert sum(1 for n in gm.graph.nodes if str(n.target) == "aten.sub.Tensor") == 2   # the caller's, kept
+    assert fits.recognise(model, (x,))[1] == "matched"
+    graph, _ = fits.lower(found, input_name="x", output_names=["y"], threads=1)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    xs = (np.random.default_rng(5).standard_normal((3, 30, 2)) * 2 + 7).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(xs)).numpy()
+    assert _rel_err(sess.run(None, {"x": xs})[0], want) <= 1e-4

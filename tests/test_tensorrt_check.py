@@ -32,6 +32,25 @@ def test_dft_unknown_op_layernorm_outputs_double():
             ("absd", "dtype")} <= got
 
 
+def test_int64_where_not_listed_ops_marked_n_and_a_one_output_layernorm():
+    """INT64 into MatMul (the matrix lists FP types only) and Unique (marked N) are named; the same MatMul on
+    FLOAT and a LayerNormalization asking for its first output only are not."""
+    i64 = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, [4, 4])  # noqa: E731
+    f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4])  # noqa: E731
+    s = helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4)
+    nodes = [
+        helper.make_node("MatMul", ["a", "a"], ["p"], name="mm_int"),
+        helper.make_node("Unique", ["a"], ["u"], name="uniq"),
+        helper.make_node("MatMul", ["x", "x"], ["q"], name="mm_float"),
+        helper.make_node("LayerNormalization", ["x", "s"], ["ln"], name="ln1"),
+    ]
+    u = helper.make_tensor_value_info("u", TensorProto.INT64, None)
+    m = _model(nodes, [i64("a"), f("x")], [i64("p"), u, f("q"), f("ln")], [s])
+    got = _unsupported(m)
+    assert ("mm_int", "dtype") in got and ("uniq", "unsupported") in got
+    assert not {n for n, _ in got} & {"mm_float", "ln1"}
+
+
 def test_plain_graph_clean():
     f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8])  # noqa: E731
     m = _model([helper.make_node("Relu", ["x"], ["y"], name="r")], [f("x")], [f("y")])

@@ -99,6 +99,42 @@ def test_split_kernel_equals_reference(seq_len: int, pred_len: int, channels: in
         assert _rel(y.numpy(), spectral.reference(x, w)) <= 1e-4, batch
 
 
+@pytest.mark.parametrize("kernel, seq_len, pred_len, channels, cut", [
+    ("folded", 97, 13, 3, 9),       # N * C not whole periods of 16 lanes: the per-channel loop
+    ("lowrank", 50, 11, 11, 26),    # two tasks per sample, the last padded: the per-channel loop
+    ("split", 720, 96, 7, 60),      # the benchmark's shape: the flat 16-lane loop over the whole sample
+    ("split", 64, 16, 3, 10),       # the flat loop, three channels
+])
+def test_kernels_write_the_centred_series_as_a_second_output(kernel: str, seq_len: int, pred_len: int,
+                                                              channels: int, cut: int,
+                                                              rng: np.random.Generator) -> None:
+    """With `centred` the kernel also writes y - mean (the FITS authors' second output), equal to the
+    reference's y minus the input's mean; y itself unchanged."""
+    import tvm
+
+    w = _weights(rng, seq_len, pred_len, cut)
+    eps = w.eps * (seq_len - 1) / seq_len
+    form = "folded" if kernel == "folded" else "lowrank"
+    ops = [o.astype(np.float32) for o in spectral.gemm_operands(w, form)]
+    rank = None if form == "folded" else ops[0].shape[1]
+    s = schedule_for(seq_len, w.out_len, channels, eps, rank, cores=2, centred=True)
+    split = spectral.split_operands(*ops) if kernel == "split" else None
+    lib = build_kernel(s, plan=None if split is None else SplitPlan.of(split))
+    for batch in (1, 5):
+        x = _x(rng, batch, seq_len, channels)
+        if split is None:
+            y, yc = run_kernel(lib, s, x, ops)
+        else:
+            args = [tvm.runtime.tensor(a) for a in (x, *split_kernel_operands(split))]
+            outs = [tvm.runtime.tensor(np.empty((batch, w.out_len, channels), np.float32)) for _ in range(2)]
+            lib["fits"](*args, *outs)
+            y, yc = (o.numpy() for o in outs)
+        want = spectral.reference(x, w)
+        assert _rel(y, want) <= 1e-4, batch
+        assert _rel(yc, want - x.mean(axis=1, keepdims=True)) <= 1e-4, batch
+        np.testing.assert_allclose(yc, y - x.mean(axis=1, keepdims=True), rtol=0, atol=1e-4 * np.abs(x).max())
+
+
 def test_split_operands_only_for_the_low_rank_form_at_multiples_of_16(rng: np.random.Generator) -> None:
     w = _weights(rng, 64, 16, 10)
     F, W = (o.astype(np.float32) for o in spectral.gemm_operands(w, "lowrank"))
@@ -189,6 +225,40 @@ def test_rewrite_puts_one_kernel_call_in_place_of_the_lowering(form: str, L: int
         y = vm["main"](tvm.runtime.tensor(x)).numpy()
         assert _rel(y, sess.run(None, {"x": x})[0]) <= 1e-4
         assert _rel(y, spectral.reference(x, w)) <= 1e-4
+
+
+@pytest.mark.parametrize("form, L, H, cut, kernel, batch", [
+    ("lowrank", 64, 16, 5, "lowrank", None), ("folded", 37, 9, 5, "folded", 2),
+    ("lowrank", 256, 64, 30, "split", None), ("folded", 256, 64, 30, "split", 2)])
+def test_rewrite_gives_both_outputs_of_the_authors_fits_from_one_kernel_call(
+        form: str, L: int, H: int, cut: int, kernel: str, batch: int | None,
+        rng: np.random.Generator) -> None:
+    """A graph with the centred second output (y - mean, as `to_onnx` writes it for the FITS authors'
+    `low_xy * sqrt(var)`) becomes one call of the kernel that writes both: no op beside it, no kernel
+    left unused in the module, both outputs equal to ONNX Runtime's."""
+    import tvm
+    from tvm import relax
+
+    C = 3
+    w = _weights(rng, L, H, cut)
+    model = spectral.to_onnx(w, form, channels=C, outputs=[("y0", "y"), ("y1", "centred")])
+    mod = _imported(model, L, C, batch)
+    target = tvm.target.Target(host_target())
+    new, applied = apply(mod, RewriteContext(target, "graphs/fits.onnx", {}, batch), only=["fits"])
+    assert applied == ["fits"]
+    calls = [c for c in _calls(new) if c]                  # the rest: the tuple's items and the output tuple
+    assert len(calls) == 1 and calls[0].startswith(f"call_tir:fits_{kernel}_") and calls[0].endswith("_yc")
+    kernels = [gv.name_hint for gv, f in new.functions.items() if not isinstance(f, relax.Function)]
+    assert kernels == [calls[0].removeprefix("call_tir:")]
+    vm = relax.VirtualMachine(tvm.compile(new, target=target), tvm.cpu(0))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in ((1, 4) if batch is None else (batch,)):
+        x = _x(rng, n, L, C)
+        got = vm["main"](tvm.runtime.tensor(x))
+        want = sess.run(None, {"x": x})
+        assert len(got) == 2
+        for g, r in zip(got, want):
+            assert _rel(g.numpy(), r) <= 1e-4
 
 
 def test_rewrite_leaves_other_graphs_alone(rng: np.random.Generator) -> None:

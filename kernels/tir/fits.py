@@ -8,6 +8,7 @@ and the rewrite. Not the maths: the reference and the GEMM operands are `kernels
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ class FitsShape:
     size (operands [seq_len, rank] and [rank + 2, out_len]); `eps` as the graph adds it to the population
     variance; `batch` None for any batch. `group`: channels per task when batch > 1, `group_one`: at batch
     1 (fewer channels per task split one sample over several cores; all of them in one task runs it
-    without a parallel launch)."""
+    without a parallel launch). `centred`: the kernel also writes y - mean ([batch, out_len, channels]), the
+    FITS authors' second output `low_xy * sqrt(var)`, from the mean it already holds."""
 
     seq_len: int
     out_len: int
@@ -37,6 +39,7 @@ class FitsShape:
     batch: int | None = None
     group: int = MAX_GROUP
     group_one: int = MAX_GROUP
+    centred: bool = False
 
     @property
     def form(self) -> str:
@@ -48,7 +51,8 @@ class FitsShape:
 
 
 def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: int | None = None, *,
-                 batch: int | None = None, cores: int = 1, split_one: bool = False) -> FitsShape:
+                 batch: int | None = None, cores: int = 1, split_one: bool = False,
+                 centred: bool = False) -> FitsShape:
     """The tiling this file uses for a shape on a CPU with `cores` cores: at batch > 1 one task per sample
     (at most MAX_GROUP channels each); at batch 1 the same single task (no parallel launch), or with
     `split_one` the channels split over the cores.
@@ -61,7 +65,7 @@ def schedule_for(seq_len: int, out_len: int, channels: int, eps: float, rank: in
                          f"channels {channels}, rank {rank}, cores {cores}")
     group = min(MAX_GROUP, channels)
     one = min(group, -(-channels // cores)) if split_one else group
-    return FitsShape(seq_len, out_len, channels, float(eps), rank, batch, group, one)
+    return FitsShape(seq_len, out_len, channels, float(eps), rank, batch, group, one, centred)
 
 
 def _vectors(group: int) -> int:
@@ -226,8 +230,45 @@ def _centre_macro(L: int, C: int, nb: Any):
     return centre
 
 
+def _centred_macro(N: int, C: int, nb: Any):
+    """`centred(y, yc, st, b, c0, cb)`: yc = y - mean (st[0]) for channels c0 .. c0 + cb of sample b, read
+    back from the y the task just wrote (float32 y minus the float32 mean, as the ONNX graph's Sub). With
+    all of a sample's channels in the task, the sample is one flat run of N * C floats, done 16 lanes at a
+    time with the channel pattern of `_centre_macro` (V vectors cover whole periods of it)."""
+    import math
+
+    from tvm.script import tirx as T
+
+    V = C // math.gcd(C, LANES)
+    flat = (N * C) % (V * LANES) == 0 and V * LANES * 4 <= 512
+    NI = N * C // (V * LANES)
+
+    @T.macro
+    def centred(y, yc, st, b, c0, cb):
+        if cb == C and flat:
+            yf = T.decl_buffer((nb * (N * C),), "float32", data=y.data)
+            ycf = T.decl_buffer((nb * (N * C),), "float32", data=yc.data)
+            pm = T.decl_buffer((V, LANES), "float32")
+            for j in range(V):
+                for v in range(LANES):
+                    pm[j, v] = st[0, (j * LANES + v) % C]
+            for i in range(NI):
+                for j in T.unroll(V):
+                    for v in T.vectorized(LANES):
+                        ycf[b * (N * C) + (i * V + j) * LANES + v] = \
+                            yf[b * (N * C) + (i * V + j) * LANES + v] - pm[j, v]
+        else:
+            for n in range(N):
+                for cc in T.unroll(cb):
+                    if c0 + cc < C:
+                        yc[b, n, c0 + cc] = y[b, n, c0 + cc] - st[0, cc]
+
+    return centred
+
+
 def fits_primfunc(s: FitsShape) -> Any:
-    """The kernel for one `FitsShape`: arguments x, the GEMM operands (as `operand_shapes`), y.
+    """The kernel for one `FitsShape`: arguments x, the GEMM operands (as `operand_shapes`), y (and yc =
+    y - mean when `s.centred`).
 
     One task per (sample, channel group), run in parallel: copy the group's channels of the sample into a
     [seq_len, group] scratch, mean and population variance per channel, centre; low-rank form: the first GEMM
@@ -251,9 +292,10 @@ def fits_primfunc(s: FitsShape) -> Any:
 
     gemm = _gemm_macros(C)
     centre = _centre_macro(L, C, nb)
+    centred, with_centred = _centred_macro(N, C, nb), s.centred
 
     @T.macro
-    def task(x, F, W, y, b, c0, cb):
+    def task(x, F, W, y, yc, b, c0, cb):
         xa = T.decl_buffer((L, cb), "float32")
         a = T.decl_buffer((K, cb), "float32")
         st = T.decl_buffer((2, cb), "float32")
@@ -268,20 +310,32 @@ def fits_primfunc(s: FitsShape) -> Any:
                 for cc in T.vectorized(cb):
                     a[l_, cc] = xa[l_, cc]
         gemm(a, W, y, K, N, b, c0, cb, TO_Y, 0, 1, 0, 0, 1, False)
+        if with_centred:
+            centred(y, yc, st, b, c0, cb)
 
     @T.macro
-    def tasks(x, F, W, y):
+    def tasks(x, F, W, y, yc):
         if nb == 1:
             if G1 == 1:
-                task(x, F, W, y, 0, 0, CB1)
+                task(x, F, W, y, yc, 0, 0, CB1)
             else:
                 for t in T.parallel(G1):
-                    task(x, F, W, y, 0, t * CB1, CB1)
+                    task(x, F, W, y, yc, 0, t * CB1, CB1)
         else:
             for t in T.parallel(nb * G):
-                task(x, F, W, y, t // G, t % G * CB, CB)
+                task(x, F, W, y, yc, t // G, t % G * CB, CB)
 
-    if lowrank:
+    if lowrank and with_centred:
+        @T.prim_func
+        def fits(x_h: T.handle, f_h: T.handle, w_h: T.handle, y_h: T.handle, yc_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            F = T.match_buffer(f_h, (L, R), "float32")
+            W = T.match_buffer(w_h, (K, N), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            yc = T.match_buffer(yc_h, (nb, N, C), "float32")
+            tasks(x, F, W, y, yc)
+    elif lowrank:
         @T.prim_func
         def fits(x_h: T.handle, f_h: T.handle, w_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
@@ -289,7 +343,16 @@ def fits_primfunc(s: FitsShape) -> Any:
             F = T.match_buffer(f_h, (L, R), "float32")
             W = T.match_buffer(w_h, (K, N), "float32")
             y = T.match_buffer(y_h, (nb, N, C), "float32")
-            tasks(x, F, W, y)
+            tasks(x, F, W, y, None)
+    elif with_centred:
+        @T.prim_func
+        def fits(x_h: T.handle, w_h: T.handle, y_h: T.handle, yc_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            W = T.match_buffer(w_h, (K, N), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            yc = T.match_buffer(yc_h, (nb, N, C), "float32")
+            tasks(x, None, W, y, yc)
     else:
         @T.prim_func
         def fits(x_h: T.handle, w_h: T.handle, y_h: T.handle):
@@ -297,7 +360,7 @@ def fits_primfunc(s: FitsShape) -> Any:
             x = T.match_buffer(x_h, (nb, L, C), "float32")
             W = T.match_buffer(w_h, (K, N), "float32")
             y = T.match_buffer(y_h, (nb, N, C), "float32")
-            tasks(x, None, W, y)
+            tasks(x, None, W, y, None)
 
     return fits
 
@@ -320,11 +383,12 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
     """The FITS kernel on the split operands (`spectral.split_operands`): arguments x, DT [P, P] (D
     transposed), Bc [groups * 2Q, lanes], pos [groups, lanes], U [R + 1, 2up], Tw [2up, 2 * Q2], pairs
     [P/2 + 1, 2] (first row and rows of each pair of inverse bin groups), E [P2 + 1, P2] (its last row
-    ones: the mean), y. Per task (sample, channel group), as `fits_primfunc`: the group's channels copied to
-    [L, cb], mean and variance, centred; then every stage is a register-tiled GEMM of `_gemm_macros`:
-    A (P-point DFTs of the Q residues), B (per bin group, the twiddled sums into the R coefficients,
-    scattered to their low-rank rows), U (the complex layer and bias), C (per pair of output bin groups,
-    twiddles into Z), D (per p, the P2-point inverse DFT plus the mean, written to y[b, Q2 * q + p])."""
+    ones: the mean), y (and yc = y - mean when `s.centred`). Per task (sample, channel group), as
+    `fits_primfunc`: the group's channels copied to [L, cb], mean and variance, centred; then every stage
+    is a register-tiled GEMM of `_gemm_macros`: A (P-point DFTs of the Q residues), B (per bin group, the
+    twiddled sums into the R coefficients, scattered to their low-rank rows), U (the complex layer and
+    bias), C (per pair of output bin groups, twiddles into Z), D (per p, the P2-point inverse DFT plus the
+    mean, written to y[b, Q2 * q + p])"""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -340,9 +404,10 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
     NP = P // 2 + 1                     # pairs of inverse bin groups
     gemm = _gemm_macros(C)
     centre = _centre_macro(L, C, nb)
+    centred, with_centred = _centred_macro(N, C, nb), s.centred
 
     @T.macro
-    def task(x, DT, Bc, pos, U, Tw, pairs, E, y, b, c0, cb):
+    def task(x, DT, Bc, pos, U, Tw, pairs, E, y, yc, b, c0, cb):
         xa = T.decl_buffer((L, cb), "float32")
         xv = T.decl_buffer((P, Q * cb), "float32", data=xa.data)
         ar = T.decl_buffer((P, Q * cb), "float32")
@@ -388,33 +453,52 @@ def fits_split_primfunc(s: FitsShape, plan: SplitPlan) -> Any:
         # D: y[b, Q2 q + p] = sum_r E[r, q] z[r * Q2 + p] (+ the mean row), q vectorised
         for p in range(Q2):
             gemm(z, E, y, P + 1, P, b, c0, cb, TO_Y, p, Q2, 0, p, Q2, True)
+        if with_centred:
+            centred(y, yc, st, b, c0, cb)
 
     @T.macro
-    def tasks(x, DT, Bc, pos, U, Tw, pairs, E, y):
+    def tasks(x, DT, Bc, pos, U, Tw, pairs, E, y, yc):
         if nb == 1:
             if G1 == 1:
-                task(x, DT, Bc, pos, U, Tw, pairs, E, y, 0, 0, CB1)
+                task(x, DT, Bc, pos, U, Tw, pairs, E, y, yc, 0, 0, CB1)
             else:
                 for t in T.parallel(G1):
-                    task(x, DT, Bc, pos, U, Tw, pairs, E, y, 0, t * CB1, CB1)
+                    task(x, DT, Bc, pos, U, Tw, pairs, E, y, yc, 0, t * CB1, CB1)
         else:
             for t in T.parallel(nb * G):
-                task(x, DT, Bc, pos, U, Tw, pairs, E, y, t // G, t % G * CB, CB)
+                task(x, DT, Bc, pos, U, Tw, pairs, E, y, yc, t // G, t % G * CB, CB)
 
-    @T.prim_func
-    def fits(x_h: T.handle, dt_h: T.handle, bc_h: T.handle, pos_h: T.handle, u_h: T.handle, tw_h: T.handle,
-             pairs_h: T.handle, e_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        x = T.match_buffer(x_h, (nb, L, C), "float32")
-        DT = T.match_buffer(dt_h, (P, P), "float32")
-        Bc = T.match_buffer(bc_h, (NG * 2 * Q, LN), "float32")
-        pos = T.match_buffer(pos_h, (NG, LN), "int32")
-        U = T.match_buffer(u_h, (R + 1, K2), "float32")
-        Tw = T.match_buffer(tw_h, (K2, 2 * Q2), "float32")
-        pairs = T.match_buffer(pairs_h, (NP, 2), "int32")
-        E = T.match_buffer(e_h, (P + 1, P), "float32")
-        y = T.match_buffer(y_h, (nb, N, C), "float32")
-        tasks(x, DT, Bc, pos, U, Tw, pairs, E, y)
+    if with_centred:
+        @T.prim_func
+        def fits(x_h: T.handle, dt_h: T.handle, bc_h: T.handle, pos_h: T.handle, u_h: T.handle,
+                 tw_h: T.handle, pairs_h: T.handle, e_h: T.handle, y_h: T.handle, yc_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            DT = T.match_buffer(dt_h, (P, P), "float32")
+            Bc = T.match_buffer(bc_h, (NG * 2 * Q, LN), "float32")
+            pos = T.match_buffer(pos_h, (NG, LN), "int32")
+            U = T.match_buffer(u_h, (R + 1, K2), "float32")
+            Tw = T.match_buffer(tw_h, (K2, 2 * Q2), "float32")
+            pairs = T.match_buffer(pairs_h, (NP, 2), "int32")
+            E = T.match_buffer(e_h, (P + 1, P), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            yc = T.match_buffer(yc_h, (nb, N, C), "float32")
+            tasks(x, DT, Bc, pos, U, Tw, pairs, E, y, yc)
+    else:
+        @T.prim_func
+        def fits(x_h: T.handle, dt_h: T.handle, bc_h: T.handle, pos_h: T.handle, u_h: T.handle,
+                 tw_h: T.handle, pairs_h: T.handle, e_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            x = T.match_buffer(x_h, (nb, L, C), "float32")
+            DT = T.match_buffer(dt_h, (P, P), "float32")
+            Bc = T.match_buffer(bc_h, (NG * 2 * Q, LN), "float32")
+            pos = T.match_buffer(pos_h, (NG, LN), "int32")
+            U = T.match_buffer(u_h, (R + 1, K2), "float32")
+            Tw = T.match_buffer(tw_h, (K2, 2 * Q2), "float32")
+            pairs = T.match_buffer(pairs_h, (NP, 2), "int32")
+            E = T.match_buffer(e_h, (P + 1, P), "float32")
+            y = T.match_buffer(y_h, (nb, N, C), "float32")
+            tasks(x, DT, Bc, pos, U, Tw, pairs, E, y, None)
 
     return fits
 
@@ -460,8 +544,10 @@ def build_kernel(s: FitsShape, target: Any = None, plan: SplitPlan | None = None
     return tvm.compile(mod, target=tvm.target.Target(target))
 
 
-def run_kernel(lib: Any, s: FitsShape, x: np.ndarray, operands: list[np.ndarray]) -> np.ndarray:
-    """y = kernel(x, *operands) on NumPy arrays (float32; shapes checked against `s`)."""
+def run_kernel(lib: Any, s: FitsShape, x: np.ndarray,
+               operands: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """y = kernel(x, *operands) on NumPy arrays (float32; shapes checked against `s`); (y, y - mean) for a
+    kernel with the `centred` output."""
     import tvm
 
     L, N, C = s.seq_len, s.out_len, s.channels
@@ -473,9 +559,9 @@ def run_kernel(lib: Any, s: FitsShape, x: np.ndarray, operands: list[np.ndarray]
                          f"expected {shapes}")
     dev = tvm.cpu(0)
     args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.float32), dev) for a in (x, *operands)]
-    y = tvm.runtime.tensor(np.empty((x.shape[0], N, C), np.float32), dev)
-    lib["fits"](*args, y)
-    return y.numpy()
+    outs = [tvm.runtime.tensor(np.empty((x.shape[0], N, C), np.float32), dev) for _ in range(1 + s.centred)]
+    lib["fits"](*args, *outs)
+    return (outs[0].numpy(), outs[1].numpy()) if s.centred else outs[0].numpy()
 
 
 # --- the Relax rewrite ------------------------------------------------------------------------------------
@@ -601,13 +687,27 @@ def _cores(target: Any) -> int:
         return 1
 
 
+def _add_kernel(bb: Any, kernels: dict[Any, Any], s: FitsShape, plan: SplitPlan | None) -> Any:
+    """The GlobalVar of the kernel for (shape, split plan), added to `bb`'s module on first use."""
+    key = (s, plan)
+    if key not in kernels:
+        form = s.form if plan is None else "split"
+        name = (f"fits_{form}_{'n' if s.batch is None else s.batch}x{s.seq_len}x{s.channels}"
+                f"_h{s.out_len}" + (f"_r{s.rank}" if s.rank else "") + ("_yc" if s.centred else ""))
+        fn = fits_primfunc(s) if plan is None else fits_split_primfunc(s, plan)
+        kernels[key] = bb.add_func(fn.with_attr("global_symbol", name), name)
+    return kernels[key]
+
+
 @register("fits")
 def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
     """Every FITS spectral block of `mod` (the imported `folded` or `lowrank` ONNX lowering: transpose,
     mean / variance, normalise, GEMM(s), de-normalise in the last GEMM, transpose) as one call of the kernel.
     Folded or low-rank operands that are graph constants, at lengths that are multiples of 16, become the
     split kernel's (`fits_split_primfunc`, faster than the low-rank kernel: benchmarks/RESULTS.md, FITS TIR
-    kernel); otherwise the GEMM operands (constants or engine parameters) are passed as they are. CPU (llvm)
+    kernel); otherwise the GEMM operands (constants or engine parameters) are passed as they are. A block
+    whose output also feeds the centred series (`to_onnx`'s "centred" output: transpose back, subtract the
+    normalisation's mean, transpose) then gets the kernel that writes both (`_fold_centred`). CPU (llvm)
     targets only; None when no block matches (an `individual` FITS, whose graph works channel-first, does
     not)."""
     from tvm import relax
@@ -617,7 +717,7 @@ def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
         return None
     cores = _cores(ctx.target)
     bb = relax.BlockBuilder(mod)
-    kernels: dict[FitsShape, Any] = {}
+    kernels: dict[Any, Any] = {}
     for lowrank in (True, False):
         root, p = _pattern(lowrank)
 
@@ -625,24 +725,17 @@ def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
             found = _match_shape(m, p, lowrank)
             if found is None:
                 return orig
-            s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, found.rank,
-                             batch=found.batch, cores=cores)
             split = _split_operands(m[p["f"]] if lowrank else None, m[p["w"]])
-            if split is not None and not lowrank:       # the split kernel's shape carries its rank
-                s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, split.rank,
-                                 batch=found.batch, cores=cores)
-            key = (s, None if split is None else SplitPlan.of(split))
-            if key not in kernels:
-                form = s.form if split is None else "split"
-                name = (f"fits_{form}_{'n' if s.batch is None else s.batch}x{s.seq_len}x{s.channels}"
-                        f"_h{s.out_len}" + (f"_r{s.rank}" if s.rank else ""))
-                fn = fits_primfunc(s) if split is None else fits_split_primfunc(s, key[1])
-                kernels[key] = bb.add_func(fn.with_attr("global_symbol", name), name)
+            # the split kernel's shape carries its rank (the folded form has none of its own)
+            rank = found.rank if split is None else split.rank
+            s = schedule_for(found.seq_len, found.out_len, found.channels, found.eps, rank,
+                             batch=found.batch, cores=cores)
+            gv = _add_kernel(bb, kernels, s, None if split is None else SplitPlan.of(split))
             if split is not None:
                 args = [m[p["x"]], *(relax.const(a) for a in split_kernel_operands(split))]
             else:
                 args = [m[p["x"]], *([m[p["f"]]] if lowrank else []), m[p["w"]]]
-            return relax.call_tir(kernels[key], args, orig.ty)
+            return relax.call_tir(gv, args, orig.ty)
 
         for gv, func in list(bb.get().functions.items()):
             if not isinstance(func, relax.Function):
@@ -653,4 +746,70 @@ def rewrite_fits(mod: Any, ctx: RewriteContext) -> Any:
                 bb.update_func(gv, new)
     if not kernels:
         return None
+    _fold_centred(bb, kernels)
     return relax.transform.DeadCodeElimination()(bb.get())
+
+
+def _fold_centred(bb: Any, kernels: dict[Any, Any]) -> None:
+    """Where a kernel call's y feeds the centred series y - mean as `to_onnx` writes it (permute y back to
+    channel-major, subtract the mean of the permuted input, permute), call instead the kernel that writes
+    both (`FitsShape.centred`): the four ops, and the normalisation's mean they kept alive, go. NOTE: the
+    four small ops cost about as much as the whole kernel at FITS L=720 C=7 batch 1 (benchmarks/RESULTS.md,
+    FITS as its authors write it). Kernels no call uses any more are removed from the module."""
+    from tvm import relax
+    from tvm.relax.dpl import PatternContext, is_op, rewrite_bindings, wildcard
+
+    by_gv = {gv: key for key, gv in kernels.items()}
+    with PatternContext() as pctx:
+        # NOTE: a graph pattern (PatternContext) matches bound variables: `is_const` leaves never matched when
+        # tried, so the leaves are wildcards and the rewriter checks the kernel call, its input and the axes
+        y, x = wildcard(), wildcard()
+        xt = is_op("relax.permute_dims")(x)
+        mean = is_op("relax.mean")(xt)
+        back = is_op("relax.permute_dims")(y)
+        cen = is_op("relax.permute_dims")(is_op("relax.subtract")(back, mean))
+
+    def perm(m: dict[Any, Any], b: dict[Any, Any], pat: Any) -> list[int]:
+        return [int(a) for a in b[m[pat]].attrs.axes]
+
+    def rewriter(m: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
+        call = b.get(m[y])
+        if call is None or getattr(call.op, "name", "") != "relax.call_tir" or call.args[0] not in by_gv:
+            return {}
+        s, plan = by_gv[call.args[0]]
+        args = list(call.args[1].fields)
+        mean_call = b[m[mean]]
+        if (s.centred or not args[0].same_as(m[x]) or perm(m, b, xt) != [0, 2, 1]
+                or perm(m, b, back) != [0, 2, 1] or perm(m, b, cen) != [0, 2, 1]
+                or [int(a) % 3 for a in mean_call.attrs.axis] != [2] or not mean_call.attrs.keepdims):
+            return {}
+        both = _add_kernel(bb, kernels, dataclasses.replace(s, centred=True), plan)
+        new = relax.call_tir(both, args, [call.ty, call.ty])
+        return {m[y]: relax.TupleGetItem(new, 0), m[cen]: relax.TupleGetItem(new, 1)}
+
+    for gv, func in list(bb.get().functions.items()):
+        if isinstance(func, relax.Function):
+            new = rewrite_bindings(pctx, rewriter, func)
+            if not new.same_as(func):
+                bb.update_func(gv, new)
+    mod = bb.get()
+    used = {str(n) for f in mod.functions.values() if isinstance(f, relax.Function)
+            for n in _called(f)}
+    for key, gv in list(kernels.items()):
+        if gv.name_hint not in used:
+            del mod[gv]
+            del kernels[key]
+
+
+def _called(func: Any) -> set[str]:
+    """Names of the GlobalVars a Relax function calls with call_tir."""
+    from tvm import relax
+
+    names: set[str] = set()
+
+    def visit(e: Any) -> None:
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            names.add(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return names

@@ -151,6 +151,9 @@ class TvmEngine(Engine):
 
             self._dlpack = tvm_ffi.from_dlpack
             self._tensor_type = tvm_ffi.Tensor
+            # NOTE: an output tuple's items by index, without the length check `Array.__getitem__` makes
+            # through a second FFI call per item: 0.5 against 2 us for two outputs, a sixth of a FITS call
+            self._item = tvm_ffi.get_global_func("ffi.ArrayGetItem")
         self._stages: dict[int, tuple[np.ndarray, Any, int, int]] = {}   # buffer, its tensor, span
 
     def _stage(self, i: int, a: np.ndarray) -> tuple[Any, int, int]:
@@ -271,13 +274,20 @@ class TvmEngine(Engine):
             # a graph that returns its input (or a view of it) would hand out the staging buffer
             return r.copy() if lo <= out.data_ptr() < hi else r
 
+        item, which = self._item, range(len(self.outputs))
+
         def run_many(arrays: Sequence[Any]) -> Any:
             if len(arrays) != 1 or not ok(a := arrays[0]):
                 return general(arrays)
             with lock:
                 copyto(buf, a)
                 out = fn(t, *params)
-                return tuple(to_numpy(o).copy() if lo <= o.data_ptr() < hi else to_numpy(o) for o in out)
+                res = []
+                for i in which:
+                    o = item(out, i)
+                    r = to_numpy(o)
+                    res.append(r.copy() if lo <= o.data_ptr() < hi else r)
+                return tuple(res)
 
         def first1(arrays: Sequence[Any]) -> list | None:
             if len(arrays) != 1 or not ok(a := arrays[0]):
