@@ -80,6 +80,7 @@ def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
         if end > n or num == 0:
             raise _bad(f"field {num} runs past the end")
         yield num, wire, start, i, end
+        i = end
 
 
 def _len_field(num: int, payload: bytes) -> bytes:
