@@ -313,7 +313,9 @@ class TensorRtEngine(Engine):
             self._buffers[shapes] = (ptrs, out_shapes)
         ptrs, out_shapes = self._buffers[shapes]
         for n, p in ptrs.items():
-            ctx.set_tensor_address(n, p)
+            if not ctx.set_tensor_address(n, p):
+                raise BackendUnavailable(f"TensorRT refused the device buffer of tensor {n!r} of graph "
+                                         f"{self.graph} (set_tensor_address returned False; see its log)")
         self._shapes = shapes
         return out_shapes
 
@@ -326,7 +328,10 @@ class TensorRtEngine(Engine):
             ptrs = self._buffers[shapes][0]
             keep = []
             for n, a in zip(self._in, arrays):
-                a = np.ascontiguousarray(a, dtype=self._dtypes[n])
+                if a.dtype != self._dtypes[n]:          # never a silent cast
+                    raise InputError(f"input {n!r} is {a.dtype}; the TensorRT plan of graph {self.graph} "
+                                     f"takes {self._dtypes[n]}")
+                a = np.ascontiguousarray(a)
                 keep.append(a)          # alive until the stream has copied it
                 check(cudart, cudart.cudaMemcpyAsync(ptrs[n], a.ctypes.data, a.nbytes, h2d, self._stream),
                       f"copy of input {n!r} to the GPU")
@@ -372,7 +377,11 @@ class TensorRtBackend(Backend):
         self.key = plan_key(self.gpu, self.capability, self._trt.__version__)
         self.api = api_path(self._trt.__version__)
         self._logger = _logger(self._trt)
-        self._runtime = self._trt.Runtime(self._logger)
+        try:
+            self._runtime = self._trt.Runtime(self._logger)
+        except TypeError:       # pybind: the factory returned nullptr (CUDA initialization failure)
+            raise BackendUnavailable(f"TensorRT could not start its runtime on {self.gpu} "
+                                     f"({self._logger.last()})") from None
         self._stream = check(self._cudart, self._cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._bundle: Bundle | None = None
         self._records: dict[str, dict[str, Any]] = {}      # plan file -> its record, this GPU's folder
