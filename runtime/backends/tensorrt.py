@@ -221,6 +221,9 @@ def build_plan(trt: Any, logger: Any, model: bytes, graph: str, *, fp16: bool, m
         if fp16:
             how["precision_note"] = ("fp16 asked; TensorRT 11 has no FP16 flag (strongly typed): the graph's "
                                      "own types ran, fp16 needs an fp16 graph")
+    # NOTE: TF32 is on by default (BuilderFlag.TF32): "fp32" plans may round inner products' inputs to TF32
+    # on Ampere and later (Orin is Ampere); recorded so a comparison knows.
+    how["tf32"] = bool(config.get_flag(trt.BuilderFlag.TF32))
     how["refit"] = refit
     how["stripped"] = False
     if refit:
