@@ -146,11 +146,12 @@ def _np_dtypes(trt: Any) -> dict[Any, np.dtype]:
             d.BOOL: np.dtype(np.bool_)}
 
 
-def _parse(trt: Any, network: Any, logger: Any, model: bytes, graph: str) -> None:
-    """Fill `network` from the ONNX model; the parser's first error as one line naming the node."""
+def _parse(trt: Any, network: Any, logger: Any, model: bytes, graph: str) -> Any:
+    """Fill `network` from the ONNX model and return the parser, which must outlive the build (it owns the
+    weights the network points at); the parser's first error as one line naming the node."""
     parser = trt.OnnxParser(network, logger)
     if parser.parse(model):
-        return
+        return parser
     n = parser.num_errors
     if not n:
         raise BackendUnavailable(f"TensorRT's ONNX parser refused graph {graph} ({logger.last()})")
@@ -196,7 +197,7 @@ def build_plan(trt: Any, logger: Any, model: bytes, graph: str, *, fp16: bool, m
     # NOTE: 0 on both paths: explicit batch is 10.x's only mode (its flag is deprecated), and 11.x is strongly
     # typed whatever the flags (NetworkDefinitionCreationFlag.STRONGLY_TYPED is kept there but ignored).
     network = builder.create_network(0)
-    _parse(trt, network, logger, model, graph)
+    parser = _parse(trt, network, logger, model, graph)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     profile = builder.create_optimization_profile()
@@ -237,6 +238,7 @@ def build_plan(trt: Any, logger: Any, model: bytes, graph: str, *, fp16: bool, m
         raise BackendUnavailable(f"TensorRT {trt.__version__} could not build graph {graph} "
                                  f"({logger.last()})")
     how["built_s"] = round(time.perf_counter() - t0, 3)
+    del parser                  # only now: the network's weights were the parser's
     return bytes(plan), how
 
 
@@ -325,6 +327,9 @@ class TensorRtEngine(Engine):
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         cudart = self._cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        if len(arrays) != len(self._in):
+            raise InputError(f"graph {self.graph} takes {len(self._in)} inputs ({', '.join(self._in)}), got "
+                             f"{len(arrays)}")
         with self._lock:
             shapes = tuple(a.shape for a in arrays)
             out_shapes = self._buffers[shapes][1] if shapes == self._shapes else self._bind(shapes)
@@ -390,7 +395,7 @@ class TensorRtBackend(Backend):
         self._records: dict[str, dict[str, Any]] = {}      # plan file -> its record, this GPU's folder
         self._built: dict[str, tuple[bytes, dict[str, Any]]] = {}
         self.plans: dict[str, str] = {}                    # graph file -> what happened to its plan
-        self._precision = "fp16" if fp16 and self.api == "10.x" else "fp32"
+        self._precision = "strongly-typed" if self.api == "11.x" else "fp16" if fp16 else "fp32"
 
     def open(self, bundle: Bundle, *, device: str, allow_native: bool = False,
              shared_threads: int | None = None) -> None:
