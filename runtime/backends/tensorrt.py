@@ -396,6 +396,7 @@ class TensorRtBackend(Backend):
         self._built: dict[str, tuple[bytes, dict[str, Any]]] = {}
         self.plans: dict[str, str] = {}                    # graph file -> what happened to its plan
         self._precision = "strongly-typed" if self.api == "11.x" else "fp16" if fp16 else "fp32"
+        self._ran: set[str] = set()                        # precisions of the plans loaded, as built
 
     def open(self, bundle: Bundle, *, device: str, allow_native: bool = False,
              shared_threads: int | None = None) -> None:
@@ -430,6 +431,7 @@ class TensorRtBackend(Backend):
         model = onnx_wire.inline_initializers(graph, weights) if weights else graph
         wsha = weights_sha256(weights) if weights else None
         rel = plan_file(self.key, sha, wsha, self._precision, self.max_batch)
+        why = None
         if rel in self._built:
             plan, how = self._built[rel]
         else:
@@ -449,22 +451,23 @@ class TensorRtBackend(Backend):
                     raise BackendUnavailable(f"stale TensorRT plan {rel} for graph {name}: {why}; rebuild "
                                              "it: TensorRtBackend(build='missing')")
                 log.warning("TensorRT plan %s: %s; rebuilding", rel, why)
-                self.plans[name] = f"stored plan unreadable ({why}): rebuilt"
                 plan = None
             else:
                 self.plans.setdefault(name, f"loaded from {rel}")
         if plan is None:
-            plan, how = self._build(rel, sha, wsha, name, model)
+            plan, how = self._build(rel, sha, wsha, name, model, why or "no plan")
             engine = self._runtime.deserialize_cuda_engine(plan)
             if engine is None:
                 raise BackendUnavailable(f"TensorRT built a plan for graph {name} it cannot deserialize "
                                          f"({self._logger.last()})")
         if how.get("refit"):
             refit_engine(self._trt, self._logger, engine, model, name)
+        self._ran.add(how.get("precision", "?") + (", TF32 allowed" if how.get("tf32") else ""))
         return TensorRtEngine(self._trt, self._cudart, engine, self._stream, inputs, outputs,
                               onnx_wire.graph_io(graph), name, self.max_batch)
 
-    def _build(self, rel: str, sha: str, wsha: str | None, name: str, model: bytes) -> tuple[bytes, dict]:
+    def _build(self, rel: str, sha: str, wsha: str | None, name: str, model: bytes,
+               why: str) -> tuple[bytes, dict]:
         log.info("building TensorRT %s plan for graph %s on %s (minutes on a Jetson)", self._precision, name,
                  self.gpu)
         plan, how = build_plan(self._trt, self._logger, model, name, fp16=self.fp16, max_batch=self.max_batch,
@@ -474,12 +477,13 @@ class TensorRtBackend(Backend):
                   "created_by": creator()}
         self._built[rel] = (plan, record)
         where = store_plan(self._bundle, rel, plan, record)
-        self.plans[name] = f"built here in {how['built_s']:.1f} s; {where}"
+        self.plans[name] = f"built here ({why}) in {how['built_s']:.1f} s; {where}"
         return plan, record
 
     def versions(self) -> dict[str, str]:
         v = {"tensorrt": self._trt.__version__, "tensorrt_api": self.api,
-             "gpu": f"{self.gpu} sm{self.key['capability'].replace('.', '')}", "precision": self._precision,
+             "gpu": f"{self.gpu} sm{self.key['capability'].replace('.', '')}",
+             "precision": "; ".join(sorted(self._ran)) or f"{self._precision} (asked; nothing loaded yet)",
              "max_batch": str(self.max_batch)}
         if self.fp16 and self.api == "11.x":
             v["precision_note"] = "fp16 asked; TensorRT 11 is strongly typed: the graph's own types ran"
