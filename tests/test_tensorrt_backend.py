@@ -141,6 +141,106 @@ def test_the_11x_path_uses_only_names_11_4_still_has() -> None:
                                                             "platform_has_fast_fp16")
 
 
+# What each variable of tensorrt.py that holds a TensorRT object is (a naming rule of that file).
+VAR_CLASS = {"builder": "Builder", "network": "INetworkDefinition", "config": "IBuilderConfig",
+             "profile": "IOptimizationProfile", "parser": "OnnxParser", "e": "ParserError", "t": "ITensor",
+             "engine": "ICudaEngine", "_engine": "ICudaEngine", "ctx": "IExecutionContext",
+             "_context": "IExecutionContext", "_runtime": "Runtime", "refitter": "Refitter",
+             "onnx_refitter": "OnnxParserRefitter", "d": "DataType"}
+
+
+def _arities(signatures: str) -> list[tuple[int, int]]:
+    """(required, total) parameters after self of each overload in a member's signature line(s) (" | "
+    between overloads); empty when they cannot be read."""
+    return [a for a in map(_arity, signatures.split(" | ")) if a is not None]
+
+
+def _arity(signature: str) -> tuple[int, int] | None:
+    if "(" not in signature or "(*args" in signature:
+        return None
+    inner, depth, parts, cur = signature[signature.index("(") + 1:], 0, [], ""
+    for ch in inner:
+        if ch == ")" and depth == 0:
+            break
+        depth += ch in "([" and 1 or (ch in ")]" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts = [p.strip() for p in [*parts, cur] if p.strip()]
+    if parts and parts[0].startswith("self"):
+        parts = parts[1:]
+    return sum("=" not in p for p in parts), len(parts)
+
+
+def member_mismatches(source: str, members: dict[str, dict[str, str]], skip: set[str] = frozenset()) -> list:
+    """Each use in the source of a TensorRT class member the given bindings lack, or called with a number of
+    arguments its signature does not take: `trt.X` / `trt.X.Y` (Y a member of class X, constructors' arity
+    from `__init__`), and `var.m(...)` on a variable VAR_CLASS types."""
+    tree = ast.parse(source)
+    bad = []
+    for node in ast.walk(tree):
+        call = node if isinstance(node, ast.Call) else None
+        f = call.func if call else node
+        if not isinstance(f, ast.Attribute):
+            continue
+        n_args = len(call.args) + len(call.keywords) if call else None
+        base = f.value
+        owner = None
+        if isinstance(base, ast.Name) and base.id == "trt" or (isinstance(base, ast.Attribute) and
+                                                               base.attr == "_trt"):
+            if f.attr.startswith("__") or f.attr in skip:
+                continue
+            if f.attr not in members and f.attr not in members[""]:
+                bad.append(f"trt.{f.attr}")
+            elif call and f.attr in members:
+                ar = _arities(members[f.attr].get("__init__", ""))
+                if ar and not any(lo <= n_args <= hi for lo, hi in ar):
+                    bad.append(f"trt.{f.attr}() with {n_args} arguments: {members[f.attr]['__init__']}")
+            continue
+        if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id == "trt":
+            owner = base.attr                       # trt.X.Y
+        elif isinstance(base, ast.Name) and base.id in VAR_CLASS:
+            owner = VAR_CLASS[base.id]
+        elif isinstance(base, ast.Attribute) and base.attr in VAR_CLASS and isinstance(base.value, ast.Name) \
+                and base.value.id == "self":
+            owner = VAR_CLASS[base.attr]
+        if owner is None or f.attr in skip or owner.startswith("__") or f.attr.startswith("__"):
+            continue
+        cls = members.get(owner, {})
+        if f.attr not in cls:
+            bad.append(f"{owner}.{f.attr}")
+        elif call:
+            ar = _arities(cls[f.attr])
+            if ar and not any(lo <= n_args <= hi for lo, hi in ar):
+                bad.append(f"{owner}.{f.attr}() with {n_args} arguments: {cls[f.attr]}")
+    return sorted(set(bad))
+
+
+def _members(file: str) -> dict[str, dict[str, str]]:
+    return json.loads((API / file).read_text())["members"]
+
+
+def test_every_tensorrt_member_the_backend_uses_exists_in_10_3_with_that_many_arguments() -> None:
+    source = SOURCE.read_text()
+    assert member_mismatches(source, _members("tensorrt-10.3.0.json")) == []
+    # and the rule sees what it should: a member of the wrong class, a wrong argument count
+    wrong = source.replace("ctx.set_input_shape(n, s)", "ctx.set_input_shape(n)").replace(
+        "builder.create_optimization_profile()", "builder.create_profile()")
+    bad = member_mismatches(wrong, _members("tensorrt-10.3.0.json"))
+    assert len(bad) == 2 and bad[0] == "Builder.create_profile"
+    assert bad[1].startswith("IExecutionContext.set_input_shape() with 1 arguments: set_input_shape(self: ")
+
+
+def test_the_11x_path_finds_every_member_in_11_4_but_the_fp16_flag() -> None:
+    v11 = _members("tensorrt-11.4.0.106.json")
+    assert member_mismatches(SOURCE.read_text(), v11, skip=TEN_ONLY) == []
+    assert "FP16" not in v11["BuilderFlag"] and "platform_has_fast_fp16" not in v11["Builder"]
+    v10 = _members("tensorrt-10.3.0.json")
+    assert "FP16" in v10["BuilderFlag"] and "platform_has_fast_fp16" in v10["Builder"]
+
+
 def test_api_lists_say_where_they_came_from() -> None:
     for f in API.glob("*.json"):
         d = json.loads(f.read_text())

@@ -4,13 +4,18 @@
     python compile/tensorrt_ops/regen_api.py cuda-bindings WHEEL     # imported: needs no GPU
 
 writes compile/tensorrt_ops/api/<dist>-<version>.json: the names, and where they came from (wheel file name
-and sha256). The TensorRT bindings wheels carry no .pyi stubs and their module cannot be imported without
-libnvinfer (NVIDIA's index only), so their names are read from the extension's string table: every
-NUL-terminated string's trailing identifier (pybind11 registers each class, method, property and enum member
-by such a string) plus the names the package's __init__.py defines. NOTE: the linker merges a string into
-another that ends with it (`set_named_weights` lives inside `unset_named_weights`), so a name is present
-when some listed name ends with it. cuda-bindings imports without a driver: its names are `dir()` of
-`cuda.bindings.runtime` and of each of its classes.
+and sha256). The TensorRT bindings wheels carry no .pyi stubs, and their module links libnvinfer,
+libnvonnxparser and libnvinfer_plugin (NVIDIA's index only). Two readings:
+- `names`: from the extension's string table: every NUL-terminated string's trailing identifier (pybind11
+  registers each class, method, property and enum member by such a string) plus the names the package's
+  __init__.py defines. NOTE: the linker merges a string into another that ends with it (`set_named_weights`
+  lives inside `unset_named_weights`), so a name is present when some listed name ends with it.
+- `members`: the module itself, imported against stand-in libraries (`stub.c`, compiled here with cc: the
+  nine C entry points the extension calls, each returning null, so no TensorRT code exists to run): every
+  class's members, each with the first line of pybind11's signature docstring (`parse(self: ...OnnxParser,
+  model: buffer, path: str = None) -> bool`). Needs a C compiler; without one only `names` is written.
+cuda-bindings imports without a driver: its names are `dir()` of `cuda.bindings.runtime` and of each of its
+classes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -52,6 +60,52 @@ def tensorrt_names(wheel: Path) -> tuple[str, list[str]]:
     return version, sorted(names)
 
 
+# Run inside the unpacked wheel, against the stand-in libraries: {class or "": {member: signature line}}.
+# An overloaded member's docstring starts `name(*args, **kwargs)` and lists `1. name(self: ...) -> ...` per
+# overload: those are kept, joined by " | ".
+DUMP = r"""
+import json, re, sys
+import tensorrt_bindings as trt
+
+def sig(obj, name):
+    lines = (getattr(obj, "__doc__", None) or "").strip().splitlines() or [""]
+    if "(*args, **kwargs)" in lines[0]:
+        over = [re.sub(r"^\d+\. ", "", ln) for ln in lines if re.match(rf"^\d+\. {name}\(", ln)]
+        return " | ".join(over) or lines[0]
+    return lines[0]
+
+out = {"": {}}
+for name in dir(trt):
+    obj = getattr(trt, name)
+    if isinstance(obj, type):
+        out[name] = {m: sig(getattr(obj, m), m) for m in dir(obj)
+                     if not m.startswith("__") or m == "__init__"}
+    elif not name.startswith("__"):
+        out[""][name] = sig(obj, name)
+json.dump(out, sys.stdout)
+"""
+
+
+def tensorrt_members(wheel: Path) -> dict[str, dict[str, str]] | None:
+    """Every class's members with their signature lines, from the module imported on stand-in libraries."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("no C compiler: members not read", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory(prefix="regen-api-") as tmp:
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(tmp)
+        for lib in ("libnvinfer", "libnvonnxparser", "libnvinfer_plugin"):
+            for major in ("10", "11"):
+                so = f"{lib}.so.{major}"
+                subprocess.run([cc, "-shared", "-fPIC", "-o", f"{tmp}/{so}", f"-Wl,-soname,{so}",
+                                str(Path(__file__).with_name("stub.c"))], check=True)
+        env = {**os.environ, "LD_LIBRARY_PATH": tmp, "PYTHONPATH": tmp}
+        r = subprocess.run([sys.executable, "-c", DUMP], cwd=tmp, env=env, capture_output=True, text=True,
+                           check=True)
+        return json.loads(r.stdout)
+
+
 def cuda_names(wheel: Path) -> tuple[str, list[str]]:
     with tempfile.TemporaryDirectory(prefix="regen-api-") as tmp:
         with zipfile.ZipFile(wheel) as z:
@@ -76,9 +130,12 @@ def main() -> None:
     out = OUT / f"{kind}-{version}.json"
     data = {"dist": kind, "version": version, "wheel": wheel.name,
             "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
-            "method": __doc__.split("\n\n")[2].replace("\n", " "), "names": names}
+            "method": " ".join(__doc__.split("\n\n")[2:]).replace("\n", " "), "names": names}
+    members = tensorrt_members(wheel) if kind == "tensorrt" else None
+    if members is not None:
+        data["members"] = members
     out.write_text(json.dumps(data, indent=0) + "\n")
-    print(f"{out}: {len(names)} names")
+    print(f"{out}: {len(names)} names, {len(members or {})} classes")
 
 
 if __name__ == "__main__":
