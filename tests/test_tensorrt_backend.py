@@ -455,3 +455,59 @@ def test_tensorrt_runs_like_onnx_runtime_and_reuses_its_plan(copy: Path, rng) ->
     plans = {k: v for k, v in again.info()["engine_versions"].items() if k.startswith("plan ")}
     assert plans and all("loaded from" in v for v in plans.values())
     np.testing.assert_allclose(again.run(x), want, rtol=1e-3, atol=1e-4)
+
+
+# --- the real bindings module, on stand-in libraries ---------------------------------------------------------
+
+PROBE = r"""
+import sys, tensorrt_bindings
+sys.modules["tensorrt"] = tensorrt_bindings                  # what the tensorrt-cu12 package's module is
+import numpy as np
+from edgeflex.errors import BackendUnavailable
+from edgeflex.runtime.backends import tensorrt as b
+
+trt = b.import_tensorrt()
+assert trt.__version__ == "10.3.0", trt.__version__
+log = b._logger(trt)                                         # a Python subclass of the real trt.ILogger
+log.log(trt.ILogger.Severity.ERROR, "first line\nsecond")
+assert log.last() == "first line", log.last()
+assert b._np_dtypes(trt)[trt.DataType.HALF] == np.float16
+assert b._np_dtypes(trt)[trt.float32] == np.float32         # trt.float32 is DataType.FLOAT
+for make in (lambda: b.build_plan(trt, log, b"", "g.onnx", fp16=False, max_batch=4, refit=False),
+             lambda: b.TensorRtBackend()):
+    try:
+        make()
+        raise SystemExit("no error")
+    except BackendUnavailable as e:
+        assert "\n" not in str(e), e
+        print(e)
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEFLEX_TRT_BINDINGS_WHEEL"),
+                    reason="set EDGEFLEX_TRT_BINDINGS_WHEEL to a tensorrt-cu12-bindings 10.3 wheel (pip download "
+                           "--no-deps tensorrt-cu12-bindings==10.3.0) and have a C compiler")
+def test_the_real_10_3_bindings_module_on_stand_in_libraries(tmp_path: Path) -> None:
+    """The backend's TensorRT-facing code against the real 10.3 extension module, whose nine C entry points
+    (builder, runtime, parser, refitter factories, plugin registry) are stand-ins returning null: the logger
+    subclass, the dtype map, and the one-line answers when `trt.Builder` gets no builder (pybind11 raises
+    TypeError, as it does where CUDA cannot initialise) and when there is no GPU (before any TensorRT call)."""
+    import shutil
+    import zipfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the stand-in libraries")
+    with zipfile.ZipFile(os.environ["EDGEFLEX_TRT_BINDINGS_WHEEL"]) as z:
+        z.extractall(tmp_path)
+    for lib in ("libnvinfer", "libnvonnxparser", "libnvinfer_plugin"):
+        so = f"{lib}.so.10"
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / so), f"-Wl,-soname,{so}",
+                        str(ROOT / "compile/tensorrt_ops/stub.c")], check=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = r.stdout.splitlines()
+    assert said[0].startswith("TensorRT could not create a builder"), said
+    assert "needs a CUDA GPU" in said[1] or "could not start its runtime" in said[1], said
