@@ -457,7 +457,7 @@ def test_tensorrt_runs_like_onnx_runtime_and_reuses_its_plan(copy: Path, rng) ->
     np.testing.assert_allclose(again.run(x), want, rtol=1e-3, atol=1e-4)
 
 
-# --- the real bindings module, on stand-in libraries ---------------------------------------------------------
+# --- the real bindings module, on stand-in libraries -----------------------------------------------------
 
 PROBE = r"""
 import sys, tensorrt_bindings
@@ -485,13 +485,14 @@ for make in (lambda: b.build_plan(trt, log, b"", "g.onnx", fp16=False, max_batch
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEFLEX_TRT_BINDINGS_WHEEL"),
-                    reason="set EDGEFLEX_TRT_BINDINGS_WHEEL to a tensorrt-cu12-bindings 10.3 wheel (pip download "
-                           "--no-deps tensorrt-cu12-bindings==10.3.0) and have a C compiler")
+                    reason="set EDGEFLEX_TRT_BINDINGS_WHEEL to a tensorrt-cu12-bindings 10.3 wheel (pip "
+                           "download --no-deps tensorrt-cu12-bindings==10.3.0) and have a C compiler")
 def test_the_real_10_3_bindings_module_on_stand_in_libraries(tmp_path: Path) -> None:
     """The backend's TensorRT-facing code against the real 10.3 extension module, whose nine C entry points
     (builder, runtime, parser, refitter factories, plugin registry) are stand-ins returning null: the logger
     subclass, the dtype map, and the one-line answers when `trt.Builder` gets no builder (pybind11 raises
-    TypeError, as it does where CUDA cannot initialise) and when there is no GPU (before any TensorRT call)."""
+    TypeError, as it does where CUDA cannot initialise) and when there is no GPU (before any TensorRT
+    call)."""
     import shutil
     import zipfile
 
