@@ -8,12 +8,17 @@ Two halves, because the GPU machine lent to a session is a different machine wit
     # there (python3 with numpy, onnxruntime, torch+CUDA): every config of every bundle on the GPU, its
     # outputs against the host's, latency against ORT on that machine's CPU, StarNet-S1 against torch eager
     python3 benchmarks/gpu_check.py run --dir .gpu --out results.json
+    # there, TensorRT only (e.g. a Jetson with JetPack 6: TensorRT 10.3, no TVM runtime needed)
+    python3 benchmarks/gpu_check.py tensorrt --dir .gpu --out results.json
     # anywhere: the result as a markdown table
     python3 benchmarks/gpu_check.py report results.json
 
 `run` exits 2 if a bundle does not load on the GPU, 1 if any config's output differs from the host's by
 more than --tolerance (relative to the output's largest magnitude). It also says what TensorRT and ONNX
-Runtime's GPU providers it found.
+Runtime's GPU providers it found. Both `run` and `tensorrt` run the TensorRT leg: every case on
+`Runtime(backend="tensorrt")` (plans built on that GPU at first load, stored in the bundle copies), its
+outputs against the host's ONNX Runtime outputs within --trt-tolerance, and its latency; where TensorRT or a
+GPU is missing the leg is skipped and the report says why.
 """
 
 from __future__ import annotations
@@ -165,9 +170,7 @@ def _torch_s1(batches, runs: int) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    import edgeflex as ef
-
+def _unpacked(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     d = Path(args.dir)
     if (d / PACK).exists() and not (d / "bundles").exists():
         with tarfile.open(d / PACK) as tar:
@@ -176,6 +179,75 @@ def run(args: argparse.Namespace) -> int:
     report = {"probe": _probe(), "target": spec["target"], "cases": [], "python": sys.version.split()[0]}
     for k, v in report["probe"].items():
         print(f"{k}: {v}", flush=True)
+    return d, spec, report
+
+
+def tensorrt_leg(d: Path, spec: dict, args: argparse.Namespace) -> tuple[dict, int]:
+    """Every case on TensorRT: (the leg's report, how many cases differ from the host). Skipped, with the
+    reason, where TensorRT or a GPU is missing; a bundle that does not build says which and why."""
+    import edgeflex as ef
+    from edgeflex.errors import BackendUnavailable
+    from edgeflex.runtime.backends.tensorrt import TensorRtBackend
+
+    try:
+        probe = TensorRtBackend()
+    except BackendUnavailable as e:
+        print(f"TensorRT leg skipped: {e}", flush=True)
+        return {"skipped": str(e)}, 0
+    leg: dict = {"versions": {k: v for k, v in probe.versions().items() if not k.startswith("plan ")},
+                 "cases": [], "errors": {}}
+    runtimes: dict = {}
+    bad = 0
+    for case in spec["cases"]:
+        key = (case["bundle"], case["fused"])
+        if key in leg["errors"]:
+            continue
+        if key not in runtimes:
+            t0 = time.perf_counter()
+            try:
+                rt = ef.Runtime(d / "bundles" / case["bundle"], backend="tensorrt", fused=case["fused"])
+            except Exception as e:  # noqa: BLE001 - say which bundle did not build and why, go on
+                leg["errors"][key] = f"{type(e).__name__}: {e}"
+                print(f"{case['bundle']} fused={case['fused']}: not on TensorRT: {e}", flush=True)
+                bad += 1
+                continue
+            runtimes[key] = rt
+            print(f"{case['bundle']} fused={case['fused']}: TensorRT ready in "
+                  f"{time.perf_counter() - t0:.1f} s (plans built or loaded)", flush=True)
+        rt = runtimes[key]
+        z = np.load(d / case["file"])
+        arrs = [z[f"arr_{i}"] for i in range(len(z.files))]
+        xs, want = arrs[:case["n_in"]], arrs[case["n_in"]:]
+        rt.switch(case["config"])
+        got = rt.run(*xs)
+        got = list(got) if isinstance(got, tuple | list) else [got]
+        err = max(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-12))
+                  for g, w in zip(got, want))
+        ok = err <= args.trt_tolerance and all(np.isfinite(g).all() for g in got)
+        bad += not ok
+        row = {**case, "rel_err": err, "ok": ok,
+               "tensorrt_ms": _median_ms(lambda r=rt, x=xs: r.run(*x), args.runs)}
+        leg["cases"].append(row)
+        print(f"{case['key']:<44} err {err:.1e} {'ok ' if ok else 'BAD'} "
+              f"tensorrt {row['tensorrt_ms']:.3f} ms", flush=True)
+    leg["errors"] = {f"{b} fused={f}": v for (b, f), v in leg["errors"].items()}
+    leg["plans"] = {f"{b} fused={f}": {k: v for k, v in rt.info()["engine_versions"].items()
+                                       if k.startswith("plan ")} for (b, f), rt in runtimes.items()}
+    return leg, bad
+
+
+def run_tensorrt(args: argparse.Namespace) -> int:
+    d, spec, report = _unpacked(args)
+    report["tensorrt"], bad = tensorrt_leg(d, spec, args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 1 if bad else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import edgeflex as ef
+
+    d, spec, report = _unpacked(args)
     device = spec["target"]
     runtimes: dict = {}
     bad = 0
@@ -222,11 +294,12 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - the comparison is extra; say why it is missing
             report["torch_eager_cuda_s1_ms"] = f"failed: {e}"
             print(f"torch eager CUDA S1 failed: {e}", flush=True)
+    report["tensorrt"], trt_bad = tensorrt_leg(d, spec, args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"{len(report['cases']) - bad}/{len(report['cases'])} cases equal to the host within "
           f"{args.tolerance:g}")
-    return 1 if bad else 0
+    return 1 if bad or trt_bad else 0
 
 
 def report(args: argparse.Namespace) -> None:
@@ -246,6 +319,21 @@ def report(args: argparse.Namespace) -> None:
     if isinstance(eager, dict):
         print("\nPyTorch eager CUDA, StarNet-S1 (same host-in, host-out timing): "
               + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in eager.items()))
+    t = r.get("tensorrt")
+    if t is None:
+        print("\nTensorRT: this result predates the TensorRT leg")
+    elif "skipped" in t:
+        print(f"\nTensorRT: not run ({t['skipped']})")
+    else:
+        print(f"\nTensorRT {t['versions']}\n")
+        print("| bundle | config | chained/fused | batch | max rel err vs host ORT | TensorRT ms |")
+        print("|---|---|---|---:|---:|---:|")
+        for c in t["cases"]:
+            mode = "fused" if c["fused"] else ("chained" if c["bundle"].startswith("snnet") else "-")
+            print(f"| {c['bundle'].removesuffix('.efx')} | {c['config']} | {mode} | {c['batch']} | "
+                  f"{c['rel_err']:.1e} | {c['tensorrt_ms']:.3f} |")
+        for where, e in t["errors"].items():
+            print(f"\nNot on TensorRT: {where}: {e}")
 
 
 def main() -> int:
@@ -260,6 +348,13 @@ def main() -> int:
     b.add_argument("--out")
     b.add_argument("--runs", type=int, default=200)
     b.add_argument("--tolerance", type=float, default=1e-4)
+    # TensorRT picks its own kernels (TF32 is on by default for fp32 on Ampere and later): a looser bound
+    b.add_argument("--trt-tolerance", type=float, default=1e-2)
+    t = sub.add_parser("tensorrt")
+    t.add_argument("--dir", default=".gpu")
+    t.add_argument("--out")
+    t.add_argument("--runs", type=int, default=200)
+    t.add_argument("--trt-tolerance", type=float, default=1e-2)
     c = sub.add_parser("report")
     c.add_argument("json")
     args = p.parse_args()
@@ -269,7 +364,7 @@ def main() -> int:
     if args.cmd == "prepare":
         prepare(args)
         return 0
-    return run(args)
+    return run_tensorrt(args) if args.cmd == "tensorrt" else run(args)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from edgeflex.errors import BackendUnavailable
 
 from .base import Backend, Engine
 
-# name -> (module, class). tensorrt arrives with its issue; until then it says so.
-KNOWN = {"onnxruntime": ("onnxruntime", "OnnxRuntimeBackend"), "tvm": ("tvm", "TvmBackend")}
-PLANNED = {"tensorrt"}
+# name -> (module, class). A backend that cannot run here (no TensorRT, no GPU) raises BackendUnavailable
+# with the reason when it is made.
+KNOWN = {"onnxruntime": ("onnxruntime", "OnnxRuntimeBackend"), "tvm": ("tvm", "TvmBackend"),
+         "tensorrt": ("tensorrt", "TensorRtBackend")}
+PLANNED: set[str] = set()
 
 
 def get_backend(name: str) -> Backend:

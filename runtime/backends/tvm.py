@@ -107,6 +107,16 @@ def created_here(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("uid") == here["uid"] and record.get("machine") == here["machine"]
 
 
+def untrusted(bundle: str, what: str, record: dict[str, Any] | None, fix: str) -> BundleError:
+    """The trust rule's refusal: `what` (e.g. "native code (X) compiled") was made by someone else, or here
+    by another user; `fix` says how to load it anyway."""
+    who = record or {}
+    where = "this" if who.get("machine") == machine_id() else "another"
+    return BundleError(f"bundle {bundle!r} holds {what} by user {who.get('user', '?')!r} (uid "
+                       f"{who.get('uid', '?')}) on {where} machine; load it only if you trust its source: "
+                       f"{fix}")
+
+
 def host_cpu() -> dict[str, str | None]:
     """What LLVM calls this machine's CPU and triple: a host engine runs only where these match. With the
     TVM runtime alone (no compiler library, as on a board) LLVM is not there to ask: mcpu and mtriple are
@@ -393,12 +403,8 @@ class TvmBackend(Backend):
             meta = _read_json(bundle, rel, schema.ENGINE)
             schema.check_engine_record(rel, meta, bundle.manifest["files"])
             if not created_here(meta.get("created_by")) and not allow_native:
-                who = meta.get("created_by") or {}
-                raise BundleError(f"bundle {bundle.name!r} holds native code ({meta.get('library')}) "
-                                  f"compiled by user {who.get('user', '?')!r} (uid {who.get('uid', '?')}) on "
-                                  f"{'this' if who.get('machine') == machine_id() else 'another'} machine; "
-                                  "load it only if you trust its source: Runtime(..., allow_native=True) or "
-                                  "--allow-native")
+                raise untrusted(bundle.name, f"native code ({meta.get('library')}) compiled",
+                                meta.get("created_by"), "Runtime(..., allow_native=True) or --allow-native")
             self._check_compatible(bundle, device, meta)
             engines[meta["graph_sha256"]] = meta
             gpu = gpu or meta.get("unit", "cpu") == "gpu"
