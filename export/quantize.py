@@ -17,7 +17,9 @@ Not the runtime side: running the variants is the backends' (the runtime imports
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -207,12 +209,26 @@ def quantize_int8(model: Any, inputs: list[np.ndarray], method: str, work: Path)
     onnx.save(model, str(src))
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                   "CalibPercentile": 99.99},
-                    calibration_providers=["CPUExecutionProvider"])
+    # NOTE: the quantiser prints its calibration steps and logs advice on the root logger: kept out of the
+    # caller's output (what it did is in the variant's record).
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_root():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       "CalibPercentile": 99.99},
+                        calibration_providers=["CPUExecutionProvider"])
     return onnx.load(str(dst))
+
+
+@contextlib.contextmanager
+def _quiet_root():
+    """Root-logger records below ERROR dropped for the duration (the quantiser logs there directly)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def to_fp16(model: Any) -> Any:
