@@ -28,5 +28,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     if report.bundle is not None:
-        print(f"wrote {report.bundle.path}: run `edgeflex profile {report.bundle.path}` to time the new configs")
+        where = report.bundle.path
+        print(f"wrote {where}: run `edgeflex profile {where}` to time the new configs")
     return 1 if report.refused else 0

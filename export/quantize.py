@@ -44,6 +44,9 @@ DEFAULT_MAX_DROP = {"top1": 0.01, "mse": 0.02}
 ALIGN = 64
 MIN_EXTERNAL_BYTES = 1024           # smaller tensors (scales, zero points, shapes) stay in their graph
 HELD_OUT_SHARE = 0.25
+# Operations an fp16 variant runs in fp32 between casts: means over many elements, which lose digits when
+# accumulated in half precision (and which TVM 0.27 legalises to an fp32 result for an fp16 input).
+FP32_ACCUMULATE = ("ReduceMean", "GlobalAveragePool")
 
 
 @dataclass
@@ -156,6 +159,14 @@ def _step_models(bundle: Bundle, plan: Plan) -> list[Any]:
         if external:
             raise ExportError(f"graph {step.graph} has weights the plan does not supply ({external[0]}); the "
                               "bundle is inconsistent, re-export it")
+        # one entry for the standard domain (a fused graph may list it as both "" and "ai.onnx", which the
+        # quantiser refuses)
+        std = [o for o in m.opset_import if o.domain in ("", "ai.onnx")]
+        if len(std) > 1:
+            version = max(o.version for o in std)
+            for o in std:
+                m.opset_import.remove(o)
+            m.opset_import.append(onnx.helper.make_opsetid("", version))
         models.append(m)
     return models
 
@@ -234,7 +245,7 @@ def _quiet_root():
 def to_fp16(model: Any) -> Any:
     """`model` in half precision: float initializers, constants and casts to float become float16; its
     float inputs are cast to float16 on entry and its float outputs back to float32 on exit, so the bundle's
-    inputs and outputs keep their specs."""
+    inputs and outputs keep their specs; the `FP32_ACCUMULATE` operations run in fp32 between casts."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -248,6 +259,11 @@ def to_fp16(model: Any) -> Any:
         for a in n.attribute:
             if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
                 a.i = TensorProto.FLOAT16
+            if n.op_type == "Constant" and a.name in ("value_float", "value_floats"):
+                arr = np.asarray(a.f if a.name == "value_float" else list(a.floats), np.float16)
+                n.attribute.remove(a)
+                n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+                break
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16),
                                                      a.t.name))
@@ -264,7 +280,16 @@ def to_fp16(model: Any) -> Any:
     outs = [v.name for v in g.output if v.type.tensor_type.elem_type == TensorProto.FLOAT]
     head = [helper.make_node("Cast", [x], [rename(x)], to=TensorProto.FLOAT16) for x in floats]
     tail = [helper.make_node("Cast", [rename(y)], [y], to=TensorProto.FLOAT) for y in outs]
-    nodes = [*head, *g.node, *tail]
+    body = []
+    for n in g.node:                        # averages accumulate in fp32 (also what TVM's legalisation needs)
+        if n.op_type not in FP32_ACCUMULATE:
+            body.append(n)
+            continue
+        x, y = n.input[0], n.output[0]
+        body.append(helper.make_node("Cast", [x], [f"{x}.{n.name}.fp32"], to=TensorProto.FLOAT))
+        n.input[0], n.output[0] = f"{x}.{n.name}.fp32", f"{y}.fp32"
+        body += [n, helper.make_node("Cast", [f"{y}.fp32"], [y], to=TensorProto.FLOAT16)]
+    nodes = [*head, *body, *tail]
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]                     # float32 annotations of intermediate tensors: no longer true
@@ -404,12 +429,12 @@ def quantize(path: str | os.PathLike, calibration: Any, *, precisions: Sequence[
                              "than emulated; use fp16 or int8")
     with Bundle.open(path) as b:
         made = model_id(b.manifest)
+        xs, y = load_calibration(calibration, b.inputs)
         have = {c.precision for c in b.configs}
         for p in precisions:
             if p in have:
                 raise UsageError(f"bundle {b.name!r} has {p} configs already; quantize a fresh export to "
                                  "make them again")
-        xs, y = load_calibration(calibration, b.inputs)
         cal, held = _split(xs[0].shape[0], seed)
         bases = [c for c in b.configs if c.precision == "fp32"]
         plans = build_plans(b, fused=True)

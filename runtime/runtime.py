@@ -243,6 +243,12 @@ class Runtime:
         return list(self.bundle.configs)
 
     @property
+    def loaded(self) -> list[str]:
+        """The configs this runtime loaded, in bundle order: all but those left out by `only=` or because
+        their precision does not run natively here (`unavailable`)."""
+        return [c.name for c in self.bundle.configs if c.name in self._plans]
+
+    @property
     def config(self) -> str:
         return self._plan.config.name
 
