@@ -350,8 +350,10 @@ class PrecisionStore:
 # --- quality ---------------------------------------------------------------------------------------------
 
 def _metric(bundle: Bundle, base: Config, y: np.ndarray | None, out: np.ndarray) -> str:
+    """"top1", "mse" or "mae": the base config's metric (a "top1 on <data>" is top-1), else its family's."""
     if base.quality and base.quality.get("metric"):
-        return base.quality["metric"]
+        m = base.quality["metric"]
+        return "top1" if m.startswith("top1") else m
     try:
         from edgeflex.models.registry import get_family
 

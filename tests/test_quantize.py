@@ -292,3 +292,17 @@ def test_cli_quantize_prints_a_row_per_variant(tmp_path, capsys) -> None:
     missing = str(tmp_path / "nope.npz")
     assert main(["quantize", str(path), "--calibration", missing, "--precision", "fp16"]) == 2
     assert "not a file" in capsys.readouterr().err
+
+
+def test_the_predictor_costs_an_int8_config_at_the_devices_int8_peak(starnet_q) -> None:
+    from edgeflex.devices import get_device
+    from edgeflex.devices.predictor import _figures, features
+
+    _, path = starnet_q
+    with ef.Bundle.open(path) as b:
+        c32, c8 = b.config("default").costs, b.config("default@int8").costs
+    assert c8["precision"] == "int8" and c8["per_kind"] == c32["per_kind"]
+    fig = _figures(get_device("rpi5"), "cpu", "fp32")
+    f32, f8 = features(c32, fig), features(c8, fig)
+    conv = 0                                    # the first feature: conv FLOPs in ms at the peak used
+    assert f8[conv] == pytest.approx(f32[conv] * fig["peaks"]["fp32"] / fig["peaks"]["int8"])
