@@ -665,14 +665,22 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
     (interleaved, this host, the same threads and DRESS option, each fused or chained as its Runtime would by
     default), and the faster backend by the geometric mean of the per-config ratios: what
     `Runtime(backend="auto")` runs."""
+    from edgeflex.devices.precision import device_precisions
     from edgeflex.runtime import Runtime
+    from edgeflex.runtime.backends import get_backend
 
-    only = list(configs) if configs else None
+    # only the configs both backends run natively (an int8 QDQ config is refused on TVM, not timed)
+    backends, have = [get_backend(n) for n in ("onnxruntime", "tvm")], device_precisions(HOST)
+    with Bundle.open(path) as b:
+        names = [c.name for c in b.configs if (not configs or c.name in configs) and c.precision in have
+                 and all(be.precision_refusal(c.precision) is None for be in backends)]
+    if not names:
+        raise BackendUnavailable("no compiled config runs natively on both TVM and ONNX Runtime here")
+    only = names
     # each as `Runtime(backend=...)` runs by default (fused="auto": ORT may fuse what TVM chains)
     opts = {"threads": threads, "only": only, "dress_kernel": dress_kernel}
     rts = {"onnxruntime": Runtime(path, **opts), "tvm": Runtime(path, backend="tvm", **opts)}
-    times = _time_interleaved(rts, [c.name for c in rts["tvm"].configs if only is None or c.name in only],
-                              batch, runs)
+    times = _time_interleaved(rts, only, batch, runs)
     per = {}
     for name, t in times.items():
         # NOTE: the lower quartile, not the median: another process's load slows ORT's spinning thread
@@ -727,9 +735,18 @@ def measure_dress_kernels(path: str | os.PathLike, *, threads: int | None = None
     row-sparse one (interleaved, on this host), and the faster: what `Runtime(backend="tvm")` runs by
     default (the exporter's choice was measured on ONNX Runtime, whose gather-based sparse graph loses at
     every level while edgeflex's TIR row-sparse kernel wins at the sparse ones)."""
+    from edgeflex.devices.precision import device_precisions
     from edgeflex.runtime import Runtime
+    from edgeflex.runtime.backends import get_backend
 
-    only = list(configs) if configs else None
+    # only the configs both backends run natively (an int8 QDQ config is refused on TVM, not timed)
+    backends, have = [get_backend(n) for n in ("onnxruntime", "tvm")], device_precisions(HOST)
+    with Bundle.open(path) as b:
+        names = [c.name for c in b.configs if (not configs or c.name in configs) and c.precision in have
+                 and all(be.precision_refusal(c.precision) is None for be in backends)]
+    if not names:
+        raise BackendUnavailable("no compiled config runs natively on both TVM and ONNX Runtime here")
+    only = names
     rts = {k: Runtime(path, backend="tvm", threads=threads, dress_kernel=k, only=only)
            for k in ("dense", "sparse")}
     levels = {}
