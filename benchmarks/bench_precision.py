@@ -104,6 +104,22 @@ def starnet_s1(tmp: Path, a) -> tuple[list[str], list[str], dict]:
     return rows, verdicts + notes, bytes_per_precision(path)
 
 
+def top1_rows(path: Path, report, label) -> list[str]:
+    """One table row per variant: its fp32 and own top-1 on the held-out quarter, from its record."""
+    rows = []
+    with ef.Bundle.open(path) as b:
+        for v in report.variants:
+            if not v.added:
+                rows.append(f"| {label(v)} | {v.precision} | refused: {v.why} | | | | | | |")
+                continue
+            r = b.config(v.name).quantization["vs_fp32"]
+            met = ("**met**" if v.drop <= GOAL_TOP1_DROP else "**not met**") if v.precision == "int8" else ""
+            rows.append(f"| {label(v)} | {v.precision} | {v.method} | {r['fp32_quality']:.4f} | "
+                        f"{r['variant_quality']:.4f} | {v.drop * 100:+.2f} | {r['argmax_agreement']:.4f} | "
+                        f"{r['held_out_samples']} | {met} |")
+    return rows
+
+
 def corrupted_digits(tmp: Path, a) -> tuple[list[str], dict]:
     from edgeflex.models.digits import load_digits_images, train_starnet_digits
 
@@ -114,16 +130,26 @@ def corrupted_digits(tmp: Path, a) -> tuple[list[str], dict]:
     ef.export(model, torch.from_numpy(xte[:2]), path, quality=quality)
     report = quantize(path, {"x": xte, "y": yte}, precisions=["int8", "fp16"], threads=a.threads,
                       progress=False, max_drop=100.0)
-    rows = []
-    with ef.Bundle.open(path) as b:
-        for v in report.variants:
-            r = b.config(v.name).quantization["vs_fp32"]
-            met = ("**met**" if v.drop <= GOAL_TOP1_DROP else "**not met**") if v.precision == "int8" else ""
-            rows.append(f"| StarNet-S050, corrupted digits ({a.epochs} epochs) | {v.precision} | "
-                        f"{v.method} | {r['fp32_quality']:.4f} | {r['variant_quality']:.4f} | "
-                        f"{v.drop * 100:+.2f} | "
-                        f"{r['argmax_agreement']:.4f} | {r['held_out_samples']} | {met} |")
+    rows = top1_rows(path, report, lambda v: f"StarNet-S050, corrupted digits ({a.epochs} epochs)")
     return rows, bytes_per_precision(path)
+
+
+def snnet_digits(tmp: Path, a) -> list[str]:
+    """The SN-Net (StarNet-S050 and S100 stitched) trained on corrupted digits: every config's int8 and
+    fp16 top-1 on the held-out quarter of its test set."""
+    from edgeflex.export.elastic import export_snnet
+    from edgeflex.models.digits import load_digits_images
+    from edgeflex.models.snnet import train_snnet_digits
+
+    model, q = train_snnet_digits(epochs=a.snnet_epochs, anchor_epochs=a.snnet_epochs, progress=False)
+    _, _, xte, yte = load_digits_images(32, corruption="corrupted")
+    path = tmp / "sn.efx"
+    quality = {c["name"]: {"metric": "top1", "value": float(c["value"]), "direction": "higher",
+                           "split": "test"} for c in q["configs"]}
+    export_snnet(model, torch.from_numpy(xte[:2]), path, quality=quality)
+    report = quantize(path, {"x": xte, "y": yte}, precisions=["int8", "fp16"], threads=a.threads,
+                      methods=a.methods.split(","), progress=False, max_drop=100.0)
+    return top1_rows(path, report, lambda v: f"SN-Net {v.base} ({a.snnet_epochs}+{a.snnet_epochs} epochs)")
 
 
 def main() -> None:
@@ -132,14 +158,24 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--calibration", type=int, default=32)
     p.add_argument("--methods", default="minmax,percentile")
+    p.add_argument("--snnet-epochs", type=int, default=4, help="SN-Net anchor and joint epochs")
+    p.add_argument("--parts", default="s1,digits,snnet", help="which parts run (a partial run only prints)")
     a = p.parse_args()
     a.runs = a.runs or 60
+    parts = set(a.parts.split(","))
+    if parts != {"s1", "digits", "snnet"}:
+        a.out = None                    # the RESULTS section is one whole run
     started = time.perf_counter()
     torch.set_num_threads(a.threads)
     flags = cpu_flags()
+    s1_rows, s1_notes, s1_bytes, dg_rows, dg_bytes, sn_rows = [], [], {}, [], {}, []
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
-        s1_rows, s1_notes, s1_bytes = starnet_s1(Path(tmp), a)
-        dg_rows, dg_bytes = corrupted_digits(Path(tmp), a)
+        if "s1" in parts:
+            s1_rows, s1_notes, s1_bytes = starnet_s1(Path(tmp), a)
+        if "digits" in parts:
+            dg_rows, dg_bytes = corrupted_digits(Path(tmp), a)
+        if "snnet" in parts:
+            sn_rows = snnet_digits(Path(tmp), a)
     sizes = [f"| {name} | " + " | ".join(f"{b.get(p, 0) / 2**20:.2f}" for p in ("fp32", "int8", "fp16"))
              + " |"
              for name, b in (("StarNet-S1 224 (fp32 + int8)", s1_bytes),
@@ -156,7 +192,8 @@ def main() -> None:
         "quarters calibrate; the fp16 figures come from ONNX Runtime, which on this x86 CPU computes fp16 "
         "nodes in fp32 between fp16 tensors):", "",
         "| model | precision | method | fp32 top-1 | variant top-1 | drop (points) | argmax agreement | "
-        "held-out images | goal <= 0.5 point |", "|---|---|---|---:|---:|---:|---:|---:|---|", *dg_rows, "",
+        "held-out images | goal <= 0.5 point |", "|---|---|---|---:|---:|---:|---:|---:|---|", *dg_rows,
+        *sn_rows, "",
         "Bundle bytes per precision (MB; fp32 = the exported files, int8 / fp16 = what `edgeflex quantize` "
         "added):", "", "| bundle | fp32 | int8 | fp16 |", "|---|---:|---:|---:|", *sizes, "",
         *machine_and_run(a.threads,

@@ -388,7 +388,8 @@ class Runtime:
         here = [c for c in self.configs if device != self.device or c.name not in self.unavailable]
         cands = candidates(here, stats)
         ok = sorted((c for c in cands if fits(c, budget, margin)), key=lambda c: (-c.rank, c.p90_ms))
-        return [{"name": c.name, "quality": by_name[c.name].quality, **stats[c.name],
+        return [{"name": c.name, "precision": by_name[c.name].precision, "quality": by_name[c.name].quality,
+                 **stats[c.name],
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
