@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.devices.precision import PRECISIONS  # what a config may run in (`Config.precision`)
 from edgeflex.errors import BundleError
 
 SEAL = "manifest_sha256"
@@ -35,8 +36,6 @@ DRESS_MAX_LEVELS = 4                   # 2-bit level codes (kernels.rowsparse.MA
 # The weight store's rule (export.elastic.WeightStore): every tensor starts on a 64-byte boundary and no two
 # overlap, so a shifted offset cannot still point inside its file at other bytes of the right size.
 TENSOR_ALIGN = 64
-# The arithmetic a config may run in (`Config.precision`; fp32 unless `edgeflex quantize` made it).
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FITS_FORMS = {"folded": 1, "lowrank": 2}   # elastic FITS forms -> how many GEMM operands are derived
 INT_MAX = 2**63 - 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
