@@ -45,8 +45,9 @@ ALIGN = 64
 MIN_EXTERNAL_BYTES = 1024           # smaller tensors (scales, zero points, shapes) stay in their graph
 HELD_OUT_SHARE = 0.25
 # Operations an fp16 variant runs in fp32 between casts: means over many elements, which lose digits when
-# accumulated in half precision (and which TVM 0.27 legalises to an fp32 result for an fp16 input).
-FP32_ACCUMULATE = ("ReduceMean", "GlobalAveragePool")
+# accumulated in half precision (and which TVM 0.27 legalises to an fp32 result for an fp16 input), and
+# LayerNormalization, whose mean / inv-std outputs are fp32 whatever its input (stash_type).
+FP32_ACCUMULATE = ("ReduceMean", "GlobalAveragePool", "LayerNormalization")
 
 
 @dataclass
@@ -245,7 +246,8 @@ def _quiet_root():
 def to_fp16(model: Any) -> Any:
     """`model` in half precision: float initializers, constants and casts to float become float16; its
     float inputs are cast to float16 on entry and its float outputs back to float32 on exit, so the bundle's
-    inputs and outputs keep their specs; the `FP32_ACCUMULATE` operations run in fp32 between casts."""
+    inputs and outputs keep their specs; the `FP32_ACCUMULATE` operations run in fp32 between casts (all
+    their float inputs and outputs)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -281,14 +283,20 @@ def to_fp16(model: Any) -> Any:
     head = [helper.make_node("Cast", [x], [rename(x)], to=TensorProto.FLOAT16) for x in floats]
     tail = [helper.make_node("Cast", [rename(y)], [y], to=TensorProto.FLOAT) for y in outs]
     body = []
-    for n in g.node:                        # averages accumulate in fp32 (also what TVM's legalisation needs)
+    for k, n in enumerate(g.node):          # averages accumulate in fp32 (also what TVM's legalisation needs)
         if n.op_type not in FP32_ACCUMULATE:
             body.append(n)
             continue
-        x, y = n.input[0], n.output[0]
-        body.append(helper.make_node("Cast", [x], [f"{x}.{n.name}.fp32"], to=TensorProto.FLOAT))
-        n.input[0], n.output[0] = f"{x}.{n.name}.fp32", f"{y}.fp32"
-        body += [n, helper.make_node("Cast", [f"{y}.fp32"], [y], to=TensorProto.FLOAT16)]
+        for i, x in enumerate(n.input):
+            if x and (n.op_type != "ReduceMean" or i == 0):        # ReduceMean's axes input is int64
+                body.append(helper.make_node("Cast", [x], [f"{x}.fp32.{k}"], to=TensorProto.FLOAT))
+                n.input[i] = f"{x}.fp32.{k}"
+        back = []
+        for i, y in enumerate(n.output):
+            if y:
+                n.output[i] = f"{y}.fp32"
+                back.append(helper.make_node("Cast", [f"{y}.fp32"], [y], to=TensorProto.FLOAT16))
+        body += [n, *back]
     nodes = [*head, *body, *tail]
     del g.node[:]
     g.node.extend(nodes)

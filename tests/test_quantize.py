@@ -7,7 +7,6 @@ Tolerances (relative to the largest |output| of the fp32 model, on fresh inputs)
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -183,9 +182,10 @@ def test_dress_levels_get_int8_variants_from_their_masked_weights(tmp_path) -> N
         assert _rel(rt.run(probe), _torch(model, probe)) < INT8_TOL, c.name
 
 
-def test_fits_int8_is_measured_and_refused_over_two_percent_mse(copy) -> None:
-    """FITS stays fp32 when its int8 variant's forecast error rises over the default 2 %: the refusal
-    carries the numbers, and nothing is written."""
+def test_fits_int8_and_fp16_are_measured_and_gated_at_two_percent_mse(copy, fits_model) -> None:
+    """FITS (spectral path lowered to GEMMs, RevIN's LayerNormalization statistics) on noisy seasonal
+    windows: each variant's forecast MSE against the targets is measured on the held-out quarter; one within
+    2 % of fp32's is added and runs within tolerance of the PyTorch model, one over it is refused."""
     from conftest import FITS_SHAPE
 
     seq_len, pred_len, channels, _ = FITS_SHAPE
@@ -193,17 +193,19 @@ def test_fits_int8_is_measured_and_refused_over_two_percent_mse(copy) -> None:
     t = np.arange(seq_len + pred_len)[None, :, None] + rng.integers(0, 50, (64, 1, 1))
     series = np.sin(2 * np.pi * t / 12.0) + 0.1 * rng.standard_normal((64, seq_len + pred_len, channels))
     data = {"x": series[:, :seq_len].astype(np.float32), "y": series[:, seq_len:].astype(np.float32)}
-    before = json.loads((copy / "manifest.json").read_text())
-    try:
-        report = quantize(copy, data, precisions=["int8", "fp16"], progress=False)
-    except ExportError as e:                     # every variant refused: the message says why, with numbers
-        assert "drops by" in str(e) and "held-out" in str(e)
-        assert json.loads((copy / "manifest.json").read_text()) == before
-        return
+    report = quantize(copy, data, precisions=["int8", "fp16"], progress=False)
+    assert [v.precision for v in report.variants] == ["int8", "fp16"]
     for v in report.variants:
-        assert v.added == (v.drop is not None and v.drop <= 0.02), v
-        if not v.added and v.drop is not None:
+        assert v.metric == "mse" and v.drop is not None, v
+        assert v.added == (v.drop <= 0.02), v
+        if not v.added:
             assert "mse drops by" in v.why and "> the 2.00 % allowed" in v.why
+    rt = ef.Runtime(copy, threads=1)
+    x = data["x"][:4]
+    for v in report.variants:
+        if v.added and v.name in rt.loaded:
+            rt.switch(v.name)
+            assert _rel(rt.run(x), _torch(fits_model, x)) < (INT8_TOL if v.precision == "int8" else FP16_TOL)
 
 
 def test_a_drop_over_the_threshold_is_refused_with_the_numbers(copy, fits_model) -> None:
