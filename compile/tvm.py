@@ -771,12 +771,11 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
     `Runtime(backend="auto")` runs."""
     from edgeflex.runtime import Runtime
 
-    only = list(configs) if configs else None
+    only = _native_configs(path, configs)
     # each as `Runtime(backend=...)` runs by default (fused="auto": ORT may fuse what TVM chains)
     opts = {"threads": threads, "only": only, "dress_kernel": dress_kernel}
     rts = {"onnxruntime": Runtime(path, **opts), "tvm": Runtime(path, backend="tvm", **opts)}
-    times = _time_interleaved(rts, [c.name for c in rts["tvm"].configs if only is None or c.name in only],
-                              batch, runs)
+    times = _time_interleaved(rts, only, batch, runs)
     per = {}
     for name, t in times.items():
         # NOTE: the lower quartile, not the median: another process's load slows ORT's spinning thread
@@ -786,6 +785,21 @@ def measure_backends(path: str | os.PathLike, *, threads: int | None = None,
     return {"stale": False, "faster": "tvm" if ratio > 1 else "onnxruntime", "ratio": round(ratio, 3),
             "threads": rts["tvm"].threads, "host": host_cpu(), "runs": runs, "batch": batch,
             "fused": {k: rt.fused for k, rt in rts.items()}, "p25_us": per}
+
+
+def _native_configs(path: str | os.PathLike, configs: Sequence[str] | None) -> list[str]:
+    """The configs (of `configs`, default all) that both TVM and ONNX Runtime run natively on this host:
+    what the compile-time measurements time (an int8 QDQ config is refused on TVM, not timed)."""
+    from edgeflex.devices.precision import device_precisions
+    from edgeflex.runtime.backends import get_backend
+
+    backends, have = [get_backend(n) for n in ("onnxruntime", "tvm")], device_precisions(HOST)
+    with Bundle.open(path) as b:
+        names = [c.name for c in b.configs if (not configs or c.name in configs) and c.precision in have
+                 and all(be.precision_refusal(c.precision) is None for be in backends)]
+    if not names:
+        raise BackendUnavailable("no compiled config runs natively on both TVM and ONNX Runtime here")
+    return names
 
 
 def _time_interleaved(rts: dict[str, Any], configs: Sequence[str], batch: int, runs: int,
@@ -833,11 +847,11 @@ def measure_dress_kernels(path: str | os.PathLike, *, threads: int | None = None
     every level while edgeflex's TIR row-sparse kernel wins at the sparse ones)."""
     from edgeflex.runtime import Runtime
 
-    only = list(configs) if configs else None
+    only = _native_configs(path, configs)
     rts = {k: Runtime(path, backend="tvm", threads=threads, dress_kernel=k, only=only)
            for k in ("dense", "sparse")}
     levels = {}
-    for name, t in _time_interleaved(rts, [c.name for c in rts["dense"].configs], batch, runs).items():
+    for name, t in _time_interleaved(rts, rts["dense"].loaded, batch, runs).items():
         us = {k: round(float(np.median(v)) * 1e6, 2) for k, v in t.items()}
         levels[name] = {"kernel": min(us, key=us.get), "median_us": us}
     return {"stale": False, "threads": rts["dense"].threads, "host": host_cpu(), "runs": runs,

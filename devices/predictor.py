@@ -75,6 +75,11 @@ def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.nda
     return x
 
 
+# How many times fewer bytes a reduced-precision config moves than its fp32 costs count (weights and
+# activations at 1 or 2 bytes).
+BYTES_SHRINK = {"int8": 4, "fp16": 2, "bf16": 2}
+
+
 def _figures(device: Device, unit: str, precision: str) -> dict[str, float | str | None]:
     peak = device.peak_gflops(unit, precision)
     bw = device.memory_bandwidth_gbs(unit)
@@ -83,7 +88,8 @@ def _figures(device: Device, unit: str, precision: str) -> dict[str, float | str
                           f"(peak {peak}, bandwidth {bw}); measure the host (get_device('host'))")
     u = device.unit(unit)
     return {"device": device.name, "mode": device.mode, "unit": unit, "precision": precision,
-            "peak_gflops": float(peak), "bandwidth_gbs": float(bw), "clock_ghz": u.max_ghz, "cores": u.cores,
+            "peak_gflops": float(peak), "peaks": {p: float(v) for p, v in u.peak_gflops.items()},
+            "bandwidth_gbs": float(bw), "clock_ghz": u.max_ghz, "cores": u.cores,
             "obtained": device.obtained}
 
 
@@ -94,8 +100,11 @@ def features(costs: dict[str, Any], figures: dict[str, Any]) -> np.ndarray:
     if not isinstance(per_kind, dict):
         raise DeviceError("costs have no 'per_kind' table; compute them with "
                           "edgeflex.export.costs.config_costs")
-    ms_per_flop = 1e3 / (figures["peak_gflops"] * 1e9)
-    ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9)
+    # A reduced-precision config (costs["precision"], `edgeflex quantize`) at its precision's peak where the
+    # device gives one (int8 GOP/s, fp16 GFLOP/s), else at the reference precision's; its bytes at its width.
+    peak = figures.get("peaks", {}).get(costs.get("precision", ""), figures["peak_gflops"])
+    ms_per_flop = 1e3 / (peak * 1e9)
+    ms_per_byte = 1e3 / (figures["bandwidth_gbs"] * 1e9) / BYTES_SHRINK.get(costs.get("precision", ""), 1)
     row = [per_kind.get(k, {}).get("flops", 0) * ms_per_flop for k in KINDS]
     flops_ms = sum(row)
     row += [per_kind.get(k, {}).get("pad_flops", 0) * ms_per_flop for k in PAD_KINDS]

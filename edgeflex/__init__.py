@@ -42,6 +42,7 @@ __all__ = [
     "elastic",
     "export",
     "models",
+    "quantize",
 ]
 
 
@@ -55,4 +56,7 @@ def __getattr__(name: str):
     if name == "models":
         import importlib
         return importlib.import_module("edgeflex.models")    # torch-free until a builder runs
+    if name == "quantize":
+        from edgeflex.export.quantize import quantize  # imports onnx and onnxruntime.quantization
+        return quantize
     raise AttributeError(f"module 'edgeflex' has no attribute {name!r}")

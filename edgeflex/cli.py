@@ -709,6 +709,19 @@ def parser() -> argparse.ArgumentParser:
                    "(MetaSchedule's RPC runner), any --target")
     c.add_argument("--key", help="with --rpc: the boards' key (`edgeflex boards`)")
     c.set_defaults(fn=cmd_compile)
+    qz = sub.add_parser("quantize", help="add int8 / fp16 variants of every config, calibrated on your data")
+    qz.add_argument("bundle")
+    qz.add_argument("--calibration", required=True, help="DATA.npz: the inputs (by name, or x), optionally "
+                    "labels or targets y; a quarter is held out to choose the method and measure quality")
+    qz.add_argument("--precision", default="int8", help="comma-separated: int8, fp16, bf16 (default int8)")
+    qz.add_argument("--max-drop", type=POSITIVE_REAL, help="refuse a variant losing more: top-1 points or "
+                    "percent of MSE (default 1 point / 2 %%)")
+    qz.add_argument("--methods", default="minmax,percentile,entropy", help="int8 calibration methods tried")
+    qz.add_argument("--device", default="host", help="the device the variants are for (its precisions)")
+    qz.add_argument("--threads", type=POSITIVE)
+    qz.add_argument("--seed", type=SEED, default=0)
+    qz.add_argument("--quiet", action="store_true", help="no progress bar")
+    qz.set_defaults(fn=lambda a: importlib.import_module("edgeflex.quantize_cli").cmd_quantize(a))
     ck = sub.add_parser("check", help="what TensorRT's ONNX parser would reject in every graph a config runs")
     ck.add_argument("bundle")
     ck.add_argument("--engine", choices=["tensorrt"], default="tensorrt")
@@ -789,7 +802,8 @@ def parser() -> argparse.ArgumentParser:
 NEEDS = {"export": ("export", ("torch", "onnx", "onnxscript")),
          "train": ("export", ("torch", "onnx", "onnxscript")),
          "demo": ("export", ("torch", "onnx", "onnxscript")),
-         "compile": ("tvm", ("tvm", "onnx"))}
+         "compile": ("tvm", ("tvm", "onnx")),
+         "quantize": ("export", ("onnx",))}
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "sklearn": "export",
           "statsmodels": "export", "tqdm": "export", "tvm": "tvm", "tvm_ffi": "tvm", "xgboost": "tvm",
           "psutil": "tvm"}

@@ -72,8 +72,11 @@ class Config:
     `graph`: its one graph, or `segments`: the segments it chains, in order; `fused`: that chain as one
     graph, where exported; `costs`: operator-level costs for the latency predictor; `kind`: its family's
     typed fields (`runtime.families`: a DRESS level, an elastic FITS cut level), None for a plain or chained
-    config. Written to and read from the manifest's config objects as they always were; keys no field
-    knows are kept in `unknown`, written back as they were."""
+    config; `precision`: the arithmetic its graphs run in ("fp32", or a reduced-precision variant `edgeflex
+    quantize` added: "int8", "fp16", "bf16"), written only when not fp32; `quantization`: for such a variant,
+    how it was made and what it measured (its fp32 `base` config, the calibration method, its outputs
+    against the fp32 config's, its quality drop). Written to and read from the manifest's config objects as
+    they always were; keys no field knows are kept in `unknown`, written back as they were."""
 
     name: str
     graph: str | None = None
@@ -84,10 +87,12 @@ class Config:
     costs: dict[str, Any] | None = None
     fused: Fused | None = None
     kind: ConfigKind | None = None
+    precision: str = "fp32"
+    quantization: dict[str, Any] | None = None
     unknown: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     KNOWN: ClassVar[tuple[str, ...]] = ("name", "graph", "quality", "flops", "param_bytes", "segments",
-                                        "costs", "fused")
+                                        "costs", "fused", "precision", "quantization")
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "config") -> Config:
@@ -100,6 +105,7 @@ class Config:
         return cls(d["name"], d.get("graph"), d.get("quality"), d.get("flops"), d.get("param_bytes"),
                    tuple(d.get("segments", ())), d.get("costs"),
                    Fused(fused["graph"], dict(fused["tensors"])) if fused is not None else None, kind,
+                   d.get("precision", "fp32"), d.get("quantization"),
                    {k: v for k, v in d.items() if k not in known})
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +122,10 @@ class Config:
             d["fused"] = {"graph": self.fused.graph, "tensors": dict(self.fused.tensors)}
         if self.kind is not None:
             d[self.kind.key] = self.kind.to_json()
+        if self.precision != "fp32":
+            d["precision"] = self.precision
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
         return {**d, **self.unknown}
 
 

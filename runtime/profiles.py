@@ -92,9 +92,8 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     extra = [np.random.default_rng(i).standard_normal([batch if d is None else d for d in s.shape])
              .astype(s.dtype) for i, s in enumerate(rt.inputs[1:], start=1)]
     start_config, start_threads = rt.config, rt.threads
-    # the configs it loaded (a Runtime(only=...) has the others' names but no engines for them)
-    loaded = [c.name for c in rt.configs if rt._only is None or c.name in rt._only]
-    todo = [(t, name) for t in rt.thread_counts for name in loaded]
+    # the configs it loaded (Runtime(only=...), or configs the device would only emulate, are left out)
+    todo = [(t, name) for t in rt.thread_counts for name in rt.loaded]
     calls = {(t, name): (lambda t=t, name=name: rt.switch(name, threads=t), lambda: rt.run(x, *extra))
              for t, name in todo}
     bar = progress_bar(rounds * len(todo), f"profile {rt.bundle.name}", show=progress, leave=False)

@@ -29,7 +29,7 @@ from edgeflex.args import (
 )
 from edgeflex.devices import check_device, host_info, usable_cores
 from edgeflex.devices.load import IdleCores
-from edgeflex.errors import BundleError, UsageError
+from edgeflex.errors import BundleError, DeviceError, UsageError
 
 from .backends import KNOWN as BACKENDS
 from .backends import Backend, Engine, get_backend
@@ -143,6 +143,7 @@ class Runtime:
             if start.name not in only:
                 start = self.bundle.config(only[0])
         self._only = set(only) if only is not None else None
+        self.unavailable = self._refuse_precisions(config, only)
         self.fused, self.fused_reason = self._resolve_fused(fused)
         if not self.fused and self._backend.per_engine_threads \
                 and max(self.thread_counts) > 1 and any(len(c.segments) > 1 for c in self.bundle.configs):
@@ -170,6 +171,34 @@ class Runtime:
         self.bundle.close()
 
     # --- loading -----------------------------------------------------------------------------------------
+
+    def _refuse_precisions(self, config: str | None, only: list[str] | None) -> dict[str, str]:
+        """{config: why} for the configs whose precision this device or backend does not run natively
+        (`devices.precision`, `Backend.precision_refusal`): never loaded, never emulated. Asked for by
+        name (`config=`, `only=`): DeviceError, in one line. Else left out of this runtime, with a warning."""
+        from edgeflex.devices.precision import device_precisions
+
+        out: dict[str, str] = {}
+        have = None
+        for c in self.bundle.configs:
+            if c.precision == "fp32" or (self._only is not None and c.name not in self._only):
+                continue
+            have = have if have is not None else device_precisions(self.device)
+            why = (f"device {self.device!r} has no {c.precision} arithmetic" if c.precision not in have
+                   else self._backend.precision_refusal(c.precision))
+            if why is not None:
+                out[c.name] = why
+        asked = ([config] if config else []) + list(only or [])
+        for name in asked:
+            if name in out:
+                raise DeviceError(f"config {name!r} ({self.bundle.config(name).precision}) cannot run here: "
+                                  f"{out[name]}; pick a config of another precision")
+        if out:
+            log.warning("not loaded (precision not run natively here): %s",
+                        "; ".join(f"{n}: {w}" for n, w in out.items()))
+            self._only = {c.name for c in self.bundle.configs if c.name not in out
+                          and (self._only is None or c.name in self._only)}
+        return out
 
     def _resolve_fused(self, fused: bool | str) -> tuple[bool, str]:
         if fused != "auto":
@@ -212,6 +241,12 @@ class Runtime:
     @property
     def configs(self) -> list[Config]:
         return list(self.bundle.configs)
+
+    @property
+    def loaded(self) -> list[str]:
+        """The configs this runtime loaded, in bundle order: all but those left out by `only=` or because
+        their precision does not run natively here (`unavailable`)."""
+        return [c.name for c in self.bundle.configs if c.name in self._plans]
 
     @property
     def config(self) -> str:
@@ -262,6 +297,8 @@ class Runtime:
                              f"{', '.join(map(str, self.thread_counts))} threads (Runtime(threads=(...)))")
         plans = self._plan_sets[threads or self._plan.threads]
         plan = plans.get(name)
+        if plan is None and name in self.unavailable:
+            raise DeviceError(f"config {name!r} cannot run here: {self.unavailable[name]}")
         if plan is None:
             self.bundle.config(name)
             raise UsageError(f"config {name!r} was not loaded (Runtime(only=...)); loaded: "
@@ -348,9 +385,11 @@ class Runtime:
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
         by_name = {c.name: c for c in self.configs}
         stats = (profile_at(prof, self.threads) if device == self.device else None) or prof["configs"]
-        cands = candidates(self.configs, stats)
+        here = [c for c in self.configs if device != self.device or c.name not in self.unavailable]
+        cands = candidates(here, stats)
         ok = sorted((c for c in cands if fits(c, budget, margin)), key=lambda c: (-c.rank, c.p90_ms))
-        return [{"name": c.name, "quality": by_name[c.name].quality, **stats[c.name],
+        return [{"name": c.name, "precision": by_name[c.name].precision, "quality": by_name[c.name].quality,
+                 **stats[c.name],
                  "source": prof.get("obtained", "measured")} for c in ok]
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
@@ -437,6 +476,7 @@ class Runtime:
                 "threads": self.threads,
                 "thread_counts": list(self.thread_counts),
                 "config": self.config, "fused": self.fused, "fused_reason": self.fused_reason,
+                "unavailable": dict(self.unavailable),
                 "inputs": [s.describe() for s in self.inputs],
                 "outputs": [s.describe() for s in self.outputs],
                 "configs": [c.to_json() for c in self.configs], "export": m.get("export", {}),

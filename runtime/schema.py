@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeflex.devices.precision import PRECISIONS  # what a config may run in (`Config.precision`)
 from edgeflex.errors import BundleError
 
 SEAL = "manifest_sha256"
@@ -230,7 +231,10 @@ CONFIG = _obj({"name": _str},
                "dress": _obj({"level": _int(0, DRESS_MAX_LEVELS - 1), "kernel": _one_of("dense", "sparse")},
                              {"density": _num(0)}),
                "fits_level": _obj({"cut_freq": _int(1), "form": _one_of(*FITS_FORMS),
-                                   "derived": _list(_str)})})
+                                   "derived": _list(_str)}),
+               "precision": _one_of(*PRECISIONS),
+               "quantization": _obj({"base": _str}, {"method": _str, "vs_fp32": _dict(_any),
+                                                     "quality_drop": _opt(_num())})})
 SEGMENT = _obj({"graph": _relpath},
                {"tensors": _dict(_str), "inputs": SPECS, "outputs": SPECS, "flops": _opt(_int()),
                 "derived_ell": _list(_str)})
@@ -311,8 +315,15 @@ def _refs(m: dict[str, Any]) -> None:
         b = tensor(fe["bias"], "fits_elastic.bias", "<f4", 2)
         if w["shape"][0] != 2 or b["shape"] != w["shape"][:2]:
             _fail("fits_elastic.bias", fe["bias"], f"a [2, up] tensor beside weight {w['shape']}")
+    names = {c["name"]: c for c in m["configs"]}
     for i, c in enumerate(m["configs"]):
         where = f"configs[{i}]"
+        if "quantization" in c:
+            base = names.get(c["quantization"]["base"])
+            fp32 = c.get("precision", "fp32") == "fp32"
+            if base is None or base.get("precision", "fp32") != "fp32" or fp32:
+                _fail(f"{where}.quantization.base", c["quantization"]["base"],
+                      "an fp32 config of the bundle, for a config whose precision is not fp32")
         if "graph" in c:
             listed(c["graph"], f"{where}.graph")
         elif not c.get("segments"):

@@ -43,7 +43,8 @@ def test_info(rt: ef.Runtime, fits_bundle: Path) -> None:
     info = rt.info()
     assert set(info) == {"name", "path", "family", "backend", "backend_reason", "device", "threads", "config",
                          "inputs", "outputs", "configs", "export", "tools", "engine_versions", "fused",
-                         "fused_reason", "thread_counts"}
+                         "fused_reason", "thread_counts", "unavailable"}
+    assert info["unavailable"] == {}                    # an fp32-only bundle: every config loads
     assert info["thread_counts"] == [1] and info["backend_reason"] == "asked for"
     assert info["fused"] is False and info["fused_reason"] == "no fused graphs in the bundle"
     assert info["path"] == str(fits_bundle) and info["family"] == "fits"

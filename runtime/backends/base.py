@@ -80,6 +80,12 @@ class Backend(ABC):
         backend that compiles ahead of time), asked without reading the graph. Default: any graph loads."""
         return True
 
+    def precision_refusal(self, precision: str) -> str | None:
+        """Why this backend would not run a config of `precision` with that precision's arithmetic (it would
+        emulate it, or cannot run it at all), in a phrase; None where it runs it. Default: fp32 and int8
+        (QDQ graphs) run, as ONNX's standard operators; fp16 and bf16 are for the backend to vouch for."""
+        return None if precision in ("fp32", "int8") else f"backend {self.name!r} has no {precision} path"
+
     def versions(self) -> dict[str, str]:
         return {}
 

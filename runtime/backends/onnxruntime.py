@@ -10,6 +10,7 @@ opt-in, set once per process, and `session_options` is the one place edgeflex ma
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Sequence
 
@@ -73,6 +74,35 @@ def session_options(ort, threads: int):
     # the next engine's calls: benchmarks/RESULTS.md, Row-sparse TIR kernel).
     so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     return so
+
+
+_fp16_casts: dict[str, int] = {}
+# A two-node fp16 graph, y = Conv(x, w) * Conv(x, w), x [1, 8, 8, 8], w [8, 8, 3, 3], opset 17: the bytes
+# onnx.helper.make_model writes for it (kept here, as the board side imports no onnx).
+FP16_PROBE = base64.b64decode(
+    "CAg6bQoPCgF4CgF3EgFjIgRDb252Cg4KAWMKAWMSAXkiA011bBIFcHJvYmVaGwoBeBIWChQIChIQCgIIAQoCCAgKAggICgIICFobCgF3"
+    "EhYKFAgKEhAKAggICgIICAoCCAMKAggDYgkKAXkSBAoCCApCBAoAEBE=")
+
+
+def _casts_fp16(ort) -> int:
+    """How many Cast nodes ORT's CPU provider runs in a two-node fp16 graph (Conv, Mul), read from its own
+    profile of one run: 0 where it has fp16 kernels for both. Measured once per process (milliseconds)."""
+    if ort.__version__ not in _fp16_casts:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgeflex-fp16-probe-") as tmp:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{tmp}/probe"
+            sess = ort.InferenceSession(FP16_PROBE, so, providers=["CPUExecutionProvider"])
+            sess.run(None, {"x": np.ones((1, 8, 8, 8), np.float16), "w": np.ones((8, 8, 3, 3), np.float16)})
+            with open(sess.end_profiling()) as f:
+                events = json.load(f)
+        _fp16_casts[ort.__version__] = len({e["name"] for e in events if e.get("cat") == "Node"
+                                            and e.get("args", {}).get("op_name") == "Cast"})
+    return _fp16_casts[ort.__version__]
 
 
 class OnnxRuntimeEngine(Engine):
@@ -157,6 +187,20 @@ class OnnxRuntimeBackend(Backend):
                                      "libraries missing or mismatched; its log says which); the session ran "
                                      f"on {', '.join(sess.get_providers())}")
         return OnnxRuntimeEngine(sess, inputs, outputs, values)
+
+    def precision_refusal(self, precision: str) -> str | None:
+        """int8 (QDQ graphs) runs on ORT's int8 kernels; fp16 only where the provider has fp16 kernels, which
+        `_casts_fp16` checks by building a small fp16 Conv + Mul session and reading back the graph ORT will
+        run: ORT's CPU provider silently wraps nodes it has no fp16 kernel for in casts to fp32 (on x86); bf16
+        it has no kernels for."""
+        if precision in ("fp32", "int8"):
+            return None
+        if precision == "fp16":
+            if self._providers[0] != "CPUExecutionProvider":
+                return None
+            return (f"ONNX Runtime {self._ort.__version__}'s CPU provider runs fp16 Conv/Mul in fp32 on this "
+                    "CPU (it wraps them in casts: emulation)") if _casts_fp16(self._ort) else None
+        return f"ONNX Runtime {self._ort.__version__}'s CPU provider has no {precision} kernels"
 
     def versions(self) -> dict[str, str]:
         v = {"onnxruntime": self._ort.__version__}

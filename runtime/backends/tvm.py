@@ -507,6 +507,18 @@ class TvmBackend(Backend):
                                   "`edgeflex compile`") from None
         return vm[meta["entry"]], params, (lib, vm)
 
+    def precision_refusal(self, precision: str) -> str | None:
+        """fp32 and fp16 (LLVM's half-precision arithmetic where the target has it; the device's own check
+        says whether it does). int8 is refused: TVM 0.27's Relax ONNX importer turns QuantizeLinear /
+        DequantizeLinear into relax.quantize / dequantize around fp32 convs and matmuls, so a QDQ graph would
+        run in fp32 on dequantized weights (emulation; measured in benchmarks/bench_precision.py)."""
+        if precision in ("fp32", "fp16"):
+            return None
+        if precision == "int8":
+            return ("TVM's Relax ONNX importer dequantizes a QDQ graph's weights and runs its convs in fp32 "
+                    "(int8 emulated); run it on backend='onnxruntime'")
+        return f"the TVM path has no {precision} lowering"
+
     def versions(self) -> dict[str, str]:
         return {"tvm": self._tvm.__version__, "target": self.target}
 
