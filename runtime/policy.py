@@ -184,7 +184,7 @@ class Adapter:
                  fast_down: int = 3, probe_after: int | None = None, probe_late: int = 2,
                  idle_cores: Callable[[], float | None] | None = None, late_share: float | None = None,
                  hint_every: int | None = None):
-        check_int("window", window, 1)     # 0: an empty window whose percentile is an IndexError
+        window = check_int("window", window, 1)     # 0: an empty window whose percentile is an IndexError
         if fast_down < 0:
             raise UsageError(f"fast_down must be >= 0 (late runs in a row; 0: windows only), got {fast_down}")
         if not 0 < margin_lo <= margin_hi <= 1:

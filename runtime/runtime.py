@@ -414,9 +414,9 @@ class Runtime:
         for flag, value in (("degrade", degrade), ("adapt", adapt), ("os_hint", os_hint)):
             check_bool(flag, value)
         check_share("margin", margin)
-        check_int("window", window, 1)
+        window = check_int("window", window, 1)
         check_choice("tail", tail, ("p90", "p99"))
-        check_int("fast_down", fast_down, 0)
+        fast_down = check_int("fast_down", fast_down, 0)
         check_real("late_share", late_share, 0, 1, none=True)
         if budget is None:
             self._adapter, self.budget_met, self._budget_call = None, True, None
