@@ -42,6 +42,7 @@ __all__ = [
     "elastic",
     "export",
     "models",
+    "search",
 ]
 
 
@@ -55,4 +56,7 @@ def __getattr__(name: str):
     if name == "models":
         import importlib
         return importlib.import_module("edgeflex.models")    # torch-free until a builder runs
+    if name == "search":
+        from edgeflex.export.search import search
+        return search                                        # imports onnx, not torch
     raise AttributeError(f"module 'edgeflex' has no attribute {name!r}")

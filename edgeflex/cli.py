@@ -409,6 +409,12 @@ def cmd_query(a: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def cmd_search(a: argparse.Namespace) -> int:
+    from edgeflex.cli_search import cmd_search as search
+
+    return search(a)
+
+
 # --- compile -----------------------------------------------------------------------------------------------
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -650,6 +656,22 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=THREADS)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_query)
+    se = sub.add_parser("search", help="search per-layer combinations of configs (DRESS levels, SN-Net "
+                        "stitches) for a device; add the front's to the bundle")
+    se.add_argument("bundle")
+    se.add_argument("--data", required=True, help="held-out data: a .npz with x_val, y_val (no pickle)")
+    se.add_argument("--device", default="host", help="host: finalists measured here; a catalogue device: "
+                    "latency predicted")
+    goal = se.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--latency-ms", type=POSITIVE_REAL, help="add the best config within this latency")
+    goal.add_argument("--pareto", action="store_true", help="add the new configs on the front")
+    se.add_argument("--threads", type=THREADS)
+    se.add_argument("--max-candidates", type=POSITIVE, default=128, help="combinations scored (default 128; "
+                    "a larger space is sampled)")
+    se.add_argument("--max-add", type=POSITIVE, default=6, help="at most this many configs added")
+    se.add_argument("--plot", help="write quality against latency here (PNG)")
+    se.add_argument("--dry-run", action="store_true", help="search and print; change nothing")
+    se.set_defaults(fn=cmd_search)
     c = sub.add_parser("compile", help="compile a bundle's graphs into engines for a target (TVM)")
     c.add_argument("bundle")
     c.add_argument("--backend", default="tvm", help="tvm (the only backend with a compile step)")
@@ -721,10 +743,11 @@ def parser() -> argparse.ArgumentParser:
 NEEDS = {"export": ("export", ("torch", "onnx", "onnxscript")),
          "train": ("export", ("torch", "onnx", "onnxscript")),
          "demo": ("export", ("torch", "onnx", "onnxscript")),
-         "compile": ("tvm", ("tvm", "onnx"))}
+         "compile": ("tvm", ("tvm", "onnx")),
+         "search": ("export", ("onnx",))}
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "sklearn": "export",
           "statsmodels": "export", "tqdm": "export", "tvm": "tvm", "tvm_ffi": "tvm", "xgboost": "tvm",
-          "psutil": "tvm"}
+          "psutil": "tvm", "matplotlib": "bench"}
 
 
 def missing_extra(verb: str, module: str) -> str | None:

@@ -92,6 +92,8 @@ class SearchResult:
     latency_ms: float | None = None
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)     # the new configs' fused graphs
+    model: str = ""                        # the model_id of the bundle searched
 
     def point(self, name: str) -> Point:
         return next(p for p in self.points if p.name == name)
@@ -505,10 +507,10 @@ def search(path: str | os.PathLike, val: Any, *, device: str = "host", latency_m
         result = SearchResult(b.name, device, metric, "higher" if higher else "lower",
                               "measured" if here else "predicted", points, front, added,
                               {"note": note, "fit_error_on_host": pred.fit_error, "samples": len(calib)},
-                              data, run_threads, latency_ms, notes=notes)
-        base_id = model_id(b.manifest)
+                              data, run_threads, latency_ms, notes=notes, files=files,
+                              model=model_id(b.manifest))
     if write and added:
-        _write(Path(path), result, files, base_id)
+        add(path, result)
     if plot is not None:
         plot_front(result, plot)
         result.plot = os.fspath(plot)
@@ -532,9 +534,15 @@ def _choose(points: Sequence[Point], front: Sequence[str], latency_ms: float | N
     return [p.name for p in new]
 
 
-def _write(path: Path, result: SearchResult, files: dict[str, bytes], base_id: str) -> None:
-    """Add the chosen configs (their fused graphs, where chained) and the search's record, atomically."""
+def add(path: str | os.PathLike, result: SearchResult, names: Sequence[str] | None = None) -> None:
+    """Add the configs `names` (default: `result.added`) found by `result` to the bundle at `path` with their
+    fused graphs, where chained, and the search's record (`search/<device>.json`), atomically; refused if the
+    bundle was re-exported since the search."""
+    path = Path(path)
+    if names is not None:
+        result.added = list(names)
     added = [result.point(n) for n in result.added]
+    files = result.files
     split = f"search data ({result.data['rows']} rows, sha256 {result.data['sha256'][:12]})"
     configs = []
     for p in added:
@@ -544,9 +552,9 @@ def _write(path: Path, result: SearchResult, files: dict[str, bytes], base_id: s
         cfg["search"] = {"device": result.device, "latency_ms": p.ms, "obtained": "measured"
                          if p.measured_ms is not None else "predicted", "threads": result.threads}
         configs.append(cfg)
-    add = {rel: files[rel] for p in added for rel in [p.config.get("fused", {}).get("graph")] if rel}
+    extra = {rel: files[rel] for p in added for rel in [p.config.get("fused", {}).get("graph")] if rel}
     record = json.dumps(result.to_json(), indent=1) + "\n"
-    add[RECORD.format(device=path_name(result.device))] = record.encode()
+    extra[RECORD.format(device=path_name(result.device))] = record.encode()
 
     def edit(m: dict[str, Any]) -> dict[str, Any]:
         names = {c["name"] for c in m["configs"]}
@@ -559,7 +567,7 @@ def _write(path: Path, result: SearchResult, files: dict[str, bytes], base_id: s
                         path)
         return m
 
-    update_bundle(path, add, model=base_id, edit=edit)
+    update_bundle(path, extra, model=result.model, edit=edit)
 
 
 def plot_front(result: SearchResult, path: str | os.PathLike) -> None:
