@@ -82,9 +82,19 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    """Train a family on the user's own data (today: FITS on a CSV's series), export, print the configs."""
+    """Train a family on the user's own data (FITS on a CSV's series; DRESS or SN-Net from the user's models
+    on a .npz: `cli_train_user`), export, print the configs."""
+    if a.family != "fits":
+        from edgeflex.cli_train_user import cmd_train_user
+
+        return cmd_train_user(a)
     from edgeflex.elastic import fits_csv
     from edgeflex.runtime.store import target
+
+    needed = (("--csv", a.csv), ("--lookback", a.lookback), ("--horizon", a.horizon))
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        raise UsageError(f"train fits needs {', '.join(missing)}")
 
     writable_file("--out", a.out, dir_ok=True)     # before training, as export
     target(a.out, overwrite=a.force, new=True)
@@ -590,23 +600,37 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=POSITIVE_REAL, default=1e-4,
                    help="max relative export error (default 1e-4)")
     e.set_defaults(fn=cmd_export)
-    t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series)")
-    t.add_argument("family", choices=["fits"], help="fits: FITS (--elastic: elastic FITS) on a CSV's series")
-    t.add_argument("--csv", required=True, help="a CSV: a header row, then one row per time step, oldest "
+    t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series; "
+                       "dress, stitch: your PyTorch models on a .npz)")
+    t.add_argument("family", choices=["fits", "dress", "stitch"], help="fits: FITS (--elastic: elastic FITS) "
+                   "on a CSV's series; dress: your model nested-sparse; stitch: your anchors as one SN-Net")
+    t.add_argument("--csv", help="fits: a CSV: a header row, then one row per time step, oldest "
                    "first (read with the csv module, no pickle)")
+    t.add_argument("--npz", help="dress, stitch: a .npz with x_train, y_train, x_val, y_val (no pickle)")
+    t.add_argument("--model", help="dress: your model, FILE.py:FUNCTION (called with no argument)")
+    t.add_argument("--weights", help="dress: its weights, a .npz of its state_dict")
+    t.add_argument("--anchor", action="append", help="stitch: FILE.py:FUNCTION[=WEIGHTS.npz], once per "
+                   "anchor, smallest first")
+    t.add_argument("--adapter", help="stitch: FILE.py:FUNCTION taking an anchor, returning "
+                   "edgeflex.elastic.Layout (default: StarNet's published layout)")
+    t.add_argument("--densities", help="dress: the levels, e.g. 1,0.5,0.25,0.1")
+    t.add_argument("--direction", default="slow-to-fast", choices=["slow-to-fast", "fast-to-slow", "both"],
+                   help="stitch: which anchor goes in front")
+    t.add_argument("--stitches", type=POSITIVE, help="stitch: stitches per pair of anchors (default 4)")
     t.add_argument("--columns", help="comma-separated columns to model, in order (default: all but the date "
                    "column)")
     t.add_argument("--date-column", help="a column to skip (default: date, time, timestamp or datetime if "
                    "present)")
-    t.add_argument("--lookback", type=POSITIVE, required=True, help="input steps L")
-    t.add_argument("--horizon", type=POSITIVE, required=True, help="forecast steps H")
+    t.add_argument("--lookback", type=POSITIVE, help="fits: input steps L")
+    t.add_argument("--horizon", type=POSITIVE, help="fits: forecast steps H")
     t.add_argument("--elastic", action="store_true", help="elastic FITS: one config per cut frequency, the "
                    "weight stored once")
     t.add_argument("--period", type=POSITIVE, help="the base period in steps for the cut frequency (default: "
                    "the training rows' dominant period)")
     t.add_argument("--cut-freq", type=POSITIVE, help="the (largest) cut frequency (default: the paper's rule "
                    "(L // period + 1) * 6 + 10)")
-    t.add_argument("--epochs", type=POSITIVE, help="at most this many epochs (default 100, early stopping)")
+    t.add_argument("--epochs", type=POSITIVE, help="fits: at most this many epochs (default 100, early "
+                   "stopping); dress, stitch: the epochs of joint training (default 10)")
     t.add_argument("--out", required=True, help="bundle path, NAME.efx")
     t.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
     t.add_argument("--seed", type=SEED, default=0)
