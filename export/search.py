@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SEARCH_RECIPE = {"max_candidates": 128, "max_stitches": 3, "finalists": 12, "max_add": 6, "tie": 0.03,
                  "min_seconds": 0.6}
 RECORD = "search/{device}.json"
+SCORE_CHUNK = 32
 
 
 @dataclass
@@ -375,24 +376,19 @@ def _check_val(b: Bundle, val: Any) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y
 
 
-def _score(rt: Runtime, names: Sequence[str], x: np.ndarray, y: np.ndarray, metric: str,
-           progress: bool) -> dict[str, float]:
-    """Each config's metric on (x, y): top-1 (labels) or MSE (targets), in batches of 256."""
-    out = {}
-    bar = progress_bar(len(names), "search: held-out quality", show=progress, leave=False)
-    for name in names:
-        rt.switch(name)
-        preds = np.concatenate([rt.run(x[i:i + 256]) for i in range(0, len(x), 256)])
-        if metric == "top1":
-            if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= preds.shape[-1]:
-                raise DataError(f"y_val must hold int labels in [0, {preds.shape[-1]}) for top-1, got "
-                                f"{y.dtype} in [{y.min()}, {y.max()}]")
-            out[name] = float((preds.argmax(-1) == y).mean())
-        else:
-            out[name] = float(((preds.reshape(len(y), -1) - y.reshape(len(y), -1)) ** 2).mean())
-        bar.update(1)
-    bar.close()
-    return out
+def _score(rt: Runtime, name: str, x: np.ndarray, y: np.ndarray, metric: str) -> float:
+    """A config's metric on (x, y): top-1 (labels) or MSE (targets), run in batches of 256."""
+    rt.switch(name)
+    preds = np.concatenate([rt.run(x[i:i + 256]) for i in range(0, len(x), 256)])
+    if metric == "top1":
+        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= preds.shape[-1]:
+            raise DataError(f"y_val must hold int labels in [0, {preds.shape[-1]}) for top-1, got "
+                            f"{y.dtype} in [{y.min()}, {y.max()}]")
+        return float((preds.argmax(-1) == y).mean())
+    if preds.size != y.size:
+        raise DataError(f"y_val has {y.size // len(y)} value(s) a row, the model gives "
+                        f"{preds.size // len(y)}; for MSE expected one target per output")
+    return float(((preds.reshape(len(y), -1) - y.reshape(len(y), -1)) ** 2).mean())
 
 
 def pareto(points: Sequence[Point], higher: bool, tie: float = 0.0) -> list[str]:
@@ -452,14 +448,18 @@ def search(path: str | os.PathLike, val: Any, *, device: str = "host", latency_m
         if not cand_json:
             notes.append("no combination beyond the bundle's own configs (SN-Net: needs 3+ anchors or "
                          "stitches both ways; DRESS: needs 2+ prunable weights)")
-        # quality of every point on the user's data, through the runtime (chained: no fused copies needed)
-        staged = _Staged(b, [p.config for p in points], files)
-        rt = Runtime(staged, threads=threads, fused=False)
-        run_threads = rt.threads
-        scores = _score(rt, [p.name for p in points], x, y, metric, progress)
-        del rt
-        for p in points:
-            p.quality = scores[p.name]
+        # quality of every point on the user's data, through the runtime (chained: no fused copies needed),
+        # SCORE_CHUNK configs loaded at a time (each DRESS mix on the dense kernel holds its own masked copy)
+        bar = progress_bar(len(points), "search: held-out quality", show=progress, leave=False)
+        for i in range(0, len(points), SCORE_CHUNK):
+            chunk = points[i:i + SCORE_CHUNK]
+            rt = Runtime(_Staged(b, [p.config for p in chunk], files), threads=threads, fused=False)
+            run_threads = rt.threads
+            for p in chunk:
+                p.quality = _score(rt, p.name, x, y, metric)
+                bar.update(1)
+            del rt
+        bar.close()
         # the predictor: fitted on this host's timings of the hand-made configs, applied to the device
         calib = [p for p in points if not p.new]
         timed = _measure(_Staged(b, [p.config for p in calib], files), [p.name for p in calib], threads,

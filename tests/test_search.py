@@ -108,6 +108,18 @@ def test_a_found_path_written_into_the_bundle_runs_like_pytorch_and_stores_no_we
     assert json.loads((path / "search" / "host.json").read_text())["added"] == [name]
 
 
+def test_on_a_device_not_at_hand_the_latencies_are_predicted_and_say_so(mixers3, tmp_path: Path) -> None:
+    _, path, (x, y) = mixers3
+    result = ef.search(path, (x, y), device="rpi5", latency_ms=1000.0, threads=1, write=False,
+                       progress=False)
+    assert result.obtained == "predicted" and "UNVALIDATED" in result.predictor["note"]
+    assert all(p.measured_ms is None and p.predicted_ms > 0 for p in result.points)
+    best = max((p for p in result.points if not p.calibration_only), key=lambda p: (p.quality, -p.ms))
+    assert result.added == ([best.name] if best.new else [])      # the best within 1 s, if it is new
+    with pytest.raises(ef.UsageError, match="one of the two"):
+        ef.search(path, (x, y), progress=False)
+
+
 def test_dress_levels_chosen_per_weight_run_like_pytorch_and_the_search_adds_only_its_front(
         dress_mlp, tmp_path: Path) -> None:
     dm, path, (x, y) = dress_mlp
