@@ -43,6 +43,18 @@ ANCHORS = (("small", dict(base_dim=8, depths=[1, 1, 2, 1], mlp_ratio=2)),
 TRAIN_COPIES = 4          # the user's training arrays: this many corrupted copies of each training image
 
 
+def cpu_flags() -> str:
+    """The SIMD flags of /proc/cpuinfo that matter to the kernels timed here."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in wanted if f in have) + " (absent: " + \
+        (", ".join(f for f in wanted if f not in have) or "none") + ")"
+
+
 def pretrain(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int, seed: int) -> torch.nn.Module:
     """The user's own training, in their code: AdamW 4e-3, one-cycle, random batches of 64."""
     gen = torch.Generator().manual_seed(seed)
@@ -167,7 +179,7 @@ def main() -> None:
               f"measured the predicted front's, and added {len(result.added)}: {added}. Predictor: "
               f"{result.predictor['note']}.", "",
               "![every config](stitch_user.png) ![the search](stitch_user_search.png)", "",
-              *machine_and_run(a.threads,
+              *machine_and_run(a.threads, f"- cpu flags: {cpu_flags()}",
                                f"- anchors: {', '.join(f'{n} {kw}' for n, kw in ANCHORS)}; {a.steps} steps "
                                f"each; joint training {a.epochs} epochs on {len(y_tr)} rows",
                                f"- other processes' CPU share: training {train_load.share:.0%}, search "
