@@ -73,6 +73,10 @@ def test_three_anchors_give_paths_that_stitch_twice_over_the_stored_segments(mix
     with ef.Bundle.open(path) as b:
         configs, files = search_module.snnet_space(b, max_stitches=3, max_candidates=64)
         segments = set(b.segments)
+        protos = search_module._protos(b, list(segments))
+        for c in b.configs:       # a chain's bytes and FLOPs, counted from its graphs, give the exporter's
+            assert search_module._param_bytes([protos[s] for s in c.segments]) == c.param_bytes
+            assert sum(b.manifest["segments"][s]["flops"] for s in c.segments) == c.flops
     assert configs, "a2 -> a1 -> a0 through two of the bundle's stitches"
     for c in configs:
         stitches = [s for s in c["segments"] if s.startswith("stitch.")]
@@ -129,6 +133,10 @@ def test_dress_levels_chosen_per_weight_run_like_pytorch_and_the_search_adds_onl
         candidates, calibration = search_module.dress_space(b, max_candidates=64, seed=0)
     # the FLOPs of a mix, computed from the graph and the codes, give each level's own for uniform mixes
     assert {c["name"]: c["flops"] for c in calibration if "@" not in c["name"]} == hand
+    with ef.Bundle.open(path) as b:
+        hand_bytes = {c.name: c.param_bytes for c in b.configs}
+    for c in calibration:         # the levels on the other kernel too: bytes as the exporter counts them
+        assert c["param_bytes"] == hand_bytes[c["name"].partition("@")[0]]
     assert len({c["name"] for c in candidates}) == len(candidates) and len(candidates) == 2 * (4**2 - 4)
     result = ef.search(path, (x, y), pareto_front=True, threads=1, progress=False,
                        plot=tmp_path / "front.png")
