@@ -1,9 +1,10 @@
-"""The `edgeflex` command line: export, train, models, info, run, compile, demo, pack, unpack, apply, sign.
+"""The `edgeflex` command line: export, train, models, info, run, search, compile, demo, pack/unpack, sign.
 
-Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
-so `models`, `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime
-alone; on such a board those verbs say in one line which extra to install. A user's mistake (a bad argument,
-a missing or unreadable file, a bundle that fails its checks) ends in one line `edgeflex: error: ...`, never
+Only this module prints (and the verbs it hands on: cli_search.py, cli_train_user.py). Verbs that need
+torch (export, demo) or TVM (compile) import them when they run, so `models`, `info`, `run`, `profile`,
+`query` and `devices` work on a board with numpy + onnxruntime alone; on such a board those verbs say in one
+line which extra to install. A user's mistake (a bad argument, a missing or unreadable file, a bundle that
+fails its checks) ends in one line `edgeflex: error: ...`, never
 a traceback (`edgeflex --debug VERB ...` re-raises, for developers).
 """
 
