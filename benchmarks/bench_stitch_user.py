@@ -174,7 +174,8 @@ def main() -> None:
     hand = [r for r in rows if r["kind"] in ("anchor", "stitch")]
     lines += ["", "Each path the search scored against the best hand-made config no slower than it (same "
               "profile, report half):", "",
-              "| path (kind) | p50 ms | top-1 | best hand-made within its latency | p50 ms | top-1 | difference |",
+              "| path (kind) | p50 ms | top-1 | best hand-made within its latency | p50 ms | top-1 "
+              "| difference |",
               "|---|---:|---:|---|---:|---:|---:|"]
     for r in (r for r in rows if r["kind"] in ("found", "not on front")):
         within = [h for h in hand if h["p50_ms"] <= r["p50_ms"]]
