@@ -29,6 +29,7 @@ from edgeflex.datafile import load_npz
 from edgeflex.export import search as search_module
 from edgeflex.models.digits import load_digits_images
 from edgeflex.models.stitch import segment_plan
+from edgeflex.runtime.schema import check_manifest
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,22 @@ def test_the_search_command_line_refuses_bad_data_and_bundles_in_one_line(
     assert "no configs that compose per layer" in capsys.readouterr().err
     assert main(["search", str(path), "--data", str(good)]) == 2          # neither --pareto nor a budget
     assert load_npz(good, ("x_val", "y_val"))["x_val"].shape == x.shape
+
+
+def test_a_per_layer_level_naming_no_weight_or_no_level_of_the_bundle_is_refused_in_one_line(
+        dress_mlp) -> None:
+    _, path, _ = dress_mlp
+    with ef.Bundle.open(path) as b:
+        manifest = json.loads(json.dumps(b.manifest))
+    config = manifest["configs"][1]
+    for layers, pattern in (({"9.weight": 1}, r"dress\.layers.*a weight of dress\.segments\.main"),
+                            ({"1.weight": 7}, r"dress\.layers\['1\.weight'\]"),
+                            ({"1.weight": "1"}, r"dress\.layers\['1\.weight'\]")):
+        config["dress"]["layers"] = layers
+        with pytest.raises(ef.BundleError, match=pattern) as e:
+            check_manifest(path / "manifest.json", manifest)
+        assert "\n" not in str(e.value)
+    config["dress"]["layers"] = {"1.weight": 3, "3.weight": 0}
+    check_manifest(path / "manifest.json", manifest)
+    kind = ef.Config.from_json(config).kind
+    assert (kind.level_of("1.weight"), kind.level_of("3.weight"), kind.level_of("5.weight")) == (3, 0, 1)
