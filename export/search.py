@@ -494,10 +494,8 @@ def search(path: str | os.PathLike, val: Any, *, device: str = "host", latency_m
                                threads, SEARCH_RECIPE["min_seconds"], progress)
                 for p in chosen:
                     p.measured_ms = got[p.name]
-            for p in scored:          # unmeasured new points leave the front: only timed ones are kept
-                if p.new and p.measured_ms is None:
-                    p.calibration_only = True
-            scored = [p for p in scored if not p.calibration_only]
+            # the front on measured latencies only: new points off the predicted front stay unmeasured
+            scored = [p for p in scored if not p.new or p.measured_ms is not None]
             front = pareto(scored, higher, SEARCH_RECIPE["tie"])
         added = _choose(scored, front, latency_ms, higher, max_add)
         if latency_ms is not None and not any(p.ms <= latency_ms for p in scored):
@@ -582,8 +580,11 @@ def plot_front(result: SearchResult, path: str | os.PathLike) -> None:
 
     pts = [p for p in result.points if not p.calibration_only and p.ms is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    found = [p for p in pts if p.new]
-    ax.scatter([p.ms for p in found], [p.quality for p in found], s=14, c="0.7", label="found (scored)")
+    guessed = [p for p in pts if p.new and p.measured_ms is None and result.obtained == "measured"]
+    ax.scatter([p.ms for p in guessed], [p.quality for p in guessed], s=18, facecolors="none",
+               edgecolors="0.5", label="found, off the predicted front (predicted ms)")
+    found = [p for p in pts if p.new and p not in guessed]
+    ax.scatter([p.ms for p in found], [p.quality for p in found], s=14, c="0.5", label="found")
     hand = [p for p in pts if not p.new]
     ax.scatter([p.ms for p in hand], [p.quality for p in hand], s=40, marker="s", c="tab:blue",
                label="hand-made configs")
