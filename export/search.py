@@ -371,6 +371,9 @@ def _check_val(b: Bundle, val: Any) -> tuple[np.ndarray, np.ndarray]:
                         "rows); expected finite values: drop or fix those rows")
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"y_val has shape {y.shape}; expected ({len(x)},), one label per row of x_val")
+    if y.dtype.kind not in "fiu" or (y.dtype.kind == "f" and not np.isfinite(y).all()):
+        raise DataError(f"y_val holds {y.dtype} values{' with NaN or inf' if y.dtype.kind == 'f' else ''}; "
+                        "expected int labels (top-1) or finite targets (MSE)")
     if len(x) < 16:
         raise DataError(f"x_val has {len(x)} rows; expected at least 16 to tell configs apart")
     return x.astype(np.float32), y
