@@ -43,6 +43,7 @@ __all__ = [
     "export",
     "models",
     "quantize",
+    "search",
 ]
 
 
@@ -59,4 +60,7 @@ def __getattr__(name: str):
     if name == "quantize":
         from edgeflex.export.quantize import quantize  # imports onnx and onnxruntime.quantization
         return quantize
+    if name == "search":
+        from edgeflex.export.search import search
+        return search                                        # imports onnx, not torch
     raise AttributeError(f"module 'edgeflex' has no attribute {name!r}")

@@ -1,9 +1,10 @@
-"""The `edgeflex` command line: export, train, models, info, run, compile, demo, pack, unpack, apply, sign.
+"""The `edgeflex` command line: export, train, models, info, run, search, compile, demo, pack/unpack, sign.
 
-Only this module prints. Verbs that need torch (export, demo) or TVM (compile) import them when they run,
-so `models`, `info`, `run`, `profile`, `query` and `devices` work on a board with numpy + onnxruntime
-alone; on such a board those verbs say in one line which extra to install. A user's mistake (a bad argument,
-a missing or unreadable file, a bundle that fails its checks) ends in one line `edgeflex: error: ...`, never
+Only this module prints (and the verbs it hands on: cli_search.py, cli_train_user.py). Verbs that need
+torch (export, demo) or TVM (compile) import them when they run, so `models`, `info`, `run`, `profile`,
+`query` and `devices` work on a board with numpy + onnxruntime alone; on such a board those verbs say in one
+line which extra to install. A user's mistake (a bad argument, a missing or unreadable file, a bundle that
+fails its checks) ends in one line `edgeflex: error: ...`, never
 a traceback (`edgeflex --debug VERB ...` re-raises, for developers).
 """
 
@@ -86,9 +87,19 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    """Train a family on the user's own data (today: FITS on a CSV's series), export, print the configs."""
+    """Train a family on the user's own data (FITS on a CSV's series; DRESS or SN-Net from the user's models
+    on a .npz: `cli_train_user`), export, print the configs."""
+    if a.family != "fits":
+        from edgeflex.cli_train_user import cmd_train_user
+
+        return cmd_train_user(a)
     from edgeflex.elastic import fits_csv
     from edgeflex.runtime.store import target
+
+    needed = (("--csv", a.csv), ("--lookback", a.lookback), ("--horizon", a.horizon))
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        raise UsageError(f"train fits needs {', '.join(missing)}")
 
     writable_file("--out", a.out, dir_ok=True)     # before training, as export
     target(a.out, overwrite=a.force, new=True)
@@ -422,6 +433,12 @@ def cmd_query(a: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def cmd_search(a: argparse.Namespace) -> int:
+    from edgeflex.cli_search import cmd_search as search
+
+    return search(a)
+
+
 # --- compile -----------------------------------------------------------------------------------------------
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -616,23 +633,37 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--engine", choices=["tensorrt"], help="export the forms TensorRT's ONNX parser takes, "
                    "every graph checked against its operator matrix (default: ONNX Runtime and TVM)")
     e.set_defaults(fn=cmd_export)
-    t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series)")
-    t.add_argument("family", choices=["fits"], help="fits: FITS (--elastic: elastic FITS) on a CSV's series")
-    t.add_argument("--csv", required=True, help="a CSV: a header row, then one row per time step, oldest "
+    t = sub.add_parser("train", help="train a model on your own data and export it (fits: a CSV's series; "
+                       "dress, stitch: your PyTorch models on a .npz)")
+    t.add_argument("family", choices=["fits", "dress", "stitch"], help="fits: FITS (--elastic: elastic FITS) "
+                   "on a CSV's series; dress: your model nested-sparse; stitch: your anchors as one SN-Net")
+    t.add_argument("--csv", help="fits: a CSV: a header row, then one row per time step, oldest "
                    "first (read with the csv module, no pickle)")
+    t.add_argument("--npz", help="dress, stitch: a .npz with x_train, y_train, x_val, y_val (no pickle)")
+    t.add_argument("--model", help="dress: your model, FILE.py:FUNCTION (called with no argument)")
+    t.add_argument("--weights", help="dress: its weights, a .npz of its state_dict")
+    t.add_argument("--anchor", action="append", help="stitch: FILE.py:FUNCTION[=WEIGHTS.npz], once per "
+                   "anchor, smallest first")
+    t.add_argument("--adapter", help="stitch: FILE.py:FUNCTION taking an anchor, returning "
+                   "edgeflex.elastic.Layout (default: StarNet's published layout)")
+    t.add_argument("--densities", help="dress: the levels, e.g. 1,0.5,0.25,0.1")
+    t.add_argument("--direction", default="slow-to-fast", choices=["slow-to-fast", "fast-to-slow", "both"],
+                   help="stitch: which anchor goes in front")
+    t.add_argument("--stitches", type=POSITIVE, help="stitch: stitches per pair of anchors (default 4)")
     t.add_argument("--columns", help="comma-separated columns to model, in order (default: all but the date "
                    "column)")
     t.add_argument("--date-column", help="a column to skip (default: date, time, timestamp or datetime if "
                    "present)")
-    t.add_argument("--lookback", type=POSITIVE, required=True, help="input steps L")
-    t.add_argument("--horizon", type=POSITIVE, required=True, help="forecast steps H")
+    t.add_argument("--lookback", type=POSITIVE, help="fits: input steps L")
+    t.add_argument("--horizon", type=POSITIVE, help="fits: forecast steps H")
     t.add_argument("--elastic", action="store_true", help="elastic FITS: one config per cut frequency, the "
                    "weight stored once")
     t.add_argument("--period", type=POSITIVE, help="the base period in steps for the cut frequency (default: "
                    "the training rows' dominant period)")
     t.add_argument("--cut-freq", type=POSITIVE, help="the (largest) cut frequency (default: the paper's rule "
                    "(L // period + 1) * 6 + 10)")
-    t.add_argument("--epochs", type=POSITIVE, help="at most this many epochs (default 100, early stopping)")
+    t.add_argument("--epochs", type=POSITIVE, help="fits: at most this many epochs (default 100, early "
+                   "stopping); dress, stitch: the epochs of joint training (default 10)")
     t.add_argument("--out", required=True, help="bundle path, NAME.efx")
     t.add_argument("--force", action="store_true", help="replace the bundle at --out (never anything else)")
     t.add_argument("--seed", type=SEED, default=0)
@@ -685,6 +716,22 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=THREADS)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_query)
+    se = sub.add_parser("search", help="search per-layer combinations of configs (DRESS levels, SN-Net "
+                        "stitches) for a device; add the front's to the bundle")
+    se.add_argument("bundle")
+    se.add_argument("--data", required=True, help="held-out data: a .npz with x_val, y_val (no pickle)")
+    se.add_argument("--device", default="host", help="host: finalists measured here; a catalogue device: "
+                    "latency predicted")
+    goal = se.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--latency-ms", type=POSITIVE_REAL, help="add the best config within this latency")
+    goal.add_argument("--pareto", action="store_true", help="add the new configs on the front")
+    se.add_argument("--threads", type=THREADS)
+    se.add_argument("--max-candidates", type=POSITIVE, default=128, help="combinations scored (default 128; "
+                    "a larger space is sampled)")
+    se.add_argument("--max-add", type=POSITIVE, default=6, help="at most this many configs added")
+    se.add_argument("--plot", help="write quality against latency here (PNG)")
+    se.add_argument("--dry-run", action="store_true", help="search and print; change nothing")
+    se.set_defaults(fn=cmd_search)
     c = sub.add_parser("compile", help="compile a bundle's graphs into engines for a target (TVM)")
     c.add_argument("bundle")
     c.add_argument("--backend", default="tvm", help="tvm (the only backend with a compile step)")
@@ -803,10 +850,11 @@ NEEDS = {"export": ("export", ("torch", "onnx", "onnxscript")),
          "train": ("export", ("torch", "onnx", "onnxscript")),
          "demo": ("export", ("torch", "onnx", "onnxscript")),
          "compile": ("tvm", ("tvm", "onnx")),
-         "quantize": ("export", ("onnx",))}
+         "quantize": ("export", ("onnx",)),
+         "search": ("export", ("onnx",))}
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "sklearn": "export",
           "statsmodels": "export", "tqdm": "export", "tvm": "tvm", "tvm_ffi": "tvm", "xgboost": "tvm",
-          "psutil": "tvm"}
+          "psutil": "tvm", "matplotlib": "bench"}
 
 
 def missing_extra(verb: str, module: str) -> str | None:

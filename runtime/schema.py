@@ -229,7 +229,7 @@ CONFIG = _obj({"name": _str},
                "flops": _opt(_int()), "param_bytes": _opt(_int()), "costs": COSTS,
                "fused": _obj({"graph": _relpath, "tensors": _dict(_str)}),
                "dress": _obj({"level": _int(0, DRESS_MAX_LEVELS - 1), "kernel": _one_of("dense", "sparse")},
-                             {"density": _num(0)}),
+                             {"density": _num(0), "layers": _dict(_int(0, DRESS_MAX_LEVELS - 1))}),
                "fits_level": _obj({"cut_freq": _int(1), "form": _one_of(*FITS_FORMS),
                                    "derived": _list(_str)}),
                "precision": _one_of(*PRECISIONS),
@@ -348,6 +348,10 @@ def _refs(m: dict[str, Any]) -> None:
                 _fail(f"{where}.dress", c["dress"], "a bundle with a dress section and a 'main' segment")
             top = len(dress["densities"]) - 1
             _int(0, top)(c["dress"]["level"], f"{where}.dress.level")
+            for init, lv in c["dress"].get("layers", {}).items():
+                if init not in dress["segments"]["main"]:
+                    _fail(f"{where}.dress.layers", init, "a weight of dress.segments.main")
+                _int(0, top)(lv, f"{where}.dress.layers[{init!r}]")
             if c["dress"]["kernel"] == "sparse" and "main.sparse" not in segments:
                 _fail(f"{where}.dress.kernel", "sparse", "'dense' (the bundle has no main.sparse segment)")
         elif "fits_level" in c:

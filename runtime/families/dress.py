@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DressLevel(ConfigKind):
     """A DRESS level: its index into the bundle's densities, the kernel the exporter measured fastest, and
-    what it measured (`measured_ms_batch1` per kernel, at `threads`)."""
+    what it measured (`measured_ms_batch1` per kernel, at `threads`). `layers` (weight -> level, written by
+    `edgeflex search`) runs each listed weight at its own level and the rest at `level`: the levels nest,
+    so any mix derives from the same stored weight and codes."""
 
     key: ClassVar[str] = "dress"
     level: int
@@ -33,6 +35,11 @@ class DressLevel(ConfigKind):
     density: float | None = None
     measured_ms_batch1: dict[str, float] | None = None
     threads: int | None = None
+    layers: dict[str, int] | None = None
+
+    def level_of(self, weight: str) -> int:
+        """The level `weight` runs at in this config."""
+        return (self.layers or {}).get(weight, self.level)
 
     def plan(self, bundle: Bundle, config: Config, tensors: dict[str, np.ndarray],
              kernel: str | None) -> Plan:
@@ -45,19 +52,29 @@ class DressLevel(ConfigKind):
                 raise BundleError(f"DRESS weight {init!r} names tensors missing from the bundle")
             w = tensors[d["weight"]]
             weights[init] = (w, unpack_codes(tensors[d["codes"]], w.shape))
+        # one engine per distinct mix of levels: a per-layer config's key names every weight's level
+        mix = (level,) if not self.layers else tuple(self.level_of(init) for init in sorted(weights))
         if kernel == "dense":
             seg = b.segments["main"]
             inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
-            inits.update({init: masked(w, codes, level) for init, (w, codes) in weights.items()})
-            return Plan(config, (Step(("main", level), seg.graph, b.inputs, b.outputs, inits),))
+            inits.update({init: masked(w, codes, self.level_of(init))
+                          for init, (w, codes) in weights.items()})
+            return Plan(config, (Step(("main", *mix), seg.graph, b.inputs, b.outputs, inits),))
         if kernel != "sparse" or "main.sparse" not in b.segments:
             raise UsageError(f"DRESS kernel {kernel!r} is not in bundle {b.name!r}; it has: dense"
                              + (", sparse" if "main.sparse" in b.segments else ""))
         seg = b.segments["main.sparse"]
         inits = {init: tensors[tid] for init, tid in seg.tensors.items()}
         for init in b.manifest["segments"]["main.sparse"]["derived_ell"]:
-            inits.update(ell_tensors(init, *weights[init], len(_section(b)["densities"])))
-        step = Step(("main.sparse",), seg.graph, b.inputs, b.outputs, inits)
+            ell = ell_tensors(init, *weights[init], len(_section(b)["densities"]))
+            if self.layers:
+                # NOTE: the graph takes one run-time level; a per-layer mix fills each weight's k table with
+                # the k of its own level, so whatever level is fed, each layer slices its own prefix
+                k = ell[f"{init}.ell_k"]
+                ell[f"{init}.ell_k"] = np.full_like(k, k[self.level_of(init)])
+            inits.update(ell)
+        key = ("main.sparse",) if not self.layers else ("main.sparse", *mix)
+        step = Step(key, seg.graph, b.inputs, b.outputs, inits)
         return Plan(config, (step,), (np.array(level, np.int64),))
 
 
