@@ -226,6 +226,18 @@ class LoadPlayer:
             p.send_signal(signal.SIGCONT if alu <= i < alu + mem else signal.SIGSTOP)
         self.on = (alu, mem)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the hogs have used so far (user + system, from /proc; 0 where unreadable)."""
+        total = 0
+        for p in self.alu_procs + self.mem_procs:
+            try:
+                with open(f"/proc/{p.pid}/stat", encoding="ascii") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         for p in self.alu_procs + self.mem_procs:
             p.kill()

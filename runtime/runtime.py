@@ -485,8 +485,8 @@ class Runtime:
     def _set_tail_policy(self, budget: Budget, prof: dict[str, Any], cands: list, *, degrade: bool,
                          adapt: bool, hint: IdleCores | None, late_share: float, guarantee: bool,
                          call: dict[str, Any]) -> str:
-        """set_budget(policy="tail"): options from the profile's p50 and p99 at each thread count, those
-        over a memory or energy budget left out; a TailGuard over them."""
+        """set_budget(policy="tail"): options from the profile's p50 and p99 at each thread count (those
+        over a memory or energy budget left out), a TailGuard over them."""
         if budget.latency_ms is None:
             raise BudgetError("policy='tail' judges a latency budget; give Budget(latency_ms=...) or use "
                               "policy='window'")
@@ -504,10 +504,10 @@ class Runtime:
             raise BudgetError(f"no config fits the memory/energy part of {budget.describe()}")
         guard = TailGuard(options, budget, late_share=late_share, guarantee=guarantee, idle_cores=hint)
         if not guard.fits and not degrade:
-            fastest = min(options, key=lambda o: o.tail_ms)
-            raise BudgetError(f"no config's profiled p99 fits the budget {budget.describe()}: the fastest, "
-                              f"{fastest.key!r}, has p99 {fastest.tail_ms:.3f} ms; raise the budget or pass "
-                              "degrade=True")
+            fastest = guard.opts[guard.current]
+            raise BudgetError(f"no config's p99 fits the budget {budget.describe()}: the fastest, "
+                              f"{fastest.key!r}, has p99 {guard.predict(fastest):.3f} ms (its p50 x the "
+                              "profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
         self._adapter = guard if adapt else None

@@ -9,10 +9,12 @@ What it measures, and what it decides from it:
   hundred never does. No window length, margin or count of late runs to tune: they follow from the
   stated share.
 - **How slow is this thread count now?** S = (the recent runs' (1 - late_share) quantile) / (the current
-  config's profiled tail); with fewer runs than 1 / late_share the quantile is their maximum, so a short
-  record errs slow. Every candidate's tail is then predicted as its profiled tail x S of its thread count
+  config's profiled p50); with fewer runs than 1 / late_share the quantile is their maximum, so a short
+  record errs slow. Every candidate's tail is then predicted as its profiled p50 x S of its thread count
   x its own correction (the ratio of what a trial of it showed to what was predicted; a config that
-  slows more than the others under this load learns it).
+  slows more than the others under this load learns it). Before any run, S is the profile's own tail
+  ratio, p99 / p50, pooled (the median over the options): a profile's p99 is a few runs out of hundreds,
+  and one slow spell of a shared machine moves one config's but not the median.
 - **What a move costs.** Any move whose outcome is predicted (up in quality, or onto a thread count not
   measured since its last `1 / late_share` runs... i.e. stale) is a *trial*: it may fail and cost late
   requests. Trials spend a *late allowance*: it grows by `late_share / 2` per request (half of what the
@@ -88,7 +90,9 @@ class TailGuard:
         self.window = math.ceil(1 / late_share)        # runs in which the stated tail is observable
         self.idle_cores = idle_cores
         counts = {o.threads for o in options}
-        self.slowdowns: dict[int, float] = dict.fromkeys(counts, 1.0)
+        pooled = float(np.median([o.tail_ms / o.p50_ms for o in options]))
+        self.slowdowns: dict[int, float] = dict.fromkeys(counts, pooled)
+        self._idle_s = pooled
         self._measured_at: dict[int, int] = dict.fromkeys(counts, 0)   # run count of each S's last update
         self.correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
         self._runs = 0
@@ -96,9 +100,9 @@ class TailGuard:
         self.trial_costs: list[int] = []                # late runs each failed trial cost
         self.switches = 0
         self.probes = {"tried": 0, "kept": 0}
-        first = self._best(lambda o: o.tail_ms * self.correction[o.key])
+        first = self._best(lambda o: o.p50_ms * pooled)
         self.fits = first is not None
-        self.current = (first or self._fastest(lambda o: o.tail_ms)).key
+        self.current = (first or self._fastest(lambda o: o.p50_ms)).key
         self._enter(self.current, trial=None)
         self._lock = threading.Lock()
 
@@ -113,8 +117,8 @@ class TailGuard:
         if o.threads == cur.threads or not self._stale(o.threads):
             s = self.slowdowns[o.threads]
         else:                                       # not seen lately: as this count, or idle on trial
-            s = 1.0 if idle_if_stale else self.slowdowns[cur.threads]
-        return o.tail_ms * s * self.correction[o.key]
+            s = self._idle_s if idle_if_stale else self.slowdowns[cur.threads]
+        return o.p50_ms * s * self.correction[o.key]
 
     def _best(self, tail: Callable[[Option], float]) -> Option | None:
         ok = [o for o in self.opts.values() if tail(o) <= self.budget]
@@ -149,7 +153,7 @@ class TailGuard:
             self._stint += 1
             late = latency_ms > self.budget
             cap = max(2 * self.trial_cost, 1.0)
-            self.allowance = min(cap, self.allowance + self.q / 2 - late)
+            self.allowance = min(cap, max(-cap, self.allowance + self.q / 2 - late))
             if self._trial is not None and late:
                 self._trial["late"] += 1
             if self._stint > 1 or self.switches == 0:   # a switch's first run measures the switch
@@ -174,7 +178,7 @@ class TailGuard:
         a quantile per run would cost more than a sub-millisecond run can spare)."""
         if self._recent:
             cur = self.opts[self.current]
-            self.slowdowns[cur.threads] = self._quantile() / cur.tail_ms
+            self.slowdowns[cur.threads] = self._quantile() / cur.p50_ms
 
     def _quantile(self) -> float:
         r = np.fromiter(self._recent, float)
@@ -203,7 +207,7 @@ class TailGuard:
             seen = self.slowdowns[cur.threads] * self.correction[cur.key]
             if trial["predicted"] > 0:
                 self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen
-                                               / max(trial["predicted"] / cur.tail_ms, 1e-9))
+                                               / max(trial["predicted"] / cur.p50_ms, 1e-9))
         others = [o for o in self.opts.values() if o.key != cur.key]
         tail = self.predict
         target = self._best(lambda o: tail(o) if o.key != cur.key else math.inf)

@@ -1,0 +1,106 @@
+"""Play a load trace (`devices.loadtrace`) against a runtime and score strategies on it: the shared core of
+`edgeflex trace` and benchmarks/bench_policy_traces.py.
+
+`play` sends requests back to back for the trace's length while a `LoadPlayer` runs the trace's hogs, and
+records per request: time, latency, the config (and thread count) it ran, the hogs running. `sweep` plays
+the same trace once for every static config at once: the (config, threads) options take turns in blocks
+of `block` runs (the first run of each block, a switch's cold run, is left out), so each static config is
+sampled all along the trace. `oracle` is the hindsight ceiling: per load segment (a phase with its hogs on,
+or off), the best-quality static config that was within budget on >= `target` of that segment's samples
+(else the one most often within), weighted by the segment's share of the trace. Board side: numpy only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from edgeflex.devices.loadtrace import LoadPlayer, LoadTrace
+
+
+def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *, keys: bool = True) -> dict:
+    """Requests back to back for `trace.seconds`, the hogs following the trace. The runtime decides
+    (a budget set on it adapts; none: its config stays)."""
+    ts, lat, cfg, thr, load = [], [], [], [], []
+    start = time.perf_counter()
+    try:
+        while (now := time.perf_counter() - start) < trace.seconds:
+            state = trace.state(now)
+            if player is not None:
+                player.set(*state)
+            threads = rt.threads
+            t0 = time.perf_counter()
+            name, _ = rt.run_config(x)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            ts.append(now)
+            cfg.append(f"{name}@{threads}t" if keys else name)
+            thr.append(threads)
+            load.append(state)
+    finally:
+        if player is not None:
+            player.set(0, 0)
+    return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "threads": np.array(thr),
+            "load": np.array(load, dtype=int).reshape(-1, 2)}
+
+
+def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
+          *, block: int = 4) -> dict[str, dict]:
+    """Every static option sampled along the same trace: option -> {"t", "latency_ms"}."""
+    out = {f"{n}@{t}t": {"t": [], "latency_ms": []} for n, t in options}
+    start = time.perf_counter()
+    i = 0
+    try:
+        while (now := time.perf_counter() - start) < trace.seconds:
+            name, threads = options[i % len(options)]
+            i += 1
+            rt.switch(name, threads=threads)
+            rec = out[f"{name}@{threads}t"]
+            for j in range(block):
+                now = time.perf_counter() - start
+                if player is not None:
+                    player.set(*trace.state(now))
+                t0 = time.perf_counter()
+                rt.run(x)
+                if j:
+                    rec["latency_ms"].append((time.perf_counter() - t0) * 1e3)
+                    rec["t"].append(now)
+    finally:
+        if player is not None:
+            player.set(0, 0)
+    return {k: {"t": np.array(v["t"]), "latency_ms": np.array(v["latency_ms"])} for k, v in out.items()}
+
+
+def segments(trace: LoadTrace, t: np.ndarray) -> np.ndarray:
+    """A segment id per time: phase index x 2 + whether its hogs run then."""
+    return np.array([2 * trace.phase_at(v) + (sum(trace.state(v)) > 0) for v in t], dtype=int)
+
+
+def oracle(trace: LoadTrace, statics: dict[str, dict], quality: dict[str, float], budget_ms: float,
+           target: float = 0.99) -> dict[str, Any]:
+    """The hindsight oracle over the static samples (see the module docstring); quality is rank-oriented
+    (higher is better). Segment weights: the share of the trace's time in each (a fine time grid)."""
+    grid = np.linspace(0, trace.seconds, 4001)[:-1]
+    seg_grid = segments(trace, grid)
+    ids, counts = np.unique(seg_grid, return_counts=True)
+    seg_of = {k: segments(trace, v["t"]) for k, v in statics.items()}
+    within, qual, used = 0.0, 0.0, 0.0
+    picks = {}
+    for sid, n in zip(ids, counts):
+        w = n / len(grid)
+        stats = {}
+        for k, v in statics.items():
+            m = seg_of[k] == sid
+            if m.sum() >= 3:
+                stats[k] = float((v["latency_ms"][m] <= budget_ms).mean())
+        if not stats:
+            continue
+        ok = [k for k, s in stats.items() if s >= target]
+        pick = max(ok, key=lambda k: (quality[k], stats[k])) if ok else max(stats, key=lambda k: stats[k])
+        picks[int(sid)] = pick
+        within += w * stats[pick]
+        qual += w * quality[pick]
+        used += w
+    nan = float("nan")
+    return {"within": within / used if used else nan, "quality": qual / used if used else nan, "picks": picks}
