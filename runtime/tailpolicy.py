@@ -13,8 +13,8 @@ What it measures, and what it decides from it:
   record errs slow. Every candidate's tail is then predicted as its profiled p50 x S of its thread count
   x its own correction (the ratio of what a trial of it showed to what was predicted; a config that
   slows more than the others under this load learns it). Before any run, S is the profile's own tail
-  ratio, p99 / p50, pooled (the median over the options): a profile's p99 is a few runs out of hundreds,
-  and one slow spell of a shared machine moves one config's but not the median.
+  ratio, p99 / p50, pooled per thread count (the median over its configs): a profile's p99 is a few runs
+  out of hundreds, and one slow spell of a shared machine moves one config's but not the median.
 - **What a move costs.** Any move whose outcome is predicted (up in quality, or onto a thread count not
   measured since its last `1 / late_share` runs... i.e. stale) is a *trial*: it may fail and cost late
   requests. Trials spend a *late allowance*: it grows by `late_share / 2` per request (half of what the
@@ -90,17 +90,21 @@ class TailGuard:
         self.window = math.ceil(1 / late_share)        # runs in which the stated tail is observable
         self.idle_cores = idle_cores
         counts = {o.threads for o in options}
-        pooled = float(np.median([o.tail_ms / o.p50_ms for o in options]))
-        self.slowdowns: dict[int, float] = dict.fromkeys(counts, pooled)
-        self._idle_s = pooled
+        self._idle_s = {t: float(np.median([o.tail_ms / o.p50_ms for o in options if o.threads == t]))
+                        for t in counts}                # the profile's p99 / p50, pooled per count
+        self.slowdowns: dict[int, float] = dict(self._idle_s)
         self._measured_at: dict[int, int] = dict.fromkeys(counts, 0)   # run count of each S's last update
         self.correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
         self._runs = 0
         self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
         self.trial_costs: list[int] = []                # late runs each failed trial cost
+        self._set_trial_cost()
+        self._regrow = late_share / 2                   # allowance per request: half the stated share
+        self._fade_every = 10 * self.window
+        self._trial_every = max(1, self.window // 4)
         self.switches = 0
         self.probes = {"tried": 0, "kept": 0}
-        first = self._best(lambda o: o.p50_ms * pooled)
+        first = self._best(lambda o: o.p50_ms * self._idle_s[o.threads])
         self.fits = first is not None
         self.current = (first or self._fastest(lambda o: o.p50_ms)).key
         self._enter(self.current, trial=None)
@@ -117,7 +121,7 @@ class TailGuard:
         if o.threads == cur.threads or not self._stale(o.threads):
             s = self.slowdowns[o.threads]
         else:                                       # not seen lately: as this count, or idle on trial
-            s = self._idle_s if idle_if_stale else self.slowdowns[cur.threads]
+            s = self._idle_s[o.threads] if idle_if_stale else self.slowdowns[cur.threads]
         return o.p50_ms * s * self.correction[o.key]
 
     def _best(self, tail: Callable[[Option], float]) -> Option | None:
@@ -131,45 +135,49 @@ class TailGuard:
     def slowdown(self) -> float:
         return self.slowdowns[self.opts[self.current].threads]
 
-    @property
-    def trial_cost(self) -> float:
-        """Late requests a failed trial costs, as measured (2 before any: the test's two in a row)."""
-        return float(np.mean(self.trial_costs)) if self.trial_costs else 2.0
+    def _set_trial_cost(self) -> None:
+        """Late requests a failed trial costs, as measured (2 before any: the test's two in a row); the
+        allowance is capped at two trials' worth, so a long quiet spell does not pay for a burst of them."""
+        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else 2.0
+        self._cap = max(2 * self.trial_cost, 1.0)
 
     # --- observing ---------------------------------------------------------------------------------------
 
     def _enter(self, key: str, trial: dict | None) -> None:
         self.current = key
+        self._threads = self.opts[key].threads
         self._recent: deque[float] = deque(maxlen=self.window)
         self._late_at: deque[int] = deque()          # indices (run counts) of late runs of this stint
         self._stint = 0
         self._trial = trial
 
     def observe(self, config: str, latency_ms: float) -> str | None:
+        # the hot path (every request; a FITS config runs in ~20 us): plain attribute arithmetic only
         with self._lock:
             if config != self.current:
                 return None                          # a run that started before the last switch
-            self._runs += 1
-            self._stint += 1
+            runs = self._runs = self._runs + 1
+            stint = self._stint = self._stint + 1
             late = latency_ms > self.budget
-            cap = max(2 * self.trial_cost, 1.0)
-            self.allowance = min(cap, max(-cap, self.allowance + self.q / 2 - late))
-            if self._trial is not None and late:
-                self._trial["late"] += 1
-            if self._stint > 1 or self.switches == 0:   # a switch's first run measures the switch
+            allowance = self.allowance + self._regrow - late
+            self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
+                else allowance
+            if stint > 1 or not self.switches:          # a switch's first run measures the switch
                 self._recent.append(latency_ms)
-            self._measured_at[self.opts[self.current].threads] = self._runs
-            if self._runs % (10 * self.window) == 0:      # corrections fade: loads change
+            self._measured_at[self._threads] = runs
+            if runs % self._fade_every == 0:              # corrections fade: loads change
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
             if late:
-                self._late_at.append(self._runs)
-                while self._late_at and self._runs - self._late_at[0] >= self.window:
+                if self._trial is not None:
+                    self._trial["late"] += 1
+                self._late_at.append(runs)
+                while self._late_at and runs - self._late_at[0] >= self.window:
                     self._late_at.popleft()
                 if self._breaks_tail():
                     return self._leave()
-            elif self._trial is not None and self._stint >= self.window:
+            elif self._trial is not None and stint >= self.window:
                 self._trial_kept()
-            if self._stint % max(1, self.window // 4) == 0:
+            if stint % self._trial_every == 0:
                 return self._maybe_trial()
             return None
 
@@ -204,6 +212,7 @@ class TailGuard:
         self._measure()
         if trial is not None:                        # a failed trial: learn its cost and its error
             self.trial_costs.append(trial["late"])
+            self._set_trial_cost()
             seen = self.slowdowns[cur.threads] * self.correction[cur.key]
             if trial["predicted"] > 0:
                 self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen

@@ -20,13 +20,15 @@ import numpy as np
 from edgeflex.devices.loadtrace import LoadPlayer, LoadTrace
 
 
-def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *, keys: bool = True) -> dict:
-    """Requests back to back for `trace.seconds`, the hogs following the trace. The runtime decides
-    (a budget set on it adapts; none: its config stays)."""
+def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
+         span: tuple[float, float] | None = None) -> dict:
+    """Requests back to back through the trace (or the part `span` = (from, to) seconds of it), the hogs
+    following it. The runtime decides (a budget set on it adapts; none: its config stays)."""
+    lo, hi = span if span is not None else (0.0, trace.seconds)
     ts, lat, cfg, thr, load = [], [], [], [], []
-    start = time.perf_counter()
+    start = time.perf_counter() - lo
     try:
-        while (now := time.perf_counter() - start) < trace.seconds:
+        while (now := time.perf_counter() - start) < hi:
             state = trace.state(now)
             if player is not None:
                 player.set(*state)
@@ -35,7 +37,7 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *, keys
             name, _ = rt.run_config(x)
             lat.append((time.perf_counter() - t0) * 1e3)
             ts.append(now)
-            cfg.append(f"{name}@{threads}t" if keys else name)
+            cfg.append(f"{name}@{threads}t")
             thr.append(threads)
             load.append(state)
     finally:
@@ -46,13 +48,14 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *, keys
 
 
 def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
-          *, block: int = 4) -> dict[str, dict]:
-    """Every static option sampled along the same trace: option -> {"t", "latency_ms"}."""
+          *, block: int = 4, span: tuple[float, float] | None = None) -> dict[str, dict]:
+    """Every static option sampled along the same trace (or its `span`): option -> {"t", "latency_ms"}."""
+    lo, hi = span if span is not None else (0.0, trace.seconds)
     out = {f"{n}@{t}t": {"t": [], "latency_ms": []} for n, t in options}
-    start = time.perf_counter()
+    start = time.perf_counter() - lo
     i = 0
     try:
-        while (now := time.perf_counter() - start) < trace.seconds:
+        while (now := time.perf_counter() - start) < hi:
             name, threads = options[i % len(options)]
             i += 1
             rt.switch(name, threads=threads)
@@ -70,6 +73,15 @@ def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
         if player is not None:
             player.set(0, 0)
     return {k: {"t": np.array(v["t"]), "latency_ms": np.array(v["latency_ms"])} for k, v in out.items()}
+
+
+def concat(parts: list[dict]) -> dict:
+    """Records of consecutive spans (`play` or one option of `sweep`) as one."""
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        out[k] = [v for p in vals for v in p] if isinstance(vals[0], list) else np.concatenate(vals)
+    return out
 
 
 def segments(trace: LoadTrace, t: np.ndarray) -> np.ndarray:
