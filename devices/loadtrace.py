@@ -17,6 +17,7 @@ Board side: numpy and the standard library only.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import signal
@@ -87,7 +88,8 @@ class LoadTrace:
             if not (p.seconds > 0 and p.period_s > 0 and 0 <= p.duty <= 1
                     and (p.duty_end is None or 0 <= p.duty_end <= 1)):
                 raise UsageError(f"phase {p.describe()!r}: expected seconds > 0, period > 0, duty in [0, 1]")
-        object.__setattr__(self, "_starts", tuple(np.cumsum([0.0] + [p.seconds for p in self.phases])))
+        object.__setattr__(self, "_starts", tuple(float(v) for v in np.cumsum([0.0] + [p.seconds
+                                                                                      for p in self.phases])))
 
     @property
     def seconds(self) -> float:
@@ -95,7 +97,7 @@ class LoadTrace:
 
     def phase_at(self, t: float) -> int:
         """Index of the phase running `t` seconds into the trace (the last one past the end)."""
-        return int(min(np.searchsorted(self._starts, t, side="right") - 1, len(self.phases) - 1))
+        return min(bisect.bisect_right(self._starts, t) - 1, len(self.phases) - 1)   # per request: no numpy
 
     def state(self, t: float) -> tuple[int, int]:
         """(ALU hogs, memory hogs) running `t` seconds into the trace."""

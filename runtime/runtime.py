@@ -506,8 +506,8 @@ class Runtime:
         if not guard.fits and not degrade:
             fastest = guard.opts[guard.current]
             raise BudgetError(f"no config's p99 fits the budget {budget.describe()}: the fastest, "
-                              f"{fastest.key!r}, has p99 {guard.predict(fastest):.3f} ms (its p50 x the "
-                              "profile's p99/p50); raise the budget or pass degrade=True")
+                              f"{fastest.key!r}, has p99 {guard.profiled_tail(fastest):.3f} ms (its p50 x "
+                              "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
         self._adapter = guard if adapt else None

@@ -8,23 +8,23 @@ What it measures, and what it decides from it:
   late_share) < `alpha` (1e-3). Two late runs in a row break a 1 % tail at once; one late run in a
   hundred never does. No window length, margin or count of late runs to tune: they follow from the
   stated share.
-- **How slow is this thread count now?** S = (the recent runs' (1 - late_share) quantile) / (the current
-  config's profiled p50); with fewer runs than 1 / late_share the quantile is their maximum, so a short
-  record errs slow. Every candidate's tail is then predicted as its profiled p50 x S of its thread count
-  x its own correction (the ratio of what a trial of it showed to what was predicted; a config that
-  slows more than the others under this load learns it). Before any run, S is the profile's own tail
-  ratio, p99 / p50, pooled per thread count (the median over its configs): a profile's p99 is a few runs
-  out of hundreds, and one slow spell of a shared machine moves one config's but not the median.
-- **What a move costs.** Any move whose outcome is predicted (up in quality, or onto a thread count not
-  measured since its last `1 / late_share` runs... i.e. stale) is a *trial*: it may fail and cost late
-  requests. Trials spend a *late allowance*: it grows by `late_share / 2` per request (half of what the
-  stated tail allows: the other half is for the load's surprises) and shrinks by one per late request;
-  a trial starts only when the allowance covers what failed trials have cost so far on average (late
-  requests from the switch to the way back, the switch's cold runs included). A stable machine pays for
-  no trials; a load that keeps changing gets as many as the tail can afford.
-- **Down moves are not trials**: when the current config breaks the tail, the policy moves to the
-  best-ranked candidate predicted to hold it (a stale thread count is predicted at the current count's
-  slowdown, unless the allowance pays for trying it as if idle), else to the fastest predicted.
+- **How would another config fare under this load?** Each thread count keeps its recent runs (up to
+  10 / late_share), each divided by the profiled p50 of the config that ran it: the load's slowdown
+  *distribution* at that count, spikes included. A candidate's late share is predicted as the share of
+  those normalised runs that, times its own p50 (and its correction: what a failed trial of it showed
+  against the prediction, fading with time), exceed the budget. Additive spikes (another process taking
+  the core for a millisecond) then count against every config alike, as they do. A count not run lately
+  is predicted as the current count, or, for a trial when the OS says its cores are free, from the
+  profile (its p50 x the profile's p99 / p50 pooled over its configs must fit the budget).
+- **Where to?** The best-ranked candidate predicted late on at most half the stated share (the other half
+  is for what the prediction cannot see). Moving down after a break plans on the runs since the break;
+  moving up (a *trial*) plans on an upper estimate, (late + 1) / (runs + 1), so it needs some hundreds of
+  runs of evidence.
+- **What a trial costs.** A trial may fail and cost late requests. Trials spend a *late allowance*: it
+  grows by `late_share / 2` per request and shrinks by one per late request; a trial starts only when the
+  allowance covers what failed trials have cost on average (late requests from the switch to the way
+  back, the switch's cold run included). A stable machine pays for no trials; a load that keeps changing
+  gets as many as the tail can afford.
 
 `guarantee=False` lifts the allowance: trials whenever a better config is predicted to fit (quality
 first). Pure logic over latencies (no clock, no engine), like `policy.Adapter`, so tests drive it exactly.
@@ -55,6 +55,22 @@ class Option:
     p50_ms: float
     tail_ms: float
     threads: int = 0
+
+
+def max_spans(p: float, alpha: float, window: int) -> list[int]:
+    """For k = 0..window: the longest m <= window with P(X >= k | m, p) < alpha (0: none), from one
+    cumulative sum of binomial probabilities per m (P(X >= k) grows with m, so shorter spans are
+    evidence too)."""
+    out = [0] * (window + 1)
+    for m in range(1, window + 1):
+        i = np.arange(m + 1)
+        logpmf = (np.array([math.lgamma(m + 1) - math.lgamma(v + 1) - math.lgamma(m - v + 1) for v in i])
+                  + i * math.log(p) + (m - i) * math.log1p(-p))
+        sf = 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])    # sf[k] = P(X >= k)
+        for k in range(1, m + 1):
+            if sf[k] < alpha:
+                out[k] = m
+    return out
 
 
 def binom_sf(k: int, m: int, p: float) -> float:
@@ -88,52 +104,87 @@ class TailGuard:
         self.budget = budget.latency_ms
         self.q, self.alpha, self.guarantee = late_share, alpha, guarantee
         self.window = math.ceil(1 / late_share)        # runs in which the stated tail is observable
+        self._max_span = max_spans(late_share, alpha, self.window)
         self.idle_cores = idle_cores
         counts = {o.threads for o in options}
         self._idle_s = {t: float(np.median([o.tail_ms / o.p50_ms for o in options if o.threads == t]))
                         for t in counts}                # the profile's p99 / p50, pooled per count
-        self.slowdowns: dict[int, float] = dict(self._idle_s)
-        self._measured_at: dict[int, int] = dict.fromkeys(counts, 0)   # run count of each S's last update
+        self.aim = late_share / 2                       # the late share planned on
+        self._norm: dict[int, deque[float]] = {t: deque(maxlen=math.ceil(10 / late_share)) for t in counts}
+        self._measured_at: dict[int, int] = dict.fromkeys(counts, -self.window - 1)
         self.correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
+        self._sorted_memo: tuple = (None, None)
+        self._fastest_memo: tuple = (None, None)
         self._runs = 0
         self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
         self.trial_costs: list[int] = []                # late runs each failed trial cost
         self._set_trial_cost()
         self._regrow = late_share / 2                   # allowance per request: half the stated share
         self._fade_every = 10 * self.window
-        self._trial_every = max(1, self.window // 4)
+        self._trial_every = max(1, self.window // 2)
         self.switches = 0
         self.probes = {"tried": 0, "kept": 0}
-        first = self._best(lambda o: o.p50_ms * self._idle_s[o.threads])
+        first = self._best(self._profiled)
         self.fits = first is not None
-        self.current = (first or self._fastest(lambda o: o.p50_ms)).key
+        self.current = (first or self._fastest()).key
         self._enter(self.current, trial=None)
         self._lock = threading.Lock()
 
     # --- predictions -------------------------------------------------------------------------------------
 
     def _stale(self, threads: int) -> bool:
-        return self._runs - self._measured_at[threads] > self.window
+        """Count `threads` not run in the last window (the current count never is)."""
+        return threads != self._threads and self._runs - self._measured_at[threads] > self.window
 
-    def predict(self, o: Option, *, idle_if_stale: bool = False) -> float:
-        """o's tail under the load measured now (ms)."""
+    def profiled_tail(self, o: Option) -> float:
+        """o's p99 as the profile has it: its p50 x its count's pooled p99 / p50 (x its correction)."""
+        return o.p50_ms * self._idle_s[o.threads] * self.correction[o.key]
+
+    def _profiled(self, o: Option) -> float:
+        """o's predicted late share from the profile alone: 0 if its profiled tail fits, else 1 (a profile
+        says little more about a share)."""
+        return 0.0 if self.profiled_tail(o) <= self.budget else 1.0
+
+    def late(self, o: Option, *, upper: bool = False, since: int | None = None,
+             idle_if_stale: bool = False) -> float:
+        """o's predicted late share under the load measured now. `upper`: the (late + 1) / (n + 1)
+        estimate (for trials); `since`: only the last `since` normalised runs (after a break)."""
         cur = self.opts[self.current]
-        if o.threads == cur.threads or not self._stale(o.threads):
-            s = self.slowdowns[o.threads]
-        else:                                       # not seen lately: as this count, or idle on trial
-            s = self._idle_s[o.threads] if idle_if_stale else self.slowdowns[cur.threads]
-        return o.p50_ms * s * self.correction[o.key]
+        t = o.threads if (o.threads == cur.threads or not self._stale(o.threads)) else None
+        if t is None and idle_if_stale:
+            return self._profiled(o)
+        t = cur.threads if t is None else t
+        if not self._norm[t]:
+            return self._profiled(o)
+        r = self._sorted(t, since)
+        # late: normalised runs over budget / (o's p50): those past its insertion point in the sorted runs
+        n_late = len(r) - int(np.searchsorted(r, self.budget / (o.p50_ms * self.correction[o.key]), "right"))
+        return (n_late + 1) / (len(r) + 1) if upper else n_late / len(r)
 
-    def _best(self, tail: Callable[[Option], float]) -> Option | None:
-        ok = [o for o in self.opts.values() if tail(o) <= self.budget]
-        return max(ok, key=lambda o: (o.rank, -tail(o))) if ok else None
+    def _sorted(self, t: int, since: int | None) -> np.ndarray:
+        """Count t's normalised runs (the last `since`), sorted; one sort per decision (memoised per run)."""
+        key = (t, self._runs, since)
+        if self._sorted_memo[0] != key:
+            r = np.fromiter(self._norm[t], float)
+            self._sorted_memo = (key, np.sort(r[-since:] if since is not None else r))
+        return self._sorted_memo[1]
 
-    def _fastest(self, tail: Callable[[Option], float]) -> Option:
-        return min(self.opts.values(), key=tail)
+    def _best(self, late) -> Option | None:
+        ok = [o for o in self.opts.values() if late(o) <= self.aim]
+        return max(ok, key=lambda o: (o.rank, -o.p50_ms)) if ok else None
+
+    def _fastest(self) -> Option:
+        key = tuple(self.correction.values())
+        if self._fastest_memo[0] != key:
+            fastest = min(self.opts.values(), key=lambda o: o.p50_ms * self.correction[o.key])
+            self._fastest_memo = (key, fastest)
+        return self._fastest_memo[1]
 
     @property
     def slowdown(self) -> float:
-        return self.slowdowns[self.opts[self.current].threads]
+        """The current count's median slowdown over its profile (1.0 before any run)."""
+        norm = self._norm[self.opts[self.current].threads]
+        return float(np.median(np.fromiter(norm, float))) if norm else 1.0
 
     def _set_trial_cost(self) -> None:
         """Late requests a failed trial costs, as measured (2 before any: the test's two in a row); the
@@ -144,10 +195,13 @@ class TailGuard:
     # --- observing ---------------------------------------------------------------------------------------
 
     def _enter(self, key: str, trial: dict | None) -> None:
+        if hasattr(self, "_threads"):
+            self._measured_at[self._threads] = self._runs     # the count left was measured until now
         self.current = key
-        self._threads = self.opts[key].threads
-        self._recent: deque[float] = deque(maxlen=self.window)
-        self._late_at: deque[int] = deque()          # indices (run counts) of late runs of this stint
+        o = self.opts[key]
+        self._threads, self._p50 = o.threads, o.p50_ms * self.correction[key]
+        self._cur_norm = self._norm[o.threads]
+        self._late_at: deque[int] = deque()          # run counts of this stint's late runs
         self._stint = 0
         self._trial = trial
 
@@ -163,8 +217,7 @@ class TailGuard:
             self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
                 else allowance
             if stint > 1 or not self.switches:          # a switch's first run measures the switch
-                self._recent.append(latency_ms)
-            self._measured_at[self._threads] = runs
+                self._cur_norm.append(latency_ms / self._p50)
             if runs % self._fade_every == 0:              # corrections fade: loads change
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
             if late:
@@ -173,65 +226,62 @@ class TailGuard:
                 self._late_at.append(runs)
                 while self._late_at and runs - self._late_at[0] >= self.window:
                     self._late_at.popleft()
-                if self._breaks_tail():
-                    return self._leave()
+                span = self._breaks_tail()
+                if span:
+                    return self._leave(span)
             elif self._trial is not None and stint >= self.window:
                 self._trial_kept()
             if stint % self._trial_every == 0:
                 return self._maybe_trial()
             return None
 
-    def _measure(self) -> None:
-        """The current thread count's slowdown from the current config's recent runs (at decisions only:
-        a quantile per run would cost more than a sub-millisecond run can spare)."""
-        if self._recent:
-            cur = self.opts[self.current]
-            self.slowdowns[cur.threads] = self._quantile() / cur.p50_ms
-
-    def _quantile(self) -> float:
-        r = np.fromiter(self._recent, float)
-        if len(r) < self.window:
-            return float(r.max())
-        return float(np.quantile(r, 1 - self.q))
-
-    def _breaks_tail(self) -> bool:
-        """k late runs within the last m, m back to each earlier late run: P(X >= k) < alpha?"""
-        lates = list(self._late_at)
+    def _breaks_tail(self) -> int:
+        """k late runs within the last m, m back to each earlier late run: P(X >= k) < alpha? The longest
+        such m (the runs since the break), else 0. (`_max_span`: per k, the longest m that is evidence.)"""
+        lates = self._late_at
+        n = len(lates)
+        span = self._max_span
         for i, start in enumerate(lates):
-            k, m = len(lates) - i, self._runs - start + 1
-            if binom_sf(k, m, self.q) < self.alpha:
-                return True
-        return False
+            m = self._runs - start + 1
+            if m <= span[n - i]:
+                return m
+        return 0
 
     # --- moving ------------------------------------------------------------------------------------------
 
-    def _leave(self) -> str | None:
-        """The current config breaks the tail: down to the best predicted to hold it."""
+    def _leave(self, span: int) -> str | None:
+        """The current config breaks the tail: to the best predicted to hold it on the runs since the break
+        (the runs before it are of another load: dropped), else the fastest."""
         cur = self.opts[self.current]
         trial = self._trial
-        self._measure()
+        if trial is None and cur.key == self._fastest().key:
+            self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
+            return None                               # a saturated machine comes here), judge afresh
+        norm = self._norm[cur.threads]
+        since = min(span, max(len(norm), 1))
+        recent = list(norm)[-since:]
+        norm.clear()
+        norm.extend(recent)
         if trial is not None:                        # a failed trial: learn its cost and its error
             self.trial_costs.append(trial["late"])
             self._set_trial_cost()
-            seen = self.slowdowns[cur.threads] * self.correction[cur.key]
-            if trial["predicted"] > 0:
-                self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen
-                                               / max(trial["predicted"] / cur.p50_ms, 1e-9))
-        others = [o for o in self.opts.values() if o.key != cur.key]
-        tail = self.predict
-        target = self._best(lambda o: tail(o) if o.key != cur.key else math.inf)
-        trial_target = None
-        if self._affords() and any(self._stale(o.threads) for o in others):
-            idle = self._best(lambda o: self.predict(o, idle_if_stale=True) if o.key != cur.key
-                              else math.inf)
-            if idle is not None and self._stale(idle.threads) \
-                    and (target is None or idle.rank > target.rank):
-                trial_target = idle
-        if trial_target is not None:
-            return self._switch(trial_target, trial=True)
+            seen = float(np.quantile(recent, 1 - self.q)) * cur.p50_ms if recent else 0.0
+            if seen > self.budget:                   # it ran slower than planned: by this much at least
+                self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen / self.budget)
+
+        def late(o: Option) -> float:
+            return math.inf if o.key == cur.key else self.late(o)
+
+        target = self._best(late)
+        if self._affords() and (target is None or target.rank < cur.rank):
+            # a better count not seen lately, tried as the profile has it (paid from the allowance)
+            idle = self._best(lambda o: math.inf if o.key == cur.key or not self._stale(o.threads)
+                              else self._profiled(o))
+            if idle is not None and (target is None or idle.rank > target.rank):
+                return self._switch(idle, trial=True)
         if target is None:
-            target = self._fastest(lambda o: tail(o) if o.key != cur.key else math.inf)
-            if tail(target) >= tail(cur):
+            target = self._fastest()
+            if target.key == cur.key:
                 self._late_at.clear()                 # nothing is faster: stay, and judge afresh
                 return None
         return self._switch(target, trial=False)
@@ -240,32 +290,30 @@ class TailGuard:
         return not self.guarantee or self.allowance >= self.trial_cost
 
     def _maybe_trial(self) -> str | None:
-        """Up in quality, or onto a stale thread count, when predicted to hold the tail and affordable."""
-        if self._trial is not None or self._stint < self.window // 4 or not self._affords():
+        """Up in quality, or onto a faster count at the same quality, when predicted (on the upper estimate)
+        to hold the tail and affordable."""
+        if self._trial is not None or not self._affords():
             return None
-        self._measure()
         cur = self.opts[self.current]
-        free = self.idle_cores() if self.idle_cores is not None else None
+        free = None
+        if self.idle_cores is not None and any(self._stale(t) for t in self._norm):
+            free = self.idle_cores()
 
-        here = self.predict(cur)
-
-        def tail(o: Option) -> float:                 # better, or as good and faster (another count)
-            if o.rank < cur.rank or o.key == cur.key:
+        def late(o: Option) -> float:
+            if o.rank < cur.rank or o.key == cur.key or (o.rank == cur.rank and o.p50_ms >= cur.p50_ms):
                 return math.inf
             stale = o.threads != cur.threads and self._stale(o.threads)
-            if stale and free is not None and free < 0.75 * max(0, o.threads - cur.threads):
-                return math.inf                       # the OS says its extra cores are busy
-            t = self.predict(o, idle_if_stale=stale and free is not None)
-            return t if o.rank > cur.rank or t < here else math.inf
+            if stale and free is not None:
+                if free < 0.75 * max(0, o.threads - cur.threads):
+                    return math.inf                   # the OS says its extra cores are busy
+                return self._profiled(o)
+            return self.late(o, upper=True)
 
-        target = self._best(tail)
-        if target is None:
-            return None
-        return self._switch(target, trial=True)
+        target = self._best(late)
+        return self._switch(target, trial=True) if target is not None else None
 
     def _trial_kept(self) -> None:
         self.probes["kept"] += 1
-        self.correction[self.current] = max(1.0, (1 + self.correction[self.current]) / 2)
         self._trial = None
 
     def _switch(self, target: Option, *, trial: bool) -> str | None:
@@ -273,7 +321,6 @@ class TailGuard:
             return None
         if trial:
             self.probes["tried"] += 1
-        predicted = self.predict(target, idle_if_stale=trial)
         self.switches += 1
-        self._enter(target.key, {"late": 0, "predicted": predicted} if trial else None)
+        self._enter(target.key, {"late": 0} if trial else None)
         return target.key

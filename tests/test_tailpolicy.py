@@ -10,7 +10,7 @@ import edgeflex as ef
 from edgeflex.errors import UsageError
 from edgeflex.runtime.policy import Budget, BudgetError
 from edgeflex.runtime.profiles import measure_profile, save_profile
-from edgeflex.runtime.tailpolicy import Option, TailGuard, binom_sf
+from edgeflex.runtime.tailpolicy import Option, TailGuard, binom_sf, max_spans
 
 # three configs at 2 threads and at 1: profiled p50 and p99 (ms); quality rises with size
 OPTS = [Option("small@2t", 0.80, 0.20, 0.24, 2), Option("mid@2t", 0.85, 0.30, 0.36, 2),
@@ -39,6 +39,11 @@ def test_binom_sf_matches_direct_sums():
     assert binom_sf(0, 10, 0.1) == 1.0 and binom_sf(11, 10, 0.1) == 0.0
     assert binom_sf(2, 2, 0.01) == pytest.approx(1e-4)
     assert binom_sf(1, 100, 0.01) == pytest.approx(1 - 0.99**100)
+    spans = max_spans(0.01, 1e-3, 100)
+    assert spans[1] == 0 and spans[2] >= 2          # one late run is never evidence, two in a row are
+    for k in range(2, 8):
+        m = spans[k]
+        assert binom_sf(k, m, 0.01) < 1e-3 and (m == 100 or binom_sf(k, m + 1, 0.01) >= 1e-3)
 
 
 def test_starts_on_the_best_config_whose_profiled_tail_fits_and_refuses_bad_arguments():
