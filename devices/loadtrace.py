@@ -31,9 +31,15 @@ from edgeflex.errors import UsageError
 
 # Hog programs. The memory hog streams 64 MiB buffers (beyond any last-level cache of the boards we
 # target), so it takes memory bandwidth and evicts caches rather than ALU time.
-ALU_HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
-MEM_HOG = ("import os, sys\nimport numpy as np\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
-           "a = np.ones(1 << 23); b = np.empty_like(a)\nwhile True:\n    np.copyto(b, a); np.copyto(a, b)\n")
+# Each asks the kernel to kill it when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a player killed
+# without its cleanup leaves no hog behind, running or stopped; then says it is ready (the player stops it
+# only after that, so the request holds and the memory hog's buffers are allocated before any trace runs).
+_START = ("import ctypes, os, sys\ntry:\n    ctypes.CDLL(None).prctl(1, 9)\n"
+          "except (OSError, AttributeError):\n    pass\nos.sched_setaffinity(0, {int(sys.argv[1])})\n")
+_READY = "print('ready', flush=True)\n"
+ALU_HOG = _START + _READY + "while True:\n    pass\n"
+MEM_HOG = (_START + "import numpy as np\na = np.ones(1 << 23); b = np.empty_like(a)\n" + _READY
+           + "while True:\n    np.copyto(b, a); np.copyto(a, b)\n")
 
 # What `generate` draws from (documented ranges; tests check the traces stay inside them).
 PHASE_S = (0.3, 20.0)          # phase length, log-uniform
@@ -213,7 +219,12 @@ class LoadPlayer:
 
     @staticmethod
     def _start(code: str, core: int) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", code, str(core)])
+        p = subprocess.Popen([sys.executable, "-c", code, str(core)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE)
+        if p.stdout.readline().strip() != b"ready":
+            p.kill()
+            p.wait()
+            raise UsageError(f"a load hog for core {core} did not start (exit status {p.returncode})")
         p.send_signal(signal.SIGSTOP)
         return p
 
@@ -244,6 +255,7 @@ class LoadPlayer:
         for p in self.alu_procs + self.mem_procs:
             p.kill()
             p.wait()
+            p.stdout.close()
         self.alu_procs, self.mem_procs = [], []
 
     def __enter__(self) -> LoadPlayer:

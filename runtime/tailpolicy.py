@@ -251,10 +251,13 @@ class TailGuard:
 
     def _leave(self, span: int) -> str | None:
         """The current config breaks the tail: to the best predicted to hold it on the runs since the break
-        (the runs before it are of another load: dropped), else the fastest."""
+        (the runs before it are of another load: dropped); else a thread count not seen lately, as its
+        profile has it (without waiting for the allowance when nothing here holds); else the candidate
+        predicted late least, if less than this one."""
         cur = self.opts[self.current]
         trial = self._trial
-        if trial is None and cur.key == self._fastest().key:
+        stale = [o for o in self.opts.values() if self._stale(o.threads)]
+        if trial is None and not stale and cur.key == self._fastest().key:
             self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
             return None                               # a saturated machine comes here), judge afresh
         norm = self._norm[cur.threads]
@@ -273,16 +276,15 @@ class TailGuard:
             return math.inf if o.key == cur.key else self.late(o)
 
         target = self._best(late)
-        if self._affords() and (target is None or target.rank < cur.rank):
-            # a better count not seen lately, tried as the profile has it (paid from the allowance)
-            idle = self._best(lambda o: math.inf if o.key == cur.key or not self._stale(o.threads)
-                              else self._profiled(o))
-            if idle is not None and (target is None or idle.rank > target.rank):
+        if stale and (target is None or target.rank < cur.rank):
+            idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
+            if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
                 return self._switch(idle, trial=True)
         if target is None:
-            target = self._fastest()
-            if target.key == cur.key:
-                self._late_at.clear()                 # nothing is faster: stay, and judge afresh
+            target = min((o for o in self.opts.values() if o.key != cur.key),
+                         key=lambda o: (self.late(o), o.p50_ms), default=None)
+            if target is None or self.late(target) >= self.late(cur):
+                self._late_at.clear()                 # nothing would be late less: stay, judge afresh
                 return None
         return self._switch(target, trial=False)
 
