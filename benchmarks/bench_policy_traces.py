@@ -157,7 +157,9 @@ def table(results: list[dict], metric: str, higher: bool) -> list[str]:
     return lines
 
 
-def plot(all_results: dict[str, list[dict]], out: Path) -> None:
+def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] | None = None) -> None:
+    """Per bundle: within-budget shares per strategy; adaptive vs static best (quality in the bundle's
+    metric, `metrics[name]` saying which way is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +187,7 @@ def plot(all_results: dict[str, list[dict]], out: Path) -> None:
         row[1].axvline(-0.3, color="red", lw=0.8)
         row[1].axhline(0, color="grey", lw=0.5)
         row[1].set_xlabel("within-budget points vs static best")
-        row[1].set_ylabel("quality vs static best")
+        row[1].set_ylabel(f"{(metrics or {}).get(name, 'quality')} vs static best", fontsize=8)
         row[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       infos.items()}}, indent=1))
     png = (a.out.parent if a.out else Path("benchmarks")) / "policy_traces.png"
     shown = {k: v["test"] or v["train"] for k, v in results.items()}
-    plot({k: v for k, v in shown.items() if v}, png)
+    plot({k: v for k, v in shown.items() if v}, png,
+         {k: f"{i['metric']} ({'higher' if i['higher'] else 'lower'} is better)" for k, i in infos.items()})
     body = [f"Each trace {a.seconds:g} s of batch-{a.batch} requests back to back; runtimes with engines at "
             "(2, 1) threads, ONNX Runtime, profiled at both counts just before (interleaved rounds). "
             f"Training seeds {a.train_seeds or 'none'}; held-out seeds {a.test_seeds}. Criteria per trace: "

@@ -24,7 +24,13 @@ import numpy as np
 import edgeflex as ef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, machine_and_run, publish  # noqa: E402
+from common import _busy_jiffies, machine_and_run, publish  # noqa: E402
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (the per-setting measurements)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 SECTION = "## Switch costs (issue 20): what a switch costs on the next runs"
 
@@ -102,7 +108,8 @@ def run_setting(bundle: Path, backend: str, threads: tuple[int, ...], a: argpars
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path, help="an elastic bundle (TVM rows need `edgeflex compile` first)")
+    p.add_argument("bundles", type=Path, nargs="+",
+                   help="elastic bundles (TVM rows need `edgeflex compile` first, else skipped saying why)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--lead", type=int, default=30, help="runs of the config switched from")
     p.add_argument("--after", type=int, default=8, help="runs after the switch whose excess is the cost")
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.child:
         backend, t = a.child.split(":")
-        print(json.dumps(run_setting(a.bundle, backend, tuple(int(v) for v in t.split("+")), a)))
+        print(json.dumps(run_setting(a.bundles[0], backend, tuple(int(v) for v in t.split("+")), a)))
         return 0
     started = time.perf_counter()
     settings = []
@@ -122,30 +129,39 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "onnxruntime":                    # per-session pools: both counts in one runtime
             settings.append((backend, "2+1"))
     rows, skipped = [], []
-    with OthersLoad() as others:
+    own0, busy0 = _cpu_seconds(), _busy_jiffies()
+    for bundle in a.bundles:
         for backend, t in settings:
-            cmd = [sys.executable, __file__, str(a.bundle), "--child", f"{backend}:{t}", "--reps",
+            cmd = [sys.executable, __file__, str(bundle), "--child", f"{backend}:{t}", "--reps",
                    str(a.reps), "--lead", str(a.lead), "--after", str(a.after), "--tail", str(a.tail)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                skipped.append(f"{backend} at {t} threads: {done.stderr.strip().splitlines()[-1]}")
+                skipped.append(f"{bundle.name}, {backend} at {t} threads: "
+                               f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue
-            rows += json.loads(done.stdout.strip().splitlines()[-1])
-    lines = ["| backend | engines at threads | switch | mode | B steady ms | 1st run excess ms "
-             f"| excess of {a.after} runs ms | warm-up run ms |", "|---|---|---|---|---:|---:|---:|---:|"]
+            for r in json.loads(done.stdout.strip().splitlines()[-1]):
+                rows.append({**r, "bundle": bundle.name})
+    busy1 = _busy_jiffies()
+    tick = os.sysconf("SC_CLK_TCK")
+    others = (busy1[0] - busy0[0]) / tick - (_cpu_seconds() - own0)
+    others /= max((busy1[1] - busy0[1]) / tick, 1e-9)
+    lines = ["| bundle | backend | engines at threads | switch | mode | B steady ms | 1st run excess ms "
+             f"| excess of {a.after} runs ms | warm-up run ms |", "|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         warm = f"{r['warm_ms']:.3f}" if r["mode"] == "warm" else "-"
-        lines.append(f"| {r['backend']} | {r['threads']} | {r['from']} -> {r['to']} | {r['mode']} | "
+        lines.append(f"| {r['bundle']} | {r['backend']} | {r['threads']} | {r['from']} -> {r['to']} | "
+                     f"{r['mode']} | "
                      f"{r['steady']:.3f} | {r['first']:+.3f} | {r['total']:+.3f} | {warm} |")
     body = "\n".join([
-        f"Bundle `{a.bundle.name}`, batch 1: per switch, B's next {a.after} runs against B's steady median "
+        "Batch 1: per switch, B's next {a.after} runs against B's steady median "
         f"(the median of the {a.tail} runs after them), after {a.lead} runs of A; medians over {a.reps} "
         "repetitions, the two modes alternating. *plain*: `rt.switch(B)`; *warm*: `rt.switch(B, warm=True)` "
         "(one run of B on the last input first; its time is the last column).", "", *lines, "",
         *[f"Not measured: {s}" for s in skipped], "",
         *machine_and_run(os.cpu_count() or 1, f"- cpu flags: {cpu_flags()}",
-                         f"- other processes' share of the CPU during the run: {others.share:.0%} "
-                         "(other engineers' jobs share this machine)", started=started)])
+                         f"- other processes' share of the CPU during the run (this benchmark's children not "
+                         f"counted): {max(others, 0):.0%} (other engineers' jobs share this machine)",
+                         started=started)])
     publish(a.out, SECTION, "bench_switch_cost", body)
     return 0
 

@@ -12,6 +12,7 @@ or off), the best-quality static config that was within budget on >= `target` of
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -25,7 +26,9 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
     """Requests back to back through the trace (or the part `span` = (from, to) seconds of it), the hogs
     following it. The runtime decides (a budget set on it adapts; none: its config stays)."""
     lo, hi = span if span is not None else (0.0, trace.seconds)
-    ts, lat, cfg, thr, load = [], [], [], [], []
+    ts, lat, cfg, thr, alu, mem = [], [], [], [], [], []
+    gc_was = gc.isenabled()
+    gc.disable()            # no collector pause inside a timed request (sweep does the same): as timeit
     start = time.perf_counter() - lo
     try:
         while (now := time.perf_counter() - start) < hi:
@@ -39,12 +42,15 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
             ts.append(now)
             cfg.append(f"{name}@{threads}t")
             thr.append(threads)
-            load.append(state)
+            alu.append(state[0])
+            mem.append(state[1])
     finally:
+        if gc_was:
+            gc.enable()
         if player is not None:
             player.set(0, 0)
     return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "threads": np.array(thr),
-            "load": np.array(load, dtype=int).reshape(-1, 2)}
+            "load": np.stack([np.array(alu, dtype=int), np.array(mem, dtype=int)], axis=1)}
 
 
 def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
@@ -52,6 +58,8 @@ def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
     """Every static option sampled along the same trace (or its `span`): option -> {"t", "latency_ms"}."""
     lo, hi = span if span is not None else (0.0, trace.seconds)
     out = {f"{n}@{t}t": {"t": [], "latency_ms": []} for n, t in options}
+    gc_was = gc.isenabled()
+    gc.disable()
     start = time.perf_counter() - lo
     i = 0
     try:
@@ -70,6 +78,8 @@ def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
                     rec["latency_ms"].append((time.perf_counter() - t0) * 1e3)
                     rec["t"].append(now)
     finally:
+        if gc_was:
+            gc.enable()
         if player is not None:
             player.set(0, 0)
     return {k: {"t": np.array(v["t"]), "latency_ms": np.array(v["latency_ms"])} for k, v in out.items()}
