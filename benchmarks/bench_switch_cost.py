@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['mode']} | "
                      f"{r['steady']:.3f} | {r['first']:+.3f} | {r['total']:+.3f} | {warm} |")
     body = "\n".join([
-        "Batch 1: per switch, B's next {a.after} runs against B's steady median "
+        f"Batch 1: per switch, B's next {a.after} runs against B's steady median "
         f"(the median of the {a.tail} runs after them), after {a.lead} runs of A; medians over {a.reps} "
         "repetitions, the two modes alternating. *plain*: `rt.switch(B)`; *warm*: `rt.switch(B, warm=True)` "
         "(one run of B on the last input first; its time is the last column).", "", *lines, "",
