@@ -835,6 +835,8 @@ def parser() -> argparse.ArgumentParser:
     dv.add_argument("--json", action="store_true")
     dv.add_argument("--no-measure", action="store_true", help="do not measure this host's peaks")
     dv.set_defaults(fn=cmd_devices)
+    from edgeflex.tracecmd import add_trace_parser
+    add_trace_parser(sub)                           # `edgeflex trace` (edgeflex/tracecmd.py)
     d = sub.add_parser("demo", help="train, export, verify, run and time the built-in examples")
     d.add_argument("--out", default="edgeflex-demo")
     d.add_argument("--threads", type=THREADS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from .plan import Plan, Step, build_plans
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
 from .profiles import load_profiles, profile_at, profile_path, profile_threads
 from .sign import check_trust
+from .tailpolicy import Option, TailGuard
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,12 @@ class Runtime:
                                              call=self._backend.compose(plan.engines, plan.extra))
                 self._by_key[plan.key] = plan
         self._plan = self._plan_sets[self.thread_counts[0]][start.name]
-        self._adapter: Adapter | None = None
+        self._adapter: Adapter | TailGuard | None = None
         self._budget_call: dict[str, Any] | None = None
+        self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
+        self._warm_switch = False
+        self._warmer: threading.Thread | None = None
+        self._warm_target: _Plan | None = None
         self.budget_met = True
         # Everything is loaded: keep the profiles of this version and let writers remove it once replaced
         # (this runtime never reads the bundle again; `reload_profiles` reads a newer version's).
@@ -272,7 +278,7 @@ class Runtime:
         return self._graphs[name]
 
     @property
-    def adapter(self) -> Adapter | None:
+    def adapter(self) -> Adapter | TailGuard | None:
         """The budget policy re-selecting the config from observed latencies (`set_budget(adapt=True)`), or
         None without one. Read it (`current`, `fits`, `probes`); `set_budget` changes it."""
         return self._adapter
@@ -282,12 +288,54 @@ class Runtime:
         """The loaded configs at the current thread count."""
         return self._plan_sets[self._plan.threads]
 
-    def switch(self, name: str, threads: int | None = None) -> None:
+    def switch(self, name: str, threads: int | None = None, *, warm: bool = False) -> None:
         """Make `name` (at `threads`, default: the current count) the config of every run that starts
-        from now on. No engine is (re)loaded."""
+        from now on. No engine is (re)loaded. `warm=True` first runs it once, on this thread, on the last
+        request's arrays (zeros of the inputs' shapes before any), output dropped, so the first request
+        after the switch does not pay for waking its thread pool and loading its weights into the caches
+        (what a switch costs: benchmarks/RESULTS.md, "Switch costs (issue 20)")."""
         check_str("name", name)
         check_int("threads", threads, 1, none=True)
-        self._plan = self._loaded(name, threads)    # one reference store: atomic under the GIL
+        check_bool("warm", warm)
+        plan = self._loaded(name, threads)
+        if warm:
+            plan.call(self._warm_arrays())
+        self._plan = plan                       # one reference store: atomic under the GIL
+
+    def _warm_arrays(self) -> Sequence[np.ndarray]:
+        """The last request's arrays (kept while a budget adapts), else zeros of the inputs' shapes (batch 1
+        for a dynamic dimension)."""
+        if self._last_arrays is not None:
+            return self._last_arrays
+        return [np.zeros([1 if d is None or isinstance(d, str) else d for d in s.shape], dtype=s.dtype)
+                for s in self.inputs]
+
+    def _warm_then_switch(self, plan: _Plan) -> None:
+        """An adapter's switch with `warm_switch`: run `plan` once on a background thread and make it current
+        when that run is done (if the adapter still wants it), so the warm-up is off the request path;
+        requests go on with the old plan meanwhile (the adapter ignores their latencies). One at a time:
+        a switch asked for while one warms replaces the target."""
+        self._warm_target = plan
+        if self._warmer is not None and self._warmer.is_alive():
+            return
+        arrays = self._warm_arrays()
+
+        def work() -> None:
+            while True:
+                target = self._warm_target
+                try:
+                    target.call(arrays)
+                except Exception:                # noqa: BLE001 - a warm-up failing must not lose the switch
+                    log.debug("warm-up run of %s failed", target.key, exc_info=True)
+                adapter = self._adapter
+                if self._warm_target is target:
+                    if adapter is not None and adapter.current == target.key:
+                        self._plan = target
+                    self._warm_target = None
+                    return
+
+        self._warmer = threading.Thread(target=work, name="edgeflex-warm", daemon=True)
+        self._warmer.start()
 
     def _loaded(self, name: str, threads: int | None) -> _Plan:
         """The loaded plan of config `name` at `threads` (default: the current count), or the one-line error
@@ -323,15 +371,19 @@ class Runtime:
         adapter = self._adapter
         if adapter is None:
             return plan.config.name, plan.call(arrays)
+        self._last_arrays = arrays
         t0 = time.perf_counter()
         out = plan.call(arrays)
         self._observe(adapter, plan, t0)
         return plan.config.name, out
 
-    def _observe(self, adapter: Adapter, plan: _Plan, t0: float) -> None:
+    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, t0: float) -> None:
         target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
         if target is not None:
-            self._plan = self._by_key[target]
+            if self._warm_switch:
+                self._warm_then_switch(self._by_key[target])
+            else:
+                self._plan = self._by_key[target]
 
     # --- profiles and budgets ----------------------------------------------------------------------------
 
@@ -394,7 +446,8 @@ class Runtime:
 
     def set_budget(self, budget: Budget | None, *, degrade: bool = False, adapt: bool = True,
                    margin: float = 0.85, window: int = 32, tail: str = "p90", fast_down: int = 3,
-                   os_hint: bool = True, late_share: float | None = 0.01) -> str:
+                   os_hint: bool = True, late_share: float | None = 0.01, policy: str = "window",
+                   guarantee: bool = True, warm_switch: bool | None = None) -> str:
         """Switch to the best-quality config that fits `budget` (with a safety margin) and, if `adapt`,
         keep re-selecting from observed latencies. None removes the budget. Returns the config chosen.
 
@@ -405,6 +458,13 @@ class Runtime:
         With engines at several thread counts, the choice is (config, threads), each count judged on its
         own profile (`edgeflex profile --threads 2,1`) and its own observed slowdown; `os_hint` lets the
         policy read the OS's idle-core count (`devices.load.IdleCores`) to time its tries of more threads.
+
+        `policy="tail"` adapts with `tailpolicy.TailGuard` instead: it holds the stated tail (at most
+        `late_share` of requests over the latency budget, judged on the profiled p99) before quality, from
+        measured quantities only (`window`, `margin`, `fast_down` and `tail` do not apply);
+        `guarantee=False` lets it try better configs without paying for the trials out of the late
+        allowance. `warm_switch` (default: on with policy="tail") runs a config the policy switches to once
+        on a background thread before requests go to it (see `switch(warm=True)`).
 
         Raises BudgetError if nothing fits, unless `degrade=True` (then the fastest config runs and
         `self.budget_met` is False)."""
@@ -418,6 +478,10 @@ class Runtime:
         check_choice("tail", tail, ("p90", "p99"))
         fast_down = check_int("fast_down", fast_down, 0)
         check_real("late_share", late_share, 0, 1, none=True)
+        check_choice("policy", policy, ("window", "tail"))
+        check_bool("guarantee", guarantee)
+        if warm_switch is not None:
+            check_bool("warm_switch", warm_switch)
         if budget is None:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
@@ -440,6 +504,11 @@ class Runtime:
             cands += [c for c in candidates(self.configs, stats, tail=tail, threads=t if multi else 0)
                       if c.name in self._plan_sets[t]]
         hint = IdleCores() if multi and os_hint else None
+        self._warm_switch = warm_switch if warm_switch is not None else policy == "tail"
+        if policy == "tail":
+            return self._set_tail_policy(budget, prof, cands, degrade=degrade, adapt=adapt, hint=hint,
+                                         late_share=late_share if late_share is not None else 0.01,
+                                         guarantee=guarantee, call=call)
         adapter = Adapter(cands, budget, window=window, margin_hi=margin, margin_lo=margin * 0.9,
                           percentile=float(tail[1:]), degrade=degrade, fast_down=fast_down, idle_cores=hint,
                           late_share=late_share)
@@ -449,6 +518,38 @@ class Runtime:
                         adapter.current)
         self._plan = self._by_key[adapter.current]
         self._adapter = adapter if adapt else None
+        self._budget_call = call
+        return self.config
+
+    def _set_tail_policy(self, budget: Budget, prof: dict[str, Any], cands: list, *, degrade: bool,
+                         adapt: bool, hint: IdleCores | None, late_share: float, guarantee: bool,
+                         call: dict[str, Any]) -> str:
+        """set_budget(policy="tail"): options from the profile's p50 and p99 at each thread count (those
+        over a memory or energy budget left out), a TailGuard over them."""
+        if budget.latency_ms is None:
+            raise BudgetError("policy='tail' judges a latency budget; give Budget(latency_ms=...) or use "
+                              "policy='window'")
+        rest = (budget.memory_mb, budget.energy_mj) != (None, None)
+        no_latency = replace(budget, latency_ms=None) if rest else None
+        options = []
+        for c in cands:
+            if no_latency is not None and not fits(c, no_latency, 1.0):
+                continue
+            stats = profile_at(prof, c.threads or self.thread_counts[0]) or prof["configs"]
+            st = stats[c.name]
+            options.append(Option(c.key, c.rank, float(st["p50_ms"]), float(st.get("p99_ms", st["p90_ms"])),
+                                  c.threads))
+        if not options:
+            raise BudgetError(f"no config fits the memory/energy part of {budget.describe()}")
+        guard = TailGuard(options, budget, late_share=late_share, guarantee=guarantee, idle_cores=hint)
+        if not guard.fits and not degrade:
+            fastest = guard.opts[guard.current]
+            raise BudgetError(f"no config's p99 fits the budget {budget.describe()}: the fastest, "
+                              f"{fastest.key!r}, has p99 {guard.profiled_tail(fastest):.3f} ms (its p50 x "
+                              "the profile's p99/p50); raise the budget or pass degrade=True")
+        self.budget_met = guard.fits
+        self._plan = self._by_key[guard.current]
+        self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config
 

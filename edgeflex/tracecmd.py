@@ -1,0 +1,155 @@
+"""`edgeflex trace BUNDLE --budget-ms X --load SPEC`: play a load trace against a bundle and show what each
+strategy does under it: the adaptive policy, the static best config (what `set_budget(adapt=False)` picks)
+and the smallest config, each over the same trace, one after the other. Prints the within-budget share and
+mean quality per strategy and writes a PNG of latency, budget, config and load over time.
+
+The load is `devices.loadtrace`'s: `seed:N[:SECONDS]` draws a random trace, or phases such as
+`idle:4,alu1:6,idle:3,mem1x0.5/0.2:5` (docs/budgets.md, "Load traces"). The hogs are child processes of
+this command, pinned to cores from the last one down, ended when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from edgeflex.errors import EdgeflexError, UsageError
+
+
+def add_trace_parser(sub) -> None:
+    """The `trace` subcommand's arguments (called from edgeflex.cli.parser)."""
+    from edgeflex.cli import POSITIVE_REAL, _threads_arg
+
+    t = sub.add_parser("trace", help="play a load trace against a bundle; plot latency, budget, config, load")
+    t.add_argument("bundle")
+    t.add_argument("--budget-ms", type=POSITIVE_REAL, required=True, help="latency budget per request (ms)")
+    t.add_argument("--load", required=True,
+                   help="seed:N[:SECONDS] (a random trace) or phases KIND[xDUTY[-END]/PERIOD]:SECONDS,... "
+                        "with KIND idle, aluN, memN or aluN+memM, e.g. idle:4,alu1:6,idle:3,mem1x0.5/0.2:5")
+    t.add_argument("--policy", choices=("tail", "window"), default="tail",
+                   help="tail: hold p99 <= budget before quality (default); window: the windowed policy")
+    t.add_argument("--threads", type=_threads_arg,
+                   help="engine thread counts, e.g. 2,1 (default: the usable cores and 1; profile each)")
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--out", default="trace.png", help="the PNG to write (default trace.png)")
+    t.add_argument("--no-static", action="store_true", help="the adaptive strategy only")
+    t.set_defaults(fn=cmd_trace)
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    import edgeflex as ef
+    from edgeflex.devices.loadtrace import LoadPlayer, parse_spec
+    from edgeflex.runtime import tracerun
+    from edgeflex.runtime.progress import bar
+
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise EdgeflexError("edgeflex trace needs matplotlib for its plot, which is not installed: "
+                            "pip install 'edgeflex[bench]'") from None
+    if a.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {a.batch}")
+    out = Path(a.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {a.out!r}: expected a .png path")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {a.out!r}: the directory {str(out.parent)!r} does not exist")
+    cores = len(os.sched_getaffinity(0))
+    trace = parse_spec(a.load, cores)
+    threads = a.threads if a.threads is not None else ((cores, 1) if cores > 1 else 1)
+    rt = ef.Runtime(a.bundle, threads=threads)
+    budget = ef.Budget(latency_ms=a.budget_ms)
+    value = {c.name: float((c.quality or {}).get("value", c.flops or 0)) for c in rt.configs}
+    metric = (rt.configs[0].quality or {}).get("metric", "quality")
+    x = np.random.default_rng(0).standard_normal([a.batch if d is None else d for d in rt.inputs[0].shape]
+                                                 ).astype(rt.inputs[0].dtype)
+    strategies = {f"adaptive ({a.policy})": None}
+    if not a.no_static:
+        static_rt = ef.Runtime(a.bundle, threads=threads)
+        best = static_rt.set_budget(budget, adapt=False, degrade=True)
+        best_t = static_rt.threads
+        prof = static_rt.latency_profile()["configs"]
+        smallest = min(prof, key=lambda n: prof[n]["p50_ms"])
+        static_rt.set_budget(None)
+        strategies[f"static best ({best}@{best_t}t)"] = (best, best_t)
+        strategies[f"static smallest ({smallest})"] = (smallest, static_rt.thread_counts[0])
+    records = {}
+    progress = bar(len(strategies), "trace", unit="strategy")
+    with LoadPlayer() as player:
+        for name, fixed in strategies.items():
+            if fixed is None:
+                rt.set_budget(budget, policy=a.policy, degrade=True)
+                runner = rt
+            else:
+                static_rt.switch(fixed[0], threads=fixed[1])
+                runner = static_rt
+            records[name] = tracerun.play(runner, trace, player, x)
+            progress.update()
+    progress.close()
+    if fixed is None:
+        rt.set_budget(None)
+    rows = []
+    for name, rec in records.items():
+        names = [k.split("@")[0] for k in rec["config"]]
+        within = float((rec["latency_ms"] <= a.budget_ms).mean()) if len(names) else float("nan")
+        q = float(np.mean([value[n] for n in names])) if names else float("nan")
+        switches = sum(p != n for p, n in zip(rec["config"], rec["config"][1:]))
+        top = ", ".join(f"{k} {c / len(names):.0%}" for k, c in Counter(rec["config"]).most_common(3))
+        rows.append((name, len(names), within, q, switches, top))
+    print(f"load {trace.describe()} ({trace.seconds:g} s), budget {a.budget_ms:g} ms, batch {a.batch}")
+    w = max(len(r[0]) for r in rows)
+    print(f"{'strategy':{w}}  requests  within  {metric:>8}  switches  configs run")
+    for name, n, within, q, switches, top in rows:
+        print(f"{name:{w}}  {n:8d}  {within:6.2%}  {q:8.4f}  {switches:8d}  {top}")
+    matplotlib.use("Agg")
+    plot(records, trace, a.budget_ms, value, metric, rows, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def plot(records: dict, trace, budget_ms: float, value: dict, metric: str, rows: list, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(records), 1, figsize=(11, 2.8 * len(records)), sharex=True, squeeze=False)
+    for ax, (name, rec), row in zip(axes[:, 0], records.items(), rows):
+        t, lat = rec["t"], rec["latency_ms"]
+        for threads, colour in ((max(rec["threads"], default=1), "tab:blue"), (1, "tab:orange")):
+            m = rec["threads"] == threads
+            if m.any():
+                ax.scatter(t[m], lat[m], s=1, alpha=0.4, color=colour, label=f"latency, {threads} thread(s)")
+        ax.axhline(budget_ms, color="red", lw=1, label="budget")
+        grid = np.linspace(0, trace.seconds, 2000)
+        load = np.array([sum(trace.state(v)) for v in grid])
+        mem = np.array([trace.state(v)[1] for v in grid])
+        top = budget_ms * 3
+        ax.fill_between(grid, 0, top * load / max(trace.cores, 1), color="grey", alpha=0.15, step="post",
+                        label="hogs running (share of cores)")
+        if mem.any():
+            ax.fill_between(grid, 0, top * mem / max(trace.cores, 1), color="purple", alpha=0.15, step="post",
+                            label="of which memory hogs")
+        ax.set_ylim(0, top)
+        ax.set_ylabel("ms")
+        ax2 = ax.twinx()
+        ax2.plot(t, [value[k.split("@")[0]] for k in rec["config"]], color="green", lw=0.8)
+        ax2.set_ylabel(f"{metric} of config", color="green")
+        ax.set_title(f"{name}: {row[2]:.2%} within budget, mean {metric} {row[3]:.4f}, {row[4]} switches",
+                     fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, markerscale=6)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    # atomic: a temp file beside it, renamed over it (a failed write leaves the old plot or none)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)

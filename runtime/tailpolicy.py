@@ -1,0 +1,328 @@
+"""A budget policy from measured quantities (issue 20): `TailGuard` holds a stated tail (by default
+p99 <= budget: at most `late_share` = 1 % of requests late) whenever some config can, before quality.
+
+What it measures, and what it decides from it:
+
+- **Is the current config breaking the stated tail?** A binomial test on its own recent runs: k late runs
+  within the last m (m spanning back to each earlier late run) are evidence when P(X >= k | m,
+  late_share) < `alpha` (1e-3). At 1 %: 2 late runs within 5, 3 within 19, 4 within 44; one late run
+  never does. No window length, margin or count of late runs to tune: they follow from the
+  stated share.
+- **How would another config fare under this load?** Each thread count keeps its recent runs (up to
+  10 / late_share), each divided by the profiled p50 of the config that ran it: the load's slowdown
+  *distribution* at that count, spikes included. A candidate's late share is predicted as the share of
+  those normalised runs that, times its own p50 (and its correction: what a failed trial of it showed
+  against the prediction, fading with time), exceed the budget. Additive spikes (another process taking
+  the core for a millisecond) then count against every config alike, as they do. A count not run lately
+  is predicted as the current count, or, for a trial when the OS says its cores are free, from the
+  profile (its p50 x the profile's p99 / p50 pooled over its configs must fit the budget).
+- **Where to?** The best-ranked candidate predicted late on at most half the stated share (the other half
+  is for what the prediction cannot see). Moving down after a break plans on the runs since the break;
+  moving up (a *trial*) plans on an upper estimate, (late + 1) / (runs + 1), so it needs some hundreds of
+  runs of evidence.
+- **What a trial costs.** A trial may fail and cost late requests. Trials spend a *late allowance*: it
+  grows by `late_share / 2` per request and shrinks by one per late request; a trial starts only when the
+  allowance covers what failed trials have cost on average (late requests from the switch to the way
+  back, the switch's cold run included). A stable machine pays for no trials; a load that keeps changing
+  gets as many as the tail can afford.
+
+`guarantee=False` lifts the allowance: trials whenever a better config is predicted to fit (quality
+first). Pure logic over latencies (no clock, no engine), like `policy.Adapter`, so tests drive it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeflex.errors import UsageError
+
+from .policy import Budget, BudgetError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One (config, thread count) the policy may run: quality rank (higher is better), profiled p50 and
+    tail (the p99 the budget is judged on) in ms at that thread count."""
+
+    key: str
+    rank: float
+    p50_ms: float
+    tail_ms: float
+    threads: int = 0
+
+
+def max_spans(p: float, alpha: float, window: int) -> list[int]:
+    """For k = 0..window: the longest m <= window with P(X >= k | m, p) < alpha (0: none), from one
+    cumulative sum of binomial probabilities per m (P(X >= k) grows with m, so shorter spans are
+    evidence too)."""
+    out = [0] * (window + 1)
+    for m in range(1, window + 1):
+        i = np.arange(m + 1)
+        logpmf = (np.array([math.lgamma(m + 1) - math.lgamma(v + 1) - math.lgamma(m - v + 1) for v in i])
+                  + i * math.log(p) + (m - i) * math.log1p(-p))
+        sf = 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])    # sf[k] = P(X >= k)
+        for k in range(1, m + 1):
+            if sf[k] < alpha:
+                out[k] = m
+    return out
+
+
+def binom_sf(k: int, m: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(m, p)."""
+    if k <= 0:
+        return 1.0
+    if k > m:
+        return 0.0
+    return float(max(0.0, 1.0 - sum(math.comb(m, i) * p**i * (1 - p) ** (m - i) for i in range(k))))
+
+
+class TailGuard:
+    """`TailGuard(options, budget, late_share=0.01, alpha=1e-3, guarantee=True, idle_cores=None)`;
+    `observe(key, latency_ms)` -> the key to switch to, or None. See the module docstring."""
+
+    def __init__(self, options: list[Option], budget: Budget, *, late_share: float = 0.01,
+                 alpha: float = 1e-3, guarantee: bool = True,
+                 idle_cores: Callable[[], float | None] | None = None):
+        if budget.latency_ms is None:
+            raise UsageError("TailGuard needs a latency budget (Budget(latency_ms=...))")
+        if not 0 < late_share < 0.5:
+            raise UsageError(f"late_share must be in (0, 0.5) (the share of requests allowed late), got "
+                             f"{late_share!r}")
+        if not 0 < alpha < 0.5:
+            raise UsageError(f"alpha must be in (0, 0.5) (the test's false-alarm level), got {alpha!r}")
+        if not options:
+            raise BudgetError("no config has a latency profile on this device; run `edgeflex profile` first")
+        self.opts = {o.key: o for o in options}
+        if len(self.opts) != len(options):
+            raise UsageError("options repeat a config at one thread count")
+        self.budget = budget.latency_ms
+        self.q, self.alpha, self.guarantee = late_share, alpha, guarantee
+        self.window = math.ceil(1 / late_share)        # runs in which the stated tail is observable
+        self._max_span = max_spans(late_share, alpha, self.window)
+        self.idle_cores = idle_cores
+        counts = {o.threads for o in options}
+        self._idle_s = {t: float(np.median([o.tail_ms / o.p50_ms for o in options if o.threads == t]))
+                        for t in counts}                # the profile's p99 / p50, pooled per count
+        self.aim = late_share / 2                       # the late share planned on
+        self._norm: dict[int, deque[float]] = {t: deque(maxlen=math.ceil(10 / late_share)) for t in counts}
+        self._measured_at: dict[int, int] = dict.fromkeys(counts, -self.window - 1)
+        self.correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
+        self._sorted_memo: tuple = (None, None)
+        self._fastest_memo: tuple = (None, None)
+        self._runs = 0
+        self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
+        self.trial_costs: list[int] = []                # late runs each failed trial cost
+        self._set_trial_cost()
+        self._regrow = late_share / 2                   # allowance per request: half the stated share
+        self._fade_every = 10 * self.window
+        self._trial_every = max(1, self.window // 2)
+        self.switches = 0
+        self.probes = {"tried": 0, "kept": 0}
+        first = self._best(self._profiled)
+        self.fits = first is not None
+        self.current = (first or self._fastest()).key
+        self._enter(self.current, trial=None)
+        self._lock = threading.Lock()
+
+    # --- predictions -------------------------------------------------------------------------------------
+
+    def _stale(self, threads: int) -> bool:
+        """Count `threads` not run in the last window (the current count never is)."""
+        return threads != self._threads and self._runs - self._measured_at[threads] > self.window
+
+    def profiled_tail(self, o: Option) -> float:
+        """o's p99 as the profile has it: its p50 x its count's pooled p99 / p50 (x its correction)."""
+        return o.p50_ms * self._idle_s[o.threads] * self.correction[o.key]
+
+    def _profiled(self, o: Option) -> float:
+        """o's predicted late share from the profile alone: 0 if its profiled tail fits, else 1 (a profile
+        says little more about a share)."""
+        return 0.0 if self.profiled_tail(o) <= self.budget else 1.0
+
+    def late(self, o: Option, *, upper: bool = False, since: int | None = None,
+             idle_if_stale: bool = False) -> float:
+        """o's predicted late share under the load measured now. `upper`: the (late + 1) / (n + 1)
+        estimate (for trials); `since`: only the last `since` normalised runs (after a break)."""
+        cur = self.opts[self.current]
+        t = o.threads if (o.threads == cur.threads or not self._stale(o.threads)) else None
+        if t is None and idle_if_stale:
+            return self._profiled(o)
+        t = cur.threads if t is None else t
+        if not self._norm[t]:
+            return self._profiled(o)
+        r = self._sorted(t, since)
+        # late: normalised runs over budget / (o's p50): those past its insertion point in the sorted runs
+        n_late = len(r) - int(np.searchsorted(r, self.budget / (o.p50_ms * self.correction[o.key]), "right"))
+        return (n_late + 1) / (len(r) + 1) if upper else n_late / len(r)
+
+    def _sorted(self, t: int, since: int | None) -> np.ndarray:
+        """Count t's normalised runs (the last `since`), sorted; one sort per decision (memoised per run)."""
+        key = (t, self._runs, since)
+        if self._sorted_memo[0] != key:
+            r = np.fromiter(self._norm[t], float)
+            self._sorted_memo = (key, np.sort(r[-since:] if since is not None else r))
+        return self._sorted_memo[1]
+
+    def _best(self, late) -> Option | None:
+        ok = [o for o in self.opts.values() if late(o) <= self.aim]
+        return max(ok, key=lambda o: (o.rank, -o.p50_ms)) if ok else None
+
+    def _fastest(self) -> Option:
+        key = tuple(self.correction.values())
+        if self._fastest_memo[0] != key:
+            fastest = min(self.opts.values(), key=lambda o: o.p50_ms * self.correction[o.key])
+            self._fastest_memo = (key, fastest)
+        return self._fastest_memo[1]
+
+    @property
+    def slowdown(self) -> float:
+        """The current count's median slowdown over its profile (1.0 before any run)."""
+        norm = self._norm[self.opts[self.current].threads]
+        return float(np.median(np.fromiter(norm, float))) if norm else 1.0
+
+    def _set_trial_cost(self) -> None:
+        """Late requests a failed trial costs, as measured (2 before any: the test's two in a row); the
+        allowance is capped at two trials' worth, so a long quiet spell does not pay for a burst of them."""
+        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else 2.0
+        self._cap = max(2 * self.trial_cost, 1.0)
+
+    # --- observing ---------------------------------------------------------------------------------------
+
+    def _enter(self, key: str, trial: dict | None) -> None:
+        if hasattr(self, "_threads"):
+            self._measured_at[self._threads] = self._runs     # the count left was measured until now
+        self.current = key
+        o = self.opts[key]
+        self._threads, self._p50 = o.threads, o.p50_ms * self.correction[key]
+        self._cur_norm = self._norm[o.threads]
+        self._late_at: deque[int] = deque()          # run counts of this stint's late runs
+        self._stint = 0
+        self._trial = trial
+
+    def observe(self, config: str, latency_ms: float) -> str | None:
+        # the hot path (every request; a FITS config runs in ~20 us): plain attribute arithmetic only
+        with self._lock:
+            if config != self.current:
+                return None                          # a run that started before the last switch
+            runs = self._runs = self._runs + 1
+            stint = self._stint = self._stint + 1
+            late = latency_ms > self.budget
+            allowance = self.allowance + self._regrow - late
+            self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
+                else allowance
+            if stint > 1 or not self.switches:          # a switch's first run measures the switch
+                self._cur_norm.append(latency_ms / self._p50)
+            if runs % self._fade_every == 0:              # corrections fade: loads change
+                self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
+            if late:
+                if self._trial is not None:
+                    self._trial["late"] += 1
+                self._late_at.append(runs)
+                while self._late_at and runs - self._late_at[0] >= self.window:
+                    self._late_at.popleft()
+                span = self._breaks_tail()
+                if span:
+                    return self._leave(span)
+            elif self._trial is not None and stint >= self.window:
+                self._trial_kept()
+            if stint % self._trial_every == 0:
+                return self._maybe_trial()
+            return None
+
+    def _breaks_tail(self) -> int:
+        """k late runs within the last m, m back to each earlier late run: P(X >= k) < alpha? The longest
+        such m (the runs since the break), else 0. (`_max_span`: per k, the longest m that is evidence.)"""
+        lates = self._late_at
+        n = len(lates)
+        span = self._max_span
+        for i, start in enumerate(lates):
+            m = self._runs - start + 1
+            if m <= span[n - i]:
+                return m
+        return 0
+
+    # --- moving ------------------------------------------------------------------------------------------
+
+    def _leave(self, span: int) -> str | None:
+        """The current config breaks the tail: to the best predicted to hold it on the runs since the break
+        (the runs before it are of another load: dropped); else a thread count not seen lately, as its
+        profile has it (without waiting for the allowance when nothing here holds); else the candidate
+        predicted late least, if less than this one."""
+        cur = self.opts[self.current]
+        trial = self._trial
+        stale = [o for o in self.opts.values() if self._stale(o.threads)]
+        if trial is None and not stale and cur.key == self._fastest().key:
+            self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
+            return None                               # a saturated machine comes here), judge afresh
+        norm = self._norm[cur.threads]
+        since = min(span, max(len(norm), 1))
+        recent = list(norm)[-since:]
+        norm.clear()
+        norm.extend(recent)
+        if trial is not None:                        # a failed trial: learn its cost and its error
+            self.trial_costs.append(trial["late"])
+            self._set_trial_cost()
+            seen = float(np.quantile(recent, 1 - self.q)) * cur.p50_ms if recent else 0.0
+            if seen > self.budget:                   # it ran slower than planned: by this much at least
+                self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen / self.budget)
+
+        def late(o: Option) -> float:
+            return math.inf if o.key == cur.key else self.late(o)
+
+        target = self._best(late)
+        if stale and (target is None or target.rank < cur.rank):
+            idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
+            if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
+                return self._switch(idle, trial=True)
+        if target is None:
+            target = min((o for o in self.opts.values() if o.key != cur.key),
+                         key=lambda o: (self.late(o), o.p50_ms), default=None)
+            if target is None or self.late(target) >= self.late(cur):
+                self._late_at.clear()                 # nothing would be late less: stay, judge afresh
+                return None
+        return self._switch(target, trial=False)
+
+    def _affords(self) -> bool:
+        return not self.guarantee or self.allowance >= self.trial_cost
+
+    def _maybe_trial(self) -> str | None:
+        """Up in quality, or onto a faster count at the same quality, when predicted (on the upper estimate)
+        to hold the tail and affordable."""
+        if self._trial is not None or not self._affords():
+            return None
+        cur = self.opts[self.current]
+        free = None
+        if self.idle_cores is not None and any(self._stale(t) for t in self._norm):
+            free = self.idle_cores()
+
+        def late(o: Option) -> float:
+            if o.rank < cur.rank or o.key == cur.key or (o.rank == cur.rank and o.p50_ms >= cur.p50_ms):
+                return math.inf
+            stale = o.threads != cur.threads and self._stale(o.threads)
+            if stale and free is not None:
+                if free < 0.75 * max(0, o.threads - cur.threads):
+                    return math.inf                   # the OS says its extra cores are busy
+                return self._profiled(o)
+            return self.late(o, upper=True)
+
+        target = self._best(late)
+        return self._switch(target, trial=True) if target is not None else None
+
+    def _trial_kept(self) -> None:
+        self.probes["kept"] += 1
+        self._trial = None
+
+    def _switch(self, target: Option, *, trial: bool) -> str | None:
+        if target.key == self.current:
+            return None
+        if trial:
+            self.probes["tried"] += 1
+        self.switches += 1
+        self._enter(target.key, {"late": 0} if trial else None)
+        return target.key

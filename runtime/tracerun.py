@@ -1,0 +1,128 @@
+"""Play a load trace (`devices.loadtrace`) against a runtime and score strategies on it: the shared core of
+`edgeflex trace` and benchmarks/bench_policy_traces.py.
+
+`play` sends requests back to back for the trace's length while a `LoadPlayer` runs the trace's hogs, and
+records per request: time, latency, the config (and thread count) it ran, the hogs running. `sweep` plays
+the same trace once for every static config at once: the (config, threads) options take turns in blocks
+of `block` runs (the first run of each block, a switch's cold run, is left out), so each static config is
+sampled all along the trace. `oracle` is the hindsight ceiling: per load segment (a phase with its hogs on,
+or off), the best-quality static config that was within budget on >= `target` of that segment's samples
+(else the one most often within), weighted by the segment's share of the trace. Board side: numpy only.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import numpy as np
+
+from edgeflex.devices.loadtrace import LoadPlayer, LoadTrace
+
+
+def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
+         span: tuple[float, float] | None = None) -> dict:
+    """Requests back to back through the trace (or the part `span` = (from, to) seconds of it), the hogs
+    following it. The runtime decides (a budget set on it adapts; none: its config stays)."""
+    lo, hi = span if span is not None else (0.0, trace.seconds)
+    ts, lat, cfg, thr, alu, mem = [], [], [], [], [], []
+    gc_was = gc.isenabled()
+    gc.disable()            # no collector pause inside a timed request (sweep does the same): as timeit
+    start = time.perf_counter() - lo
+    try:
+        while (now := time.perf_counter() - start) < hi:
+            state = trace.state(now)
+            if player is not None:
+                player.set(*state)
+            threads = rt.threads
+            t0 = time.perf_counter()
+            name, _ = rt.run_config(x)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            ts.append(now)
+            cfg.append(f"{name}@{threads}t")
+            thr.append(threads)
+            alu.append(state[0])
+            mem.append(state[1])
+    finally:
+        if gc_was:
+            gc.enable()
+        if player is not None:
+            player.set(0, 0)
+    return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "threads": np.array(thr),
+            "load": np.stack([np.array(alu, dtype=int), np.array(mem, dtype=int)], axis=1)}
+
+
+def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
+          *, block: int = 4, span: tuple[float, float] | None = None) -> dict[str, dict]:
+    """Every static option sampled along the same trace (or its `span`): option -> {"t", "latency_ms"}."""
+    lo, hi = span if span is not None else (0.0, trace.seconds)
+    out = {f"{n}@{t}t": {"t": [], "latency_ms": []} for n, t in options}
+    gc_was = gc.isenabled()
+    gc.disable()
+    start = time.perf_counter() - lo
+    i = 0
+    try:
+        while (now := time.perf_counter() - start) < hi:
+            name, threads = options[i % len(options)]
+            i += 1
+            rt.switch(name, threads=threads)
+            rec = out[f"{name}@{threads}t"]
+            for j in range(block):
+                now = time.perf_counter() - start
+                if player is not None:
+                    player.set(*trace.state(now))
+                t0 = time.perf_counter()
+                rt.run(x)
+                if j:
+                    rec["latency_ms"].append((time.perf_counter() - t0) * 1e3)
+                    rec["t"].append(now)
+    finally:
+        if gc_was:
+            gc.enable()
+        if player is not None:
+            player.set(0, 0)
+    return {k: {"t": np.array(v["t"]), "latency_ms": np.array(v["latency_ms"])} for k, v in out.items()}
+
+
+def concat(parts: list[dict]) -> dict:
+    """Records of consecutive spans (`play` or one option of `sweep`) as one."""
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        out[k] = [v for p in vals for v in p] if isinstance(vals[0], list) else np.concatenate(vals)
+    return out
+
+
+def segments(trace: LoadTrace, t: np.ndarray) -> np.ndarray:
+    """A segment id per time: phase index x 2 + whether its hogs run then."""
+    return np.array([2 * trace.phase_at(v) + (sum(trace.state(v)) > 0) for v in t], dtype=int)
+
+
+def oracle(trace: LoadTrace, statics: dict[str, dict], quality: dict[str, float], budget_ms: float,
+           target: float = 0.99) -> dict[str, Any]:
+    """The hindsight oracle over the static samples (see the module docstring); quality is rank-oriented
+    (higher is better). Segment weights: the share of the trace's time in each (a fine time grid)."""
+    grid = np.linspace(0, trace.seconds, 4001)[:-1]
+    seg_grid = segments(trace, grid)
+    ids, counts = np.unique(seg_grid, return_counts=True)
+    seg_of = {k: segments(trace, v["t"]) for k, v in statics.items()}
+    within, qual, used = 0.0, 0.0, 0.0
+    picks = {}
+    for sid, n in zip(ids, counts):
+        w = n / len(grid)
+        stats = {}
+        for k, v in statics.items():
+            m = seg_of[k] == sid
+            if m.sum() >= 3:
+                stats[k] = float((v["latency_ms"][m] <= budget_ms).mean())
+        if not stats:
+            continue
+        ok = [k for k, s in stats.items() if s >= target]
+        pick = max(ok, key=lambda k: (quality[k], stats[k])) if ok else max(stats, key=lambda k: stats[k])
+        picks[int(sid)] = pick
+        within += w * stats[pick]
+        qual += w * quality[pick]
+        used += w
+    nan = float("nan")
+    return {"within": within / used if used else nan, "quality": qual / used if used else nan, "picks": picks}

@@ -1,0 +1,162 @@
+"""TailGuard (runtime/tailpolicy.py) on synthetic, seeded latency streams: it holds the stated tail, moves
+on evidence, pays for its trials out of the late allowance, and stays put on a quiet machine."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import edgeflex as ef
+from edgeflex.errors import UsageError
+from edgeflex.runtime.policy import Budget, BudgetError
+from edgeflex.runtime.profiles import measure_profile, save_profile
+from edgeflex.runtime.tailpolicy import Option, TailGuard, binom_sf, max_spans
+
+# three configs at 2 threads and at 1: profiled p50 and p99 (ms); quality rises with size
+OPTS = [Option("small@2t", 0.80, 0.20, 0.24, 2), Option("mid@2t", 0.85, 0.30, 0.36, 2),
+        Option("big@2t", 0.90, 0.40, 0.48, 2), Option("small@1t", 0.80, 0.30, 0.36, 1),
+        Option("mid@1t", 0.85, 0.45, 0.54, 1), Option("big@1t", 0.90, 0.60, 0.72, 1)]
+
+
+def drive(g: TailGuard, slow, runs: int, seed: int = 0, late_noise: float = 0.0):
+    """Run `runs` requests; each takes its option's p50 x slow(option, i) x lognormal noise (sigma 0.05),
+    and with probability `late_noise` 3x that (OS hiccups). Returns the keys run and the latencies."""
+    rng = np.random.default_rng(seed)
+    opts = {o.key: o for o in OPTS}
+    keys, lat = [], []
+    for i in range(runs):
+        o = opts[g.current]
+        v = o.p50_ms * slow(o, i) * float(np.exp(rng.normal(0, 0.05)))
+        if rng.random() < late_noise:
+            v *= 3
+        keys.append(o.key)
+        lat.append(v)
+        g.observe(o.key, v)
+    return keys, np.array(lat)
+
+
+def test_binom_sf_matches_direct_sums():
+    assert binom_sf(0, 10, 0.1) == 1.0 and binom_sf(11, 10, 0.1) == 0.0
+    assert binom_sf(2, 2, 0.01) == pytest.approx(1e-4)
+    assert binom_sf(1, 100, 0.01) == pytest.approx(1 - 0.99**100)
+    spans = max_spans(0.01, 1e-3, 100)
+    assert spans[1] == 0 and spans[2] >= 2          # one late run is never evidence, two in a row are
+    for k in range(2, 8):
+        m = spans[k]
+        assert binom_sf(k, m, 0.01) < 1e-3 and (m == 100 or binom_sf(k, m + 1, 0.01) >= 1e-3)
+
+
+def test_starts_on_the_best_config_whose_profiled_tail_fits_and_refuses_bad_arguments():
+    assert TailGuard(OPTS, Budget(latency_ms=0.5)).current == "big@2t"
+    assert TailGuard(OPTS, Budget(latency_ms=0.4)).current == "mid@2t"
+    g = TailGuard(OPTS, Budget(latency_ms=0.1))
+    assert g.current == "small@2t" and not g.fits                      # nothing fits: the fastest
+    with pytest.raises(UsageError, match="late_share"):
+        TailGuard(OPTS, Budget(latency_ms=0.5), late_share=0.7)
+    with pytest.raises(UsageError, match="latency budget"):
+        TailGuard(OPTS, Budget(memory_mb=5))
+    with pytest.raises(BudgetError, match="profile"):
+        TailGuard([], Budget(latency_ms=0.5))
+
+
+def test_quiet_machine_with_hiccups_stays_on_the_best_config():
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    keys, lat = drive(g, lambda o, i: 1.0, 30000, late_noise=0.003)
+    # a hiccup pair may move it once; it comes back as soon as the allowance pays for the trial
+    assert keys.count("big@2t") > 0.97 * len(keys) and g.switches <= 4
+    assert (lat > 0.5).mean() < 0.005
+
+
+def test_a_sudden_slowdown_costs_two_late_runs_then_it_moves_to_what_fits():
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    drive(g, lambda o, i: 1.0, 500)
+    keys, lat = drive(g, lambda o, i: 1.6 if o.threads == 2 else 1.0, 3000, seed=1)
+    first_off = keys.index(next(k for k in keys if k != "big@2t"))
+    assert first_off == 2 and (lat[:2] > 0.5).all()                     # two late in a row: gone
+    assert (lat[first_off:] > 0.5).mean() < 0.01                        # and the tail holds after
+    assert set(keys[first_off:]) <= {"small@2t", "mid@2t", "small@1t", "mid@1t"}
+
+
+def test_a_config_late_five_percent_of_the_time_is_left_though_its_median_fits():
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    keys, _ = drive(g, lambda o, i: 1.0, 3000, seed=2, late_noise=0.05)
+    assert keys[-1] != "big@2t" or g.switches > 0
+    assert keys.index(next(k for k in keys if k != "big@2t")) < 400
+
+
+def test_trials_are_paid_from_the_allowance_so_the_tail_holds():
+    # the big config is late whenever it runs (it alone slows: a memory-bound load), the others are fine
+    def slow(o, i):
+        return 1.5 if o.key.startswith("big") else 1.0
+
+    held = TailGuard(OPTS, Budget(latency_ms=0.5))
+    keys_h, lat_h = drive(held, slow, 20000, seed=3)
+    assert (lat_h > 0.5).mean() <= 0.01
+    # each failed trial of big costs >= 2 late runs; the allowance grows by 0.005 a run (+2 at the start)
+    assert held.probes["tried"] - held.probes["kept"] <= (2 + 20000 * 0.005) / 2
+    assert held.correction["big@2t"] > 1                               # it learnt that big slows more
+    assert keys_h.count("mid@2t") > 0.9 * len(keys_h)                   # the best that holds, mostly
+
+
+def test_one_thread_under_a_hog_on_the_other_core_and_back_when_the_os_says_free():
+    free = {"cores": 0.0}
+    hog = {"on": False}
+
+    def slow(o, i):
+        return 3.0 if hog["on"] and o.threads == 2 else 1.0
+
+    g = TailGuard(OPTS, Budget(latency_ms=0.8), idle_cores=lambda: free["cores"])
+    drive(g, slow, 1000)
+    assert g.current == "big@2t"
+    hog["on"] = True
+    keys, lat = drive(g, slow, 4000, seed=4)
+    assert keys[-1] == "big@1t"                                         # 0.72 ms fits 0.8, 2 threads do not
+    assert (lat > 0.8).mean() < 0.01
+    hog["on"], free["cores"] = False, 2.0
+    keys, _ = drive(g, slow, 4000, seed=5)
+    assert keys[-1] == "big@2t"
+    assert keys.index("big@2t") < 600
+
+
+@pytest.fixture(scope="module")
+def elastic(snnet_bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tail") / "sn.efx"
+    shutil.copytree(snnet_bundle[1], path)
+    rt = ef.Runtime(path, threads=1)
+    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
+    return path
+
+
+def test_runtime_set_budget_tail_policy_warm_switches_and_bad_arguments(elastic):
+    rt = ef.Runtime(elastic, threads=1)
+    prof = rt.latency_profile()["configs"]
+    best = max(rt.configs, key=lambda c: c.quality["value"]).name
+    assert rt.set_budget(Budget(latency_ms=1e6), policy="tail") == best
+    assert isinstance(rt.adapter, TailGuard) and rt._warm_switch
+    fastest = min(prof, key=lambda n: prof[n]["p50_ms"])
+    with pytest.raises(BudgetError, match="p99 fits"):
+        rt.set_budget(Budget(latency_ms=1e-6), policy="tail")
+    assert rt.set_budget(Budget(latency_ms=1e-6), policy="tail", degrade=True) == fastest
+    assert rt.budget_met is False
+    # every run late, every config as late: nothing would be late less, so the guard stays put
+    assert rt.set_budget(Budget(latency_ms=1e6), policy="tail") == best
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    rt.adapter.budget = 1e-6
+    for _ in range(5):
+        rt.run(x)
+    assert rt.adapter.switches == 0 and rt.config == best
+    # a switch the guard asks for is warmed on a background thread, then made current
+    key = rt.adapter._switch(rt.adapter.opts[fastest], trial=False)
+    rt._warm_then_switch(rt._by_key[key])
+    rt._warmer.join(5)
+    assert rt.config == fastest and not rt._warmer.is_alive()
+    # by hand: a warm switch runs the target first and lands on it
+    rt.set_budget(None)
+    rt.switch(fastest, warm=True)
+    assert rt.config == fastest
+    for kw, match in (({"policy": "fast"}, "policy"), ({"guarantee": 1}, "guarantee"),
+                      ({"warm_switch": "yes"}, "warm_switch")):
+        with pytest.raises(ef.UsageError, match=match):
+            rt.set_budget(Budget(latency_ms=1.0), **kw)
+    with pytest.raises(BudgetError, match="latency budget"):
+        rt.set_budget(Budget(memory_mb=1e6), policy="tail")
