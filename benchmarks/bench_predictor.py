@@ -29,7 +29,7 @@ from edgeflex.devices import detect_host, get_device, kernel_predictor
 from edgeflex.devices.measure import measure
 from edgeflex.devices.predictor import fit, leave_one_out
 from edgeflex.export.costs import config_costs
-from edgeflex.export.kernels import config_kernels
+from edgeflex.export.kernels import config_kernels, sample_kernels
 from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 from edgeflex.models.starnet import StarNet
@@ -282,12 +282,7 @@ def _limits(samples: list[dict], one_thread: list[dict] | None) -> list[str]:
             + " (bytes moved / p50): no single bandwidth fits every working-set size."
         )
     spread = np.array([s["spread_pct"] for s in samples])
-    split = []
-    for s in samples:
-        r = np.asarray(s["round_p50_ms"])
-        a, b = np.median(r[0::2]), np.median(r[1::2])
-        split.append(abs(a - b) / ((a + b) / 2) * 100)
-    split = np.array(split)
+    split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
     lines.append(
         f"- Measurement: split-half repeatability (median of even vs odd rounds) is within 10 % for "
         f"{np.mean(split <= 10):.0%} of configs (median {np.median(split):.1f} %), so noise in the "
@@ -441,9 +436,14 @@ def cpu_flags() -> str:
     return ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
 
 
-def unique_kernels(configs: dict[str, dict]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """Per config its kernels (export/kernels.py), and key -> {"kernel", "graph", "labels"} over all."""
+def unique_kernels(configs: dict[str, dict],
+                   sampled: int = 0) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Per config its kernels (export/kernels.py), and key -> {"kernel", "graph", "labels"} over all, with
+    `sampled` kernels of random shapes (export/kernels.sample_kernels; no labels) added."""
     per_config, unique = {}, {}
+    for k in sample_kernels(sampled):
+        unique.setdefault(k["key"], {"kernel": {f: v for f, v in k.items() if f != "graph"},
+                                     "graph": k["graph"], "labels": set()})
     for name, c in configs.items():
         ks = config_kernels([onnx.load_from_string(g) for g in c["graphs"]], with_graphs=True)
         for k in ks:
@@ -465,15 +465,17 @@ def _overhead_graph() -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def kernel_times(raw: dict[str, float]) -> dict[str, float]:
-    """Kernel times less the engine's per-run overhead (at least a tenth of the raw time)."""
-    o = raw.get(OVERHEAD, 0.0)
-    return {k: max(v - o, 0.1 * v) for k, v in raw.items() if k != OVERHEAD}
+def kernel_times(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Kernel times (median of the rounds' p50s) less the engine's per-run overhead (at least a tenth)."""
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    o = med.get(OVERHEAD, 0.0)
+    return {k: max(v - o, 0.1 * v) for k, v in med.items() if k != OVERHEAD}
 
 
-def measure_kernels(unique: dict[str, dict], threads: int, rounds: int, block_s: float) -> dict[str, float]:
-    """key -> p50 ms of each measurable kernel timed alone on ONNX Runtime (median of the rounds' p50s),
-    in shuffled interleaved rounds like the configs."""
+def measure_kernels(unique: dict[str, dict], threads: int, rounds: int,
+                    block_s: float) -> dict[str, list[float]]:
+    """key -> each round's p50 ms of each measurable kernel timed alone on ONNX Runtime, in shuffled
+    interleaved rounds like the configs."""
     backend = OnnxRuntimeBackend()
     runners = {}
     rng = np.random.default_rng(0)
@@ -500,7 +502,14 @@ def measure_kernels(unique: dict[str, dict], threads: int, rounds: int, block_s:
             per_round[k].append(measure(runners[k], warmup=1, runs=runs)["p50_ms"])
         print(f"  kernels round {r + 1}/{rounds} done ({len(order)} kernels, {threads} thread(s))",
               flush=True)
-    return {k: float(np.median(v)) for k, v in per_round.items()}
+    return per_round
+
+
+def _split_half(rounds: list[float]) -> float:
+    """|median of even rounds - median of odd rounds| as % of their mean."""
+    r = np.asarray(rounds)
+    a, b = np.median(r[0::2]), np.median(r[1::2])
+    return float(abs(a - b) / ((a + b) / 2) * 100)
 
 
 def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[int, dict[str, float]],
@@ -520,11 +529,12 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         + f" of the machine's CPU time while the configs were measured (shared machine; `uptime` load "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)  ",
         f"Measured: {len(per_config)} configs ({args.rounds} interleaved rounds of ~{args.block_ms:g} ms), "
-        f"{len(unique)} distinct kernels ({n_unmeasurable} with a non-float input, not timed; predicted by "
+        f"{len(unique)} distinct kernels ({args.sampled} of them sampled shapes: "
+        f"`export/kernels.sample_kernels`; {n_unmeasurable} with a non-float input, not timed; predicted by "
         f"their kind's regressor), {args.kernel_rounds} interleaved rounds of ~{args.kernel_block_ms:g} ms "
         "each  ",
         "Engine overhead per run (a one-float Relu, taken off each kernel's time): " + ", ".join(
-            f"{kernel_ms_by_t[t].get(OVERHEAD, float('nan')) * 1e3:.1f} µs at {t} thread(s)"
+            f"{np.median(kernel_ms_by_t[t].get(OVERHEAD, [np.nan])) * 1e3:.1f} µs at {t} thread(s)"
             for t in sorted(kernel_ms_by_t)) + "  ",
         f"Wall time: {wall_s:.0f} s",
         "",
@@ -540,25 +550,34 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         samples, kms = samples_by_t[t], kernel_times(kernel_ms_by_t[t])
         old = _loo(samples, host)
         ksamples = [(u["kernel"], kms[key], sorted(u["labels"])) for key, u in unique.items() if key in kms]
-        new = kernel_predictor.leave_one_out(
-            ksamples, [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples])
+        cs = [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples]
+        new = kernel_predictor.leave_one_out(ksamples, cs)
+        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs)
         met[t] = new["within_band"] >= 0.9
-        for name, r in (("old (per-kind costs)", old), ("new (kernels)", new)):
+        for name, r in (("old (per-kind costs)", old), ("new, the configs' kernels only", only),
+                        (f"new, + {args.sampled} sampled kernels", new)):
             lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
                          f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")
+        cfg_split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
+        k_split = np.array([_split_half(v) for k, v in kernel_ms_by_t[t].items() if k != OVERHEAD])
+        met[f"noise{t}"] = (f"at {t} thread(s), the median of even rounds vs odd rounds differs by at most "
+                            f"10 % for {np.mean(cfg_split <= 10):.0%} of configs and "
+                            f"{np.mean(k_split <= 10):.0%} of kernels")
         worst = sorted(new["rows"], key=lambda r: abs(r["error_pct"]), reverse=True)[:5]
         met[f"worst{t}"] = ", ".join(f"{r['label']} {r['error_pct']:+.0f} %" for r in worst)
     lines += ["", "Goal (issue 22): ≥ 90 % within ±10 % at 1 and 2 threads: " + "; ".join(
         f"{t} thread(s) **{'met' if met[t] else 'not met'}**" for t in sorted(samples_by_t)) + ".", ""]
-    lines += [f"Worst new-predictor configs at {t} thread(s): {met[f'worst{t}']}."
+    lines += [f"Worst new-predictor configs at {t} thread(s): {met[f'worst{t}']}.  "
               for t in sorted(samples_by_t)]
+    lines += ["", "Repeatability (split-half; the floor under any predictor's error): "
+              + "; ".join(met[f"noise{t}"] for t in sorted(samples_by_t)) + "."]
     return "\n".join(lines)
 
 
 def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: float) -> None:
     """Old vs new predictor, leave-one-out at 1 and --threads threads (issue 22)."""
-    per_config, unique = unique_kernels(configs)
-    print(f"{len(unique)} distinct kernels in {len(configs)} configs", flush=True)
+    per_config, unique = unique_kernels(configs, args.sampled)
+    print(f"{len(unique)} distinct kernels ({args.sampled} sampled)", flush=True)
     samples_by_t, kernel_ms_by_t, loads = {}, {}, {}
     for t in sorted({1, args.threads}):
         path, kpath = args.work / f"samples-t{t}.json", args.work / f"kernels-t{t}.json"
@@ -593,8 +612,9 @@ def main() -> None:
     )
     ap.add_argument("--kernels", action="store_true",
                     help="old vs kernel-level predictor at 1 and --threads threads (issue 22)")
-    ap.add_argument("--kernel-rounds", type=int, default=6)
+    ap.add_argument("--kernel-rounds", type=int, default=10)
     ap.add_argument("--kernel-block-ms", type=float, default=3.0)
+    ap.add_argument("--sampled", type=int, default=400, help="kernels of random shapes to time (--kernels)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -11,10 +11,12 @@ branches included). Identity/Constant/Dropout run as nothing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from .costs import (
     _FREE,
@@ -154,4 +156,75 @@ def config_kernels(graphs: list[onnx.ModelProto], *, with_graphs: bool = False) 
     return [k | {"call": i} for i, g in enumerate(graphs) for k in detect_kernels(g, with_graphs=with_graphs)]
 
 
-__all__ = ["config_kernels", "detect_kernels"]
+
+
+# Shapes drawn by `sample_kernels` (nn-Meter samples each kind's shapes around those of real models):
+# log-uniform between the bounds; kernels over MAX_SAMPLE_FLOPS are drawn again (none in edge models).
+MAX_SAMPLE_FLOPS = 60_000_000
+_SAMPLE_KINDS = ("conv", "dwconv", "matmul", "gemm", "elementwise")
+
+
+def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def _sample_graph(rng: np.random.Generator, kind: str) -> onnx.ModelProto:
+    f32 = onnx.TensorProto.FLOAT
+
+    def w(name: str, shape: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
+
+    act = rng.choice(["", "Relu", "Clip"])
+    inits, nodes = [], []
+    if kind in ("conv", "dwconv"):
+        c, hw, k = _log_int(rng, 3, 512), _log_int(rng, 4, 224), int(rng.choice([1, 3, 3, 7]))
+        co = c if kind == "dwconv" else _log_int(rng, 8, 512)
+        stride = int(rng.choice([1, 1, 2]))
+        group = c if kind == "dwconv" else 1
+        inits += [w("W", [co, c // group, k, k]), w("B", [co])]
+        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["h"], kernel_shape=[k, k], group=group,
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        x_shape = [1, c, hw, hw]
+    elif kind in ("matmul", "gemm"):
+        m, kk, n = int(rng.choice([1, 1, 3, 7, 16])), _log_int(rng, 16, 4096), _log_int(rng, 8, 4096)
+        if kind == "gemm":
+            inits += [w("W", [n, kk]), w("B", [n])]
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["h"], transB=1))
+            x_shape = [m, kk]
+        else:
+            inits.append(w("W", [kk, n]))
+            nodes.append(helper.make_node("MatMul", ["x", "W"], ["h"]))
+            x_shape = [1, m, kk]
+    else:
+        c, hw = _log_int(rng, 8, 512), _log_int(rng, 4, 112)
+        x_shape = [1, c, hw, hw]
+        nodes.append(helper.make_node(str(rng.choice(["Mul", "Add"])), ["x", "x2"], ["h"]))
+        act = ""
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["h"], ["y"]))
+    elif act == "Clip":
+        inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+        nodes.append(helper.make_node("Clip", ["h", "lo", "hi"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    inputs = [helper.make_tensor_value_info("x", f32, x_shape)]
+    if kind == "elementwise":
+        inputs.append(helper.make_tensor_value_info("x2", f32, x_shape))
+    g = helper.make_graph(nodes, "sample", inputs, [helper.make_tensor_value_info("y", f32, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def sample_kernels(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` kernels of randomly drawn shapes (conv, depthwise conv, MatMul, Gemm, each with or without ReLU /
+    Clip; elementwise Add and Mul), spread evenly over those kinds, each with its standalone "graph"."""
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        kind = _SAMPLE_KINDS[len(out) % len(_SAMPLE_KINDS)]
+        (k,) = detect_kernels(_sample_graph(rng, kind), with_graphs=True)
+        if 0 < k["flops"] <= MAX_SAMPLE_FLOPS:
+            out.append(k)
+    return out
+
+
+__all__ = ["config_kernels", "detect_kernels", "sample_kernels"]

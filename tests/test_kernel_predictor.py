@@ -16,7 +16,7 @@ from edgeflex.devices import kernel_predictor
 from edgeflex.devices.kernel_predictor import KernelPredictor, KernelRegressor
 from edgeflex.errors import DeviceError
 from edgeflex.export.costs import graph_costs
-from edgeflex.export.kernels import config_kernels, detect_kernels
+from edgeflex.export.kernels import MAX_SAMPLE_FLOPS, config_kernels, detect_kernels, sample_kernels
 from edgeflex.models.starnet import StarNet
 
 
@@ -127,3 +127,16 @@ def test_bad_kernel_and_config_samples_fail_in_one_line():
         kernel_predictor.fit([({"kind": "conv", "flops": 10}, 1.0)], [([], 1.0)])
     with pytest.raises(DeviceError, match="not an edgeflex kernel predictor"):
         KernelPredictor.from_json({"format": "x"})
+
+
+def test_sampled_kernels_cover_the_gemm_kinds_and_run_on_onnx_runtime():
+    import onnxruntime as ort
+
+    ks = sample_kernels(10, seed=3)
+    assert {k["kind"] for k in ks} == {"conv", "dwconv", "matmul", "elementwise"}
+    assert all(0 < k["flops"] <= MAX_SAMPLE_FLOPS for k in ks)
+    assert ks == [dict(k, graph=k["graph"]) for k in sample_kernels(10, seed=3)]   # seeded: repeatable
+    for k in ks[:5]:
+        s = ort.InferenceSession(k["graph"], providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.ones(i.shape, np.float32) for i in s.get_inputs()}
+        assert s.run(None, feeds)[0].size > 0
