@@ -220,8 +220,8 @@ def build_configs(work: Path) -> dict[str, dict]:
     return configs
 
 
-def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s: float) -> dict[str, dict]:
-    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
+def config_runners(configs: dict[str, dict], threads: int) -> dict[str, object]:
+    """name -> a call that runs the config's engines in order on a fixed input."""
     backend = OnnxRuntimeBackend()
     runners = {}
     for name, c in configs.items():
@@ -235,15 +235,26 @@ def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s
             return h
 
         runners[name] = run
-    est = {name: measure(fn, warmup=3, runs=5)["p50_ms"] for name, fn in runners.items()}
-    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    return runners
+
+
+def measure_rounds(runners: dict, block_s: dict, rounds: int, cap: int = 2000) -> dict[str, list[float]]:
+    """key -> each round's p50 ms: every key timed for ~block_s[key] per round, in shuffled rounds, so a
+    machine whose speed drifts slows every key alike."""
+    est = {k: measure(fn, warmup=3, runs=5)["p50_ms"] for k, fn in runners.items()}
+    per_round: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(rounds):
         random.Random(r).shuffle(order)
-        for name in order:
-            runs = int(min(2000, max(10, block_s * 1e3 / max(est[name], 1e-3))))
-            per_round[name].append(measure(runners[name], warmup=1, runs=runs)["p50_ms"])
-        print(f"  round {r + 1}/{rounds} done", flush=True)
+        for k in order:
+            runs = int(min(cap, max(10, block_s[k] * 1e3 / max(est[k], 1e-3))))
+            per_round[k].append(measure(runners[k], warmup=1, runs=runs)["p50_ms"])
+        print(f"  round {r + 1}/{rounds} done ({len(order)} configs and kernels)", flush=True)
+    return per_round
+
+
+def summarise(per_round: dict[str, list[float]]) -> dict[str, dict]:
+    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
     return {
         name: {
             "p50_ms": float(np.median(v)),
@@ -253,6 +264,12 @@ def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s
         }
         for name, v in per_round.items()
     }
+
+
+def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s: float) -> dict[str, dict]:
+    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
+    runners = config_runners(configs, threads)
+    return summarise(measure_rounds(runners, dict.fromkeys(runners, block_s), rounds))
 
 
 def _loo(samples: list[dict], host, key: str = "p50_ms") -> dict:
@@ -472,10 +489,8 @@ def kernel_times(rounds: dict[str, list[float]]) -> dict[str, float]:
     return {k: max(v - o, 0.1 * v) for k, v in med.items() if k != OVERHEAD}
 
 
-def measure_kernels(unique: dict[str, dict], threads: int, rounds: int,
-                    block_s: float) -> dict[str, list[float]]:
-    """key -> each round's p50 ms of each measurable kernel timed alone on ONNX Runtime, in shuffled
-    interleaved rounds like the configs."""
+def kernel_runners(unique: dict[str, dict], threads: int) -> dict[str, object]:
+    """key -> a call that runs the kernel alone on ONNX Runtime (each measurable kernel, and OVERHEAD)."""
     backend = OnnxRuntimeBackend()
     runners = {}
     rng = np.random.default_rng(0)
@@ -492,17 +507,7 @@ def measure_kernels(unique: dict[str, dict], threads: int, rounds: int,
     e0 = backend.load(_overhead_graph(), [], [], threads=threads)
     x0 = [np.ones(1, np.float32)]
     runners[OVERHEAD] = lambda: e0._run(x0)
-    est = {k: measure(fn, warmup=3, runs=5)["p50_ms"] for k, fn in runners.items()}
-    per_round: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    for r in range(rounds):
-        random.Random(100 + r).shuffle(order)
-        for k in order:
-            runs = int(min(500, max(5, block_s * 1e3 / max(est[k], 1e-3))))
-            per_round[k].append(measure(runners[k], warmup=1, runs=runs)["p50_ms"])
-        print(f"  kernels round {r + 1}/{rounds} done ({len(order)} kernels, {threads} thread(s))",
-              flush=True)
-    return per_round
+    return runners
 
 
 def _split_half(rounds: list[float]) -> float:
@@ -528,11 +533,11 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         + ", ".join(f"{v:.0%} at {t} thread(s)" for t, v in sorted(loads.items()))
         + f" of the machine's CPU time while the configs were measured (shared machine; `uptime` load "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)  ",
-        f"Measured: {len(per_config)} configs ({args.rounds} interleaved rounds of ~{args.block_ms:g} ms), "
+        f"Measured: {len(per_config)} configs (~{args.block_ms:g} ms each per round) and "
         f"{len(unique)} distinct kernels ({args.sampled} of them sampled shapes: "
         f"`export/kernels.sample_kernels`; {n_unmeasurable} with a non-float input, not timed; predicted by "
-        f"their kind's regressor), {args.kernel_rounds} interleaved rounds of ~{args.kernel_block_ms:g} ms "
-        "each  ",
+        f"their kind's regressor; ~{args.kernel_block_ms:g} ms each per round), all in the same "
+        f"{args.rounds} shuffled rounds  ",
         "Engine overhead per run (a one-float Relu, taken off each kernel's time): " + ", ".join(
             f"{np.median(kernel_ms_by_t[t].get(OVERHEAD, [np.nan])) * 1e3:.1f} µs at {t} thread(s)"
             for t in sorted(kernel_ms_by_t)) + "  ",
@@ -553,9 +558,11 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         cs = [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples]
         new = kernel_predictor.leave_one_out(ksamples, cs)
         only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs)
+        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs)
         met[t] = new["within_band"] >= 0.9
         for name, r in (("old (per-kind costs)", old), ("new, the configs' kernels only", only),
-                        (f"new, + {args.sampled} sampled kernels", new)):
+                        (f"new, + {args.sampled} sampled kernels", new),
+                        ("bound: new with the config's own kernels measured too", known)):
             lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
                          f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")
         cfg_split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
@@ -588,8 +595,19 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
                 s["costs"] = costs[s["label"]]
             kernel_ms_by_t[t] = json.loads(kpath.read_text())
         else:
-            samples, loads[t] = collect(configs, costs, t, args)
-            kernel_ms_by_t[t] = measure_kernels(unique, t, args.kernel_rounds, args.kernel_block_ms / 1e3)
+            # configs and kernels in the same shuffled rounds: both see the machine in the same state
+            print(f"measuring {len(configs)} configs and {len(unique)} kernels on {t} thread(s) ...",
+                  flush=True)
+            cfg, ker = config_runners(configs, t), kernel_runners(unique, t)
+            block = dict.fromkeys(cfg, args.block_ms / 1e3) | dict.fromkeys(ker, args.kernel_block_ms / 1e3)
+            with OthersLoad() as others:
+                rounds = measure_rounds(cfg | ker, block, args.rounds)
+            measured = summarise({k: rounds[k] for k in cfg})
+            samples = [{"label": n, "family": c["family"], "costs": costs[n], "threads": t, **measured[n]}
+                       for n, c in configs.items()]
+            loads[t] = others.share
+            path.write_text(json.dumps({"samples": samples, "others_load": others.share}, indent=1))
+            kernel_ms_by_t[t] = {k: rounds[k] for k in ker}
             kpath.write_text(json.dumps(kernel_ms_by_t[t]))
         samples_by_t[t] = samples
     body = kernel_comparison(samples_by_t, kernel_ms_by_t, per_config, unique, detect_host(), loads, args,
@@ -612,7 +630,6 @@ def main() -> None:
     )
     ap.add_argument("--kernels", action="store_true",
                     help="old vs kernel-level predictor at 1 and --threads threads (issue 22)")
-    ap.add_argument("--kernel-rounds", type=int, default=10)
     ap.add_argument("--kernel-block-ms", type=float, default=3.0)
     ap.add_argument("--sampled", type=int, default=400, help="kernels of random shapes to time (--kernels)")
     args = ap.parse_args()
