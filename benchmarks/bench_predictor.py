@@ -25,10 +25,11 @@ import onnx
 import torch
 from torch import nn
 
-from edgeflex.devices import detect_host, get_device
+from edgeflex.devices import detect_host, get_device, kernel_predictor
 from edgeflex.devices.measure import measure
 from edgeflex.devices.predictor import fit, leave_one_out
 from edgeflex.export.costs import config_costs
+from edgeflex.export.kernels import config_kernels, sample_kernels
 from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 from edgeflex.models.starnet import StarNet
@@ -38,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OthersLoad, command_line, machine_info, write_section
 
 SECTION = "## Latency predictor (issue 4): leave-one-out on this host"
+KERNEL_SECTION = "## Kernel-level latency predictor (issue 22): old vs new leave-one-out on this CPU"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+             "amx_bf16", "asimd", "sve")
 
 # name -> (base_dim, depths, mlp_ratio): upstream variants and narrower/shallower ones for spread.
 STARNETS = {
@@ -216,8 +220,8 @@ def build_configs(work: Path) -> dict[str, dict]:
     return configs
 
 
-def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s: float) -> dict[str, dict]:
-    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
+def config_runners(configs: dict[str, dict], threads: int) -> dict[str, object]:
+    """name -> a call that runs the config's engines in order on a fixed input."""
     backend = OnnxRuntimeBackend()
     runners = {}
     for name, c in configs.items():
@@ -231,15 +235,26 @@ def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s
             return h
 
         runners[name] = run
-    est = {name: measure(fn, warmup=3, runs=5)["p50_ms"] for name, fn in runners.items()}
-    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    return runners
+
+
+def measure_rounds(runners: dict, block_s: dict, rounds: int, cap: int = 2000) -> dict[str, list[float]]:
+    """key -> each round's p50 ms: every key timed for ~block_s[key] per round, in shuffled rounds, so a
+    machine whose speed drifts slows every key alike."""
+    est = {k: measure(fn, warmup=3, runs=5)["p50_ms"] for k, fn in runners.items()}
+    per_round: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(rounds):
         random.Random(r).shuffle(order)
-        for name in order:
-            runs = int(min(2000, max(10, block_s * 1e3 / max(est[name], 1e-3))))
-            per_round[name].append(measure(runners[name], warmup=1, runs=runs)["p50_ms"])
-        print(f"  round {r + 1}/{rounds} done", flush=True)
+        for k in order:
+            runs = int(min(cap, max(10, block_s[k] * 1e3 / max(est[k], 1e-3))))
+            per_round[k].append(measure(runners[k], warmup=1, runs=runs)["p50_ms"])
+        print(f"  round {r + 1}/{rounds} done ({len(order)} configs and kernels)", flush=True)
+    return per_round
+
+
+def summarise(per_round: dict[str, list[float]]) -> dict[str, dict]:
+    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
     return {
         name: {
             "p50_ms": float(np.median(v)),
@@ -249,6 +264,12 @@ def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s
         }
         for name, v in per_round.items()
     }
+
+
+def measure_configs(configs: dict[str, dict], threads: int, rounds: int, block_s: float) -> dict[str, dict]:
+    """Per config: p50 (median over rounds of each round's block median) and the spread of the rounds."""
+    runners = config_runners(configs, threads)
+    return summarise(measure_rounds(runners, dict.fromkeys(runners, block_s), rounds))
 
 
 def _loo(samples: list[dict], host, key: str = "p50_ms") -> dict:
@@ -278,12 +299,7 @@ def _limits(samples: list[dict], one_thread: list[dict] | None) -> list[str]:
             + " (bytes moved / p50): no single bandwidth fits every working-set size."
         )
     spread = np.array([s["spread_pct"] for s in samples])
-    split = []
-    for s in samples:
-        r = np.asarray(s["round_p50_ms"])
-        a, b = np.median(r[0::2]), np.median(r[1::2])
-        split.append(abs(a - b) / ((a + b) / 2) * 100)
-    split = np.array(split)
+    split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
     lines.append(
         f"- Measurement: split-half repeatability (median of even vs odd rounds) is within 10 % for "
         f"{np.mean(split <= 10):.0%} of configs (median {np.median(split):.1f} %), so noise in the "
@@ -427,6 +443,180 @@ def collect(configs: dict[str, dict], costs: dict[str, dict], threads: int, args
     return samples, others.share
 
 
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f
+                          if ln.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    return ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
+
+
+def unique_kernels(configs: dict[str, dict],
+                   sampled: int = 0) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Per config its kernels (export/kernels.py), and key -> {"kernel", "graph", "labels"} over all, with
+    `sampled` kernels of random shapes (export/kernels.sample_kernels; no labels) added."""
+    per_config, unique = {}, {}
+    for k in sample_kernels(sampled):
+        unique.setdefault(k["key"], {"kernel": {f: v for f, v in k.items() if f != "graph"},
+                                     "graph": k["graph"], "labels": set()})
+    for name, c in configs.items():
+        ks = config_kernels([onnx.load_from_string(g) for g in c["graphs"]], with_graphs=True)
+        for k in ks:
+            u = unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"], "labels": set()})
+            u["labels"].add(name)
+        per_config[name] = [{f: v for f, v in k.items() if f != "graph"} for k in ks]
+    return per_config, unique
+
+
+OVERHEAD = "__run_overhead__"
+
+
+def _overhead_graph() -> bytes:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def kernel_times(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Kernel times (median of the rounds' p50s) less the engine's per-run overhead (at least a tenth)."""
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    o = med.get(OVERHEAD, 0.0)
+    return {k: max(v - o, 0.1 * v) for k, v in med.items() if k != OVERHEAD}
+
+
+def kernel_runners(unique: dict[str, dict], threads: int) -> dict[str, object]:
+    """key -> a call that runs the kernel alone on ONNX Runtime (each measurable kernel, and OVERHEAD)."""
+    backend = OnnxRuntimeBackend()
+    runners = {}
+    rng = np.random.default_rng(0)
+    for key, u in unique.items():
+        if u["graph"] is None:
+            continue
+        g = onnx.load_from_string(u["graph"])
+        xs = [rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(np.float32)
+              for vi in g.graph.input]
+        e = backend.load(u["graph"], [], [], threads=threads)
+        runners[key] = lambda e=e, xs=xs: e._run(xs)
+    # the engine's cost of one run of next to nothing (a Relu of one float), taken off every kernel's time
+    # (a config pays it once per engine call, not per kernel)
+    e0 = backend.load(_overhead_graph(), [], [], threads=threads)
+    x0 = [np.ones(1, np.float32)]
+    runners[OVERHEAD] = lambda: e0._run(x0)
+    return runners
+
+
+def _split_half(rounds: list[float]) -> float:
+    """|median of even rounds - median of odd rounds| as % of their mean."""
+    r = np.asarray(rounds)
+    a, b = np.median(r[0::2]), np.median(r[1::2])
+    return float(abs(a - b) / ((a + b) / 2) * 100)
+
+
+def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[int, dict[str, float]],
+                      per_config: dict[str, list[dict]], unique: dict[str, dict], host, loads: dict,
+                      args, wall_s: float) -> str:
+    info = machine_info(max(samples_by_t))
+    n_unmeasurable = sum(u["graph"] is None for u in unique.values())
+    lines = [
+        f"Command: `{command_line()}`  ",
+        f"Machine: {info['cpu']}, {info['cores']}; {info['os']}  ",
+        f"CPU flags: {cpu_flags()}  ",
+        f"Versions: {info['versions']}  ",
+        "Engine: ONNX Runtime CPU, the Runtime's session settings; configs timed whole, kernels timed alone "
+        "(each fused kernel as its own ONNX graph)  ",
+        "Load: other processes used "
+        + ", ".join(f"{v:.0%} at {t} thread(s)" for t, v in sorted(loads.items()))
+        + f" of the machine's CPU time while the configs were measured (shared machine; `uptime` load "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)  ",
+        f"Measured: {len(per_config)} configs (~{args.block_ms:g} ms each per round) and "
+        f"{len(unique)} distinct kernels ({args.sampled} of them sampled shapes: "
+        f"`export/kernels.sample_kernels`; {n_unmeasurable} with a non-float input, not timed; predicted by "
+        f"their kind's regressor; ~{args.kernel_block_ms:g} ms each per round), all in the same "
+        f"{args.rounds} shuffled rounds  ",
+        "Engine overhead per run (a one-float Relu, taken off each kernel's time): " + ", ".join(
+            f"{np.median(kernel_ms_by_t[t].get(OVERHEAD, [np.nan])) * 1e3:.1f} µs at {t} thread(s)"
+            for t in sorted(kernel_ms_by_t)) + "  ",
+        f"Wall time: {wall_s:.0f} s",
+        "",
+        "Leave-one-out: the old predictor (`devices/predictor.py`, operator-level costs per kind) against "
+        "the kernel-level one (`devices/kernel_predictor.py`): for each config, the config and every "
+        "kernel seen only in it are left out, both are refitted on the rest, and the config is predicted.",
+        "",
+        "| threads | predictor | configs | within ±10 % | within ±20 % | median abs error % | worst % |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    met = {}
+    for t in sorted(samples_by_t):
+        samples, kms = samples_by_t[t], kernel_times(kernel_ms_by_t[t])
+        old = _loo(samples, host)
+        ksamples = [(u["kernel"], kms[key], sorted(u["labels"])) for key, u in unique.items() if key in kms]
+        cs = [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples]
+        new = kernel_predictor.leave_one_out(ksamples, cs)
+        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs)
+        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs)
+        met[t] = new["within_band"] >= 0.9
+        for name, r in (("old (per-kind costs)", old), ("new, the configs' kernels only", only),
+                        (f"new, + {args.sampled} sampled kernels", new),
+                        ("bound: new with the config's own kernels measured too", known)):
+            lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
+                         f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")
+        cfg_split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
+        k_split = np.array([_split_half(v) for k, v in kernel_ms_by_t[t].items() if k != OVERHEAD])
+        met[f"noise{t}"] = (f"at {t} thread(s), the median of even rounds vs odd rounds differs by at most "
+                            f"10 % for {np.mean(cfg_split <= 10):.0%} of configs and "
+                            f"{np.mean(k_split <= 10):.0%} of kernels")
+        worst = sorted(new["rows"], key=lambda r: abs(r["error_pct"]), reverse=True)[:5]
+        met[f"worst{t}"] = ", ".join(f"{r['label']} {r['error_pct']:+.0f} %" for r in worst)
+    lines += ["", "Goal (issue 22): ≥ 90 % within ±10 % at 1 and 2 threads: " + "; ".join(
+        f"{t} thread(s) **{'met' if met[t] else 'not met'}**" for t in sorted(samples_by_t)) + ".", ""]
+    lines += [f"Worst new-predictor configs at {t} thread(s): {met[f'worst{t}']}.  "
+              for t in sorted(samples_by_t)]
+    lines += ["", "Repeatability (split-half; the floor under any predictor's error): "
+              + "; ".join(met[f"noise{t}"] for t in sorted(samples_by_t)) + "."]
+    return "\n".join(lines)
+
+
+def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: float) -> None:
+    """Old vs new predictor, leave-one-out at 1 and --threads threads (issue 22)."""
+    per_config, unique = unique_kernels(configs, args.sampled)
+    print(f"{len(unique)} distinct kernels ({args.sampled} sampled)", flush=True)
+    samples_by_t, kernel_ms_by_t, loads = {}, {}, {}
+    for t in sorted({1, args.threads}):
+        path, kpath = args.work / f"samples-t{t}.json", args.work / f"kernels-t{t}.json"
+        if args.reuse_samples and path.exists() and kpath.exists():
+            saved = json.loads(path.read_text())
+            samples, loads[t] = saved["samples"], saved["others_load"]
+            for s in samples:
+                s["costs"] = costs[s["label"]]
+            kernel_ms_by_t[t] = json.loads(kpath.read_text())
+        else:
+            # configs and kernels in the same shuffled rounds: both see the machine in the same state
+            print(f"measuring {len(configs)} configs and {len(unique)} kernels on {t} thread(s) ...",
+                  flush=True)
+            cfg, ker = config_runners(configs, t), kernel_runners(unique, t)
+            block = dict.fromkeys(cfg, args.block_ms / 1e3) | dict.fromkeys(ker, args.kernel_block_ms / 1e3)
+            with OthersLoad() as others:
+                rounds = measure_rounds(cfg | ker, block, args.rounds)
+            measured = summarise({k: rounds[k] for k in cfg})
+            samples = [{"label": n, "family": c["family"], "costs": costs[n], "threads": t, **measured[n]}
+                       for n, c in configs.items()]
+            loads[t] = others.share
+            path.write_text(json.dumps({"samples": samples, "others_load": others.share}, indent=1))
+            kernel_ms_by_t[t] = {k: rounds[k] for k in ker}
+            kpath.write_text(json.dumps(kernel_ms_by_t[t]))
+        samples_by_t[t] = samples
+    body = kernel_comparison(samples_by_t, kernel_ms_by_t, per_config, unique, detect_host(), loads, args,
+                             time.perf_counter() - t0)
+    print(body)
+    if args.out:
+        write_section(args.out, KERNEL_SECTION, "bench_predictor_kernels", body, script="bench_predictor")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeflex-bench-predictor"))
@@ -438,6 +628,10 @@ def main() -> None:
     ap.add_argument(
         "--reuse-samples", action="store_true", help="refit from --work/samples-t*.json, measure nothing"
     )
+    ap.add_argument("--kernels", action="store_true",
+                    help="old vs kernel-level predictor at 1 and --threads threads (issue 22)")
+    ap.add_argument("--kernel-block-ms", type=float, default=3.0)
+    ap.add_argument("--sampled", type=int, default=400, help="kernels of random shapes to time (--kernels)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -446,6 +640,9 @@ def main() -> None:
     print("building configs ...", flush=True)
     configs = build_configs(args.work)
     costs = {n: config_costs([onnx.load_from_string(g) for g in c["graphs"]]) for n, c in configs.items()}
+    if args.kernels:
+        run_kernels(configs, costs, args, t0)
+        return
     if args.reuse_samples and paths[args.threads].exists():
         saved = json.loads(paths[args.threads].read_text())
         samples, load = saved["samples"], saved["others_load"]

@@ -185,16 +185,34 @@ class Predictor:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Predictor:
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise DeviceError(f"not an edgeflex latency predictor (expected \"format\": \"{FORMAT}\")")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise DeviceError(f"latency predictor format version {d.get('format_version')!r}; this edgeflex "
-                              f"reads {FORMAT_VERSION}: refit it with devices.predictor.fit")
+        check_format(d, FORMAT, FORMAT_VERSION, "latency predictor")
         unknown = set(d["coef"]) - set(FEATURES)
         if unknown:
             raise DeviceError(f"latency predictor has unknown coefficients {sorted(unknown)}; refit it")
         return cls({k: float(v) for k, v in d["coef"].items()}, dict(d["reference"]), int(d["n_samples"]),
                    float(d.get("ridge", 0.0)), dict(d.get("fit_error", {})))
+
+
+def check_format(d: Any, fmt: str, version: int, what: str) -> None:
+    """Raise a one-line DeviceError unless `d` is a saved `what` of format `fmt`, version `version`."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise DeviceError(f"not an edgeflex {what} (expected \"format\": \"{fmt}\")")
+    if d.get("format_version") != version:
+        raise DeviceError(f"{what} format version {d.get('format_version')!r}; this edgeflex reads "
+                          f"{version}: refit it")
+
+
+def loo_summary(labels: Sequence[str], y: np.ndarray, pred: np.ndarray,
+                band_pct: float) -> dict[str, Any]:
+    """The leave-one-out summary of predictions `pred` of measured `y`: share within +-band_pct % and
+    +-20 %, median/mean/max absolute % error, and the per-sample rows."""
+    err = (pred - y) / y * 100
+    abs_err = np.abs(err)
+    rows = [{"label": lab, "measured_ms": float(m), "predicted_ms": float(p), "error_pct": float(e)}
+            for lab, m, p, e in zip(labels, y, pred, err)]
+    return {"n": len(y), "band_pct": band_pct, "within_band": float(np.mean(abs_err <= band_pct)),
+            "within_20pct": float(np.mean(abs_err <= 20)), "median_abs_pct": float(np.median(abs_err)),
+            "mean_abs_pct": float(abs_err.mean()), "max_abs_pct": float(abs_err.max()), "rows": rows}
 
 
 def _split(samples: Sequence[Sample]) -> tuple[list[dict], np.ndarray, list[str]]:
@@ -263,14 +281,7 @@ def leave_one_out(samples: Sequence[Sample], device: Device, *, unit: str = "cpu
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
         pred[i] = x[i] @ _solve(x[keep], y[keep], ridge)
-    err = (pred - y) / y * 100
-    abs_err = np.abs(err)
-    rows = [{"label": lab, "measured_ms": float(m), "predicted_ms": float(p), "error_pct": float(e)}
-            for lab, m, p, e in zip(labels, y, pred, err)]
-    return {"n": len(y), "band_pct": band_pct, "within_band": float(np.mean(abs_err <= band_pct)),
-            "within_20pct": float(np.mean(abs_err <= 20)), "median_abs_pct": float(np.median(abs_err)),
-            "mean_abs_pct": float(abs_err.mean()), "max_abs_pct": float(abs_err.max()),
-            "device": device.name, "unit": unit, "rows": rows}
+    return loo_summary(labels, y, pred, band_pct) | {"device": device.name, "unit": unit}
 
 
 __all__ = ["FEATURES", "KINDS", "Predictor", "features", "fit", "leave_one_out", "nnls"]

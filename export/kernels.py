@@ -1,0 +1,230 @@
+"""The kernels an ONNX graph runs as, for the kernel-level latency predictor (`devices/kernel_predictor.py`,
+nn-Meter's method): fused units as a CPU engine runs them, each with its costs and a standalone graph that
+can be timed on the device. Owns detection and graph extraction; timing and fitting live in devices/.
+
+Fusion rules (what ONNX Runtime fuses on CPU): a Conv / MatMul / Gemm / normalisation / DFT / data node
+heads a unit and absorbs the elementwise nodes that follow it one by one while each intermediate result has
+a single consumer and the absorbed node's other inputs are constants (bias Add, ReLU, Clip, a scale Mul);
+an elementwise node heads a chain that absorbs any elementwise successors (the star op's Mul of two
+branches included). Identity/Constant/Dropout run as nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from .costs import (
+    _FREE,
+    SMALL_OP_FLOPS,
+    _flops,
+    _numel,
+    _pad_flops,
+    _setup_flops,
+    _shapes,
+    _with_shapes,
+    op_kind,
+)
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - data propagation fails on some graphs; plain inference is the fallback
+        return shape_inference.infer_shapes(model)
+
+
+def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                   *, with_graphs: bool = False) -> list[dict[str, Any]]:
+    """The fused kernels of `model` at batch 1 (or `input_shapes`), in graph order.
+
+    Each: {"kind" (one of costs.KINDS, the head node's), "ops" ("Conv+Relu"), "flops", "bytes" (external
+    inputs, weights and outputs, once), "weight_bytes" (its constant inputs), "pad_flops", "setup_flops",
+    "small" (1 if under SMALL_OP_FLOPS), "key" (kind, ops and every input shape and attribute: equal keys
+    are the same kernel)}; with
+    `with_graphs`, also "graph": the kernel as a standalone ONNX graph (serialised), None where one of its
+    inputs is not a float tensor of known shape (it cannot be fed random data)."""
+    m = _infer(_with_shapes(model, input_shapes))
+    shapes, sizes = _shapes(m)
+    infos = {vi.name: vi for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]}
+    inits = {t.name: t for t in m.graph.initializer}
+    const_nodes = {o: n for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    # an Identity of a weight (torch's shared parameters) is a constant too; the kernel graph keeps it
+    for n in m.graph.node:
+        if n.op_type in _FREE and n.op_type != "Constant" and n.input and \
+                n.input[0] in inits | const_nodes.keys():
+            const_nodes.update(dict.fromkeys(n.output, n))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in m.graph.output}
+
+    def constant(name: str) -> bool:
+        return not name or name in inits or name in const_nodes
+
+    taken: set[int] = set()
+    units: list[list[onnx.NodeProto]] = []
+    for node in m.graph.node:
+        if id(node) in taken or node.op_type in _FREE:
+            continue
+        unit, head_kind = [node], op_kind(node, shapes)
+        taken.add(id(node))
+        while len(unit[-1].output) == 1:
+            out = unit[-1].output[0]
+            nxt = consumers.get(out, [])
+            if len(nxt) != 1 or out in graph_outputs or id(nxt[0]) in taken:
+                break
+            cand = nxt[0]
+            if op_kind(cand, shapes) != "elementwise":
+                break
+            others = [i for i in cand.input if i != out]
+            if head_kind != "elementwise" and not all(constant(i) for i in others):
+                break
+            # every other input must already exist (no node later in the graph feeds it)
+            if any(i and i not in inits and i not in const_nodes and i not in infos for i in others):
+                break
+            unit.append(cand)
+            taken.add(id(cand))
+        units.append(unit)
+    return [_describe(u, shapes, sizes, infos, inits, const_nodes, m, with_graphs) for u in units]
+
+
+def _describe(unit: list[onnx.NodeProto], shapes: dict, sizes: dict, infos: dict, inits: dict,
+              const_nodes: dict, m: onnx.ModelProto, with_graphs: bool) -> dict[str, Any]:
+    head = unit[0]
+    kind = op_kind(head, shapes)
+    produced = {o for n in unit for o in n.output}
+    used = {i for n in unit for i in n.input}
+    ext_in = [i for n in unit for i in n.input if i and i not in produced]
+    ext_in = list(dict.fromkeys(ext_in))
+    outs = [o for n in unit for o in n.output if o and (o not in used)]
+    flops = pad = setup = 0
+    for n in unit:
+        k = op_kind(n, shapes)
+        ins = [shapes.get(i) if i else None for i in n.input]
+        out = shapes.get(n.output[0]) if n.output else None
+        f = _flops(n, k, ins, out)
+        flops += f
+        pad += _pad_flops(n, k, ins, out, f)
+        setup += _setup_flops(n, k, ins)
+    moved = sum(_numel(shapes.get(t)) * sizes.get(t, 4) for t in [*ext_in, *outs])
+    weights = sum(_numel(shapes.get(t)) * sizes.get(t, 4) for t in ext_in if t in inits or t in const_nodes)
+    attrs = [(a.name, str(helper.get_attribute_value(a))) for n in unit for a in n.attribute]
+    key = f"{kind}|{'+'.join(n.op_type for n in unit)}|{[shapes.get(i) for i in ext_in]}|{attrs}"
+    k = {"kind": kind, "ops": "+".join(n.op_type for n in unit), "flops": int(flops), "bytes": int(moved),
+         "weight_bytes": int(weights), "pad_flops": int(pad), "setup_flops": int(setup),
+         "small": int(0 < flops < SMALL_OP_FLOPS), "key": key}
+    if with_graphs:
+        k["graph"] = _standalone(unit, ext_in, outs, shapes, infos, inits, const_nodes, m)
+    return k
+
+
+def _standalone(unit: list[onnx.NodeProto], ext_in: list[str], outs: list[str], shapes: dict, infos: dict,
+                inits: dict, const_nodes: dict, m: onnx.ModelProto) -> bytes | None:
+    inputs, inis, nodes = [], [], []
+    for name in ext_in:
+        if name in inits:
+            inis.append(inits[name])
+        elif name in const_nodes:
+            n = const_nodes[name]
+            nodes.append(n)
+            for i in n.input:                       # an Identity's weight, or a Constant's (none)
+                if i in inits:
+                    inis.append(inits[i])
+                elif i in const_nodes:
+                    nodes.insert(0, const_nodes[i])
+        else:
+            vi = infos.get(name)
+            if vi is None or shapes.get(name) is None or \
+                    vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+                return None
+            inputs.append(vi)
+    outputs = [infos.get(o) or helper.make_empty_tensor_value_info(o) for o in outs]
+    g = helper.make_graph([*nodes, *unit], "kernel", inputs, outputs, inis)
+    model = helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+    return model.SerializeToString()
+
+
+def config_kernels(graphs: list[onnx.ModelProto], *, with_graphs: bool = False) -> list[dict[str, Any]]:
+    """The kernels of a config that runs `graphs` in order (one engine call each), each tagged with the
+    index of its graph (`call`)."""
+    return [k | {"call": i} for i, g in enumerate(graphs) for k in detect_kernels(g, with_graphs=with_graphs)]
+
+
+
+
+# Shapes drawn by `sample_kernels` (nn-Meter samples each kind's shapes around those of real models):
+# log-uniform between the bounds; kernels over MAX_SAMPLE_FLOPS are drawn again (none in edge models).
+MAX_SAMPLE_FLOPS = 60_000_000
+_SAMPLE_KINDS = ("conv", "dwconv", "matmul", "gemm", "elementwise")
+
+
+def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def _sample_graph(rng: np.random.Generator, kind: str) -> onnx.ModelProto:
+    f32 = onnx.TensorProto.FLOAT
+
+    def w(name: str, shape: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
+
+    act = rng.choice(["", "Relu", "Clip"])
+    inits, nodes = [], []
+    if kind in ("conv", "dwconv"):
+        c, hw, k = _log_int(rng, 3, 512), _log_int(rng, 4, 224), int(rng.choice([1, 3, 3, 7]))
+        co = c if kind == "dwconv" else _log_int(rng, 8, 512)
+        stride = int(rng.choice([1, 1, 2]))
+        group = c if kind == "dwconv" else 1
+        inits += [w("W", [co, c // group, k, k]), w("B", [co])]
+        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["h"], kernel_shape=[k, k], group=group,
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        x_shape = [1, c, hw, hw]
+    elif kind in ("matmul", "gemm"):
+        m, kk, n = int(rng.choice([1, 1, 3, 7, 16])), _log_int(rng, 16, 4096), _log_int(rng, 8, 4096)
+        if kind == "gemm":
+            inits += [w("W", [n, kk]), w("B", [n])]
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["h"], transB=1))
+            x_shape = [m, kk]
+        else:
+            inits.append(w("W", [kk, n]))
+            nodes.append(helper.make_node("MatMul", ["x", "W"], ["h"]))
+            x_shape = [1, m, kk]
+    else:
+        c, hw = _log_int(rng, 8, 512), _log_int(rng, 4, 112)
+        x_shape = [1, c, hw, hw]
+        nodes.append(helper.make_node(str(rng.choice(["Mul", "Add"])), ["x", "x2"], ["h"]))
+        act = ""
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["h"], ["y"]))
+    elif act == "Clip":
+        inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+        nodes.append(helper.make_node("Clip", ["h", "lo", "hi"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    inputs = [helper.make_tensor_value_info("x", f32, x_shape)]
+    if kind == "elementwise":
+        inputs.append(helper.make_tensor_value_info("x2", f32, x_shape))
+    g = helper.make_graph(nodes, "sample", inputs, [helper.make_tensor_value_info("y", f32, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def sample_kernels(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` kernels of randomly drawn shapes (conv, depthwise conv, MatMul, Gemm, each with or without ReLU /
+    Clip; elementwise Add and Mul), spread evenly over those kinds, each with its standalone "graph"."""
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        kind = _SAMPLE_KINDS[len(out) % len(_SAMPLE_KINDS)]
+        (k,) = detect_kernels(_sample_graph(rng, kind), with_graphs=True)
+        if 0 < k["flops"] <= MAX_SAMPLE_FLOPS:
+            out.append(k)
+    return out
+
+
+__all__ = ["config_kernels", "detect_kernels", "sample_kernels"]
