@@ -30,6 +30,7 @@ from common import OthersLoad, machine_and_run, publish, time_interleaved, timin
 SECTION = "## FITS as its authors write it (issue 18): recognised in the graph, vs edgeflex's own FITS"
 RUNS = 400
 TARGETS = {"tvm": 10.0, "onnxruntime": 3.0}       # eager / edgeflex, batch 1, the authors' model
+ORT1 = "edgeflex on ONNX Runtime, 1 thread (`Runtime.run`)"
 
 
 def cpu_flags() -> str:
@@ -82,6 +83,9 @@ def main() -> None:
                          f"({', '.join(engine.get('kernel_functions', []))}), compiled in "
                          f"{time.perf_counter() - t0:.1f} s")
             ort_rt = ef.Runtime(path, backend="onnxruntime", threads=a.threads)
+            # ONNX Runtime's intra-op pool costs more than it saves on a graph this small (a sync per op):
+            # the user's choice of threads=1 is timed too, and each side is judged at its faster count
+            ort_rt1 = ef.Runtime(path, backend="onnxruntime", threads=1) if a.threads != 1 else None
             tvm_rt = ef.Runtime(path, backend="tvm", threads=a.threads)
             with torch.inference_mode():
                 want = model(xt)
@@ -89,6 +93,8 @@ def main() -> None:
             contenders[(name, f"PyTorch eager, {a.threads} threads")] = lambda m=model: _eager(m, xt)
             contenders[(name, "PyTorch eager, 1 thread")] = lambda m=model: _eager(m, xt, 1, a.threads)
             contenders[(name, "edgeflex on ONNX Runtime (`Runtime.run`)")] = lambda r=ort_rt: r.run(x)
+            if ort_rt1 is not None:
+                contenders[(name, ORT1)] = lambda r=ort_rt1: r.run(x)
             contenders[(name, "edgeflex on TVM (`Runtime.run`)")] = lambda r=tvm_rt: r.run(x)
             for label, rt in (("ORT", ort_rt), ("TVM", tvm_rt)):
                 got = rt.run(x)
@@ -112,19 +118,25 @@ def main() -> None:
         med = float(np.median(t))
         rows.append(f"| {name} | {who} | {med:.4f} | {np.percentile(t, 90):.4f} | {eager / med:.1f}x | "
                     f"{ort_t / med:.2f}x |")
-    for backend, key in (("tvm", "edgeflex on TVM (`Runtime.run`)"),
-                         ("onnxruntime", "edgeflex on ONNX Runtime (`Runtime.run`)")):
+    for backend, keys in (("tvm", ["edgeflex on TVM (`Runtime.run`)"]),
+                          ("onnxruntime", ["edgeflex on ONNX Runtime (`Runtime.run`)", ORT1])):
         eager = eager_ms("authors' FITS")
-        ratio = eager / np.median(times[f"authors' FITS / {key}"])
+        at = {k: float(np.median(times[f"authors' FITS / {k}"])) for k in keys
+              if f"authors' FITS / {k}" in times}
+        best = min(at, key=at.get)
+        ratio = eager / at[best]
         ok = "**met**" if ratio >= TARGETS[backend] else "**not met**"
-        verdicts.append(f"- the authors' FITS on {backend}: {ratio:.1f}x eager "
-                        f"(goal >= {TARGETS[backend]:.0f}x: {ok})")
+        also = (f"; at {a.threads} threads {eager / at[keys[0]]:.1f}x" if best != keys[0] else "")
+        verdicts.append(f"- the authors' FITS on {backend}: {ratio:.1f}x eager, each at its faster thread "
+                        f"count ({best}{also}) (goal >= {TARGETS[backend]:.0f}x: {ok})")
     body = "\n".join([
         "| model | contender | median ms | p90 ms | faster eager / this | ORT / this |",
         "|---|---|---:|---:|---:|---:|",
         *rows, "",
         "Batch 1, the same input for every contender; the authors' eager row computes both of its outputs, "
-        "and so do its bundles (`xy` and `low_xy * sqrt(var)`).",
+        "and so do its bundles (`xy` and `low_xy * sqrt(var)`). Eager and edgeflex are each judged at their "
+        "faster thread count (eager: 1 or 2 OpenMP threads; ONNX Runtime: `Runtime(threads=1)` or the run's "
+        "count), as a user would pick it; every row is shown.",
         "",
         *verdicts,
         f"- the two models hold the same weights: max |their xy - ours| = {diff:.1e} in eager",
