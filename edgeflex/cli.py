@@ -169,11 +169,12 @@ def cmd_info(a: argparse.Namespace) -> int:
               f"TensorRT {trt['version']}'s ONNX parser would reject ({trt['restricted_to_review']} with "
               "restrictions to review)")
     print(f"tools    {', '.join(f'{k} {v}' for k, v in info['tools'].items())}")
-    rows = [[c["name"], _quality_str(c["quality"]), f"{(c['flops'] or 0) / 1e6:.2f}",
+    rows = [[c["name"], c.get("precision", "fp32"), _quality_str(c["quality"]),
+             f"{(c['flops'] or 0) / 1e6:.2f}",
              f"{(c['param_bytes'] or 0) / 1024:.1f}", " > ".join(c.get("segments", [])) or c.get("graph", "")]
             for c in info["configs"]]
     print()
-    print(_table(rows, ["config", "quality", "MFLOPs", "param KiB", "runs"]))
+    print(_table(rows, ["config", "precision", "quality", "MFLOPs", "param KiB", "runs"]))
     files = m["files"]
     print(f"\nbundle size {sum(f['bytes'] for f in files.values()) / 1024:.1f} KiB in {len(files)} files"
           + (f"; DRESS: dense weights {m['dress']['storage']['dense_weight_bytes'] / 1024:.1f} KiB + level "
@@ -426,9 +427,10 @@ def cmd_query(a: argparse.Namespace) -> int:
         print(json.dumps({"device": a.device, "budget": budget.__dict__, "margin": a.margin, "configs": hits},
                          indent=1))
         return 0
-    rows = [[h["name"], _quality_str(h["quality"]), f"{h['p50_ms']:.4f}", f"{h['p90_ms']:.4f}",
-             f"{h.get('peak_memory_mb', float('nan')):.1f}", h["source"]] for h in hits]
-    print(_table(rows, ["config", "quality", "p50 ms", "p90 ms", "peak MB", "latency"]) if rows else
+    rows = [[h["name"], h.get("precision", "fp32"), _quality_str(h["quality"]), f"{h['p50_ms']:.4f}",
+             f"{h['p90_ms']:.4f}", f"{h.get('peak_memory_mb', float('nan')):.1f}", h["source"]] for h in hits]
+    head = ["config", "precision", "quality", "p50 ms", "p90 ms", "peak MB", "latency"]
+    print(_table(rows, head) if rows else
           f"no config fits {budget.describe()} on {a.device} (margin {a.margin})")
     return 0 if rows else 1
 

@@ -291,6 +291,10 @@ def test_cli_quantize_prints_a_row_per_variant(tmp_path, capsys) -> None:
                "--methods", "minmax", "--max-drop", "100", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0 and "default@int8" in out and "added" in out
+    assert main(["info", str(path)]) == 0                    # the config table names each config's precision
+    table = capsys.readouterr().out
+    row = next(ln for ln in table.splitlines() if ln.startswith("default@int8"))
+    assert "precision" in table and row.split()[1] == "int8"
     missing = str(tmp_path / "nope.npz")
     assert main(["quantize", str(path), "--calibration", missing, "--precision", "fp16"]) == 2
     assert "not a file" in capsys.readouterr().err
