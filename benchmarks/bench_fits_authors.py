@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import authors  # noqa: E402 - tests/authors.py: the authors' code, kept as they wrote it
 from bench_foundation import FITS_HYPER, build_fits  # noqa: E402
-from common import OthersLoad, machine_and_run, publish, time_interleaved, timing_parser  # noqa: E402
+from common import OthersLoad, cpu_flag_list, machine_and_run, publish, time_interleaved, timing_parser  # noqa: E402
 
 SECTION = "## FITS as its authors write it (issue 18): recognised in the graph, vs edgeflex's own FITS"
 RUNS = 400
@@ -35,10 +35,8 @@ ORT1 = "edgeflex on ONNX Runtime, 1 thread (`Runtime.run`)"
 
 def cpu_flags() -> str:
     """The SIMD flags of /proc/cpuinfo that matter to these kernels."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
+    flags = cpu_flag_list()
+    if flags is None:
         return "unknown"
     keep = [f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx"))]
     return " ".join(sorted(keep)) or "none of avx/fma/sse4"

@@ -24,7 +24,7 @@ from edgeflex.runtime import pack
 from edgeflex.runtime.bundle import write_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_and_run, publish  # noqa: E402
+from common import cpu_flag_list, machine_and_run, publish  # noqa: E402
 
 SECTION = "## Packed bundles (issue 24): .efz size, pack and load time, deltas"
 # `snnet-untrained`: the SN-Net bundle without training (`export_untrained_snnet`); the others by name.
@@ -161,8 +161,7 @@ def retrained_stitch(src: Path, tmp: Path) -> tuple[Path, int]:
 
 def cpu_flags() -> str:
     """The /proc/cpuinfo flags that sha256 and zstd use where present."""
-    with open("/proc/cpuinfo") as f:
-        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features"))), [])
+    flags = cpu_flag_list() or []
     keep = ("sse4_2", "avx2", "bmi2", "avx512f", "avx512bw", "sha_ni", "sha2", "asimd", "neon")
     return " ".join(f for f in flags if f in keep) or "none of sse4_2 avx2 bmi2 avx512 sha_ni sha2 asimd"
 

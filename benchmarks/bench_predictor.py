@@ -36,7 +36,7 @@ from edgeflex.models.starnet import StarNet
 from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OthersLoad, command_line, machine_info, write_section
+from common import OthersLoad, command_line, cpu_flag_list, machine_info, write_section
 
 SECTION = "## Latency predictor (issue 4): leave-one-out on this host"
 KERNEL_SECTION = "## Kernel-level latency predictor (issue 22): old vs new leave-one-out on this CPU"
@@ -444,12 +444,7 @@ def collect(configs: dict[str, dict], costs: dict[str, dict], threads: int, args
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f
-                          if ln.startswith(("flags", "Features"))), [])
-    except OSError:
-        flags = []
+    flags = cpu_flag_list() or []
     return ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
 
 

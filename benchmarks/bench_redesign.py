@@ -140,8 +140,9 @@ class Worker:
 
 
 def cpu_flags() -> str:
-    with open("/proc/cpuinfo") as f:
-        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    from common import cpu_flag_list
+
+    flags = cpu_flag_list() or []
     keep = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "fma", "neon", "asimd")
     return " ".join(f for f in flags if f in keep)
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from authors_starnet import StarNet  # noqa: E402 - the authors' layout, from the tests' copy
-from common import OthersLoad, machine_and_run, publish  # noqa: E402
+from common import OthersLoad, cpu_flag_list, machine_and_run, publish  # noqa: E402
 
 import edgeflex as ef  # noqa: E402
 from edgeflex.export import search as search_module  # noqa: E402
@@ -47,11 +47,10 @@ TRAIN_COPIES = 4          # the user's training arrays: this many corrupted copi
 def cpu_flags() -> str:
     """The SIMD flags of /proc/cpuinfo that matter to the kernels timed here."""
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            have = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
+    flags = cpu_flag_list()
+    if flags is None:
         return "unknown"
+    have = set(flags)
     return ", ".join(f for f in wanted if f in have) + " (absent: " + \
         (", ".join(f for f in wanted if f not in have) or "none") + ")"
 

@@ -24,7 +24,7 @@ import numpy as np
 import edgeflex as ef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _busy_jiffies, machine_and_run, publish  # noqa: E402
+from common import _busy_jiffies, cpu_flag_list, machine_and_run, publish  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -37,10 +37,8 @@ SECTION = "## Switch costs (issue 20): what a switch costs on the next runs"
 
 def cpu_flags() -> str:
     want = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
+    flags = cpu_flag_list()
+    if flags is None:
         return "unknown"
     return " ".join(f for f in want if f in flags) or "none of " + ", ".join(want)
 

@@ -92,6 +92,17 @@ def timing_parser(doc: str, *, runs_default: str, warmup: int, block: int) -> ar
     return p
 
 
+def cpu_flag_list() -> list[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, aarch64 `Features`); None where the
+    file or the line is missing. Each benchmark picks and formats the flags that matter to it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].split() for ln in f
+                         if ln.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+
+
 def machine_info(threads: int) -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:
