@@ -85,3 +85,24 @@ def snnet_bundle(tmp_path_factory):
                for i, n in enumerate(model.config_names())}
     export_snnet(model, torch.randn(2, 3, 32, 32), path, quality=quality)
     return model, path
+
+
+@pytest.fixture(scope="session")
+def profiled_snnet(snnet_bundle, tmp_path_factory) -> Path:
+    """`snnet_bundle` with a host profile measured once, at 1 thread, for the whole session. Tests copy it
+    (`copy_profiled`) before they change anything."""
+    from edgeflex import Runtime
+    from edgeflex.runtime.profiles import measure_profile, save_profile
+
+    path = tmp_path_factory.mktemp("profiled") / "sn.efx"
+    shutil.copytree(snnet_bundle[1], path)
+    rt = Runtime(path, threads=1)
+    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
+    return path
+
+
+def copy_profiled(profiled: Path, tmp_path_factory, name: str) -> Path:
+    """A copy of the profiled SN-Net bundle of its own, for one test module."""
+    path = tmp_path_factory.mktemp(name) / "sn.efx"
+    shutil.copytree(profiled, path)
+    return path

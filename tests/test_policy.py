@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import copy_profiled
 
 import edgeflex as ef
 from edgeflex.runtime import policy
@@ -175,12 +176,8 @@ def test_adapter_ignores_runs_of_an_old_config():
 # --- on a real bundle --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def elastic(snnet_bundle, tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "sn.efx"
-    shutil.copytree(snnet_bundle[1], path)
-    rt = ef.Runtime(path, threads=1)
-    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
-    return path
+def elastic(profiled_snnet, tmp_path_factory):
+    return copy_profiled(profiled_snnet, tmp_path_factory, "policy")
 
 
 def test_profile_round_trip_is_stored_checksummed(elastic, tmp_path):

@@ -1,15 +1,13 @@
 """TailGuard (runtime/tailpolicy.py) on synthetic, seeded latency streams: it holds the stated tail, moves
 on evidence, pays for its trials out of the late allowance, and stays put on a quiet machine."""
 
-import shutil
-
 import numpy as np
 import pytest
+from conftest import copy_profiled
 
 import edgeflex as ef
 from edgeflex.errors import UsageError
 from edgeflex.runtime.policy import Budget, BudgetError
-from edgeflex.runtime.profiles import measure_profile, save_profile
 from edgeflex.runtime.tailpolicy import Option, TailGuard, binom_sf, max_spans
 
 # three configs at 2 threads and at 1: profiled p50 and p99 (ms); quality rises with size
@@ -119,12 +117,8 @@ def test_one_thread_under_a_hog_on_the_other_core_and_back_when_the_os_says_free
 
 
 @pytest.fixture(scope="module")
-def elastic(snnet_bundle, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tail") / "sn.efx"
-    shutil.copytree(snnet_bundle[1], path)
-    rt = ef.Runtime(path, threads=1)
-    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
-    return path
+def elastic(profiled_snnet, tmp_path_factory):
+    return copy_profiled(profiled_snnet, tmp_path_factory, "tail")
 
 
 def test_runtime_set_budget_tail_policy_warm_switches_and_bad_arguments(elastic):

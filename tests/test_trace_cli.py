@@ -1,14 +1,13 @@
 """`edgeflex trace` run as a user would (a subprocess) on a real exported SN-Net bundle: a short load trace,
 its table and PNG, and one-line errors for bad arguments."""
 
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import copy_profiled
 
 import edgeflex as ef
-from edgeflex.runtime.profiles import measure_profile, save_profile
 
 
 def cli(*args):
@@ -17,12 +16,8 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def profiled(snnet_bundle, tmp_path_factory):
-    path = tmp_path_factory.mktemp("trace") / "sn.efx"
-    shutil.copytree(snnet_bundle[1], path)
-    rt = ef.Runtime(path, threads=1)
-    save_profile(path, measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False))
-    return path
+def profiled(profiled_snnet, tmp_path_factory):
+    return copy_profiled(profiled_snnet, tmp_path_factory, "trace")
 
 
 def test_trace_plays_a_load_and_writes_table_and_png(profiled, tmp_path):
