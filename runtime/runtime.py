@@ -503,7 +503,7 @@ class Runtime:
                                   f"`edgeflex profile {self.bundle.path} --threads {t}`")
             cands += [c for c in candidates(self.configs, stats, tail=tail, threads=t if multi else 0)
                       if c.name in self._plan_sets[t]]
-        hint = IdleCores() if multi and os_hint else None
+        hint = IdleCores(min_interval_s=0.05) if multi and os_hint else None
         self._warm_switch = warm_switch if warm_switch is not None else policy == "tail"
         if policy == "tail":
             return self._set_tail_policy(budget, prof, cands, degrade=degrade, adapt=adapt, hint=hint,

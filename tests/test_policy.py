@@ -384,6 +384,13 @@ def test_idle_cores_reads_proc_stat(tmp_path):
     write(160, 140, 110, 190)                               # 80 % idle on both since the last answer
     assert probe() == pytest.approx(2 * 80 / 100)
     assert IdleCores(str(tmp_path / "missing"))() is None
+    # min_interval_s: a call inside the interval gives the last answer and leaves the file alone
+    cached = IdleCores(str(stat), cpus={0, 1}, min_interval_s=3600)
+    assert cached() is None                                 # read once (nothing to compare with yet)
+    write(260, 140, 110, 290)
+    assert cached() is None and cached._last[0] == (140, 300)     # not read again: the older counters
+    cached.min_interval_s = 1e-9
+    assert cached() == pytest.approx(1.0)                   # read: cpu0 busy 100, cpu1 idle 100 ticks
 
 
 def test_adapter_backs_off_when_probes_fail_although_the_os_says_free():
