@@ -37,11 +37,12 @@ def test_binom_sf_matches_direct_sums():
     assert binom_sf(0, 10, 0.1) == 1.0 and binom_sf(11, 10, 0.1) == 0.0
     assert binom_sf(2, 2, 0.01) == pytest.approx(1e-4)
     assert binom_sf(1, 100, 0.01) == pytest.approx(1 - 0.99**100)
-    spans = max_spans(0.01, 1e-3, 100)
-    assert spans[1] == 0 and spans[2] >= 2          # one late run is never evidence, two in a row are
-    for k in range(2, 8):
+    spans = max_spans(0.01, 1e-3, 1000)
+    # tested at a late run, so conditional on it: the other k - 1 late among the m - 1 runs before it
+    assert spans[1] == spans[2] == 0 and spans[3] >= 3     # two late runs are never evidence, three are
+    for k in range(3, 30):
         m = spans[k]
-        assert binom_sf(k, m, 0.01) < 1e-3 and (m == 100 or binom_sf(k, m + 1, 0.01) >= 1e-3)
+        assert binom_sf(k - 1, m - 1, 0.01) < 1e-3 and (m == 1000 or binom_sf(k - 1, m, 0.01) >= 1e-3)
 
 
 def test_starts_on_the_best_config_whose_profiled_tail_fits_and_refuses_bad_arguments():
@@ -65,14 +66,39 @@ def test_quiet_machine_with_hiccups_stays_on_the_best_config():
     assert (lat > 0.5).mean() < 0.005
 
 
-def test_a_sudden_slowdown_costs_two_late_runs_then_it_moves_to_what_fits():
+def test_a_sudden_slowdown_costs_three_late_runs_then_it_moves_to_what_fits():
     g = TailGuard(OPTS, Budget(latency_ms=0.5))
     drive(g, lambda o, i: 1.0, 500)
     keys, lat = drive(g, lambda o, i: 1.6 if o.threads == 2 else 1.0, 3000, seed=1)
     first_off = keys.index(next(k for k in keys if k != "big@2t"))
-    assert first_off == 2 and (lat[:2] > 0.5).all()                     # two late in a row: gone
+    assert first_off == 3 and (lat[:3] > 0.5).all()                     # three late in a row: gone
     assert (lat[first_off:] > 0.5).mean() < 0.01                        # and the tail holds after
     assert set(keys[first_off:]) <= {"small@2t", "mid@2t", "small@1t", "mid@1t"}
+
+
+def test_a_config_late_at_the_stated_share_is_rarely_left_on_chance_pairs():
+    # late 1 % of the time, independently: exactly what p99 <= budget allows. Tested unconditionally at every
+    # late run, "2 late within 5" fired about once per 2,500 runs here; conditioned on the late run, the
+    # false breaks are rare
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    keys, lat = drive(g, lambda o, i: 1.0, 40000, seed=6, late_noise=0.01)
+    assert g.switches <= 2 and keys[:10000] == ["big@2t"] * 10000
+
+
+def test_a_config_late_twice_the_stated_share_is_left_though_the_test_cannot_see_it():
+    # big is late 2 % of the time (every 50th of its runs, none close together: the binomial test needs 22
+    # within 968), the others never. Its late share over the kept runs is above 1 %, so it goes down; trials
+    # may bring it back for a while (the test never breaks them), but the stated tail holds overall
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    keys, late = [], 0
+    for i in range(6000):
+        o = g.opts[g.current]
+        v = o.p50_ms * (1.3 if o.key.startswith("big") and i % 50 == 0 else 1.0)
+        keys.append(o.key)
+        late += v > 0.5
+        g.observe(o.key, v)
+    assert keys.index("mid@2t") < 200 and keys.count("big@2t") < 0.5 * len(keys)
+    assert late / len(keys) <= 0.01
 
 
 def test_a_config_late_five_percent_of_the_time_is_left_though_its_median_fits():
