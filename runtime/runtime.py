@@ -167,6 +167,8 @@ class Runtime:
         self._adapter: Adapter | TailGuard | None = None
         self._budget_call: dict[str, Any] | None = None
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
+        self._unobserved = 0            # runs left before the budget policy times one again (sampling)
+        self._observe_ms = 0.0          # what the last observation cost (its bookkeeping, in the request)
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -372,13 +374,24 @@ class Runtime:
         if adapter is None:
             return plan.config.name, plan.call(arrays)
         self._last_arrays = arrays
-        t0 = time.perf_counter()
+        skip = self._unobserved
+        if skip:                                # sampled (see TailGuard.every): this run is not timed
+            self._unobserved = skip - 1
+            return plan.config.name, plan.call(arrays)
+        pc = time.perf_counter
+        t0 = pc()
         out = plan.call(arrays)
-        self._observe(adapter, plan, t0)
+        t1 = pc()
+        # the latency the caller sees includes the policy's own bookkeeping: add the last observation's cost
+        self._observe(adapter, plan, (t1 - t0) * 1e3 + self._observe_ms)
+        self._observe_ms = ms = (pc() - t1) * 1e3
+        if type(adapter) is TailGuard:
+            adapter.overhead_ms += 0.05 * (ms - adapter.overhead_ms)      # a running mean of that cost
+            self._unobserved = adapter.every - 1
         return plan.config.name, out
 
-    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, t0: float) -> None:
-        target = adapter.observe(plan.key, (time.perf_counter() - t0) * 1e3)
+    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
+        target = adapter.observe(plan.key, latency_ms)
         if target is not None:
             if self._warm_switch:
                 self._warm_then_switch(self._by_key[target])
@@ -549,6 +562,7 @@ class Runtime:
                               "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
+        self._unobserved, self._observe_ms = 0, 0.0
         self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config

@@ -49,6 +49,8 @@ from edgeflex.errors import UsageError
 
 from .policy import Budget, BudgetError
 
+OVERHEAD_SHARE = 0.02      # the policy's own bookkeeping may cost this share of a request, on average
+
 
 @dataclass(frozen=True)
 class Option:
@@ -162,6 +164,12 @@ class TailGuard:
         self.trial_costs: list[int] = []                # late runs each failed trial cost
         self._set_trial_cost()
         self._regrow = late_share / 2                   # allowance per request: half the stated share
+        # sampling: the runtime times one run in `every` for the policy, so that its bookkeeping (about a
+        # microsecond an observation, `overhead_ms`, measured by the runtime) costs at most OVERHEAD_SHARE
+        # of a request on average; a 15 us FITS config is observed every 5th-6th run, a 0.1 ms one every run
+        self.overhead_ms = 0.0
+        self.every = 1
+        self._regrow_every = self._regrow
         self._fade_every = 10 * self.window
         self._trial_every = max(1, self.window // 2)
         self.switches = 0
@@ -247,7 +255,7 @@ class TailGuard:
             runs = self._runs = self._runs + 1
             stint = self._stint = self._stint + 1
             late = latency_ms > self.budget
-            allowance = self.allowance + self._regrow - late
+            allowance = self.allowance + self._regrow_every - late
             self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
                 else allowance
             if stint > 1 or not self.switches:          # a switch's first run measures the switch
@@ -266,8 +274,15 @@ class TailGuard:
             elif self._trial is not None and stint >= self.window:
                 self._trial_kept()
             if stint % self._trial_every == 0:
+                self._set_every()
                 return self._maybe_down() or self._maybe_trial()
             return None
+
+    def _set_every(self) -> None:
+        """Observe one run in `every` (each observed run stands for that many in the allowance)."""
+        every = max(1, math.ceil(self.overhead_ms / (OVERHEAD_SHARE * self._p50)))
+        if every != self.every:
+            self.every, self._regrow_every = every, self._regrow * every
 
     def _maybe_down(self) -> str | None:
         """A slow drift the test is too short to see (late 1.5 % of the time: 15 late runs in 1,000, under

@@ -1,6 +1,8 @@
 """TailGuard (runtime/tailpolicy.py) on synthetic, seeded latency streams: it holds the stated tail, moves
 on evidence, pays for its trials out of the late allowance, and stays put on a quiet machine."""
 
+import math
+
 import numpy as np
 import pytest
 from conftest import copy_profiled
@@ -8,7 +10,7 @@ from conftest import copy_profiled
 import edgeflex as ef
 from edgeflex.errors import UsageError
 from edgeflex.runtime.policy import Budget, BudgetError
-from edgeflex.runtime.tailpolicy import Option, TailGuard, binom_sf, max_spans
+from edgeflex.runtime.tailpolicy import OVERHEAD_SHARE, Option, TailGuard, binom_sf, max_spans
 
 # three configs at 2 threads and at 1: profiled p50 and p99 (ms); quality rises with size
 OPTS = [Option("small@2t", 0.80, 0.20, 0.24, 2), Option("mid@2t", 0.85, 0.30, 0.36, 2),
@@ -180,3 +182,29 @@ def test_runtime_set_budget_tail_policy_warm_switches_and_bad_arguments(elastic)
             rt.set_budget(Budget(latency_ms=1.0), **kw)
     with pytest.raises(BudgetError, match="latency budget"):
         rt.set_budget(Budget(memory_mb=1e6), policy="tail")
+
+
+def test_a_fast_model_is_observed_one_run_in_every_so_the_bookkeeping_stays_small():
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    g.overhead_ms = 0.002                                  # 2 us an observation against big@2t's 0.4 ms p50
+    drive(g, lambda o, i: 1.0, 100)
+    assert g.every == 1                                    # 0.5 % of a run: every run
+    g.overhead_ms = 0.02                                   # 20 us: 5 % of a run
+    drive(g, lambda o, i: 1.0, 100)
+    assert g.every == math.ceil(0.02 / (OVERHEAD_SHARE * 0.4))
+    assert g._regrow_every == pytest.approx(g.every * g.q / 2)     # an observed run stands for `every`
+
+
+def test_runtime_times_one_run_in_every_and_counts_its_own_bookkeeping(elastic):
+    rt = ef.Runtime(elastic, threads=1)
+    rt.set_budget(Budget(latency_ms=1e6), policy="tail")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for _ in range(20):
+        rt.run(x)
+    g = rt.adapter
+    assert g._runs == 20 and g.overhead_ms > 0            # every run observed; the observations' cost known
+    g.every = 4                                            # as a 4x faster model would be
+    runs = g._runs
+    for _ in range(40):
+        rt.run(x)
+    assert g._runs - runs in (10, 11)
