@@ -12,9 +12,11 @@ What it measures, and what it decides from it:
 - **How would another config fare under this load?** Each thread count keeps its recent runs (up to
   10 / late_share), each divided by the profiled p50 of the config that ran it: the load's slowdown
   *distribution* at that count, spikes included. A candidate's late share is predicted as the share of
-  those normalised runs that, times its own p50 (and its correction: what a failed trial of it showed
-  against the prediction, fading with time), exceed the budget. Additive spikes (another process taking
-  the core for a millisecond) then count against every config alike, as they do. A count not run lately
+  those runs that would exceed the budget had it run them: the median slowdown scales with its p50 (and
+  its correction: what a failed trial of it showed against the prediction, fading with time), a run's
+  excess over the median does not (a spike, another process taking the core for a while, costs every
+  config the same time). Scaling the spikes too (the first version) made every larger config look late
+  from a small one's spikes: a 15 us FITS under a memory hog never climbed back. A count not run lately
   is predicted as the current count, or, for a trial when the OS says its cores are free, from the
   profile (its p50 x the profile's p99 / p50 pooled over its configs must fit the budget).
 - **Where to?** The best-ranked candidate predicted late on at most half the stated share (the other half
@@ -49,7 +51,7 @@ from edgeflex.errors import UsageError
 
 from .policy import Budget, BudgetError
 
-OVERHEAD_SHARE = 0.02      # the policy's own bookkeeping may cost this share of a request, on average
+OVERHEAD_SHARE = 0.01      # the policy's own bookkeeping may cost this share of a request, on average
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class TailGuard:
         self._regrow = late_share / 2                   # allowance per request: half the stated share
         # sampling: the runtime times one run in `every` for the policy, so that its bookkeeping (about a
         # microsecond an observation, `overhead_ms`, measured by the runtime) costs at most OVERHEAD_SHARE
-        # of a request on average; a 15 us FITS config is observed every 5th-6th run, a 0.1 ms one every run
+        # of a request on average; a 15 us FITS config is observed every ~12th run, a 0.2 ms one every run
         self.overhead_ms = 0.0
         self.every = 1
         self._regrow_every = self._regrow
@@ -207,8 +209,16 @@ class TailGuard:
         n = len(r)
         if not n:
             return self._profiled(o)
-        # late: normalised runs over budget / (o's p50), counted in the sorted recent runs
-        n_late = r.above(self.budget / (o.p50_ms * self.correction[o.key]))
+        # the typical slowdown m (the median) scales with the config; a run's excess over it (a spike: the
+        # core taken for a while) does not: o's latency for a kept run n above the median is
+        # p_o * m + (n - m) * p_c, with p_c the p50 of the config that ran it (the current one; runs at
+        # another count: o's own); below the median, p_o * n. Late: the kept runs over the threshold where
+        # that reaches the budget, counted in the sorted runs
+        p_o = o.p50_ms * self.correction[o.key]
+        p_c = self._p50 if t == self._threads else p_o
+        m = r.sorted[n // 2]
+        typical = p_o * m
+        n_late = r.above(self.budget / p_o if self.budget <= typical else m + (self.budget - typical) / p_c)
         return (n_late + 1) / (n + 1) if upper else n_late / n
 
     def _best(self, late) -> Option | None:
@@ -319,8 +329,8 @@ class TailGuard:
     def _leave(self, span: int) -> str | None:
         """The current config breaks the tail: to the best predicted to hold it on the runs since the break
         (the runs before it are of another load: dropped); else a thread count not seen lately, as its
-        profile has it (without waiting for the allowance when nothing here holds); else the candidate
-        predicted late least, if less than this one."""
+        profile has it (without waiting for the allowance when nothing here holds); else the best-ranked
+        candidate predicted late less than this one."""
         cur = self.opts[self.current]
         trial = self._trial
         stale = [o for o in self.opts.values() if self._stale(o.threads)]
@@ -346,11 +356,15 @@ class TailGuard:
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
                 return self._switch(idle, trial=True)
         if target is None:
-            target = min((o for o in self.opts.values() if o.key != cur.key),
-                         key=lambda o: (self.late(o), o.p50_ms), default=None)
-            if target is None or self.late(target) >= self.late(cur):
+            # none predicted to hold on the few runs since the break (one spike among six runs is a 17 %
+            # late share to every config): the best-ranked that would be late less than this one, not the
+            # least late (the fastest, a quality cliff on one spike); if it is still late, the test moves on
+            now = self.late(cur)
+            less = [o for o in self.opts.values() if o.key != cur.key and self.late(o) < now]
+            if not less:
                 self._late_at.clear()                 # nothing would be late less: stay, judge afresh
                 return None
+            target = max(less, key=lambda o: (o.rank, -o.p50_ms))
         return self._switch(target, trial=False)
 
     def _affords(self) -> bool:
