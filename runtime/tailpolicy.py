@@ -339,13 +339,20 @@ class TailGuard:
             return None                               # a saturated machine comes here), judge afresh
         norm = self._norm[cur.threads]
         norm.keep_last(min(span, max(len(norm), 1)))
-        recent = list(norm)
-        if trial is not None:                        # a failed trial: learn its cost and its error
-            self.trial_costs.append(trial["late"])
-            self._set_trial_cost()
-            seen = float(np.quantile(recent, 1 - self.q)) * cur.p50_ms if recent else 0.0
-            if seen > self.budget:                   # it ran slower than planned: by this much at least
-                self.correction[cur.key] = max(1.0, self.correction[cur.key] * seen / self.budget)
+
+        def failed(target: Option, *, trial_next: bool) -> str | None:
+            """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
+            when leaving: a break that every config would share is not this config's fault)."""
+            if trial is not None:
+                self.trial_costs.append(trial["late"])
+                self._set_trial_cost()
+                recent = list(norm)
+                seen = float(np.quantile(recent, 1 - self.q)) * cur.p50_ms if recent else 0.0
+                if seen > self.budget:               # it ran slower than planned: by this much at least, but
+                    # no more than would put its p50 at the budget (a spike is not all its own doing)
+                    c = max(1.0, self.correction[cur.key] * seen / self.budget)
+                    self.correction[cur.key] = min(c, max(1.0, self.budget / cur.p50_ms))
+            return self._switch(target, trial=trial_next)
 
         def late(o: Option) -> float:
             return math.inf if o.key == cur.key else self.late(o)
@@ -354,7 +361,7 @@ class TailGuard:
         if stale and (target is None or target.rank < cur.rank):
             idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
-                return self._switch(idle, trial=True)
+                return failed(idle, trial_next=True)
         if target is None:
             # none predicted to hold on the few runs since the break (one spike among six runs is a 17 %
             # late share to every config): the best-ranked that would be late less than this one, not the
@@ -362,10 +369,11 @@ class TailGuard:
             now = self.late(cur)
             less = [o for o in self.opts.values() if o.key != cur.key and self.late(o) < now]
             if not less:
-                self._late_at.clear()                 # nothing would be late less: stay, judge afresh
+                self._late_at.clear()                 # nothing would be late less: stay, judge afresh; a
+                self._trial = None                    # trial is over (its cost and error learnt once)
                 return None
             target = max(less, key=lambda o: (o.rank, -o.p50_ms))
-        return self._switch(target, trial=False)
+        return failed(target, trial_next=False)
 
     def _affords(self) -> bool:
         return not self.guarantee or self.allowance >= self.trial_cost

@@ -208,3 +208,27 @@ def test_runtime_times_one_run_in_every_and_counts_its_own_bookkeeping(elastic):
     for _ in range(40):
         rt.run(x)
     assert g._runs - runs in (10, 11)
+
+
+def test_a_trial_broken_by_what_every_config_would_suffer_ends_without_blame():
+    # a trial that breaks the tail where nothing would be late less (a spike on everything): it stays, the
+    # trial is over, and neither its cost nor a correction is learnt (before: every later break counted it
+    # again, its cost growing 3, 6, 9, ... and its correction compounding to 1e138)
+    g = TailGuard(OPTS[:3], Budget(latency_ms=0.5))          # one thread count: no other count to try
+    g._enter("big@2t", {"late": 0})                          # as if a trial had just brought it here
+    for _ in range(3):
+        for _ in range(3):
+            g.observe("big@2t", 10.0)                 # every config would be late: nothing is late less
+        for _ in range(40):
+            g.observe("big@2t", 0.4)
+    assert g.current == "big@2t" and g._trial is None
+    assert g.trial_costs == [] and g.correction["big@2t"] == 1.0
+
+
+def test_a_failed_trial_is_learnt_once_and_its_correction_is_bounded():
+    g = TailGuard(OPTS[:3], Budget(latency_ms=0.5))
+    g._enter("big@2t", {"late": 0})
+    for _ in range(3):
+        g.observe("big@2t", 0.9)                      # big alone is slow (mid at 0.9 x 0.75 would fit)
+    assert g.current != "big@2t" and g.trial_costs == [3]
+    assert 1.0 < g.correction["big@2t"] <= 0.5 / 0.4  # at most: its p50 at the budget
