@@ -150,6 +150,7 @@ class KernelPredictor:
     device: str
     n_configs: int
     threads: int | None = None      # the intra-op threads everything was timed at, where known
+    env: dict[str, Any] | None = None  # where it was timed ({"host": devices.host_info()}), where known
 
     def predict(self, kernels: Sequence[dict[str, Any]]) -> float:
         """Predicted p50 (ms) of a config that runs `kernels` (each with its engine `call` index)."""
@@ -160,7 +161,8 @@ class KernelPredictor:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "device": self.device,
-                "n_configs": self.n_configs, "threads": self.threads, "coef": dict(self.coef),
+                "n_configs": self.n_configs, "threads": self.threads, "env": self.env,
+                "coef": dict(self.coef),
                 "kernel_samples": [[k, float(t)] for k, t in zip(self.regressor.kernels, self.regressor.ms)]}
 
     @classmethod
@@ -169,7 +171,8 @@ class KernelPredictor:
         try:
             return cls(KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]]),
                        {f: float(d["coef"].get(f, 0.0)) for f in CONFIG_FEATURES}, str(d["device"]),
-                       int(d["n_configs"]), None if d.get("threads") is None else int(d["threads"]))
+                       int(d["n_configs"]), None if d.get("threads") is None else int(d["threads"]),
+                       dict(d["env"]) if d.get("env") else None)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DeviceError):
                 raise

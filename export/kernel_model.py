@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeflex.args import check_int, check_path, check_str
-from edgeflex.devices import kernel_predictor
+from edgeflex.devices import host_info, kernel_predictor
 from edgeflex.devices.measure import measure
 from edgeflex.errors import BundleError
 from edgeflex.runtime.backends.onnx_wire import inline_initializers
@@ -146,7 +146,9 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
     ksamples = [({f: v for f, v in u["kernel"].items() if f != "graph"}, kms[key])
                 for key, u in unique.items() if key in kms]
     csamples = [(per_config[n], float(np.median(rounds_ms[f"config:{n}"])), n) for n in per_config]
-    return kernel_predictor.fit(ksamples, csamples, device=device, threads=threads)
+    km = kernel_predictor.fit(ksamples, csamples, device=device, threads=threads)
+    km.env = {"host": host_info()}
+    return km
 
 
 __all__ = ["OVERHEAD", "bundle_config_graphs", "kernel_runners", "kernel_times", "measure_kernel_model",

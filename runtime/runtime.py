@@ -405,6 +405,15 @@ class Runtime:
                 return None
         return prof
 
+    def _kernel_model(self, device: str) -> Any:
+        """The bundle's kernel-level model of `device` (None if none; for "host", if timed on another)."""
+        km = self._kernel_models.get(kernel_model_path(device))
+        if km is not None and device == "host":
+            here, there = host_info(), (km.env or {}).get("host", {})
+            if (there.get("cpu"), there.get("cores")) != (here["cpu"], here["cores"]):
+                return None
+        return km
+
     def predicted_profile(self, device: str) -> dict[str, Any]:
         """A profile for `device` from a latency predictor; says how it was made. With a kernel-level model
         of that device in the bundle (`profiles.save_kernel_model`) and every config's kernels in the
@@ -415,8 +424,10 @@ class Runtime:
         from edgeflex.devices.predictor import fit
 
         host = self._profiles.get(profile_path("host"))
-        km = self._kernel_models.get(kernel_model_path(device))
-        if km is not None and self.configs and all((c.costs or {}).get("kernels") for c in self.configs):
+        km = self._kernel_model(device)
+        # the model's kernels were timed in fp32: a reduced-precision variant's kernels are not those
+        if km is not None and self.configs and all((c.costs or {}).get("kernels") and c.precision == "fp32"
+                                                   for c in self.configs):
             out = {}
             for c in self.configs:
                 ms = km.predict(c.costs["kernels"])
@@ -453,7 +464,7 @@ class Runtime:
         check_str("device", device, none=True)
         device = device or self.device
         prof = self.latency_profile() if device == self.device else self._profiles.get(profile_path(device))
-        if prof is None and (device != "host" or kernel_model_path(device) in self._kernel_models):
+        if prof is None and (device != "host" or self._kernel_model(device) is not None):
             prof = self.predicted_profile(device)
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
@@ -509,7 +520,7 @@ class Runtime:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
         prof = self.latency_profile()
-        if prof is None and kernel_model_path(self.device) in self._kernel_models:
+        if prof is None and self._kernel_model(self.device) is not None:
             log.warning("no profile measured on %s: planning on latencies predicted from its kernel-level "
                         "model until one is (`edgeflex profile`)", self.device)
             prof = self.predicted_profile(self.device)

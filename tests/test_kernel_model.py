@@ -97,8 +97,8 @@ def test_a_bad_kernel_model_is_refused_in_one_line(snnet_bundle, kernel_model, t
 
 def test_profile_kernels_on_the_command_line_stores_the_model(snnet_bundle, tmp_path):
     path = _copy(snnet_bundle[1], tmp_path)
-    r = subprocess.run([sys.executable, "-m", "edgeflex", "profile", str(path), "--threads", "1", "--no-memory",
-                        "--min-seconds", "0.05", "--kernels", "--kernel-rounds", "2"],
+    r = subprocess.run([sys.executable, "-m", "edgeflex", "profile", str(path), "--threads", "1",
+                        "--no-memory", "--min-seconds", "0.05", "--kernels", "--kernel-rounds", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kernel-level latency model" in r.stdout and kernel_model_path("host") in r.stdout
@@ -106,3 +106,14 @@ def test_profile_kernels_on_the_command_line_stores_the_model(snnet_bundle, tmp_
     assert kernel_model_path("host") in files and profile_path("host") in files
     stored = json.loads((path / kernel_model_path("host")).read_text())
     assert stored["threads"] == 1 and stored["n_configs"] == len(ef.Runtime(path).configs)
+
+
+def test_a_host_model_timed_on_another_machine_is_not_used_for_this_one(snnet_bundle, kernel_model, tmp_path):
+    path = _copy(snnet_bundle[1], tmp_path)
+    elsewhere = {**kernel_model, "env": {"host": {"cpu": "another CPU", "cores": 64}}}
+    save_kernel_model(path, elsewhere)
+    rt = ef.Runtime(path, threads=1)
+    with pytest.raises(ef.BudgetError, match="no latency profile"):
+        rt.query(Budget(latency_ms=1e6), device="host")
+    with pytest.raises(ef.BudgetError, match="no latency profile"):
+        rt.set_budget(Budget(latency_ms=1e6))
