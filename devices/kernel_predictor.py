@@ -15,6 +15,7 @@ error). Valid on the device the kernels and configs were measured on only. numpy
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +27,14 @@ from edgeflex.errors import DeviceError
 from .predictor import KINDS, _solve, check_format, loo_summary
 
 FORMAT = "edgeflex-kernel-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: kernels' dims and the bytes-over-cache hinges
 # A kernel timed alone finds its weights in cache when they fit; in a config whose weights do not, they
 # stream from the next level on every run: per cache size c (MiB, around L2 and L3; the fit picks), the
 # MiB of weights of kernels under c in configs over c.
 CACHE_HINGES_MIB = (1, 2, 4)
 CONFIG_FEATURES = (*(f"kernels:{k}" for k in KINDS), "kernels", "-kernels", "engine_calls",
                    *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB))
-NEIGHBOURS = 12
+NEIGHBOURS = 30     # chosen by leave-one-out (benchmarks/RESULTS.md, Kernel-level latency predictor)
 
 KernelSample = tuple  # (kernel dict, measured ms)
 ConfigSample = tuple  # (kernels list, measured p50 ms, label)
@@ -46,15 +47,24 @@ def _check_kernel(k: Any, where: str) -> dict[str, Any]:
     return k
 
 
+# Bytes a kernel moves beyond these sizes (MiB) come from a slower level of the memory hierarchy (a
+# hinge per size, the non-negative fit picks where this device's caches end).
+BYTE_HINGES_MIB = (0.5, 1, 2, 4)
+DIMS = 5     # export.kernels._dims: at most 5 numbers per kernel
+
+
 def _linear_row(k: dict[str, Any]) -> list[float]:
-    return [k.get("flops", 0) / 1e6, k.get("pad_flops", 0) / 1e6, k.get("bytes", 0) / 1e6, 1.0]
+    b = k.get("bytes", 0)
+    return [k.get("flops", 0) / 1e6, k.get("pad_flops", 0) / 1e6, b / 1e6,
+            *(max(b - c * 2**20, 0) / 1e6 for c in BYTE_HINGES_MIB), 1.0]
 
 
 def _shape_point(k: dict[str, Any]) -> np.ndarray:
     f = k.get("flops", 0)
+    dims = [math.log1p(max(float(d), 0)) for d in list(k.get("dims") or ())[:DIMS]]
     return np.array([math.log1p(f), math.log1p(k.get("bytes", 0)),
                      math.log1p(k.get("pad_flops", 0) / max(f, 1)),
-                     math.log1p(k.get("setup_flops", 0))])
+                     math.log1p(k.get("setup_flops", 0)), *dims, *[0.0] * (DIMS - len(dims))])
 
 
 @dataclass
@@ -139,6 +149,8 @@ class KernelPredictor:
     coef: dict[str, float]
     device: str
     n_configs: int
+    threads: int | None = None      # the intra-op threads everything was timed at, where known
+    env: dict[str, Any] | None = None  # where it was timed ({"host": devices.host_info()}), where known
 
     def predict(self, kernels: Sequence[dict[str, Any]]) -> float:
         """Predicted p50 (ms) of a config that runs `kernels` (each with its engine `call` index)."""
@@ -149,15 +161,58 @@ class KernelPredictor:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "device": self.device,
-                "n_configs": self.n_configs, "coef": dict(self.coef),
+                "n_configs": self.n_configs, "threads": self.threads, "env": self.env,
+                "coef": dict(self.coef),
                 "kernel_samples": [[k, float(t)] for k, t in zip(self.regressor.kernels, self.regressor.ms)]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KernelPredictor:
         check_format(d, FORMAT, FORMAT_VERSION, "kernel predictor")
-        return cls(KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]]),
-                   {f: float(d["coef"].get(f, 0.0)) for f in CONFIG_FEATURES}, str(d["device"]),
-                   int(d["n_configs"]))
+        try:
+            return cls(KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]]),
+                       {f: float(d["coef"].get(f, 0.0)) for f in CONFIG_FEATURES}, str(d["device"]),
+                       int(d["n_configs"]), None if d.get("threads") is None else int(d["threads"]),
+                       dict(d["env"]) if d.get("env") else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, DeviceError):
+                raise
+            raise DeviceError(f"kernel predictor: missing or malformed {e!s:.60} (expected 'device', "
+                              "'n_configs', 'coef' and 'kernel_samples' as KernelPredictor.to_json writes)") \
+                from None
+
+
+_SUFFIX = re.compile(r"(_token_\d+|_nchwc|_bn|_output_\d+)$")
+
+
+def in_context(events: Sequence[dict[str, Any]],
+               kernels: Sequence[dict[str, Any]]) -> tuple[list[float], float]:
+    """Each kernel's time inside its graph (ms; the median over runs of its nodes' `kernel_time`, summed)
+    from ONNX Runtime's profile (`SessionOptions.enable_profiling`) of runs of the one graph `kernels`
+    came from, and the time of nodes that belong to none (ms: layout reorders ORT inserted). A node ORT
+    fused from several kernels (a residual Add into an NCHWc Conv) counts for the kernel whose output it
+    writes; the other gets 0. Nodes are found by name (`export.kernels.name_nodes`), ORT's "fused <name>",
+    or the tensor its name was made from ("<output>_nchwc")."""
+    by_name: dict[str, int] = {}
+    for i, k in enumerate(kernels):
+        _check_kernel(k, f"kernel {i}")
+        by_name.update(dict.fromkeys(k.get("outputs", ()), i))
+        by_name.update(dict.fromkeys(k.get("nodes", ()), i))
+    durs: dict[str, list[float]] = {}
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") == "Node" and name.endswith("_kernel_time"):
+            durs.setdefault(name[:-len("_kernel_time")], []).append(float(e.get("dur", 0)) / 1e3)
+    ms, extra = [0.0] * len(kernels), 0.0
+    for name, d in durs.items():
+        t = float(np.median(d))
+        n = name[len("fused "):] if name.startswith("fused ") else name
+        while n not in by_name and _SUFFIX.search(n):
+            n = _SUFFIX.sub("", n)
+        if n in by_name:
+            ms[by_name[n]] += t
+        else:
+            extra += t
+    return ms, extra
 
 
 def _configs(samples: Sequence[ConfigSample]) -> tuple[list[list[dict]], np.ndarray, list[str]]:
@@ -177,13 +232,13 @@ def _configs(samples: Sequence[ConfigSample]) -> tuple[list[list[dict]], np.ndar
 
 
 def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigSample], *,
-        device: str = "host", ridge: float = 1e-2) -> KernelPredictor:
+        device: str = "host", ridge: float = 1e-2, threads: int | None = None) -> KernelPredictor:
     """Fit on kernels timed alone and configs timed whole, all measured on `device`."""
     ks, y, _ = _configs(config_samples)
     reg = KernelRegressor.fit(kernel_samples)
     x = np.stack([_config_row(k, reg) for k in ks])
     coef = _solve(x, y, ridge)
-    return KernelPredictor(reg, dict(zip(CONFIG_FEATURES, map(float, coef))), device, len(y))
+    return KernelPredictor(reg, dict(zip(CONFIG_FEATURES, map(float, coef))), device, len(y), threads)
 
 
 def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[ConfigSample], *,
@@ -205,4 +260,4 @@ def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[Conf
     return loo_summary(labels, y, pred, band_pct)
 
 
-__all__ = ["CONFIG_FEATURES", "KernelPredictor", "KernelRegressor", "fit", "leave_one_out"]
+__all__ = ["CONFIG_FEATURES", "KernelPredictor", "KernelRegressor", "fit", "in_context", "leave_one_out"]

@@ -333,6 +333,10 @@ def cmd_profile(a: argparse.Namespace) -> int:
     if a.rpc:                               # on boards through TVM's RPC tracker
         from edgeflex.cli_fleet import cmd_profile_remote
 
+        if a.kernels:
+            raise UsageError("profile --kernels times kernels with ONNX Runtime on this machine; boards time "
+                             "TVM engines only (docs/boards.md, kernel samples): drop --kernels or --rpc")
+
         return cmd_profile_remote(a)
     from edgeflex.runtime.profiles import measure_profile, profile_path, save_profile
 
@@ -359,7 +363,24 @@ def cmd_profile(a: argparse.Namespace) -> int:
     counts = ", ".join(map(str, rt.thread_counts))
     print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {counts} threads, "
           f"batch {a.batch}); stored as {profile_path(prof['device'])} in {a.bundle}")
+    if a.kernels:
+        _profile_kernels(a, rt.thread_counts[0])
     return 0
+
+
+def _profile_kernels(a: argparse.Namespace, threads: int) -> None:
+    """`profile --kernels`: the bundle's kernel-level latency model of this machine, stored in the bundle."""
+    try:
+        from edgeflex.export.kernel_model import measure_kernel_model
+    except ImportError as e:
+        raise UsageError(f"profile --kernels builds each kernel as an ONNX graph and needs the export extra "
+                         f"({e}); pip install 'edgeflex[export]'") from None
+    from edgeflex.runtime.profiles import kernel_model_path, save_kernel_model
+
+    km = measure_kernel_model(a.bundle, device=a.device, threads=threads, rounds=a.kernel_rounds)
+    save_kernel_model(a.bundle, km.to_json())
+    print(f"kernel-level latency model: {len(km.regressor.ms)} kernels timed alone and {km.n_configs} "
+          f"configs whole at {threads} thread(s); stored as {kernel_model_path(km.device)} in {a.bundle}")
 
 
 # --- argument types: a bad value is refused while parsing, in argparse's one line ---------------------------
@@ -703,6 +724,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory probe")
     pr.add_argument("--device", default="host", help=DEVICE_HELP + "; the profile is stored under its name")
     pr.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
+    pr.add_argument("--kernels", action="store_true",
+                    help="also time every config's fused kernels alone and store the kernel-level latency "
+                         "model (predicts configs without a measured profile; needs the export extra)")
+    pr.add_argument("--kernel-rounds", type=POSITIVE, default=8, help="with --kernels: shuffled rounds")
     pr.add_argument("--rpc", metavar="HOST:PORT", help="measure on the boards of an RPC tracker (TVM "
                     "engines; configs spread over the free boards under --key)")
     pr.add_argument("--key", help="with --rpc: the boards' key (`edgeflex boards`)")

@@ -297,7 +297,8 @@ def _total(per_kind: dict[str, dict[str, int]]) -> dict[str, int]:
 
 def config_costs(graphs: list[onnx.ModelProto]) -> dict[str, Any]:
     """Costs of one config that runs `graphs` in order (one engine call each): the graphs' costs summed, and
-    `engine_calls` = len(graphs). This is what goes into the manifest as config["costs"]."""
+    `engine_calls` = len(graphs), and its fused `kernels` (`export.kernels.manifest_kernels`, for the
+    kernel-level predictor). This is what goes into the manifest as config["costs"]."""
     if not graphs:
         raise ValueError("config_costs needs at least one graph")
     per_kind = _empty()
@@ -309,5 +310,7 @@ def config_costs(graphs: list[onnx.ModelProto]) -> dict[str, Any]:
                 per_kind[kind][f] += v.get(f, 0)
         for key in sums:
             sums[key] += c[key]
+    from .kernels import manifest_kernels  # kernels.py builds on this module's costs
+
     return {"version": COSTS_VERSION, "batch": 1, "per_kind": per_kind, "total": _total(per_kind), **sums,
-            "engine_calls": len(graphs)}
+            "engine_calls": len(graphs), "kernels": manifest_kernels(graphs)}

@@ -4,7 +4,8 @@ can be timed on the device. Owns detection and graph extraction; timing and fitt
 
 Fusion rules (what ONNX Runtime fuses on CPU): a Conv / MatMul / Gemm / normalisation / DFT / data node
 heads a unit and absorbs the elementwise nodes that follow it one by one while each intermediate result has
-a single consumer and the absorbed node's other inputs are constants (bias Add, ReLU, Clip, a scale Mul);
+a single consumer and the absorbed node's other inputs are constants (bias Add, ReLU, Clip, a scale Mul),
+or, right after a Conv, an Add of a same-shaped tensor (a residual: ORT's NCHWc Conv adds it in place);
 an elementwise node heads a chain that absorbs any elementwise successors (the star op's Mul of two
 branches included). Identity/Constant/Dropout run as nothing.
 """
@@ -45,7 +46,8 @@ def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
     Each: {"kind" (one of costs.KINDS, the head node's), "ops" ("Conv+Relu"), "flops", "bytes" (external
     inputs, weights and outputs, once), "weight_bytes" (its constant inputs), "pad_flops", "setup_flops",
     "small" (1 if under SMALL_OP_FLOPS), "key" (kind, ops and every input shape and attribute: equal keys
-    are the same kernel)}; with
+    are the same kernel), "dims" (the head's shape: `_dims`), "nodes" and "outputs" (its node names and
+    output tensors, to find it in ONNX Runtime's profile; name unnamed nodes with `name_nodes` first)}; with
     `with_graphs`, also "graph": the kernel as a standalone ONNX graph (serialised), None where one of its
     inputs is not a float tensor of known shape (it cannot be fed random data)."""
     m = _infer(_with_shapes(model, input_shapes))
@@ -83,7 +85,10 @@ def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
             if op_kind(cand, shapes) != "elementwise":
                 break
             others = [i for i in cand.input if i != out]
-            if head_kind != "elementwise" and not all(constant(i) for i in others):
+            # a residual Add right after a Conv runs inside it (ORT's NCHWc Conv sums into its output)
+            residual = (head_kind in ("conv", "dwconv") and len(unit) == 1 and cand.op_type == "Add"
+                        and len(others) == 1 and shapes.get(others[0]) == shapes.get(out))
+            if head_kind != "elementwise" and not residual and not all(constant(i) for i in others):
                 break
             # every other input must already exist (no node later in the graph feeds it)
             if any(i and i not in inits and i not in const_nodes and i not in infos for i in others):
@@ -115,13 +120,33 @@ def _describe(unit: list[onnx.NodeProto], shapes: dict, sizes: dict, infos: dict
     moved = sum(_numel(shapes.get(t)) * sizes.get(t, 4) for t in [*ext_in, *outs])
     weights = sum(_numel(shapes.get(t)) * sizes.get(t, 4) for t in ext_in if t in inits or t in const_nodes)
     attrs = [(a.name, str(helper.get_attribute_value(a))) for n in unit for a in n.attribute]
+    dims = _dims(head, kind, [shapes.get(i) if i else None for i in head.input],
+                 shapes.get(head.output[0]) if head.output else None)
     key = f"{kind}|{'+'.join(n.op_type for n in unit)}|{[shapes.get(i) for i in ext_in]}|{attrs}"
     k = {"kind": kind, "ops": "+".join(n.op_type for n in unit), "flops": int(flops), "bytes": int(moved),
          "weight_bytes": int(weights), "pad_flops": int(pad), "setup_flops": int(setup),
-         "small": int(0 < flops < SMALL_OP_FLOPS), "key": key}
+         "small": int(0 < flops < SMALL_OP_FLOPS), "key": key, "dims": dims,
+         # what ONNX Runtime's profiler names the unit's nodes after (devices/kernel_predictor.in_context)
+         "nodes": [n.name for n in unit if n.name], "outputs": [o for n in unit for o in n.output if o]}
     if with_graphs:
         k["graph"] = _standalone(unit, ext_in, outs, shapes, infos, inits, const_nodes, m)
     return k
+
+
+def _dims(head: onnx.NodeProto, kind: str, ins: list, out: tuple[int, ...] | None) -> list[int]:
+    """The head node's shape in the few numbers its kernel's speed depends on: a Conv's [in channels, out
+    channels, input pixels, kernel taps, stride], a MatMul/Gemm's [M, K, N], else [input elements, output
+    elements]; 0 where unknown."""
+    x, w = (ins + [None, None])[:2]
+    if kind in ("conv", "dwconv") and x and w and len(x) >= 3 and len(w) >= 3:
+        strides = next((list(a.ints) for a in head.attribute if a.name == "strides"), [1])
+        return [int(x[1]), int(w[0]), _numel(x[2:]), _numel(w[2:]), int(max(strides or [1]))]
+    if kind == "matmul" and x and w and len(w) >= 2:
+        trans_b = next((a.i for a in head.attribute if a.name == "transB"), 0)
+        k = int(x[-1])
+        n = int(w[-2] if trans_b else w[-1])
+        return [max(_numel(x) // max(k, 1), 1), k, n]
+    return [_numel(x) if x else 0, _numel(out) if out else 0]
 
 
 def _standalone(unit: list[onnx.NodeProto], ext_in: list[str], outs: list[str], shapes: dict, infos: dict,
@@ -150,12 +175,42 @@ def _standalone(unit: list[onnx.NodeProto], ext_in: list[str], outs: list[str], 
     return model.SerializeToString()
 
 
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every unnamed node named (`<op>_<index>`, unique), in place: ONNX Runtime's profiler
+    reports nodes by name, and names fused unnamed nodes ambiguously ("fused ")."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            n.name = name
+            taken.add(name)
+    return model
+
+
 def config_kernels(graphs: list[onnx.ModelProto], *, with_graphs: bool = False) -> list[dict[str, Any]]:
     """The kernels of a config that runs `graphs` in order (one engine call each), each tagged with the
     index of its graph (`call`)."""
     return [k | {"call": i} for i, g in enumerate(graphs) for k in detect_kernels(g, with_graphs=with_graphs)]
 
 
+
+
+# what a bundle's manifest keeps of each kernel (config["costs"]["kernels"]): the predictor's inputs and
+# the names that find it in ONNX Runtime's profile; not its key (long, and equal keys give equal rows)
+MANIFEST_FIELDS = ("kind", "ops", "flops", "bytes", "weight_bytes", "pad_flops", "setup_flops", "small",
+                   "dims", "call", "nodes", "outputs")
+
+
+def manifest_kernels(graphs: list[onnx.ModelProto]) -> list[dict[str, Any]]:
+    """The kernels of a config that runs `graphs`, as the manifest stores them (MANIFEST_FIELDS); [] where a
+    graph's shapes cannot be inferred (the kernel predictor then does not apply to it)."""
+    try:
+        ks = config_kernels(graphs)
+    except Exception:  # noqa: BLE001 - shape inference fails on some graphs; the predictor then falls back
+        return []
+    return [{f: k[f] for f in MANIFEST_FIELDS if f in k} for k in ks]
 
 
 # Shapes drawn by `sample_kernels` (nn-Meter samples each kind's shapes around those of real models):
@@ -227,4 +282,4 @@ def sample_kernels(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["config_kernels", "detect_kernels", "sample_kernels"]
+__all__ = ["config_kernels", "detect_kernels", "manifest_kernels", "name_nodes", "sample_kernels"]

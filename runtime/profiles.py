@@ -20,6 +20,7 @@ import numpy as np
 from edgeflex.args import check_bool, check_int, check_path, check_real, fail
 from edgeflex.devices import host_info, path_name
 from edgeflex.devices.measure import interleaved
+from edgeflex.errors import BundleError, EdgeflexError
 
 from .bundle import Bundle, model_id, update_bundle
 from .progress import bar as progress_bar
@@ -170,8 +171,47 @@ def save_profile(path: str | os.PathLike, profile: dict[str, Any], *, merge: boo
 
 def load_profiles(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """Every latency profile stored in `bundle`, by device file name (read once: a `Runtime` keeps them)."""
-    return {rel: _read_profile(bundle, rel)
-            for rel in bundle.manifest["files"] if rel.startswith("profiles/") and rel.endswith(".json")}
+    return {rel: _read_profile(bundle, rel) for rel in bundle.manifest["files"]
+            if rel.startswith("profiles/") and rel.endswith(".json") and not rel.startswith(KERNEL_MODELS)}
+
+
+# Kernel-level latency models (devices/kernel_predictor.py), one per device: kernels and configs timed on
+# that device, fitted; with them `Runtime.query` predicts configs from their kernels (config costs).
+KERNEL_MODELS = "profiles/kernels/"
+
+
+def kernel_model_path(device: str) -> str:
+    return f"{KERNEL_MODELS}{path_name(device)}.json"
+
+
+def save_kernel_model(path: str | os.PathLike, model: dict[str, Any]) -> Bundle:
+    """Add or replace the kernel-level latency model of `model["device"]` in the bundle at `path`,
+    atomically (`KernelPredictor.to_json()`, fitted on kernels and configs timed on that device)."""
+    from edgeflex.devices.kernel_predictor import KernelPredictor
+
+    check_path("path", path)
+    if not isinstance(model, dict):
+        fail("model", model, "a kernel-level latency model (KernelPredictor.to_json())")
+    KernelPredictor.from_json(model)            # refuses what is not one (one line naming what is wrong)
+    data = (json.dumps(model) + "\n").encode()
+    return update_bundle(path, {kernel_model_path(str(model["device"])): data})
+
+
+def load_kernel_models(bundle: Bundle) -> dict[str, Any]:
+    """The bundle's kernel-level latency models (KernelPredictor), by file name (kernel_model_path)."""
+    from edgeflex.devices.kernel_predictor import KernelPredictor
+
+    out = {}
+    for rel in bundle.manifest["files"]:
+        if rel.startswith(KERNEL_MODELS) and rel.endswith(".json"):
+            d = load_json(f"bundle file {rel!r}", bundle.read(rel),
+                          "store the model again (save_kernel_model)")
+            try:
+                out[rel] = KernelPredictor.from_json(d)
+            except EdgeflexError as e:
+                raise BundleError(f"bundle file {rel!r}: {e}; store the model again (save_kernel_model)") \
+                    from None
+    return out
 
 
 def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:

@@ -38,7 +38,14 @@ from .bundle import Bundle, Config, TensorSpec, model_id
 from .checks import check_budget, check_thread_counts
 from .plan import Plan, Step, build_plans
 from .policy import Adapter, Budget, BudgetError, candidate_key, candidates, fits
-from .profiles import load_profiles, profile_at, profile_path, profile_threads
+from .profiles import (
+    kernel_model_path,
+    load_kernel_models,
+    load_profiles,
+    profile_at,
+    profile_path,
+    profile_threads,
+)
 from .sign import check_trust
 from .tailpolicy import Option, TailGuard
 
@@ -175,6 +182,7 @@ class Runtime:
         # Everything is loaded: keep the profiles of this version and let writers remove it once replaced
         # (this runtime never reads the bundle again; `reload_profiles` reads a newer version's).
         self._profiles = load_profiles(self.bundle)
+        self._kernel_models = load_kernel_models(self.bundle)
         self.bundle.close()
 
     # --- loading -----------------------------------------------------------------------------------------
@@ -417,13 +425,39 @@ class Runtime:
                 return None
         return prof
 
+    def _kernel_model(self, device: str) -> Any:
+        """The bundle's kernel-level model of `device` (None if none; for "host", if timed on another)."""
+        km = self._kernel_models.get(kernel_model_path(device))
+        if km is not None and device == "host":
+            here, there = host_info(), (km.env or {}).get("host", {})
+            if (there.get("cpu"), there.get("cores")) != (here["cpu"], here["cores"]):
+                return None
+        return km
+
     def predicted_profile(self, device: str) -> dict[str, Any]:
-        """A profile for `device` from the latency predictor (devices/predictor.py), calibrated on the host
-        profile measured in this bundle and transferred by the device description. Says how it was made."""
+        """A profile for `device` from a latency predictor; says how it was made. With a kernel-level model
+        of that device in the bundle (`profiles.save_kernel_model`) and every config's kernels in the
+        manifest (costs["kernels"], written at export), from its kernels (devices/kernel_predictor.py);
+        otherwise from the operator-level predictor (devices/predictor.py), calibrated on the host profile
+        measured in this bundle and transferred by the device description."""
         from edgeflex.devices import get_device
         from edgeflex.devices.predictor import fit
 
         host = self._profiles.get(profile_path("host"))
+        km = self._kernel_model(device)
+        # the model's kernels were timed in fp32: a reduced-precision variant's kernels are not those
+        if km is not None and self.configs and all((c.costs or {}).get("kernels") and c.precision == "fp32"
+                                                   for c in self.configs):
+            out = {}
+            for c in self.configs:
+                ms = km.predict(c.costs["kernels"])
+                h = (host or {}).get("configs", {}).get(c.name, {}) if device == "host" else {}
+                tail = h.get("p90_ms", 1.0) / h.get("p50_ms", 1.0) if h else 1.1
+                out[c.name] = {"p50_ms": ms, "p90_ms": ms * tail,
+                               "note": f"kernel-level model of {device} ({len(c.costs['kernels'])} kernels)"}
+            return {"device": device, "obtained": "predicted", "configs": out, "env": {"threads": km.threads},
+                    "predictor": {"method": "kernels", "kernel_samples": len(km.regressor.ms),
+                                  "configs_fitted": km.n_configs}}
         costed = [c for c in self.configs if c.costs is not None]
         if host is None or len(costed) < 2:
             raise BudgetError(f"no profile of bundle {self.bundle.name!r} measured on {device}, and no host "
@@ -450,7 +484,7 @@ class Runtime:
         check_str("device", device, none=True)
         device = device or self.device
         prof = self.latency_profile() if device == self.device else self._profiles.get(profile_path(device))
-        if prof is None and device != "host":
+        if prof is None and (device != "host" or self._kernel_model(device) is not None):
             prof = self.predicted_profile(device)
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
@@ -506,6 +540,10 @@ class Runtime:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
         prof = self.latency_profile()
+        if prof is None and self._kernel_model(self.device) is not None:
+            log.warning("no profile measured on %s: planning on latencies predicted from its kernel-level "
+                        "model until one is (`edgeflex profile`)", self.device)
+            prof = self.predicted_profile(self.device)
         if prof is None:
             raise BudgetError(f"bundle {self.bundle.name!r} has no latency profile measured on this device "
                               f"({self.device}); run `edgeflex profile {self.bundle.path}` first")
@@ -584,6 +622,7 @@ class Runtime:
                 raise BundleError(f"bundle {str(self.bundle.path)!r} was re-exported since this runtime "
                                   "opened it: its profiles are of another model; open a new Runtime for it")
             profiles = load_profiles(now)
+            self._kernel_models = load_kernel_models(now)
         changed = sorted(rel for rel in {*profiles, *self._profiles}
                          if profiles.get(rel) != self._profiles.get(rel))
         self.bundle, self._profiles = now, profiles

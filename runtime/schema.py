@@ -222,8 +222,12 @@ SPECS = _list(SPEC, unique=lambda s: s["name"])
 QUALITY = _obj({"metric": _str, "value": _num()},
                {"direction": _one_of("higher", "lower"), "split": _str, "mae": _num(),
                 "baseline": _obj({"name": _str, "value": _num()})})
+KERNEL = _obj({"kind": _str, "flops": _num(0)},
+              {"bytes": _num(0), "weight_bytes": _num(0), "pad_flops": _num(0), "setup_flops": _num(0),
+               "call": _int(0), "dims": _list(_num(0), nonempty=False), "nodes": _list(_str, nonempty=False),
+               "outputs": _list(_str, nonempty=False)})
 COSTS = _obj({"per_kind": _dict(_dict(_num(0)))},
-             {"total": _dict(_num(0)), "engine_calls": _int(1)})
+             {"total": _dict(_num(0)), "engine_calls": _int(1), "kernels": _list(KERNEL, nonempty=False)})
 CONFIG = _obj({"name": _str},
               {"graph": _relpath, "segments": _list(_str, unique=lambda s: s), "quality": _opt(QUALITY),
                "flops": _opt(_int()), "param_bytes": _opt(_int()), "costs": COSTS,

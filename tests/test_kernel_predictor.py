@@ -39,13 +39,15 @@ def test_a_starnet_graph_is_detected_as_its_fused_conv_star_and_head_kernels(sta
     kinds = [k["kind"] for k in ks]
     ops = [k["ops"] for k in ks]
     assert ops[0] == "Conv+Clip" and kinds[0] == "conv"          # stem: ConvBN + ReLU6, one kernel
-    block = ["dwconv", "conv", "conv", "elementwise", "conv", "dwconv", "elementwise"]
-    # four stages, each a strided ConvBN then one star block (dwconv, f1 + ReLU6, f2, star, g, dwconv2, add)
+    block = ["dwconv", "conv", "conv", "elementwise", "conv", "dwconv"]
+    # four stages, each a strided ConvBN then one star block (dwconv, f1 + ReLU6, f2, star, g, dwconv2 with
+    # the residual add: ORT's NCHWc Conv sums into its output, and its profile shows no Add node)
     body = kinds[1:1 + 4 * (1 + len(block))]
     for s in range(4):
         stage = body[s * (1 + len(block)):(s + 1) * (1 + len(block))]
         assert stage == ["conv", *block], stage
     assert ops[2 + 1] == "Conv+Clip" and ops[2 + 3] == "Mul"       # f1 fused with its activation; the star op
+    assert ops[2 + 5] == "Conv+Add"                                  # dwconv2 and the residual
     assert kinds[-2:] == ["data", "matmul"] and "GlobalAveragePool" in ops
     # fusion keeps every op's FLOPs: the kernels add up to the graph's operator-level costs
     assert sum(k["flops"] for k in ks) == graph_costs(starnet_graph)["total"]["flops"]

@@ -1,0 +1,155 @@
+"""A bundle's kernel-level latency model for this machine (`edgeflex profile BUNDLE --kernels`): every
+config's fused kernels (`export/kernels.py`) timed alone on ONNX Runtime, the configs timed whole, all in
+the same shuffled rounds, fitted (`devices/kernel_predictor.py`) and stored in the bundle
+(`runtime.profiles.save_kernel_model`), from where `Runtime.query` and the budget policy predict configs
+that have no measured profile on the device. Export side: builds the kernels' standalone ONNX graphs (onnx);
+the model it writes is read on the board with numpy alone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeflex.args import check_int, check_path, check_str
+from edgeflex.devices import host_info, kernel_predictor
+from edgeflex.devices.measure import measure
+from edgeflex.errors import BundleError
+from edgeflex.runtime.backends.onnx_wire import inline_initializers
+from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from edgeflex.runtime.bundle import Bundle
+from edgeflex.runtime.plan import build_plans
+from edgeflex.runtime.progress import bar
+
+from .kernels import config_kernels, sample_kernels
+
+OVERHEAD = "__run_overhead__"
+
+
+def overhead_graph() -> bytes:
+    """A Relu of one float: what one engine run costs with next to no work (taken off each kernel's time;
+    a config pays it once per engine call, not per kernel)."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def kernel_runners(unique: dict[str, dict], threads: int) -> dict[str, Callable[[], Any]]:
+    """key -> a call that runs the kernel (unique[key]["graph"]) alone on ONNX Runtime, for each kernel
+    that has a graph; and OVERHEAD."""
+    backend = OnnxRuntimeBackend()
+    runners: dict[str, Callable[[], Any]] = {}
+    rng = np.random.default_rng(0)
+    for key, u in unique.items():
+        if u["graph"] is None:
+            continue
+        g = onnx.load_from_string(u["graph"])
+        xs = [rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(np.float32)
+              for vi in g.graph.input]
+        e = backend.load(u["graph"], [], [], threads=threads)
+        runners[key] = lambda e=e, xs=xs: e._run(xs)
+    e0 = backend.load(overhead_graph(), [], [], threads=threads)
+    x0 = [np.ones(1, np.float32)]
+    runners[OVERHEAD] = lambda: e0._run(x0)
+    return runners
+
+
+def kernel_times(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Kernel times (median of the rounds' p50s) less the engine's per-run overhead (at least a tenth)."""
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    o = med.get(OVERHEAD, 0.0)
+    return {k: max(v - o, 0.1 * v) for k, v in med.items() if k != OVERHEAD}
+
+
+def measure_rounds(runners: dict[str, Callable[[], Any]], block_s: dict[str, float], rounds: int, *,
+                   cap: int = 2000, on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """key -> each round's p50 ms: every key timed for ~block_s[key] per round, in shuffled rounds, so a
+    machine whose speed drifts slows every key alike."""
+    est = {k: measure(fn, warmup=3, runs=5)["p50_ms"] for k, fn in runners.items()}
+    per_round: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for k in order:
+            runs = int(min(cap, max(10, block_s[k] * 1e3 / max(est[k], 1e-3))))
+            per_round[k].append(measure(runners[k], warmup=1, runs=runs)["p50_ms"])
+        if on_round is not None:
+            on_round(r)
+    return per_round
+
+
+def bundle_config_graphs(path: str | os.PathLike) -> dict[str, list[onnx.ModelProto]]:
+    """Each config's graphs as it runs them unfused (one per engine call), weights inline; configs whose
+    plan feeds constants (a DRESS row-sparse level) are left out."""
+    out = {}
+    with Bundle.open(path) as b:
+        for name, plan in build_plans(b, fused=False).items():
+            if plan.constants:
+                continue
+            out[name] = [onnx.load_from_string(inline_initializers(b.read(s.graph), s.initializers or {}))
+                         for s in plan.steps]
+    return out
+
+
+def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threads: int = 1,
+                         rounds: int = 8, sampled: int = 0, block_ms: float = 10.0,
+                         kernel_block_ms: float = 3.0,
+                         progress: bool = True) -> kernel_predictor.KernelPredictor:
+    """Time the bundle's configs whole and their kernels alone (plus `sampled` kernels of random shapes)
+    here, in `rounds` shuffled rounds, at `threads` intra-op threads, and fit the kernel-level model of
+    `device` (this machine; named as `edgeflex profile --device` names it)."""
+    check_path("path", path)
+    check_str("device", device)
+    check_int("threads", threads, 1)
+    check_int("rounds", rounds, 1)
+    check_int("sampled", sampled, 0)
+    graphs = bundle_config_graphs(path)
+    if len(graphs) < 2:
+        raise BundleError(f"bundle {str(path)!r} has {len(graphs)} config(s) with plain graphs: a kernel "
+                          "model is fitted on at least 2 configs timed whole")
+    backend = OnnxRuntimeBackend()
+    per_config, unique = {}, {}
+    for k in sample_kernels(sampled):
+        unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"]})
+    cfg_runners: dict[str, Callable[[], Any]] = {}
+    with Bundle.open(path) as b:
+        shape = [1 if not isinstance(d, int) else d for d in b.inputs[0].shape]
+        dtype = b.inputs[0].dtype
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    for name, gs in graphs.items():
+        ks = config_kernels(gs, with_graphs=True)
+        for k in ks:
+            unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"]})
+        per_config[name] = [{f: v for f, v in k.items() if f != "graph"} for k in ks]
+        engines = [backend.load(g.SerializeToString(), [], [], threads=threads) for g in gs]
+
+        def run(engines=engines):
+            h = [x]
+            for e in engines:
+                h = e._run(h)[:1]
+            return h
+
+        cfg_runners[f"config:{name}"] = run
+    ker = kernel_runners(unique, threads)
+    block = dict.fromkeys(cfg_runners, block_ms / 1e3) | dict.fromkeys(ker, kernel_block_ms / 1e3)
+    pbar = bar(rounds, "kernel model rounds", show=progress, unit="round")
+    rounds_ms = measure_rounds(cfg_runners | ker, block, rounds, on_round=lambda r: pbar.update())
+    pbar.close()
+    kms = kernel_times({k: v for k, v in rounds_ms.items() if k in ker})
+    ksamples = [({f: v for f, v in u["kernel"].items() if f != "graph"}, kms[key])
+                for key, u in unique.items() if key in kms]
+    csamples = [(per_config[n], float(np.median(rounds_ms[f"config:{n}"])), n) for n in per_config]
+    km = kernel_predictor.fit(ksamples, csamples, device=device, threads=threads)
+    km.env = {"host": host_info()}
+    return km
+
+
+__all__ = ["OVERHEAD", "bundle_config_graphs", "kernel_runners", "kernel_times", "measure_kernel_model",
+           "measure_rounds", "overhead_graph"]

@@ -1,0 +1,119 @@
+"""The kernel-level latency model wired into bundles (issue 22): every exported config carries its fused
+kernels; `edgeflex profile --kernels` times them here and stores the fitted model in the bundle; `query` and
+the budget policy predict from it where no profile is measured, and the old predictor stays the fallback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeflex as ef
+from edgeflex.devices.predictor import KINDS
+from edgeflex.errors import BundleError, DeviceError
+from edgeflex.runtime import Budget
+from edgeflex.runtime.bundle import update_bundle
+from edgeflex.runtime.profiles import (
+    kernel_model_path,
+    measure_profile,
+    profile_path,
+    save_kernel_model,
+)
+
+
+@pytest.fixture(scope="module")
+def kernel_model(snnet_bundle, tmp_path_factory) -> dict:
+    """The SN-Net bundle's kernel model of this machine at 1 thread (kernels and configs timed here)."""
+    from edgeflex.export.kernel_model import measure_kernel_model
+
+    return measure_kernel_model(snnet_bundle[1], threads=1, rounds=3, progress=False).to_json()
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "sn.efx"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_exported_config_carries_its_fused_kernels(snnet_bundle):
+    manifest = json.loads((Path(snnet_bundle[1]) / "manifest.json").read_text())
+    for c in manifest["configs"]:
+        ks = c["costs"]["kernels"]
+        assert ks and all(k["kind"] in KINDS for k in ks)
+        # one engine call per segment; the kernels keep every operator's FLOPs
+        assert max(k["call"] for k in ks) + 1 == c["costs"]["engine_calls"] == len(c["segments"])
+        assert sum(k["flops"] for k in ks) == c["costs"]["total"]["flops"]
+        assert any(k["ops"] == "Conv+Add" for k in ks)        # the star blocks' residuals, inside the conv
+
+
+def test_query_and_budget_use_the_kernel_model_where_no_profile_is_measured(snnet_bundle, kernel_model,
+                                                                            tmp_path):
+    path = _copy(snnet_bundle[1], tmp_path)
+    save_kernel_model(path, kernel_model)
+    rt = ef.Runtime(path, threads=1)
+    hits = rt.query(Budget(latency_ms=1e6), device="host")
+    assert len(hits) == len(rt.configs)
+    assert all(h["source"] == "predicted" and "kernel-level model of host" in h["note"] for h in hits)
+    # the budget policy plans on the same predictions (no profile: it would refuse without the model)
+    assert rt.set_budget(Budget(latency_ms=1e6)) == max(rt.configs, key=lambda c: c.quality["value"]).name
+    # the predictions against this machine's measured latencies: every config within 2x, and the faster
+    # half predicted faster than the slower half on average
+    measured = measure_profile(rt, min_runs=20, min_seconds=0.05, memory=False, progress=False)["configs"]
+    pred = {h["name"]: h["p50_ms"] for h in hits}
+    ratio = np.array([pred[n] / measured[n]["p50_ms"] for n in pred])
+    assert np.all((ratio > 0.5) & (ratio < 2.0)), dict(zip(pred, ratio.round(2)))
+    order = sorted(pred, key=lambda n: measured[n]["p50_ms"])
+    half = len(order) // 2
+    assert np.mean([pred[n] for n in order[:half]]) < np.mean([pred[n] for n in order[-half:]])
+
+
+def test_a_measured_profile_wins_and_other_devices_fall_back_to_the_operator_level_predictor(
+        profiled_snnet, kernel_model, tmp_path):
+    path = _copy(profiled_snnet, tmp_path)
+    save_kernel_model(path, kernel_model)
+    rt = ef.Runtime(path, threads=1)
+    assert all(h["source"] == "measured" for h in rt.query(Budget(latency_ms=1e6), device="host"))
+    other = rt.query(Budget(latency_ms=1e6), device="rpi5")       # no kernel model of the Pi: old predictor
+    assert other and all(h["source"] == "predicted" and "UNVALIDATED" in h["note"] for h in other)
+
+
+def test_a_bad_kernel_model_is_refused_in_one_line(snnet_bundle, kernel_model, tmp_path):
+    path = _copy(snnet_bundle[1], tmp_path)
+    with pytest.raises(DeviceError, match="not an edgeflex kernel predictor"):
+        save_kernel_model(path, {"format": "something else"})
+    with pytest.raises(DeviceError, match="kernel predictor: missing or malformed"):
+        save_kernel_model(path, {k: v for k, v in kernel_model.items() if k != "coef"})
+    assert not (path / kernel_model_path("host")).exists()
+    # one stored by hand, broken: opening the bundle says which file and what to do
+    update_bundle(path, {kernel_model_path("host"): b'{"format": "edgeflex-kernel-predictor"}'})
+    with pytest.raises(BundleError, match=r"profiles/kernels/host\.json.*save_kernel_model"):
+        ef.Runtime(path, threads=1)
+
+
+def test_profile_kernels_on_the_command_line_stores_the_model(snnet_bundle, tmp_path):
+    path = _copy(snnet_bundle[1], tmp_path)
+    r = subprocess.run([sys.executable, "-m", "edgeflex", "profile", str(path), "--threads", "1",
+                        "--no-memory", "--min-seconds", "0.05", "--kernels", "--kernel-rounds", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kernel-level latency model" in r.stdout and kernel_model_path("host") in r.stdout
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert kernel_model_path("host") in files and profile_path("host") in files
+    stored = json.loads((path / kernel_model_path("host")).read_text())
+    assert stored["threads"] == 1 and stored["n_configs"] == len(ef.Runtime(path).configs)
+
+
+def test_a_host_model_timed_on_another_machine_is_not_used_for_this_one(snnet_bundle, kernel_model, tmp_path):
+    path = _copy(snnet_bundle[1], tmp_path)
+    elsewhere = {**kernel_model, "env": {"host": {"cpu": "another CPU", "cores": 64}}}
+    save_kernel_model(path, elsewhere)
+    rt = ef.Runtime(path, threads=1)
+    with pytest.raises(ef.BudgetError, match="no latency profile"):
+        rt.query(Budget(latency_ms=1e6), device="host")
+    with pytest.raises(ef.BudgetError, match="no latency profile"):
+        rt.set_budget(Budget(latency_ms=1e6))
