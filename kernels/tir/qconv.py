@@ -110,6 +110,8 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     PLANE = HG * WG
     XS = C4 * PH * PLANE * 4 + P * 4 + 4 * (KW - 1)  # + the reads of a tail tile past the grid
     n_img = tirx.Var("n", "int64") if batch is None else batch
+    CHW = C * H * W
+    QCHUNKS = -(-CHW // 16)
     top, left = pad[0], pad[1]
     zq = zero_point - shift                           # the stored zero point
     s = float(np.float32(scale))
@@ -129,26 +131,30 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
         yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
         wf = T.decl_buffer((CO * TAPS * C4 * 4,), "int8", data=w.data)
         xs = T.decl_buffer((XS,), adt)
+        xq = T.decl_buffer((CHW,), adt)
         for img in range(n_img):
             for g in range(XS - C4 * PH * PLANE * 4):
                 xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # quantize + lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels]
+                    # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
+                    for chunk in T.parallel(QCHUNKS):
+                        for e in T.vectorized(16):
+                            xq[T.min(chunk * 16, CHW - 16) + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
+                                xf[img * CHW + T.min(chunk * 16, CHW - 16) + e] / T.float32(s))
+                                + T.float32(zero_point), T.float32(255)), T.float32(0)) - T.float32(shift))
+                    # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
+                    # repeat channel C-1: their weights are 0), padding at the zero point
                     for r in T.parallel(C4 * PH * HG):
                         c4: T.let = r // (PH * HG)
                         ph: T.let = r // (SW * HG) % SH
                         pw: T.let = r // HG % SW
                         ih: T.let = r % HG * SH + ph - top
                         for g in range(WG):
-                            iw: T.let = g * SW + pw - left
                             for lane in T.unroll(4):
                                 xs[(r * WG + g) * 4 + lane] = T.if_then_else(
-                                    0 <= ih and ih < H and 0 <= iw and iw < W and c4 * 4 + lane < C,
-                                    T.Cast(adt, T.max(T.min(T.nearbyint(
-                                        xf[((img * C + c4 * 4 + lane) * H + ih) * W + iw] / T.float32(s))
-                                        + T.float32(zero_point), T.float32(255)), T.float32(0))
-                                        - T.float32(shift)),
+                                    0 <= ih and ih < H and 0 <= g * SW + pw - left and g * SW + pw - left < W,
+                                    xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
                                     T.Cast(adt, zq))
                     for task in T.parallel(tiles * oblocks):
                         t: T.let = task // oblocks
