@@ -80,11 +80,13 @@ def qconv_reference(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, s: floa
 
 def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, out_channels: int,
                    kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int, int, int],
-                   scale: float, zero_point: int, family: tuple[int, str, str, int] = X86_VNNI) -> Any:
+                   scale: float, zero_point: int, family: tuple[int, str, str, int] = X86_VNNI,
+                   linear: bool = False) -> Any:
     """The kernel for x [batch, C, H, W] float32, w [CO, KH*KW*C4*4] int8 (OHWI, input channels padded to
     C4 = ceil(C/4) quads), wsum [CO] int32 (sum of each row of w), ws [CO] float32 (s * s_w[o]),
     b [CO] float32 -> y [batch, CO, OH, OW] float32. Scheduled by hand: per image, the quantize pass, then
-    parallel over (pixel tile, output-channel block); the last tile / block overlaps the one before."""
+    parallel over (pixel tile, output-channel block); the last tile / block overlaps the one before.
+    `linear`: a linear layer, x [batch, C] -> y [batch, CO] (a 1x1 conv of one pixel per image)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -111,6 +113,8 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     XS = C4 * PH * PLANE * 4 + P * 4 + 4 * (KW - 1)  # + the reads of a tail tile past the grid
     n_img = tirx.Var("n", "int64") if batch is None else batch
     CHW = C * H * W
+    x_shape = (n_img, C) if linear else (n_img, C, H, W)
+    y_shape = (n_img, CO) if linear else (n_img, CO, OH, OW)
     QCHUNKS = -(-CHW // 16)
     top, left = pad[0], pad[1]
     zq = zero_point - shift                           # the stored zero point
@@ -121,12 +125,12 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     def qconv(x_h: T.handle, w_h: T.handle, ws_h: T.handle, wsum_h: T.handle, b_h: T.handle,
               y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        x = T.match_buffer(x_h, (n_img, C, H, W), "float32")
+        x = T.match_buffer(x_h, x_shape, "float32")
         w = T.match_buffer(w_h, (CO, TAPS * C4 * 4), "int8")
         ws = T.match_buffer(ws_h, (CO,), "float32")
         wsum = T.match_buffer(wsum_h, (CO,), "int32")
         b = T.match_buffer(b_h, (CO,), "float32")
-        y = T.match_buffer(y_h, (n_img, CO, OH, OW), "float32")
+        y = T.match_buffer(y_h, y_shape, "float32")
         xf = T.decl_buffer((n_img * C * H * W,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
         wf = T.decl_buffer((CO * TAPS * C4 * 4,), "int8", data=w.data)
@@ -209,11 +213,24 @@ def _const(expr: Any) -> np.ndarray | None:
 
 
 class _QMatch:
-    """One matched int8 conv: the float32 input, its quantize scale / zero point, the int8 weight and its
-    per-channel scale (expressions), the bias (or None), the conv2d attributes and shapes."""
+    """One matched int8 conv or linear layer: the float32 input, its quantize scale / zero point, the int8
+    weight and its per-channel scale (expressions), the bias (or None), the conv2d / matmul call."""
 
     def __init__(self, x, s, zp, w, w_scale, bias, conv):
         self.x, self.s, self.zp, self.w, self.w_scale, self.bias, self.conv = x, s, zp, w, w_scale, bias, conv
+        self.linear = self.transposed = False
+
+
+def _bias_vector(b: Any, out: Any, hit: _QMatch) -> bool:
+    """`b` adds one float32 value per output channel to `out`: (1, O, 1, 1) / (O, 1, 1) for a conv,
+    (O,) / (1, O) for a linear layer."""
+    from edgeflex.kernels.tir.match import static
+
+    ty = getattr(b, "ty", None)
+    if ty is None or getattr(ty, "dtype", None) != "float32" or not static(getattr(ty, "shape", None)):
+        return False
+    shape, o = [int(v) for v in ty.shape], int(out.ty.shape[1])
+    return shape in (([o], [1, o]) if hit.linear else ([1, o, 1, 1], [o, 1, 1]))
 
 
 def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
@@ -230,44 +247,82 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
             e, uses.get(e, 0) + 1))
     hits: dict[Any, _QMatch] = {}
 
+    def act(expr: Any, ndim: int) -> tuple[Any, float, int] | None:
+        """(x, s, zp) when `expr` is dequantize(quantize(x, s, zp)) of a float32 x with `ndim` dims
+        (static but for the batch, at least 16 values an image), uint8, scalar s and zp."""
+        dq = m.definition(expr)
+        if op_name(dq) != "relax.dequantize":
+            return None
+        q = m.definition(dq.args[0])
+        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
+            return None
+        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
+        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
+            return None
+        x = q.args[0]
+        if x.ty.dtype != "float32" or x.ty.ndim != ndim or not static(list(x.ty.shape)[1:]) \
+                or int(np.prod([int(d) for d in list(x.ty.shape)[1:]])) < 16:
+            return None
+        return x, s, int(zp)
+
+    def weight(expr: Any, axis: int) -> tuple[Any, Any] | None:
+        """(w_q, scale) when `expr` is dequantize(w_q) of an int8 weight, zero point 0, the scale one
+        value or one per output channel (`axis`)."""
+        dq = m.definition(expr)
+        if op_name(dq) != "relax.dequantize":
+            return None
+        w, w_scale, w_zp = dq.args
+        zw = _const(w_zp)
+        if w.ty.dtype != "int8" or zw is None or np.any(zw != 0) or not static(w.ty.shape):
+            return None
+        sc = _const(w_scale)
+        if int(dq.attrs.axis) % w.ty.ndim != axis and (sc is None or sc.size != 1):
+            return None             # a scale per input channel or tap: not one per output channel
+        return w, w_scale
+
     def conv_match(call: Any) -> _QMatch | None:
         if op_name(call) != "relax.nn.conv2d":
             return None
         a = call.attrs
         if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
-                or int(a.groups) != 1
-                or tuple(int(v) for v in a.dilation) != (1, 1) or not static(call.args[1].ty.shape)
-                or not static(list(call.args[0].ty.shape)[1:])):
+                or int(a.groups) != 1 or tuple(int(v) for v in a.dilation) != (1, 1)):
             return None
-        dq_x, dq_w = m.definition(call.args[0]), m.definition(call.args[1])
-        if op_name(dq_x) != "relax.dequantize" or op_name(dq_w) != "relax.dequantize":
+        xa, wa = act(call.args[0], 4), weight(call.args[1], 0)
+        if xa is None or wa is None:
             return None
-        q_x = m.definition(dq_x.args[0])
-        if op_name(q_x) != "relax.quantize" or str(q_x.attrs.out_dtype) != "uint8":
+        return _QMatch(xa[0], xa[1], xa[2], wa[0], wa[1], None, call)
+
+    def linear_match(call: Any) -> _QMatch | None:
+        """matmul(dq(q(x)), permute_dims(dq(w_q [O, K]))) (ONNX Gemm, transB) or matmul(dq(q(x)),
+        dq(w_q [K, O])) (MatMul), x [N, K]: the weight as a [O, K, 1, 1] conv's."""
+        if op_name(call) != "relax.matmul":
             return None
-        s, zp = scalar(dq_x.args[1]), scalar(dq_x.args[2])
-        if s is None or zp is None or (scalar(q_x.args[1]), scalar(q_x.args[2])) != (s, zp):
+        xa = act(call.args[0], 2)
+        b = m.definition(call.args[1])
+        if xa is None:
             return None
-        w, w_scale, w_zp = dq_w.args
-        zw = _const(w_zp)
-        if w.ty.dtype != "int8" or zw is None or np.any(zw != 0):
+        if op_name(b) == "relax.permute_dims" and [int(v) for v in b.attrs.axes] == [1, 0]:
+            wa, transposed = weight(b.args[0], 0), False
+        else:
+            wa, transposed = weight(call.args[1], 1), True
+        if wa is None or wa[0].ty.ndim != 2:
             return None
-        sc = _const(w_scale)
-        if int(dq_w.attrs.axis) not in (0, -4) and (sc is None or sc.size != 1):
-            return None             # a scale per input channel or tap: not one per output channel
-        if q_x.args[0].ty.dtype != "float32":
-            return None
-        return _QMatch(q_x.args[0], s, int(zp), w, w_scale, None, call)
+        hit = _QMatch(xa[0], xa[1], xa[2], wa[0], wa[1], None, call)
+        hit.linear, hit.transposed = True, transposed
+        return hit
+
+    def match(call: Any) -> _QMatch | None:
+        return conv_match(call) or linear_match(call)
 
     for var, value in m.value.items():
         if op_name(value) == "relax.add":
             for c, bexpr in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
-                hit = conv_match(m.definition(c))
-                if hit is not None and uses.get(c, 0) == 1 and m._channel_vector(bexpr, c):
+                hit = match(m.definition(c))
+                if hit is not None and uses.get(c, 0) == 1 and _bias_vector(bexpr, c, hit):
                     hit.bias = bexpr
                     hits[var] = hit
                     break
-        hit = conv_match(value)
+        hit = match(value)
         if hit is not None and var not in hits:
             hits[var] = hit
     # a conv whose add took it is computed by the add's kernel
@@ -283,27 +338,42 @@ def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any
     from tvm import relax
 
     call = match.conv
-    a = call.attrs
-    n, c, h, w = [int(v) if i else v for i, v in enumerate(call.args[0].ty.shape)]
-    co, _, kh, kw = (int(v) for v in call.args[1].ty.shape)
-    stride = tuple(int(v) for v in a.strides)
-    pad = padding4(a.padding)
+    batch = batch_of(match.x.ty.shape)
+    w_expr = match.w
+    if match.linear:
+        c = int(match.x.ty.shape[1])
+        h = w = kh = kw = 1
+        stride, pad = (1, 1), (0, 0, 0, 0)
+        co = int(match.w.ty.shape[1 if match.transposed else 0])
+        if _const(w_expr) is not None:
+            wn = _const(w_expr)
+            w_expr = relax.const((wn.T if match.transposed else wn).reshape(co, c, 1, 1).copy(), "int8")
+        else:
+            w_expr = relax.op.reshape(relax.op.permute_dims(w_expr, [1, 0]) if match.transposed else w_expr,
+                                      [co, c, 1, 1])
+        kind = "qlinear"
+    else:
+        a = call.attrs
+        c, h, w = (int(v) for v in list(match.x.ty.shape)[1:])
+        co, _, kh, kw = (int(v) for v in match.w.ty.shape)
+        stride = tuple(int(v) for v in a.strides)
+        pad = padding4(a.padding)
+        kind = "qconv"
     c4 = -(-c // 4)
-    batch = batch_of(call.args[0].ty.shape)
-    name = (f"qconv_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_o{co}_k{kh}x{kw}_s{stride[0]}"
+    name = (f"{kind}_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_o{co}_k{kh}x{kw}_s{stride[0]}"
             f"_p{''.join(map(str, pad))}_b{batch or 'n'}_{abs(hash((match.s, match.zp))) % 10**8}")
-    wc = _const(match.w)
+    wc = _const(w_expr)
     if wc is not None:
         packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
         packed[..., :c] = wc.transpose(0, 2, 3, 1)
         w_arg = relax.const(packed.reshape(co, -1), "int8")
         wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
     else:
-        t = relax.op.permute_dims(match.w, [0, 2, 3, 1])
+        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
         if c4 * 4 != c:
             t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
         w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
-        wsum = relax.op.sum(relax.op.astype(match.w, "int32"), axis=[1, 2, 3])
+        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
     sc = _const(match.w_scale)
     if sc is not None:
         ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * match.s)
@@ -319,7 +389,8 @@ def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any
             relax.op.reshape(match.bias, [co])
 
     def make():
-        return qconv_primfunc(batch, c, h, w, co, (kh, kw), stride, pad, match.s, match.zp, family)
+        return qconv_primfunc(batch, c, h, w, co, (kh, kw), stride, pad, match.s, match.zp, family,
+                              linear=match.linear)
 
     return name, make, [match.x, w_arg, ws, wsum, b]
 
