@@ -444,6 +444,11 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
     functions = sorted(gv.name_hint for gv, f in mod.functions.items()
                        if f.attrs is not None and "tirx.is_scheduled" in f.attrs) if applied else []
     mod, transform = _lift_param_transforms(mod, model, job)
+    if "qconv" in applied and target.unit == "cpu" and tuning_dir is None:
+        # the QuantizeLinear / DequantizeLinear pairs left between the int8 kernels: vectorized, parallel
+        from edgeflex.kernels.tir.elementwise import lower_and_schedule
+
+        mod = lower_and_schedule(mod, tgt)
     tuned = None
     if tuning_dir is not None:
         mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s, target, boards)

@@ -22,6 +22,10 @@ HOST_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
                "bf16": ("amx_bf16", "avx512_bf16")},
     "aarch64": {"int8": ("asimddp",), "fp16": ("asimdhp",), "bf16": ("bf16",)},
 }
+# What TVM's int8 kernels (edgeflex.kernels.tir.qconv) compute with, per architecture: the CPU flag of
+# the dot-product instruction they are written for (x86: AVX512-VNNI `vpdpbusd`; aarch64: `sdot`).
+# AVX-VNNI (256-bit only), AMX and AVX2's vpmaddubsw have no kernel here: int8 on TVM is refused there.
+TVM_INT8_FLAGS: dict[str, tuple[str, ...]] = {"x86_64": ("avx512_vnni",), "aarch64": ("asimddp",)}
 # Flags worth naming in a benchmark record (which int8/16-bit units the machine has).
 NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16",
                  "avx512_fp16", "asimddp", "asimdhp", "bf16", "i8mm")
@@ -46,6 +50,18 @@ def host_precisions(flags: set[str] | None = None, arch: str | None = None) -> d
         if have:
             out[precision] = have[0]
     return out
+
+
+def tvm_int8_refusal(flags: set[str] | None = None, arch: str | None = None) -> str | None:
+    """Why TVM's int8 kernels cannot run on this machine (its CPU lacks their dot-product instruction), in
+    a phrase; None where they run."""
+    flags = cpu_flags() if flags is None else flags
+    arch = arch or platform.machine()
+    needs = TVM_INT8_FLAGS.get(arch, ())
+    if any(f in flags for f in needs):
+        return None
+    have = " / ".join(needs) or "int8 dot-product instruction TVM has a kernel for"
+    return f"this {arch} CPU has no {have} (what TVM's int8 kernels compute with): int8 would be emulated"
 
 
 def device_precisions(device: str) -> dict[str, str]:

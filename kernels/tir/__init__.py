@@ -51,8 +51,9 @@ def register(name: str) -> Callable[[Rewrite], Rewrite]:
 
 
 # The order rewrites run in: whole-graph kernels first (FITS, the row-sparse graph, whose dynamic gathers
-# the per-op rewrites' constant folding cannot legalize), then the per-op ones.
-ORDER = ("fits", "rowsparse", "star", "conv", "dwconv", "dense")
+# the per-op rewrites' constant folding cannot legalize), then int8 (before any folding turns an int8
+# weight's dequantize into a float32 constant), then the per-op ones.
+ORDER = ("fits", "rowsparse", "qconv", "star", "conv", "dwconv", "dense")
 
 
 def _load_all() -> None:

@@ -183,17 +183,19 @@ def replace_bindings(mod: Any, func: Any, new_values: dict[Any, Any]) -> Any:
 
 
 def rewrite_matches(mod: Any, ctx: RewriteContext, find: Callable[[Any], dict[Any, Any]],
-                    lower: Callable[[Any, Any], tuple[str, Callable[[], Any], list[Any]]]) -> Any:
+                    lower: Callable[[Any, Any], tuple[str, Callable[[], Any], list[Any]]],
+                    fold: bool = True) -> Any:
     """The frame of every rewrite here: on CPU (llvm) targets, fold constants, `find(function)` -> {variable:
     match} in each Relax function, `lower(variable, match)` -> (kernel name, prim func maker, call args),
     each kernel added once, each variable bound to a call_tir of it, dead bindings removed. None when
-    nothing matched (the module is left untouched)."""
+    nothing matched (the module is left untouched). `fold=False` matches the module as it is (folding would
+    turn an int8 weight's dequantize into a float32 constant)."""
     from tvm import relax
 
     if ctx.target is None or ctx.target.kind.name != "llvm":
         return None
     try:
-        folded = relax.transform.FoldConstant()(mod)
+        folded = relax.transform.FoldConstant()(mod) if fold else mod
     except Exception:  # noqa: BLE001 - e.g. dynamic gathers it cannot legalize: match the graph unfolded
         folded = mod
     found = {gv: hits for gv, f in folded.functions.items()

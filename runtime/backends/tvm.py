@@ -509,15 +509,29 @@ class TvmBackend(Backend):
 
     def precision_refusal(self, precision: str) -> str | None:
         """fp32 and fp16 (LLVM's half-precision arithmetic where the target has it; the device's own check
-        says whether it does). int8 is refused: TVM 0.27's Relax ONNX importer turns QuantizeLinear /
-        DequantizeLinear into relax.quantize / dequantize around fp32 convs and matmuls, so a QDQ graph would
-        run in fp32 on dequantized weights (emulation; measured in benchmarks/bench_precision.py)."""
+        says whether it does). int8 where its engines were compiled with edgeflex's int8 kernels
+        (`kernels.tir.qconv`: uint8 x int8 -> int32 dot products, VNNI `vpdpbusd` / aarch64 `sdot`) and,
+        for this host, its CPU has that instruction; refused elsewhere (TVM's importer alone would run a
+        QDQ graph's convs in fp32 on dequantized weights: emulation)."""
         if precision in ("fp32", "fp16"):
             return None
-        if precision == "int8":
-            return ("TVM's Relax ONNX importer dequantizes a QDQ graph's weights and runs its convs in fp32 "
-                    "(int8 emulated); run it on backend='onnxruntime'")
-        return f"the TVM path has no {precision} lowering"
+        if precision != "int8":
+            return f"the TVM path has no {precision} lowering"
+        if self.target == HOST:
+            from edgeflex.devices.precision import tvm_int8_refusal
+
+            why = tvm_int8_refusal()
+            if why is not None:
+                return f"{why}; run it on backend='onnxruntime'"
+        if self._bundle is not None:
+            int8 = {c.name for c in self._bundle.configs if c.precision == "int8"}
+            for meta in self._engines.values():
+                if int8 & set(meta.get("used_by", ())) and "qconv" not in meta.get("kernels", ()):
+                    return (f"TVM engine {meta['library']} was compiled without edgeflex's int8 kernels "
+                            "(its target has no VNNI / dotprod, or --no-kernels): its int8 convs would run "
+                            "in fp32 (int8 emulated); re-compile for a target with the instruction, or run "
+                            "it on backend='onnxruntime'")
+        return None
 
     def versions(self) -> dict[str, str]:
         return {"tvm": self._tvm.__version__, "target": self.target}

@@ -1,0 +1,408 @@
+"""int8 arithmetic for the QDQ graphs `edgeflex quantize` writes (issue 21): dense convolutions (1x1 and
+KxK, any stride) and linear layers computed as uint8 activations x int8 weights -> int32 with the target's
+dot-product instruction, and the Relax rewrite ("qconv") that puts the kernel in place of what TVM's ONNX
+importer makes of ORT's QDQ pattern:
+
+    conv2d(dequantize(quantize(x, s, zp)), dequantize(w_q, s_w, 0)) [+ bias]      (x float32, w_q int8)
+
+The kernel takes x in float32 and quantizes it itself (round half to even, saturate, as ONNX
+QuantizeLinear), so `quantize(x)` disappears when every user of it is rewritten; its output is the conv's
+float32 value (the int32 sums, zero-point corrected, times s * s_w[o], + bias), which the graph's own
+QuantizeLinear / DequantizeLinear that follow round as before.
+
+    y[o, q] = s * s_w[o] * (sum_k w_q[o, k] * x_q[k, q]  -  zp * sum_k w_q[o, k])  +  bias[o]
+
+Instructions: x86 `vpdpbusd` (AVX512-VNNI; 16 lanes of 4 u8 x s8 products), aarch64 `sdot` (+dotprod; 4
+lanes of 4 s8 x s8 products: the activations are stored as x_q - 128 and the zero point moves with them).
+Lanes are output pixels: the quantize pass writes, per group of 4 input channels, the 4 channels of each
+pixel side by side (and, for a strided conv, the input split by stride phase as the fp32 conv kernel does,
+so each tap of a tile of pixels is one contiguous run); each weight quad is broadcast to every lane. A
+target with neither instruction is not rewritten (the runtime refuses int8 there: `qdot_instruction`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeflex.kernels.tir import RewriteContext, register
+from edgeflex.kernels.tir.match import batch_of, op_name, padding4
+
+# (lanes, int32 dot instruction, activation storage dtype, shift of the stored activation) per family.
+X86_VNNI = (16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 0)
+ARM_SDOT = (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 128)
+ACC_REGISTERS = 24      # int32 accumulator vectors held at once (of 32 AVX-512 / NEON registers)
+
+
+def qdot_instruction(target: Any) -> tuple[int, str, str, int] | None:
+    """The dot-product family `target` (a tvm.target.Target) has, or None: x86 with AVX512-VNNI, aarch64
+    with dotprod (the catalogue's Cortex-A76 / A78AE; `+dotprod` in its attributes)."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "") or "")
+    from tvm.target import codegen
+
+    try:
+        feats = {str(f) for f in codegen.llvm_get_cpu_features(target)} if hasattr(
+            codegen, "llvm_get_cpu_features") else set()
+    except Exception:  # noqa: BLE001 - an LLVM that cannot answer: decide from the attributes below
+        feats = set()
+    attrs = " ".join(str(a) for a in target.attrs.get("mattr", []) or [])
+    cpu = str(target.attrs.get("mcpu", "") or "")
+    if triple.startswith("aarch64"):
+        if "dotprod" in feats or "+dotprod" in attrs or cpu in DOTPROD_CPUS:
+            return ARM_SDOT
+        return None
+    if "avx512vnni" in feats or "+avx512vnni" in attrs or (not feats and cpu in VNNI_CPUS):
+        return X86_VNNI
+    return None
+
+
+# LLVM CPU names with the instruction, for an LLVM that cannot list a target's features.
+DOTPROD_CPUS = ("cortex-a55", "cortex-a76", "cortex-a77", "cortex-a78", "cortex-a78ae", "cortex-x1",
+                "neoverse-n1", "neoverse-v1", "neoverse-n2", "apple-m1")
+VNNI_CPUS = ("cascadelake", "cooperlake", "icelake-server", "icelake-client", "tigerlake", "sapphirerapids",
+             "emeraldrapids", "graniterapids", "znver4", "znver5")
+
+
+def qconv_reference(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, s: float, zp: int,
+                    bias: np.ndarray | None, stride: int, pad: tuple[int, ...]) -> np.ndarray:
+    """What the kernel computes, in numpy: x quantized as ONNX QuantizeLinear (uint8), the integer conv
+    with the zero point subtracted, times s * w_scale[o], + bias."""
+    from edgeflex.kernels.tir.conv import conv_reference
+
+    xq = np.clip(np.rint(x / np.float32(s)) + zp, 0, 255) - zp
+    y = conv_reference(xq.astype(np.float64), w_q.astype(np.float64), None, stride, pad)
+    y = y.astype(np.float64) * (s * w_scale.reshape(1, -1, 1, 1))
+    return (y + (0 if bias is None else bias.reshape(1, -1, 1, 1))).astype(np.float32)
+
+
+def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, out_channels: int,
+                   kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int, int, int],
+                   scale: float, zero_point: int, family: tuple[int, str, str, int] = X86_VNNI,
+                   linear: bool = False) -> Any:
+    """The kernel for x [batch, C, H, W] float32, w [CO, KH*KW*C4*4] int8 (OHWI, input channels padded to
+    C4 = ceil(C/4) quads), wsum [CO] int32 (sum of each row of w), ws [CO] float32 (s * s_w[o]),
+    b [CO] float32 -> y [batch, CO, OH, OW] float32. Scheduled by hand: per image, the quantize pass, then
+    parallel over (pixel tile, output-channel block); the last tile / block overlaps the one before.
+    `linear`: a linear layer, x [batch, C] -> y [batch, CO] (a 1x1 conv of one pixel per image)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    lanes, instr, adt, shift = family
+    C, H, W, CO = channels, height, width, out_channels
+    KH, KW = kernel
+    SH, SW = stride
+    OH = (H + pad[0] + pad[2] - KH) // SH + 1
+    OW = (W + pad[1] + pad[3] - KW) // SW + 1
+    HG, WG = OH + (KH - 1) // SH, OW + (KW - 1) // SW
+    C4, TAPS, PH = -(-C // 4), KH * KW, SH * SW
+    GRID = OH * WG                                   # pixels computed: the phase grid's first OH rows
+    # pixel vectors per tile: as many as fit a row (rows: every tile stored whole, as vectors), else tiles
+    # over the flat grid, stored pixel by pixel where they leave the output
+    pv = max(1, min(4, OW // lanes)) if OW >= lanes else max(1, min(4, -(-GRID // lanes)))
+    P = pv * lanes
+    rows = OW >= P
+    whole = rows or (WG == OW and GRID >= P)         # every tile's pixels are output pixels, in order
+    per_row = -(-OW // P)
+    tiles = OH * per_row if rows else -(-GRID // P)
+    OB = max(1, min(ACC_REGISTERS // pv, CO))
+    oblocks = -(-CO // OB)
+    PLANE = HG * WG
+    XS = C4 * PH * PLANE * 4 + P * 4 + 4 * (KW - 1)  # + the reads of a tail tile past the grid
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    CHW = C * H * W
+    x_shape = (n_img, C) if linear else (n_img, C, H, W)
+    y_shape = (n_img, CO) if linear else (n_img, CO, OH, OW)
+    QCHUNKS = -(-CHW // 16)
+    top, left = pad[0], pad[1]
+    zq = zero_point - shift                           # the stored zero point
+    s = float(np.float32(scale))
+    vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
+
+    @T.prim_func
+    def qconv(x_h: T.handle, w_h: T.handle, ws_h: T.handle, wsum_h: T.handle, b_h: T.handle,
+              y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, x_shape, "float32")
+        w = T.match_buffer(w_h, (CO, TAPS * C4 * 4), "int8")
+        ws = T.match_buffer(ws_h, (CO,), "float32")
+        wsum = T.match_buffer(wsum_h, (CO,), "int32")
+        b = T.match_buffer(b_h, (CO,), "float32")
+        y = T.match_buffer(y_h, y_shape, "float32")
+        xf = T.decl_buffer((n_img * C * H * W,), "float32", data=x.data)
+        yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
+        wf = T.decl_buffer((CO * TAPS * C4 * 4,), "int8", data=w.data)
+        xs = T.decl_buffer((XS,), adt)
+        xq = T.decl_buffer((CHW,), adt)
+        for img in range(n_img):
+            for g in range(XS - C4 * PH * PLANE * 4):
+                xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
+            with T.attr(0, "pragma_parallel_launch_point", 0):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
+                    for chunk in T.parallel(QCHUNKS):
+                        for e in T.vectorized(16):
+                            xq[T.min(chunk * 16, CHW - 16) + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
+                                xf[img * CHW + T.min(chunk * 16, CHW - 16) + e] / T.float32(s))
+                                + T.float32(zero_point), T.float32(255)), T.float32(0)) - T.float32(shift))
+                    # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
+                    # repeat channel C-1: their weights are 0), padding at the zero point
+                    for r in T.parallel(C4 * PH * HG):
+                        c4: T.let = r // (PH * HG)
+                        ph: T.let = r // (SW * HG) % SH
+                        pw: T.let = r // HG % SW
+                        ih: T.let = r % HG * SH + ph - top
+                        for g in range(WG):
+                            for lane in T.unroll(4):
+                                xs[(r * WG + g) * 4 + lane] = T.if_then_else(
+                                    0 <= ih and ih < H and 0 <= g * SW + pw - left and g * SW + pw - left < W,
+                                    xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
+                                    T.Cast(adt, zq))
+                    for task in T.parallel(tiles * oblocks):
+                        t: T.let = task // oblocks
+                        q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
+                                                   T.if_then_else(whole, T.min(t * P, GRID - P), t * P))
+                        o0: T.let = T.min(task % oblocks * OB, CO - OB)
+                        # where a whole tile's first pixel lands in the output plane
+                        out0: T.let = T.if_then_else(rows, t // per_row * OW + T.min(t % per_row * P, OW - P),
+                                                     q0)
+                        acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                        for i in T.unroll(OB * pv):
+                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                        for c4 in range(C4):
+                            for i in T.unroll(KH):
+                                for j in T.unroll(KW):
+                                    src: T.let = ((c4 * PH + i % SH * SW + j % SW) * PLANE + q0
+                                                  + i // SH * WG + j // SW) * 4
+                                    for v in T.unroll(pv):
+                                        xv: T.let = T.reinterpret(vec32, xs[T.ramp(src + v * 4 * lanes, 1,
+                                                                                    4 * lanes)])
+                                        for r in T.unroll(OB):
+                                            acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = \
+                                                T.call_llvm_pure_intrin(
+                                                    vec32, instr, acc[T.ramp((r * pv + v) * lanes, 1, lanes)],
+                                                    T.reinterpret(vec8, xv),
+                                                    T.reinterpret(vec8, T.broadcast(T.reinterpret(
+                                                        "int32", wf[T.ramp(
+                                                            (o0 + r) * (TAPS * C4 * 4) + (i * KW + j) * C4 * 4
+                                                            + c4 * 4, 1, 4)]), lanes)))
+                        for r in T.unroll(OB):
+                            if whole:
+                                for p in T.vectorized(P):
+                                    yf[(img * CO + o0 + r) * OH * OW + out0 + p] = T.Cast(
+                                        "float32", acc[r * P + p] - zq * wsum[o0 + r]) * ws[o0 + r] \
+                                        + b[o0 + r]
+                            else:
+                                for p in range(P):
+                                    if q0 + p < GRID and (q0 + p) % WG < OW:
+                                        yf[((img * CO + o0 + r) * OH + (q0 + p) // WG) * OW + (q0 + p) % WG] \
+                                            = T.Cast("float32", acc[r * P + p] - zq * wsum[o0 + r]) \
+                                            * ws[o0 + r] + b[o0 + r]
+
+    return qconv
+
+
+# --- the Relax rewrite ----------------------------------------------------------------------------------
+
+def _const(expr: Any) -> np.ndarray | None:
+    import tvm
+
+    return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+
+
+class _QMatch:
+    """One matched int8 conv or linear layer: the float32 input, its quantize scale / zero point, the int8
+    weight and its per-channel scale (expressions), the bias (or None), the conv2d / matmul call."""
+
+    def __init__(self, x, s, zp, w, w_scale, bias, conv):
+        self.x, self.s, self.zp, self.w, self.w_scale, self.bias, self.conv = x, s, zp, w, w_scale, bias, conv
+        self.linear = self.transposed = False
+
+
+def _bias_vector(b: Any, out: Any, hit: _QMatch) -> bool:
+    """`b` adds one float32 value per output channel to `out`: (1, O, 1, 1) / (O, 1, 1) for a conv,
+    (O,) / (1, O) for a linear layer."""
+    from edgeflex.kernels.tir.match import static
+
+    ty = getattr(b, "ty", None)
+    if ty is None or getattr(ty, "dtype", None) != "float32" or not static(getattr(ty, "shape", None)):
+        return False
+    shape, o = [int(v) for v in ty.shape], int(out.ty.shape[1])
+    return shape in (([o], [1, o]) if hit.linear else ([1, o, 1, 1], [o, 1, 1]))
+
+
+def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
+    """{variable: match} for every `conv2d(dequantize(quantize(x)), dequantize(w_q)) [+ bias]` in `func`
+    with an int8 weight whose zero point is 0, groups 1 and dilation 1 (depthwise convs stay float32)."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.match import Matcher, scalar, static
+
+    m = Matcher(func)
+    uses: dict[Any, int] = {}
+    for value in m.value.values():
+        relax.analysis.post_order_visit(value, lambda e: isinstance(e, relax.Var) and uses.__setitem__(
+            e, uses.get(e, 0) + 1))
+    hits: dict[Any, _QMatch] = {}
+
+    def act(expr: Any, ndim: int) -> tuple[Any, float, int] | None:
+        """(x, s, zp) when `expr` is dequantize(quantize(x, s, zp)) of a float32 x with `ndim` dims
+        (static but for the batch, at least 16 values an image), uint8, scalar s and zp."""
+        dq = m.definition(expr)
+        if op_name(dq) != "relax.dequantize":
+            return None
+        q = m.definition(dq.args[0])
+        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
+            return None
+        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
+        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
+            return None
+        x = q.args[0]
+        if x.ty.dtype != "float32" or x.ty.ndim != ndim or not static(list(x.ty.shape)[1:]) \
+                or int(np.prod([int(d) for d in list(x.ty.shape)[1:]])) < 16:
+            return None
+        return x, s, int(zp)
+
+    def weight(expr: Any, axis: int) -> tuple[Any, Any] | None:
+        """(w_q, scale) when `expr` is dequantize(w_q) of an int8 weight, zero point 0, the scale one
+        value or one per output channel (`axis`)."""
+        dq = m.definition(expr)
+        if op_name(dq) != "relax.dequantize":
+            return None
+        w, w_scale, w_zp = dq.args
+        zw = _const(w_zp)
+        if w.ty.dtype != "int8" or zw is None or np.any(zw != 0) or not static(w.ty.shape):
+            return None
+        sc = _const(w_scale)
+        if int(dq.attrs.axis) % w.ty.ndim != axis and (sc is None or sc.size != 1):
+            return None             # a scale per input channel or tap: not one per output channel
+        return w, w_scale
+
+    def conv_match(call: Any) -> _QMatch | None:
+        if op_name(call) != "relax.nn.conv2d":
+            return None
+        a = call.attrs
+        if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+                or int(a.groups) != 1 or tuple(int(v) for v in a.dilation) != (1, 1)):
+            return None
+        xa, wa = act(call.args[0], 4), weight(call.args[1], 0)
+        if xa is None or wa is None:
+            return None
+        return _QMatch(xa[0], xa[1], xa[2], wa[0], wa[1], None, call)
+
+    def linear_match(call: Any) -> _QMatch | None:
+        """matmul(dq(q(x)), permute_dims(dq(w_q [O, K]))) (ONNX Gemm, transB) or matmul(dq(q(x)),
+        dq(w_q [K, O])) (MatMul), x [N, K]: the weight as a [O, K, 1, 1] conv's."""
+        if op_name(call) != "relax.matmul":
+            return None
+        xa = act(call.args[0], 2)
+        b = m.definition(call.args[1])
+        if xa is None:
+            return None
+        if op_name(b) == "relax.permute_dims" and [int(v) for v in b.attrs.axes] == [1, 0]:
+            wa, transposed = weight(b.args[0], 0), False
+        else:
+            wa, transposed = weight(call.args[1], 1), True
+        if wa is None or wa[0].ty.ndim != 2:
+            return None
+        hit = _QMatch(xa[0], xa[1], xa[2], wa[0], wa[1], None, call)
+        hit.linear, hit.transposed = True, transposed
+        return hit
+
+    def match(call: Any) -> _QMatch | None:
+        return conv_match(call) or linear_match(call)
+
+    for var, value in m.value.items():
+        if op_name(value) == "relax.add":
+            for c, bexpr in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
+                hit = match(m.definition(c))
+                if hit is not None and uses.get(c, 0) == 1 and _bias_vector(bexpr, c, hit):
+                    hit.bias = bexpr
+                    hits[var] = hit
+                    break
+        hit = match(value)
+        if hit is not None and var not in hits:
+            hits[var] = hit
+    # a conv whose add took it is computed by the add's kernel
+    for hit in list(hits.values()):
+        if hit.bias is not None:
+            for v2, h2 in list(hits.items()):
+                if h2.bias is None and h2.conv.same_as(hit.conv):
+                    del hits[v2]
+    return hits
+
+
+def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
+    from tvm import relax
+
+    call = match.conv
+    batch = batch_of(match.x.ty.shape)
+    w_expr = match.w
+    if match.linear:
+        c = int(match.x.ty.shape[1])
+        h = w = kh = kw = 1
+        stride, pad = (1, 1), (0, 0, 0, 0)
+        co = int(match.w.ty.shape[1 if match.transposed else 0])
+        if _const(w_expr) is not None:
+            wn = _const(w_expr)
+            w_expr = relax.const((wn.T if match.transposed else wn).reshape(co, c, 1, 1).copy(), "int8")
+        else:
+            w_expr = relax.op.reshape(relax.op.permute_dims(w_expr, [1, 0]) if match.transposed else w_expr,
+                                      [co, c, 1, 1])
+        kind = "qlinear"
+    else:
+        a = call.attrs
+        c, h, w = (int(v) for v in list(match.x.ty.shape)[1:])
+        co, _, kh, kw = (int(v) for v in match.w.ty.shape)
+        stride = tuple(int(v) for v in a.strides)
+        pad = padding4(a.padding)
+        kind = "qconv"
+    c4 = -(-c // 4)
+    name = (f"{kind}_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_o{co}_k{kh}x{kw}_s{stride[0]}"
+            f"_p{''.join(map(str, pad))}_b{batch or 'n'}_{abs(hash((match.s, match.zp))) % 10**8}")
+    wc = _const(w_expr)
+    if wc is not None:
+        packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
+        packed[..., :c] = wc.transpose(0, 2, 3, 1)
+        w_arg = relax.const(packed.reshape(co, -1), "int8")
+        wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
+    else:
+        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
+        if c4 * 4 != c:
+            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
+        w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
+        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
+    sc = _const(match.w_scale)
+    if sc is not None:
+        ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * match.s)
+                         .astype(np.float32), "float32")
+    else:
+        ws = relax.op.multiply(relax.op.broadcast_to(relax.op.reshape(match.w_scale, [-1]), [co]),
+                               relax.const(np.float32(match.s), "float32"))
+    if match.bias is None:
+        b = relax.const(np.zeros(co, np.float32), "float32")
+    else:
+        bc = _const(match.bias)
+        b = relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else \
+            relax.op.reshape(match.bias, [co])
+
+    def make():
+        return qconv_primfunc(batch, c, h, w, co, (kh, kw), stride, pad, match.s, match.zp, family,
+                              linear=match.linear)
+
+    return name, make, [match.x, w_arg, ws, wsum, b]
+
+
+@register("qconv")
+def rewrite_qconv(mod: Any, ctx: RewriteContext) -> Any:
+    """conv2d on dequantized uint8 activations and int8 weights -> the int8 kernel (see the module doc);
+    None when the target has no dot-product instruction or the module no such conv."""
+    from edgeflex.kernels.tir.match import rewrite_matches
+
+    family = qdot_instruction(ctx.target)
+    if family is None:
+        return None
+    return rewrite_matches(mod, ctx, lambda f: _find(f, family), lambda _v, hit: _lower(hit, ctx, family),
+                           fold=False)

@@ -1,0 +1,201 @@
+"""int8 arithmetic on TVM (issue 21): the QDQ graphs `ef.quantize` writes, compiled with edgeflex's int8
+kernels (`kernels/tir/qconv.py`: uint8 x int8 -> int32 with AVX512-VNNI `vpdpbusd`, aarch64 `sdot`), run
+on TVM against ONNX Runtime's int8 and the fp32 model; int8 on TVM is refused where the CPU or the engine
+lacks the instruction.
+
+Tolerances: against ONNX Runtime's int8 run of the same graph, 2 % of the largest |output| (both compute
+the same integer sums; they differ only where a value sits on a rounding tie or a float32 product rounds
+the other way before QuantizeLinear); against the fp32 model, test_quantize's INT8_TOL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edgeflex as ef
+from edgeflex.devices.precision import tvm_int8_refusal
+from edgeflex.errors import DeviceError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_quantize import INT8_TOL, _export_quantized, _images, _probe, _rel, _torch  # noqa: E402
+
+pytest.importorskip("tvm")
+VS_ORT = 0.02
+needs_int8 = pytest.mark.skipif(tvm_int8_refusal() is not None,
+                                reason=f"{tvm_int8_refusal()}: TVM int8 is refused on this machine")
+
+
+def _compile_int8(path: Path, configs: list[str], **kw) -> dict:
+    from edgeflex.compile.tvm import compile_bundle
+
+    return compile_bundle(path, "host", configs=configs, batch1=False, **kw)
+
+
+def _ort_vs_tvm(path: Path, config: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ort = ef.Runtime(path, threads=1, only=[config])
+    tvm = ef.Runtime(path, backend="tvm", threads=1, only=[config])
+    assert tvm.backend == "tvm" and tvm.config == config
+    return ort.run(x), tvm.run(x)
+
+
+@pytest.fixture(scope="module")
+def starnet_int8(tmp_path_factory):
+    """edgeflex's StarNet s050 (32x32, 10 classes), quantised to int8 and compiled for this host."""
+    from edgeflex.models.starnet import starnet
+
+    torch.manual_seed(0)
+    model = starnet("s050", num_classes=10).eval()
+    path = _export_quantized(model, tmp_path_factory.mktemp("tq"), precisions=("int8",))
+    report = _compile_int8(path, ["default@int8"]) if tvm_int8_refusal() is None else None
+    return model, path, report
+
+
+@needs_int8
+def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and_pytorch(starnet_int8):
+    model, path, report = starnet_int8
+    (engine,) = report["engines"]
+    assert "qconv" in engine["kernels"]
+    fns = engine["kernel_functions"]
+    # the 1x1 convs, the 3x3 stride-2 down-sampling convs and the head's linear layer all became int8
+    assert any(f.startswith("qconv_x86") and "_k1x1_" in f for f in fns)
+    assert any(f.startswith("qconv_x86") and "_k3x3_s2" in f for f in fns)
+    assert any(f.startswith("qlinear_x86") for f in fns)
+    x = _probe()
+    ort, tvm = _ort_vs_tvm(path, "default@int8", x)
+    assert _rel(tvm, ort) < VS_ORT
+    assert _rel(tvm, _torch(model, x)) < INT8_TOL
+
+
+@needs_int8
+def test_the_compiled_library_computes_with_vpdpbusd(starnet_int8):
+    """The rewrite produced int8 arithmetic: the library's machine code has the VNNI dot product."""
+    _, path, report = starnet_int8
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) not installed: cannot disassemble the library")
+    (engine,) = report["engines"]
+    with ef.Bundle.open(path) as b:
+        so = path.parent / "lib.so"
+        so.write_bytes(b.read(engine["library"]))
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True,
+                         text=True, check=True).stdout
+    assert asm.count("vpdpbusd") >= 8
+
+
+def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() -> None:
+    """Which targets get the int8 kernels: VNNI x86 and dotprod aarch64 (the catalogue's rpi5 Cortex-A76,
+    compiled here only: its code has `sdot`), not an x86 without AVX512-VNNI nor an aarch64 without
+    dotprod (those are refused at run time instead)."""
+    import tvm
+
+    from edgeflex.compile.tvm import resolve_target
+    from edgeflex.kernels.tir.qconv import qconv_primfunc, qdot_instruction
+
+    def target(**t):
+        return tvm.target.Target({"kind": "llvm", **t})
+
+    vnni = qdot_instruction(target(mtriple="x86_64-linux-gnu", mcpu="sapphirerapids"))
+    assert vnni is not None and vnni[1].endswith("vpdpbusd.512")
+    assert qdot_instruction(target(mtriple="x86_64-linux-gnu", mcpu="znver3")) is None
+    assert qdot_instruction(target(mtriple="x86_64-linux-gnu", mcpu="skylake")) is None
+    assert qdot_instruction(target(mtriple="aarch64-linux-gnu", mcpu="cortex-a53")) is None
+    rpi5 = tvm.target.Target(resolve_target("rpi5").target)
+    family = qdot_instruction(rpi5)
+    assert family is not None and "sdot" in family[1]
+    lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 24, 8, 8, 32, (1, 1), (1, 1), (0, 0, 0, 0),
+                                                           0.02, 131, family)}), target=rpi5)
+    assert "sdot" in lib.mod.inspect_source("asm")
+
+
+@needs_int8
+def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
+    from authors_starnet import StarNet as AuthorsStarNet
+
+    torch.manual_seed(1)
+    model = AuthorsStarNet(16, [1, 1, 2, 1], 3, num_classes=10).eval()
+    path = _export_quantized(model, tmp_path, precisions=("int8",))
+    report = _compile_int8(path, ["default@int8"])
+    assert "qconv" in report["engines"][0]["kernels"]
+    x = _probe()
+    ort, tvm = _ort_vs_tvm(path, "default@int8", x)
+    assert _rel(tvm, ort) < VS_ORT
+    assert _rel(tvm, _torch(model, x)) < INT8_TOL
+
+
+@needs_int8
+def test_dress_int8_levels_run_their_linear_layers_as_int8_on_tvm(tmp_path) -> None:
+    from edgeflex.export.elastic import export_dress
+    from edgeflex.export.quantize import quantize
+    from edgeflex.models.dress import DressModel, build_backbone
+
+    torch.manual_seed(0)
+    model = DressModel(build_backbone("mlp")).eval()
+    path = tmp_path / "d.efx"
+    export_dress(model, torch.randn(2, 1, 8, 8), path)
+    x = np.random.default_rng(9).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    quantize(path, {"x": x}, precisions=["int8"], methods=["minmax"], progress=False, max_drop=100.0)
+    levels = ["density-100@int8", "density-25@int8"]
+    report = _compile_int8(path, levels)
+    assert all("qconv" in e["kernels"] and any(f.startswith("qlinear") for f in e["kernel_functions"])
+               for e in report["engines"])
+    for name in levels:
+        ort, tvm = _ort_vs_tvm(path, name, x[:4])
+        assert _rel(tvm, ort) < VS_ORT, name
+        model.set_level(["density-100", "density-50", "density-25", "density-10"].index(name.split("@")[0]))
+        assert _rel(tvm, _torch(model, x[:4])) < INT8_TOL, name
+
+
+@needs_int8
+def test_snnet_int8_configs_run_on_tvm(snnet_bundle, tmp_path) -> None:
+    from edgeflex.export.quantize import quantize
+
+    model, shared = snnet_bundle
+    path = tmp_path / "sn.efx"
+    shutil.copytree(shared, path)
+    xs, ys = _images(32)
+    quantize(path, {"x": xs, "y": ys}, precisions=["int8"], methods=["minmax"], progress=False,
+             max_drop=100.0)
+    with ef.Bundle.open(path) as b:
+        fp32 = [c.name for c in b.configs if c.precision == "fp32"]
+    names = [fp32[0], fp32[-1]]                 # an anchor and a stitched config
+    _compile_int8(path, [f"{n}@int8" for n in names])
+    x = _probe()
+    for name in names:
+        ort, tvm = _ort_vs_tvm(path, f"{name}@int8", x)
+        assert _rel(tvm, ort) < VS_ORT, name
+        model.set_config(name)
+        assert _rel(tvm, _torch(model, x)) < INT8_TOL, name
+
+
+def test_int8_on_tvm_is_refused_in_one_line_where_the_cpu_lacks_the_instruction(monkeypatch) -> None:
+    assert tvm_int8_refusal({"avx512_vnni", "avx2"}, "x86_64") is None
+    assert tvm_int8_refusal({"asimddp"}, "aarch64") is None
+    # an AMD EPYC without AVX512-VNNI (Zen 3), an older Arm core
+    for flags, arch in (({"avx2", "fma"}, "x86_64"), ({"avx_vnni", "avx2"}, "x86_64"),
+                        ({"asimd"}, "aarch64")):
+        why = tvm_int8_refusal(flags, arch)
+        assert why is not None and "emulated" in why and "\n" not in why
+    from edgeflex.devices import precision
+    from edgeflex.runtime.backends.tvm import TvmBackend
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    why = TvmBackend().precision_refusal("int8")
+    assert "avx512_vnni" in why and "onnxruntime" in why
+
+
+@needs_int8
+def test_an_engine_compiled_without_the_int8_kernels_is_refused(starnet_int8, tmp_path) -> None:
+    _, shared, _ = starnet_int8
+    path = tmp_path / "m.efx"
+    shutil.copytree(shared, path)
+    _compile_int8(path, ["default@int8"], kernels=False)
+    with pytest.raises(DeviceError, match="without edgeflex's int8 kernels") as e:
+        ef.Runtime(path, backend="tvm", threads=1, config="default@int8")
+    assert "\n" not in str(e.value)
