@@ -113,6 +113,38 @@ def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() ->
     assert "sdot" in lib.mod.inspect_source("asm")
 
 
+@pytest.mark.parametrize("shape", [(32, 8, 8, 48, 1, 1, 0), (13, 9, 11, 17, 3, 2, 1),
+                                   (16, 7, 7, 40, 1, 1, 0)])
+def test_the_int8_kernel_matches_its_integer_reference(shape) -> None:
+    """The kernel alone, on this host's target, against numpy: the zero-point-corrected integer conv."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import qconv_primfunc, qconv_reference, qdot_instruction
+
+    tgt = tvm.target.Target(host_target(1))
+    family = qdot_instruction(tgt)
+    if family is None or tvm_int8_refusal() is not None:
+        pytest.skip("this CPU has no VNNI / dotprod: the int8 kernel cannot run here")
+    c, h, w, co, k, stride, pad = shape
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wq = rng.integers(-127, 128, (co, c, k, k)).astype(np.int8)
+    ws = rng.uniform(1e-3, 1e-2, co).astype(np.float32)
+    bias = rng.standard_normal(co).astype(np.float32)
+    c4 = -(-c // 4)
+    packed = np.zeros((co, k, k, c4 * 4), np.int8)
+    packed[..., :c] = wq.transpose(0, 2, 3, 1)
+    ref = qconv_reference(x, wq, ws, 0.02, 131, bias, stride, (pad,) * 4)
+    lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, c, h, w, co, (k, k), (stride, stride),
+                                                           (pad,) * 4, 0.02, 131, family)}), target=tgt)
+    y = tvm.runtime.empty(ref.shape, "float32")
+    args = [packed.reshape(co, -1), (ws * np.float32(0.02)).astype(np.float32),
+            wq.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), bias]
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, *args)], y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @needs_int8
 def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
     from authors_starnet import StarNet as AuthorsStarNet
