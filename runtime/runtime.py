@@ -372,12 +372,7 @@ class Runtime:
 
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
-        plan = self._plan
-        skip = self._unobserved
-        if skip and self._adapter is not None:      # a run the policy does not time: nothing else to do
-            self._unobserved = skip - 1
-            return plan.config.name, plan.call(arrays)
-        return self._run_plan(plan, arrays)
+        return self._run_plan(self._plan, arrays)
 
     def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray]) \
             -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:

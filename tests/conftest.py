@@ -106,3 +106,19 @@ def copy_profiled(profiled: Path, tmp_path_factory, name: str) -> Path:
     path = tmp_path_factory.mktemp(name) / "sn.efx"
     shutil.copytree(profiled, path)
     return path
+
+
+def dress_mlp_int8(tmp_path: Path) -> tuple[torch.nn.Module, Path, np.ndarray]:
+    """A DRESS MLP exported with an int8 variant of every level (calibrated, min-max, no quality gate):
+    the model, the bundle and its calibration images."""
+    from edgeflex.export.elastic import export_dress
+    from edgeflex.export.quantize import quantize
+    from edgeflex.models.dress import DressModel, build_backbone
+
+    torch.manual_seed(0)
+    model = DressModel(build_backbone("mlp")).eval()
+    path = tmp_path / "d.efx"
+    export_dress(model, torch.randn(2, 1, 8, 8), path)
+    x = np.random.default_rng(9).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    quantize(path, {"x": x}, precisions=["int8"], methods=["minmax"], progress=False, max_drop=100.0)
+    return model, path, x

@@ -23,6 +23,7 @@ from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from authors_starnet import StarNet as AuthorsStarNet  # noqa: E402 - the authors' plain PyTorch model
+from conftest import dress_mlp_int8  # noqa: E402
 
 INT8_TOL, FP16_TOL = 0.15, 0.02
 
@@ -161,15 +162,7 @@ def test_every_snnet_config_gets_an_int8_variant_and_shared_weights_are_stored_o
 
 
 def test_dress_levels_get_int8_variants_from_their_masked_weights(tmp_path) -> None:
-    from edgeflex.export.elastic import export_dress
-    from edgeflex.models.dress import DressModel, build_backbone
-
-    torch.manual_seed(0)
-    model = DressModel(build_backbone("mlp")).eval()
-    path = tmp_path / "d.efx"
-    export_dress(model, torch.randn(2, 1, 8, 8), path)
-    x = np.random.default_rng(9).standard_normal((40, 1, 8, 8)).astype(np.float32)
-    quantize(path, {"x": x}, precisions=["int8"], methods=["minmax"], progress=False, max_drop=100.0)
+    model, path, x = dress_mlp_int8(tmp_path)
     rt = ef.Runtime(path, threads=1)
     levels = [c for c in rt.configs if c.precision == "fp32"]
     assert len(levels) > 1 and all(f"{c.name}@int8" in {d.name for d in rt.configs} for c in levels)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dress_mlp_int8
 
 import edgeflex as ef
 from edgeflex.devices.precision import tvm_int8_refusal
@@ -162,16 +163,7 @@ def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path)
 
 @needs_int8
 def test_dress_int8_levels_run_their_linear_layers_as_int8_on_tvm(tmp_path) -> None:
-    from edgeflex.export.elastic import export_dress
-    from edgeflex.export.quantize import quantize
-    from edgeflex.models.dress import DressModel, build_backbone
-
-    torch.manual_seed(0)
-    model = DressModel(build_backbone("mlp")).eval()
-    path = tmp_path / "d.efx"
-    export_dress(model, torch.randn(2, 1, 8, 8), path)
-    x = np.random.default_rng(9).standard_normal((40, 1, 8, 8)).astype(np.float32)
-    quantize(path, {"x": x}, precisions=["int8"], methods=["minmax"], progress=False, max_drop=100.0)
+    model, path, x = dress_mlp_int8(tmp_path)
     levels = ["density-100@int8", "density-25@int8"]
     report = _compile_int8(path, levels)
     assert all("qconv" in e["kernels"] and any(f.startswith("qlinear") for f in e["kernel_functions"])

@@ -61,11 +61,9 @@ def conv_primfunc(batch: int | None, channels: int, height: int, width: int, out
     C, H, W, CO = channels, height, width, out_channels
     KH, KW = kernel
     SH, SW = stride
-    OH = (H + pad[0] + pad[2] - KH) // SH + 1
-    OW = (W + pad[1] + pad[3] - KW) // SW + 1
     # The input split by stride phase (space to depth) on a grid of HG x WG: tap (i, j) of output pixel q
     # (flat on that grid) reads phase (i % SH, j % SW) at q + (i // SH) * WG + j // SW, contiguous in q.
-    HG, WG = OH + (KH - 1) // SH, OW + (KW - 1) // SW
+    OH, OW, HG, WG = phase_grid(H, W, kernel, stride, pad)
     K, HW, GRID = C * KH * KW, H * W, OH * WG
     # Rows at least a tile wide: tiles never cross an output row, so every tile is stored whole (a vector
     # store); narrower outputs tile the flat grid and store only the pixels inside the output.
@@ -140,6 +138,14 @@ def out_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int
              pad: tuple[int, int, int, int]) -> tuple[int, int]:
     return ((height + pad[0] + pad[2] - kernel[0]) // stride[0] + 1,
             (width + pad[1] + pad[3] - kernel[1]) // stride[1] + 1)
+
+
+def phase_grid(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+               pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(OH, OW, HG, WG): the output size and the stride-phase grid the conv kernels compute on (each phase
+    of the padded input HG x WG, so every tap of an output pixel is a fixed offset on that grid)."""
+    oh, ow = out_size(height, width, kernel, stride, pad)
+    return oh, ow, oh + (kernel[0] - 1) // stride[0], ow + (kernel[1] - 1) // stride[1]
 
 
 def uses_small_kernel(height: int, width: int, out_channels: int, kernel: tuple[int, int],

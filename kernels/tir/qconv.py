@@ -90,13 +90,13 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     from tvm import tirx
     from tvm.script import tirx as T
 
+    from edgeflex.kernels.tir.conv import phase_grid
+
     lanes, instr, adt, shift = family
     C, H, W, CO = channels, height, width, out_channels
     KH, KW = kernel
     SH, SW = stride
-    OH = (H + pad[0] + pad[2] - KH) // SH + 1
-    OW = (W + pad[1] + pad[3] - KW) // SW + 1
-    HG, WG = OH + (KH - 1) // SH, OW + (KW - 1) // SW
+    OH, OW, HG, WG = phase_grid(H, W, kernel, stride, pad)
     C4, TAPS, PH = -(-C // 4), KH * KW, SH * SW
     GRID = OH * WG                                   # pixels computed: the phase grid's first OH rows
     # pixel vectors per tile: as many as fit a row (rows: every tile stored whole, as vectors), else tiles
