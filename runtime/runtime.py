@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -178,6 +179,8 @@ class Runtime:
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
+        self._warm_lock = threading.Lock()
+        self._warm_event = threading.Event()
         self.budget_met = True
         # Everything is loaded: keep the profiles of this version and let writers remove it once replaced
         # (this runtime never reads the bundle again; `reload_profiles` reads a newer version's).
@@ -323,28 +326,41 @@ class Runtime:
         """An adapter's switch with `warm_switch`: run `plan` once on a background thread and make it current
         when that run is done (if the adapter still wants it), so the warm-up is off the request path;
         requests go on with the old plan meanwhile (the adapter ignores their latencies). One at a time:
-        a switch asked for while one warms replaces the target."""
-        self._warm_target = plan
-        if self._warmer is not None and self._warmer.is_alive():
-            return
-        arrays = self._warm_arrays()
+        a switch asked for while one warms replaces the target. The thread is started once per budget
+        (`_start_warmer`) and woken here: starting a thread waits until the OS runs it, which took 1-2 ms
+        on a loaded core (measured: a late request per switch)."""
+        with self._warm_lock:
+            self._warm_target = plan
+            if self._warmer is None:
+                self._start_warmer()
+        self._warm_event.set()
 
-        def work() -> None:
-            while True:
-                target = self._warm_target
-                try:
-                    target.call(arrays)
-                except Exception:                # noqa: BLE001 - a warm-up failing must not lose the switch
-                    log.debug("warm-up run of %s failed", target.key, exc_info=True)
-                adapter = self._adapter
+    def _start_warmer(self) -> None:
+        """The warm-up thread (caller holds `_warm_lock`): it holds only a weak reference to the runtime and
+        ends when the runtime is gone, or no budget adapts and nothing waits to be warmed."""
+        self._warm_event = event = threading.Event()
+        self._warmer = threading.Thread(target=_warm_worker, args=(weakref.ref(self), event),
+                                        name="edgeflex-warm", daemon=True)
+        self._warmer.start()
+
+    def _warm_pending(self) -> None:
+        """Warm the pending target(s) on the warm-up thread; the last one asked for becomes current."""
+        arrays = self._warm_arrays()
+        while True:
+            target = self._warm_target
+            if target is None:
+                return
+            try:
+                target.call(arrays)
+            except Exception:                # noqa: BLE001 - a warm-up failing must not lose the switch
+                log.debug("warm-up run of %s failed", target.key, exc_info=True)
+            with self._warm_lock:
                 if self._warm_target is target:
+                    adapter = self._adapter
                     if adapter is not None and adapter.current == target.key:
                         self._plan = target
                     self._warm_target = None
                     return
-
-        self._warmer = threading.Thread(target=work, name="edgeflex-warm", daemon=True)
-        self._warmer.start()
 
     def _loaded(self, name: str, threads: int | None) -> _Plan:
         """The loaded plan of config `name` at `threads` (default: the current count), or the one-line error
@@ -392,11 +408,16 @@ class Runtime:
         if type(adapter) is not TailGuard:
             self._observe(adapter, plan, (t1 - t0) * 1e3)
             return plan.config.name, out
-        # the latency the caller sees includes the policy's own bookkeeping: add its running mean (not the
-        # last observation's cost: one in 50 makes a decision, and sampled, that would inflate 2 % of the
-        # kept runs where 0.1 % of the requests pay it)
-        self._observe(adapter, plan, (t1 - t0) * 1e3 + adapter.overhead_ms)
-        adapter.overhead_ms += 0.05 * ((pc() - t1) * 1e3 - adapter.overhead_ms)
+        # the latency the caller sees includes the policy's own bookkeeping: add its running mean per request
+        # (an observation's cost over `every`: only the observed request pays it; adding all of it to every
+        # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
+        self._observe(adapter, plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every)
+        # a running mean of the bookkeeping's cost, each observation clipped at 4x the mean (+1 us): another
+        # process taking the core during the bookkeeping, or a switch, is the load's cost or a one-off, not
+        # the bookkeeping's (unclipped, a hogged core raised the mean 5-10x, and `every` with it)
+        est = adapter.overhead_ms
+        cost = (pc() - t1) * 1e3
+        adapter.overhead_ms = est + 0.05 * (min(cost, 4 * est + 0.001) - est)
         self._unobserved = adapter.every - 1
         return plan.config.name, out
 
@@ -558,6 +579,10 @@ class Runtime:
                       if c.name in self._plan_sets[t]]
         hint = IdleCores(min_interval_s=0.05) if multi and os_hint else None
         self._warm_switch = warm_switch if warm_switch is not None else policy == "tail"
+        if self._warm_switch and adapt:
+            with self._warm_lock:                  # started now, so that no switch waits for it
+                if self._warmer is None:
+                    self._start_warmer()
         if policy == "tail":
             return self._set_tail_policy(budget, prof, cands, degrade=degrade, adapt=adapt, hint=hint,
                                          late_share=late_share if late_share is not None else 0.01,
@@ -649,3 +674,22 @@ def _thread_counts(threads: int | Sequence[int] | None) -> tuple[int, ...]:
     if threads is None:
         return (usable_cores(),)
     return check_thread_counts("threads", threads)
+
+
+def _warm_worker(ref: weakref.ref, event: threading.Event) -> None:
+    """`Runtime._warm_then_switch`'s thread: waits for a switch to warm; checks every few seconds whether
+    it is still wanted (a weak reference: it never keeps a runtime alive)."""
+    while True:
+        woke = event.wait(timeout=2.0)
+        rt = ref()
+        if rt is None:
+            return
+        if woke:
+            event.clear()
+            rt._warm_pending()
+        else:
+            with rt._warm_lock:
+                if rt._adapter is None and rt._warm_target is None:
+                    rt._warmer = None
+                    return
+        del rt

@@ -44,6 +44,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -52,6 +53,8 @@ from edgeflex.errors import UsageError
 from .policy import Budget, BudgetError
 
 OVERHEAD_SHARE = 0.01      # the policy's own bookkeeping may cost this share of a request, on average
+DRIFT_ALPHA = 0.05         # the slow-drift check's level: over 1,000 kept runs at 1 %, 16 late (2 % are
+                           # caught within ~1,000 runs; 0.5 % almost never: P ~ 1e-4 a check)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,21 @@ def max_spans(p: float, alpha: float, window: int) -> list[int]:
         for j in ks[ks >= 1]:
             out[j + 1] = m
     return out
+
+
+@lru_cache(maxsize=8)
+def min_lates(p: float, alpha: float, n_max: int) -> tuple[int, ...]:
+    """For n = 0..n_max: the fewest late runs among n that are evidence of a late share above p,
+    P(X >= k | n, p) < alpha (n + 1: none is)."""
+    out = [1] * (n_max + 1)
+    logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_max + 1)))])
+    for n in range(n_max + 1):
+        i = np.arange(n + 1)
+        logpmf = logfact[n] - logfact[i] - logfact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
+        sf = 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])    # sf[k] = P(X >= k)
+        ks = np.flatnonzero(sf < alpha)
+        out[n] = int(ks[0]) if len(ks) else n + 1
+    return tuple(out)
 
 
 def binom_sf(k: int, m: int, p: float) -> float:
@@ -152,6 +170,7 @@ class TailGuard:
         self.window = math.ceil(1 / late_share)        # runs in which the stated tail is observable
         self.horizon = 10 * self.window                 # runs kept: per count, and for the test
         self._max_span = max_spans(late_share, alpha, self.horizon)
+        self._min_late = min_lates(late_share, DRIFT_ALPHA, self.horizon)
         self.idle_cores = idle_cores
         counts = {o.threads for o in options}
         self._idle_s = {t: float(np.median([o.tail_ms / o.p50_ms for o in options if o.threads == t]))
@@ -163,14 +182,14 @@ class TailGuard:
         self._fastest_memo: tuple = (None, None)
         self._runs = 0
         self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
-        self.trial_costs: list[int] = []                # late runs each failed trial cost
+        self.trial_costs: list[int] = []                # late requests each failed trial cost
+        self.every = 1
         self._set_trial_cost()
         self._regrow = late_share / 2                   # allowance per request: half the stated share
         # sampling: the runtime times one run in `every` for the policy, so that its bookkeeping (about a
         # microsecond an observation, `overhead_ms`, measured by the runtime) costs at most OVERHEAD_SHARE
         # of a request on average; a 15 us FITS config is observed every ~12th run, a 0.2 ms one every run
         self.overhead_ms = 0.0
-        self.every = 1
         self._regrow_every = self._regrow
         self._fade_every = 10 * self.window
         self._trial_every = max(1, self.window // 2)
@@ -241,7 +260,7 @@ class TailGuard:
     def _set_trial_cost(self) -> None:
         """Late requests a failed trial costs, as measured (2 before any: the test's two in a row); the
         allowance is capped at two trials' worth, so a long quiet spell does not pay for a burst of them."""
-        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else 2.0
+        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else 2.0 * self.every
         self._cap = max(2 * self.trial_cost, 1.0)
 
     # --- observing ---------------------------------------------------------------------------------------
@@ -265,7 +284,10 @@ class TailGuard:
             runs = self._runs = self._runs + 1
             stint = self._stint = self._stint + 1
             late = latency_ms > self.budget
-            allowance = self.allowance + self._regrow_every - late
+            # an observed run stands for `every` requests: it adds `every` requests' regrowth, and a late
+            # one spends `every` late requests (before, one: sampled 1 in 7-20, trials cost 7-20x less
+            # than they did, and a load that came and went every 0.1 s was tried up into at every lull)
+            allowance = self.allowance + self._regrow_every - late * self.every
             self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
                 else allowance
             if stint > 1 or not self.switches:          # a switch's first run measures the switch
@@ -274,7 +296,7 @@ class TailGuard:
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
             if late:
                 if self._trial is not None:
-                    self._trial["late"] += 1
+                    self._trial["late"] += self.every
                 self._late_at.append(runs)
                 while self._late_at and runs - self._late_at[0] >= self.horizon:
                     self._late_at.popleft()
@@ -293,24 +315,47 @@ class TailGuard:
         every = max(1, math.ceil(self.overhead_ms / (OVERHEAD_SHARE * self._p50)))
         if every != self.every:
             self.every, self._regrow_every = every, self._regrow * every
+            if not self.trial_costs:
+                self._set_trial_cost()
 
     def _maybe_down(self) -> str | None:
-        """A slow drift the test is too short to see (late 1.5 % of the time: 15 late runs in 1,000, under
-        its 22): when the current config's predicted late share over the kept runs is above the stated share,
-        to the best predicted within the planned one (up needs <= half the share, down > the whole: the gap
-        keeps it from flapping). Needs a window of runs at this count since the last switch."""
+        """A slow drift the test is too short to see (late 2 % of the time: 20 late runs in 1,000, under its
+        22 in 968 at alpha): when the current config's predicted late count over the kept runs is evidence of
+        more than the stated share at `DRIFT_ALPHA` (a point estimate over the share was not: a config late
+        0.5 % is estimated over 1 % from 1,000 runs 1-2 % of the time, and this runs every half window), to
+        the best predicted within the planned share (up needs <= half the share: the gap keeps it from
+        flapping). Needs a window of runs at this count since the last switch."""
         if self._stint < self.window:
             return None
         cur = self.opts[self.current]
-        if self.late(cur) <= self.q:
-            return None
+        n = len(self._cur_norm)
+        if round(self.late(cur) * n) < self._min_late[n]:
+            return None                              # not evidence of more than the stated share (a point
+            # estimate over q was: a config late 0.5 % is estimated over 1 % from 1,000 runs 1-2 % of the
+            # time, checked every 50 runs: it was left every few seconds)
         target = self._best(lambda o: math.inf if o.key == cur.key else self.late(o))
         if target is None:
             target = min((o for o in self.opts.values() if o.key != cur.key),
                          key=lambda o: (self.late(o), o.p50_ms), default=None)
             if target is None or self.late(target) >= self.late(cur):
                 return None
+        if self._trial is not None:                 # a trial that drifted out: failed, as a break's would
+            norm = self._cur_norm
+            self._learn_failed_trial(cur, list(norm.order)[-min(self._stint, len(norm)):])
         return self._switch(target, trial=False)
+
+    def _learn_failed_trial(self, cur: Option, runs: list[float]) -> None:
+        """A trial of `cur` failed: keep what it cost (late requests, for the allowance) and how much slower
+        it ran than predicted (`runs`: its slowdowns over its profile), as a correction of its p50: by the
+        ratio of its observed p99 to the budget, but no more than would put its p50 at the budget (a spike is
+        not all its own doing). Without it, a config predicted just inside the planned share and late just
+        over the stated one was tried again at every lull (measured: 20 trials in 10 s on FITS)."""
+        self.trial_costs.append(self._trial["late"])
+        self._set_trial_cost()
+        seen = float(np.quantile(runs, 1 - self.q)) * cur.p50_ms if runs else 0.0
+        if seen > self.budget:
+            c = max(1.0, self.correction[cur.key] * seen / self.budget)
+            self.correction[cur.key] = min(c, max(1.0, self.budget / cur.p50_ms))
 
     def _breaks_tail(self) -> int:
         """k late runs within the last m, m back to each earlier late run: P(X >= k) < alpha? The longest
@@ -344,14 +389,7 @@ class TailGuard:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
             when leaving: a break that every config would share is not this config's fault)."""
             if trial is not None:
-                self.trial_costs.append(trial["late"])
-                self._set_trial_cost()
-                recent = list(norm)
-                seen = float(np.quantile(recent, 1 - self.q)) * cur.p50_ms if recent else 0.0
-                if seen > self.budget:               # it ran slower than planned: by this much at least, but
-                    # no more than would put its p50 at the budget (a spike is not all its own doing)
-                    c = max(1.0, self.correction[cur.key] * seen / self.budget)
-                    self.correction[cur.key] = min(c, max(1.0, self.budget / cur.p50_ms))
+                self._learn_failed_trial(cur, list(norm))
             return self._switch(target, trial=trial_next)
 
         def late(o: Option) -> float:
