@@ -577,7 +577,8 @@ class Runtime:
                                   f"`edgeflex profile {self.bundle.path} --threads {t}`")
             cands += [c for c in candidates(self.configs, stats, tail=tail, threads=t if multi else 0)
                       if c.name in self._plan_sets[t]]
-        hint = IdleCores(min_interval_s=0.05) if multi and os_hint else None
+        hint = (IdleCores(min_interval_s=0.05, background=policy == "tail") if multi and os_hint and adapt
+                else None)
         self._warm_switch = warm_switch if warm_switch is not None else policy == "tail"
         if self._warm_switch and adapt:
             with self._warm_lock:                  # started now, so that no switch waits for it

@@ -391,6 +391,27 @@ def test_idle_cores_reads_proc_stat(tmp_path):
     assert cached() is None and cached._last[0] == (140, 300)     # not read again: the older counters
     cached.min_interval_s = 1e-9
     assert cached() == pytest.approx(1.0)                   # read: cpu0 busy 100, cpu1 idle 100 ticks
+    # background=True: a thread of its own reads; a call only returns the latest answer (no file read in a
+    # request), and the thread ends once the reader is gone
+    import gc
+    import threading
+    import time
+
+    write(100, 100, 100, 100)
+    bg = IdleCores(str(stat), cpus={0, 1}, min_interval_s=0.01, background=True)
+    assert bg() is None
+    write(200, 100, 100, 200)                               # cpu0 busy, cpu1 idle: one core free
+    deadline = time.monotonic() + 5
+    while bg() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bg() == pytest.approx(1.0)
+    thread = next(t for t in threading.enumerate() if t.name == "edgeflex-idle-cores")
+    del bg
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="min_interval_s"):
+        IdleCores(str(stat), background=True)
 
 
 def test_adapter_backs_off_when_probes_fail_although_the_os_says_free():
