@@ -240,6 +240,22 @@ def test_runtime_times_one_run_in_every_and_counts_its_own_bookkeeping(elastic):
     assert g._runs - runs in (10, 11)
 
 
+def test_runtime_hands_an_observation_over_after_a_run_with_room_for_it_and_loses_none(elastic):
+    rt = ef.Runtime(elastic, threads=1)
+    rt.set_budget(Budget(latency_ms=1e6), policy="tail")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    g = rt.adapter
+    rt.run(x)
+    assert g._runs == 1 and rt._pending is None            # room for the bookkeeping: at once
+    g.overhead_ms = 9.5e5                                   # as if bookkeeping could push any run over
+    for _ in range(10):
+        rt.run(x)
+    # each observation waits for room; the next observed run hands the waiting one over first: none lost
+    assert g._runs == 10 and rt._pending is not None
+    rt.set_budget(None)
+    assert rt._pending is None
+
+
 def test_a_trial_broken_by_what_every_config_would_suffer_ends_without_blame():
     # a trial that breaks the tail where nothing would be late less (a spike on everything): it stays, the
     # trial is over, and neither its cost nor a correction is learnt (before: every later break counted it
