@@ -382,15 +382,21 @@ class TailGuard:
 
     def _learn_failed_trial(self, cur: Option, runs: list[float]) -> None:
         """A trial of `cur` failed: keep what it cost (late requests, for the allowance) and how much slower
-        it ran than predicted (`runs`: its slowdowns over its profile), as a correction of its p50: by the
-        ratio of its observed p99 to the budget, but no more than would put its p50 at the budget (a spike is
-        not all its own doing). Without it, a config predicted just inside the planned share and late just
-        over the stated one was tried again at every lull (measured: 20 trials in 10 s on FITS)."""
+        it ran than the load predicted (`runs`: its own slowdowns over its profile, against the median
+        slowdown when the trial began) as a correction of its p50, no more than would put its p50 at the
+        budget. Without it, a config predicted just inside the planned share and late just over the stated
+        one was tried again at every lull (measured: 20 trials in 10 s on FITS). (The first version compared
+        its p99 with the budget: under a load that made every config late, the smallest config failed a
+        trial onto another thread count, was corrected to the budget and looked as slow as the largest; the
+        policy then moved *up* to escape it.)"""
         self.trial_costs.append(self._trial["late"])
         self._set_trial_cost()
-        seen = float(np.quantile(runs, 1 - self.q)) * cur.p50_ms if runs else 0.0
-        if seen > self.budget:
-            c = max(1.0, self.correction[cur.key] * seen / self.budget)
+        base = self._trial.get("base")
+        if not runs or not base:
+            return
+        ratio = float(np.median(runs)) / base
+        if ratio > 1.0:
+            c = self.correction[cur.key] * ratio
             self.correction[cur.key] = min(c, max(1.0, self.budget / cur.p50_ms))
 
     def _breaks_tail(self) -> int:
@@ -419,13 +425,14 @@ class TailGuard:
             self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
             return None                               # a saturated machine comes here), judge afresh
         norm = self._norm[cur.threads]
+        own = list(norm.order)[-min(self._stint, len(norm)):] if trial is not None else []
         norm.keep_last(min(span, max(len(norm), 1)))
 
         def failed(target: Option, *, trial_next: bool) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
             when leaving: a break that every config would share is not this config's fault)."""
             if trial is not None:
-                self._learn_failed_trial(cur, list(norm))
+                self._learn_failed_trial(cur, own)
             return self._switch(target, trial=trial_next)
 
         def late(o: Option) -> float:
@@ -488,5 +495,5 @@ class TailGuard:
         if trial:
             self.probes["tried"] += 1
         self.switches += 1
-        self._enter(target.key, {"late": 0} if trial else None)
+        self._enter(target.key, {"late": 0, "base": self.slowdown} if trial else None)
         return target.key

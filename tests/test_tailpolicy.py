@@ -273,8 +273,16 @@ def test_a_trial_broken_by_what_every_config_would_suffer_ends_without_blame():
 
 def test_a_failed_trial_is_learnt_once_and_its_correction_is_bounded():
     g = TailGuard(OPTS[:3], Budget(latency_ms=0.5))
-    g._enter("big@2t", {"late": 0})
+    g._enter("big@2t", {"late": 0, "base": 1.0})      # the load's slowdown when the trial began: none
     for _ in range(3):
         g.observe("big@2t", 0.9)                      # big alone is slow (mid at 0.9 x 0.75 would fit)
     assert g.current != "big@2t" and g.trial_costs == [3]
     assert 1.0 < g.correction["big@2t"] <= 0.5 / 0.4  # at most: its p50 at the budget
+    # the same failure where every config already ran 2.25x slower when the trial began: the load's doing,
+    # not the config's (compared with the budget instead, the smallest config of a saturated machine was
+    # corrected up to the budget and looked as slow as the largest)
+    g = TailGuard(OPTS[:3], Budget(latency_ms=0.5))
+    g._enter("big@2t", {"late": 0, "base": 0.9 / 0.4})
+    for _ in range(3):
+        g.observe("big@2t", 0.9)
+    assert g.trial_costs == [3] and g.correction["big@2t"] == 1.0
