@@ -364,11 +364,14 @@ class TailGuard:
             return None
         cur = self.opts[self.current]
         n = len(self._cur_norm)
-        late = self._predicted
-        if round(late(cur) * n) < self._min_late[n]:
+        if round(self._predicted(cur) * n) < self._min_late[n]:
             return None                              # not evidence of more than the stated share (a point
             # estimate over q was: a config late 0.5 % is estimated over 1 % from 1,000 runs 1-2 % of the
             # time, checked every 50 runs: it was left every few seconds)
+        # leaving (rare): predictions of now, all from the same runs. The refreshed ones are a few runs
+        # apart, and where a saturating load makes every config late on the same runs they differ by that
+        # alone: the policy moved between equally late configs every 100 runs (measured on SN-Net)
+        late = self.late
         target = self._best(lambda o: math.inf if o.key == cur.key else late(o))
         if target is None:
             target = min((o for o in self.opts.values() if o.key != cur.key),
@@ -440,6 +443,12 @@ class TailGuard:
 
         target = self._best(late)
         if stale and (target is None or target.rank < cur.rank):
+            # a count not run lately, as its profile has it: fewer threads (a hog may have taken a core), or
+            # more where the OS says the extra cores are free (without asking, a saturated machine sent the
+            # smallest config at 1 thread to the largest at 2 at every break: measured on SN-Net)
+            free = self.idle_cores() if self.idle_cores is not None else None
+            stale = [o for o in stale if o.threads <= cur.threads
+                     or (free is not None and free >= 0.75 * (o.threads - cur.threads))]
             idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
                 return failed(idle, trial_next=True)
