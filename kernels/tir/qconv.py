@@ -22,6 +22,7 @@ target with neither instruction is not rewritten (the runtime refuses int8 there
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from edgeflex.kernels.tir.match import batch_of, op_name, padding4
 X86_VNNI = (16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 0)
 ARM_SDOT = (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 128)
 ACC_REGISTERS = 24      # int32 accumulator vectors held at once (of 32 AVX-512 / NEON registers)
+FUSE_STAR = True        # star blocks as one kernel (`qstar`); False: per op (for side-by-side timings)
 
 
 def qdot_instruction(target: Any) -> tuple[int, str, str, int] | None:
@@ -331,12 +333,147 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
             for v2, h2 in list(hits.items()):
                 if h2.bias is None and h2.conv.same_as(hit.conv):
                     del hits[v2]
-    return hits
+    return _star_blocks(m, uses, hits) if FUSE_STAR else hits
+
+
+class _StarMatch:
+    """g(act(f1(x)) * f2(x)) with f1, f2, g int8 1x1 convs (`_QMatch`es) and the QDQ of f1's and f2's
+    outputs: (scale, zero point, act) each, act a (lo, hi) clip or None."""
+
+    def __init__(self, f1: _QMatch, f2: _QMatch, g: _QMatch, side1: tuple, side2: tuple):
+        self.f1, self.f2, self.g, self.side1, self.side2 = f1, f2, g, side1, side2
+
+
+def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
+    """`hits` with every star block's three convs replaced by one `_StarMatch` under g's variable: g's
+    input is multiply(A, B), each of A and B [ReLU / ReLU6 of] dequantize(quantize(c)) of a 1x1 conv c,
+    both convs reading the same quantized x, each intermediate used once (`kernels.tir.qstar`)."""
+    from edgeflex.kernels.tir.match import scalar, static
+    from edgeflex.kernels.tir.qstar import MIN_PIXELS
+
+    def plain_1x1(hit: Any) -> bool:
+        if not isinstance(hit, _QMatch) or hit.linear:
+            return False
+        a = hit.conv.attrs
+        return ([int(v) for v in hit.w.ty.shape][2:] == [1, 1] and tuple(int(v) for v in a.strides)
+                == (1, 1) and padding4(a.padding) == (0, 0, 0, 0))
+
+    def side(expr: Any) -> tuple[Any, tuple] | None:
+        act = None
+        inner = m.relu6(expr)
+        if inner is not None:
+            act = (0.0, 6.0)
+        elif op_name(m.definition(expr)) == "relax.nn.relu":
+            inner, act = m.definition(expr).args[0], (0.0, float("inf"))
+        else:
+            inner = expr
+        if act is not None and uses.get(inner, 0) != 1:
+            return None
+        dq = m.definition(inner)
+        if op_name(dq) != "relax.dequantize" or uses.get(dq.args[0], 0) != 1:
+            return None
+        q = m.definition(dq.args[0])
+        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
+            return None
+        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
+        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
+            return None
+        c = q.args[0]
+        if c not in hits or uses.get(c, 0) != 1 or not plain_1x1(hits[c]):
+            return None
+        return c, (s, int(zp), act)
+
+    out = dict(hits)
+    for var, g in hits.items():
+        if not plain_1x1(g) or var not in out:
+            continue
+        mul = m.definition(g.x)
+        if op_name(mul) != "relax.multiply" or uses.get(g.x, 0) != 1:
+            continue
+        a, b = side(mul.args[0]), side(mul.args[1])
+        if a is None or b is None or a[0].same_as(b[0]) or a[0] not in out or b[0] not in out:
+            continue
+        f1, f2 = hits[a[0]], hits[b[0]]
+        shape = list(f1.x.ty.shape)[1:]
+        c, hid = int(f1.w.ty.shape[1]), int(f1.w.ty.shape[0])
+        if (not f1.x.same_as(f2.x) or (f1.s, f1.zp) != (f2.s, f2.zp) or not static(shape)
+                or [int(v) for v in f2.w.ty.shape] != [int(v) for v in f1.w.ty.shape]
+                or int(g.w.ty.shape[1]) != hid or c % 4 or hid % 4
+                or int(shape[1]) * int(shape[2]) < MIN_PIXELS):
+            continue
+        del out[a[0]], out[b[0]]
+        out[var] = _StarMatch(f1, f2, g, a[1], b[1])
+    return out
+
+
+def _weight_args(w_expr: Any, w_scale: Any, s: float, co: int, c: int, kh: int, kw: int) -> list[Any]:
+    """An int8 conv weight [co, c, kh, kw] as the kernels take it: packed [co, kh*kw*c4*4] (OHWI, input
+    channels padded to quads), its row sums (int32) and s * s_w[o] (float32); constants when the weight
+    is one, else Relax ops that the compile lifts into the load-time transform."""
+    from tvm import relax
+
+    c4 = -(-c // 4)
+    wc = _const(w_expr)
+    if wc is not None:
+        packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
+        packed[..., :c] = wc.transpose(0, 2, 3, 1)
+        w_arg = relax.const(packed.reshape(co, -1), "int8")
+        wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
+    else:
+        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
+        if c4 * 4 != c:
+            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
+        w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
+        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
+    sc = _const(w_scale)
+    if sc is not None:
+        ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * s)
+                         .astype(np.float32), "float32")
+    else:
+        ws = relax.op.multiply(relax.op.broadcast_to(relax.op.reshape(w_scale, [-1]), [co]),
+                               relax.const(np.float32(s), "float32"))
+    return [w_arg, ws, wsum]
+
+
+def _bias_arg(bias: Any, co: int) -> Any:
+    from tvm import relax
+
+    if bias is None:
+        return relax.const(np.zeros(co, np.float32), "float32")
+    bc = _const(bias)
+    return relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else relax.op.reshape(bias, [co])
+
+
+def _lower_star(match: _StarMatch, family: tuple) -> tuple[str, Any, list[Any]]:
+    from edgeflex.kernels.tir.qstar import qstar_primfunc
+
+    f1, f2, g = match.f1, match.f2, match.g
+    batch = batch_of(f1.x.ty.shape)
+    c, h, w = (int(v) for v in list(f1.x.ty.shape)[1:])
+    hid, co = int(f1.w.ty.shape[0]), int(g.w.ty.shape[0])
+    quant = {"s0": f1.s, "z0": f1.zp, "s1": match.side1[0], "z1": match.side1[1], "act1": match.side1[2],
+             "s2": match.side2[0], "z2": match.side2[1], "act2": match.side2[2], "s3": g.s, "z3": g.zp}
+    key = zlib.crc32(repr(sorted(quant.items())).encode())
+    name = (f"qstar_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_h{hid}_o{co}_b{batch or 'n'}"
+            f"_{key % 10**8}")
+    args = [f1.x]
+    for hit, n_out, n_in in ((f1, hid, c), (f2, hid, c)):
+        w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, n_out, n_in, 1, 1)
+        args += [w_arg, ws, wsum, _bias_arg(hit.bias, n_out)]
+    w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
+    args += [w_arg, ws, wsum, _bias_arg(g.bias, co)]
+
+    def make():
+        return qstar_primfunc(batch, c, h, w, hid, co, quant, family)
+
+    return name, make, args
 
 
 def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
     from tvm import relax
 
+    if isinstance(match, _StarMatch):
+        return _lower_star(match, family)
     call = match.conv
     batch = batch_of(match.x.ty.shape)
     w_expr = match.w
@@ -359,34 +496,10 @@ def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any
         stride = tuple(int(v) for v in a.strides)
         pad = padding4(a.padding)
         kind = "qconv"
-    c4 = -(-c // 4)
     name = (f"{kind}_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_o{co}_k{kh}x{kw}_s{stride[0]}"
             f"_p{''.join(map(str, pad))}_b{batch or 'n'}_{abs(hash((match.s, match.zp))) % 10**8}")
-    wc = _const(w_expr)
-    if wc is not None:
-        packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
-        packed[..., :c] = wc.transpose(0, 2, 3, 1)
-        w_arg = relax.const(packed.reshape(co, -1), "int8")
-        wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
-    else:
-        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
-        if c4 * 4 != c:
-            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
-        w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
-        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
-    sc = _const(match.w_scale)
-    if sc is not None:
-        ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * match.s)
-                         .astype(np.float32), "float32")
-    else:
-        ws = relax.op.multiply(relax.op.broadcast_to(relax.op.reshape(match.w_scale, [-1]), [co]),
-                               relax.const(np.float32(match.s), "float32"))
-    if match.bias is None:
-        b = relax.const(np.zeros(co, np.float32), "float32")
-    else:
-        bc = _const(match.bias)
-        b = relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else \
-            relax.op.reshape(match.bias, [co])
+    w_arg, ws, wsum = _weight_args(w_expr, match.w_scale, match.s, co, c, kh, kw)
+    b = _bias_arg(match.bias, co)
 
     def make():
         return qconv_primfunc(batch, c, h, w, co, (kh, kw), stride, pad, match.s, match.zp, family,

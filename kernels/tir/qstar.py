@@ -1,0 +1,208 @@
+"""The int8 star block in one kernel (issue 21): StarNet's `g(act(f1(x)) * f2(x))` as ONNX Runtime's QDQ
+graph computes it, with f1, f2 (1x1 convs, C -> H channels) and g (1x1, H -> CO) on the target's int8 dot
+product, and the H-wide tensors never stored in float32.
+
+    x_q   = quantize(x, s0, z0)                                  (once, shared by f1 and f2)
+    a     = dequantize(quantize(f1(x_q), s1, z1))   [act]        (in registers, per tile)
+    b     = dequantize(quantize(f2(x_q), s2, z2))   [act]
+    p_q   = quantize(a * b, s3, z3)                              (uint8: the only H-wide tensor stored)
+    y     = s3 * s_g[o] * (sum_h wg_q[o, h] * p_q[h]  -  z3 * sum_h wg_q[o, h])  +  bias_g[o]
+
+Every step is the float32 arithmetic of the per-op path (`qconv` then the element-wise QuantizeLinear /
+DequantizeLinear / multiply, then `qconv` again), in the same order, so the outputs are the same; what goes
+is the traffic: f1's and f2's float32 outputs (2 x H x pixels x 4 bytes) written and read back, the
+multiply's float32 output, and g's re-quantization of it, and two of the three kernel launches.
+
+One thread-pool launch per image, three phases with a barrier between: (1) x quantized and laid out with
+the 4 channels of each pixel side by side (one int32 per pixel and channel quad); (2) tasks of (pixel
+vector, block of hidden channels): f1 and f2 share each loaded x vector, the epilogue quantizes, multiplies
+and re-quantizes in registers and packs 4 hidden channels into one int32 per pixel; (3) g over the packed
+product, tasks of (pixel tile, output-channel block), as `qconv`'s 1x1 kernel.
+
+The Relax side is in `qconv` (its rewrite fuses a matched star block, so the engine's `kernels` still
+says "qconv"); `qstar_reference` is what the kernel computes, in numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeflex.kernels.tir.qconv import ACC_REGISTERS, X86_VNNI
+
+MIN_PIXELS = 16     # the x pass quantizes vectors of 16 pixels (a smaller plane stays on the per-op path)
+
+
+def _q(v: np.ndarray, s: float, z: int) -> np.ndarray:
+    """ONNX QuantizeLinear to uint8, in float32 as the kernel computes it (round half to even)."""
+    return np.clip(np.rint(v.astype(np.float32) / np.float32(s)) + np.float32(z), 0, 255).astype(np.int32)
+
+
+def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarray,
+                    w2: np.ndarray, ws2: np.ndarray, b2: np.ndarray,
+                    wg: np.ndarray, wsg: np.ndarray, bg: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
+    """The block in numpy: x [N, C, H, W] float32; w1, w2 [HID, C] int8 with ws1, ws2 = s0 * s_w[h]; wg
+    [CO, HID] int8 with wsg = s3 * s_wg[o]; `quant`: s0..s3, z0..z3 and act1 / act2 ((lo, hi) clip or None)."""
+    n, c, hh, ww = x.shape
+    xq = _q(x, quant["s0"], quant["z0"]).reshape(n, c, -1) - quant["z0"]
+
+    def branch(w, ws, b, s, z, act):
+        acc = np.einsum("hc,ncp->nhp", w.astype(np.int64), xq.astype(np.int64)).astype(np.int32)
+        f = acc.astype(np.float32) * ws.reshape(1, -1, 1) + b.reshape(1, -1, 1)
+        v = (_q(f, s, z) - z).astype(np.float32) * np.float32(s)
+        return v if act is None else np.clip(v, act[0], act[1])
+
+    a = branch(w1, ws1, b1, quant["s1"], quant["z1"], quant.get("act1"))
+    b = branch(w2, ws2, b2, quant["s2"], quant["z2"], quant.get("act2"))
+    pq = _q(a * b, quant["s3"], quant["z3"]) - quant["z3"]
+    acc = np.einsum("oh,nhp->nop", wg.astype(np.int64), pq.astype(np.int64)).astype(np.int32)
+    y = acc.astype(np.float32) * wsg.reshape(1, -1, 1) + bg.reshape(1, -1, 1)
+    return y.reshape(n, -1, hh, ww).astype(np.float32)
+
+
+def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
+                   quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI) -> Any:
+    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8, ws1, ws2 [HID] float32 (s0 * s_w),
+    wsum1, wsum2 [HID] int32 (row sums), b1, b2 [HID] float32, wg [CO, HID] int8, wsg [CO] float32
+    (s3 * s_wg), wsumg [CO] int32, bg [CO] float32 -> y [batch, CO, H, W] float32. C and HID multiples of
+    4, H * W >= 16."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    lanes, instr, adt, shift = family
+    C, HID, CO, NP = channels, hidden, out_channels, height * width
+    if C % 4 or HID % 4 or NP < MIN_PIXELS:
+        raise ValueError(f"qstar needs channels and hidden channels in multiples of 4 and >= {MIN_PIXELS} "
+                         f"pixels, got C={C}, HID={HID}, {height}x{width}")
+    C4, HQ = C // 4, HID // 4
+    # phase 2: one pixel vector, OBA hidden channels of f1 and of f2 (2 * OBA accumulators)
+    OBA = next(v for v in (12, 8, 4) if HID % v == 0 or v == 4)
+    OBA = min(OBA, HID)
+    VA = -(-NP // lanes)                             # pixel vectors (the last overlaps the one before)
+    HBLK = -(-HID // OBA)
+    # phase 3: as qconv's 1x1 kernel
+    pv = max(1, min(4, NP // lanes))
+    P = pv * lanes
+    TB = -(-NP // P)
+    OB = max(1, min(ACC_REGISTERS // pv, CO))
+    OBLK = -(-CO // OB)
+    XCH = -(-NP // 16)
+    n_img = tirx.Var("n", "int64") if batch is None else batch
+    s0, s1, s2, s3 = (float(np.float32(quant[k])) for k in ("s0", "s1", "s2", "s3"))
+    z0, z1, z2, z3 = (int(quant[k]) for k in ("z0", "z1", "z2", "z3"))
+    act1, act2 = quant.get("act1"), quant.get("act2")
+    vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
+
+    def qbyte(v, s, z):
+        """v (float32) quantized as ONNX QuantizeLinear, minus the stored shift, as the low byte of an int32."""
+        q = T.Cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(z), T.float32(255)),
+                                  T.float32(0)))
+        return q if shift == 0 else (q - shift) & 255
+
+    def deq(acc, wsum, ws, b, h, s, z, act):
+        """One hidden channel of f1 / f2: the conv's float32 value, quantized and dequantized, [act]."""
+        f = T.Cast("float32", acc - (z0 - shift) * wsum[h]) * ws[h] + b[h]
+        q = T.Cast("int32", T.max(T.min(T.nearbyint(f / T.float32(s)) + T.float32(z), T.float32(255)),
+                                  T.float32(0)))
+        v = T.Cast("float32", q - z) * T.float32(s)
+        return v if act is None else T.max(T.min(v, T.float32(act[1])), T.float32(act[0]))
+
+    def prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h, r, p):
+        """Hidden channel h of one pixel (accumulator row r): a * b, quantized with g's input scale."""
+        return qbyte(deq(acc1[r * lanes + p], wsum1, ws1, b1, h, s1, z1, act1)
+                     * deq(acc2[r * lanes + p], wsum2, ws2, b2, h, s2, z2, act2), s3, z3)
+
+    def pack(b0, b1, b2, b3):
+        return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+    def dot(acc, xv, wbuf, idx):
+        return T.call_llvm_pure_intrin(vec32, instr, acc, T.reinterpret(vec8, xv), T.reinterpret(
+            vec8, T.broadcast(T.reinterpret("int32", wbuf[T.ramp(idx, 1, 4)]), lanes)))
+
+    @T.prim_func
+    def qstar(x_h: T.handle, w1_h: T.handle, ws1_h: T.handle, wsum1_h: T.handle, b1_h: T.handle,
+              w2_h: T.handle, ws2_h: T.handle, wsum2_h: T.handle, b2_h: T.handle,
+              wg_h: T.handle, wsg_h: T.handle, wsumg_h: T.handle, bg_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
+        w1 = T.match_buffer(w1_h, (HID, C), "int8")
+        ws1 = T.match_buffer(ws1_h, (HID,), "float32")
+        wsum1 = T.match_buffer(wsum1_h, (HID,), "int32")
+        b1 = T.match_buffer(b1_h, (HID,), "float32")
+        w2 = T.match_buffer(w2_h, (HID, C), "int8")
+        ws2 = T.match_buffer(ws2_h, (HID,), "float32")
+        wsum2 = T.match_buffer(wsum2_h, (HID,), "int32")
+        b2 = T.match_buffer(b2_h, (HID,), "float32")
+        wg = T.match_buffer(wg_h, (CO, HID), "int8")
+        wsg = T.match_buffer(wsg_h, (CO,), "float32")
+        wsumg = T.match_buffer(wsumg_h, (CO,), "int32")
+        bg = T.match_buffer(bg_h, (CO,), "float32")
+        y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
+        xf = T.decl_buffer((n_img * C * NP,), "float32", data=x.data)
+        yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
+        w1f = T.decl_buffer((HID * C,), "int8", data=w1.data)
+        w2f = T.decl_buffer((HID * C,), "int8", data=w2.data)
+        wgf = T.decl_buffer((CO * HID,), "int8", data=wg.data)
+        xs = T.decl_buffer((C4 * NP,), "int32")
+        hs = T.decl_buffer((HQ * NP,), "int32")
+        for img in range(n_img):
+            with T.attr(0, "pragma_parallel_launch_point", 0):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    # (1) x quantized, 4 channels of a pixel per int32 (the last chunk overlaps)
+                    for task in T.parallel(C4 * XCH):
+                        c4: T.let = task // XCH
+                        p0: T.let = T.min(task % XCH * 16, NP - 16)
+                        for e in T.vectorized(16):
+                            xs[c4 * NP + p0 + e] = pack(
+                                qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
+                                qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
+                                qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
+                                qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                    # (2) f1, f2, their QDQ, [act], the product and its quantization, packed
+                    for task in T.parallel(VA * HBLK):
+                        q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
+                        h0: T.let = T.min(task % HBLK * OBA, HID - OBA)
+                        acc1 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
+                        acc2 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
+                        for i in T.unroll(OBA):
+                            acc1[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                            acc2[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                        for c4 in range(C4):
+                            xv: T.let = xs[T.ramp(c4 * NP + q0, 1, lanes)]
+                            for r in T.unroll(OBA):
+                                acc1[T.ramp(r * lanes, 1, lanes)] = dot(
+                                    acc1[T.ramp(r * lanes, 1, lanes)], xv, w1f, (h0 + r) * C + c4 * 4)
+                                acc2[T.ramp(r * lanes, 1, lanes)] = dot(
+                                    acc2[T.ramp(r * lanes, 1, lanes)], xv, w2f, (h0 + r) * C + c4 * 4)
+                        for rq in T.unroll(OBA // 4):
+                            for p in T.vectorized(lanes):
+                                hs[(h0 // 4 + rq) * NP + q0 + p] = pack(
+                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4, rq * 4, p),
+                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 1,
+                                         rq * 4 + 1, p),
+                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 2,
+                                         rq * 4 + 2, p),
+                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 3,
+                                         rq * 4 + 3, p))
+                    # (3) g on the packed product
+                    for task in T.parallel(TB * OBLK):
+                        q0: T.let = T.min(task // OBLK * P, NP - P)
+                        o0: T.let = T.min(task % OBLK * OB, CO - OB)
+                        acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                        for i in T.unroll(OB * pv):
+                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                        for hq in range(HQ):
+                            for v in T.unroll(pv):
+                                hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
+                                for r in T.unroll(OB):
+                                    acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
+                                        acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
+                                        (o0 + r) * HID + hq * 4)
+                        for r in T.unroll(OB):
+                            for p in T.vectorized(P):
+                                yf[(img * CO + o0 + r) * NP + q0 + p] = T.Cast(
+                                    "float32", acc[r * P + p] - (z3 - shift) * wsumg[o0 + r]) * wsg[o0 + r] \
+                                    + bg[o0 + r]
+
+    return qstar
