@@ -43,7 +43,7 @@ def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarr
                     w2: np.ndarray, ws2: np.ndarray, b2: np.ndarray,
                     wg: np.ndarray, wsg: np.ndarray, bg: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
     """The block in numpy: x [N, C, H, W] float32; w1, w2 [HID, C] int8 with ws1, ws2 = s0 * s_w[h]; wg
-    [CO, HID] int8 with wsg = s3 * s_wg[o]; `quant`: s0..s3, z0..z3 and act1 / act2 ((lo, hi) clip or None)."""
+    [CO, HID] int8 with wsg = s3 * s_wg[o]; `quant`: s0..s3, z0..z3, act1 / act2 ((lo, hi) clip or None)."""
     n, c, hh, ww = x.shape
     xq = _q(x, quant["s0"], quant["z0"]).reshape(n, c, -1) - quant["z0"]
 
@@ -95,7 +95,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
 
     def qbyte(v, s, z):
-        """v (float32) quantized as ONNX QuantizeLinear, minus the stored shift, as the low byte of an int32."""
+        """v (float32) quantized as ONNX QuantizeLinear, less the stored shift, the low byte of an int32."""
         q = T.Cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(z), T.float32(255)),
                                   T.float32(0)))
         return q if shift == 0 else (q - shift) & 255
