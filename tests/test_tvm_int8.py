@@ -68,6 +68,8 @@ def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and
     assert any(f.startswith("qconv_x86") and "_k1x1_" in f for f in fns)
     assert any(f.startswith("qconv_x86") and "_k3x3_s2" in f for f in fns)
     assert any(f.startswith("qlinear_x86") for f in fns)
+    # the star blocks (f1, f2, the multiply, g) of planes of 16 pixels and more are one fused kernel each
+    assert sum(f.startswith("qstar_x86") for f in fns) >= 2
     x = _probe()
     ort, tvm = _ort_vs_tvm(path, "default@int8", x)
     assert _rel(tvm, ort) < VS_ORT
@@ -112,6 +114,11 @@ def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() ->
     lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 24, 8, 8, 32, (1, 1), (1, 1), (0, 0, 0, 0),
                                                            0.02, 131, family)}), target=rpi5)
     assert "sdot" in lib.mod.inspect_source("asm")
+    from edgeflex.kernels.tir.qstar import qstar_primfunc
+
+    quant = {"s0": 0.02, "z0": 131, "s1": 0.05, "z1": 0, "s2": 0.04, "z2": 120, "s3": 0.1, "z3": 3}
+    lib = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, 16, 6, 6, 64, 16, quant, family)}), target=rpi5)
+    assert lib.mod.inspect_source("asm").count("sdot") >= 3
 
 
 @pytest.mark.parametrize("shape", [(32, 8, 8, 48, 1, 1, 0), (13, 9, 11, 17, 3, 2, 1),
@@ -146,6 +153,48 @@ def test_the_int8_kernel_matches_its_integer_reference(shape) -> None:
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("shape,act", [((16, 6, 6, 64, 16), None), ((24, 5, 7, 96, 20), (0.0, 6.0)),
+                                       ((8, 4, 4, 32, 8), (0.0, float("inf")))])
+def test_the_fused_int8_star_kernel_matches_its_integer_reference(shape, act) -> None:
+    """The star block's kernel alone (f1, f2, their QDQ, act, the product re-quantized, g) against numpy's
+    integer arithmetic, zero points non-zero, on this host's target."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import qdot_instruction
+    from edgeflex.kernels.tir.qstar import qstar_primfunc, qstar_reference
+
+    tgt = tvm.target.Target(host_target(1))
+    family = qdot_instruction(tgt)
+    if family is None or tvm_int8_refusal() is not None:
+        pytest.skip("this CPU has no VNNI / dotprod: the int8 kernel cannot run here")
+    c, h, w, hid, co = shape
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    w1, w2 = (rng.integers(-127, 128, (hid, c)).astype(np.int8) for _ in range(2))
+    wg = rng.integers(-127, 128, (co, hid)).astype(np.int8)
+    ws1, ws2 = (rng.uniform(2e-5, 6e-5, hid).astype(np.float32) for _ in range(2))
+    wsg = rng.uniform(1e-4, 4e-4, co).astype(np.float32)
+    b1, b2 = (rng.standard_normal(hid).astype(np.float32) for _ in range(2))
+    bg = rng.standard_normal(co).astype(np.float32)
+    quant = {"s0": 0.03, "z0": 120, "s1": 0.02, "z1": 0 if act else 97, "s2": 0.03, "z2": 131, "s3": 0.02,
+             "z3": 7, "act1": act}
+    ref = qstar_reference(x, w1, ws1, b1, w2, ws2, b2, wg, wsg, bg, quant)
+    lib = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, c, h, w, hid, co, quant, family)}), target=tgt)
+    y = tvm.runtime.empty(ref.shape, "float32")
+
+    def rowsum(a):
+        return a.astype(np.int32).sum(1).astype(np.int32)
+
+    args = [x, w1, ws1, rowsum(w1), b1, w2, ws2, rowsum(w2), b2, wg, wsg, rowsum(wg), bg]
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    d = np.abs(y.numpy() - ref)
+    # the same float32 steps as numpy's; a fused multiply-add may move a value across a rounding tie (one
+    # quantization step of one hidden channel: well under 1 % of the output)
+    assert d.max() < 0.01 * np.abs(ref).max()
+    assert np.mean(d <= 1e-5 * np.abs(ref).max()) > 0.99
+
+
 @needs_int8
 def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
     from authors_starnet import StarNet as AuthorsStarNet
@@ -155,6 +204,7 @@ def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path)
     path = _export_quantized(model, tmp_path, precisions=("int8",))
     report = _compile_int8(path, ["default@int8"])
     assert "qconv" in report["engines"][0]["kernels"]
+    assert any(f.startswith("qstar_x86") for f in report["engines"][0]["kernel_functions"])
     x = _probe()
     ort, tvm = _ort_vs_tvm(path, "default@int8", x)
     assert _rel(tvm, ort) < VS_ORT
