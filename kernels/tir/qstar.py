@@ -61,8 +61,55 @@ def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarr
     return y.reshape(n, -1, hh, ww).astype(np.float32)
 
 
+def amx_usable(target: Any, channels: int, hidden: int, pixels: int) -> bool:
+    """Whether f1 and f2 run on AMX tiles (`tdpbusd`) for this block: an x86 target with amx-int8, hidden
+    channels in blocks of 16, two 16-pixel tiles, and C large enough that the tiles' 64-byte rows are
+    mostly filled (below, VNNI measured as fast: the epilogue dominates)."""
+    if target is None or target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or
+                                                              "x86_64").startswith("x86_64"):
+        return False
+    from tvm.target import codegen
+
+    try:
+        feats = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - an LLVM that cannot list features: no AMX
+        return False
+    return "amx-int8" in feats and hidden % 16 == 0 and pixels >= 32 and channels >= AMX_MIN_CHANNELS
+
+
+AMX_MIN_CHANNELS = 64
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
+
+
+def request_amx() -> str | None:
+    """Ask Linux for this process's permission to use AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM;
+    without it the first tile instruction kills the process). None when granted, else why not."""
+    import ctypes
+    import os
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"AMX needs Linux on x86_64 (this is {platform.system()} {platform.machine()})"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
+        return f"the kernel refused AMX tile data (arch_prctl: {os.strerror(ctypes.get_errno())})"
+    return None
+
+
+def amx_weight(w: np.ndarray) -> np.ndarray:
+    """A [HID, C] int8 weight as the AMX phase reads it: per block of 16 hidden channels and 64 input
+    channels (zero-padded), one 16 x 64-byte B tile: [HID/16, KP/64, 16 quads, 16 channels, 4]."""
+    hid, c = w.shape
+    kp = -(-c // 64) * 64
+    padded = np.zeros((hid, kp), np.int8)
+    padded[:, :c] = w
+    return np.ascontiguousarray(padded.reshape(hid // 16, 16, kp // 64, 16, 4).transpose(0, 2, 3, 1, 4)
+                                .reshape(-1))
+
+
 def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
-                   quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI) -> Any:
+                   quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI,
+                   amx: bool = False) -> Any:
     """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8, ws1, ws2 [HID] float32 (s0 * s_w),
     wsum1, wsum2 [HID] int32 (row sums), b1, b2 [HID] float32, wg [CO, HID] int8, wsg [CO] float32
     (s3 * s_wg), wsumg [CO] int32, bg [CO] float32 -> y [batch, CO, H, W] float32. C and HID multiples of
@@ -93,19 +140,33 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     z0, z1, z2, z3 = (int(quant[k]) for k in ("z0", "z1", "z2", "z3"))
     act1, act2 = quant.get("act1"), quant.get("act2")
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
+    KP = -(-C // 64) * 64                            # AMX: input channels per pixel row, zero-padded
+    KC, HB16, MT = KP // 64, HID // 16, -(-NP // 32)
+    if amx and (family is not X86_VNNI or HID % 16 or NP < 32):
+        raise ValueError(f"qstar on AMX needs x86, hidden channels in 16s and >= 32 pixels, got HID={HID}, "
+                         f"{NP} pixels")
+    w_shape = (HB16 * KP * 16,) if amx else (HID, C)
+
+    def tile(op, *args):
+        return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
+
+    def cast(dtype, e):
+        """T.Cast to `dtype`, with as many lanes as `e` has (the AMX epilogue computes 16 at once)."""
+        ty = str(e.ty)
+        return T.Cast(dtype + ty[ty.index("x"):] if "x" in ty else dtype, e)
 
     def qbyte(v, s, z):
         """v (float32) quantized as ONNX QuantizeLinear, less the stored shift, the low byte of an int32."""
-        q = T.Cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(z), T.float32(255)),
-                                  T.float32(0)))
+        q = cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(z), T.float32(255)),
+                                T.float32(0)))
         return q if shift == 0 else (q - shift) & 255
 
     def deq(acc, wsum, ws, b, h, s, z, act):
         """One hidden channel of f1 / f2: the conv's float32 value, quantized and dequantized, [act]."""
-        f = T.Cast("float32", acc - (z0 - shift) * wsum[h]) * ws[h] + b[h]
-        q = T.Cast("int32", T.max(T.min(T.nearbyint(f / T.float32(s)) + T.float32(z), T.float32(255)),
-                                  T.float32(0)))
-        v = T.Cast("float32", q - z) * T.float32(s)
+        f = cast("float32", acc - (z0 - shift) * wsum[h]) * ws[h] + b[h]
+        q = cast("int32", T.max(T.min(T.nearbyint(f / T.float32(s)) + T.float32(z), T.float32(255)),
+                                T.float32(0)))
+        v = cast("float32", q - z) * T.float32(s)
         return v if act is None else T.max(T.min(v, T.float32(act[1])), T.float32(act[0]))
 
     def prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h, r, p):
@@ -126,11 +187,11 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
               wg_h: T.handle, wsg_h: T.handle, wsumg_h: T.handle, bg_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
-        w1 = T.match_buffer(w1_h, (HID, C), "int8")
+        w1 = T.match_buffer(w1_h, w_shape, "int8")
         ws1 = T.match_buffer(ws1_h, (HID,), "float32")
         wsum1 = T.match_buffer(wsum1_h, (HID,), "int32")
         b1 = T.match_buffer(b1_h, (HID,), "float32")
-        w2 = T.match_buffer(w2_h, (HID, C), "int8")
+        w2 = T.match_buffer(w2_h, w_shape, "int8")
         ws2 = T.match_buffer(ws2_h, (HID,), "float32")
         wsum2 = T.match_buffer(wsum2_h, (HID,), "int32")
         b2 = T.match_buffer(b2_h, (HID,), "float32")
@@ -141,50 +202,113 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * NP,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
-        w1f = T.decl_buffer((HID * C,), "int8", data=w1.data)
-        w2f = T.decl_buffer((HID * C,), "int8", data=w2.data)
+        w1f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w1.data)
+        w2f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w2.data)
         wgf = T.decl_buffer((CO * HID,), "int8", data=wg.data)
         xs = T.decl_buffer((C4 * NP,), "int32")
+        xa = T.decl_buffer((NP * KP,), "uint8")
         hs = T.decl_buffer((HQ * NP,), "int32")
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # (1) x quantized, 4 channels of a pixel per int32 (the last chunk overlaps)
-                    for task in T.parallel(C4 * XCH):
-                        c4: T.let = task // XCH
-                        p0: T.let = T.min(task % XCH * 16, NP - 16)
-                        for e in T.vectorized(16):
-                            xs[c4 * NP + p0 + e] = pack(
-                                qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
-                                qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
-                                qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
-                                qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
-                    # (2) f1, f2, their QDQ, [act], the product and its quantization, packed
-                    for task in T.parallel(VA * HBLK):
-                        q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
-                        h0: T.let = T.min(task % HBLK * OBA, HID - OBA)
-                        acc1 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
-                        acc2 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
-                        for i in T.unroll(OBA):
-                            acc1[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                            acc2[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                        for c4 in range(C4):
-                            xv: T.let = xs[T.ramp(c4 * NP + q0, 1, lanes)]
-                            for r in T.unroll(OBA):
-                                acc1[T.ramp(r * lanes, 1, lanes)] = dot(
-                                    acc1[T.ramp(r * lanes, 1, lanes)], xv, w1f, (h0 + r) * C + c4 * 4)
-                                acc2[T.ramp(r * lanes, 1, lanes)] = dot(
-                                    acc2[T.ramp(r * lanes, 1, lanes)], xv, w2f, (h0 + r) * C + c4 * 4)
-                        for rq in T.unroll(OBA // 4):
-                            for p in T.vectorized(lanes):
-                                hs[(h0 // 4 + rq) * NP + q0 + p] = pack(
-                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4, rq * 4, p),
-                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 1,
-                                         rq * 4 + 1, p),
-                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 2,
-                                         rq * 4 + 2, p),
-                                    prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 3,
-                                         rq * 4 + 3, p))
+                    # (1) x quantized: AMX, one row of KP bytes per pixel; VNNI, 4 channels of a pixel per
+                    # int32 (the last chunk overlaps)
+                    if amx:
+                        for task in T.parallel(XCH):
+                            p0: T.let = T.min(task * 16, NP - 16)
+                            for c in range(C):
+                                for e in T.vectorized(16):
+                                    xa[(p0 + e) * KP + c] = T.Cast(
+                                        "uint8", qbyte(xf[(img * C + c) * NP + p0 + e], s0, z0))
+                            if KP > C:
+                                for e in range(16):
+                                    for c in T.vectorized(KP - C):
+                                        xa[(p0 + e) * KP + C + c] = T.uint8(0)
+                    if not amx:
+                        for task in T.parallel(C4 * XCH):
+                          c4: T.let = task // XCH
+                          p0: T.let = T.min(task % XCH * 16, NP - 16)
+                          for e in T.vectorized(16):
+                              xs[c4 * NP + p0 + e] = pack(
+                                  qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
+                                  qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
+                                  qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
+                                  qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                    # (2) f1, f2, their QDQ, [act], the product and its quantization, packed.
+                    # AMX: tasks of 32 pixels (two A tiles) x 16 hidden channels (one B tile of f1, one
+                    # of f2), four C tiles; the tiles stored, then the epilogue along hidden channels
+                    if amx:
+                        for task in T.parallel(MT * HB16):
+                          m0: T.let = T.min(task // HB16 * 32, NP - 32)
+                          hb: T.let = task % HB16
+                          cfg = T.decl_buffer((64,), "uint8", scope="local")
+                          cb = T.decl_buffer((1024,), "int32", scope="local")
+                          qv = T.decl_buffer((16,), "int32", scope="local")
+                          for i in range(64):
+                              cfg[i] = T.uint8(0)
+                          cfg[0] = T.uint8(1)
+                          for t in range(8):
+                              cfg[16 + t * 2] = T.uint8(64)
+                              cfg[48 + t] = T.uint8(16)
+                          T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
+                          T.evaluate(tile("tilezero", T.uint8(0)))
+                          T.evaluate(tile("tilezero", T.uint8(1)))
+                          T.evaluate(tile("tilezero", T.uint8(2)))
+                          T.evaluate(tile("tilezero", T.uint8(3)))
+                          for kc in range(KC):
+                              T.evaluate(tile("tileloadd64", T.uint8(4), T.address_of(xa[m0 * KP + kc * 64]),
+                                              T.int64(KP)))
+                              T.evaluate(tile("tileloadd64", T.uint8(5),
+                                              T.address_of(xa[(m0 + 16) * KP + kc * 64]), T.int64(KP)))
+                              T.evaluate(tile("tileloadd64", T.uint8(6),
+                                              T.address_of(w1f[(hb * KC + kc) * 1024]), T.int64(64)))
+                              T.evaluate(tile("tileloadd64", T.uint8(7),
+                                              T.address_of(w2f[(hb * KC + kc) * 1024]), T.int64(64)))
+                              T.evaluate(tile("tdpbusd", T.uint8(0), T.uint8(4), T.uint8(6)))
+                              T.evaluate(tile("tdpbusd", T.uint8(1), T.uint8(5), T.uint8(6)))
+                              T.evaluate(tile("tdpbusd", T.uint8(2), T.uint8(4), T.uint8(7)))
+                              T.evaluate(tile("tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7)))
+                          T.evaluate(tile("tilestored64", T.uint8(0), T.address_of(cb[0]), T.int64(64)))
+                          T.evaluate(tile("tilestored64", T.uint8(1), T.address_of(cb[256]), T.int64(64)))
+                          T.evaluate(tile("tilestored64", T.uint8(2), T.address_of(cb[512]), T.int64(64)))
+                          T.evaluate(tile("tilestored64", T.uint8(3), T.address_of(cb[768]), T.int64(64)))
+                          T.evaluate(tile("tilerelease"))
+                          for r in range(32):
+                              # 16 hidden channels of one pixel, their bytes as 4 packed quads (vpmovdb)
+                              qv[T.ramp(0, 1, 4)] = T.reinterpret("int32x4", T.Cast("uint8x16", qbyte(
+                                  deq(cb[T.ramp(r * 16, 1, 16)], wsum1, ws1, b1, T.ramp(hb * 16, 1, 16),
+                                    s1, z1, act1)
+                                * deq(cb[T.ramp(512 + r * 16, 1, 16)], wsum2, ws2, b2,
+                                      T.ramp(hb * 16, 1, 16), s2, z2, act2), s3, z3)))
+                              for j in T.unroll(4):
+                                  hs[(hb * 4 + j) * NP + m0 + r] = qv[j]
+                    if not amx:
+                        for task in T.parallel(VA * HBLK):
+                          q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
+                          h0: T.let = T.min(task % HBLK * OBA, HID - OBA)
+                          acc1 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
+                          acc2 = T.decl_buffer((OBA * lanes,), "int32", scope="local")
+                          for i in T.unroll(OBA):
+                              acc1[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                              acc2[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                          for c4 in range(C4):
+                              xv: T.let = xs[T.ramp(c4 * NP + q0, 1, lanes)]
+                              for r in T.unroll(OBA):
+                                  acc1[T.ramp(r * lanes, 1, lanes)] = dot(
+                                      acc1[T.ramp(r * lanes, 1, lanes)], xv, w1f, (h0 + r) * C + c4 * 4)
+                                  acc2[T.ramp(r * lanes, 1, lanes)] = dot(
+                                      acc2[T.ramp(r * lanes, 1, lanes)], xv, w2f, (h0 + r) * C + c4 * 4)
+                          for rq in T.unroll(OBA // 4):
+                              for p in T.vectorized(lanes):
+                                  hs[(h0 // 4 + rq) * NP + q0 + p] = pack(
+                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4, rq * 4,
+                                     p),
+                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 1,
+                                           rq * 4 + 1, p),
+                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 2,
+                                           rq * 4 + 2, p),
+                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 3,
+                                           rq * 4 + 3, p))
                     # (3) g on the packed product
                     for task in T.parallel(TB * OBLK):
                         q0: T.let = T.min(task // OBLK * P, NP - P)
