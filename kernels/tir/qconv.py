@@ -444,8 +444,44 @@ def _bias_arg(bias: Any, co: int) -> Any:
     return relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else relax.op.reshape(bias, [co])
 
 
-def _lower_star(match: _StarMatch, family: tuple) -> tuple[str, Any, list[Any]]:
-    from edgeflex.kernels.tir.qstar import qstar_primfunc
+def _fold_args(ws: Any, bias: Any, wsum: Any, co: int, zq: int, s_out: float) -> list[Any]:
+    """(m, c) of `qstar.fold` for one conv of a star block: numpy when its weights are constants, else
+    Relax ops (lifted into the load-time transform with the weights')."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qstar import fold
+
+    b = _bias_arg(bias, co)
+    consts = [_const(e) for e in (ws, b, wsum)]
+    if all(v is not None for v in consts):
+        return [relax.const(v, "float32") for v in fold(consts[0].reshape(co), consts[1].reshape(co),
+                                                         consts[2].reshape(co), zq, s_out)]
+    inv = relax.const(np.float32(1.0 / s_out), "float32")
+    m = relax.op.multiply(ws, inv)
+    zws = relax.op.multiply(ws, relax.const(np.float32(zq), "float32"))
+    c = relax.op.multiply(relax.op.subtract(b, relax.op.multiply(relax.op.astype(wsum, "float32"), zws)), inv)
+    return [m, c]
+
+
+def _amx_weight_arg(w_expr: Any, hid: int, c: int) -> Any:
+    """A [hid, c, 1, 1] int8 weight in `qstar.amx_weight`'s tile layout (a constant, or Relax ops)."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qstar import amx_weight
+
+    wc = _const(w_expr)
+    if wc is not None:
+        return relax.const(amx_weight(wc.reshape(hid, c)), "int8")
+    kp = -(-c // 64) * 64
+    t = relax.op.reshape(w_expr, [hid, c])
+    if kp != c:
+        t = relax.op.nn.pad(t, [0, 0, 0, kp - c])
+    t = relax.op.permute_dims(relax.op.reshape(t, [hid // 16, 16, kp // 64, 16, 4]), [0, 2, 3, 1, 4])
+    return relax.op.reshape(t, [hid * kp])
+
+
+def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
+    from edgeflex.kernels.tir.qstar import amx_usable, qstar_primfunc
 
     f1, f2, g = match.f1, match.f2, match.g
     batch = batch_of(f1.x.ty.shape)
@@ -453,18 +489,21 @@ def _lower_star(match: _StarMatch, family: tuple) -> tuple[str, Any, list[Any]]:
     hid, co = int(f1.w.ty.shape[0]), int(g.w.ty.shape[0])
     quant = {"s0": f1.s, "z0": f1.zp, "s1": match.side1[0], "z1": match.side1[1], "act1": match.side1[2],
              "s2": match.side2[0], "z2": match.side2[1], "act2": match.side2[2], "s3": g.s, "z3": g.zp}
+    amx = family is X86_VNNI and amx_usable(ctx.target, c, hid, h * w)
     key = zlib.crc32(repr(sorted(quant.items())).encode())
-    name = (f"qstar_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_h{hid}_o{co}_b{batch or 'n'}"
-            f"_{key % 10**8}")
+    name = (f"qstar_{'amx' if amx else 'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_h{hid}_o{co}"
+            f"_b{batch or 'n'}_{key % 10**8}")
+    shift = family[3]
     args = [f1.x]
-    for hit, n_out, n_in in ((f1, hid, c), (f2, hid, c)):
-        w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, n_out, n_in, 1, 1)
-        args += [w_arg, ws, wsum, _bias_arg(hit.bias, n_out)]
+    for hit, s_out in ((f1, match.side1[0]), (f2, match.side2[0])):
+        w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, hid, c, 1, 1)
+        args += [_amx_weight_arg(hit.w, hid, c) if amx else w_arg,
+                 *_fold_args(ws, hit.bias, wsum, hid, f1.zp - shift, s_out)]
     w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
-    args += [w_arg, ws, wsum, _bias_arg(g.bias, co)]
+    args += [w_arg, *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
 
     def make():
-        return qstar_primfunc(batch, c, h, w, hid, co, quant, family)
+        return qstar_primfunc(batch, c, h, w, hid, co, quant, family, amx=amx)
 
     return name, make, args
 
@@ -473,7 +512,7 @@ def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any
     from tvm import relax
 
     if isinstance(match, _StarMatch):
-        return _lower_star(match, family)
+        return _lower_star(match, ctx, family)
     call = match.conv
     batch = batch_of(match.x.ty.shape)
     w_expr = match.w

@@ -39,32 +39,50 @@ def _q(v: np.ndarray, s: float, z: int) -> np.ndarray:
     return np.clip(np.rint(v.astype(np.float32) / np.float32(s)) + np.float32(z), 0, 255).astype(np.int32)
 
 
+def fold(ws: np.ndarray, b: np.ndarray, wsum: np.ndarray, zq: int,
+         s_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """A conv's epilogue folded into one multiply-add of its raw int32 sums: (m, c) with
+    m * acc + c = ((acc - zq * wsum) * ws + b) / s_out; ws = s_in * s_w[o], zq the stored zero point."""
+    ws64 = ws.astype(np.float64)
+    m = ws64 / s_out
+    c = (b.astype(np.float64) - zq * wsum.astype(np.float64) * ws64) / s_out
+    return m.astype(np.float32), c.astype(np.float32)
+
+
+def _hidden(acc: np.ndarray, m: np.ndarray, c: np.ndarray, z: int, act: tuple | None, s: float) -> np.ndarray:
+    """f1's / f2's quantized output less its zero point (the dequantized value in units of s), [act]."""
+    d = np.clip(np.rint(acc.astype(np.float32) * m.reshape(1, -1, 1) + c.reshape(1, -1, 1)), -z, 255 - z)
+    return d if act is None else np.clip(d, np.float32(act[0] / s), np.float32(act[1] / s))
+
+
 def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarray,
                     w2: np.ndarray, ws2: np.ndarray, b2: np.ndarray,
                     wg: np.ndarray, wsg: np.ndarray, bg: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
-    """The block in numpy: x [N, C, H, W] float32; w1, w2 [HID, C] int8 with ws1, ws2 = s0 * s_w[h]; wg
-    [CO, HID] int8 with wsg = s3 * s_wg[o]; `quant`: s0..s3, z0..z3, act1 / act2 ((lo, hi) clip or None)."""
+    """The block in numpy, integer sums exact: x [N, C, H, W] float32; w1, w2 [HID, C] int8 with ws1, ws2 =
+    s0 * s_w[h]; wg [CO, HID] int8 with wsg = s3 * s_wg[o]; `quant`: s0..s3, z0..z3, act1 / act2 ((lo, hi)
+    clip or None). The requantizations as the kernel does them: acc * m + c (`fold`), rounded."""
     n, c, hh, ww = x.shape
-    xq = _q(x, quant["s0"], quant["z0"]).reshape(n, c, -1) - quant["z0"]
+    z0, z1, z2, z3 = (int(quant[k]) for k in ("z0", "z1", "z2", "z3"))
+    xq = (_q(x, quant["s0"], z0).reshape(n, c, -1) - z0).astype(np.int64)
 
     def branch(w, ws, b, s, z, act):
-        acc = np.einsum("hc,ncp->nhp", w.astype(np.int64), xq.astype(np.int64)).astype(np.int32)
-        f = acc.astype(np.float32) * ws.reshape(1, -1, 1) + b.reshape(1, -1, 1)
-        v = (_q(f, s, z) - z).astype(np.float32) * np.float32(s)
-        return v if act is None else np.clip(v, act[0], act[1])
+        acc = np.einsum("hc,ncp->nhp", w.astype(np.int64), xq)
+        m, cc = fold(ws, b, np.zeros(len(ws), np.int64), 0, s)
+        return _hidden(acc, m, cc, z, act, s)
 
-    a = branch(w1, ws1, b1, quant["s1"], quant["z1"], quant.get("act1"))
-    b = branch(w2, ws2, b2, quant["s2"], quant["z2"], quant.get("act2"))
-    pq = _q(a * b, quant["s3"], quant["z3"]) - quant["z3"]
-    acc = np.einsum("oh,nhp->nop", wg.astype(np.int64), pq.astype(np.int64)).astype(np.int32)
+    d1 = branch(w1, ws1, b1, quant["s1"], z1, quant.get("act1"))
+    d2 = branch(w2, ws2, b2, quant["s2"], z2, quant.get("act2"))
+    m3 = np.float32(np.float64(quant["s1"]) * quant["s2"] / quant["s3"])
+    pq = np.clip(np.rint(d1 * d2 * m3 + np.float32(z3)), 0, 255).astype(np.int64) - z3
+    acc = np.einsum("oh,nhp->nop", wg.astype(np.int64), pq)
     y = acc.astype(np.float32) * wsg.reshape(1, -1, 1) + bg.reshape(1, -1, 1)
     return y.reshape(n, -1, hh, ww).astype(np.float32)
 
 
 def amx_usable(target: Any, channels: int, hidden: int, pixels: int) -> bool:
     """Whether f1 and f2 run on AMX tiles (`tdpbusd`) for this block: an x86 target with amx-int8, hidden
-    channels in blocks of 16, two 16-pixel tiles, and C large enough that the tiles' 64-byte rows are
-    mostly filled (below, VNNI measured as fast: the epilogue dominates)."""
+    channels in blocks of 16 and two 16-pixel tiles (measured faster than VNNI at every StarNet-S1 stage,
+    even C = 24, whose 64-byte tile rows are mostly zero padding)."""
     if target is None or target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or
                                                               "x86_64").startswith("x86_64"):
         return False
@@ -74,10 +92,9 @@ def amx_usable(target: Any, channels: int, hidden: int, pixels: int) -> bool:
         feats = {str(f) for f in codegen.llvm_get_cpu_features(target)}
     except Exception:  # noqa: BLE001 - an LLVM that cannot list features: no AMX
         return False
-    return "amx-int8" in feats and hidden % 16 == 0 and pixels >= 32 and channels >= AMX_MIN_CHANNELS
+    return "amx-int8" in feats and hidden % 16 == 0 and pixels >= 32 and channels % 4 == 0
 
 
-AMX_MIN_CHANNELS = 64
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -110,10 +127,10 @@ def amx_weight(w: np.ndarray) -> np.ndarray:
 def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
                    quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI,
                    amx: bool = False) -> Any:
-    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8, ws1, ws2 [HID] float32 (s0 * s_w),
-    wsum1, wsum2 [HID] int32 (row sums), b1, b2 [HID] float32, wg [CO, HID] int8, wsg [CO] float32
-    (s3 * s_wg), wsumg [CO] int32, bg [CO] float32 -> y [batch, CO, H, W] float32. C and HID multiples of
-    4, H * W >= 16."""
+    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8 (AMX: `amx_weight`'s layout), m1, c1,
+    m2, c2 [HID] float32 (f1's and f2's epilogues with their output QDQ folded, `fold`: s_out = s1, s2),
+    wg [CO, HID] int8, mg, cg [CO] float32 (g's, s_out = 1) -> y [batch, CO, H, W] float32. C and HID
+    multiples of 4, H * W >= 16."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -139,6 +156,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     s0, s1, s2, s3 = (float(np.float32(quant[k])) for k in ("s0", "s1", "s2", "s3"))
     z0, z1, z2, z3 = (int(quant[k]) for k in ("z0", "z1", "z2", "z3"))
     act1, act2 = quant.get("act1"), quant.get("act2")
+    m3 = float(np.float32(np.float64(quant["s1"]) * quant["s2"] / quant["s3"]))
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
     KP = -(-C // 64) * 64                            # AMX: input channels per pixel row, zero-padded
     KC, HB16, MT = KP // 64, HID // 16, -(-NP // 32)
@@ -161,18 +179,25 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                 T.float32(0)))
         return q if shift == 0 else (q - shift) & 255
 
-    def deq(acc, wsum, ws, b, h, s, z, act):
-        """One hidden channel of f1 / f2: the conv's float32 value, quantized and dequantized, [act]."""
-        f = cast("float32", acc - (z0 - shift) * wsum[h]) * ws[h] + b[h]
-        q = cast("int32", T.max(T.min(T.nearbyint(f / T.float32(s)) + T.float32(z), T.float32(255)),
-                                T.float32(0)))
-        v = cast("float32", q - z) * T.float32(s)
-        return v if act is None else T.max(T.min(v, T.float32(act[1])), T.float32(act[0]))
+    def hidden(acc, m, c, h, s, z, act):
+        """One hidden channel of f1 / f2: its quantized output less the zero point (exact in float32), [act]
+        (clipped in units of s)."""
+        d = T.max(T.min(T.nearbyint(cast("float32", acc) * m[h] + c[h]), T.float32(255 - z)), T.float32(-z))
+        if act is None:
+            return d
+        lo = T.max(d, T.float32(np.float32(act[0] / s)))
+        return lo if not np.isfinite(act[1]) else T.min(lo, T.float32(np.float32(act[1] / s)))
 
-    def prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h, r, p):
+    def product(d1, d2):
+        """a * b quantized with g's input scale: (d1 * d2) * s1 * s2 / s3 + z3, rounded, saturated."""
+        q = cast("int32", T.max(T.min(T.nearbyint(d1 * d2 * T.float32(m3) + T.float32(z3)), T.float32(255)),
+                                T.float32(0)))
+        return q if shift == 0 else (q - shift) & 255
+
+    def prod(acc1, m1, c1, acc2, m2, c2, h, r, p):
         """Hidden channel h of one pixel (accumulator row r): a * b, quantized with g's input scale."""
-        return qbyte(deq(acc1[r * lanes + p], wsum1, ws1, b1, h, s1, z1, act1)
-                     * deq(acc2[r * lanes + p], wsum2, ws2, b2, h, s2, z2, act2), s3, z3)
+        return product(hidden(acc1[r * lanes + p], m1, c1, h, s1, z1, act1),
+                       hidden(acc2[r * lanes + p], m2, c2, h, s2, z2, act2))
 
     def pack(b0, b1, b2, b3):
         return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
@@ -182,23 +207,19 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
             vec8, T.broadcast(T.reinterpret("int32", wbuf[T.ramp(idx, 1, 4)]), lanes)))
 
     @T.prim_func
-    def qstar(x_h: T.handle, w1_h: T.handle, ws1_h: T.handle, wsum1_h: T.handle, b1_h: T.handle,
-              w2_h: T.handle, ws2_h: T.handle, wsum2_h: T.handle, b2_h: T.handle,
-              wg_h: T.handle, wsg_h: T.handle, wsumg_h: T.handle, bg_h: T.handle, y_h: T.handle):
+    def qstar(x_h: T.handle, w1_h: T.handle, m1_h: T.handle, c1_h: T.handle, w2_h: T.handle, m2_h: T.handle,
+              c2_h: T.handle, wg_h: T.handle, mg_h: T.handle, cg_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
         w1 = T.match_buffer(w1_h, w_shape, "int8")
-        ws1 = T.match_buffer(ws1_h, (HID,), "float32")
-        wsum1 = T.match_buffer(wsum1_h, (HID,), "int32")
-        b1 = T.match_buffer(b1_h, (HID,), "float32")
+        m1 = T.match_buffer(m1_h, (HID,), "float32")
+        c1 = T.match_buffer(c1_h, (HID,), "float32")
         w2 = T.match_buffer(w2_h, w_shape, "int8")
-        ws2 = T.match_buffer(ws2_h, (HID,), "float32")
-        wsum2 = T.match_buffer(wsum2_h, (HID,), "int32")
-        b2 = T.match_buffer(b2_h, (HID,), "float32")
+        m2 = T.match_buffer(m2_h, (HID,), "float32")
+        c2 = T.match_buffer(c2_h, (HID,), "float32")
         wg = T.match_buffer(wg_h, (CO, HID), "int8")
-        wsg = T.match_buffer(wsg_h, (CO,), "float32")
-        wsumg = T.match_buffer(wsumg_h, (CO,), "int32")
-        bg = T.match_buffer(bg_h, (CO,), "float32")
+        mg = T.match_buffer(mg_h, (CO,), "float32")
+        cg = T.match_buffer(cg_h, (CO,), "float32")
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * NP,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
@@ -273,13 +294,12 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                           T.evaluate(tile("tilestored64", T.uint8(2), T.address_of(cb[512]), T.int64(64)))
                           T.evaluate(tile("tilestored64", T.uint8(3), T.address_of(cb[768]), T.int64(64)))
                           T.evaluate(tile("tilerelease"))
+                          hv: T.let = T.ramp(hb * 16, 1, 16)
                           for r in range(32):
                               # 16 hidden channels of one pixel, their bytes as 4 packed quads (vpmovdb)
-                              qv[T.ramp(0, 1, 4)] = T.reinterpret("int32x4", T.Cast("uint8x16", qbyte(
-                                  deq(cb[T.ramp(r * 16, 1, 16)], wsum1, ws1, b1, T.ramp(hb * 16, 1, 16),
-                                    s1, z1, act1)
-                                * deq(cb[T.ramp(512 + r * 16, 1, 16)], wsum2, ws2, b2,
-                                      T.ramp(hb * 16, 1, 16), s2, z2, act2), s3, z3)))
+                              qv[T.ramp(0, 1, 4)] = T.reinterpret("int32x4", T.Cast("uint8x16", product(
+                                hidden(cb[T.ramp(r * 16, 1, 16)], m1, c1, hv, s1, z1, act1),
+                                hidden(cb[T.ramp(512 + r * 16, 1, 16)], m2, c2, hv, s2, z2, act2))))
                               for j in T.unroll(4):
                                   hs[(hb * 4 + j) * NP + m0 + r] = qv[j]
                     if not amx:
@@ -301,13 +321,13 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                           for rq in T.unroll(OBA // 4):
                               for p in T.vectorized(lanes):
                                   hs[(h0 // 4 + rq) * NP + q0 + p] = pack(
-                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4, rq * 4,
+                                      prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4, rq * 4,
                                      p),
-                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 1,
+                                      prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 1,
                                            rq * 4 + 1, p),
-                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 2,
+                                      prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 2,
                                            rq * 4 + 2, p),
-                                      prod(acc1, wsum1, ws1, b1, acc2, wsum2, ws2, b2, h0 + rq * 4 + 3,
+                                      prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 3,
                                            rq * 4 + 3, p))
                     # (3) g on the packed product
                     for task in T.parallel(TB * OBLK):
@@ -326,7 +346,6 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                         for r in T.unroll(OB):
                             for p in T.vectorized(P):
                                 yf[(img * CO + o0 + r) * NP + q0 + p] = T.Cast(
-                                    "float32", acc[r * P + p] - (z3 - shift) * wsumg[o0 + r]) * wsg[o0 + r] \
-                                    + bg[o0 + r]
+                                    "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r]
 
     return qstar
