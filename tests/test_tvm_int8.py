@@ -122,7 +122,9 @@ def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() ->
 
 
 @pytest.mark.parametrize("shape", [(32, 8, 8, 48, 1, 1, 0), (13, 9, 11, 17, 3, 2, 1),
-                                   (16, 7, 7, 40, 1, 1, 0)])
+                                   (16, 7, 7, 40, 1, 1, 0),
+                                   # rows of 16 positions and more: quantized and laid out in one pass
+                                   (12, 22, 36, 20, 3, 2, 1), (6, 18, 17, 12, 3, 1, 1)])
 def test_the_int8_kernel_matches_its_integer_reference(shape) -> None:
     """The kernel alone, on this host's target, against numpy: the zero-point-corrected integer conv."""
     import tvm

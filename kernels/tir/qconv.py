@@ -123,6 +123,22 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     s = float(np.float32(scale))
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
 
+    # the one-pass quantize-and-lay-out (vectors of 16 positions of a phase row): rows of 16 and more
+    fused_layout = WG >= 16 and not linear
+
+    def qlane(xf, img, c, ih, iw):
+        """Channel c (past C: C - 1, whose weights are 0) at (ih, iw), quantized, as the low byte of an
+        int32; the zero point outside the image."""
+        cc = T.min(c, C - 1)
+        v = xf[img * CHW + (cc * H + T.max(T.min(ih, H - 1), 0)) * W + T.max(T.min(iw, W - 1), 0)]
+        q = T.Cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(zero_point),
+                                        T.float32(255)), T.float32(0))) - shift
+        inside = tirx.all(0 <= ih, ih < H, 0 <= iw, iw < W)
+        return T.Select(inside, q, T.int32(zq)) & 255
+
+    def pack4(b0, b1, b2, b3):
+        return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
     @T.prim_func
     def qconv(x_h: T.handle, w_h: T.handle, ws_h: T.handle, wsum_h: T.handle, b_h: T.handle,
               y_h: T.handle):
@@ -137,31 +153,54 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
         yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
         wf = T.decl_buffer((CO * TAPS * C4 * 4,), "int8", data=w.data)
         xs = T.decl_buffer((XS,), adt)
-        xq = T.decl_buffer((CHW,), adt)
+        xs32 = T.decl_buffer((XS // 4,), "int32", data=xs.data)
+        xq = T.decl_buffer((CHW if not fused_layout else 16,), adt)
         for img in range(n_img):
             for g in range(XS - C4 * PH * PLANE * 4):
                 xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
-                    for chunk in T.parallel(QCHUNKS):
-                        for e in T.vectorized(16):
-                            xq[T.min(chunk * 16, CHW - 16) + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
-                                xf[img * CHW + T.min(chunk * 16, CHW - 16) + e] / T.float32(s))
-                                + T.float32(zero_point), T.float32(255)), T.float32(0)) - T.float32(shift))
-                    # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
-                    # repeat channel C-1: their weights are 0), padding at the zero point
-                    for r in T.parallel(C4 * PH * HG):
-                        c4: T.let = r // (PH * HG)
-                        ph: T.let = r // (SW * HG) % SH
-                        pw: T.let = r // HG % SW
-                        ih: T.let = r % HG * SH + ph - top
-                        for g in range(WG):
-                            for lane in T.unroll(4):
-                                xs[(r * WG + g) * 4 + lane] = T.if_then_else(
-                                    0 <= ih and ih < H and 0 <= g * SW + pw - left and g * SW + pw - left < W,
-                                    xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
-                                    T.Cast(adt, zq))
+                    if fused_layout:
+                        # quantize and lay out in one pass, 16 columns of a phase row at a time (the last
+                        # vector overlaps): each int32 the 4 channels of one position, padding at the zero
+                        # point (indices clamped inside the image, the value selected)
+                        for r in T.parallel(C4 * PH * HG):
+                            c4: T.let = r // (PH * HG)
+                            ih: T.let = r % HG * SH + r // (SW * HG) % SH - top
+                            pw: T.let = r // HG % SW
+                            for gc in range(-(-WG // 16)):
+                                for e in T.vectorized(16):
+                                    xs32[r * WG + T.min(gc * 16, WG - 16) + e] = pack4(
+                                        qlane(xf, img, c4 * 4, ih,
+                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
+                                        qlane(xf, img, c4 * 4 + 1, ih,
+                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
+                                        qlane(xf, img, c4 * 4 + 2, ih,
+                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
+                                        qlane(xf, img, c4 * 4 + 3, ih,
+                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left))
+                    if not fused_layout:
+                        # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
+                        for chunk in T.parallel(QCHUNKS):
+                            i0: T.let = T.min(chunk * 16, CHW - 16)
+                            for e in T.vectorized(16):
+                                xq[i0 + e] = T.Cast(adt, T.max(T.min(
+                                    T.nearbyint(xf[img * CHW + i0 + e] / T.float32(s))
+                                    + T.float32(zero_point), T.float32(255)), T.float32(0)) - T.float32(shift))
+                        # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
+                        # repeat channel C-1: their weights are 0), padding at the zero point
+                        for r in T.parallel(C4 * PH * HG):
+                            c4: T.let = r // (PH * HG)
+                            ph: T.let = r // (SW * HG) % SH
+                            pw: T.let = r // HG % SW
+                            ih: T.let = r % HG * SH + ph - top
+                            for g in range(WG):
+                                for lane in T.unroll(4):
+                                    xs[(r * WG + g) * 4 + lane] = T.if_then_else(
+                                        0 <= ih and ih < H and 0 <= g * SW + pw - left
+                                        and g * SW + pw - left < W,
+                                        xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
+                                        T.Cast(adt, zq))
                     for task in T.parallel(tiles * oblocks):
                         t: T.let = task // oblocks
                         q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
