@@ -184,8 +184,8 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
                         for chunk in T.parallel(QCHUNKS):
                             i0: T.let = T.min(chunk * 16, CHW - 16)
                             for e in T.vectorized(16):
-                                xq[i0 + e] = T.Cast(adt, T.max(T.min(
-                                    T.nearbyint(xf[img * CHW + i0 + e] / T.float32(s)) + T.float32(zero_point),
+                                xq[i0 + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
+                                    xf[img * CHW + i0 + e] / T.float32(s)) + T.float32(zero_point),
                                     T.float32(255)), T.float32(0)) - T.float32(shift))
                         # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
                         # repeat channel C-1: their weights are 0), padding at the zero point
