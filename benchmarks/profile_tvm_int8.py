@@ -140,8 +140,8 @@ def main() -> None:
             rows.append(f"| {label} | {a_[0]:.3f} | {a_[1]} | {b_[0]:.3f} | {b_[1]} |")
     total = {name: sum(v[0] for v in by_kind[name].values()) for name in res}
     rows.append(f"| **sum of the timed calls** | **{total['per op']:.2f}** | | **{total['fused']:.2f}** | |")
-    rows.append(f"| compiled engine, median ms per inference | {res['per op'][2]:.2f} | | {res['fused'][2]:.2f}"
-                " | |")
+    rows.append(f"| compiled engine, median ms per inference | {res['per op'][2]:.2f} | | "
+                f"{res['fused'][2]:.2f} | |")
     spent, calls, _ = res["fused"]
     top = sorted(spent, key=lambda s: -spent[s])[:12]
     rows += ["", "The fused engine's costliest kernels (ms per inference, all calls of the function):", "",
