@@ -381,6 +381,7 @@ class _StarMatch:
 
     def __init__(self, f1: _QMatch, f2: _QMatch, g: _QMatch, side1: tuple, side2: tuple):
         self.f1, self.f2, self.g, self.side1, self.side2 = f1, f2, g, side1, side2
+        self.out_q: tuple[float, int] | None = None     # g's output QDQ (scale, zero point), when fused
 
 
 def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
@@ -422,6 +423,10 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
             return None
         return c, (s, int(zp), act)
 
+    readers: dict[Any, Any] = {}            # a variable -> the quantize / dequantize that reads it
+    for v, value in m.value.items():
+        if op_name(value) in ("relax.quantize", "relax.dequantize"):
+            readers.setdefault(value.args[0], v)
     out = dict(hits)
     for var, g in hits.items():
         if not plain_1x1(g) or var not in out:
@@ -442,6 +447,18 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
             continue
         del out[a[0]], out[b[0]]
         out[var] = _StarMatch(f1, f2, g, a[1], b[1])
+        # the graph's QuantizeLinear / DequantizeLinear of g's output, when nothing else reads it: in the
+        # kernel's epilogue (one pass over the block's output fewer)
+        q, dq = readers.get(var), None
+        if q is not None and uses.get(var, 0) == 1 and uses.get(q, 0) == 1:
+            dq = readers.get(q)
+        qv, dqv = (m.definition(q), m.definition(dq)) if dq is not None else (None, None)
+        if (op_name(qv) == "relax.quantize" and op_name(dqv) == "relax.dequantize"
+                and str(qv.attrs.out_dtype) == "uint8" and dq not in out):
+            sq = (scalar(qv.args[1]), scalar(qv.args[2]))
+            if None not in sq and sq == (scalar(dqv.args[1]), scalar(dqv.args[2])):
+                out[dq] = out.pop(var)
+                out[dq].out_q = (sq[0], int(sq[1]))
     return out
 
 
@@ -528,6 +545,8 @@ def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[
     hid, co = int(f1.w.ty.shape[0]), int(g.w.ty.shape[0])
     quant = {"s0": f1.s, "z0": f1.zp, "s1": match.side1[0], "z1": match.side1[1], "act1": match.side1[2],
              "s2": match.side2[0], "z2": match.side2[1], "act2": match.side2[2], "s3": g.s, "z3": g.zp}
+    if match.out_q is not None:
+        quant["s4"], quant["z4"] = match.out_q
     amx = family is X86_VNNI and amx_usable(ctx.target, c, hid, h * w)
     key = zlib.crc32(repr(sorted(quant.items())).encode())
     name = (f"qstar_{'amx' if amx else 'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_h{hid}_o{co}"

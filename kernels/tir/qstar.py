@@ -76,6 +76,8 @@ def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarr
     pq = np.clip(np.rint(d1 * d2 * m3 + np.float32(z3)), 0, 255).astype(np.int64) - z3
     acc = np.einsum("oh,nhp->nop", wg.astype(np.int64), pq)
     y = acc.astype(np.float32) * wsg.reshape(1, -1, 1) + bg.reshape(1, -1, 1)
+    if quant.get("s4") is not None:
+        y = (_q(y, quant["s4"], quant["z4"]) - quant["z4"]).astype(np.float32) * np.float32(quant["s4"])
     return y.reshape(n, -1, hh, ww).astype(np.float32)
 
 
@@ -157,6 +159,8 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     z0, z1, z2, z3 = (int(quant[k]) for k in ("z0", "z1", "z2", "z3"))
     act1, act2 = quant.get("act1"), quant.get("act2")
     m3 = float(np.float32(np.float64(quant["s1"]) * quant["s2"] / quant["s3"]))
+    s4 = None if quant.get("s4") is None else float(np.float32(quant["s4"]))
+    z4 = int(quant.get("z4") or 0)
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
     KP = -(-C // 64) * 64                            # AMX: input channels per pixel row, zero-padded
     KC, HB16, MT = KP // 64, HID // 16, -(-NP // 32)
@@ -198,6 +202,13 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         """Hidden channel h of one pixel (accumulator row r): a * b, quantized with g's input scale."""
         return product(hidden(acc1[r * lanes + p], m1, c1, h, s1, z1, act1),
                        hidden(acc2[r * lanes + p], m2, c2, h, s2, z2, act2))
+
+    def out_qdq(v):
+        """g's output through the graph's QuantizeLinear / DequantizeLinear after it, where fused (s4)."""
+        if s4 is None:
+            return v
+        q = T.max(T.min(T.nearbyint(v / T.float32(s4)) + T.float32(z4), T.float32(255)), T.float32(0))
+        return (q - T.float32(z4)) * T.float32(s4)
 
     def pack(b0, b1, b2, b3):
         return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
@@ -345,7 +356,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                         (o0 + r) * HID + hq * 4)
                         for r in T.unroll(OB):
                             for p in T.vectorized(P):
-                                yf[(img * CO + o0 + r) * NP + q0 + p] = T.Cast(
-                                    "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r]
+                                yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
+                                    "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
 
     return qstar
