@@ -114,6 +114,10 @@ def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() ->
     lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 24, 8, 8, 32, (1, 1), (1, 1), (0, 0, 0, 0),
                                                            0.02, 131, family)}), target=rpi5)
     assert "sdot" in lib.mod.inspect_source("asm")
+    # a stem conv (rows of 16 positions and more: the vectorized quantize-and-lay-out) on the board too
+    lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 8, 32, 32, 16, (3, 3), (2, 2), (1, 1, 1, 1),
+                                                           0.02, 131, family)}), target=rpi5)
+    assert "sdot" in lib.mod.inspect_source("asm")
     from edgeflex.kernels.tir.qstar import qstar_primfunc
 
     quant = {"s0": 0.02, "z0": 131, "s1": 0.05, "z1": 0, "s2": 0.04, "z2": 120, "s3": 0.1, "z3": 3}

@@ -123,18 +123,16 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     s = float(np.float32(scale))
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
 
-    # the one-pass quantize-and-lay-out (vectors of 16 positions of a phase row): rows of 16 and more
-    fused_layout = WG >= 16 and not linear
+    # the vectorized quantize-and-lay-out (16 positions of a phase row per vector): rows of 16 and more,
+    # strides 1 and 2, an image row of 16 and more
+    fused_layout = WG >= 16 and SW in (1, 2) and W >= 16 and not linear
+    HPP, WPP = HG * SH, WG * SW + 32                 # the padded copy (+ the last vector's over-read)
 
-    def qlane(xf, img, c, ih, iw):
-        """Channel c (past C: C - 1, whose weights are 0) at (ih, iw), quantized, as the low byte of an
-        int32; the zero point outside the image."""
-        cc = T.min(c, C - 1)
-        v = xf[img * CHW + (cc * H + T.max(T.min(ih, H - 1), 0)) * W + T.max(T.min(iw, W - 1), 0)]
-        q = T.Cast("int32", T.max(T.min(T.nearbyint(v / T.float32(s)) + T.float32(zero_point),
-                                        T.float32(255)), T.float32(0))) - shift
-        inside = tirx.all(0 <= ih, ih < H, 0 <= iw, iw < W)
-        return T.Select(inside, q, T.int32(zq)) & 255
+    def row16(xp, i):
+        """16 positions of a phase row, every SW-th byte from i, each as the low byte of an int32."""
+        if SW == 1:
+            return T.Cast("int32x16", T.reinterpret("uint8x16", xp[T.ramp(i, 1, 16)]))
+        return T.Cast("int32x16", T.reinterpret("uint16x16", xp[T.ramp(i, 1, 32)]) & T.uint16(255))
 
     def pack4(b0, b1, b2, b3):
         return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
@@ -155,30 +153,47 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
         xs = T.decl_buffer((XS,), adt)
         xs32 = T.decl_buffer((XS // 4,), "int32", data=xs.data)
         xq = T.decl_buffer((CHW if not fused_layout else 16,), adt)
+        xp = T.decl_buffer((C4 * 4 * HPP * WPP if fused_layout else 16,), adt)
         for img in range(n_img):
             for g in range(XS - C4 * PH * PLANE * 4):
                 xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     if fused_layout:
-                        # quantize and lay out in one pass, 16 columns of a phase row at a time (the last
-                        # vector overlaps): each int32 the 4 channels of one position, padding at the zero
-                        # point (indices clamped inside the image, the value selected)
+                        # (a) quantize into a padded copy: HPP x WPP per channel, the image at (top, left),
+                        # the zero point around it (rows: contiguous vectors, the last one overlapping)
+                        for task in T.parallel(C4 * 4 * HPP):
+                            c: T.let = task // HPP
+                            ih: T.let = task % HPP - top
+                            if c < C and 0 <= ih and ih < H:
+                                for cv in range(-(-W // 16)):
+                                    for e in T.vectorized(16):
+                                        xp[task * WPP + left + T.min(cv * 16, W - 16) + e] = T.Cast(
+                                            adt, T.max(T.min(T.nearbyint(xf[img * CHW + (c * H + ih) * W
+                                                                            + T.min(cv * 16, W - 16) + e]
+                                                                         / T.float32(s))
+                                                             + T.float32(zero_point), T.float32(255)),
+                                                       T.float32(0)) - T.float32(shift))
+                                for e in range(left):
+                                    xp[task * WPP + e] = T.Cast(adt, zq)
+                                for e in range(WPP - left - W):
+                                    xp[task * WPP + left + W + e] = T.Cast(adt, zq)
+                            else:
+                                for e in T.vectorized(WPP):
+                                    xp[task * WPP + e] = T.Cast(adt, zq)
+                        # (b) lay out: 16 positions of a phase row from one contiguous load per channel
+                        # (stride 2: 32 bytes read as 16 uint16, the low byte kept), 4 channels per int32
                         for r in T.parallel(C4 * PH * HG):
                             c4: T.let = r // (PH * HG)
-                            ih: T.let = r % HG * SH + r // (SW * HG) % SH - top
+                            hp: T.let = r % HG * SH + r // (SW * HG) % SH
                             pw: T.let = r // HG % SW
                             for gc in range(-(-WG // 16)):
-                                for e in T.vectorized(16):
-                                    xs32[r * WG + T.min(gc * 16, WG - 16) + e] = pack4(
-                                        qlane(xf, img, c4 * 4, ih,
-                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
-                                        qlane(xf, img, c4 * 4 + 1, ih,
-                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
-                                        qlane(xf, img, c4 * 4 + 2, ih,
-                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left),
-                                        qlane(xf, img, c4 * 4 + 3, ih,
-                                              (T.min(gc * 16, WG - 16) + e) * SW + pw - left))
+                                g0: T.let = T.min(gc * 16, WG - 16)
+                                xs32[T.ramp(r * WG + g0, 1, 16)] = pack4(
+                                    row16(xp, ((c4 * 4) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 1) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 2) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 3) * HPP + hp) * WPP + g0 * SW + pw))
                     if not fused_layout:
                         # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
                         for chunk in T.parallel(QCHUNKS):
