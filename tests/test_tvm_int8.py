@@ -331,3 +331,19 @@ def test_an_engine_compiled_without_the_int8_kernels_is_refused(starnet_int8, tm
     with pytest.raises(DeviceError, match="without edgeflex's int8 kernels") as e:
         ef.Runtime(path, backend="tvm", threads=1, config="default@int8")
     assert "\n" not in str(e.value)
+
+
+@needs_int8
+def test_an_amx_engine_is_refused_in_one_line_where_the_cpu_has_no_amx(starnet_int8, monkeypatch) -> None:
+    """An engine compiled here with AMX-INT8 star blocks, loaded where the CPU lacks amx_int8 (same
+    VNNI): refused by name, never run (a tile instruction there would kill the process)."""
+    _, path, report = starnet_int8
+    if not any(f.startswith("qstar_amx") for f in report["engines"][0]["kernel_functions"]):
+        pytest.skip("this host's target has no amx-int8: its star blocks use VNNI")
+    from edgeflex.devices import precision
+
+    flags = precision.cpu_flags() - {"amx_int8"}
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    with pytest.raises(DeviceError, match="AMX-INT8 tiles, but this CPU has no amx_int8") as e:
+        ef.Runtime(path, backend="tvm", threads=1, config="default@int8")
+    assert "\n" not in str(e.value)
