@@ -18,6 +18,10 @@ Lanes are output pixels: the quantize pass writes, per group of 4 input channels
 pixel side by side (and, for a strided conv, the input split by stride phase as the fp32 conv kernel does,
 so each tap of a tile of pixels is one contiguous run); each weight quad is broadcast to every lane. A
 target with neither instruction is not rewritten (the runtime refuses int8 there: `qdot_instruction`).
+
+A StarNet star block (f1 and f2 on one quantized input, their QDQ, [act], the multiply, its QDQ and g,
+optionally g's output QDQ) is matched here too and becomes one `kernels.tir.qstar` kernel instead of three
+of these (`_star_blocks`).
 """
 
 from __future__ import annotations
