@@ -68,6 +68,8 @@ def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and
     assert any(f.startswith("qconv_x86") and "_k1x1_" in f for f in fns)
     assert any(f.startswith("qconv_x86") and "_k3x3_s2" in f for f in fns)
     assert any(f.startswith("qlinear_x86") for f in fns)
+    # the star blocks (f1, f2, the multiply, g) of planes of 16 pixels and more are one fused kernel each
+    assert sum(f.startswith(("qstar_x86", "qstar_amx")) for f in fns) >= 2
     x = _probe()
     ort, tvm = _ort_vs_tvm(path, "default@int8", x)
     assert _rel(tvm, ort) < VS_ORT
@@ -112,10 +114,21 @@ def test_the_int8_rewrite_needs_the_instruction_and_uses_sdot_on_the_boards() ->
     lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 24, 8, 8, 32, (1, 1), (1, 1), (0, 0, 0, 0),
                                                            0.02, 131, family)}), target=rpi5)
     assert "sdot" in lib.mod.inspect_source("asm")
+    # a stem conv (rows of 16 positions and more: the vectorized quantize-and-lay-out) on the board too
+    lib = tvm.compile(tvm.IRModule({"main": qconv_primfunc(1, 8, 32, 32, 16, (3, 3), (2, 2), (1, 1, 1, 1),
+                                                           0.02, 131, family)}), target=rpi5)
+    assert "sdot" in lib.mod.inspect_source("asm")
+    from edgeflex.kernels.tir.qstar import qstar_primfunc
+
+    quant = {"s0": 0.02, "z0": 131, "s1": 0.05, "z1": 0, "s2": 0.04, "z2": 120, "s3": 0.1, "z3": 3}
+    lib = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, 16, 6, 6, 64, 16, quant, family)}), target=rpi5)
+    assert lib.mod.inspect_source("asm").count("sdot") >= 3
 
 
 @pytest.mark.parametrize("shape", [(32, 8, 8, 48, 1, 1, 0), (13, 9, 11, 17, 3, 2, 1),
-                                   (16, 7, 7, 40, 1, 1, 0)])
+                                   (16, 7, 7, 40, 1, 1, 0),
+                                   # rows of 16 positions and more: quantized and laid out in one pass
+                                   (12, 22, 36, 20, 3, 2, 1), (6, 18, 17, 12, 3, 1, 1)])
 def test_the_int8_kernel_matches_its_integer_reference(shape) -> None:
     """The kernel alone, on this host's target, against numpy: the zero-point-corrected integer conv."""
     import tvm
@@ -146,6 +159,100 @@ def test_the_int8_kernel_matches_its_integer_reference(shape) -> None:
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _star_case(shape, act, rng):
+    """Random int8 weights, scales and biases of a star block; its reference output and the kernel's
+    arguments (weights laid out for AMX when `amx`)."""
+    from edgeflex.kernels.tir.qstar import fold, qstar_reference
+
+    c, h, w, hid, co = shape
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    w1, w2 = (rng.integers(-127, 128, (hid, c)).astype(np.int8) for _ in range(2))
+    wg = rng.integers(-127, 128, (co, hid)).astype(np.int8)
+    ws1, ws2 = (rng.uniform(2e-5, 6e-5, hid).astype(np.float32) for _ in range(2))
+    wsg = rng.uniform(1e-4, 4e-4, co).astype(np.float32)
+    b1, b2 = (rng.standard_normal(hid).astype(np.float32) for _ in range(2))
+    bg = rng.standard_normal(co).astype(np.float32)
+    # calibrated-looking scales (not round numbers, whose products would put many values on exact ties)
+    quant = {"s0": 0.0307, "z0": 120, "s1": 0.0213, "z1": 0 if act else 97, "s2": 0.0291, "z2": 131,
+             "s3": 0.0197, "z3": 7, "act1": act}
+    if act is None:                     # g's output through the graph's QDQ after it, in the kernel
+        quant.update(s4=0.0731, z4=125)
+    ref = qstar_reference(x, w1, ws1, b1, w2, ws2, b2, wg, wsg, bg, quant)
+
+    def rowsum(a):
+        return a.astype(np.int32).sum(1).astype(np.int32)
+
+    def args(amx_layout):
+        z0 = quant["z0"]
+        return [x, amx_layout(w1), *fold(ws1, b1, rowsum(w1), z0, quant["s1"]), amx_layout(w2),
+                *fold(ws2, b2, rowsum(w2), z0, quant["s2"]), wg, *fold(wsg, bg, rowsum(wg), quant["z3"], 1.0)]
+
+    return quant, ref, args
+
+
+def _run_star(shape, quant, args, tgt, family, amx=False):
+    import tvm
+
+    from edgeflex.kernels.tir.qstar import qstar_primfunc
+
+    c, h, w, hid, co = shape
+    lib = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, c, h, w, hid, co, quant, family, amx=amx)}),
+                      target=tgt)
+    y = tvm.runtime.empty((1, co, h, w), "float32")
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    return y.numpy()
+
+
+def _close_to_reference(y, ref) -> None:
+    # the same integer sums; the requantizations' float32 steps as numpy's, but a fused multiply-add may
+    # move a value across a rounding tie (one quantization step of one hidden channel: well under 1 %)
+    d = np.abs(y - ref)
+    assert d.max() < 0.01 * np.abs(ref).max()
+    assert np.mean(d <= 1e-5 * np.abs(ref).max()) > 0.97
+
+
+@pytest.mark.parametrize("shape,act", [((16, 6, 6, 64, 16), None), ((24, 5, 7, 96, 20), (0.0, 6.0)),
+                                       ((8, 4, 4, 32, 8), (0.0, float("inf")))])
+def test_the_fused_int8_star_kernel_matches_its_integer_reference(shape, act) -> None:
+    """The star block's kernel alone (f1, f2, their QDQ, act, the product re-quantized, g) against numpy's
+    integer arithmetic, zero points non-zero, on this host's target (VNNI)."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import qdot_instruction
+
+    tgt = tvm.target.Target(host_target(1))
+    family = qdot_instruction(tgt)
+    if family is None or tvm_int8_refusal() is not None:
+        pytest.skip("this CPU has no VNNI / dotprod: the int8 kernel cannot run here")
+    quant, ref, args = _star_case(shape, act, np.random.default_rng(2))
+    _close_to_reference(_run_star(shape, quant, args(lambda a: a), tgt, family), ref)
+
+
+@pytest.mark.parametrize("shape", [(24, 8, 8, 96, 24), (96, 7, 7, 384, 96)])
+def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without_amx(shape) -> None:
+    """f1 and f2 on AMX tiles (tdpbusd; 64-channel rows, zero-padded where C < 64; the last 32-pixel tile
+    overlapping the one before), where this CPU has amx_int8 and Linux grants the tile state; a target
+    without amx-int8 is not given the AMX kernel."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.devices.precision import cpu_flags
+    from edgeflex.kernels.tir.qconv import X86_VNNI
+    from edgeflex.kernels.tir.qstar import amx_usable, amx_weight, request_amx
+
+    icelake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
+    assert not amx_usable(icelake, 96, 384, 196)
+    tgt = tvm.target.Target(host_target(1))
+    if "amx_int8" not in cpu_flags() or not amx_usable(tgt, *shape[:1], shape[3], shape[1] * shape[2]):
+        pytest.skip("this CPU (or its LLVM target) has no AMX-INT8")
+    why = request_amx()
+    if why is not None:
+        pytest.skip(why)
+    quant, ref, args = _star_case(shape, (0.0, 6.0), np.random.default_rng(3))
+    _close_to_reference(_run_star(shape, quant, args(amx_weight), tgt, X86_VNNI, amx=True), ref)
+
+
 @needs_int8
 def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
     from authors_starnet import StarNet as AuthorsStarNet
@@ -155,6 +262,7 @@ def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path)
     path = _export_quantized(model, tmp_path, precisions=("int8",))
     report = _compile_int8(path, ["default@int8"])
     assert "qconv" in report["engines"][0]["kernels"]
+    assert any(f.startswith(("qstar_x86", "qstar_amx")) for f in report["engines"][0]["kernel_functions"])
     x = _probe()
     ort, tvm = _ort_vs_tvm(path, "default@int8", x)
     assert _rel(tvm, ort) < VS_ORT
@@ -221,5 +329,21 @@ def test_an_engine_compiled_without_the_int8_kernels_is_refused(starnet_int8, tm
     shutil.copytree(shared, path)
     _compile_int8(path, ["default@int8"], kernels=False)
     with pytest.raises(DeviceError, match="without edgeflex's int8 kernels") as e:
+        ef.Runtime(path, backend="tvm", threads=1, config="default@int8")
+    assert "\n" not in str(e.value)
+
+
+@needs_int8
+def test_an_amx_engine_is_refused_in_one_line_where_the_cpu_has_no_amx(starnet_int8, monkeypatch) -> None:
+    """An engine compiled here with AMX-INT8 star blocks, loaded where the CPU lacks amx_int8 (same
+    VNNI): refused by name, never run (a tile instruction there would kill the process)."""
+    _, path, report = starnet_int8
+    if not any(f.startswith("qstar_amx") for f in report["engines"][0]["kernel_functions"]):
+        pytest.skip("this host's target has no amx-int8: its star blocks use VNNI")
+    from edgeflex.devices import precision
+
+    flags = precision.cpu_flags() - {"amx_int8"}
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    with pytest.raises(DeviceError, match="AMX-INT8 tiles, but this CPU has no amx_int8") as e:
         ef.Runtime(path, backend="tvm", threads=1, config="default@int8")
     assert "\n" not in str(e.value)

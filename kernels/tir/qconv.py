@@ -18,10 +18,15 @@ Lanes are output pixels: the quantize pass writes, per group of 4 input channels
 pixel side by side (and, for a strided conv, the input split by stride phase as the fp32 conv kernel does,
 so each tap of a tile of pixels is one contiguous run); each weight quad is broadcast to every lane. A
 target with neither instruction is not rewritten (the runtime refuses int8 there: `qdot_instruction`).
+
+A StarNet star block (f1 and f2 on one quantized input, their QDQ, [act], the multiply, its QDQ and g,
+optionally g's output QDQ) is matched here too and becomes one `kernels.tir.qstar` kernel instead of three
+of these (`_star_blocks`).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,7 @@ from edgeflex.kernels.tir.match import batch_of, op_name, padding4
 X86_VNNI = (16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 0)
 ARM_SDOT = (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 128)
 ACC_REGISTERS = 24      # int32 accumulator vectors held at once (of 32 AVX-512 / NEON registers)
+FUSE_STAR = True        # star blocks as one kernel (`qstar`); False: per op (for side-by-side timings)
 
 
 def qdot_instruction(target: Any) -> tuple[int, str, str, int] | None:
@@ -121,6 +127,20 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
     s = float(np.float32(scale))
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
 
+    # the vectorized quantize-and-lay-out (16 positions of a phase row per vector): rows of 16 and more,
+    # strides 1 and 2, an image row of 16 and more
+    fused_layout = WG >= 16 and SW in (1, 2) and W >= 16 and not linear
+    HPP, WPP = HG * SH, WG * SW + 32                 # the padded copy (+ the last vector's over-read)
+
+    def row16(xp, i):
+        """16 positions of a phase row, every SW-th byte from i, each as the low byte of an int32."""
+        if SW == 1:
+            return T.Cast("int32x16", T.reinterpret("uint8x16", xp[T.ramp(i, 1, 16)]))
+        return T.Cast("int32x16", T.reinterpret("uint16x16", xp[T.ramp(i, 1, 32)]) & T.uint16(255))
+
+    def pack4(b0, b1, b2, b3):
+        return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
     @T.prim_func
     def qconv(x_h: T.handle, w_h: T.handle, ws_h: T.handle, wsum_h: T.handle, b_h: T.handle,
               y_h: T.handle):
@@ -135,31 +155,71 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
         yf = T.decl_buffer((n_img * CO * OH * OW,), "float32", data=y.data)
         wf = T.decl_buffer((CO * TAPS * C4 * 4,), "int8", data=w.data)
         xs = T.decl_buffer((XS,), adt)
-        xq = T.decl_buffer((CHW,), adt)
+        xs32 = T.decl_buffer((XS // 4,), "int32", data=xs.data)
+        xq = T.decl_buffer((CHW if not fused_layout else 16,), adt)
+        xp = T.decl_buffer((C4 * 4 * HPP * WPP if fused_layout else 16,), adt)
         for img in range(n_img):
             for g in range(XS - C4 * PH * PLANE * 4):
                 xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
-                    for chunk in T.parallel(QCHUNKS):
-                        for e in T.vectorized(16):
-                            xq[T.min(chunk * 16, CHW - 16) + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
-                                xf[img * CHW + T.min(chunk * 16, CHW - 16) + e] / T.float32(s))
-                                + T.float32(zero_point), T.float32(255)), T.float32(0)) - T.float32(shift))
-                    # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
-                    # repeat channel C-1: their weights are 0), padding at the zero point
-                    for r in T.parallel(C4 * PH * HG):
-                        c4: T.let = r // (PH * HG)
-                        ph: T.let = r // (SW * HG) % SH
-                        pw: T.let = r // HG % SW
-                        ih: T.let = r % HG * SH + ph - top
-                        for g in range(WG):
-                            for lane in T.unroll(4):
-                                xs[(r * WG + g) * 4 + lane] = T.if_then_else(
-                                    0 <= ih and ih < H and 0 <= g * SW + pw - left and g * SW + pw - left < W,
-                                    xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
-                                    T.Cast(adt, zq))
+                    if fused_layout:
+                        # (a) quantize into a padded copy: HPP x WPP per channel, the image at (top, left),
+                        # the zero point around it (rows: contiguous vectors, the last one overlapping)
+                        for task in T.parallel(C4 * 4 * HPP):
+                            c: T.let = task // HPP
+                            ih: T.let = task % HPP - top
+                            if c < C and 0 <= ih and ih < H:
+                                for cv in range(-(-W // 16)):
+                                    for e in T.vectorized(16):
+                                        xp[task * WPP + left + T.min(cv * 16, W - 16) + e] = T.Cast(
+                                            adt, T.max(T.min(T.nearbyint(xf[img * CHW + (c * H + ih) * W
+                                                                            + T.min(cv * 16, W - 16) + e]
+                                                                         / T.float32(s))
+                                                             + T.float32(zero_point), T.float32(255)),
+                                                       T.float32(0)) - T.float32(shift))
+                                for e in range(left):
+                                    xp[task * WPP + e] = T.Cast(adt, zq)
+                                for e in range(WPP - left - W):
+                                    xp[task * WPP + left + W + e] = T.Cast(adt, zq)
+                            else:
+                                for e in T.vectorized(WPP):
+                                    xp[task * WPP + e] = T.Cast(adt, zq)
+                        # (b) lay out: 16 positions of a phase row from one contiguous load per channel
+                        # (stride 2: 32 bytes read as 16 uint16, the low byte kept), 4 channels per int32
+                        for r in T.parallel(C4 * PH * HG):
+                            c4: T.let = r // (PH * HG)
+                            hp: T.let = r % HG * SH + r // (SW * HG) % SH
+                            pw: T.let = r // HG % SW
+                            for gc in range(-(-WG // 16)):
+                                g0: T.let = T.min(gc * 16, WG - 16)
+                                xs32[T.ramp(r * WG + g0, 1, 16)] = pack4(
+                                    row16(xp, ((c4 * 4) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 1) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 2) * HPP + hp) * WPP + g0 * SW + pw),
+                                    row16(xp, ((c4 * 4 + 3) * HPP + hp) * WPP + g0 * SW + pw))
+                    if not fused_layout:
+                        # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
+                        for chunk in T.parallel(QCHUNKS):
+                            i0: T.let = T.min(chunk * 16, CHW - 16)
+                            for e in T.vectorized(16):
+                                xq[i0 + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
+                                    xf[img * CHW + i0 + e] / T.float32(s)) + T.float32(zero_point),
+                                    T.float32(255)), T.float32(0)) - T.float32(shift))
+                        # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
+                        # repeat channel C-1: their weights are 0), padding at the zero point
+                        for r in T.parallel(C4 * PH * HG):
+                            c4: T.let = r // (PH * HG)
+                            ph: T.let = r // (SW * HG) % SH
+                            pw: T.let = r // HG % SW
+                            ih: T.let = r % HG * SH + ph - top
+                            for g in range(WG):
+                                for lane in T.unroll(4):
+                                    xs[(r * WG + g) * 4 + lane] = T.if_then_else(
+                                        0 <= ih and ih < H and 0 <= g * SW + pw - left
+                                        and g * SW + pw - left < W,
+                                        xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
+                                        T.Cast(adt, zq))
                     for task in T.parallel(tiles * oblocks):
                         t: T.let = task // oblocks
                         q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
@@ -331,12 +391,205 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
             for v2, h2 in list(hits.items()):
                 if h2.bias is None and h2.conv.same_as(hit.conv):
                     del hits[v2]
-    return hits
+    return _star_blocks(m, uses, hits) if FUSE_STAR else hits
+
+
+class _StarMatch:
+    """g(act(f1(x)) * f2(x)) with f1, f2, g int8 1x1 convs (`_QMatch`es) and the QDQ of f1's and f2's
+    outputs: (scale, zero point, act) each, act a (lo, hi) clip or None."""
+
+    def __init__(self, f1: _QMatch, f2: _QMatch, g: _QMatch, side1: tuple, side2: tuple):
+        self.f1, self.f2, self.g, self.side1, self.side2 = f1, f2, g, side1, side2
+        self.out_q: tuple[float, int] | None = None     # g's output QDQ (scale, zero point), when fused
+
+
+def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
+    """`hits` with every star block's three convs replaced by one `_StarMatch` under g's variable: g's
+    input is multiply(A, B), each of A and B [ReLU / ReLU6 of] dequantize(quantize(c)) of a 1x1 conv c,
+    both convs reading the same quantized x, each intermediate used once (`kernels.tir.qstar`)."""
+    from edgeflex.kernels.tir.match import scalar, static
+    from edgeflex.kernels.tir.qstar import MIN_PIXELS
+
+    def plain_1x1(hit: Any) -> bool:
+        if not isinstance(hit, _QMatch) or hit.linear:
+            return False
+        a = hit.conv.attrs
+        return ([int(v) for v in hit.w.ty.shape][2:] == [1, 1] and tuple(int(v) for v in a.strides)
+                == (1, 1) and padding4(a.padding) == (0, 0, 0, 0))
+
+    def side(expr: Any) -> tuple[Any, tuple] | None:
+        act = None
+        inner = m.relu6(expr)
+        if inner is not None:
+            act = (0.0, 6.0)
+        elif op_name(m.definition(expr)) == "relax.nn.relu":
+            inner, act = m.definition(expr).args[0], (0.0, float("inf"))
+        else:
+            inner = expr
+        if act is not None and uses.get(inner, 0) != 1:
+            return None
+        dq = m.definition(inner)
+        if op_name(dq) != "relax.dequantize" or uses.get(dq.args[0], 0) != 1:
+            return None
+        q = m.definition(dq.args[0])
+        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
+            return None
+        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
+        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
+            return None
+        c = q.args[0]
+        if c not in hits or uses.get(c, 0) != 1 or not plain_1x1(hits[c]):
+            return None
+        return c, (s, int(zp), act)
+
+    readers: dict[Any, Any] = {}            # a variable -> the quantize / dequantize that reads it
+    for v, value in m.value.items():
+        if op_name(value) in ("relax.quantize", "relax.dequantize"):
+            readers.setdefault(value.args[0], v)
+    out = dict(hits)
+    for var, g in hits.items():
+        if not plain_1x1(g) or var not in out:
+            continue
+        mul = m.definition(g.x)
+        if op_name(mul) != "relax.multiply" or uses.get(g.x, 0) != 1:
+            continue
+        a, b = side(mul.args[0]), side(mul.args[1])
+        if a is None or b is None or a[0].same_as(b[0]) or a[0] not in out or b[0] not in out:
+            continue
+        f1, f2 = hits[a[0]], hits[b[0]]
+        shape = list(f1.x.ty.shape)[1:]
+        c, hid = int(f1.w.ty.shape[1]), int(f1.w.ty.shape[0])
+        if (not f1.x.same_as(f2.x) or (f1.s, f1.zp) != (f2.s, f2.zp) or not static(shape)
+                or [int(v) for v in f2.w.ty.shape] != [int(v) for v in f1.w.ty.shape]
+                or int(g.w.ty.shape[1]) != hid or c % 4 or hid % 4
+                or int(shape[1]) * int(shape[2]) < MIN_PIXELS):
+            continue
+        del out[a[0]], out[b[0]]
+        out[var] = _StarMatch(f1, f2, g, a[1], b[1])
+        # the graph's QuantizeLinear / DequantizeLinear of g's output, when nothing else reads it: in the
+        # kernel's epilogue (one pass over the block's output fewer)
+        q, dq = readers.get(var), None
+        if q is not None and uses.get(var, 0) == 1 and uses.get(q, 0) == 1:
+            dq = readers.get(q)
+        qv, dqv = (m.definition(q), m.definition(dq)) if dq is not None else (None, None)
+        if (op_name(qv) == "relax.quantize" and op_name(dqv) == "relax.dequantize"
+                and str(qv.attrs.out_dtype) == "uint8" and dq not in out):
+            sq = (scalar(qv.args[1]), scalar(qv.args[2]))
+            if None not in sq and sq == (scalar(dqv.args[1]), scalar(dqv.args[2])):
+                out[dq] = out.pop(var)
+                out[dq].out_q = (sq[0], int(sq[1]))
+    return out
+
+
+def _weight_args(w_expr: Any, w_scale: Any, s: float, co: int, c: int, kh: int, kw: int) -> list[Any]:
+    """An int8 conv weight [co, c, kh, kw] as the kernels take it: packed [co, kh*kw*c4*4] (OHWI, input
+    channels padded to quads), its row sums (int32) and s * s_w[o] (float32); constants when the weight
+    is one, else Relax ops that the compile lifts into the load-time transform."""
+    from tvm import relax
+
+    c4 = -(-c // 4)
+    wc = _const(w_expr)
+    if wc is not None:
+        packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
+        packed[..., :c] = wc.transpose(0, 2, 3, 1)
+        w_arg = relax.const(packed.reshape(co, -1), "int8")
+        wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
+    else:
+        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
+        if c4 * 4 != c:
+            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
+        w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
+        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
+    sc = _const(w_scale)
+    if sc is not None:
+        ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * s)
+                         .astype(np.float32), "float32")
+    else:
+        ws = relax.op.multiply(relax.op.broadcast_to(relax.op.reshape(w_scale, [-1]), [co]),
+                               relax.const(np.float32(s), "float32"))
+    return [w_arg, ws, wsum]
+
+
+def _bias_arg(bias: Any, co: int) -> Any:
+    from tvm import relax
+
+    if bias is None:
+        return relax.const(np.zeros(co, np.float32), "float32")
+    bc = _const(bias)
+    return relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else relax.op.reshape(bias, [co])
+
+
+def _fold_args(ws: Any, bias: Any, wsum: Any, co: int, zq: int, s_out: float) -> list[Any]:
+    """(m, c) of `qstar.fold` for one conv of a star block: numpy when its weights are constants, else
+    Relax ops (lifted into the load-time transform with the weights')."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qstar import fold
+
+    b = _bias_arg(bias, co)
+    consts = [_const(e) for e in (ws, b, wsum)]
+    if all(v is not None for v in consts):
+        return [relax.const(v, "float32") for v in fold(consts[0].reshape(co), consts[1].reshape(co),
+                                                         consts[2].reshape(co), zq, s_out)]
+    inv = relax.const(np.float32(1.0 / s_out), "float32")
+    m = relax.op.multiply(ws, inv)
+    zws = relax.op.multiply(ws, relax.const(np.float32(zq), "float32"))
+    c = relax.op.multiply(relax.op.subtract(b, relax.op.multiply(relax.op.astype(wsum, "float32"), zws)), inv)
+    return [m, c]
+
+
+def _amx_weight_arg(w_expr: Any, hid: int, c: int) -> Any:
+    """A [hid, c, 1, 1] int8 weight in `qstar.amx_weight`'s tile layout (a constant, or Relax ops)."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qstar import amx_weight
+
+    wc = _const(w_expr)
+    if wc is not None:
+        return relax.const(amx_weight(wc.reshape(hid, c)), "int8")
+    kp = -(-c // 64) * 64
+    t = relax.op.reshape(w_expr, [hid, c])
+    if kp != c:
+        t = relax.op.nn.pad(t, [0, 0, 0, kp - c])
+    t = relax.op.permute_dims(relax.op.reshape(t, [hid // 16, 16, kp // 64, 16, 4]), [0, 2, 3, 1, 4])
+    return relax.op.reshape(t, [hid * kp])
+
+
+def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
+    from edgeflex.kernels.tir.qstar import amx_usable, qstar_primfunc
+
+    f1, f2, g = match.f1, match.f2, match.g
+    batch = batch_of(f1.x.ty.shape)
+    c, h, w = (int(v) for v in list(f1.x.ty.shape)[1:])
+    hid, co = int(f1.w.ty.shape[0]), int(g.w.ty.shape[0])
+    quant = {"s0": f1.s, "z0": f1.zp, "s1": match.side1[0], "z1": match.side1[1], "act1": match.side1[2],
+             "s2": match.side2[0], "z2": match.side2[1], "act2": match.side2[2], "s3": g.s, "z3": g.zp}
+    if match.out_q is not None:
+        quant["s4"], quant["z4"] = match.out_q
+    amx = family is X86_VNNI and amx_usable(ctx.target, c, hid, h * w)
+    key = zlib.crc32(repr(sorted(quant.items())).encode())
+    name = (f"qstar_{'amx' if amx else 'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_h{hid}_o{co}"
+            f"_b{batch or 'n'}_{key % 10**8}")
+    shift = family[3]
+    args = [f1.x]
+    for hit, s_out in ((f1, match.side1[0]), (f2, match.side2[0])):
+        w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, hid, c, 1, 1)
+        args += [_amx_weight_arg(hit.w, hid, c) if amx else w_arg,
+                 *_fold_args(ws, hit.bias, wsum, hid, f1.zp - shift, s_out)]
+    w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
+    args += [w_arg, *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
+
+    def make():
+        return qstar_primfunc(batch, c, h, w, hid, co, quant, family, amx=amx)
+
+    return name, make, args
 
 
 def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
     from tvm import relax
 
+    if isinstance(match, _StarMatch):
+        return _lower_star(match, ctx, family)
     call = match.conv
     batch = batch_of(match.x.ty.shape)
     w_expr = match.w
@@ -359,34 +612,10 @@ def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any
         stride = tuple(int(v) for v in a.strides)
         pad = padding4(a.padding)
         kind = "qconv"
-    c4 = -(-c // 4)
     name = (f"{kind}_{'x86' if family is X86_VNNI else 'arm'}_{c}x{h}x{w}_o{co}_k{kh}x{kw}_s{stride[0]}"
             f"_p{''.join(map(str, pad))}_b{batch or 'n'}_{abs(hash((match.s, match.zp))) % 10**8}")
-    wc = _const(w_expr)
-    if wc is not None:
-        packed = np.zeros((co, kh, kw, c4 * 4), np.int8)
-        packed[..., :c] = wc.transpose(0, 2, 3, 1)
-        w_arg = relax.const(packed.reshape(co, -1), "int8")
-        wsum = relax.const(wc.astype(np.int32).reshape(co, -1).sum(1).astype(np.int32), "int32")
-    else:
-        t = relax.op.permute_dims(w_expr, [0, 2, 3, 1])
-        if c4 * 4 != c:
-            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, c4 * 4 - c])
-        w_arg = relax.op.reshape(t, [co, kh * kw * c4 * 4])
-        wsum = relax.op.sum(relax.op.astype(w_expr, "int32"), axis=[1, 2, 3])
-    sc = _const(match.w_scale)
-    if sc is not None:
-        ws = relax.const((np.broadcast_to(sc.reshape(-1), (co,)).astype(np.float64) * match.s)
-                         .astype(np.float32), "float32")
-    else:
-        ws = relax.op.multiply(relax.op.broadcast_to(relax.op.reshape(match.w_scale, [-1]), [co]),
-                               relax.const(np.float32(match.s), "float32"))
-    if match.bias is None:
-        b = relax.const(np.zeros(co, np.float32), "float32")
-    else:
-        bc = _const(match.bias)
-        b = relax.const(bc.reshape(co).astype(np.float32)) if bc is not None else \
-            relax.op.reshape(match.bias, [co])
+    w_arg, ws, wsum = _weight_args(w_expr, match.w_scale, match.s, co, c, kh, kw)
+    b = _bias_arg(match.bias, co)
 
     def make():
         return qconv_primfunc(batch, c, h, w, co, (kh, kw), stride, pad, match.s, match.zp, family,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.errors import BackendUnavailable, BundleError, InputError, UsageError
+from edgeflex.errors import BackendUnavailable, BundleError, DeviceError, InputError, UsageError
 
 from .. import schema
 from ..bundle import Bundle, TensorSpec, sha256_bytes
@@ -482,6 +482,9 @@ class TvmBackend(Backend):
         what must outlive them)."""
         from tvm.runtime.vm import VirtualMachine
 
+        why = _amx_refusal(meta)        # also asks Linux for the AMX tile state, before any kernel runs
+        if why is not None:
+            raise DeviceError(why)
         tvm = self._tvm
         lib = _load_library(self._bundle.read(meta["library"]), Path(meta["library"]).name)  # sha256-checked
         dev = self._dev
@@ -526,6 +529,10 @@ class TvmBackend(Backend):
         if self._bundle is not None:
             int8 = {c.name for c in self._bundle.configs if c.precision == "int8"}
             for meta in self._engines.values():
+                if int8 & set(meta.get("used_by", ())) and self.target == HOST:
+                    why = _amx_refusal(meta)
+                    if why is not None:
+                        return why
                 if int8 & set(meta.get("used_by", ())) and "qconv" not in meta.get("kernels", ()):
                     return (f"TVM engine {meta['library']} was compiled without edgeflex's int8 kernels "
                             "(its target has no VNNI / dotprod, or --no-kernels): its int8 convs would run "
@@ -535,6 +542,23 @@ class TvmBackend(Backend):
 
     def versions(self) -> dict[str, str]:
         return {"tvm": self._tvm.__version__, "target": self.target}
+
+
+def _amx_refusal(meta: dict[str, Any]) -> str | None:
+    """Why an engine whose int8 star blocks run on AMX tiles (`kernels.tir.qstar`, compiled where the
+    target had amx-int8) cannot run here: this CPU lacks `amx_int8`, or Linux refused the process the tile
+    state (requested here, once per process: without it the first tile instruction kills the process)."""
+    if not any(f.startswith("qstar_amx") for f in meta.get("kernel_functions", ())):
+        return None
+    from edgeflex.devices.precision import cpu_flags
+    from edgeflex.kernels.tir.qstar import request_amx
+
+    why = "this CPU has no amx_int8" if "amx_int8" not in cpu_flags() else request_amx()
+    if why is None:
+        return None
+    return (f"TVM engine {meta['library']} computes with AMX-INT8 tiles, but {why}; re-compile it on this "
+            "machine (edgeflex compile --backend tvm: without amx-int8 its star blocks use VNNI) or run it "
+            "on backend='onnxruntime'")
 
 
 def _shared(params: list, params1: list) -> list:
