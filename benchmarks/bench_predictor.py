@@ -554,6 +554,13 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "the device, as `edgeflex profile BUNDLE --kernels` times every config's kernels before predicting "
         "the configs it does not time whole.",
         "",
+        "What the kernel-level model uses (`devices/kernel_predictor.py`): kernels timed alone on this "
+        "machine "
+        "at the row's thread count (a kernel's own time where it was timed, else its kind's regressor), at "
+        "2 threads also the kernels' 1-thread times (chained configs are summed from them), and the other "
+        "configs' whole-config times (the calibration, and the residuals of the 4 configs nearest in config "
+        "space that correct the prediction); never the held-out config's own time, at any thread count.",
+        "",
         "| threads | predictor | configs | within ±10 % | within ±20 % | median abs error % | worst % |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -562,14 +569,24 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         samples, kms = samples_by_t[t], kernel_times(kernel_ms_by_t[t])
         old = _loo(samples, host)
         ksamples = [(u["kernel"], kms[key], sorted(u["labels"])) for key, u in unique.items() if key in kms]
+        # at more threads, the kernels' 1-thread times too (a chained config is predicted from them)
+        k1 = kernel_times(kernel_ms_by_t[1]) if t > 1 and 1 in kernel_ms_by_t else None
+        serial = None if k1 is None else \
+            [(u["kernel"], k1[key], sorted(u["labels"])) for key, u in unique.items() if key in k1]
         cs = [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples]
-        strict = kernel_predictor.leave_one_out(ksamples, cs)
-        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs)
-        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs)
+        strict = kernel_predictor.leave_one_out(ksamples, cs, serial_samples=serial)
+        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs,
+                                              serial_samples=serial and [k for k in serial if k[2]])
+        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs,
+                                               serial_samples=serial and [k[:2] for k in serial])
+        plain = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs, correct=False,
+                                               serial_samples=serial and [k[:2] for k in serial])
         met[t] = {"strict": strict["within_band"] >= 0.9, "bundle": known["within_band"] >= 0.9}
         for name, r in (("old (per-kind costs)", old),
                         ("new, strict, the other configs' kernels only", only),
                         (f"new, strict, + {args.sampled} sampled kernels", strict),
+                        (f"new, bundle's kernels timed (+ {args.sampled} sampled), no config-neighbour "
+                         "correction", plain),
                         (f"new, bundle's kernels timed (+ {args.sampled} sampled)", known)):
             lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
                          f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")

@@ -346,10 +346,11 @@ def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigS
 
 def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[ConfigSample], *,
                   ridge: float = 1e-2, band_pct: float = 10.0,
-                  serial_samples: Sequence[tuple] | None = None) -> dict[str, Any]:
+                  serial_samples: Sequence[tuple] | None = None, correct: bool = True) -> dict[str, Any]:
     """For each config: drop it and every kernel sample seen only in it (kernel_samples and serial_samples
     are (kernel, ms, labels of the configs it came from); none = a sampled shape, always kept), refit,
-    predict it. Same summary as `devices.predictor.leave_one_out`."""
+    predict it. `correct=False`: without the config-neighbour correction (to show what it adds). Same
+    summary as `devices.predictor.leave_one_out`."""
     ks, y, labels = _configs(config_samples)
     if len(y) < 3:
         raise DeviceError(f"leave-one-out needs at least 3 config samples, got {len(y)}")
@@ -363,7 +364,8 @@ def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[Conf
         serial = KernelRegressor.fit(kept(serial_samples, lab)) if serial_samples else None
         keep = [j for j in range(len(y)) if j != i]
         coef, points, resid = _fit(reg, serial, [ks[j] for j in keep], y[keep], ridge)
-        model = KernelPredictor(reg, coef, "loo", len(keep), None, None, serial, points, resid)
+        model = KernelPredictor(reg, coef, "loo", len(keep), None, None, serial,
+                                points if correct else None, resid if correct else None)
         pred[i] = model.predict(ks[i])
     return loo_summary(labels, y, pred, band_pct)
 
