@@ -206,3 +206,28 @@ def test_chained_configs_at_two_threads_are_predicted_from_their_kernels_one_thr
     bad = {**model.to_json(), "config_points": [[0.0]], "config_residuals": [0.0, 1.0]}
     with pytest.raises(DeviceError, match="kernel predictor: missing or malformed.*config_points"):
         KernelPredictor.from_json(bad)
+
+
+def test_kernel_copies_in_one_graph_are_not_merged_by_onnx_runtime_and_each_computes_the_kernel(
+        starnet_graph, tmp_path):
+    import onnxruntime as ort
+
+    from edgeflex.export.kernels import replicate
+
+    ks = config_kernels([starnet_graph], with_graphs=True)
+    for k in (next(k for k in ks if k["ops"] == "Mul"), next(k for k in ks if k["kind"] == "conv")):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        s = ort.InferenceSession(replicate(k["graph"], 3), so, providers=["CPUExecutionProvider"])
+        head = k["ops"].split("+")[0]
+        opt = onnx.load(str(tmp_path / "opt.onnx"))
+        # ORT's common-subexpression elimination would leave one head node for identical copies
+        assert sum(head in n.op_type for n in opt.graph.node) == 3, [n.op_type for n in opt.graph.node]
+        one = ort.InferenceSession(k["graph"], providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(np.float32)
+                 for i in one.get_inputs()}
+        want = one.run(None, feeds)[0]
+        outs = s.run(None, {f"{n}__c{c}": v for n, v in feeds.items() for c in range(3)})
+        for c in range(3):
+            np.testing.assert_allclose(outs[c * len(one.get_outputs())], want, rtol=1e-5, atol=1e-6)
