@@ -49,6 +49,8 @@ NEIGHBOURS = 30     # chosen by leave-one-out (benchmarks/RESULTS.md, Kernel-lev
 # chosen by leave-one-out on the issue-22 set (benchmarks/RESULTS.md, Kernel-level latency predictor)
 CONFIG_NEIGHBOURS = 4
 CONFIG_DIST_FLOOR = 0.05
+# the calibration's ridge (devices.predictor._solve's, relative to each column's scale); chosen like the above
+RIDGE = 1e-3
 
 KernelSample = tuple  # (kernel dict, measured ms)
 ConfigSample = tuple  # (kernels list, measured p50 ms, label)
@@ -333,7 +335,7 @@ def _fit(reg: KernelRegressor, serial: KernelRegressor | None, ks: Sequence[Sequ
 
 
 def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigSample], *,
-        device: str = "host", ridge: float = 1e-2, threads: int | None = None,
+        device: str = "host", ridge: float = RIDGE, threads: int | None = None,
         serial_samples: Sequence[KernelSample] | None = None) -> KernelPredictor:
     """Fit on kernels timed alone and configs timed whole, all measured on `device` (at `threads`);
     `serial_samples`: the same kernels timed at 1 thread, where `threads` > 1 (chained configs use them)."""
@@ -345,7 +347,7 @@ def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigS
 
 
 def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[ConfigSample], *,
-                  ridge: float = 1e-2, band_pct: float = 10.0,
+                  ridge: float = RIDGE, band_pct: float = 10.0,
                   serial_samples: Sequence[tuple] | None = None, correct: bool = True) -> dict[str, Any]:
     """For each config: drop it and every kernel sample seen only in it (kernel_samples and serial_samples
     are (kernel, ms, labels of the configs it came from); none = a sampled shape, always kept), refit,
