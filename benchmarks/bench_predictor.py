@@ -595,7 +595,8 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "machine "
         "at the row's thread count (a kernel's own time where it was timed, else its kind's regressor), at "
         "2 threads also the kernels' 1-thread times (chained configs are summed from them), and the other "
-        "configs' whole-config times (the calibration, and the residuals of the 4 configs nearest in config "
+        "configs' whole-config times (the calibration, and the residuals of the "
+        f"{kernel_predictor.CONFIG_NEIGHBOURS} configs nearest in config "
         "space that correct the prediction); never the held-out config's own time, at any thread count.",
         "",
         "| threads | predictor | configs | within ±10 % | within ±20 % | median abs error % | worst % |",
