@@ -30,7 +30,7 @@ from edgeflex.devices.measure import measure
 from edgeflex.devices.predictor import fit, leave_one_out
 from edgeflex.export.costs import config_costs
 from edgeflex.export.kernel_model import OVERHEAD, kernel_runners, kernel_times, measure_rounds
-from edgeflex.export.kernels import config_kernels, name_nodes, sample_kernels
+from edgeflex.export.kernels import config_kernels, name_nodes, replicate, sample_kernels
 from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 from edgeflex.models.starnet import StarNet
@@ -41,6 +41,7 @@ from common import OthersLoad, command_line, cpu_flag_list, machine_info, write_
 
 SECTION = "## Latency predictor (issue 4): leave-one-out on this host"
 KERNEL_SECTION = "## Kernel-level latency predictor (issue 22): old vs new leave-one-out on this CPU"
+COPIES = "copies:"      # kernels-t*.json keys of kernels timed as --copies copies in one graph
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
              "amx_bf16", "asimd", "sve")
 
@@ -514,6 +515,42 @@ def _split_half(rounds: list[float]) -> float:
     return float(abs(a - b) / ((a + b) / 2) * 100)
 
 
+def _alone(rounds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The kernels timed alone (and the overhead), without those timed as copies."""
+    return {k: v for k, v in rounds.items() if not k.startswith(COPIES)}
+
+
+def copy_times(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Each kernel's time from its copies in one graph: (T(copies) - T(1)) / (copies - 1), the per-run
+    costs of a kernel timed alone taken out by the difference (at least a tenth of its time alone); {}
+    where the run timed no copies."""
+    if COPIES + "n" not in rounds:
+        return {}
+    m = int(rounds[COPIES + "n"][0])
+    alone = kernel_times(_alone(rounds))
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    return {k: max((med[COPIES + k] - med[k]) / (m - 1), 0.1 * alone[k])
+            for k in alone if COPIES + k in med}
+
+
+def _copies_rows(t: int, kernel_ms_by_t: dict[int, dict], unique: dict[str, dict], cs: list) -> list:
+    """Leave-one-out with the kernels timed as copies (strict + sampled; bundle's kernels timed), where
+    this run timed them."""
+    kc = copy_times(kernel_ms_by_t[t])
+    if not kc:
+        return []
+    k1 = copy_times(kernel_ms_by_t[1]) if t > 1 and 1 in kernel_ms_by_t else None
+    ks = [(u["kernel"], kc[key], sorted(u["labels"])) for key, u in unique.items() if key in kc]
+    serial = None if not k1 else \
+        [(u["kernel"], k1[key], sorted(u["labels"])) for key, u in unique.items() if key in k1]
+    m = int(kernel_ms_by_t[t][COPIES + "n"][0])
+    strict = kernel_predictor.leave_one_out(ks, cs, serial_samples=serial)
+    known = kernel_predictor.leave_one_out([k[:2] for k in ks], cs,
+                                           serial_samples=serial and [k[:2] for k in serial])
+    return [(f"new, kernels timed as {m} copies in one graph, strict + sampled", strict),
+            (f"new, kernels timed as {m} copies in one graph, bundle's kernels timed", known)]
+
+
 def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[int, dict[str, float]],
                       ctx_by_t: dict[int, dict[str, dict]], per_config: dict[str, list[dict]],
                       unique: dict[str, dict], host, loads: dict,
@@ -554,27 +591,46 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "the device, as `edgeflex profile BUNDLE --kernels` times every config's kernels before predicting "
         "the configs it does not time whole.",
         "",
+        "What the kernel-level model uses (`devices/kernel_predictor.py`): kernels timed alone on this "
+        "machine "
+        "at the row's thread count (a kernel's own time where it was timed, else its kind's regressor), at "
+        "2 threads also the kernels' 1-thread times (chained configs are summed from them), and the other "
+        "configs' whole-config times (the calibration, and the residuals of the "
+        f"{kernel_predictor.CONFIG_NEIGHBOURS} configs nearest in config "
+        "space that correct the prediction); never the held-out config's own time, at any thread count.",
+        "",
         "| threads | predictor | configs | within ±10 % | within ±20 % | median abs error % | worst % |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     met, notes = {}, []
     for t in sorted(samples_by_t):
-        samples, kms = samples_by_t[t], kernel_times(kernel_ms_by_t[t])
+        samples, kms = samples_by_t[t], kernel_times(_alone(kernel_ms_by_t[t]))
         old = _loo(samples, host)
         ksamples = [(u["kernel"], kms[key], sorted(u["labels"])) for key, u in unique.items() if key in kms]
+        # at more threads, the kernels' 1-thread times too (a chained config is predicted from them)
+        k1 = kernel_times(_alone(kernel_ms_by_t[1])) if t > 1 and 1 in kernel_ms_by_t else None
+        serial = None if k1 is None else \
+            [(u["kernel"], k1[key], sorted(u["labels"])) for key, u in unique.items() if key in k1]
         cs = [(per_config[s["label"]], s["p50_ms"], s["label"]) for s in samples]
-        strict = kernel_predictor.leave_one_out(ksamples, cs)
-        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs)
-        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs)
+        strict = kernel_predictor.leave_one_out(ksamples, cs, serial_samples=serial)
+        only = kernel_predictor.leave_one_out([k for k in ksamples if k[2]], cs,
+                                              serial_samples=serial and [k for k in serial if k[2]])
+        known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs,
+                                               serial_samples=serial and [k[:2] for k in serial])
+        plain = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs, correct=False,
+                                               serial_samples=serial and [k[:2] for k in serial])
         met[t] = {"strict": strict["within_band"] >= 0.9, "bundle": known["within_band"] >= 0.9}
         for name, r in (("old (per-kind costs)", old),
                         ("new, strict, the other configs' kernels only", only),
                         (f"new, strict, + {args.sampled} sampled kernels", strict),
-                        (f"new, bundle's kernels timed (+ {args.sampled} sampled)", known)):
+                        (f"new, bundle's kernels timed (+ {args.sampled} sampled), no config-neighbour "
+                         "correction", plain),
+                        (f"new, bundle's kernels timed (+ {args.sampled} sampled)", known),
+                        *_copies_rows(t, kernel_ms_by_t, unique, cs)):
             lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
                          f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")
         cfg_split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
-        k_split = np.array([_split_half(v) for k, v in kernel_ms_by_t[t].items() if k != OVERHEAD])
+        k_split = np.array([_split_half(v) for k, v in _alone(kernel_ms_by_t[t]).items() if k != OVERHEAD])
         met[f"noise{t}"] = (f"at {t} thread(s), the median of even rounds vs odd rounds differs by at most "
                             f"10 % for {np.mean(cfg_split <= 10):.0%} of configs and "
                             f"{np.mean(k_split <= 10):.0%} of kernels")
@@ -634,6 +690,10 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
             print(f"measuring {len(configs)} configs and {len(unique)} kernels on {t} thread(s) ...",
                   flush=True)
             cfg, ker = config_runners(configs, t), kernel_runners(unique, t)
+            if args.copies > 1:     # each kernel also as --copies copies in one graph (copy_times)
+                reps = {k: {**u, "graph": replicate(u["graph"], args.copies)} for k, u in unique.items()
+                        if u["graph"] is not None}
+                ker |= {COPIES + k: fn for k, fn in kernel_runners(reps, t).items() if k != OVERHEAD}
             block = dict.fromkeys(cfg, args.block_ms / 1e3) | dict.fromkeys(ker, args.kernel_block_ms / 1e3)
             with OthersLoad() as others:
                 rounds = measure_rounds(cfg | ker, block, args.rounds, on_round=_round_done)
@@ -642,7 +702,8 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
                        for n, c in configs.items()]
             loads[t] = others.share
             path.write_text(json.dumps({"samples": samples, "others_load": others.share}, indent=1))
-            kernel_ms_by_t[t] = {k: rounds[k] for k in ker}
+            kernel_ms_by_t[t] = {k: rounds[k] for k in ker} | \
+                ({COPIES + "n": [float(args.copies)]} if args.copies > 1 else {})
             kpath.write_text(json.dumps(kernel_ms_by_t[t]))
         samples_by_t[t] = samples
         cpath = args.work / f"context-t{t}.json"
@@ -676,6 +737,8 @@ def main() -> None:
     ap.add_argument("--context-passes", type=int, default=4,
                     help="passes of ORT-profiled runs of every config (--kernels: kernels timed in context)")
     ap.add_argument("--sampled", type=int, default=400, help="kernels of random shapes to time (--kernels)")
+    ap.add_argument("--copies", type=int, default=4,
+                    help="also time each kernel as this many copies in one graph (--kernels; 0: not)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -2,14 +2,23 @@
 (as `export/kernels.py` detects them), each predicted by a regressor fitted per kernel kind on kernels
 timed on the device itself, calibrated per kind on measured configs, plus per-kernel and per-call overhead.
 
-    latency_ms = sum_kind a_kind * sum_{k of kind} t(k) + (b+ - b-) * kernels + d * engine_calls
-                 + sum_c w_c * (MiB of kernels' weights under c, in configs whose weights exceed c)
+    linear_ms = sum_kind a_kind * sum_{k of kind} t(k) + (b+ - b-) * kernels + d * engine_calls
+                + sum_c w_c * (MiB of kernels' weights under c, in configs whose weights exceed c)
+                [+ s * sum_k t1(k), instead of the per-kind sums, for a chained config at > 1 thread]
+    latency_ms = linear_ms * exp(weighted mean of log(measured / linear_ms) of the CONFIG_NEIGHBOURS
+                                 measured configs nearest in config space)
 
-t(k) is the kind's regressor: a non-negative linear model of the kernel's FLOPs, channel-padding FLOPs,
-bytes and a constant (fitted on relative error), times a correction learnt from the kernels nearest in
-log-shape space (inverse-distance weighted; an already-measured kernel gets back its own time). The
-coefficients a, b, d are fitted like `devices/predictor.py`'s (non-negative least squares on relative
-error). Valid on the device the kernels and configs were measured on only. numpy only (board side).
+t(k) is the kernel's own measured time where it was timed on the device (same kind, ops, FLOPs, bytes and
+head shape: `signature`), else the kind's regressor: a non-negative linear model of the kernel's FLOPs,
+channel-padding FLOPs, bytes and a constant (fitted on relative error), times a correction learnt from the
+kernels nearest in log-shape space (inverse-distance weighted). t1(k): the same at 1 thread (`serial`,
+where the model was timed at more threads): a chained config runs one engine (own ORT pool) per call, and
+at 2 threads the idle engines' spinning workers take the second core, so it runs at about its 1-thread
+speed. The coefficients a, b, d, w, s are fitted like `devices/predictor.py`'s (non-negative least squares
+on relative error). The config space (`_config_point`): the config's size (sum of t(k)), each kind's share
+of it, its kernel count, whether it is chained, and its weights; the correction carries what kernels timed
+alone miss in a family of similar configs (at 2 threads: how much of the pool a config's kernels use in
+the graph). Valid on the device the kernels and configs were measured on only. numpy only (board side).
 """
 
 from __future__ import annotations
@@ -27,14 +36,21 @@ from edgeflex.errors import DeviceError
 from .predictor import KINDS, _solve, check_format, loo_summary
 
 FORMAT = "edgeflex-kernel-predictor"
-FORMAT_VERSION = 2     # 2: kernels' dims and the bytes-over-cache hinges
+FORMAT_VERSION = 3     # 2: kernels' dims and the bytes-over-cache hinges; 3: measured kernels by signature,
+#                        the 1-thread kernels of chained configs, the config-neighbour correction
 # A kernel timed alone finds its weights in cache when they fit; in a config whose weights do not, they
 # stream from the next level on every run: per cache size c (MiB, around L2 and L3; the fit picks), the
 # MiB of weights of kernels under c in configs over c.
 CACHE_HINGES_MIB = (1, 2, 4)
 CONFIG_FEATURES = (*(f"kernels:{k}" for k in KINDS), "kernels", "-kernels", "engine_calls",
-                   *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB))
+                   *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB), "serial_kernels")
 NEIGHBOURS = 30     # chosen by leave-one-out (benchmarks/RESULTS.md, Kernel-level latency predictor)
+# measured configs whose residual corrects a prediction, and their distance's floor (config-space units):
+# chosen by leave-one-out on the issue-22 set (benchmarks/RESULTS.md, Kernel-level latency predictor)
+CONFIG_NEIGHBOURS = 4
+CONFIG_DIST_FLOOR = 0.05
+# the calibration's ridge (devices.predictor._solve's, relative to each column's scale); chosen like the above
+RIDGE = 1e-3
 
 KernelSample = tuple  # (kernel dict, measured ms)
 ConfigSample = tuple  # (kernels list, measured p50 ms, label)
@@ -65,6 +81,14 @@ def _shape_point(k: dict[str, Any]) -> np.ndarray:
     return np.array([math.log1p(f), math.log1p(k.get("bytes", 0)),
                      math.log1p(k.get("pad_flops", 0) / max(f, 1)),
                      math.log1p(k.get("setup_flops", 0)), *dims, *[0.0] * (DIMS - len(dims))])
+
+
+def signature(k: dict[str, Any]) -> tuple:
+    """What identifies a kernel in a bundle's manifest (which keeps no key): kind, ops, costs, head shape.
+    Kernels with equal signatures are timed as one."""
+    return (k.get("kind"), str(k.get("ops")), int(k.get("flops", 0)), int(k.get("bytes", 0)),
+            int(k.get("weight_bytes", 0)), int(k.get("pad_flops", 0)), int(k.get("setup_flops", 0)),
+            tuple(int(d) for d in (k.get("dims") or ())))
 
 
 @dataclass
@@ -98,6 +122,11 @@ class KernelRegressor:
         return cls(kernels, y, coef)
 
     def __post_init__(self) -> None:
+        # a kernel timed on the device gets its own time back (the median where several share a signature)
+        times: dict[tuple, list[float]] = {}
+        for k, t in zip(self.kernels, self.ms):
+            times.setdefault(signature(k), []).append(float(t))
+        self._exact = {sig: float(np.median(v)) for sig, v in times.items()}
         # per kind: the samples' points in log-shape space, their op strings, and log(measured / linear)
         self._near: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for kind, c in self.coef.items():
@@ -114,6 +143,9 @@ class KernelRegressor:
         if kind not in self.coef:
             raise DeviceError(f"no kernel of kind {kind!r} was measured; sample and time some "
                               f"(benchmarks/bench_predictor.py shows how)")
+        exact = self._exact.get(signature(k))
+        if exact is not None:
+            return exact
         base = max(float(np.array(_linear_row(k)) @ self.coef[kind]), 1e-6)
         pts, ops, resid = self._near[kind]
         d = np.sqrt(((pts - _shape_point(k)) ** 2).sum(axis=1)) + np.where(ops == str(k.get("ops")), 0, 0.5)
@@ -130,20 +162,55 @@ class KernelRegressor:
         return base * float(np.exp(np.clip(sol[0], -3, 3)))
 
 
-def _config_row(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
+def _calls(kernels: Sequence[dict[str, Any]]) -> int:
+    return 1 + max((int(k.get("call", 0)) for k in kernels), default=0)
+
+
+def _config_row(kernels: Sequence[dict[str, Any]], reg: KernelRegressor,
+                serial: KernelRegressor | None = None) -> np.ndarray:
+    """The config's features (CONFIG_FEATURES); `serial`: the kernels' 1-thread regressor, for a model
+    timed at more threads (a chained config's kernels are summed at their 1-thread times)."""
     per_kind = dict.fromkeys(KINDS, 0.0)
-    for k in kernels:
-        per_kind[k["kind"]] += reg.predict(k)
-    calls = 1 + max((int(k.get("call", 0)) for k in kernels), default=0)
+    calls = _calls(kernels)
+    chained = 0.0
+    if serial is not None and calls > 1:
+        chained = sum(serial.predict(k) for k in kernels)
+    else:
+        for k in kernels:
+            per_kind[k["kind"]] += reg.predict(k)
     w = np.array([k.get("weight_bytes", 0) for k in kernels], float) / 2**20
     # weights of kernels that fit cache c alone (timed hot) while the config's do not (cold in the config)
     hinges = [float(w[w < c].sum()) if w.sum() > c else 0.0 for c in CACHE_HINGES_MIB]
-    return np.array([*per_kind.values(), len(kernels), -len(kernels), calls, *hinges], float)
+    return np.array([*per_kind.values(), len(kernels), -len(kernels), calls, *hinges, chained], float)
+
+
+def _config_point(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
+    """Where a config sits among configs (the neighbour correction's space): half the log of its kernels'
+    summed time, each kind's share of that time, log kernel count, chained or not, log1p weights MiB."""
+    t = np.array([reg.predict(k) for k in kernels])
+    total = max(float(t.sum()), 1e-9)
+    share = dict.fromkeys(KINDS, 0.0)
+    for k, tk in zip(kernels, t):
+        share[k["kind"]] += tk / total
+    w = sum(k.get("weight_bytes", 0) for k in kernels) / 2**20
+    return np.array([0.5 * math.log(total), *share.values(), math.log(len(kernels)),
+                     float(_calls(kernels) > 1), math.log1p(w)])
+
+
+def _correction(point: np.ndarray, points: np.ndarray, resid: np.ndarray) -> float:
+    """exp of the inverse-distance weighted mean residual of the CONFIG_NEIGHBOURS nearest configs."""
+    if len(resid) == 0:
+        return 1.0
+    d = np.sqrt(((points - point) ** 2).sum(axis=1))
+    near = np.argsort(d)[:CONFIG_NEIGHBOURS]
+    w = 1.0 / (d[near] + CONFIG_DIST_FLOOR)
+    return float(np.exp(np.clip((w * resid[near]).sum() / w.sum(), -1.0, 1.0)))
 
 
 @dataclass
 class KernelPredictor:
-    """A kernel regressor and the per-kind calibration that turns kernel sums into config latency."""
+    """A kernel regressor and the calibration that turns kernel sums into config latency, with the measured
+    configs' residuals that correct it near them."""
 
     regressor: KernelRegressor
     coef: dict[str, float]
@@ -151,32 +218,59 @@ class KernelPredictor:
     n_configs: int
     threads: int | None = None      # the intra-op threads everything was timed at, where known
     env: dict[str, Any] | None = None  # where it was timed ({"host": devices.host_info()}), where known
+    serial: KernelRegressor | None = None   # the kernels timed at 1 thread, for chained configs (threads > 1)
+    points: np.ndarray | None = None        # the measured configs' places in config space (_config_point)
+    residuals: np.ndarray | None = None     # and log(measured / linear prediction) of each
+
+    def linear(self, kernels: Sequence[dict[str, Any]]) -> float:
+        """The calibrated kernel sum (ms) before the neighbour correction."""
+        row = _config_row(kernels, self.regressor, self.serial)
+        return max(float(row @ np.array([self.coef.get(f, 0.0) for f in CONFIG_FEATURES])), 1e-6)
 
     def predict(self, kernels: Sequence[dict[str, Any]]) -> float:
         """Predicted p50 (ms) of a config that runs `kernels` (each with its engine `call` index)."""
         if not kernels:
             raise DeviceError("a config with no kernels: detect them with edgeflex.export.kernels")
-        row = _config_row(kernels, self.regressor)
-        return float(row @ np.array([self.coef[f] for f in CONFIG_FEATURES]))
+        for i, k in enumerate(kernels):
+            _check_kernel(k, f"kernel {i}")
+        base = self.linear(kernels)
+        if self.points is None or self.residuals is None:
+            return base
+        return base * _correction(_config_point(kernels, self.regressor), self.points, self.residuals)
 
     def to_json(self) -> dict[str, Any]:
+        def samples(reg: KernelRegressor) -> list:
+            return [[k, float(t)] for k, t in zip(reg.kernels, reg.ms)]
+
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "device": self.device,
                 "n_configs": self.n_configs, "threads": self.threads, "env": self.env,
-                "coef": dict(self.coef),
-                "kernel_samples": [[k, float(t)] for k, t in zip(self.regressor.kernels, self.regressor.ms)]}
+                "coef": dict(self.coef), "kernel_samples": samples(self.regressor),
+                "serial_kernel_samples": None if self.serial is None else samples(self.serial),
+                "config_points": None if self.points is None else self.points.tolist(),
+                "config_residuals": None if self.residuals is None else self.residuals.tolist()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KernelPredictor:
         check_format(d, FORMAT, FORMAT_VERSION, "kernel predictor")
         try:
+            serial = d.get("serial_kernel_samples")
+            points, resid = d.get("config_points"), d.get("config_residuals")
+            if points is not None:
+                points, resid = np.asarray(points, float), np.asarray(resid, float)
+                if points.ndim != 2 or resid.shape != (len(points),) or not np.isfinite(points).all() \
+                        or not np.isfinite(resid).all():
+                    raise ValueError("'config_points'/'config_residuals' (one finite row and residual per "
+                                     "config)")
             return cls(KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]]),
                        {f: float(d["coef"].get(f, 0.0)) for f in CONFIG_FEATURES}, str(d["device"]),
                        int(d["n_configs"]), None if d.get("threads") is None else int(d["threads"]),
-                       dict(d["env"]) if d.get("env") else None)
+                       dict(d["env"]) if d.get("env") else None,
+                       None if serial is None else KernelRegressor.fit([tuple(s) for s in serial]),
+                       points, resid)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DeviceError):
                 raise
-            raise DeviceError(f"kernel predictor: missing or malformed {e!s:.60} (expected 'device', "
+            raise DeviceError(f"kernel predictor: missing or malformed {e!s:.80} (expected 'device', "
                               "'n_configs', 'coef' and 'kernel_samples' as KernelPredictor.to_json writes)") \
                 from None
 
@@ -231,33 +325,52 @@ def _configs(samples: Sequence[ConfigSample]) -> tuple[list[list[dict]], np.ndar
     return ks, np.asarray(ys), labels
 
 
+def _fit(reg: KernelRegressor, serial: KernelRegressor | None, ks: Sequence[Sequence[dict[str, Any]]],
+         y: np.ndarray, ridge: float) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    x = np.stack([_config_row(k, reg, serial) for k in ks])
+    coef = _solve(x, y, ridge)
+    points = np.stack([_config_point(k, reg) for k in ks])
+    resid = np.log(y / np.maximum(x @ coef, 1e-6))
+    return dict(zip(CONFIG_FEATURES, map(float, coef))), points, resid
+
+
 def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigSample], *,
-        device: str = "host", ridge: float = 1e-2, threads: int | None = None) -> KernelPredictor:
-    """Fit on kernels timed alone and configs timed whole, all measured on `device`."""
+        device: str = "host", ridge: float = RIDGE, threads: int | None = None,
+        serial_samples: Sequence[KernelSample] | None = None) -> KernelPredictor:
+    """Fit on kernels timed alone and configs timed whole, all measured on `device` (at `threads`);
+    `serial_samples`: the same kernels timed at 1 thread, where `threads` > 1 (chained configs use them)."""
     ks, y, _ = _configs(config_samples)
     reg = KernelRegressor.fit(kernel_samples)
-    x = np.stack([_config_row(k, reg) for k in ks])
-    coef = _solve(x, y, ridge)
-    return KernelPredictor(reg, dict(zip(CONFIG_FEATURES, map(float, coef))), device, len(y), threads)
+    serial = KernelRegressor.fit(serial_samples) if serial_samples else None
+    coef, points, resid = _fit(reg, serial, ks, y, ridge)
+    return KernelPredictor(reg, coef, device, len(y), threads, None, serial, points, resid)
 
 
 def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[ConfigSample], *,
-                  ridge: float = 1e-2, band_pct: float = 10.0) -> dict[str, Any]:
-    """For each config: drop it and every kernel sample seen only in it (kernel_samples are (kernel, ms,
-    labels of the configs it came from); none = a sampled shape, always kept), refit, predict it. Same
+                  ridge: float = RIDGE, band_pct: float = 10.0,
+                  serial_samples: Sequence[tuple] | None = None, correct: bool = True) -> dict[str, Any]:
+    """For each config: drop it and every kernel sample seen only in it (kernel_samples and serial_samples
+    are (kernel, ms, labels of the configs it came from); none = a sampled shape, always kept), refit,
+    predict it. `correct=False`: without the config-neighbour correction (to show what it adds). Same
     summary as `devices.predictor.leave_one_out`."""
     ks, y, labels = _configs(config_samples)
     if len(y) < 3:
         raise DeviceError(f"leave-one-out needs at least 3 config samples, got {len(y)}")
+
+    def kept(samples: Sequence[tuple], lab: str) -> list[tuple]:
+        return [s[:2] for s in samples if len(s) < 3 or not s[2] or set(s[2]) - {lab}]
+
     pred = np.empty(len(y))
     for i, lab in enumerate(labels):
-        kept = [s[:2] for s in kernel_samples if len(s) < 3 or not s[2] or set(s[2]) - {lab}]
-        reg = KernelRegressor.fit(kept)
+        reg = KernelRegressor.fit(kept(kernel_samples, lab))
+        serial = KernelRegressor.fit(kept(serial_samples, lab)) if serial_samples else None
         keep = [j for j in range(len(y)) if j != i]
-        x = np.stack([_config_row(ks[j], reg) for j in keep])
-        coef = _solve(x, y[keep], ridge)
-        pred[i] = _config_row(ks[i], reg) @ coef
+        coef, points, resid = _fit(reg, serial, [ks[j] for j in keep], y[keep], ridge)
+        model = KernelPredictor(reg, coef, "loo", len(keep), None, None, serial,
+                                points if correct else None, resid if correct else None)
+        pred[i] = model.predict(ks[i])
     return loo_summary(labels, y, pred, band_pct)
 
 
-__all__ = ["CONFIG_FEATURES", "KernelPredictor", "KernelRegressor", "fit", "in_context", "leave_one_out"]
+__all__ = ["CONFIG_FEATURES", "KernelPredictor", "KernelRegressor", "fit", "in_context", "leave_one_out",
+           "signature"]

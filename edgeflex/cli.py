@@ -379,8 +379,10 @@ def _profile_kernels(a: argparse.Namespace, threads: int) -> None:
 
     km = measure_kernel_model(a.bundle, device=a.device, threads=threads, rounds=a.kernel_rounds)
     save_kernel_model(a.bundle, km.to_json())
+    also = " (the kernels at 1 thread too)" if km.serial is not None else ""
     print(f"kernel-level latency model: {len(km.regressor.ms)} kernels timed alone and {km.n_configs} "
-          f"configs whole at {threads} thread(s); stored as {kernel_model_path(km.device)} in {a.bundle}")
+          f"configs whole at {threads} thread(s){also}; stored as {kernel_model_path(km.device)} in "
+          f"{a.bundle}")
 
 
 # --- argument types: a bad value is refused while parsing, in argparse's one line ---------------------------

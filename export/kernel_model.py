@@ -103,8 +103,9 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
                          kernel_block_ms: float = 3.0,
                          progress: bool = True) -> kernel_predictor.KernelPredictor:
     """Time the bundle's configs whole and their kernels alone (plus `sampled` kernels of random shapes)
-    here, in `rounds` shuffled rounds, at `threads` intra-op threads, and fit the kernel-level model of
-    `device` (this machine; named as `edgeflex profile --device` names it)."""
+    here, in `rounds` shuffled rounds, at `threads` intra-op threads (and, where `threads` > 1, the kernels
+    at 1 thread too, in the same rounds: a chained config is predicted from them), and fit the kernel-level
+    model of `device` (this machine; named as `edgeflex profile --device` names it)."""
     check_path("path", path)
     check_str("device", device)
     check_int("threads", threads, 1)
@@ -138,15 +139,22 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
 
         cfg_runners[f"config:{name}"] = run
     ker = kernel_runners(unique, threads)
-    block = dict.fromkeys(cfg_runners, block_ms / 1e3) | dict.fromkeys(ker, kernel_block_ms / 1e3)
+    serial = {f"serial:{k}": fn for k, fn in kernel_runners(unique, 1).items()} if threads > 1 else {}
+    block = dict.fromkeys(cfg_runners, block_ms / 1e3) | \
+        dict.fromkeys([*ker, *serial], kernel_block_ms / 1e3)
     pbar = bar(rounds, "kernel model rounds", show=progress, unit="round")
-    rounds_ms = measure_rounds(cfg_runners | ker, block, rounds, on_round=lambda r: pbar.update())
+    rounds_ms = measure_rounds(cfg_runners | ker | serial, block, rounds, on_round=lambda r: pbar.update())
     pbar.close()
-    kms = kernel_times({k: v for k, v in rounds_ms.items() if k in ker})
-    ksamples = [({f: v for f, v in u["kernel"].items() if f != "graph"}, kms[key])
+
+    def samples(prefix: str) -> list[tuple]:
+        kms = kernel_times({k[len(prefix):]: v for k, v in rounds_ms.items()
+                            if k.startswith(prefix) and k[len(prefix):] in ker})
+        return [({f: v for f, v in u["kernel"].items() if f != "graph"}, kms[key])
                 for key, u in unique.items() if key in kms]
+
     csamples = [(per_config[n], float(np.median(rounds_ms[f"config:{n}"])), n) for n in per_config]
-    km = kernel_predictor.fit(ksamples, csamples, device=device, threads=threads)
+    km = kernel_predictor.fit(samples(""), csamples, device=device, threads=threads,
+                              serial_samples=samples("serial:") if serial else None)
     km.env = {"host": host_info()}
     return km
 

@@ -175,6 +175,45 @@ def _standalone(unit: list[onnx.NodeProto], ext_in: list[str], outs: list[str], 
     return model.SerializeToString()
 
 
+def replicate(graph: bytes, copies: int) -> bytes:
+    """A kernel's standalone graph as `copies` independent copies in one graph (inputs, weights, constants
+    and outputs suffixed `__c<i>`), so ONNX Runtime runs them one after another in one run, its pool kept
+    busy between them as inside a config; each copy has its own inputs and weights, so ORT's
+    common-subexpression elimination cannot merge them. (T(copies) - T(1)) / (copies - 1) is then the
+    kernel's time without the per-run costs a kernel timed alone pays."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    m = onnx.load_from_string(graph)
+    g = m.graph
+    out = onnx.GraphProto(name=f"{g.name}_x{copies}")
+
+    def names(c: int, tensor: str) -> str:
+        return f"{tensor}__c{c}" if tensor else tensor
+
+    for c in range(copies):
+        for vi in g.input:
+            v = out.input.add()
+            v.CopyFrom(vi)
+            v.name = names(c, vi.name)
+        for t in g.initializer:
+            v = out.initializer.add()
+            v.CopyFrom(t)
+            v.name = names(c, t.name)
+        for n in g.node:
+            v = out.node.add()
+            v.CopyFrom(n)
+            if n.name:
+                v.name = names(c, n.name)
+            v.input[:] = [names(c, i) for i in n.input]
+            v.output[:] = [names(c, o) for o in n.output]
+        for vi in g.output:
+            v = out.output.add()
+            v.CopyFrom(vi)
+            v.name = names(c, vi.name)
+    m.graph.CopyFrom(out)
+    return m.SerializeToString()
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every unnamed node named (`<op>_<index>`, unique), in place: ONNX Runtime's profiler
     reports nodes by name, and names fused unnamed nodes ambiguously ("fused ")."""
@@ -282,4 +321,5 @@ def sample_kernels(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["config_kernels", "detect_kernels", "manifest_kernels", "name_nodes", "sample_kernels"]
+__all__ = ["config_kernels", "detect_kernels", "manifest_kernels", "name_nodes", "replicate",
+           "sample_kernels"]

@@ -28,10 +28,22 @@ from edgeflex.runtime.profiles import (
 
 @pytest.fixture(scope="module")
 def kernel_model(snnet_bundle, tmp_path_factory) -> dict:
-    """The SN-Net bundle's kernel model of this machine at 1 thread (kernels and configs timed here)."""
+    """The SN-Net bundle's kernel model of this machine at 2 threads (kernels and configs timed here; the
+    kernels at 1 thread too)."""
     from edgeflex.export.kernel_model import measure_kernel_model
 
-    return measure_kernel_model(snnet_bundle[1], threads=1, rounds=3, progress=False).to_json()
+    return measure_kernel_model(snnet_bundle[1], threads=2, rounds=2, progress=False).to_json()
+
+
+def test_a_two_thread_model_keeps_the_kernels_one_thread_times_and_the_configs_residuals(kernel_model):
+    from edgeflex.devices.kernel_predictor import signature
+
+    assert kernel_model["threads"] == 2 and kernel_model["format_version"] == 3
+    two = sorted(signature(k) for k, _ in kernel_model["kernel_samples"])
+    one = sorted(signature(k) for k, _ in kernel_model["serial_kernel_samples"])
+    assert one == two and all(t > 0 for _, t in kernel_model["serial_kernel_samples"])
+    n = kernel_model["n_configs"]
+    assert len(kernel_model["config_points"]) == len(kernel_model["config_residuals"]) == n >= 2
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
