@@ -21,19 +21,21 @@ What it measures, and what it decides from it:
   profile (its p50 x the profile's p99 / p50 pooled over its configs must fit the budget).
 - **Where to?** The best-ranked candidate predicted late on at most half the stated share (the other half
   is for what the prediction cannot see). Every half window the current config's own predicted late
-  share is checked too: above the whole stated share it moves down (a drift the test cannot see in its
-  horizon). Moving down after a break plans on the runs since the break; moving up (a *trial*) plans on
-  an upper estimate, (late + 1) / (runs + 1), so it needs some hundreds of runs of evidence.
+  count is checked too: evidence of more than the stated share (`DRIFT_ALPHA`) moves it down (a drift the
+  test cannot see in its horizon). Moving down after a break plans on the runs since the break; moving up
+  (a *trial*) plans on an upper estimate, (late + 1) / (runs + 1), so it needs some hundreds of runs of
+  evidence.
 - **What a trial costs.** A trial may fail and cost late requests. Trials spend a *late allowance*: it
-  grows by `late_share / 2` per request and shrinks by one per late request; a trial starts only when the
-  allowance covers what failed trials have cost on average (late requests from the switch to the way
-  back, the switch's cold run included). A stable machine pays for no trials; a load that keeps changing
-  gets as many as the tail can afford.
+  grows by `late_share / 2` per request and shrinks by one per late request (an observed run stands for
+  `every` requests in both); a trial starts only when the allowance covers what failed trials have cost on
+  average (late requests from the switch to the way back, the switch's cold run included). A stable
+  machine pays for no trials; a load that keeps changing gets as many as the tail can afford.
 
 `guarantee=False` lifts the allowance: trials whenever a better config is predicted to fit (quality
-first). The kept runs are a sorted window (`Recent`), so a decision, which runs inside a timed request, is
-a few bisects, not a sort. Pure logic over latencies (no clock, no engine), like `policy.Adapter`, so
-tests drive it exactly.
+first). The decision runs inside a timed request, so it is kept cheap: the kept runs are a sorted window
+(`Recent`: a prediction is a few bisects), predictions are refreshed one option per observation before a
+decision, and a trial looks only at the options better than the current one. Pure logic over latencies
+(no clock, no engine), like `policy.Adapter`, so tests drive it exactly.
 """
 
 from __future__ import annotations
