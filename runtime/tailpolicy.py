@@ -137,15 +137,16 @@ class Recent:
         return len(self.sorted) - bisect_right(self.sorted, x)
 
     def keep_last(self, n: int) -> None:
-        recent = list(self.order)[-n:] if n > 0 else []
+        recent = self.last(n)
         self.order = deque(recent)
         self.sorted = sorted(recent)
 
     def __len__(self) -> int:
         return len(self.order)
 
-    def __iter__(self):
-        return iter(self.order)
+    def last(self, n: int) -> list[float]:
+        """The last n values in arrival order (none for n <= 0)."""
+        return list(self.order)[-n:] if n > 0 else []
 
 
 class TailGuard:
@@ -382,7 +383,7 @@ class TailGuard:
                 return None
         if self._trial is not None:                 # a trial that drifted out: failed, as a break's would
             norm = self._cur_norm
-            self._learn_failed_trial(cur, list(norm.order)[-min(self._stint, len(norm)):])
+            self._learn_failed_trial(cur, norm.last(self._stint))
         return self._switch(target, trial=False)
 
     def _learn_failed_trial(self, cur: Option, runs: list[float]) -> None:
@@ -430,7 +431,7 @@ class TailGuard:
             self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
             return None                               # a saturated machine comes here), judge afresh
         norm = self._norm[cur.threads]
-        own = list(norm.order)[-min(self._stint, len(norm)):] if trial is not None else []
+        own = norm.last(self._stint) if trial is not None else []
         norm.keep_last(min(span, max(len(norm), 1)))
 
         def failed(target: Option, *, trial_next: bool) -> str | None:

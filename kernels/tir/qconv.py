@@ -293,12 +293,29 @@ def _bias_vector(b: Any, out: Any, hit: _QMatch) -> bool:
     return shape in (([o], [1, o]) if hit.linear else ([1, o, 1, 1], [o, 1, 1]))
 
 
+def _uint8_qdq(m: Any, expr: Any) -> tuple[Any, float, float, Any] | None:
+    """(x, s, zp, quantized) when `expr` is dequantize(quantized = quantize(x, s, zp)) to uint8 with one
+    scalar scale and zero point, the same in both (ONNX's QDQ pair around an activation); else None."""
+    from edgeflex.kernels.tir.match import scalar
+
+    dq = m.definition(expr)
+    if op_name(dq) != "relax.dequantize":
+        return None
+    q = m.definition(dq.args[0])
+    if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
+        return None
+    s, zp = scalar(dq.args[1]), scalar(dq.args[2])
+    if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
+        return None
+    return q.args[0], s, zp, dq.args[0]
+
+
 def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
     """{variable: match} for every `conv2d(dequantize(quantize(x)), dequantize(w_q)) [+ bias]` in `func`
     with an int8 weight whose zero point is 0, groups 1 and dilation 1 (depthwise convs stay float32)."""
     from tvm import relax
 
-    from edgeflex.kernels.tir.match import Matcher, scalar, static
+    from edgeflex.kernels.tir.match import Matcher, static
 
     m = Matcher(func)
     uses: dict[Any, int] = {}
@@ -310,16 +327,10 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
     def act(expr: Any, ndim: int) -> tuple[Any, float, int] | None:
         """(x, s, zp) when `expr` is dequantize(quantize(x, s, zp)) of a float32 x with `ndim` dims
         (static but for the batch, at least 16 values an image), uint8, scalar s and zp."""
-        dq = m.definition(expr)
-        if op_name(dq) != "relax.dequantize":
+        found = _uint8_qdq(m, expr)
+        if found is None:
             return None
-        q = m.definition(dq.args[0])
-        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
-            return None
-        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
-        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
-            return None
-        x = q.args[0]
+        x, s, zp, _ = found
         if x.ty.dtype != "float32" or x.ty.ndim != ndim or not static(list(x.ty.shape)[1:]) \
                 or int(np.prod([int(d) for d in list(x.ty.shape)[1:]])) < 16:
             return None
@@ -428,16 +439,10 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
             inner = expr
         if act is not None and uses.get(inner, 0) != 1:
             return None
-        dq = m.definition(inner)
-        if op_name(dq) != "relax.dequantize" or uses.get(dq.args[0], 0) != 1:
+        found = _uint8_qdq(m, inner)
+        if found is None or uses.get(found[3], 0) != 1:
             return None
-        q = m.definition(dq.args[0])
-        if op_name(q) != "relax.quantize" or str(q.attrs.out_dtype) != "uint8":
-            return None
-        s, zp = scalar(dq.args[1]), scalar(dq.args[2])
-        if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
-            return None
-        c = q.args[0]
+        c, s, zp, _ = found
         if c not in hits or uses.get(c, 0) != 1 or not plain_1x1(hits[c]):
             return None
         return c, (s, int(zp), act)
