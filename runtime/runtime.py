@@ -8,7 +8,6 @@ plan it started with, whatever other threads switch to meanwhile. The board side
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -407,7 +406,7 @@ class Runtime:
                 return plan.config.name, plan.call(arrays)
             t0 = pc()                           # an observation waits for a run that leaves room for it
             out = plan.call(arrays)
-            self._bookkeep(adapter, (pc() - t0) * 1e3)
+            self._bookkeep(adapter, (pc() - t0) * 1e3, t0)
             return plan.config.name, out
         t0 = pc()
         out = plan.call(arrays)
@@ -420,30 +419,29 @@ class Runtime:
         # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
         self._unobserved = adapter.every - 1
         if self._pending is not None:           # the last one found no room in `every` runs: now, so that no
-            self._bookkeep(adapter, math.inf)   # observation is lost (losing the waiting ones and keeping the
-            # late ones, which go at once, showed the policy only late runs)
+            self._bookkeep(adapter, (t1 - t0) * 1e3, t0, force=True)    # observation is lost (losing the
+            # waiting ones and keeping the late ones, which go at once, showed the policy only late runs)
         self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every)
-        self._bookkeep(adapter, (t1 - t0) * 1e3)
+        self._bookkeep(adapter, (t1 - t0) * 1e3, t0)
         return plan.config.name, out
 
-    def _bookkeep(self, adapter: TailGuard, ms: float) -> None:
+    def _bookkeep(self, adapter: TailGuard, ms: float, t0: float, *, force: bool = False) -> None:
         """Hand the pending observation to the policy after a run of `ms`, unless its cost could make this
         run late: then a later run does it, at the latest the next observed one. (Measured on FITS at 28 us
         against a 41 us budget, observed 1 in 14: the observed requests were late 2.6 % of the time, the
         others 0.4 %; a third of all late requests were the bookkeeping's.) A run late anyway does it at once:
-        the tail loses nothing. Which run does it never depends on the observed latency itself."""
-        est = adapter.overhead_ms
-        if ms + 2 * est > adapter.budget and ms <= adapter.budget:
+        the tail loses nothing (`force`: the next observed run, room or not). Which run does it never depends
+        on the observed latency itself. `t0`: when this run's engine call began: the run's whole time, its
+        bookkeeping included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
+        if not force and ms + 2 * adapter.overhead_ms > adapter.budget and ms <= adapter.budget:
             return
         plan, latency = self._pending
         self._pending = None
-        t1 = time.perf_counter()
+        pc = time.perf_counter
+        t1 = pc()
         self._observe(adapter, plan, latency)
-        # a running mean of the bookkeeping's cost, each observation clipped at 4x the mean (+1 us): another
-        # process taking the core during the bookkeeping, or a switch, is the load's cost or a one-off, not
-        # the bookkeeping's (unclipped, a hogged core raised the mean 5-10x, and `every` with it)
-        cost = (time.perf_counter() - t1) * 1e3
-        adapter.overhead_ms = est + 0.05 * (min(cost, 4 * est + 0.001) - est)
+        t2 = pc()
+        adapter.bookkept((t2 - t1) * 1e3, ms <= adapter.budget < (t2 - t0) * 1e3)
 
     def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
         target = adapter.observe(plan.key, latency_ms)
