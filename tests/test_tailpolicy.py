@@ -295,7 +295,7 @@ def test_runs_the_bookkeeping_makes_late_are_spent_and_observed_more_rarely():
     g = TailGuard(OPTS, Budget(latency_ms=0.5))
     g.overhead_ms = 0.002                                  # cheap on average: `every` 1 by the cost rule
     before = g.allowance
-    g.bookkept(0.002, True)                                # a run within the budget, late with the bookkeeping
+    g.bookkept(0.002, True)                                # within the budget, late with the bookkeeping
     assert g.allowance == pytest.approx(max(before - 1, -g._cap)) and g.bk_late > 0
     for _ in range(300):
         g.bookkept(0.002, True)                            # it makes nearly every run that pays for it late
