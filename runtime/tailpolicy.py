@@ -560,31 +560,17 @@ class TailGuard:
                  if o.rank > cur.rank or (o.rank == cur.rank and o.p50_ms < cur.p50_ms)),
                 key=lambda o: (o.rank, -o.p50_ms), reverse=True)
         asked, free = False, None
-        slow: dict[int, float] = {}
         for o in better:
             if o.threads != cur.threads and self._stale(o.threads) and self.idle_cores is not None:
                 if not asked:
                     asked, free = True, self.idle_cores()
                 if free is not None:                  # the OS says whether its extra cores are free
-                    if (free >= 0.75 * max(0, o.threads - cur.threads) and self._profiled(o) <= self.aim
-                            and self._own_tail_fits(o, 1.0)):
+                    if free >= 0.75 * max(0, o.threads - cur.threads) and self._profiled(o) <= self.aim:
                         return self._switch(o, trial=True)
                     continue
             if self._predicted(o, upper=True) <= self.aim:
-                t = o.threads if not self._stale(o.threads) else cur.threads
-                if t not in slow:
-                    norm = self._norm[t].sorted
-                    slow[t] = float(norm[len(norm) // 2]) if norm else 1.0
-                if self._own_tail_fits(o, slow[t]):
-                    return self._switch(o, trial=True)
+                return self._switch(o, trial=True)
         return None
-
-    def _own_tail_fits(self, o: Option, slowdown: float) -> bool:
-        """o's own profiled p99, at the load's median slowdown, within the budget. The kept runs are another
-        config's: how o's own tail sits beyond its median they cannot show (FITS cut-60 at 1 thread, p99 28.6
-        us in its profile against a 28.4 us budget, was predicted within the plan from cut-40's runs, tried,
-        kept, and late 1.7 % for 6 s of an idle trace where cut-40 was late 0.7 %)."""
-        return o.tail_ms * self.correction[o.key] * slowdown <= self.budget
 
     def _trial_kept(self) -> None:
         self.probes["kept"] += 1

@@ -321,21 +321,6 @@ def test_spikes_hit_a_shorter_run_less_often():
     assert g.late(small, exposure=False) == pytest.approx(0.04)     # the few runs since a break: all alike
 
 
-def test_a_trial_whose_own_tail_is_over_the_budget_is_not_tried():
-    # mid@2t's median fits (0.3 ms) and big's runs predict it within the plan, but its own profiled p99 is
-    # over the budget: never tried. The same stream with mid's p99 in the budget: tried
-    for p99, tried in ((0.52, False), (0.45, True)):
-        opts = [Option("small@2t", 0.80, 0.20, 0.24, 2), Option("mid@2t", 0.85, 0.30, p99, 2)]
-        g = TailGuard(opts, Budget(latency_ms=0.5))
-        g._enter("small@2t", None)
-        g.allowance = g._cap
-        drive_opts = {o.key: o for o in opts}
-        for _ in range(400):
-            o = drive_opts[g.current]
-            g.observe(o.key, o.p50_ms)
-        assert (g.probes["tried"] > 0) == tried
-
-
 def test_a_trial_late_more_than_predicted_is_predicted_so_after_it_is_left():
     g = TailGuard(OPTS[:3], Budget(latency_ms=0.5))
     g._enter("mid@2t", None)
