@@ -559,6 +559,9 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
     n_unmeasurable = sum(u["graph"] is None for u in unique.values())
     lines = [
         f"Command: `{command_line()}`  ",
+        *([f"**Refit, nothing measured by this command**: the config, kernel and in-context timings are "
+           f"those saved in `--work` by {args.refit_of or 'an earlier run'} (its load line below); the wall "
+           "time is the refit's  "] if args.reuse_samples else []),
         f"Machine: {info['cpu']}, {info['cores']}; {info['os']}  ",
         f"CPU flags: {cpu_flags()}  ",
         f"Versions: {info['versions']}  ",
@@ -567,7 +570,8 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "Load: other processes used "
         + ", ".join(f"{v:.0%} at {t} thread(s)" for t, v in sorted(loads.items()))
         + f" of the machine's CPU time while the configs were measured (shared machine; `uptime` load "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)  ",
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end"
+        + (" of this refit, which timed nothing)  " if args.reuse_samples else ")  "),
         f"Measured: {len(per_config)} configs (~{args.block_ms:g} ms each per round) and "
         f"{len(unique)} distinct kernels ({args.sampled} of them sampled shapes: "
         f"`export/kernels.sample_kernels`; {n_unmeasurable} with a non-float input, not timed; predicted by "
@@ -595,9 +599,11 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "machine "
         "at the row's thread count (a kernel's own time where it was timed, else its kind's regressor), at "
         "2 threads also the kernels' 1-thread times (chained configs are summed from them), and the other "
-        "configs' whole-config times (the calibration, and the residuals of the "
+        "configs' whole-config times (the calibration, with a column for the MiB of activations the "
+        "kernels pass on, and the residuals of the "
         f"{kernel_predictor.CONFIG_NEIGHBOURS} configs nearest in config "
-        "space that correct the prediction); never the held-out config's own time, at any thread count.",
+        "space that correct the prediction, at a strength (0, 1/2 or 1) each fit chooses by a "
+        "leave-one-out over its own configs); never the held-out config's own time, at any thread count.",
         "",
         "| threads | predictor | configs | within ±10 % | within ±20 % | median abs error % | worst % |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -731,6 +737,8 @@ def main() -> None:
     ap.add_argument(
         "--reuse-samples", action="store_true", help="refit from --work/samples-t*.json, measure nothing"
     )
+    ap.add_argument("--refit-of", help="with --reuse-samples: which run measured the saved timings, as the "
+                    "section should say it (\"the quiet run of 09:11 UTC\")")
     ap.add_argument("--kernels", action="store_true",
                     help="old vs kernel-level predictor at 1 and --threads threads (issue 22)")
     ap.add_argument("--kernel-block-ms", type=float, default=3.0)

@@ -38,7 +38,8 @@ def kernel_model(snnet_bundle, tmp_path_factory) -> dict:
 def test_a_two_thread_model_keeps_the_kernels_one_thread_times_and_the_configs_residuals(kernel_model):
     from edgeflex.devices.kernel_predictor import signature
 
-    assert kernel_model["threads"] == 2 and kernel_model["format_version"] == 3
+    assert kernel_model["threads"] == 2 and kernel_model["format_version"] == 4
+    assert kernel_model["correction_strength"] in (0.0, 0.5, 1.0)
     two = sorted(signature(k) for k, _ in kernel_model["kernel_samples"])
     one = sorted(signature(k) for k, _ in kernel_model["serial_kernel_samples"])
     assert one == two and all(t > 0 for _, t in kernel_model["serial_kernel_samples"])
