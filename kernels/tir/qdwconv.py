@@ -36,6 +36,7 @@ from edgeflex.kernels.tir import PARALLEL_MACS
 
 V = 16              # int32 lanes of one AVX-512 register: output pixels per vector
 MAX_ACC = 16        # accumulator vectors per block (of 32 registers)
+CHUNKS = 12         # parallel tasks per image (of channels each): a plane buffer per task, not per channel
 MIN_PIXELS = 17     # smaller planes (most taps in the padding) stay on the float32 tap-list kernel
 
 
@@ -108,8 +109,8 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
     if not usable(H, W, pad, kernel):
         raise ValueError(f"qdwconv needs an output plane of >= {MIN_PIXELS} pixels, got {OH}x{OW}")
     NV = -(-OW // V)                                    # vectors per output row (the last one partly junk)
-    QW = -(-(NV * V + 4 * (KQ - 1)) // V) * V           # quads per plane row: every tap group's vector fits
-    RB = QW + V                                         # bytes (as int32) per row the quads are built from
+    RB = -(-(NV * V + 4 * (KQ - 1) + 4) // V) * V       # bytes per plane row: every tap group's pixels fit
+    PB = HP * RB + 64                                   # + the last 64-byte load's over-read
     WV, OV = min(W, V), min(OW, V)                      # lanes of the quantize and epilogue vectors
     R = max(1, min(OH, MAX_ACC // NV))                  # output rows per block
     NBLK = -(-OH // R)                                  # the last block starts early, ending at row OH
@@ -120,9 +121,11 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
     inv_s = float(np.float32(1.0 / np.float64(s)))
     s_o, z_o = quant.get("s_o"), int(quant.get("z_o") or 0)
     s_a, z_a = quant.get("s_a"), int(quant.get("z_a") or 0)
-    zfill = z | (z << 8) | (z << 16) | (z << 24)
-    zfill = zfill - (1 << 32) if zfill >= 1 << 31 else zfill
     parallel = batch is None or batch * C * OHW * KH * KW >= PARALLEL_MACS
+    CPT = max(1, C // CHUNKS) if parallel else C        # channels per task (one plane buffer per task)
+    TASKS = -(-C // CPT)
+    # the quads of 16 pixels from 64 loaded bytes: lane l takes bytes l, l+1, l+2, l+3 (one vpermb)
+    QUAD = [lane + k for lane in range(V) for k in range(4)]
 
     def qdq(v, sc, zp):
         """QuantizeLinear then DequantizeLinear, round half to even, the division as a multiply by the
@@ -144,37 +147,22 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
         return y
 
     @T.macro
-    def quad_plane(xf, task, pb, quads):
-        """Channel `task`'s plane quantized (bytes, the zero point around it), then as quads (a separate
-        pass: loading bytes right after storing them stalls on store forwarding). 16 lanes at a time: a
-        wider vector stored from two branches is legalized through the stack."""
-        for hp in range(HP):
-            if hp >= top and hp < top + H:
-                for v in range(RB // V):
-                    for p in T.vectorized(V):
-                        pb[hp * RB + v * V + p] = T.uint8(z)
-                for v in range(-(-W // WV)):               # vectors of WV, the last one overlapping
-                    for e in T.vectorized(WV):
-                        pb[hp * RB + left + T.min(v * WV, W - WV) + e] = T.Cast("uint8", T.max(T.min(
-                            T.nearbyint(xf[task * HW + (hp - top) * W + T.min(v * WV, W - WV) + e]
-                                        * T.float32(inv_s)) + T.float32(z), T.float32(255)), T.float32(0)))
-        for hp in range(HP):
-            if hp < top or hp >= top + H:
-                for v in range(QW // V):
-                    for p in T.vectorized(V):
-                        quads[hp * QW + v * V + p] = T.int32(zfill)
-            else:
-                for v in range(QW // V):
-                    for p in T.vectorized(V):
-                        quads[hp * QW + v * V + p] = T.Cast("int32", pb[hp * RB + v * V + p]) | \
-                            (T.Cast("int32", pb[hp * RB + v * V + p + 1]) << 8) | \
-                            (T.Cast("int32", pb[hp * RB + v * V + p + 2]) << 16) | \
-                            (T.Cast("int32", pb[hp * RB + v * V + p + 3]) << 24)
+    def plane(xf, task, pb):
+        """Channel `task`'s plane quantized to bytes, the zero point around it."""
+        for q in range(PB // 64):
+            for p in T.vectorized(64):
+                pb[q * 64 + p] = T.uint8(z)
+        for r in range(H):
+            for v in range(-(-W // WV)):                   # vectors of WV, the last one overlapping
+                for e in T.vectorized(WV):
+                    pb[(r + top) * RB + left + T.min(v * WV, W - WV) + e] = T.Cast("uint8", T.max(T.min(
+                        T.nearbyint(xf[task * HW + r * W + T.min(v * WV, W - WV) + e] * T.float32(inv_s))
+                        + T.float32(z), T.float32(255)), T.float32(0)))
 
     @T.macro
-    def plane_task(wf, ws, wsum, b, rf, yf, task, quads):
-        """Channel `task` of the image: blocks of R output rows, each quad vector loaded once per tap group
-        and used for every output row of the block it feeds."""
+    def conv(wf, ws, wsum, b, rf, yf, task, pb):
+        """Channel `task`: blocks of R output rows, each quad vector (16 pixels x 4 taps, shuffled from one
+        64-byte load) used for every output row of the block it feeds."""
         c: T.let = task % C
         for blk in range(NBLK):
             r0: T.let = T.min(blk * R, OH - R)
@@ -184,7 +172,7 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
             for g in T.unroll(KQ):
                 for ii in T.unroll(R + KH - 1):
                     for cv in T.unroll(NV):
-                        qv: T.let = quads[T.ramp((r0 + ii) * QW + cv * V + g * 4, 1, V)]
+                        qv: T.let = T.Shuffle([pb[T.ramp((r0 + ii) * RB + cv * V + g * 4, 1, 64)]], QUAD)
                         for r in T.unroll(R):
                             if ii - r >= 0 and ii - r < KH:
                                 acc[T.ramp((r * NV + cv) * V, 1, V)] = T.call_llvm_pure_intrin(
@@ -219,17 +207,17 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
         wf = T.decl_buffer((C * KH * KQ * 4,), "int8", data=w.data)
         rf = T.decl_buffer((res_size,), "float32", data=res.data)
         yf = T.decl_buffer((n_img * C * OHW,), "float32", data=y.data)
-        if parallel:
-            for task in T.parallel(n_img * C):
-                pb = T.decl_buffer((HP * RB,), "uint8", scope="local")
-                quads = T.decl_buffer((HP * QW,), "int32", scope="local")
-                quad_plane(xf, task, pb, quads)
-                plane_task(wf, ws, wsum, b, rf, yf, task, quads)
-        else:
-            for task in range(n_img * C):
-                pb = T.decl_buffer((HP * RB,), "uint8", scope="local")
-                quads = T.decl_buffer((HP * QW,), "int32", scope="local")
-                quad_plane(xf, task, pb, quads)
-                plane_task(wf, ws, wsum, b, rf, yf, task, quads)
+        for img in range(n_img):
+            if parallel:
+                for t in T.parallel(TASKS):
+                    pb = T.decl_buffer((PB,), "uint8", scope="local")
+                    for i in range(T.min(CPT, C - t * CPT)):
+                        plane(xf, img * C + t * CPT + i, pb)
+                        conv(wf, ws, wsum, b, rf, yf, img * C + t * CPT + i, pb)
+            else:
+                pb = T.decl_buffer((PB,), "uint8", scope="local")
+                for c in range(C):
+                    plane(xf, img * C + c, pb)
+                    conv(wf, ws, wsum, b, rf, yf, img * C + c, pb)
 
     return qdwconv
