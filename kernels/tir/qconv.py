@@ -514,7 +514,7 @@ def _depthwise(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, 
     users: dict[Any, list[Any]] = {}
     for v, value in m.value.items():
         seen: set = set()
-        relax.analysis.post_order_visit(value, lambda e: isinstance(e, relax.Var) and seen.add(e))
+        relax.analysis.post_order_visit(value, lambda e, seen=seen: isinstance(e, relax.Var) and seen.add(e))
         for u in seen:
             users.setdefault(u, []).append(v)
 

@@ -133,7 +133,8 @@ def qdwconv_primfunc(batch: int | None, channels: int, height: int, width: int, 
         only where v / sc lies within a rounding error of a tie: one quantization step, rarely)."""
         inv = float(np.float32(1.0 / np.float64(np.float32(sc))))
         # clamp(rint(v / sc) + zp, 0, 255) - zp, exact in float32 as clamp(rint(v / sc), -zp, 255 - zp)
-        return T.max(T.min(T.nearbyint(v * T.float32(inv)), T.float32(255 - zp)), T.float32(-zp)) * T.float32(sc)
+        q = T.max(T.min(T.nearbyint(v * T.float32(inv)), T.float32(255 - zp)), T.float32(-zp))
+        return q * T.float32(sc)
 
     def epilogue(a, c, ws, wsum, b, rv):
         """(acc - z * sum(w_q)) * s * s_w[c] + bias, then the fused QDQ / residual add."""
