@@ -335,6 +335,41 @@ def test_the_int8_depthwise_kernel_compiles_for_vnni_without_vbmi_and_not_for_th
     _close_to_reference(y.numpy(), ref)
 
 
+class _DepthwiseResidual(torch.nn.Module):
+    """A stem conv, then StarNet's depthwise pattern without the star: y = x + dw1(x), z = dw2(y) + bias;
+    the output is z at every 4th pixel, flattened (an error in the convs is not washed out by later
+    layers; a 2-d output, as `quantize` measures it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, 2, 1)
+        self.dw1 = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
+        self.dw2 = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.dw2(x + self.dw1(x))[:, :, ::4, ::4].flatten(1)
+
+
+@needs_int8
+def test_int8_depthwise_convs_on_tvm_match_ort_on_the_qdq_graph(tmp_path) -> None:
+    """The QDQ graph of two depthwise convs (one with its output QDQ, the residual add and the sum's QDQ
+    fused, one reading the sum's dequantized values) on TVM's int8 kernel against ONNX Runtime's int8 run
+    of the same graph, at the tolerance of the whole-model tests, and the kernels are the int8 ones."""
+    if not _vnni_host():
+        pytest.skip("this CPU has no AVX512-VNNI: depthwise convs stay float32 here")
+    torch.manual_seed(2)
+    model = _DepthwiseResidual().eval()
+    path = _export_quantized(model, tmp_path, precisions=("int8",))
+    fns = _compile_int8(path, ["default@int8"])["engines"][0]["kernel_functions"]
+    assert sum(f.startswith("qdwconv_x86_16x16x16_k7x7") for f in fns) == 2
+    assert not any(f.startswith("dwconv_") for f in fns)
+    x = _probe()
+    ort, tvm = _ort_vs_tvm(path, "default@int8", x)
+    assert _rel(tvm, ort) < VS_ORT
+    assert _rel(tvm, _torch(model, x)) < INT8_TOL
+
+
 @needs_int8
 def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
     from authors_starnet import StarNet as AuthorsStarNet
