@@ -3,7 +3,8 @@ as `edgeflex compile --backend tvm` does, each kernel call timed from the VM's i
 VM: the hook needs it; the engine itself runs compiled), grouped by kind; per op (the star blocks as
 `qconv` f1, f2, g and the element-wise QDQ multiply between them, the depthwise convs in float32 with
 their QDQ and residual adds element-wise) and fused (`qstar`, and the int8 `qdwconv` with its QDQ and
-residual add), side by side.
+residual add, built as `edgeflex compile` builds an int8 engine: `compile.tvm.int8_build_target`), side
+by side.
 
 Usage: .venv/bin/python benchmarks/profile_tvm_int8.py --threads 1 --out benchmarks/RESULTS.md
 """
@@ -78,6 +79,8 @@ def profile(path: Path, threads: int, fuse: bool,
         mod, _ = tir.apply(mod, tir.RewriteContext(tgt, job.rel, dict(job.params), 1))
         mod, transform = ct._lift_param_transforms(mod, model, job)
         mod = lower_and_schedule(mod, tgt)
+        if fuse:            # as `edgeflex compile` builds an int8 engine (512-bit epilogues on AVX-512)
+            tgt = ct.int8_build_target(tgt)
     finally:
         qconv.FUSE_STAR = qconv.FUSE_DEPTHWISE = True
     dev = tvm.cpu()
