@@ -12,12 +12,14 @@ the input QDQ; its output goes to the star block, which quantizes it itself):
 The kernel takes v, which lies on the quantization grid ((q - z) * s in float32), so q = rint(v * (1/s)) + z
 exactly (the product is within 255 * 2^-22 of an integer); the integer sums are exact; the epilogue is the
 graph's float32 arithmetic in its order: (acc - z * sum(w_q)) * (s * s_w[c]) + bias, then each QDQ as
-TVM's legalized QuantizeLinear / DequantizeLinear, the add in float32.
+QuantizeLinear / DequantizeLinear with the division as a multiply by the float32 1/s (a value within a
+rounding error of a tie may land one step away), the add in float32.
 
-Layout (lanes are output pixels, as `qconv`): per channel, the quantized plane, padded with the zero point,
-as int32 "quads": quad[row, p] holds the bytes of pixels p, p+1, p+2, p+3 of that row. One `vpdpbusd` of
-16 consecutive quads against a broadcast of 4 taps' weights adds 4 kernel columns of one kernel row to 16
-output pixels; a 7-wide row is 2 of them (taps 0-3 at offset 0, taps 4-6 and a zero weight at offset 4).
+Layout (lanes are output pixels, as `qconv`): per channel, the quantized plane as bytes, padded with the
+zero point; a "quad" of pixel p holds the bytes of pixels p, p+1, p+2, p+3 of its row, 16 of them shuffled
+from one 64-byte load (`vpermb` where the target has VBMI). One `vpdpbusd` of 16 consecutive quads
+against a broadcast of 4 taps' weights adds 4 kernel columns of one kernel row to 16 output pixels; a
+7-wide row is 2 of them (taps 0-3 at offset 0, taps 4-6 and a zero weight at offset 4).
 So a 7x7 tap set is 14 instructions per 16 output pixels where float32 needs 49 FMAs. As the float32
 kernel (`dwconv`), blocks of R output rows x the vectors of a row stay in registers and each loaded quad
 vector feeds every output row of the block it reaches.
