@@ -96,11 +96,15 @@ def starnet_s1(tmp: Path, a) -> tuple[list[str], list[str], dict]:
             f"{ort8_ms / tvm_ms:.2f}x (goal > 1: {'**met**' if tvm_ms < ort8_ms else '**not met**'}); "
             f"ORT int8 / ORT fp32 = {ort8_ms / base:.2f}x; others' CPU while timed: {load.share:.0%}",
         ]
-    int8_fns = [f for f in engine.get("kernel_functions", []) if f.startswith(("qconv", "qlinear", "qstar"))]
+    int8_fns = [f for f in engine.get("kernel_functions", [])
+                if f.startswith(("qconv", "qlinear", "qstar", "qdwconv"))]
+    n_dw8 = sum(f.startswith("qdwconv") for f in int8_fns)
     notes = [f"- TVM int8 engine: rewrites {', '.join(engine.get('kernels', []))}; {len(int8_fns)} int8 "
              f"kernels ({sum(f.startswith('qstar') for f in int8_fns)} fused star blocks: f1, f2, the "
-             f"multiply and g in one; {sum(f.startswith('qlinear') for f in int8_fns)} linear), depthwise "
-             "convs in fp32",
+             f"multiply and g in one; {sum(f.startswith('qlinear') for f in int8_fns)} linear; {n_dw8} "
+             "depthwise), "
+             + ("depthwise convs in int8 (VNNI), their QDQ and residual adds fused" if n_dw8 else
+                "depthwise convs in fp32"),
              f"- quantize: {q_s:.0f} s ({a.calibration} random-normal calibration images, untrained "
              f"ImageNet-head weights, methods {a.methods}; chosen: {v.method}); TVM compile of the int8 "
              f"graph: {c_s:.0f} s (batch 1, untuned, edgeflex TIR kernels on)",

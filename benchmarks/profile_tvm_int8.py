@@ -1,7 +1,10 @@
 """Where StarNet-S1's int8 time goes on TVM (issue 21): the int8 graph `edgeflex quantize` writes, compiled
 as `edgeflex compile --backend tvm` does, each kernel call timed from the VM's instrument hook (bytecode
-VM: the hook needs it; the engine itself runs compiled), grouped by kind; the star blocks per op
-(`qconv` f1, f2, g and the element-wise QDQ multiply between them) and fused (`qstar`), side by side.
+VM: the hook needs it; the engine itself runs compiled), grouped by kind; per op (the star blocks as
+`qconv` f1, f2, g and the element-wise QDQ multiply between them, the depthwise convs in float32 with
+their QDQ and residual adds element-wise) and fused (`qstar`, and the int8 `qdwconv` with its QDQ and
+residual add, built as `edgeflex compile` builds an int8 engine: `compile.tvm.int8_build_target`), side
+by side.
 
 Usage: .venv/bin/python benchmarks/profile_tvm_int8.py --threads 1 --out benchmarks/RESULTS.md
 """
@@ -25,13 +28,14 @@ import edgeflex as ef  # noqa: E402
 SECTION = "## int8 on TVM: where StarNet-S1's time goes, per kernel (issue 21)"
 KINDS = {"qstar": "fused int8 star blocks (f1, f2, QDQ, multiply, g)", "qconv": "int8 convs (qconv)",
          "qlinear": "int8 linear (head)", "dwconv": "depthwise 7x7 convs (fp32)",
+         "qdwconv": "int8 depthwise 7x7 convs (qdwconv; + QDQ, residual adds)",
          "fused": "element-wise QDQ / multiply / residual adds", "vm": "VM allocations and calls",
          "other": "other"}
 
 
 def _kind(symbol: str) -> str:
     head = symbol.split("_")[0]
-    if head in ("qstar", "qconv", "qlinear", "dwconv", "fused"):
+    if head in ("qstar", "qconv", "qlinear", "dwconv", "qdwconv", "fused"):
         return head
     return "vm" if symbol.startswith("vm.") else "other"
 
@@ -67,7 +71,7 @@ def profile(path: Path, threads: int, fuse: bool,
     with ef.Bundle.open(path) as b:
         (job,) = ct.collect_graphs(b, configs=["default@int8"])
         inits = build_plans(b, fused=False, only={"default@int8"})["default@int8"].steps[0].initializers
-    qconv.FUSE_STAR = fuse
+    qconv.FUSE_STAR = qconv.FUSE_DEPTHWISE = fuse
     try:
         model = ct.prepare_onnx(job.data, job.params)
         mod = ct._relax_module(model, job.inputs, 1)
@@ -75,8 +79,10 @@ def profile(path: Path, threads: int, fuse: bool,
         mod, _ = tir.apply(mod, tir.RewriteContext(tgt, job.rel, dict(job.params), 1))
         mod, transform = ct._lift_param_transforms(mod, model, job)
         mod = lower_and_schedule(mod, tgt)
+        if fuse:            # as `edgeflex compile` builds an int8 engine (512-bit epilogues on AVX-512)
+            tgt = ct.int8_build_target(tgt)
     finally:
-        qconv.FUSE_STAR = True
+        qconv.FUSE_STAR = qconv.FUSE_DEPTHWISE = True
     dev = tvm.cpu()
     names = [i.name for i in model.graph.input if i.name in job.params]
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32), dev)

@@ -449,6 +449,7 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
         from edgeflex.kernels.tir.elementwise import lower_and_schedule
 
         mod = lower_and_schedule(mod, tgt)
+        tgt = int8_build_target(tgt)
     tuned = None
     if tuning_dir is not None:
         mod, counts = _tune(mod, tgt, tuning_dir, trials, progress, timeout_s, target, boards)
@@ -637,6 +638,29 @@ def elf_summary(data: bytes) -> dict[str, Any]:
 
 
 # --- a whole bundle ---------------------------------------------------------------------------------------
+
+def int8_build_target(tgt: Any) -> Any:
+    """The target an int8 engine (edgeflex's int8 kernels applied) is built for: on x86 with AVX-512, LLVM
+    told not to prefer 256-bit vectors (`-prefer-256-bit`, which LLVM sets for recent Xeons): the kernels'
+    float32 epilogues (requantize, QDQ, residual add) are written 16 lanes wide and were split into two
+    256-bit halves; one 512-bit instruction each made StarNet-S1 int8 ~5 % faster here (benchmarks/
+    RESULTS.md, int8 depthwise). Other targets unchanged."""
+    import tvm
+    from tvm.target import codegen
+
+    if tgt.kind.name != "llvm" or not str(tgt.attrs.get("mtriple", "") or "x86_64").startswith("x86_64"):
+        return tgt
+    try:
+        feats = {str(f) for f in codegen.llvm_get_cpu_features(tgt)}
+    except Exception:  # noqa: BLE001 - an LLVM that cannot list features: leave the target as it is
+        return tgt
+    mattr = [str(a) for a in (tgt.attrs.get("mattr", []) or [])]
+    if "avx512f" not in feats or any("prefer-256-bit" in a for a in mattr):
+        return tgt
+    cfg = {k: v for k, v in tgt.export().items() if not k.startswith("feature.") and k != "tag"}
+    cfg["mattr"] = [*mattr, "-prefer-256-bit"]
+    return tvm.target.Target(cfg)
+
 
 def compile_bundle(path: str | os.PathLike, target: str = HOST, *, trials: int = 0, batch: int | None = None,
                    configs: Sequence[str] | None = None, fused: bool = False, dress_kernel: str | None = None,

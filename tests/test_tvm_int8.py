@@ -76,6 +76,16 @@ def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and
     assert _rel(tvm, _torch(model, x)) < INT8_TOL
 
 
+def _vnni_host() -> bool:
+    """This host's TVM target has AVX512-VNNI (the int8 depthwise kernel is x86 only)."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import X86_VNNI, qdot_instruction
+
+    return qdot_instruction(tvm.target.Target(host_target(1))) is X86_VNNI and tvm_int8_refusal() is None
+
+
 @needs_int8
 def test_the_compiled_library_computes_with_vpdpbusd(starnet_int8):
     """The rewrite produced int8 arithmetic: the library's machine code has the VNNI dot product."""
@@ -253,6 +263,113 @@ def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without
     _close_to_reference(_run_star(shape, quant, args(amx_weight), tgt, X86_VNNI, amx=True), ref)
 
 
+@pytest.mark.parametrize("shape,fused", [((24, 20, 20, 7, 3), False), ((24, 20, 20, 7, 3), True),
+                                         ((96, 14, 14, 7, 3), True), ((16, 7, 7, 7, 3), False),
+                                         ((5, 9, 23, 7, 3), True), ((6, 12, 19, 5, 1), True),
+                                         ((8, 6, 40, 3, 0), False)])
+def test_the_int8_depthwise_kernel_matches_its_reference(shape, fused) -> None:
+    """The int8 depthwise kernel alone (vpdpbusd on quads of 4 taps; rows of 1, 2 and 3 vectors; 7x7, 5x5
+    and 3x3 kernels, padded and not) against numpy's integer conv: the input on its quantization grid
+    (a DequantizeLinear's output, as in the graph), non-zero zero points; `fused`: the output QDQ, a
+    residual add and the sum's QDQ in the epilogue."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qdwconv import qdwconv_primfunc, qdwconv_reference, weight_quads
+
+    if not _vnni_host():
+        pytest.skip("this CPU has no AVX512-VNNI: the int8 depthwise kernel cannot run here")
+    c, h, w, k, pad = shape
+    rng = np.random.default_rng(4)
+    quant = {"s": 0.0307, "z": 120}
+    x = ((rng.integers(0, 256, (1, c, h, w)) - 120).astype(np.float32) * np.float32(0.0307))
+    wq = rng.integers(-127, 128, (c, 1, k, k)).astype(np.int8)
+    wsc = rng.uniform(1e-4, 4e-4, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+    r = rng.standard_normal((1, c, oh, ow)).astype(np.float32) if fused else None
+    if fused:
+        quant.update(s_o=0.0213, z_o=97, s_a=0.0291, z_a=131)
+    ref = qdwconv_reference(x, wq, wsc, bias, (pad,) * 4, quant, r)
+    lib = tvm.compile(tvm.IRModule({"main": qdwconv_primfunc(1, c, h, w, (k, k), (pad,) * 4, quant,
+                                                             residual=fused)}),
+                      target=tvm.target.Target(host_target(1)))
+    y = tvm.runtime.empty(ref.shape, "float32")
+    args = [x, weight_quads(wq), (wsc * np.float32(0.0307)).astype(np.float32),
+            wq.astype(np.int32).reshape(c, -1).sum(1).astype(np.int32), bias,
+            r if fused else np.zeros(1, np.float32)]
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    _close_to_reference(y.numpy(), ref)
+
+
+def test_the_int8_depthwise_kernel_compiles_for_vnni_without_vbmi_and_not_for_the_boards() -> None:
+    """A VNNI x86 without VBMI (Cascade Lake) gets the same kernel (its quad shuffle lowered without
+    vpermb) and it computes the same here; an aarch64 target (sdot) keeps its depthwise convs in float32
+    (the rewrite adds the int8 depthwise match for x86 VNNI only)."""
+    import tvm
+
+    from edgeflex.compile.tvm import resolve_target
+    from edgeflex.kernels.tir.qconv import X86_VNNI, qdot_instruction
+    from edgeflex.kernels.tir.qdwconv import qdwconv_primfunc
+
+    assert qdot_instruction(tvm.target.Target(resolve_target("rpi5").target)) is not X86_VNNI
+    clx = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"})
+    assert qdot_instruction(clx) is X86_VNNI
+    lib = tvm.compile(tvm.IRModule({"main": qdwconv_primfunc(1, 8, 9, 9, (7, 7), (3,) * 4,
+                                                             {"s": 0.05, "z": 7})}), target=clx)
+    asm = lib.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpermb" not in asm
+    if not _vnni_host():
+        return
+    rng = np.random.default_rng(5)
+    x = ((rng.integers(0, 256, (1, 8, 9, 9)) - 7).astype(np.float32) * np.float32(0.05))
+    wq = rng.integers(-127, 128, (8, 1, 7, 7)).astype(np.int8)
+    from edgeflex.kernels.tir.qdwconv import qdwconv_reference, weight_quads
+
+    ref = qdwconv_reference(x, wq, np.full(8, 1e-3, np.float32), None, (3,) * 4, {"s": 0.05, "z": 7})
+    y = tvm.runtime.empty(ref.shape, "float32")
+    lib["main"](*[tvm.runtime.tensor(a) for a in (
+        x, weight_quads(wq), np.full(8, np.float32(1e-3) * np.float32(0.05), np.float32),
+        wq.astype(np.int32).reshape(8, -1).sum(1).astype(np.int32), np.zeros(8, np.float32),
+        np.zeros(1, np.float32))], y)
+    _close_to_reference(y.numpy(), ref)
+
+
+class _DepthwiseResidual(torch.nn.Module):
+    """A stem conv, then StarNet's depthwise pattern without the star: y = x + dw1(x), z = dw2(y) + bias;
+    the output is z at every 4th pixel, flattened (an error in the convs is not washed out by later
+    layers; a 2-d output, as `quantize` measures it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, 2, 1)
+        self.dw1 = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
+        self.dw2 = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.dw2(x + self.dw1(x))[:, :, ::4, ::4].flatten(1)
+
+
+@needs_int8
+def test_int8_depthwise_convs_on_tvm_match_ort_on_the_qdq_graph(tmp_path) -> None:
+    """The QDQ graph of two depthwise convs (one with its output QDQ, the residual add and the sum's QDQ
+    fused, one reading the sum's dequantized values) on TVM's int8 kernel against ONNX Runtime's int8 run
+    of the same graph, at the tolerance of the whole-model tests, and the kernels are the int8 ones."""
+    if not _vnni_host():
+        pytest.skip("this CPU has no AVX512-VNNI: depthwise convs stay float32 here")
+    torch.manual_seed(2)
+    model = _DepthwiseResidual().eval()
+    path = _export_quantized(model, tmp_path, precisions=("int8",))
+    fns = _compile_int8(path, ["default@int8"])["engines"][0]["kernel_functions"]
+    assert sum(f.startswith("qdwconv_x86_16x16x16_k7x7") for f in fns) == 2
+    assert not any(f.startswith("dwconv_") for f in fns)
+    x = _probe()
+    ort, tvm = _ort_vs_tvm(path, "default@int8", x)
+    assert _rel(tvm, ort) < VS_ORT
+    assert _rel(tvm, _torch(model, x)) < INT8_TOL
+
+
 @needs_int8
 def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path) -> None:
     from authors_starnet import StarNet as AuthorsStarNet
@@ -262,7 +379,10 @@ def test_the_authors_starnet_int8_on_tvm_matches_ort_and_their_pytorch(tmp_path)
     path = _export_quantized(model, tmp_path, precisions=("int8",))
     report = _compile_int8(path, ["default@int8"])
     assert "qconv" in report["engines"][0]["kernels"]
-    assert any(f.startswith(("qstar_x86", "qstar_amx")) for f in report["engines"][0]["kernel_functions"])
+    fns = report["engines"][0]["kernel_functions"]
+    assert any(f.startswith(("qstar_x86", "qstar_amx")) for f in fns)
+    if _vnni_host():
+        assert any(f.startswith("qdwconv_x86_") and "_res_" in f for f in fns)
     x = _probe()
     ort, tvm = _ort_vs_tvm(path, "default@int8", x)
     assert _rel(tvm, ort) < VS_ORT

@@ -39,6 +39,7 @@ X86_VNNI = (16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 0)
 ARM_SDOT = (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 128)
 ACC_REGISTERS = 24      # int32 accumulator vectors held at once (of 32 AVX-512 / NEON registers)
 FUSE_STAR = True        # star blocks as one kernel (`qstar`); False: per op (for side-by-side timings)
+FUSE_DEPTHWISE = True   # depthwise convs as int8 kernels (`qdwconv`, x86); False: float32 (`dwconv`)
 
 
 def qdot_instruction(target: Any) -> tuple[int, str, str, int] | None:
@@ -402,7 +403,8 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
             for v2, h2 in list(hits.items()):
                 if h2.bias is None and h2.conv.same_as(hit.conv):
                     del hits[v2]
-    return _star_blocks(m, uses, hits) if FUSE_STAR else hits
+    hits = _star_blocks(m, uses, hits) if FUSE_STAR else hits
+    return _depthwise(m, uses, hits) if family is X86_VNNI and FUSE_DEPTHWISE else hits
 
 
 class _StarMatch:
@@ -484,6 +486,122 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
                 out[dq] = out.pop(var)
                 out[dq].out_q = (sq[0], int(sq[1]))
     return out
+
+
+class _DwMatch:
+    """One int8 depthwise conv (`kernels.tir.qdwconv`): its input (the DequantizeLinear's output, on the
+    (s, zp) grid), the int8 weight and its scale, the bias, the conv2d call, and what the kernel fuses
+    after it: the output QDQ, the residual add and the add's QDQ (None where it does not)."""
+
+    def __init__(self, x, s, zp, w, w_scale, bias, conv):
+        self.x, self.s, self.zp, self.w, self.w_scale, self.bias, self.conv = x, s, zp, w, w_scale, bias, conv
+        self.out_q: tuple[float, int] | None = None
+        self.residual: Any = None
+        self.add_q: tuple[float, int] | None = None
+
+
+def _depthwise(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
+    """`hits` plus every `conv2d(dequantize(quantize(t)), dequantize(w_q), groups=C) [+ bias]` of stride 1
+    whose plane `qdwconv` takes, and after it, where each intermediate has no other reader, the chain
+    StarNet's QDQ graph has: quantize / dequantize of the output, + a residual, quantize / dequantize of the
+    sum. A hit whose input was the sum before its QuantizeLinear reads the DequantizeLinear's output instead
+    (the same values: re-quantizing them with the same scale gives back the same bytes)."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.match import scalar, static
+    from edgeflex.kernels.tir.qdwconv import usable
+
+    users: dict[Any, list[Any]] = {}
+    for v, value in m.value.items():
+        seen: set = set()
+        relax.analysis.post_order_visit(value, lambda e, seen=seen: isinstance(e, relax.Var) and seen.add(e))
+        for u in seen:
+            users.setdefault(u, []).append(v)
+
+    def only_user(var: Any) -> Any:
+        us = users.get(var, [])
+        return us[0] if len(us) == 1 and uses.get(var, 0) == 1 else None
+
+    def qdq_after(var: Any) -> tuple[Any, tuple[float, int]] | None:
+        """(the dequantize's variable, (s, zp)) when `var`'s only reader is a uint8 quantize whose only
+        reader is a dequantize with the same scalar scale and zero point."""
+        q = only_user(var)
+        dq = only_user(q) if q is not None else None
+        if dq is None:
+            return None
+        qv, dqv = m.definition(q), m.definition(dq)
+        if op_name(qv) != "relax.quantize" or op_name(dqv) != "relax.dequantize" \
+                or str(qv.attrs.out_dtype) != "uint8" or not dqv.args[0].same_as(q):
+            return None
+        sz = (scalar(qv.args[1]), scalar(qv.args[2]))
+        if None in sz or sz != (scalar(dqv.args[1]), scalar(dqv.args[2])):
+            return None
+        return dq, (sz[0], int(sz[1]))
+
+    out = dict(hits)
+    taken = set(out)
+    for var, call in m.value.items():
+        if op_name(call) != "relax.nn.conv2d":
+            continue
+        a = call.attrs
+        xin, wdq = call.args
+        if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+                or tuple(int(v) for v in a.strides) != (1, 1) or tuple(int(v) for v in a.dilation) != (1, 1)
+                or not isinstance(xin, relax.Var) or xin.ty.ndim != 4 or not static(list(xin.ty.shape)[1:])):
+            continue
+        c, h, w = (int(v) for v in list(xin.ty.shape)[1:])
+        wshape = [int(v) for v in wdq.ty.shape] if static(getattr(wdq.ty, "shape", None)) else []
+        if int(a.groups) != c or len(wshape) != 4 or wshape[:2] != [c, 1]:
+            continue
+        if not usable(h, w, padding4(a.padding), (wshape[2], wshape[3])):
+            continue
+        qx = _uint8_qdq(m, xin)
+        dq = m.definition(wdq)
+        if qx is None or op_name(dq) != "relax.dequantize" or dq.args[0].ty.dtype != "int8":
+            continue
+        zw, sc = _const(dq.args[2]), _const(dq.args[1])
+        if zw is None or np.any(zw != 0) or (int(dq.attrs.axis) % 4 != 0 and (sc is None or sc.size != 1)):
+            continue
+        hit = _DwMatch(xin, qx[1], int(qx[2]), dq.args[0], dq.args[1], None, call)
+        end = var
+        user = only_user(var)
+        if user is not None and op_name(m.definition(user)) == "relax.add":
+            add = m.definition(user)
+            other = add.args[1] if add.args[0].same_as(var) else add.args[0]
+            ty = getattr(other, "ty", None)
+            if (ty is not None and ty.dtype == "float32" and static(getattr(ty, "shape", None))
+                    and [int(v) for v in ty.shape] in ([1, c, 1, 1], [c, 1, 1])):
+                hit.bias, end = other, user
+        # the residual's chain: output QDQ, + residual, the sum's QDQ (StarNet's second depthwise conv)
+        oq = qdq_after(end)
+        add_var = only_user(oq[0]) if oq is not None else None
+        if add_var is not None and op_name(m.definition(add_var)) == "relax.add":
+            add = m.definition(add_var)
+            other = add.args[1] if add.args[0].same_as(oq[0]) else add.args[0]
+            if (not other.same_as(oq[0]) and isinstance(other, relax.Var) and other.ty.dtype == "float32"
+                    and str(other.ty.shape) == str(add_var.ty.shape) == str(end.ty.shape)):
+                hit.out_q, hit.residual, end = oq[1], other, add_var
+                aq = qdq_after(add_var)
+                if aq is not None and _reread(out, add_var, *aq):
+                    hit.add_q, end = aq[1], aq[0]
+        if end in taken:
+            continue
+        out[end] = hit
+        taken.add(end)
+    return out
+
+
+def _reread(hits: dict[Any, Any], var: Any, dq: Any, sz: tuple[float, int]) -> bool:
+    """Move the int8 conv hits that quantize `var` (a residual sum) to read `dq`, its dequantized values
+    (the same bytes once re-quantized with the same scale), so that the sum's QDQ can go into the depthwise
+    kernel; False (nothing moved) when one of them quantizes it differently."""
+    subs = [sub for h in hits.values() for sub in ((h.f1, h.f2) if isinstance(h, _StarMatch) else (h,))
+            if isinstance(sub, _QMatch) and sub.x.same_as(var)]
+    if any((sub.s, int(sub.zp)) != sz for sub in subs):
+        return False
+    for sub in subs:
+        sub.x = dq
+    return True
 
 
 def _weight_args(w_expr: Any, w_scale: Any, s: float, co: int, c: int, kh: int, kw: int) -> list[Any]:
@@ -590,11 +708,49 @@ def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[
     return name, make, args
 
 
+def _lower_dw(match: _DwMatch) -> tuple[str, Any, list[Any]]:
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qdwconv import qdwconv_primfunc, weight_quads
+
+    batch = batch_of(match.x.ty.shape)
+    c, h, w = (int(v) for v in list(match.x.ty.shape)[1:])
+    kh, kw = (int(v) for v in list(match.w.ty.shape)[2:])
+    kq = -(-kw // 4)
+    pad = padding4(match.conv.attrs.padding)
+    quant: dict[str, Any] = {"s": match.s, "z": match.zp}
+    if match.out_q is not None:
+        quant["s_o"], quant["z_o"] = match.out_q
+    if match.add_q is not None:
+        quant["s_a"], quant["z_a"] = match.add_q
+    residual = match.residual is not None
+    key = zlib.crc32(repr(sorted(quant.items())).encode())
+    name = (f"qdwconv_x86_{c}x{h}x{w}_k{kh}x{kw}_p{''.join(map(str, pad))}_b{batch or 'n'}"
+            f"{'_res' if residual else ''}_{key % 10**8}")
+    _, ws, wsum = _weight_args(match.w, match.w_scale, match.s, c, 1, kh, kw)
+    wc = _const(match.w)
+    if wc is not None:
+        w_arg = relax.const(weight_quads(wc), "int8")
+    else:
+        t = relax.op.reshape(match.w, [c, kh, kw])
+        if kq * 4 != kw:
+            t = relax.op.nn.pad(t, [0, 0, 0, 0, 0, kq * 4 - kw])
+        w_arg = relax.op.reshape(t, [c, kh * kq * 4])
+    r = match.residual if residual else relax.const(np.zeros((1,), np.float32))
+
+    def make():
+        return qdwconv_primfunc(batch, c, h, w, (kh, kw), pad, quant, residual=residual)
+
+    return name, make, [match.x, w_arg, ws, wsum, _bias_arg(match.bias, c), r]
+
+
 def _lower(match: _QMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
     from tvm import relax
 
     if isinstance(match, _StarMatch):
         return _lower_star(match, ctx, family)
+    if isinstance(match, _DwMatch):
+        return _lower_dw(match)
     call = match.conv
     batch = batch_of(match.x.ty.shape)
     w_expr = match.w
