@@ -81,16 +81,23 @@ def max_spans(p: float, alpha: float, window: int) -> list[int]:
     20 us model.) One cumulative sum per m over log-factorials; P(X >= k) grows with m, so shorter spans
     are evidence too."""
     out = [0] * (window + 1)
-    logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, window + 1)))])
-    for m in range(2, window + 1):
-        n = m - 1                                     # the runs before the late one
-        i = np.arange(n + 1)
-        logpmf = logfact[n] - logfact[i] - logfact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
-        sf = 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])    # sf[j] = P(X >= j)
+    for n, sf in _binom_sfs(p, window - 1):           # n = m - 1: the runs before the late one
+        if n < 1:
+            continue
         ks = np.flatnonzero(sf < alpha)               # j = k - 1 others late
         for j in ks[ks >= 1]:
-            out[j + 1] = m
+            out[j + 1] = n + 1
     return out
+
+
+def _binom_sfs(p: float, n_max: int):
+    """For n = 0..n_max: (n, sf) with sf[k] = P(X >= k), X ~ Binomial(n, p), k = 0..n (one cumulative sum
+    per n over log-factorials)."""
+    logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_max + 1)))])
+    for n in range(n_max + 1):
+        i = np.arange(n + 1)
+        logpmf = logfact[n] - logfact[i] - logfact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
+        yield n, 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])
 
 
 @lru_cache(maxsize=8)
@@ -98,11 +105,7 @@ def min_lates(p: float, alpha: float, n_max: int) -> tuple[int, ...]:
     """For n = 0..n_max: the fewest late runs among n that are evidence of a late share above p,
     P(X >= k | n, p) < alpha (n + 1: none is)."""
     out = [1] * (n_max + 1)
-    logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_max + 1)))])
-    for n in range(n_max + 1):
-        i = np.arange(n + 1)
-        logpmf = logfact[n] - logfact[i] - logfact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
-        sf = 1.0 - np.concatenate([[0.0], np.cumsum(np.exp(logpmf))[:-1]])    # sf[k] = P(X >= k)
+    for n, sf in _binom_sfs(p, n_max):
         ks = np.flatnonzero(sf < alpha)
         out[n] = int(ks[0]) if len(ks) else n + 1
     return tuple(out)
@@ -241,14 +244,12 @@ class TailGuard:
     def late(self, o: Option, *, upper: bool = False, exposure: bool = True) -> float:
         """o's predicted late share under the load measured now. `upper`: the (late + 1) / (n + 1)
         estimate (for trials)."""
-        n_late, n = self._late_count(o, exposure=exposure)
-        if n_late is None:
-            return self._profiled(o)
-        return (n_late + self.share_correction[o.key]) / (n + 1) if upper else n_late / n
+        pair = self._predict(o, exposure=exposure)
+        return pair[1] if upper else pair[0]
 
-    def _predict(self, o: Option) -> tuple[float, float]:
+    def _predict(self, o: Option, *, exposure: bool = True) -> tuple[float, float]:
         """(late, upper) for o, as `late` has them, in one count."""
-        n_late, n = self._late_count(o)
+        n_late, n = self._late_count(o, exposure=exposure)
         if n_late is None:
             v = self._profiled(o)
             return v, v
@@ -498,16 +499,15 @@ class TailGuard:
             self._late_at.clear()                     # nothing is faster: stay (cheaply: every late run of
             return None                               # a saturated machine comes here), judge afresh
         norm = self._norm[cur.threads]
-        own = norm.last(self._stint) if trial is not None else []
         kept = norm.last(len(norm))
-        stint_runs = kept[-self._stint:] if self._stint else []
+        stint_runs = kept[-self._stint:] if self._stint else []     # this config's own runs
         norm.keep_last(min(span, max(len(norm), 1)))
 
         def failed(target: Option, *, trial_next: bool) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
             when leaving: a break that every config would share is not this config's fault)."""
             if trial is not None:
-                self._learn_failed_trial(cur, own)
+                self._learn_failed_trial(cur, stint_runs)
             self._learn_share(cur, stint_runs)
             return self._switch(target, trial=trial_next)
 
