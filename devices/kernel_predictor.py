@@ -180,18 +180,19 @@ def _calls(kernels: Sequence[dict[str, Any]]) -> int:
     return 1 + max((int(k.get("call", 0)) for k in kernels), default=0)
 
 
-def _config_row(kernels: Sequence[dict[str, Any]], reg: KernelRegressor,
+def _config_row(kernels: Sequence[dict[str, Any]], t: np.ndarray,
                 serial: KernelRegressor | None = None) -> np.ndarray:
-    """The config's features (CONFIG_FEATURES); `serial`: the kernels' 1-thread regressor, for a model
-    timed at more threads (a chained config's kernels are summed at their 1-thread times)."""
+    """The config's features (CONFIG_FEATURES) from its kernels' predicted times `t`; `serial`: the kernels'
+    1-thread regressor, for a model timed at more threads (a chained config's kernels are summed at their
+    1-thread times)."""
     per_kind = dict.fromkeys(KINDS, 0.0)
     calls = _calls(kernels)
     chained = 0.0
     if serial is not None and calls > 1:
         chained = sum(serial.predict(k) for k in kernels)
     else:
-        for k in kernels:
-            per_kind[k["kind"]] += reg.predict(k)
+        for k, tk in zip(kernels, t):
+            per_kind[k["kind"]] += tk
     w = np.array([k.get("weight_bytes", 0) for k in kernels], float) / 2**20
     # weights of kernels that fit cache c alone (timed hot) while the config's do not (cold in the config)
     hinges = [float(w[w < c].sum()) if w.sum() > c else 0.0 for c in CACHE_HINGES_MIB]
@@ -199,10 +200,15 @@ def _config_row(kernels: Sequence[dict[str, Any]], reg: KernelRegressor,
     return np.array([*per_kind.values(), len(kernels), -len(kernels), calls, *hinges, chained, act], float)
 
 
-def _config_point(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
-    """Where a config sits among configs (the neighbour correction's space): half the log of its kernels'
-    summed time, each kind's share of that time, log kernel count, chained or not, log1p weights MiB."""
-    t = np.array([reg.predict(k) for k in kernels])
+def _times(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
+    """Each kernel's predicted time (ms): `_config_row` and `_config_point` both read them."""
+    return np.array([reg.predict(k) for k in kernels], float)
+
+
+def _config_point(kernels: Sequence[dict[str, Any]], t: np.ndarray) -> np.ndarray:
+    """Where a config sits among configs (the neighbour correction's space), from its kernels' predicted
+    times `t`: half the log of their sum, each kind's share of it, log kernel count, chained or not, log1p
+    weights MiB."""
     total = max(float(t.sum()), 1e-9)
     share = dict.fromkeys(KINDS, 0.0)
     for k, tk in zip(kernels, t):
@@ -239,9 +245,10 @@ class KernelPredictor:
     residuals: np.ndarray | None = None     # and log(measured / linear prediction) of each
     strength: float = 1.0                   # of the correction (one of STRENGTHS, chosen by the fit)
 
-    def linear(self, kernels: Sequence[dict[str, Any]]) -> float:
-        """The calibrated kernel sum (ms) before the neighbour correction."""
-        row = _config_row(kernels, self.regressor, self.serial)
+    def linear(self, kernels: Sequence[dict[str, Any]], t: np.ndarray | None = None) -> float:
+        """The calibrated kernel sum (ms) before the neighbour correction (`t`: the kernels' predicted
+        times, where already known)."""
+        row = _config_row(kernels, _times(kernels, self.regressor) if t is None else t, self.serial)
         return max(float(row @ np.array([self.coef.get(f, 0.0) for f in CONFIG_FEATURES])), 1e-6)
 
     def predict(self, kernels: Sequence[dict[str, Any]]) -> float:
@@ -250,10 +257,11 @@ class KernelPredictor:
             raise DeviceError("a config with no kernels: detect them with edgeflex.export.kernels")
         for i, k in enumerate(kernels):
             _check_kernel(k, f"kernel {i}")
-        base = self.linear(kernels)
+        t = _times(kernels, self.regressor)
+        base = self.linear(kernels, t)
         if self.points is None or self.residuals is None:
             return base
-        return base * _correction(_config_point(kernels, self.regressor), self.points, self.residuals,
+        return base * _correction(_config_point(kernels, t), self.points, self.residuals,
                                   self.strength)
 
     def to_json(self) -> dict[str, Any]:
@@ -368,9 +376,10 @@ def _strength(x: np.ndarray, y: np.ndarray, points: np.ndarray, ridge: float) ->
 
 def _fit(reg: KernelRegressor, serial: KernelRegressor | None, ks: Sequence[Sequence[dict[str, Any]]],
          y: np.ndarray, ridge: float) -> tuple[dict[str, float], np.ndarray, np.ndarray, float]:
-    x = np.stack([_config_row(k, reg, serial) for k in ks])
+    ts = [_times(k, reg) for k in ks]
+    x = np.stack([_config_row(k, t, serial) for k, t in zip(ks, ts)])
     coef = _solve(x, y, ridge)
-    points = np.stack([_config_point(k, reg) for k in ks])
+    points = np.stack([_config_point(k, t) for k, t in zip(ks, ts)])
     resid = np.log(y / np.maximum(x @ coef, 1e-6))
     return dict(zip(CONFIG_FEATURES, map(float, coef))), points, resid, _strength(x, y, points, ridge)
 
