@@ -176,7 +176,8 @@ class Runtime:
         self._budget_call: dict[str, Any] | None = None
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
         self._unobserved = 0            # runs left before the budget policy times one again (sampling)
-        self._pending: tuple[_Plan, float] | None = None    # an observation the policy has not had yet
+        self._pending: tuple[_Plan, float, int] | None = None    # an observation the policy has not had yet
+        self._nreq = 0                  # requests run under the budget policy (every one is timed)
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -400,13 +401,16 @@ class Runtime:
         self._last_arrays = arrays
         skip = self._unobserved
         pc = time.perf_counter
-        if skip:                                # sampled (see TailGuard.every): this run is not timed
-            self._unobserved = skip - 1
-            if self._pending is None:
-                return plan.config.name, plan.call(arrays)
-            t0 = pc()                           # an observation waits for a run that leaves room for it
+        if skip:                                # sampled (see TailGuard.every): not observed, but timed: a
+            self._unobserved = skip - 1         # late one counts at once (`TailGuard.late_request`)
+            n = self._nreq = self._nreq + 1
+            t0 = pc()
             out = plan.call(arrays)
-            self._bookkeep(adapter, (pc() - t0) * 1e3, t0)
+            ms = (pc() - t0) * 1e3
+            if ms > adapter.budget:
+                self._late_request(adapter, plan, n)
+            if self._pending is not None:       # an observation waits for a run that leaves room for it
+                self._bookkeep(adapter, ms, t0)
             return plan.config.name, out
         t0 = pc()
         out = plan.call(arrays)
@@ -414,6 +418,7 @@ class Runtime:
         if type(adapter) is not TailGuard:
             self._observe(adapter, plan, (t1 - t0) * 1e3)
             return plan.config.name, out
+        n = self._nreq = self._nreq + 1
         # the latency the caller sees includes the policy's own bookkeeping: add its running mean per request
         # (an observation's cost over `every`: only the observed request pays it; adding all of it to every
         # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
@@ -421,7 +426,7 @@ class Runtime:
         if self._pending is not None:           # the last one found no room in `every` runs: now, so that no
             self._bookkeep(adapter, (t1 - t0) * 1e3, t0, force=True)    # observation is lost (losing the
             # waiting ones and keeping the late ones, which go at once, showed the policy only late runs)
-        self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every)
+        self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every, n)
         self._bookkeep(adapter, (t1 - t0) * 1e3, t0)
         return plan.config.name, out
 
@@ -435,16 +440,31 @@ class Runtime:
         bookkeeping included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
         if not force and ms + 2 * adapter.overhead_ms > adapter.budget and ms <= adapter.budget:
             return
-        plan, latency = self._pending
+        plan, latency, n = self._pending
         self._pending = None
         pc = time.perf_counter
         t1 = pc()
-        self._observe(adapter, plan, latency)
+        self._observe(adapter, plan, latency, n)
+        if self._unobserved >= adapter.every:   # a burst began (`TailGuard.late_request`): observe from now
+            self._unobserved = adapter.every - 1
         t2 = pc()
-        adapter.bookkept((t2 - t1) * 1e3, ms <= adapter.budget < (t2 - t0) * 1e3)
+        # late for this bookkeeping: on time until it began (after the run and any hand-over before it in the
+        # same run: judged on the engine's time alone, a run one hand-over made late was charged twice)
+        adapter.bookkept((t2 - t1) * 1e3, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3)
 
-    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
-        target = adapter.observe(plan.key, latency_ms)
+    def _late_request(self, adapter: TailGuard, plan: _Plan, n: int) -> None:
+        """Request `n` ran late unobserved: the policy counts it (and may begin a burst of observations)."""
+        target = adapter.late_request(plan.key, n)
+        if self._unobserved >= adapter.every:
+            self._unobserved = adapter.every - 1
+        self._switch_to(target)
+
+    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float,
+                 n: int | None = None) -> None:
+        self._switch_to(adapter.observe(plan.key, latency_ms) if n is None
+                        else adapter.observe(plan.key, latency_ms, n))
+
+    def _switch_to(self, target: str | None) -> None:
         if target is not None:
             if self._warm_switch:
                 self._warm_then_switch(self._by_key[target])
@@ -651,7 +671,7 @@ class Runtime:
                               "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
-        self._unobserved = 0
+        self._unobserved = self._nreq = 0
         self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config
