@@ -594,8 +594,16 @@ class TailGuard:
         # on the few runs since the break every config is taken to meet the spikes this one met (whether a
         # shorter run would have missed one says nothing over six runs; counted by exposure, a chance pair
         # of late runs of a config late 1 % sent it down)
+        # at this thread count only a faster config: a slower one is no less late on the same runs, and on
+        # the runs of a burst (which may have missed the late requests that made the break) it looked on
+        # time: the smallest FITS config left *up* at breaks, 317 times in 10 s of a saturated machine
+        # (simulated on recorded latencies); other counts as predicted
+        p_cur = cur.p50_ms * self.correction[cur.key]
+
         def late(o: Option) -> float:
-            return math.inf if o.key == cur.key else self.late(o, exposure=False)
+            if o.key == cur.key or (o.threads == cur.threads and o.p50_ms * self.correction[o.key] >= p_cur):
+                return math.inf
+            return self.late(o, exposure=False)
 
         target = self._best(late)
         if stale and (target is None or target.rank < cur.rank):

@@ -364,3 +364,17 @@ def test_a_trial_late_more_than_predicted_is_predicted_so_after_it_is_left():
     assert g.probes["tried"] >= 1 and g.current != "big@2t"
     assert g.share_correction["big@2t"] > 2                 # realised ~3 % against a predicted ~0.2 %
     assert g.late(g.opts["big@2t"]) > g.aim                 # not predicted within the plan any more
+
+
+def test_leaving_at_a_break_never_moves_to_a_slower_config_at_the_same_count():
+    # the runs since a break seen between observations may all look on time (the late ones were not
+    # observed): on them a bigger config at this count looked as good, and the smallest FITS config left
+    # *up* at breaks. Leaving goes to a faster config here, or to another count as predicted
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    g._enter("mid@2t", None)
+    for _ in range(200):
+        g._cur_norm.append(1.0)
+    new = g._leave(10)
+    assert new is not None and new != "big@2t"
+    o = g.opts[new]
+    assert o.threads != 2 or o.p50_ms < 0.3
