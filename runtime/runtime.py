@@ -408,7 +408,7 @@ class Runtime:
             out = plan.call(arrays)
             ms = (pc() - t0) * 1e3
             if ms > adapter.budget:
-                self._late_request(adapter, plan, n)
+                self._late_request(adapter, plan, n, ms)
             if self._pending is not None:       # an observation waits for a run that leaves room for it
                 self._bookkeep(adapter, ms, t0)
             return plan.config.name, out
@@ -452,9 +452,10 @@ class Runtime:
         # same run: judged on the engine's time alone, a run one hand-over made late was charged twice)
         adapter.bookkept((t2 - t1) * 1e3, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3)
 
-    def _late_request(self, adapter: TailGuard, plan: _Plan, n: int) -> None:
-        """Request `n` ran late unobserved: the policy counts it (and may begin a burst of observations)."""
-        target = adapter.late_request(plan.key, n)
+    def _late_request(self, adapter: TailGuard, plan: _Plan, n: int, ms: float) -> None:
+        """Request `n` ran late (`ms`) unobserved: the policy counts it (and may begin a burst of
+        observations)."""
+        target = adapter.late_request(plan.key, n, ms)
         if self._unobserved >= adapter.every:
             self._unobserved = adapter.every - 1
         self._switch_to(target)

@@ -201,7 +201,6 @@ class TailGuard:
         self._runs = 0                                  # observed runs
         self._req = 0                                   # requests (the runtime's count; every one is timed)
         self._burst = 0                                 # observed runs left in a burst (`late_request`)
-        self._burst_keep = 0
         self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
         self.trial_costs: list[int] = []                # late requests each failed trial cost
         self.every = 1
@@ -333,6 +332,7 @@ class TailGuard:
         self._threads, self._p50 = o.threads, o.p50_ms * self.correction[key]
         self._cur_norm = self._norm[o.threads]
         self._late_at: deque[int] = deque()          # request numbers of this stint's late requests
+        self._unobserved_late: deque[tuple[int, float]] = deque(maxlen=64)    # (request, slowdown)
         if self._burst:                              # a switch ends a burst
             self._burst = 0
             self._set_every()
@@ -374,7 +374,8 @@ class TailGuard:
                     self._set_every()                 # test still finds it, is left on the burst's runs
                     span = self._breaks_tail()
                     if span:
-                        return self._leave(self._burst_keep)
+                        since = req - span
+                        return self._leave(BURST, [v for r, v in self._unobserved_late if r > since])
             phase = stint % self._trial_every
             if phase == 0:
                 self._set_every()
@@ -385,7 +386,7 @@ class TailGuard:
                     self._pred[o.key] = self._predict(o)
             return None
 
-    def late_request(self, config: str, at: int) -> str | None:
+    def late_request(self, config: str, at: int, latency_ms: float | None = None) -> str | None:
         """A request the runtime timed but did not hand over (it observes one in `every`) was late: counted
         at once, in the allowance, in a trial's cost and in the tail test, so that a break is seen within a
         few requests, not a few observations. Before, only observed runs were tested: sampled 1 in 13-19,
@@ -397,6 +398,8 @@ class TailGuard:
                 return None
             if at > self._req:
                 self._req = at
+            if latency_ms is not None:               # the break's evidence, with the burst's runs (`_leave`)
+                self._unobserved_late.append((at, latency_ms / self._p50))
             allowance = self.allowance - 1
             self.allowance = -self._cap if allowance < -self._cap else allowance
             span = self._count_late(at)
@@ -430,7 +433,6 @@ class TailGuard:
             self._late_at.clear()
             return None
         self._burst = BURST
-        self._burst_keep = BURST + span // self.every    # the break's observed runs, and the burst's
         self.every, self._regrow_every = 1, self._regrow
         return None
 
@@ -566,12 +568,12 @@ class TailGuard:
 
     # --- moving ------------------------------------------------------------------------------------------
 
-    def _leave(self, span: int) -> str | None:
-        """The current config breaks the tail (`span`: the observed runs since the break): to the best
-        predicted to hold it on the runs since the break
-        (the runs before it are of another load: dropped); else a thread count not seen lately, as its
-        profile has it (without waiting for the allowance when nothing here holds); else the best-ranked
-        candidate predicted late less than this one."""
+    def _leave(self, span: int, extra: list[float] | tuple = ()) -> str | None:
+        """The current config breaks the tail (`span`: the observed runs since the break; `extra`: the late
+        requests since it that were not observed, as slowdowns): to the best faster config predicted to
+        hold it on the runs since the break (the runs before it are of another load: dropped); else a
+        thread count not seen lately, as its profile has it (without waiting for the allowance when nothing
+        here holds); else the best-ranked faster candidate predicted late less than this one."""
         cur = self.opts[self.current]
         trial = self._trial
         stale = [o for o in self.opts.values() if self._stale(o.threads)]
@@ -581,7 +583,7 @@ class TailGuard:
         norm = self._norm[cur.threads]
         kept = norm.last(len(norm))
         stint_runs = kept[-self._stint:] if self._stint else []     # this config's own runs
-        norm.keep_last(min(span, max(len(norm), 1)))
+        norm.reset(norm.last(min(span, max(len(norm), 1))) + list(extra))
 
         def failed(target: Option, *, trial_next: bool) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
@@ -594,15 +596,16 @@ class TailGuard:
         # on the few runs since the break every config is taken to meet the spikes this one met (whether a
         # shorter run would have missed one says nothing over six runs; counted by exposure, a chance pair
         # of late runs of a config late 1 % sent it down)
-        # at this thread count only a faster config: a slower one is no less late on the same runs, and on
-        # the runs of a burst (which may have missed the late requests that made the break) it looked on
-        # time: the smallest FITS config left *up* at breaks, 317 times in 10 s of a saturated machine
-        # (simulated on recorded latencies); other counts as predicted
+        # only to a faster config (its profiled p50, any count): a slower one is no less late on the same
+        # runs, and on a burst's runs it could look on time (the smallest FITS config left *up* at breaks,
+        # 317 times in a simulated 10 s); another count's own kept runs may be of an older load (SN-Net went
+        # round 1-thread configs down, then up to the full model at 2 threads, then down again: 20 breaks in
+        # 4 s). A slower config is only ever reached by a trial, paid from the allowance
         p_cur = cur.p50_ms * self.correction[cur.key]
 
         def late(o: Option) -> float:
-            if o.key == cur.key or (o.threads == cur.threads and o.p50_ms * self.correction[o.key] >= p_cur):
-                return math.inf
+            if o.p50_ms * self.correction[o.key] >= p_cur:
+                return math.inf                       # the current config too
             return self.late(o, exposure=False)
 
         target = self._best(late)
@@ -621,7 +624,7 @@ class TailGuard:
             # late share to every config): the best-ranked that would be late less than this one, not the
             # least late (the fastest, a quality cliff on one spike); if it is still late, the test moves on
             now = self.late(cur, exposure=False)
-            less = [o for o in self.opts.values() if o.key != cur.key and self.late(o, exposure=False) < now]
+            less = [o for o in self.opts.values() if late(o) < now]
             if not less:
                 self._late_at.clear()                 # nothing would be late less: stay, judge afresh; a
                 self._trial = None                    # trial is over (its cost and error learnt once)
