@@ -234,12 +234,13 @@ def test_a_break_between_observations_is_seen_at_once_and_left_on_a_burst_of_obs
     # three late requests in a row, none of them observed: a break at once, and a burst of observations
     req = g._req
     for i in range(1, 4):
-        assert g.late_request("big@2t", req + i) is None
+        assert g.late_request("big@2t", req + i, 1.2) is None
     assert g.every == 1 and g._burst == BURST and g.current == "big@2t"
     moved = [g.observe("big@2t", 0.9) for _ in range(BURST)]
-    # the burst's runs are late too: left on them, to a config that holds the tail on them; the trial cost
-    # every late request (3 reported, 6 observed)
+    # the burst's runs are late too: left on them and the three reported (their slowdowns kept as the
+    # break's evidence), to a faster config; the trial cost every late request (3 reported, 6 observed)
     assert moved[:-1] == [None] * (BURST - 1) and moved[-1] not in (None, "big@2t")
+    assert g.opts[moved[-1]].p50_ms < 0.4 and len(g._norm[2]) == BURST + 3
     assert g.trial_costs == [3 + BURST] and g.every == every
     # a break that ends at once (three late, then the burst's runs within the budget) is not left
     g = TailGuard(OPTS, Budget(latency_ms=0.5))
