@@ -384,8 +384,11 @@ def test_set_budget_property(srt: ef.Runtime, latency, kw) -> None:
         _outcome(False)
         return
     _outcome(True)
-    degrade, margin, window, tail, fast_down = (kw[k] for k in ("degrade", "margin", "window", "tail",
-                                                                "fast_down"))
+    # None is the window policy's default for its four settings (here at least two are always given, so
+    # it is the window policy: the tail policy is the default only when none is)
+    defaults = {"margin": 0.85, "window": 32, "tail": "p90", "fast_down": 3}
+    degrade = kw["degrade"]
+    margin, window, tail, fast_down = (defaults[k] if kw[k] is None else kw[k] for k in defaults)
     try:
         assert _flag(degrade) and _num(window) and int(window) == window >= 1 and tail in ("p90", "p99")
         assert _num(fast_down) and int(fast_down) == fast_down >= 0 and _num(margin) and 0 < margin <= 1

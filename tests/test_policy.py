@@ -235,7 +235,7 @@ def test_set_budget_picks_best_that_fits_and_impossible_budget(elastic):
     prof = rt.latency_profile()["configs"]
     chosen = rt.set_budget(Budget(latency_ms=1e6))
     assert chosen == max(rt.configs, key=lambda c: c.quality["value"]).name and rt.config == chosen
-    with pytest.raises(BudgetError, match="no config fits"):
+    with pytest.raises(BudgetError, match="no config.* fits"):
         rt.set_budget(Budget(latency_ms=1e-6))
     fastest = min(prof, key=lambda n: prof[n]["p90_ms"])
     assert rt.set_budget(Budget(latency_ms=1e-6), degrade=True) == fastest and rt.budget_met is False
