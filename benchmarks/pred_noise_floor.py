@@ -24,10 +24,12 @@ import numpy as np
 from edgeflex.export.kernel_model import OVERHEAD, kernel_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, write_section
+from common import command_line, cpu_flag_list, machine_info, write_section
 
 SECTION = "## Kernel-level predictor: the noise floor of its ground truth (issue 22)"
 COPIES = "copies:"      # bench_predictor.py's key prefix for kernels timed as copies (not compared here)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+             "amx_bf16", "asimd", "sve")
 DATA = (Path("/work/notes/pred-data/q0640"), Path("/work/notes/pred-data/q0911"))
 
 
@@ -67,8 +69,12 @@ def cross(a: dict[str, float], b: dict[str, float]) -> tuple[list[str], np.ndarr
 
 def report(runs: list[Path], band: float, n_random: int) -> str:
     names = [r.name for r in runs]
+    info = machine_info(1)
+    flags = ", ".join(f for f in CPU_FLAGS if f in (cpu_flag_list() or [])) or "unknown"
     lines = [
         f"Command: `{command_line()}`  ",
+        f"Machine (this host; the runs must have been measured on it): {info['cpu']}, {info['cores']}; "
+        f"CPU flags: {flags}  ",
         f"Data: the saved quiet runs {', '.join(f'`{r}`' for r in runs)} (`bench_predictor.py --kernels "
         "--rounds 16`, nothing else running; this script measures nothing)  ",
         f"Band: ±{band:g} % (issue 22's goal: ≥ 90 % of configs within it)",
