@@ -136,12 +136,14 @@ def _describe(unit: list[onnx.NodeProto], shapes: dict, sizes: dict, infos: dict
 def _dims(head: onnx.NodeProto, kind: str, ins: list, out: tuple[int, ...] | None) -> list[int]:
     """The head node's shape in the few numbers its kernel's speed depends on: a Conv's [in channels, out
     channels, input pixels, kernel taps, stride], a MatMul/Gemm's [M, K, N], a Transpose's [input elements,
-    output elements, elements that stay contiguous] (_transpose_run), else [input elements, output
+    output elements, contiguous runs it moves] (elements over _transpose_run; a Transpose that is a copy
+    has no third number, like the other copies, Reshape and Flatten), else [input elements, output
     elements]; 0 where unknown."""
     x, w = (ins + [None, None])[:2]
     if head.op_type == "Transpose" and x:
         perm = next((list(a.ints) for a in head.attribute if a.name == "perm"), None)
-        return [_numel(x), _numel(out) if out else 0, _transpose_run(list(x), perm)]
+        runs = _numel(x) // max(_transpose_run(list(x), perm), 1)
+        return [_numel(x), _numel(out) if out else 0, *([runs] if runs > 1 else [])]
     if kind in ("conv", "dwconv") and x and w and len(x) >= 3 and len(w) >= 3:
         strides = next((list(a.ints) for a in head.attribute if a.name == "strides"), [1])
         return [int(x[1]), int(w[0]), _numel(x[2:]), _numel(w[2:]), int(max(strides or [1]))]
