@@ -100,7 +100,7 @@ def variants(per_config: dict) -> dict[str, Features]:
         return f
 
     return {
-        "the model (format 4)": model(),
+        "the model (this branch)": model(),
         f"NCHWc convs (channels fit {BLOCK}) in a column of their own": model_split(),
         "convs at their 1-thread time alone":
             model(lambda k, r: r.kt[1 if k["kind"] == "conv" else 2][k["key"]]),
@@ -131,7 +131,7 @@ def own_profile(per_config: dict) -> Features:
     """Not a predictor: the held-out config's own in-graph kernel times (ORT's profiler) per kind."""
     def f(lab, run, t):
         ks, c = per_config[lab], run.ctx[t][lab]
-        row, pt = variants(per_config)["the model (format 4)"](lab, run, t)
+        row, pt = variants(per_config)["the model (this branch)"](lab, run, t)
         if t == 1 or kp._calls(ks) == 1:
             for i, kind in enumerate(kp.KINDS):
                 row[i] = sum(m for k, m in zip(ks, c["ms"]) if k["kind"] == kind)
@@ -188,7 +188,7 @@ def report(work: Path, sampled: int, name: str) -> str:
              own_profile(per_config)}
     for t in (1, 2):
         for vname, f in feats.items():
-            if t == 1 and vname not in ("the model (format 4)",
+            if t == 1 and vname not in ("the model (this branch)",
                                         "(not a predictor) the held-out config's own in-graph profile"):
                 continue
             errs = {rn: loo(f, r, t, labels) for rn, r in runs.items()}
