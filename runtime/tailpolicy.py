@@ -178,7 +178,6 @@ class TailGuard:
         if not options:
             raise BudgetError("no config has a latency profile on this device; run `edgeflex profile` first")
         self.opts = {o.key: o for o in options}
-        self._twins = {(o.key.rpartition("@")[0], o.threads): o for o in options}   # (config, count): option
         if len(self.opts) != len(options):
             raise UsageError("options repeat a config at one thread count")
         self.budget = budget.latency_ms
@@ -627,9 +626,8 @@ class TailGuard:
             # smallest config at 1 thread to the largest at 2 at every break: measured on SN-Net)
             free = self.idle_cores() if self.idle_cores is not None else None
             stale = [o for o in stale if o.threads <= cur.threads
-                     or (free is not None and free >= 0.75 * (o.threads - cur.threads)
-                         and self._faster_copy(o))]
-            idle = self._best(lambda o: self._profiled(o) if o in stale else math.inf)
+                     or (free is not None and free >= 0.75 * (o.threads - cur.threads))]
+            idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
                 return failed(idle, trial_next=True)
         if target is None:
@@ -666,8 +664,6 @@ class TailGuard:
         asked, free = False, None
         for o in better:
             if o.threads != cur.threads and self._stale(o.threads) and self.idle_cores is not None:
-                if o.threads > cur.threads and not self._faster_copy(o):
-                    continue
                 if not asked:
                     asked, free = True, self.idle_cores()
                 if free is not None:                  # the OS says whether its extra cores are free
@@ -677,17 +673,6 @@ class TailGuard:
             if self._predicted(o, upper=True) <= self.aim:
                 return self._switch(o, trial=True)
         return None
-
-    def _faster_copy(self, o: Option) -> bool:
-        """Whether `o`, at more threads than the current count and not run lately, is faster in the profile
-        than the same config at the current count (or that config does not run here): only then is it worth
-        trying as its profile has it when the OS says the extra cores are free. Where more threads make a
-        config slower even on an idle machine (FITS and SN-Net on 2 cores), such a trial only waits for the
-        OS to call the cores free: FITS went to cut-60 at 2 threads, late 5 % where cut-60 at 1 thread was
-        late 0.4 % (measured, seed 5014). (Fewer threads are tried regardless: a hog may have taken a core,
-        and the profile cannot say.)"""
-        twin = self._twins.get((o.key.rpartition("@")[0], self._threads))
-        return twin is None or o.p50_ms < twin.p50_ms
 
     def _trial_kept(self) -> None:
         self.probes["kept"] += 1
