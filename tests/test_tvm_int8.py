@@ -76,6 +76,20 @@ def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and
     assert _rel(tvm, _torch(model, x)) < INT8_TOL
 
 
+@needs_int8
+def test_the_int8_engine_at_two_threads_gives_the_one_thread_outputs(starnet_int8):
+    """The compiled int8 engine run by the runtime at 2 threads: the same outputs as at 1 thread, exactly
+    (integer kernels; every multi-pass kernel waits for the pass before)."""
+    _, path, _ = starnet_int8
+    x = _probe()
+    two = ef.Runtime(path, backend="tvm", threads=2, only=["default@int8"])
+    y2 = [two.run(x) for _ in range(5)]
+    one = ef.Runtime(path, backend="tvm", threads=1, only=["default@int8"])   # the pool back at 1 thread
+    y1 = one.run(x)
+    for y in y2:
+        np.testing.assert_array_equal(y, y1)
+
+
 def _vnni_host() -> bool:
     """This host's TVM target has AVX512-VNNI (the int8 depthwise kernel is x86 only)."""
     import tvm
@@ -261,6 +275,66 @@ def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without
         pytest.skip(why)
     quant, ref, args = _star_case(shape, (0.0, 6.0), np.random.default_rng(3))
     _close_to_reference(_run_star(shape, quant, args(amx_weight), tgt, X86_VNNI, amx=True), ref)
+
+
+class _threads:
+    """TVM's thread pool at `n` threads inside the block, 1 after (the pool is one per process)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        from edgeflex.runtime.backends.tvm import _configure_threads
+
+        _configure_threads(self.n)
+
+    def __exit__(self, *exc):
+        from edgeflex.runtime.backends.tvm import _configure_threads
+
+        _configure_threads(1)
+
+
+def test_the_int8_kernels_give_the_same_bytes_at_two_threads_as_at_one() -> None:
+    """Every pass of a multi-pass kernel (the conv's quantize, its lay-out and its dot products; the star
+    block's quantize, f1 / f2 and g) reads what all tasks of the pass before wrote: a barrier between them.
+    At 2 threads the outputs equal the 1-thread run's, bit for bit, on 20 repeated calls (without the
+    barriers the 2-thread stem conv differed in almost every output)."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import qconv_primfunc, qdot_instruction
+    from edgeflex.kernels.tir.qstar import amx_usable, amx_weight, qstar_primfunc, request_amx
+
+    tgt = tvm.target.Target(host_target(2))
+    family = qdot_instruction(tgt)
+    if family is None or tvm_int8_refusal() is not None:
+        pytest.skip("this CPU has no VNNI / dotprod: the int8 kernel cannot run here")
+    rng = np.random.default_rng(5)
+    cases = []
+    for c, h, co, k, stride, pad in ((3, 96, 16, 3, 2, 1), (13, 40, 24, 3, 2, 1)):   # fused / plain lay-out
+        x = rng.standard_normal((1, c, h, h)).astype(np.float32)
+        c4, oh = -(-c // 4), (h + 2 * pad - k) // stride + 1
+        w = rng.integers(-127, 128, (co, k * k * c4 * 4)).astype(np.int8)
+        args = [x, w, rng.uniform(1e-4, 1e-3, co).astype(np.float32),
+                w.astype(np.int32).sum(1).astype(np.int32), rng.standard_normal(co).astype(np.float32)]
+        cases.append((qconv_primfunc(1, c, h, h, co, (k, k), (stride, stride), (pad,) * 4, 0.02, 131,
+                                     family), args, (1, co, oh, oh)))
+    amx = amx_usable(tgt, 24, 96, 28 * 28) and request_amx() is None
+    for use_amx in (False, True) if amx else (False,):
+        shape = (24, 28, 28, 96, 24)
+        quant, _, star_args = _star_case(shape, (0.0, 6.0), np.random.default_rng(6))
+        cases.append((qstar_primfunc(1, *shape, quant, family, amx=use_amx),
+                      star_args(amx_weight if use_amx else (lambda a: a)), (1, 24, 28, 28)))
+    for func, args, out_shape in cases:
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
+        ins = [tvm.runtime.tensor(a) for a in args]
+        y = tvm.runtime.empty(out_shape, "float32")
+        lib["main"](*ins, y)
+        one = y.numpy()
+        with _threads(2):
+            for _ in range(20):
+                lib["main"](*ins, y)
+                np.testing.assert_array_equal(y.numpy(), one)
 
 
 @pytest.mark.parametrize("shape,fused", [((24, 20, 20, 7, 3), False), ((24, 20, 20, 7, 3), True),

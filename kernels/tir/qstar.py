@@ -242,6 +242,8 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         hs = T.decl_buffer((HQ * NP,), "int32")
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
+                # a barrier after phases 1 and 2: each reads what every task of the one before wrote
+                # (`barrier_when_finish` ends only the statement it wraps)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     # (1) x quantized: AMX, one row of KP bytes per pixel; VNNI, 4 channels of a pixel per
                     # int32 (the last chunk overlaps)
@@ -266,6 +268,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                   qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
                                   qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
                                   qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     # (2) f1, f2, their QDQ, [act], the product and its quantization, packed.
                     # AMX: tasks of 32 pixels (two A tiles) x 16 hidden channels (one B tile of f1, one
                     # of f2), four C tiles; the tiles stored, then the epilogue along hidden channels
@@ -340,23 +343,24 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                            rq * 4 + 2, p),
                                       prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 3,
                                            rq * 4 + 3, p))
-                    # (3) g on the packed product
-                    for task in T.parallel(TB * OBLK):
-                        q0: T.let = T.min(task // OBLK * P, NP - P)
-                        o0: T.let = T.min(task % OBLK * OB, CO - OB)
-                        acc = T.decl_buffer((OB * P,), "int32", scope="local")
-                        for i in T.unroll(OB * pv):
-                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                        for hq in range(HQ):
-                            for v in T.unroll(pv):
-                                hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
-                                for r in T.unroll(OB):
-                                    acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
-                                        acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
-                                        (o0 + r) * HID + hq * 4)
-                        for r in T.unroll(OB):
-                            for p in T.vectorized(P):
-                                yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
-                                    "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+                # (3) g on the packed product
+                for task in T.parallel(TB * OBLK):
+                    q0: T.let = T.min(task // OBLK * P, NP - P)
+                    o0: T.let = T.min(task % OBLK * OB, CO - OB)
+                    acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                    for i in T.unroll(OB * pv):
+                        acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for hq in range(HQ):
+                        for v in T.unroll(pv):
+                            hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
+                            for r in T.unroll(OB):
+                                acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
+                                    acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
+                                    (o0 + r) * HID + hq * 4)
+                    for r in T.unroll(OB):
+                        for p in T.vectorized(P):
+                            yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
+                                "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+
 
     return qstar
