@@ -206,10 +206,11 @@ def _star_case(shape, act, rng):
     def rowsum(a):
         return a.astype(np.int32).sum(1).astype(np.int32)
 
-    def args(amx_layout):
+    def args(amx_layout, g_layout=lambda a: a):
         z0 = quant["z0"]
         return [x, amx_layout(w1), *fold(ws1, b1, rowsum(w1), z0, quant["s1"]), amx_layout(w2),
-                *fold(ws2, b2, rowsum(w2), z0, quant["s2"]), wg, *fold(wsg, bg, rowsum(wg), quant["z3"], 1.0)]
+                *fold(ws2, b2, rowsum(w2), z0, quant["s2"]), g_layout(wg),
+                *fold(wsg, bg, rowsum(wg), quant["z3"], 1.0)]
 
     return quant, ref, args
 
@@ -253,20 +254,36 @@ def test_the_fused_int8_star_kernel_matches_its_integer_reference(shape, act) ->
     _close_to_reference(_run_star(shape, quant, args(lambda a: a), tgt, family), ref)
 
 
-@pytest.mark.parametrize("shape", [(24, 8, 8, 96, 24), (96, 7, 7, 384, 96)])
+@pytest.mark.parametrize("shape", [(24, 8, 8, 96, 24), (96, 7, 7, 384, 96), (48, 6, 9, 192, 40),
+                                   (16, 6, 6, 96, 36), (16, 6, 6, 64, 12)])
 def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without_amx(shape) -> None:
     """f1 and f2 on AMX tiles (tdpbusd; 64-channel rows, zero-padded where C < 64; the last 32-pixel tile
-    overlapping the one before), where this CPU has amx_int8 and Linux grants the tile state; a target
-    without amx-int8 is not given the AMX kernel."""
+    overlapping the one before), and g too where it has 32 output channels or more (tdpbsud; hidden rows
+    zero-padded to 64s: 96 -> 128; output blocks of 32, the last overlapping; CO 24 and 12: g on VNNI),
+    where this CPU has amx_int8 and Linux grants the tile state; a target without amx-int8 is not given
+    the AMX kernel."""
     import tvm
 
     from edgeflex.compile.tvm import host_target
     from edgeflex.devices.precision import cpu_flags
     from edgeflex.kernels.tir.qconv import X86_VNNI
-    from edgeflex.kernels.tir.qstar import amx_usable, amx_weight, request_amx
+    from edgeflex.kernels.tir.qstar import (
+        amx_g,
+        amx_g_weight,
+        amx_usable,
+        amx_weight,
+        qstar_primfunc,
+        request_amx,
+    )
 
     icelake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
     assert not amx_usable(icelake, 96, 384, 196)
+    # without AMX the whole block (g included) compiles to VNNI, no tile instruction
+    quant = {"s0": 0.02, "z0": 131, "s1": 0.05, "z1": 0, "s2": 0.04, "z2": 120, "s3": 0.1, "z3": 3}
+    asm = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, 96, 7, 7, 384, 96, quant, X86_VNNI,
+                                                           amx=amx_usable(icelake, 96, 384, 49))}),
+                      target=icelake).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "tdpb" not in asm and "ldtilecfg" not in asm
     tgt = tvm.target.Target(host_target(1))
     if "amx_int8" not in cpu_flags() or not amx_usable(tgt, *shape[:1], shape[3], shape[1] * shape[2]):
         pytest.skip("this CPU (or its LLVM target) has no AMX-INT8")
@@ -274,7 +291,8 @@ def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without
     if why is not None:
         pytest.skip(why)
     quant, ref, args = _star_case(shape, (0.0, 6.0), np.random.default_rng(3))
-    _close_to_reference(_run_star(shape, quant, args(amx_weight), tgt, X86_VNNI, amx=True), ref)
+    g_layout = amx_g_weight if amx_g(True, shape[4]) else (lambda a: a)
+    _close_to_reference(_run_star(shape, quant, args(amx_weight, g_layout), tgt, X86_VNNI, amx=True), ref)
 
 
 class _threads:
@@ -303,7 +321,7 @@ def test_the_int8_kernels_give_the_same_bytes_at_two_threads_as_at_one() -> None
 
     from edgeflex.compile.tvm import host_target
     from edgeflex.kernels.tir.qconv import qconv_primfunc, qdot_instruction
-    from edgeflex.kernels.tir.qstar import amx_usable, amx_weight, qstar_primfunc, request_amx
+    from edgeflex.kernels.tir.qstar import amx_g_weight, amx_usable, amx_weight, qstar_primfunc, request_amx
 
     tgt = tvm.target.Target(host_target(2))
     family = qdot_instruction(tgt)
@@ -321,10 +339,11 @@ def test_the_int8_kernels_give_the_same_bytes_at_two_threads_as_at_one() -> None
                                      family), args, (1, co, oh, oh)))
     amx = amx_usable(tgt, 24, 96, 28 * 28) and request_amx() is None
     for use_amx in (False, True) if amx else (False,):
-        shape = (24, 28, 28, 96, 24)
+        shape = (24, 28, 28, 96, 48)            # on AMX: f1, f2 and g
         quant, _, star_args = _star_case(shape, (0.0, 6.0), np.random.default_rng(6))
         cases.append((qstar_primfunc(1, *shape, quant, family, amx=use_amx),
-                      star_args(amx_weight if use_amx else (lambda a: a)), (1, 24, 28, 28)))
+                      star_args(*((amx_weight, amx_g_weight) if use_amx else (lambda a: a,))),
+                      (1, 48, 28, 28)))
     for func, args, out_shape in cases:
         lib = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
         ins = [tvm.runtime.tensor(a) for a in args]

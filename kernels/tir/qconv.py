@@ -691,8 +691,21 @@ def _amx_weight_arg(w_expr: Any, hid: int, c: int) -> Any:
     return relax.op.reshape(t, [hid * kp])
 
 
+def _amx_g_weight_arg(w_arg: Any, co: int, hid: int) -> Any:
+    """g's packed [co, hid] int8 weight as `qstar.amx_g_weight` lays it out (rows zero-padded to 64s)."""
+    from tvm import relax
+
+    from edgeflex.kernels.tir.qstar import amx_g_weight
+
+    wc = _const(w_arg)
+    if wc is not None:
+        return relax.const(amx_g_weight(wc.reshape(co, hid)), "int8")
+    kg = -(-hid // 64) * 64
+    return w_arg if kg == hid else relax.op.nn.pad(w_arg, [0, 0, 0, kg - hid])
+
+
 def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
-    from edgeflex.kernels.tir.qstar import amx_usable, qstar_primfunc
+    from edgeflex.kernels.tir.qstar import amx_g, amx_usable, qstar_primfunc
 
     f1, f2, g = match.f1, match.f2, match.g
     batch = batch_of(f1.x.ty.shape)
@@ -713,7 +726,8 @@ def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[
         args += [_amx_weight_arg(hit.w, hid, c) if amx else w_arg,
                  *_fold_args(ws, hit.bias, wsum, hid, f1.zp - shift, s_out)]
     w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
-    args += [w_arg, *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
+    args += [_amx_g_weight_arg(w_arg, co, hid) if amx_g(amx, co) else w_arg,
+             *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
 
     def make():
         return qstar_primfunc(batch, c, h, w, hid, co, quant, family, amx=amx)

@@ -126,6 +126,22 @@ def amx_weight(w: np.ndarray) -> np.ndarray:
                                 .reshape(-1))
 
 
+def amx_g(amx: bool, out_channels: int) -> bool:
+    """Whether g runs on AMX tiles too (`tdpbsud`: int8 weights x the uint8 product): with f1 and f2 on AMX
+    and two 16-row tiles of output channels or more (the last block overlaps the one before). Fewer (S1's
+    stage 1, 24 channels: 32 rows computed for 24, hidden 96 padded to 128) measured slower than VNNI
+    (benchmarks/RESULTS.md, issue 21 thread scaling and g on AMX)."""
+    return amx and out_channels >= 32
+
+
+def amx_g_weight(wg: np.ndarray) -> np.ndarray:
+    """g's [CO, HID] int8 weight as its AMX A tiles read it: rows of HID zero-padded to a multiple of 64."""
+    co, hid = wg.shape
+    out = np.zeros((co, -(-hid // 64) * 64), np.int8)
+    out[:, :hid] = wg
+    return out
+
+
 def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
                    quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI,
                    amx: bool = False) -> Any:
@@ -168,6 +184,14 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         raise ValueError(f"qstar on AMX needs x86, hidden channels in 16s and >= 32 pixels, got HID={HID}, "
                          f"{NP} pixels")
     w_shape = (HB16 * KP * 16,) if amx else (HID, C)
+    # g on AMX: A tiles of 16 output channels x 64 hidden bytes (wg padded to KG), B tiles of 16 hidden
+    # quads x 16 pixels read straight from the packed product (its padding quads zeroed); tasks of OT
+    # output tiles x 2 pixel tiles (OT * 2 C tiles)
+    GAMX = amx_g(amx, CO)
+    KG = -(-HID // 64) * 64 if GAMX else HID
+    HQP = KG // 4
+    OT = 2
+    GO, GM = -(-CO // (16 * OT)), -(-NP // 32)
 
     def tile(op, *args):
         return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
@@ -228,7 +252,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         w2 = T.match_buffer(w2_h, w_shape, "int8")
         m2 = T.match_buffer(m2_h, (HID,), "float32")
         c2 = T.match_buffer(c2_h, (HID,), "float32")
-        wg = T.match_buffer(wg_h, (CO, HID), "int8")
+        wg = T.match_buffer(wg_h, (CO, KG), "int8")
         mg = T.match_buffer(mg_h, (CO,), "float32")
         cg = T.match_buffer(cg_h, (CO,), "float32")
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
@@ -236,10 +260,10 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
         w1f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w1.data)
         w2f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w2.data)
-        wgf = T.decl_buffer((CO * HID,), "int8", data=wg.data)
+        wgf = T.decl_buffer((CO * KG,), "int8", data=wg.data)
         xs = T.decl_buffer((C4 * NP,), "int32")
         xa = T.decl_buffer((NP * KP,), "uint8")
-        hs = T.decl_buffer((HQ * NP,), "int32")
+        hs = T.decl_buffer((HQP * NP,), "int32")
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 # a barrier after phases 1 and 2: each reads what every task of the one before wrote
@@ -254,6 +278,9 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                 for e in T.vectorized(16):
                                     xa[(p0 + e) * KP + c] = T.Cast(
                                         "uint8", qbyte(xf[(img * C + c) * NP + p0 + e], s0, z0))
+                            for j in range(HQP - HQ):          # g's padding quads (zero weights)
+                                for e in T.vectorized(16):
+                                    hs[(HQ + j) * NP + p0 + e] = 0
                             if KP > C:
                                 for e in range(16):
                                     for c in T.vectorized(KP - C):
@@ -344,23 +371,60 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                       prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 3,
                                            rq * 4 + 3, p))
                 # (3) g on the packed product
-                for task in T.parallel(TB * OBLK):
-                    q0: T.let = T.min(task // OBLK * P, NP - P)
-                    o0: T.let = T.min(task % OBLK * OB, CO - OB)
-                    acc = T.decl_buffer((OB * P,), "int32", scope="local")
-                    for i in T.unroll(OB * pv):
-                        acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                    for hq in range(HQ):
-                        for v in T.unroll(pv):
-                            hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
-                            for r in T.unroll(OB):
-                                acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
-                                    acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
-                                    (o0 + r) * HID + hq * 4)
-                    for r in T.unroll(OB):
-                        for p in T.vectorized(P):
-                            yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
-                                "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+                if not GAMX:
+                  for task in T.parallel(TB * OBLK):
+                      q0: T.let = T.min(task // OBLK * P, NP - P)
+                      o0: T.let = T.min(task % OBLK * OB, CO - OB)
+                      acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                      for i in T.unroll(OB * pv):
+                          acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                      for hq in range(HQ):
+                          for v in T.unroll(pv):
+                              hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
+                              for r in T.unroll(OB):
+                                  acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
+                                      acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
+                                      (o0 + r) * HID + hq * 4)
+                      for r in T.unroll(OB):
+                          for p in T.vectorized(P):
+                              yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
+                                  "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+                if GAMX:
+                  for task in T.parallel(GM * GO):
+                    p0: T.let = T.min(task // GO * 32, NP - 32)
+                    o0: T.let = T.min(task % GO * 16 * OT, CO - 16 * OT)
+                    cfg = T.decl_buffer((64,), "uint8", scope="local")
+                    cb = T.decl_buffer((1024,), "int32", scope="local")
+                    for i in range(64):
+                        cfg[i] = T.uint8(0)
+                    cfg[0] = T.uint8(1)
+                    for t in range(8):
+                        cfg[16 + t * 2] = T.uint8(64)
+                        cfg[48 + t] = T.uint8(16)
+                    T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
+                    for ct in T.unroll(OT * 2):
+                        T.evaluate(tile("tilezero", T.uint8(ct)))
+                    for kc in range(KG // 64):
+                        for ot in T.unroll(OT):
+                            T.evaluate(tile("tileloadd64", T.uint8(4 + ot),
+                                            T.address_of(wgf[(o0 + ot * 16) * KG + kc * 64]), T.int64(KG)))
+                        for pt in T.unroll(2):
+                            T.evaluate(tile("tileloadd64", T.uint8(6 + pt),
+                                            T.address_of(hs[kc * 16 * NP + p0 + pt * 16]), T.int64(NP * 4)))
+                        for ot in T.unroll(OT):
+                            for pt in T.unroll(2):
+                                T.evaluate(tile("tdpbsud", T.uint8(ot * 2 + pt), T.uint8(4 + ot),
+                                                T.uint8(6 + pt)))
+                    for ct in T.unroll(OT * 2):
+                        T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]), T.int64(64)))
+                    T.evaluate(tile("tilerelease"))
+                    for ot in range(OT):
+                        for pt in range(2):
+                            for r in range(16):
+                                for e in T.vectorized(16):
+                                    yf[(img * CO + o0 + ot * 16 + r) * NP + p0 + pt * 16 + e] = out_qdq(
+                                        T.Cast("float32", cb[(ot * 2 + pt) * 256 + r * 16 + e])
+                                        * mg[o0 + ot * 16 + r] + cg[o0 + ot * 16 + r])
 
 
     return qstar
