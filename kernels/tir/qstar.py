@@ -264,6 +264,15 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         xs = T.decl_buffer((C4 * NP,), "int32")
         xa = T.decl_buffer((NP * KP,), "uint8")
         hs = T.decl_buffer((HQP * NP,), "int32")
+        # the AMX tile configuration (palette 1, eight tiles of 16 rows x 64 bytes), loaded by each task
+        cfg = T.decl_buffer((64,), "uint8")
+        if amx:
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for t in range(8):
+                cfg[16 + t * 2] = T.uint8(64)
+                cfg[48 + t] = T.uint8(16)
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 # a barrier after phases 1 and 2: each reads what every task of the one before wrote
@@ -303,15 +312,8 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                         for task in T.parallel(MT * HB16):
                           m0: T.let = T.min(task // HB16 * 32, NP - 32)
                           hb: T.let = task % HB16
-                          cfg = T.decl_buffer((64,), "uint8", scope="local")
                           cb = T.decl_buffer((1024,), "int32", scope="local")
                           qv = T.decl_buffer((16,), "int32", scope="local")
-                          for i in range(64):
-                              cfg[i] = T.uint8(0)
-                          cfg[0] = T.uint8(1)
-                          for t in range(8):
-                              cfg[16 + t * 2] = T.uint8(64)
-                              cfg[48 + t] = T.uint8(16)
                           T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
                           T.evaluate(tile("tilezero", T.uint8(0)))
                           T.evaluate(tile("tilezero", T.uint8(1)))
@@ -393,14 +395,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                   for task in T.parallel(GM * GO):
                     p0: T.let = T.min(task // GO * 32, NP - 32)
                     o0: T.let = T.min(task % GO * 16 * OT, CO - 16 * OT)
-                    cfg = T.decl_buffer((64,), "uint8", scope="local")
                     cb = T.decl_buffer((1024,), "int32", scope="local")
-                    for i in range(64):
-                        cfg[i] = T.uint8(0)
-                    cfg[0] = T.uint8(1)
-                    for t in range(8):
-                        cfg[16 + t * 2] = T.uint8(64)
-                        cfg[48 + t] = T.uint8(16)
                     T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
                     for ct in T.unroll(OT * 2):
                         T.evaluate(tile("tilezero", T.uint8(ct)))
