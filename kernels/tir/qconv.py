@@ -674,23 +674,6 @@ def _fold_args(ws: Any, bias: Any, wsum: Any, co: int, zq: int, s_out: float) ->
     return [m, c]
 
 
-def _amx_weight_arg(w_expr: Any, hid: int, c: int) -> Any:
-    """A [hid, c, 1, 1] int8 weight in `qstar.amx_weight`'s tile layout (a constant, or Relax ops)."""
-    from tvm import relax
-
-    from edgeflex.kernels.tir.qstar import amx_weight
-
-    wc = _const(w_expr)
-    if wc is not None:
-        return relax.const(amx_weight(wc.reshape(hid, c)), "int8")
-    kp = -(-c // 64) * 64
-    t = relax.op.reshape(w_expr, [hid, c])
-    if kp != c:
-        t = relax.op.nn.pad(t, [0, 0, 0, kp - c])
-    t = relax.op.permute_dims(relax.op.reshape(t, [hid // 16, 16, kp // 64, 16, 4]), [0, 2, 3, 1, 4])
-    return relax.op.reshape(t, [hid * kp])
-
-
 def _amx_g_weight_arg(w_arg: Any, co: int, hid: int) -> Any:
     """g's packed [co, hid] int8 weight as `qstar.amx_g_weight` lays it out (rows zero-padded to 64s)."""
     from tvm import relax
@@ -723,7 +706,7 @@ def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[
     args = [f1.x]
     for hit, s_out in ((f1, match.side1[0]), (f2, match.side2[0])):
         w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, hid, c, 1, 1)
-        args += [_amx_weight_arg(hit.w, hid, c) if amx else w_arg,
+        args += [w_arg,
                  *_fold_args(ws, hit.bias, wsum, hid, f1.zp - shift, s_out)]
     w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
     args += [_amx_g_weight_arg(w_arg, co, hid) if amx_g(amx, co) else w_arg,

@@ -115,17 +115,6 @@ def request_amx() -> str | None:
     return None
 
 
-def amx_weight(w: np.ndarray) -> np.ndarray:
-    """A [HID, C] int8 weight as the AMX phase reads it: per block of 16 hidden channels and 64 input
-    channels (zero-padded), one 16 x 64-byte B tile: [HID/16, KP/64, 16 quads, 16 channels, 4]."""
-    hid, c = w.shape
-    kp = -(-c // 64) * 64
-    padded = np.zeros((hid, kp), np.int8)
-    padded[:, :c] = w
-    return np.ascontiguousarray(padded.reshape(hid // 16, 16, kp // 64, 16, 4).transpose(0, 2, 3, 1, 4)
-                                .reshape(-1))
-
-
 def amx_g(amx: bool, out_channels: int) -> bool:
     """Whether g runs on AMX tiles too (`tdpbsud`: int8 weights x the uint8 product): with f1 and f2 on AMX
     and two 16-row tiles of output channels or more (the last block overlaps the one before). Fewer (S1's
@@ -145,7 +134,7 @@ def amx_g_weight(wg: np.ndarray) -> np.ndarray:
 def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
                    quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI,
                    amx: bool = False) -> Any:
-    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8 (AMX: `amx_weight`'s layout), m1, c1,
+    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8, m1, c1,
     m2, c2 [HID] float32 (f1's and f2's epilogues with their output QDQ folded, `fold`: s_out = s1, s2),
     wg [CO, HID] int8, mg, cg [CO] float32 (g's, s_out = 1) -> y [batch, CO, H, W] float32. C and HID
     multiples of 4, H * W >= 16."""
@@ -178,12 +167,14 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     s4 = None if quant.get("s4") is None else float(np.float32(quant["s4"]))
     z4 = int(quant.get("z4") or 0)
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
-    KP = -(-C // 64) * 64                            # AMX: input channels per pixel row, zero-padded
-    KC, HB16, MT = KP // 64, HID // 16, -(-NP // 32)
+    # AMX, f1 / f2: C = A tiles of 16 hidden channels (weight rows) x B tiles of 16 pixels (x as packed
+    # above, 4 channels per int32), K in chunks of KCH input channels (the largest multiple of 4 up to 64
+    # that divides C: one tile shape, no padding)
+    KCH = max(k for k in range(4, 65, 4) if C % k == 0)
+    HB16, MT = HID // 16, -(-NP // 32)
     if amx and (family is not X86_VNNI or HID % 16 or NP < 32):
         raise ValueError(f"qstar on AMX needs x86, hidden channels in 16s and >= 32 pixels, got HID={HID}, "
                          f"{NP} pixels")
-    w_shape = (HB16 * KP * 16,) if amx else (HID, C)
     # g on AMX: A tiles of 16 output channels x 64 hidden bytes (wg padded to KG), B tiles of 16 hidden
     # quads x 16 pixels read straight from the packed product (its padding quads zeroed); tasks of OT
     # output tiles x 2 pixel tiles (OT * 2 C tiles)
@@ -227,6 +218,11 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         return product(hidden(acc1[r * lanes + p], m1, c1, h, s1, z1, act1),
                        hidden(acc2[r * lanes + p], m2, c2, h, s2, z2, act2))
 
+    def tile_prod(cb, m1, c1, m2, c2, pt, r, h):
+        """Hidden channel h (C tile row r) of 16 pixels (pixel tile pt): a * b, quantized (int32 lanes)."""
+        return product(hidden(cb[T.ramp(pt * 256 + r * 16, 1, 16)], m1, c1, h, s1, z1, act1),
+                       hidden(cb[T.ramp(512 + pt * 256 + r * 16, 1, 16)], m2, c2, h, s2, z2, act2))
+
     def out_qdq(v):
         """g's output through the graph's QuantizeLinear / DequantizeLinear after it, where fused (s4)."""
         if s4 is None:
@@ -246,10 +242,10 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
               c2_h: T.handle, wg_h: T.handle, mg_h: T.handle, cg_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
-        w1 = T.match_buffer(w1_h, w_shape, "int8")
+        w1 = T.match_buffer(w1_h, (HID, C), "int8")
         m1 = T.match_buffer(m1_h, (HID,), "float32")
         c1 = T.match_buffer(c1_h, (HID,), "float32")
-        w2 = T.match_buffer(w2_h, w_shape, "int8")
+        w2 = T.match_buffer(w2_h, (HID, C), "int8")
         m2 = T.match_buffer(m2_h, (HID,), "float32")
         c2 = T.match_buffer(c2_h, (HID,), "float32")
         wg = T.match_buffer(wg_h, (CO, KG), "int8")
@@ -258,93 +254,83 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * NP,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
-        w1f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w1.data)
-        w2f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w2.data)
+        w1f = T.decl_buffer((HID * C,), "int8", data=w1.data)
+        w2f = T.decl_buffer((HID * C,), "int8", data=w2.data)
         wgf = T.decl_buffer((CO * KG,), "int8", data=wg.data)
         xs = T.decl_buffer((C4 * NP,), "int32")
-        xa = T.decl_buffer((NP * KP,), "uint8")
         hs = T.decl_buffer((HQP * NP,), "int32")
-        # the AMX tile configuration (palette 1, eight tiles of 16 rows x 64 bytes), loaded by each task
-        cfg = T.decl_buffer((64,), "uint8")
+        # the AMX tile configurations, loaded by each task: f1 / f2 (bytes 0-63: C tiles 0-3 of 16 x 64
+        # bytes, A tiles 4-5 of 16 x KCH, B tiles 6-7 of KCH/4 x 64) and g (64-127: eight 16 x 64 tiles)
+        cfg = T.decl_buffer((128,), "uint8")
         if amx:
-            for i in range(64):
+            for i in range(128):
                 cfg[i] = T.uint8(0)
             cfg[0] = T.uint8(1)
+            cfg[64] = T.uint8(1)
             for t in range(8):
-                cfg[16 + t * 2] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
+                cfg[16 + t * 2] = T.uint8(T.if_then_else(t == 4 or t == 5, KCH, 64))
+                cfg[48 + t] = T.uint8(T.if_then_else(t >= 6, KCH // 4, 16))
+                cfg[80 + t * 2] = T.uint8(64)
+                cfg[112 + t] = T.uint8(16)
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
                 # a barrier after phases 1 and 2: each reads what every task of the one before wrote
                 # (`barrier_when_finish` ends only the statement it wraps)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # (1) x quantized: AMX, one row of KP bytes per pixel; VNNI, 4 channels of a pixel per
-                    # int32 (the last chunk overlaps)
-                    if amx:
+                    # (1) x quantized, 4 channels of a pixel per int32 (the last chunk overlaps); with g on
+                    # AMX, the product's padding quads zeroed (their weights are zero)
+                    if HQP > HQ:
                         for task in T.parallel(XCH):
                             p0: T.let = T.min(task * 16, NP - 16)
-                            for c in range(C):
-                                for e in T.vectorized(16):
-                                    xa[(p0 + e) * KP + c] = T.Cast(
-                                        "uint8", qbyte(xf[(img * C + c) * NP + p0 + e], s0, z0))
-                            for j in range(HQP - HQ):          # g's padding quads (zero weights)
+                            for j in range(HQP - HQ):
                                 for e in T.vectorized(16):
                                     hs[(HQ + j) * NP + p0 + e] = 0
-                            if KP > C:
-                                for e in range(16):
-                                    for c in T.vectorized(KP - C):
-                                        xa[(p0 + e) * KP + C + c] = T.uint8(0)
-                    if not amx:
-                        for task in T.parallel(C4 * XCH):
-                          c4: T.let = task // XCH
-                          p0: T.let = T.min(task % XCH * 16, NP - 16)
-                          for e in T.vectorized(16):
-                              xs[c4 * NP + p0 + e] = pack(
-                                  qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                    for task in T.parallel(C4 * XCH):
+                      c4: T.let = task // XCH
+                      p0: T.let = T.min(task % XCH * 16, NP - 16)
+                      for e in T.vectorized(16):
+                          xs[c4 * NP + p0 + e] = pack(
+                              qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     # (2) f1, f2, their QDQ, [act], the product and its quantization, packed.
-                    # AMX: tasks of 32 pixels (two A tiles) x 16 hidden channels (one B tile of f1, one
-                    # of f2), four C tiles; the tiles stored, then the epilogue along hidden channels
+                    # AMX: tasks of 16 hidden channels (one A tile of f1, one of f2) x 32 pixels (two B
+                    # tiles), four C tiles (rows: hidden channels); the tiles stored, then the epilogue
+                    # 16 pixels at a time, 4 hidden channels packed per int32 and stored as one vector
                     if amx:
                         for task in T.parallel(MT * HB16):
                           m0: T.let = T.min(task // HB16 * 32, NP - 32)
                           hb: T.let = task % HB16
                           cb = T.decl_buffer((1024,), "int32", scope="local")
-                          qv = T.decl_buffer((16,), "int32", scope="local")
                           T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
-                          T.evaluate(tile("tilezero", T.uint8(0)))
-                          T.evaluate(tile("tilezero", T.uint8(1)))
-                          T.evaluate(tile("tilezero", T.uint8(2)))
-                          T.evaluate(tile("tilezero", T.uint8(3)))
-                          for kc in range(KC):
-                              T.evaluate(tile("tileloadd64", T.uint8(4), T.address_of(xa[m0 * KP + kc * 64]),
-                                              T.int64(KP)))
+                          for ct in T.unroll(4):
+                              T.evaluate(tile("tilezero", T.uint8(ct)))
+                          for kc in range(C // KCH):
+                              T.evaluate(tile("tileloadd64", T.uint8(4),
+                                              T.address_of(w1f[hb * 16 * C + kc * KCH]), T.int64(C)))
                               T.evaluate(tile("tileloadd64", T.uint8(5),
-                                              T.address_of(xa[(m0 + 16) * KP + kc * 64]), T.int64(KP)))
-                              T.evaluate(tile("tileloadd64", T.uint8(6),
-                                              T.address_of(w1f[(hb * KC + kc) * 1024]), T.int64(64)))
-                              T.evaluate(tile("tileloadd64", T.uint8(7),
-                                              T.address_of(w2f[(hb * KC + kc) * 1024]), T.int64(64)))
-                              T.evaluate(tile("tdpbusd", T.uint8(0), T.uint8(4), T.uint8(6)))
-                              T.evaluate(tile("tdpbusd", T.uint8(1), T.uint8(5), T.uint8(6)))
-                              T.evaluate(tile("tdpbusd", T.uint8(2), T.uint8(4), T.uint8(7)))
-                              T.evaluate(tile("tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7)))
-                          T.evaluate(tile("tilestored64", T.uint8(0), T.address_of(cb[0]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(1), T.address_of(cb[256]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(2), T.address_of(cb[512]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(3), T.address_of(cb[768]), T.int64(64)))
+                                              T.address_of(w2f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                              for pt in T.unroll(2):
+                                  T.evaluate(tile("tileloadd64", T.uint8(6 + pt),
+                                                  T.address_of(xs[kc * (KCH // 4) * NP + m0 + pt * 16]),
+                                                  T.int64(NP * 4)))
+                              for ft in T.unroll(2):
+                                  for pt in T.unroll(2):
+                                      T.evaluate(tile("tdpbsud", T.uint8(ft * 2 + pt), T.uint8(4 + ft),
+                                                      T.uint8(6 + pt)))
+                          for ct in T.unroll(4):
+                              T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]),
+                                              T.int64(64)))
                           T.evaluate(tile("tilerelease"))
-                          hv: T.let = T.ramp(hb * 16, 1, 16)
-                          for r in range(32):
-                              # 16 hidden channels of one pixel, their bytes as 4 packed quads (vpmovdb)
-                              qv[T.ramp(0, 1, 4)] = T.reinterpret("int32x4", T.Cast("uint8x16", product(
-                                hidden(cb[T.ramp(r * 16, 1, 16)], m1, c1, hv, s1, z1, act1),
-                                hidden(cb[T.ramp(512 + r * 16, 1, 16)], m2, c2, hv, s2, z2, act2))))
-                              for j in T.unroll(4):
-                                  hs[(hb * 4 + j) * NP + m0 + r] = qv[j]
+                          for pt in range(2):
+                              for rq in range(4):
+                                  hs[T.ramp((hb * 4 + rq) * NP + m0 + pt * 16, 1, 16)] = pack(
+                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4, hb * 16 + rq * 4),
+                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 1, hb * 16 + rq * 4 + 1),
+                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 2, hb * 16 + rq * 4 + 2),
+                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 3, hb * 16 + rq * 4 + 3))
                     if not amx:
                         for task in T.parallel(VA * HBLK):
                           q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
@@ -396,7 +382,7 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                     p0: T.let = T.min(task // GO * 32, NP - 32)
                     o0: T.let = T.min(task % GO * 16 * OT, CO - 16 * OT)
                     cb = T.decl_buffer((1024,), "int32", scope="local")
-                    T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
+                    T.evaluate(tile("ldtilecfg", T.address_of(cfg[64])))
                     for ct in T.unroll(OT * 2):
                         T.evaluate(tile("tilezero", T.uint8(ct)))
                     for kc in range(KG // 64):
