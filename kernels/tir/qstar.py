@@ -200,8 +200,14 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
 
     def hidden(acc, m, c, h, s, z, act):
         """One hidden channel of f1 / f2: its quantized output less the zero point (exact in float32), [act]
-        (clipped in units of s)."""
-        d = T.max(T.min(T.nearbyint(cast("float32", acc) * m[h] + c[h]), T.float32(255 - z)), T.float32(-z))
+        (clipped in units of s). The two clips as one where their ranges overlap (the same values)."""
+        lo, hi = float(-z), float(255 - z)
+        if act is not None:
+            lo_a = float(np.float32(act[0] / s))
+            hi_a = float(np.float32(act[1] / s)) if np.isfinite(act[1]) else hi
+            if max(lo, lo_a) <= min(hi, hi_a):
+                lo, hi, act = max(lo, lo_a), min(hi, hi_a), None
+        d = T.max(T.min(T.nearbyint(cast("float32", acc) * m[h] + c[h]), T.float32(hi)), T.float32(lo))
         if act is None:
             return d
         lo = T.max(d, T.float32(np.float32(act[0] / s)))
