@@ -82,9 +82,9 @@ def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarr
 
 
 def amx_usable(target: Any, channels: int, hidden: int, pixels: int) -> bool:
-    """Whether f1 and f2 run on AMX tiles (`tdpbusd`) for this block: an x86 target with amx-int8, hidden
+    """Whether f1 and f2 run on AMX tiles (`tdpbsud`) for this block: an x86 target with amx-int8, hidden
     channels in blocks of 16 and two 16-pixel tiles (measured faster than VNNI at every StarNet-S1 stage,
-    even C = 24, whose 64-byte tile rows are mostly zero padding)."""
+    even C = 24: a 24-byte K per tile)."""
     if target is None or target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or
                                                               "x86_64").startswith("x86_64"):
         return False
