@@ -171,7 +171,11 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     # above, 4 channels per int32), K in chunks of KCH input channels (the largest multiple of 4 up to 64
     # that divides C: one tile shape, no padding)
     KCH = max(k for k in range(4, 65, 4) if C % k == 0)
-    HB16, MT = HID // 16, -(-NP // 32)
+    HB16, MT, NKC = HID // 16, -(-NP // 32), C // KCH
+    # each task: HG of the HB16 blocks of 16 hidden channels (one tile configuration, and with one K chunk
+    # x's B tiles, loaded for all of them), as many as leave 16 tasks or more (2 threads: balanced)
+    HG = max(g for g in range(1, HB16 + 1) if HB16 % g == 0 and (MT * (HB16 // g) >= 16 or g == 1))
+    HGN = HB16 // HG
     if amx and (family is not X86_VNNI or HID % 16 or NP < 32):
         raise ValueError(f"qstar on AMX needs x86, hidden channels in 16s and >= 32 pixels, got HID={HID}, "
                          f"{NP} pixels")
@@ -306,37 +310,42 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                     # tiles), four C tiles (rows: hidden channels); the tiles stored, then the epilogue
                     # 16 pixels at a time, 4 hidden channels packed per int32 and stored as one vector
                     if amx:
-                        for task in T.parallel(MT * HB16):
-                          m0: T.let = T.min(task // HB16 * 32, NP - 32)
-                          hb: T.let = task % HB16
+                        for task in T.parallel(MT * HGN):
+                          m0: T.let = T.min(task // HGN * 32, NP - 32)
                           cb = T.decl_buffer((1024,), "int32", scope="local")
                           T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
-                          for ct in T.unroll(4):
-                              T.evaluate(tile("tilezero", T.uint8(ct)))
-                          for kc in range(C // KCH):
-                              T.evaluate(tile("tileloadd64", T.uint8(4),
-                                              T.address_of(w1f[hb * 16 * C + kc * KCH]), T.int64(C)))
-                              T.evaluate(tile("tileloadd64", T.uint8(5),
-                                              T.address_of(w2f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                          if NKC == 1:            # x's two B tiles, loaded once for every hidden block
                               for pt in T.unroll(2):
                                   T.evaluate(tile("tileloadd64", T.uint8(6 + pt),
-                                                  T.address_of(xs[kc * (KCH // 4) * NP + m0 + pt * 16]),
-                                                  T.int64(NP * 4)))
-                              for ft in T.unroll(2):
-                                  for pt in T.unroll(2):
-                                      T.evaluate(tile("tdpbsud", T.uint8(ft * 2 + pt), T.uint8(4 + ft),
-                                                      T.uint8(6 + pt)))
-                          for ct in T.unroll(4):
-                              T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]),
-                                              T.int64(64)))
+                                                  T.address_of(xs[m0 + pt * 16]), T.int64(NP * 4)))
+                          for hbi in range(HG):
+                              hb: T.let = task % HGN * HG + hbi
+                              for ct in T.unroll(4):
+                                  T.evaluate(tile("tilezero", T.uint8(ct)))
+                              for kc in range(NKC):
+                                  T.evaluate(tile("tileloadd64", T.uint8(4),
+                                                  T.address_of(w1f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                                  T.evaluate(tile("tileloadd64", T.uint8(5),
+                                                  T.address_of(w2f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                                  if NKC > 1:
+                                      for pt in T.unroll(2):
+                                          T.evaluate(tile("tileloadd64", T.uint8(6 + pt), T.address_of(
+                                              xs[kc * (KCH // 4) * NP + m0 + pt * 16]), T.int64(NP * 4)))
+                                  for ft in T.unroll(2):
+                                      for pt in T.unroll(2):
+                                          T.evaluate(tile("tdpbsud", T.uint8(ft * 2 + pt), T.uint8(4 + ft),
+                                                          T.uint8(6 + pt)))
+                              for ct in T.unroll(4):
+                                  T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]),
+                                                  T.int64(64)))
+                              for pt in range(2):
+                                  for rq in range(4):
+                                      hs[T.ramp((hb * 4 + rq) * NP + m0 + pt * 16, 1, 16)] = pack(
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4, hb * 16 + rq * 4),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 1, hb * 16 + rq * 4 + 1),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 2, hb * 16 + rq * 4 + 2),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 3, hb * 16 + rq * 4 + 3))
                           T.evaluate(tile("tilerelease"))
-                          for pt in range(2):
-                              for rq in range(4):
-                                  hs[T.ramp((hb * 4 + rq) * NP + m0 + pt * 16, 1, 16)] = pack(
-                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4, hb * 16 + rq * 4),
-                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 1, hb * 16 + rq * 4 + 1),
-                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 2, hb * 16 + rq * 4 + 2),
-                                      tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 3, hb * 16 + rq * 4 + 3))
                     if not amx:
                         for task in T.parallel(VA * HBLK):
                           q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
