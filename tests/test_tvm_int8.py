@@ -76,6 +76,20 @@ def test_edgeflex_starnet_int8_runs_on_tvm_with_int8_kernels_and_matches_ort_and
     assert _rel(tvm, _torch(model, x)) < INT8_TOL
 
 
+@needs_int8
+def test_the_int8_engine_at_two_threads_gives_the_one_thread_outputs(starnet_int8):
+    """The compiled int8 engine run by the runtime at 2 threads: the same outputs as at 1 thread, exactly
+    (integer kernels; every multi-pass kernel waits for the pass before)."""
+    _, path, _ = starnet_int8
+    x = _probe()
+    two = ef.Runtime(path, backend="tvm", threads=2, only=["default@int8"])
+    y2 = [two.run(x) for _ in range(5)]
+    one = ef.Runtime(path, backend="tvm", threads=1, only=["default@int8"])   # the pool back at 1 thread
+    y1 = one.run(x)
+    for y in y2:
+        np.testing.assert_array_equal(y, y1)
+
+
 def _vnni_host() -> bool:
     """This host's TVM target has AVX512-VNNI (the int8 depthwise kernel is x86 only)."""
     import tvm
@@ -192,10 +206,11 @@ def _star_case(shape, act, rng):
     def rowsum(a):
         return a.astype(np.int32).sum(1).astype(np.int32)
 
-    def args(amx_layout):
+    def args(amx_layout, g_layout=lambda a: a):
         z0 = quant["z0"]
         return [x, amx_layout(w1), *fold(ws1, b1, rowsum(w1), z0, quant["s1"]), amx_layout(w2),
-                *fold(ws2, b2, rowsum(w2), z0, quant["s2"]), wg, *fold(wsg, bg, rowsum(wg), quant["z3"], 1.0)]
+                *fold(ws2, b2, rowsum(w2), z0, quant["s2"]), g_layout(wg),
+                *fold(wsg, bg, rowsum(wg), quant["z3"], 1.0)]
 
     return quant, ref, args
 
@@ -239,20 +254,35 @@ def test_the_fused_int8_star_kernel_matches_its_integer_reference(shape, act) ->
     _close_to_reference(_run_star(shape, quant, args(lambda a: a), tgt, family), ref)
 
 
-@pytest.mark.parametrize("shape", [(24, 8, 8, 96, 24), (96, 7, 7, 384, 96)])
+@pytest.mark.parametrize("shape", [(24, 8, 8, 96, 24), (96, 7, 7, 384, 96), (48, 6, 9, 192, 40),
+                                   (16, 6, 6, 96, 36), (16, 6, 6, 64, 12)])
 def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without_amx(shape) -> None:
     """f1 and f2 on AMX tiles (tdpbusd; 64-channel rows, zero-padded where C < 64; the last 32-pixel tile
-    overlapping the one before), where this CPU has amx_int8 and Linux grants the tile state; a target
-    without amx-int8 is not given the AMX kernel."""
+    overlapping the one before), and g too where it has 32 output channels or more (tdpbsud; hidden rows
+    zero-padded to 64s: 96 -> 128; output blocks of 32, the last overlapping; CO 24 and 12: g on VNNI),
+    where this CPU has amx_int8 and Linux grants the tile state; a target without amx-int8 is not given
+    the AMX kernel."""
     import tvm
 
     from edgeflex.compile.tvm import host_target
     from edgeflex.devices.precision import cpu_flags
     from edgeflex.kernels.tir.qconv import X86_VNNI
-    from edgeflex.kernels.tir.qstar import amx_usable, amx_weight, request_amx
+    from edgeflex.kernels.tir.qstar import (
+        amx_g,
+        amx_g_weight,
+        amx_usable,
+        qstar_primfunc,
+        request_amx,
+    )
 
     icelake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
     assert not amx_usable(icelake, 96, 384, 196)
+    # without AMX the whole block (g included) compiles to VNNI, no tile instruction
+    quant = {"s0": 0.02, "z0": 131, "s1": 0.05, "z1": 0, "s2": 0.04, "z2": 120, "s3": 0.1, "z3": 3}
+    asm = tvm.compile(tvm.IRModule({"main": qstar_primfunc(1, 96, 7, 7, 384, 96, quant, X86_VNNI,
+                                                           amx=amx_usable(icelake, 96, 384, 49))}),
+                      target=icelake).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "tdpb" not in asm and "ldtilecfg" not in asm
     tgt = tvm.target.Target(host_target(1))
     if "amx_int8" not in cpu_flags() or not amx_usable(tgt, *shape[:1], shape[3], shape[1] * shape[2]):
         pytest.skip("this CPU (or its LLVM target) has no AMX-INT8")
@@ -260,7 +290,69 @@ def test_the_star_kernels_amx_phase_matches_the_reference_and_is_refused_without
     if why is not None:
         pytest.skip(why)
     quant, ref, args = _star_case(shape, (0.0, 6.0), np.random.default_rng(3))
-    _close_to_reference(_run_star(shape, quant, args(amx_weight), tgt, X86_VNNI, amx=True), ref)
+    g_layout = amx_g_weight if amx_g(True, shape[4]) else (lambda a: a)
+    _close_to_reference(_run_star(shape, quant, args(lambda a: a, g_layout), tgt, X86_VNNI, amx=True), ref)
+
+
+class _threads:
+    """TVM's thread pool at `n` threads inside the block, 1 after (the pool is one per process)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        from edgeflex.runtime.backends.tvm import _configure_threads
+
+        _configure_threads(self.n)
+
+    def __exit__(self, *exc):
+        from edgeflex.runtime.backends.tvm import _configure_threads
+
+        _configure_threads(1)
+
+
+def test_the_int8_kernels_give_the_same_bytes_at_two_threads_as_at_one() -> None:
+    """Every pass of a multi-pass kernel (the conv's quantize, its lay-out and its dot products; the star
+    block's quantize, f1 / f2 and g) reads what all tasks of the pass before wrote: a barrier between them.
+    At 2 threads the outputs equal the 1-thread run's, bit for bit, on 20 repeated calls (without the
+    barriers the 2-thread stem conv differed in almost every output)."""
+    import tvm
+
+    from edgeflex.compile.tvm import host_target
+    from edgeflex.kernels.tir.qconv import qconv_primfunc, qdot_instruction
+    from edgeflex.kernels.tir.qstar import amx_g_weight, amx_usable, qstar_primfunc, request_amx
+
+    tgt = tvm.target.Target(host_target(2))
+    family = qdot_instruction(tgt)
+    if family is None or tvm_int8_refusal() is not None:
+        pytest.skip("this CPU has no VNNI / dotprod: the int8 kernel cannot run here")
+    rng = np.random.default_rng(5)
+    cases = []
+    for c, h, co, k, stride, pad in ((3, 96, 16, 3, 2, 1), (13, 40, 24, 3, 2, 1)):   # fused / plain lay-out
+        x = rng.standard_normal((1, c, h, h)).astype(np.float32)
+        c4, oh = -(-c // 4), (h + 2 * pad - k) // stride + 1
+        w = rng.integers(-127, 128, (co, k * k * c4 * 4)).astype(np.int8)
+        args = [x, w, rng.uniform(1e-4, 1e-3, co).astype(np.float32),
+                w.astype(np.int32).sum(1).astype(np.int32), rng.standard_normal(co).astype(np.float32)]
+        cases.append((qconv_primfunc(1, c, h, h, co, (k, k), (stride, stride), (pad,) * 4, 0.02, 131,
+                                     family), args, (1, co, oh, oh)))
+    amx = amx_usable(tgt, 24, 96, 28 * 28) and request_amx() is None
+    for use_amx in (False, True) if amx else (False,):
+        shape = (24, 28, 28, 96, 48)            # on AMX: f1, f2 and g
+        quant, _, star_args = _star_case(shape, (0.0, 6.0), np.random.default_rng(6))
+        cases.append((qstar_primfunc(1, *shape, quant, family, amx=use_amx),
+                      star_args(lambda a: a, *((amx_g_weight,) if use_amx else ())),
+                      (1, 48, 28, 28)))
+    for func, args, out_shape in cases:
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
+        ins = [tvm.runtime.tensor(a) for a in args]
+        y = tvm.runtime.empty(out_shape, "float32")
+        lib["main"](*ins, y)
+        one = y.numpy()
+        with _threads(2):
+            for _ in range(20):
+                lib["main"](*ins, y)
+                np.testing.assert_array_equal(y.numpy(), one)
 
 
 @pytest.mark.parametrize("shape,fused", [((24, 20, 20, 7, 3), False), ((24, 20, 20, 7, 3), True),

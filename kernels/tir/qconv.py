@@ -163,6 +163,8 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
             for g in range(XS - C4 * PH * PLANE * 4):
                 xs[C4 * PH * PLANE * 4 + g] = T.Cast(adt, zq)
             with T.attr(0, "pragma_parallel_launch_point", 0):
+                # a barrier after each pass: every pass reads what the tasks of the one before wrote (one
+                # thread-pool launch per image; `barrier_when_finish` ends only the statement it wraps)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     if fused_layout:
                         # (a) quantize into a padded copy: HPP x WPP per channel, the image at (top, left),
@@ -186,6 +188,16 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
                             else:
                                 for e in T.vectorized(WPP):
                                     xp[task * WPP + e] = T.Cast(adt, zq)
+                    if not fused_layout:
+                        # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
+                        for chunk in T.parallel(QCHUNKS):
+                            i0: T.let = T.min(chunk * 16, CHW - 16)
+                            for e in T.vectorized(16):
+                                xq[i0 + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
+                                    xf[img * CHW + i0 + e] / T.float32(s)) + T.float32(zero_point),
+                                    T.float32(255)), T.float32(0)) - T.float32(shift))
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    if fused_layout:
                         # (b) lay out: 16 positions of a phase row from one contiguous load per channel
                         # (stride 2: 32 bytes read as 16 uint16, the low byte kept), 4 channels per int32
                         for r in T.parallel(C4 * PH * HG):
@@ -200,13 +212,6 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
                                     row16(xp, ((c4 * 4 + 2) * HPP + hp) * WPP + g0 * SW + pw),
                                     row16(xp, ((c4 * 4 + 3) * HPP + hp) * WPP + g0 * SW + pw))
                     if not fused_layout:
-                        # quantize, one vector of 16 at a time over the image (the last chunk overlaps)
-                        for chunk in T.parallel(QCHUNKS):
-                            i0: T.let = T.min(chunk * 16, CHW - 16)
-                            for e in T.vectorized(16):
-                                xq[i0 + e] = T.Cast(adt, T.max(T.min(T.nearbyint(
-                                    xf[img * CHW + i0 + e] / T.float32(s)) + T.float32(zero_point),
-                                    T.float32(255)), T.float32(0)) - T.float32(shift))
                         # lay out: xs[((c4 * PH + phase) * HG + row) * WG + col][4 channels] (channels past C
                         # repeat channel C-1: their weights are 0), padding at the zero point
                         for r in T.parallel(C4 * PH * HG):
@@ -221,46 +226,47 @@ def qconv_primfunc(batch: int | None, channels: int, height: int, width: int, ou
                                         and g * SW + pw - left < W,
                                         xq[(T.min(c4 * 4 + lane, C - 1) * H + ih) * W + g * SW + pw - left],
                                         T.Cast(adt, zq))
-                    for task in T.parallel(tiles * oblocks):
-                        t: T.let = task // oblocks
-                        q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
-                                                   T.if_then_else(whole, T.min(t * P, GRID - P), t * P))
-                        o0: T.let = T.min(task % oblocks * OB, CO - OB)
-                        # where a whole tile's first pixel lands in the output plane
-                        out0: T.let = T.if_then_else(rows, t // per_row * OW + T.min(t % per_row * P, OW - P),
-                                                     q0)
-                        acc = T.decl_buffer((OB * P,), "int32", scope="local")
-                        for i in T.unroll(OB * pv):
-                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                        for c4 in range(C4):
-                            for i in T.unroll(KH):
-                                for j in T.unroll(KW):
-                                    src: T.let = ((c4 * PH + i % SH * SW + j % SW) * PLANE + q0
-                                                  + i // SH * WG + j // SW) * 4
-                                    for v in T.unroll(pv):
-                                        xv: T.let = T.reinterpret(vec32, xs[T.ramp(src + v * 4 * lanes, 1,
-                                                                                    4 * lanes)])
-                                        for r in T.unroll(OB):
-                                            acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = \
-                                                T.call_llvm_pure_intrin(
-                                                    vec32, instr, acc[T.ramp((r * pv + v) * lanes, 1, lanes)],
-                                                    T.reinterpret(vec8, xv),
-                                                    T.reinterpret(vec8, T.broadcast(T.reinterpret(
-                                                        "int32", wf[T.ramp(
-                                                            (o0 + r) * (TAPS * C4 * 4) + (i * KW + j) * C4 * 4
-                                                            + c4 * 4, 1, 4)]), lanes)))
-                        for r in T.unroll(OB):
-                            if whole:
-                                for p in T.vectorized(P):
-                                    yf[(img * CO + o0 + r) * OH * OW + out0 + p] = T.Cast(
-                                        "float32", acc[r * P + p] - zq * wsum[o0 + r]) * ws[o0 + r] \
-                                        + b[o0 + r]
-                            else:
-                                for p in range(P):
-                                    if q0 + p < GRID and (q0 + p) % WG < OW:
-                                        yf[((img * CO + o0 + r) * OH + (q0 + p) // WG) * OW + (q0 + p) % WG] \
-                                            = T.Cast("float32", acc[r * P + p] - zq * wsum[o0 + r]) \
-                                            * ws[o0 + r] + b[o0 + r]
+                for task in T.parallel(tiles * oblocks):
+                    t: T.let = task // oblocks
+                    q0: T.let = T.if_then_else(rows, t // per_row * WG + T.min(t % per_row * P, OW - P),
+                                               T.if_then_else(whole, T.min(t * P, GRID - P), t * P))
+                    o0: T.let = T.min(task % oblocks * OB, CO - OB)
+                    # where a whole tile's first pixel lands in the output plane
+                    out0: T.let = T.if_then_else(rows, t // per_row * OW + T.min(t % per_row * P, OW - P),
+                                                 q0)
+                    acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                    for i in T.unroll(OB * pv):
+                        acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for c4 in range(C4):
+                        for i in T.unroll(KH):
+                            for j in T.unroll(KW):
+                                src: T.let = ((c4 * PH + i % SH * SW + j % SW) * PLANE + q0
+                                              + i // SH * WG + j // SW) * 4
+                                for v in T.unroll(pv):
+                                    xv: T.let = T.reinterpret(vec32, xs[T.ramp(src + v * 4 * lanes, 1,
+                                                                                4 * lanes)])
+                                    for r in T.unroll(OB):
+                                        acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = \
+                                            T.call_llvm_pure_intrin(
+                                                vec32, instr, acc[T.ramp((r * pv + v) * lanes, 1, lanes)],
+                                                T.reinterpret(vec8, xv),
+                                                T.reinterpret(vec8, T.broadcast(T.reinterpret(
+                                                    "int32", wf[T.ramp(
+                                                        (o0 + r) * (TAPS * C4 * 4) + (i * KW + j) * C4 * 4
+                                                        + c4 * 4, 1, 4)]), lanes)))
+                    for r in T.unroll(OB):
+                        if whole:
+                            for p in T.vectorized(P):
+                                yf[(img * CO + o0 + r) * OH * OW + out0 + p] = T.Cast(
+                                    "float32", acc[r * P + p] - zq * wsum[o0 + r]) * ws[o0 + r] \
+                                    + b[o0 + r]
+                        else:
+                            for p in range(P):
+                                if q0 + p < GRID and (q0 + p) % WG < OW:
+                                    yf[((img * CO + o0 + r) * OH + (q0 + p) // WG) * OW + (q0 + p) % WG] \
+                                        = T.Cast("float32", acc[r * P + p] - zq * wsum[o0 + r]) \
+                                        * ws[o0 + r] + b[o0 + r]
+
 
     return qconv
 
@@ -309,6 +315,46 @@ def _uint8_qdq(m: Any, expr: Any) -> tuple[Any, float, float, Any] | None:
     if s is None or zp is None or (scalar(q.args[1]), scalar(q.args[2])) != (s, zp):
         return None
     return q.args[0], s, zp, dq.args[0]
+
+
+class _Readers:
+    """Who reads each variable of a function (`Matcher` `m`, `uses`: references per variable): `only_user`
+    and `qdq_after`, shared by the star-block and depthwise matches."""
+
+    def __init__(self, m: Any, uses: dict[Any, int]):
+        from tvm import relax
+
+        self.m, self.uses = m, uses
+        self.users: dict[Any, list[Any]] = {}
+        for v, value in m.value.items():
+            seen: set = set()
+            relax.analysis.post_order_visit(value, lambda e, seen=seen: isinstance(e, relax.Var)
+                                            and seen.add(e))
+            for u in seen:
+                self.users.setdefault(u, []).append(v)
+
+    def only_user(self, var: Any) -> Any:
+        """The one variable whose value reads `var` (once), else None."""
+        us = self.users.get(var, [])
+        return us[0] if len(us) == 1 and self.uses.get(var, 0) == 1 else None
+
+    def qdq_after(self, var: Any) -> tuple[Any, tuple[float, int]] | None:
+        """(the dequantize's variable, (s, zp)) when `var`'s only reader is a uint8 quantize whose only
+        reader is a dequantize with the same scalar scale and zero point."""
+        from edgeflex.kernels.tir.match import scalar
+
+        q = self.only_user(var)
+        dq = self.only_user(q) if q is not None else None
+        if dq is None:
+            return None
+        qv, dqv = self.m.definition(q), self.m.definition(dq)
+        if op_name(qv) != "relax.quantize" or op_name(dqv) != "relax.dequantize" \
+                or str(qv.attrs.out_dtype) != "uint8" or not dqv.args[0].same_as(q):
+            return None
+        sz = (scalar(qv.args[1]), scalar(qv.args[2]))
+        if None in sz or sz != (scalar(dqv.args[1]), scalar(dqv.args[2])):
+            return None
+        return dq, (sz[0], int(sz[1]))
 
 
 def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
@@ -403,8 +449,9 @@ def _find(func: Any, family: tuple) -> dict[Any, _QMatch]:
             for v2, h2 in list(hits.items()):
                 if h2.bias is None and h2.conv.same_as(hit.conv):
                     del hits[v2]
-    hits = _star_blocks(m, uses, hits) if FUSE_STAR else hits
-    return _depthwise(m, uses, hits) if family is X86_VNNI and FUSE_DEPTHWISE else hits
+    readers = _Readers(m, uses)
+    hits = _star_blocks(m, uses, hits, readers) if FUSE_STAR else hits
+    return _depthwise(m, uses, hits, readers) if family is X86_VNNI and FUSE_DEPTHWISE else hits
 
 
 class _StarMatch:
@@ -416,11 +463,12 @@ class _StarMatch:
         self.out_q: tuple[float, int] | None = None     # g's output QDQ (scale, zero point), when fused
 
 
-def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
+def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any],
+                 readers: _Readers) -> dict[Any, Any]:
     """`hits` with every star block's three convs replaced by one `_StarMatch` under g's variable: g's
     input is multiply(A, B), each of A and B [ReLU / ReLU6 of] dequantize(quantize(c)) of a 1x1 conv c,
     both convs reading the same quantized x, each intermediate used once (`kernels.tir.qstar`)."""
-    from edgeflex.kernels.tir.match import scalar, static
+    from edgeflex.kernels.tir.match import static
     from edgeflex.kernels.tir.qstar import MIN_PIXELS
 
     def plain_1x1(hit: Any) -> bool:
@@ -449,10 +497,6 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
             return None
         return c, (s, int(zp), act)
 
-    readers: dict[Any, Any] = {}            # a variable -> the quantize / dequantize that reads it
-    for v, value in m.value.items():
-        if op_name(value) in ("relax.quantize", "relax.dequantize"):
-            readers.setdefault(value.args[0], v)
     out = dict(hits)
     for var, g in hits.items():
         if not plain_1x1(g) or var not in out:
@@ -475,16 +519,10 @@ def _star_blocks(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any
         out[var] = _StarMatch(f1, f2, g, a[1], b[1])
         # the graph's QuantizeLinear / DequantizeLinear of g's output, when nothing else reads it: in the
         # kernel's epilogue (one pass over the block's output fewer)
-        q, dq = readers.get(var), None
-        if q is not None and uses.get(var, 0) == 1 and uses.get(q, 0) == 1:
-            dq = readers.get(q)
-        qv, dqv = (m.definition(q), m.definition(dq)) if dq is not None else (None, None)
-        if (op_name(qv) == "relax.quantize" and op_name(dqv) == "relax.dequantize"
-                and str(qv.attrs.out_dtype) == "uint8" and dq not in out):
-            sq = (scalar(qv.args[1]), scalar(qv.args[2]))
-            if None not in sq and sq == (scalar(dqv.args[1]), scalar(dqv.args[2])):
-                out[dq] = out.pop(var)
-                out[dq].out_q = (sq[0], int(sq[1]))
+        oq = readers.qdq_after(var)
+        if oq is not None and oq[0] not in out:
+            out[oq[0]] = out.pop(var)
+            out[oq[0]].out_q = oq[1]
     return out
 
 
@@ -500,7 +538,8 @@ class _DwMatch:
         self.add_q: tuple[float, int] | None = None
 
 
-def _depthwise(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, Any]:
+def _depthwise(m: Any, uses: dict[Any, int], hits: dict[Any, Any],
+               readers: _Readers) -> dict[Any, Any]:
     """`hits` plus every `conv2d(dequantize(quantize(t)), dequantize(w_q), groups=C) [+ bias]` of stride 1
     whose plane `qdwconv` takes, and after it, where each intermediate has no other reader, the chain
     StarNet's QDQ graph has: quantize / dequantize of the output, + a residual, quantize / dequantize of the
@@ -508,36 +547,10 @@ def _depthwise(m: Any, uses: dict[Any, int], hits: dict[Any, Any]) -> dict[Any, 
     (the same values: re-quantizing them with the same scale gives back the same bytes)."""
     from tvm import relax
 
-    from edgeflex.kernels.tir.match import scalar, static
+    from edgeflex.kernels.tir.match import static
     from edgeflex.kernels.tir.qdwconv import usable
 
-    users: dict[Any, list[Any]] = {}
-    for v, value in m.value.items():
-        seen: set = set()
-        relax.analysis.post_order_visit(value, lambda e, seen=seen: isinstance(e, relax.Var) and seen.add(e))
-        for u in seen:
-            users.setdefault(u, []).append(v)
-
-    def only_user(var: Any) -> Any:
-        us = users.get(var, [])
-        return us[0] if len(us) == 1 and uses.get(var, 0) == 1 else None
-
-    def qdq_after(var: Any) -> tuple[Any, tuple[float, int]] | None:
-        """(the dequantize's variable, (s, zp)) when `var`'s only reader is a uint8 quantize whose only
-        reader is a dequantize with the same scalar scale and zero point."""
-        q = only_user(var)
-        dq = only_user(q) if q is not None else None
-        if dq is None:
-            return None
-        qv, dqv = m.definition(q), m.definition(dq)
-        if op_name(qv) != "relax.quantize" or op_name(dqv) != "relax.dequantize" \
-                or str(qv.attrs.out_dtype) != "uint8" or not dqv.args[0].same_as(q):
-            return None
-        sz = (scalar(qv.args[1]), scalar(qv.args[2]))
-        if None in sz or sz != (scalar(dqv.args[1]), scalar(dqv.args[2])):
-            return None
-        return dq, (sz[0], int(sz[1]))
-
+    only_user, qdq_after = readers.only_user, readers.qdq_after
     out = dict(hits)
     taken = set(out)
     for var, call in m.value.items():
@@ -661,25 +674,21 @@ def _fold_args(ws: Any, bias: Any, wsum: Any, co: int, zq: int, s_out: float) ->
     return [m, c]
 
 
-def _amx_weight_arg(w_expr: Any, hid: int, c: int) -> Any:
-    """A [hid, c, 1, 1] int8 weight in `qstar.amx_weight`'s tile layout (a constant, or Relax ops)."""
+def _amx_g_weight_arg(w_arg: Any, co: int, hid: int) -> Any:
+    """g's packed [co, hid] int8 weight as `qstar.amx_g_weight` lays it out (rows zero-padded to 64s)."""
     from tvm import relax
 
-    from edgeflex.kernels.tir.qstar import amx_weight
+    from edgeflex.kernels.tir.qstar import amx_g_weight
 
-    wc = _const(w_expr)
+    wc = _const(w_arg)
     if wc is not None:
-        return relax.const(amx_weight(wc.reshape(hid, c)), "int8")
-    kp = -(-c // 64) * 64
-    t = relax.op.reshape(w_expr, [hid, c])
-    if kp != c:
-        t = relax.op.nn.pad(t, [0, 0, 0, kp - c])
-    t = relax.op.permute_dims(relax.op.reshape(t, [hid // 16, 16, kp // 64, 16, 4]), [0, 2, 3, 1, 4])
-    return relax.op.reshape(t, [hid * kp])
+        return relax.const(amx_g_weight(wc.reshape(co, hid)), "int8")
+    kg = -(-hid // 64) * 64
+    return w_arg if kg == hid else relax.op.nn.pad(w_arg, [0, 0, 0, kg - hid])
 
 
 def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[str, Any, list[Any]]:
-    from edgeflex.kernels.tir.qstar import amx_usable, qstar_primfunc
+    from edgeflex.kernels.tir.qstar import amx_g, amx_usable, qstar_primfunc
 
     f1, f2, g = match.f1, match.f2, match.g
     batch = batch_of(f1.x.ty.shape)
@@ -697,10 +706,11 @@ def _lower_star(match: _StarMatch, ctx: RewriteContext, family: tuple) -> tuple[
     args = [f1.x]
     for hit, s_out in ((f1, match.side1[0]), (f2, match.side2[0])):
         w_arg, ws, wsum = _weight_args(hit.w, hit.w_scale, hit.s, hid, c, 1, 1)
-        args += [_amx_weight_arg(hit.w, hid, c) if amx else w_arg,
+        args += [w_arg,
                  *_fold_args(ws, hit.bias, wsum, hid, f1.zp - shift, s_out)]
     w_arg, ws, wsum = _weight_args(g.w, g.w_scale, g.s, co, hid, 1, 1)
-    args += [w_arg, *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
+    args += [_amx_g_weight_arg(w_arg, co, hid) if amx_g(amx, co) else w_arg,
+             *_fold_args(ws, g.bias, wsum, co, g.zp - shift, 1.0)]
 
     def make():
         return qstar_primfunc(batch, c, h, w, hid, co, quant, family, amx=amx)

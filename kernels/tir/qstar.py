@@ -82,9 +82,9 @@ def qstar_reference(x: np.ndarray, w1: np.ndarray, ws1: np.ndarray, b1: np.ndarr
 
 
 def amx_usable(target: Any, channels: int, hidden: int, pixels: int) -> bool:
-    """Whether f1 and f2 run on AMX tiles (`tdpbusd`) for this block: an x86 target with amx-int8, hidden
+    """Whether f1 and f2 run on AMX tiles (`tdpbsud`) for this block: an x86 target with amx-int8, hidden
     channels in blocks of 16 and two 16-pixel tiles (measured faster than VNNI at every StarNet-S1 stage,
-    even C = 24, whose 64-byte tile rows are mostly zero padding)."""
+    even C = 24: a 24-byte K per tile)."""
     if target is None or target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or
                                                               "x86_64").startswith("x86_64"):
         return False
@@ -115,21 +115,26 @@ def request_amx() -> str | None:
     return None
 
 
-def amx_weight(w: np.ndarray) -> np.ndarray:
-    """A [HID, C] int8 weight as the AMX phase reads it: per block of 16 hidden channels and 64 input
-    channels (zero-padded), one 16 x 64-byte B tile: [HID/16, KP/64, 16 quads, 16 channels, 4]."""
-    hid, c = w.shape
-    kp = -(-c // 64) * 64
-    padded = np.zeros((hid, kp), np.int8)
-    padded[:, :c] = w
-    return np.ascontiguousarray(padded.reshape(hid // 16, 16, kp // 64, 16, 4).transpose(0, 2, 3, 1, 4)
-                                .reshape(-1))
+def amx_g(amx: bool, out_channels: int) -> bool:
+    """Whether g runs on AMX tiles too (`tdpbsud`: int8 weights x the uint8 product): with f1 and f2 on AMX
+    and two 16-row tiles of output channels or more (the last block overlaps the one before). Fewer (S1's
+    stage 1, 24 channels: 32 rows computed for 24, hidden 96 padded to 128) measured slower than VNNI
+    (benchmarks/RESULTS.md, issue 21 thread scaling and g on AMX)."""
+    return amx and out_channels >= 32
+
+
+def amx_g_weight(wg: np.ndarray) -> np.ndarray:
+    """g's [CO, HID] int8 weight as its AMX A tiles read it: rows of HID zero-padded to a multiple of 64."""
+    co, hid = wg.shape
+    out = np.zeros((co, -(-hid // 64) * 64), np.int8)
+    out[:, :hid] = wg
+    return out
 
 
 def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hidden: int, out_channels: int,
                    quant: dict[str, Any], family: tuple[int, str, str, int] = X86_VNNI,
                    amx: bool = False) -> Any:
-    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8 (AMX: `amx_weight`'s layout), m1, c1,
+    """The kernel for x [batch, C, H, W] float32, w1, w2 [HID, C] int8, m1, c1,
     m2, c2 [HID] float32 (f1's and f2's epilogues with their output QDQ folded, `fold`: s_out = s1, s2),
     wg [CO, HID] int8, mg, cg [CO] float32 (g's, s_out = 1) -> y [batch, CO, H, W] float32. C and HID
     multiples of 4, H * W >= 16."""
@@ -162,12 +167,26 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
     s4 = None if quant.get("s4") is None else float(np.float32(quant["s4"]))
     z4 = int(quant.get("z4") or 0)
     vec8, vec32 = f"{adt}x{4 * lanes}", f"int32x{lanes}"
-    KP = -(-C // 64) * 64                            # AMX: input channels per pixel row, zero-padded
-    KC, HB16, MT = KP // 64, HID // 16, -(-NP // 32)
+    # AMX, f1 / f2: C = A tiles of 16 hidden channels (weight rows) x B tiles of 16 pixels (x as packed
+    # above, 4 channels per int32), K in chunks of KCH input channels (the largest multiple of 4 up to 64
+    # that divides C: one tile shape, no padding)
+    KCH = max(k for k in range(4, 65, 4) if C % k == 0)
+    HB16, MT, NKC = HID // 16, -(-NP // 32), C // KCH
+    # each task: HG of the HB16 blocks of 16 hidden channels (one tile configuration, and with one K chunk
+    # x's B tiles, loaded for all of them), as many as leave 16 tasks or more (2 threads: balanced)
+    HG = max(g for g in range(1, HB16 + 1) if HB16 % g == 0 and (MT * (HB16 // g) >= 16 or g == 1))
+    HGN = HB16 // HG
     if amx and (family is not X86_VNNI or HID % 16 or NP < 32):
         raise ValueError(f"qstar on AMX needs x86, hidden channels in 16s and >= 32 pixels, got HID={HID}, "
                          f"{NP} pixels")
-    w_shape = (HB16 * KP * 16,) if amx else (HID, C)
+    # g on AMX: A tiles of 16 output channels x 64 hidden bytes (wg padded to KG), B tiles of 16 hidden
+    # quads x 16 pixels read straight from the packed product (its padding quads zeroed); tasks of OT
+    # output tiles x 2 pixel tiles (OT * 2 C tiles)
+    GAMX = amx_g(amx, CO)
+    KG = -(-HID // 64) * 64 if GAMX else HID
+    HQP = KG // 4
+    OT = 2
+    GO, GM = -(-CO // (16 * OT)), -(-NP // 32)
 
     def tile(op, *args):
         return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
@@ -185,8 +204,14 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
 
     def hidden(acc, m, c, h, s, z, act):
         """One hidden channel of f1 / f2: its quantized output less the zero point (exact in float32), [act]
-        (clipped in units of s)."""
-        d = T.max(T.min(T.nearbyint(cast("float32", acc) * m[h] + c[h]), T.float32(255 - z)), T.float32(-z))
+        (clipped in units of s). The two clips as one where their ranges overlap (the same values)."""
+        lo, hi = float(-z), float(255 - z)
+        if act is not None:
+            lo_a = float(np.float32(act[0] / s))
+            hi_a = float(np.float32(act[1] / s)) if np.isfinite(act[1]) else hi
+            if max(lo, lo_a) <= min(hi, hi_a):
+                lo, hi, act = max(lo, lo_a), min(hi, hi_a), None
+        d = T.max(T.min(T.nearbyint(cast("float32", acc) * m[h] + c[h]), T.float32(hi)), T.float32(lo))
         if act is None:
             return d
         lo = T.max(d, T.float32(np.float32(act[0] / s)))
@@ -202,6 +227,11 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
         """Hidden channel h of one pixel (accumulator row r): a * b, quantized with g's input scale."""
         return product(hidden(acc1[r * lanes + p], m1, c1, h, s1, z1, act1),
                        hidden(acc2[r * lanes + p], m2, c2, h, s2, z2, act2))
+
+    def tile_prod(cb, m1, c1, m2, c2, pt, r, h):
+        """Hidden channel h (C tile row r) of 16 pixels (pixel tile pt): a * b, quantized (int32 lanes)."""
+        return product(hidden(cb[T.ramp(pt * 256 + r * 16, 1, 16)], m1, c1, h, s1, z1, act1),
+                       hidden(cb[T.ramp(512 + pt * 256 + r * 16, 1, 16)], m2, c2, h, s2, z2, act2))
 
     def out_qdq(v):
         """g's output through the graph's QuantizeLinear / DequantizeLinear after it, where fused (s4)."""
@@ -222,97 +252,100 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
               c2_h: T.handle, wg_h: T.handle, mg_h: T.handle, cg_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         x = T.match_buffer(x_h, (n_img, C, height, width), "float32")
-        w1 = T.match_buffer(w1_h, w_shape, "int8")
+        w1 = T.match_buffer(w1_h, (HID, C), "int8")
         m1 = T.match_buffer(m1_h, (HID,), "float32")
         c1 = T.match_buffer(c1_h, (HID,), "float32")
-        w2 = T.match_buffer(w2_h, w_shape, "int8")
+        w2 = T.match_buffer(w2_h, (HID, C), "int8")
         m2 = T.match_buffer(m2_h, (HID,), "float32")
         c2 = T.match_buffer(c2_h, (HID,), "float32")
-        wg = T.match_buffer(wg_h, (CO, HID), "int8")
+        wg = T.match_buffer(wg_h, (CO, KG), "int8")
         mg = T.match_buffer(mg_h, (CO,), "float32")
         cg = T.match_buffer(cg_h, (CO,), "float32")
         y = T.match_buffer(y_h, (n_img, CO, height, width), "float32")
         xf = T.decl_buffer((n_img * C * NP,), "float32", data=x.data)
         yf = T.decl_buffer((n_img * CO * NP,), "float32", data=y.data)
-        w1f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w1.data)
-        w2f = T.decl_buffer((HB16 * KP * 16 if amx else HID * C,), "int8", data=w2.data)
-        wgf = T.decl_buffer((CO * HID,), "int8", data=wg.data)
+        w1f = T.decl_buffer((HID * C,), "int8", data=w1.data)
+        w2f = T.decl_buffer((HID * C,), "int8", data=w2.data)
+        wgf = T.decl_buffer((CO * KG,), "int8", data=wg.data)
         xs = T.decl_buffer((C4 * NP,), "int32")
-        xa = T.decl_buffer((NP * KP,), "uint8")
-        hs = T.decl_buffer((HQ * NP,), "int32")
+        hs = T.decl_buffer((HQP * NP,), "int32")
+        # the AMX tile configurations, loaded by each task: f1 / f2 (bytes 0-63: C tiles 0-3 of 16 x 64
+        # bytes, A tiles 4-5 of 16 x KCH, B tiles 6-7 of KCH/4 x 64) and g (64-127: eight 16 x 64 tiles)
+        cfg = T.decl_buffer((128,), "uint8")
+        if amx:
+            for i in range(128):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            cfg[64] = T.uint8(1)
+            for t in range(8):
+                cfg[16 + t * 2] = T.uint8(T.if_then_else(t == 4 or t == 5, KCH, 64))
+                cfg[48 + t] = T.uint8(T.if_then_else(t >= 6, KCH // 4, 16))
+                cfg[80 + t * 2] = T.uint8(64)
+                cfg[112 + t] = T.uint8(16)
         for img in range(n_img):
             with T.attr(0, "pragma_parallel_launch_point", 0):
+                # a barrier after phases 1 and 2: each reads what every task of the one before wrote
+                # (`barrier_when_finish` ends only the statement it wraps)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    # (1) x quantized: AMX, one row of KP bytes per pixel; VNNI, 4 channels of a pixel per
-                    # int32 (the last chunk overlaps)
-                    if amx:
+                    # (1) x quantized, 4 channels of a pixel per int32 (the last chunk overlaps); with g on
+                    # AMX, the product's padding quads zeroed (their weights are zero)
+                    if HQP > HQ:
                         for task in T.parallel(XCH):
                             p0: T.let = T.min(task * 16, NP - 16)
-                            for c in range(C):
+                            for j in range(HQP - HQ):
                                 for e in T.vectorized(16):
-                                    xa[(p0 + e) * KP + c] = T.Cast(
-                                        "uint8", qbyte(xf[(img * C + c) * NP + p0 + e], s0, z0))
-                            if KP > C:
-                                for e in range(16):
-                                    for c in T.vectorized(KP - C):
-                                        xa[(p0 + e) * KP + C + c] = T.uint8(0)
-                    if not amx:
-                        for task in T.parallel(C4 * XCH):
-                          c4: T.let = task // XCH
-                          p0: T.let = T.min(task % XCH * 16, NP - 16)
-                          for e in T.vectorized(16):
-                              xs[c4 * NP + p0 + e] = pack(
-                                  qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
-                                  qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                                    hs[(HQ + j) * NP + p0 + e] = 0
+                    for task in T.parallel(C4 * XCH):
+                      c4: T.let = task // XCH
+                      p0: T.let = T.min(task % XCH * 16, NP - 16)
+                      for e in T.vectorized(16):
+                          xs[c4 * NP + p0 + e] = pack(
+                              qbyte(xf[(img * C + c4 * 4) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 1) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 2) * NP + p0 + e], s0, z0),
+                              qbyte(xf[(img * C + c4 * 4 + 3) * NP + p0 + e], s0, z0))
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     # (2) f1, f2, their QDQ, [act], the product and its quantization, packed.
-                    # AMX: tasks of 32 pixels (two A tiles) x 16 hidden channels (one B tile of f1, one
-                    # of f2), four C tiles; the tiles stored, then the epilogue along hidden channels
+                    # AMX: tasks of 16 hidden channels (one A tile of f1, one of f2) x 32 pixels (two B
+                    # tiles), four C tiles (rows: hidden channels); the tiles stored, then the epilogue
+                    # 16 pixels at a time, 4 hidden channels packed per int32 and stored as one vector
                     if amx:
-                        for task in T.parallel(MT * HB16):
-                          m0: T.let = T.min(task // HB16 * 32, NP - 32)
-                          hb: T.let = task % HB16
-                          cfg = T.decl_buffer((64,), "uint8", scope="local")
+                        for task in T.parallel(MT * HGN):
+                          m0: T.let = T.min(task // HGN * 32, NP - 32)
                           cb = T.decl_buffer((1024,), "int32", scope="local")
-                          qv = T.decl_buffer((16,), "int32", scope="local")
-                          for i in range(64):
-                              cfg[i] = T.uint8(0)
-                          cfg[0] = T.uint8(1)
-                          for t in range(8):
-                              cfg[16 + t * 2] = T.uint8(64)
-                              cfg[48 + t] = T.uint8(16)
                           T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
-                          T.evaluate(tile("tilezero", T.uint8(0)))
-                          T.evaluate(tile("tilezero", T.uint8(1)))
-                          T.evaluate(tile("tilezero", T.uint8(2)))
-                          T.evaluate(tile("tilezero", T.uint8(3)))
-                          for kc in range(KC):
-                              T.evaluate(tile("tileloadd64", T.uint8(4), T.address_of(xa[m0 * KP + kc * 64]),
-                                              T.int64(KP)))
-                              T.evaluate(tile("tileloadd64", T.uint8(5),
-                                              T.address_of(xa[(m0 + 16) * KP + kc * 64]), T.int64(KP)))
-                              T.evaluate(tile("tileloadd64", T.uint8(6),
-                                              T.address_of(w1f[(hb * KC + kc) * 1024]), T.int64(64)))
-                              T.evaluate(tile("tileloadd64", T.uint8(7),
-                                              T.address_of(w2f[(hb * KC + kc) * 1024]), T.int64(64)))
-                              T.evaluate(tile("tdpbusd", T.uint8(0), T.uint8(4), T.uint8(6)))
-                              T.evaluate(tile("tdpbusd", T.uint8(1), T.uint8(5), T.uint8(6)))
-                              T.evaluate(tile("tdpbusd", T.uint8(2), T.uint8(4), T.uint8(7)))
-                              T.evaluate(tile("tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7)))
-                          T.evaluate(tile("tilestored64", T.uint8(0), T.address_of(cb[0]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(1), T.address_of(cb[256]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(2), T.address_of(cb[512]), T.int64(64)))
-                          T.evaluate(tile("tilestored64", T.uint8(3), T.address_of(cb[768]), T.int64(64)))
+                          if NKC == 1:            # x's two B tiles, loaded once for every hidden block
+                              for pt in T.unroll(2):
+                                  T.evaluate(tile("tileloadd64", T.uint8(6 + pt),
+                                                  T.address_of(xs[m0 + pt * 16]), T.int64(NP * 4)))
+                          for hbi in range(HG):
+                              hb: T.let = task % HGN * HG + hbi
+                              for ct in T.unroll(4):
+                                  T.evaluate(tile("tilezero", T.uint8(ct)))
+                              for kc in range(NKC):
+                                  T.evaluate(tile("tileloadd64", T.uint8(4),
+                                                  T.address_of(w1f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                                  T.evaluate(tile("tileloadd64", T.uint8(5),
+                                                  T.address_of(w2f[hb * 16 * C + kc * KCH]), T.int64(C)))
+                                  if NKC > 1:
+                                      for pt in T.unroll(2):
+                                          T.evaluate(tile("tileloadd64", T.uint8(6 + pt), T.address_of(
+                                              xs[kc * (KCH // 4) * NP + m0 + pt * 16]), T.int64(NP * 4)))
+                                  for ft in T.unroll(2):
+                                      for pt in T.unroll(2):
+                                          T.evaluate(tile("tdpbsud", T.uint8(ft * 2 + pt), T.uint8(4 + ft),
+                                                          T.uint8(6 + pt)))
+                              for ct in T.unroll(4):
+                                  T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]),
+                                                  T.int64(64)))
+                              for pt in range(2):
+                                  for rq in range(4):
+                                      hs[T.ramp((hb * 4 + rq) * NP + m0 + pt * 16, 1, 16)] = pack(
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4, hb * 16 + rq * 4),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 1, hb * 16 + rq * 4 + 1),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 2, hb * 16 + rq * 4 + 2),
+                                          tile_prod(cb, m1, c1, m2, c2, pt, rq * 4 + 3, hb * 16 + rq * 4 + 3))
                           T.evaluate(tile("tilerelease"))
-                          hv: T.let = T.ramp(hb * 16, 1, 16)
-                          for r in range(32):
-                              # 16 hidden channels of one pixel, their bytes as 4 packed quads (vpmovdb)
-                              qv[T.ramp(0, 1, 4)] = T.reinterpret("int32x4", T.Cast("uint8x16", product(
-                                hidden(cb[T.ramp(r * 16, 1, 16)], m1, c1, hv, s1, z1, act1),
-                                hidden(cb[T.ramp(512 + r * 16, 1, 16)], m2, c2, hv, s2, z2, act2))))
-                              for j in T.unroll(4):
-                                  hs[(hb * 4 + j) * NP + m0 + r] = qv[j]
                     if not amx:
                         for task in T.parallel(VA * HBLK):
                           q0: T.let = T.min(task // HBLK * lanes, NP - lanes)
@@ -340,23 +373,54 @@ def qstar_primfunc(batch: int | None, channels: int, height: int, width: int, hi
                                            rq * 4 + 2, p),
                                       prod(acc1, m1, c1, acc2, m2, c2, h0 + rq * 4 + 3,
                                            rq * 4 + 3, p))
-                    # (3) g on the packed product
-                    for task in T.parallel(TB * OBLK):
-                        q0: T.let = T.min(task // OBLK * P, NP - P)
-                        o0: T.let = T.min(task % OBLK * OB, CO - OB)
-                        acc = T.decl_buffer((OB * P,), "int32", scope="local")
-                        for i in T.unroll(OB * pv):
-                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                        for hq in range(HQ):
-                            for v in T.unroll(pv):
-                                hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
-                                for r in T.unroll(OB):
-                                    acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
-                                        acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
-                                        (o0 + r) * HID + hq * 4)
-                        for r in T.unroll(OB):
-                            for p in T.vectorized(P):
-                                yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
-                                    "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+                # (3) g on the packed product
+                if not GAMX:
+                  for task in T.parallel(TB * OBLK):
+                      q0: T.let = T.min(task // OBLK * P, NP - P)
+                      o0: T.let = T.min(task % OBLK * OB, CO - OB)
+                      acc = T.decl_buffer((OB * P,), "int32", scope="local")
+                      for i in T.unroll(OB * pv):
+                          acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                      for hq in range(HQ):
+                          for v in T.unroll(pv):
+                              hv: T.let = hs[T.ramp(hq * NP + q0 + v * lanes, 1, lanes)]
+                              for r in T.unroll(OB):
+                                  acc[T.ramp((r * pv + v) * lanes, 1, lanes)] = dot(
+                                      acc[T.ramp((r * pv + v) * lanes, 1, lanes)], hv, wgf,
+                                      (o0 + r) * HID + hq * 4)
+                      for r in T.unroll(OB):
+                          for p in T.vectorized(P):
+                              yf[(img * CO + o0 + r) * NP + q0 + p] = out_qdq(T.Cast(
+                                  "float32", acc[r * P + p]) * mg[o0 + r] + cg[o0 + r])
+                if GAMX:
+                  for task in T.parallel(GM * GO):
+                    p0: T.let = T.min(task // GO * 32, NP - 32)
+                    o0: T.let = T.min(task % GO * 16 * OT, CO - 16 * OT)
+                    cb = T.decl_buffer((1024,), "int32", scope="local")
+                    T.evaluate(tile("ldtilecfg", T.address_of(cfg[64])))
+                    for ct in T.unroll(OT * 2):
+                        T.evaluate(tile("tilezero", T.uint8(ct)))
+                    for kc in range(KG // 64):
+                        for ot in T.unroll(OT):
+                            T.evaluate(tile("tileloadd64", T.uint8(4 + ot),
+                                            T.address_of(wgf[(o0 + ot * 16) * KG + kc * 64]), T.int64(KG)))
+                        for pt in T.unroll(2):
+                            T.evaluate(tile("tileloadd64", T.uint8(6 + pt),
+                                            T.address_of(hs[kc * 16 * NP + p0 + pt * 16]), T.int64(NP * 4)))
+                        for ot in T.unroll(OT):
+                            for pt in T.unroll(2):
+                                T.evaluate(tile("tdpbsud", T.uint8(ot * 2 + pt), T.uint8(4 + ot),
+                                                T.uint8(6 + pt)))
+                    for ct in T.unroll(OT * 2):
+                        T.evaluate(tile("tilestored64", T.uint8(ct), T.address_of(cb[ct * 256]), T.int64(64)))
+                    T.evaluate(tile("tilerelease"))
+                    for ot in range(OT):
+                        for pt in range(2):
+                            for r in range(16):
+                                for e in T.vectorized(16):
+                                    yf[(img * CO + o0 + ot * 16 + r) * NP + p0 + pt * 16 + e] = out_qdq(
+                                        T.Cast("float32", cb[(ot * 2 + pt) * 256 + r * 16 + e])
+                                        * mg[o0 + ot * 16 + r] + cg[o0 + ot * 16 + r])
+
 
     return qstar
