@@ -176,8 +176,7 @@ class Runtime:
         self._budget_call: dict[str, Any] | None = None
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
         self._unobserved = 0            # runs left before the budget policy times one again (sampling)
-        self._pending: tuple[_Plan, float, int] | None = None    # an observation the policy has not had yet
-        self._nreq = 0                  # requests run under the budget policy (every one is timed)
+        self._pending: tuple[_Plan, float] | None = None    # an observation the policy has not had yet
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -401,16 +400,13 @@ class Runtime:
         self._last_arrays = arrays
         skip = self._unobserved
         pc = time.perf_counter
-        if skip:                                # sampled (see TailGuard.every): not observed, but timed: a
-            self._unobserved = skip - 1         # late one counts at once (`TailGuard.late_request`)
-            n = self._nreq = self._nreq + 1
-            t0 = pc()
+        if skip:                                # sampled (see TailGuard.every): this run is not timed
+            self._unobserved = skip - 1
+            if self._pending is None:
+                return plan.config.name, plan.call(arrays)
+            t0 = pc()                           # an observation waits for a run that leaves room for it
             out = plan.call(arrays)
-            ms = (pc() - t0) * 1e3
-            if ms > adapter.budget:
-                self._late_request(adapter, plan, n, ms)
-            if self._pending is not None:       # an observation waits for a run that leaves room for it
-                self._bookkeep(adapter, ms, t0)
+            self._bookkeep(adapter, (pc() - t0) * 1e3, t0)
             return plan.config.name, out
         t0 = pc()
         out = plan.call(arrays)
@@ -418,7 +414,6 @@ class Runtime:
         if type(adapter) is not TailGuard:
             self._observe(adapter, plan, (t1 - t0) * 1e3)
             return plan.config.name, out
-        n = self._nreq = self._nreq + 1
         # the latency the caller sees includes the policy's own bookkeeping: add its running mean per request
         # (an observation's cost over `every`: only the observed request pays it; adding all of it to every
         # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
@@ -426,7 +421,7 @@ class Runtime:
         if self._pending is not None:           # the last one found no room in `every` runs: now, so that no
             self._bookkeep(adapter, (t1 - t0) * 1e3, t0, force=True)    # observation is lost (losing the
             # waiting ones and keeping the late ones, which go at once, showed the policy only late runs)
-        self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every, n)
+        self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every)
         self._bookkeep(adapter, (t1 - t0) * 1e3, t0)
         return plan.config.name, out
 
@@ -440,32 +435,18 @@ class Runtime:
         bookkeeping included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
         if not force and ms + 2 * adapter.overhead_ms > adapter.budget and ms <= adapter.budget:
             return
-        plan, latency, n = self._pending
+        plan, latency = self._pending
         self._pending = None
         pc = time.perf_counter
         t1 = pc()
-        self._observe(adapter, plan, latency, n)
-        if self._unobserved >= adapter.every:   # a burst began (`TailGuard.late_request`): observe from now
-            self._unobserved = adapter.every - 1
+        self._observe(adapter, plan, latency)
         t2 = pc()
         # late for this bookkeeping: on time until it began (after the run and any hand-over before it in the
         # same run: judged on the engine's time alone, a run one hand-over made late was charged twice)
         adapter.bookkept((t2 - t1) * 1e3, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3)
 
-    def _late_request(self, adapter: TailGuard, plan: _Plan, n: int, ms: float) -> None:
-        """Request `n` ran late (`ms`) unobserved: the policy counts it (and may begin a burst of
-        observations)."""
-        target = adapter.late_request(plan.key, n, ms)
-        if self._unobserved >= adapter.every:
-            self._unobserved = adapter.every - 1
-        self._switch_to(target)
-
-    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float,
-                 n: int | None = None) -> None:
-        self._switch_to(adapter.observe(plan.key, latency_ms) if n is None
-                        else adapter.observe(plan.key, latency_ms, n))
-
-    def _switch_to(self, target: str | None) -> None:
+    def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
+        target = adapter.observe(plan.key, latency_ms)
         if target is not None:
             if self._warm_switch:
                 self._warm_then_switch(self._by_key[target])
@@ -567,8 +548,8 @@ class Runtime:
         The policy (`policy=None`): `"tail"` (`tailpolicy.TailGuard`, below) when adapting to a budget with
         a latency, unless one of the window policy's settings (`margin`, `window`, `tail`, `fast_down`) is
         given; else `"window"` (`policy.Adapter`; also the static choice of `adapt=False`). On the held-out
-        load traces of the fifth session (benchmarks/RESULTS.md, issue 20, seeds 5000-5019) the tail
-        policy met all three criteria on 31 of 40 traces, the window policy on 2.
+        load traces (benchmarks/RESULTS.md, issue 20) the tail policy met all three criteria on 31 of 40
+        traces, the window policy on 2 (seeds 5000-5019) and on 1 (seeds 6000-6019).
 
         The window policy (defaults: margin 0.85, window 32, tail "p90", fast_down 3) re-selects every
         `window` runs from their `tail` percentile, and at once after
@@ -687,7 +668,7 @@ class Runtime:
                               "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
-        self._unobserved = self._nreq = 0
+        self._unobserved = 0
         self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config

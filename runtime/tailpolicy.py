@@ -8,10 +8,7 @@ What it measures, and what it decides from it:
   10 / late_share runs) are evidence when P(X >= k - 1 | m - 1, late_share) < `alpha` (1e-3), conditional
   on the run that triggers the test being late. At 1 %: 3 late runs within 6, 4 within 20, 5 within 45,
   ..., 22 within 968; one or two late runs never are. No window length, margin or count of late runs to
-  tune: they follow from the stated share. The test counts requests, not observations: where the runtime
-  observes one run in `every` (a fast model), it still reports every late request, and a break found
-  between observations is left after a *burst* of `BURST` runs observed back to back (the runs since the
-  break, which the sampled ones mostly missed).
+  tune: they follow from the stated share.
 - **How would another config fare under this load?** Each thread count keeps its recent runs (up to
   10 / late_share), each divided by the profiled p50 of the config that ran it: the load's slowdown
   *distribution* at that count, spikes included. A candidate's late share is predicted as the share of
@@ -30,8 +27,7 @@ What it measures, and what it decides from it:
   evidence.
 - **What a trial costs.** A trial may fail and cost late requests. Trials spend a *late allowance*: it
   grows by `late_share / 2` per request and shrinks by one per late request (an observed run stands for
-  `every` requests in the growth; the runtime times every request and reports each late one it does not
-  hand over, `late_request`); a trial starts only when the allowance covers what failed trials have cost on
+  `every` requests in both); a trial starts only when the allowance covers what failed trials have cost on
   average (late requests from the switch to the way back, the switch's cold run included). A stable
   machine pays for no trials; a load that keeps changing gets as many as the tail can afford.
 
@@ -62,7 +58,6 @@ OVERHEAD_SHARE = 0.01      # the policy's own bookkeeping may cost this share of
 BOOKKEEPING_LATE = 0.1     # ... and make at most this share of the stated late share late
 DRIFT_ALPHA = 0.05         # the slow-drift check's level: over 1,000 kept runs at 1 %, 16 late (2 % are
                            # caught within ~1,000 runs; 0.5 % almost never: P ~ 1e-4 a check)
-BURST = 6                  # runs observed back to back after a break seen between observations (then left)
 
 
 @dataclass(frozen=True)
@@ -198,9 +193,7 @@ class TailGuard:
         self.share_correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
         self._entry_pred: float | None = None
         self._fastest_memo: tuple = (None, None)
-        self._runs = 0                                  # observed runs
-        self._req = 0                                   # requests (the runtime's count; every one is timed)
-        self._burst = 0                                 # observed runs left in a burst (`late_request`)
+        self._runs = 0
         self.allowance = 2.0                            # one trial's worth (the first trial cost's guess)
         self.trial_costs: list[int] = []                # late requests each failed trial cost
         self.every = 1
@@ -315,11 +308,9 @@ class TailGuard:
         return float(norm[len(norm) // 2]) if norm else 1.0
 
     def _set_trial_cost(self) -> None:
-        """Late requests a failed trial costs, as measured (before any: 2 x `every`, at most the test's three
-        in a row and a burst); the allowance is capped at two trials' worth, so a long quiet spell does not
-        pay for a burst of them."""
-        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else \
-            min(2.0 * self.every, 3.0 + BURST)
+        """Late requests a failed trial costs, as measured (2 before any: the test's two in a row); the
+        allowance is capped at two trials' worth, so a long quiet spell does not pay for a burst of them."""
+        self.trial_cost = float(np.mean(self.trial_costs)) if self.trial_costs else 2.0 * self.every
         self._cap = max(2 * self.trial_cost, 1.0)
 
     # --- observing ---------------------------------------------------------------------------------------
@@ -331,30 +322,24 @@ class TailGuard:
         o = self.opts[key]
         self._threads, self._p50 = o.threads, o.p50_ms * self.correction[key]
         self._cur_norm = self._norm[o.threads]
-        self._late_at: deque[int] = deque()          # request numbers of this stint's late requests
-        self._unobserved_late: deque[tuple[int, float]] = deque(maxlen=64)    # (request, slowdown)
-        if self._burst:                              # a switch ends a burst
-            self._burst = 0
-            self._set_every()
+        self._late_at: deque[int] = deque()          # run counts of this stint's late runs
         self._pred = {}                              # predictions are of the current config's runs
         self._stint = 0
         self._trial = trial
         self._entry_pred = pred                      # a trial's predicted late share (`_learn_share`)
 
-    def observe(self, config: str, latency_ms: float, at: int | None = None) -> str | None:
-        """An observed run of `config` (`at`: its request number, counted by the runtime over every request;
-        None: the next one, as when every request is observed) -> the key to switch to, or None."""
-        # the hot path (a FITS config runs in ~20 us): plain attribute arithmetic only
+    def observe(self, config: str, latency_ms: float) -> str | None:
+        # the hot path (every request; a FITS config runs in ~20 us): plain attribute arithmetic only
         with self._lock:
             if config != self.current:
                 return None                          # a run that started before the last switch
             runs = self._runs = self._runs + 1
-            req = self._req = self._req + 1 if at is None else max(at, self._req)
             stint = self._stint = self._stint + 1
             late = latency_ms > self.budget
-            # an observed run stands for `every` requests in the allowance's regrowth; a late request costs
-            # one, observed or not (the runtime reports the others' late ones: `late_request`)
-            allowance = self.allowance + self._regrow_every - late
+            # an observed run stands for `every` requests: it adds `every` requests' regrowth, and a late
+            # one spends `every` late requests (before, one: sampled 1 in 7-20, trials cost 7-20x less
+            # than they did, and a load that came and went every 0.1 s was tried up into at every lull)
+            allowance = self.allowance + self._regrow_every - late * self.every
             self.allowance = self._cap if allowance > self._cap else -self._cap if allowance < -self._cap \
                 else allowance
             if stint > 1 or not self.switches:          # a switch's first run measures the switch
@@ -363,18 +348,16 @@ class TailGuard:
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
                 self.share_correction = {k: 1 + (c - 1) / 2 for k, c in self.share_correction.items()}
             if late:
-                span = self._count_late(req)
-                if span and not self._burst:
-                    return self._on_break(span)
+                if self._trial is not None:
+                    self._trial["late"] += self.every
+                self._late_at.append(runs)
+                while self._late_at and runs - self._late_at[0] >= self.horizon:
+                    self._late_at.popleft()
+                span = self._breaks_tail()
+                if span:
+                    return self._leave(span)
             elif self._trial is not None and stint >= self.window:
                 self._trial_kept()
-            if self._burst:
-                self._burst -= 1
-                if not self._burst:                   # the burst is in: back to sampling; the break, if the
-                    self._set_every()                 # test still finds it, is left on the burst's runs
-                    span = self._breaks_tail()
-                    if span:
-                        return self._leave(BURST, self._break_evidence(req, span))
             phase = stint % self._trial_every
             if phase == 0:
                 self._set_every()
@@ -384,79 +367,6 @@ class TailGuard:
                 for o in due:
                     self._pred[o.key] = self._predict(o)
             return None
-
-    def late_request(self, config: str, at: int, latency_ms: float | None = None) -> str | None:
-        """A request the runtime timed but did not hand over (it observes one in `every`) was late: counted
-        at once, in the allowance, in a trial's cost and in the tail test, so that a break is seen within a
-        few requests, not a few observations. Before, only observed runs were tested: sampled 1 in 13-19,
-        SN-Net's full model stayed ~0.5 s on a config a new hog made 10x slower (measured on seed 5008; an
-        observed late run was charged as `every` late requests, a coarse stand-in for the ones not seen).
-        A break found here starts a burst (`_on_break`). -> the key to switch to, or None."""
-        with self._lock:
-            if config != self.current:
-                return None
-            if at > self._req:
-                self._req = at
-            if latency_ms is not None:               # the break's evidence, with the burst's runs (`_leave`)
-                self._unobserved_late.append((at, latency_ms / self._p50))
-            allowance = self.allowance - 1
-            self.allowance = -self._cap if allowance < -self._cap else allowance
-            span = self._count_late(at)
-            if span and not self._burst:
-                return self._on_break(span)
-            return None
-
-    def _count_late(self, req: int) -> int:
-        """Request `req` was late: a trial's cost, the test's record; -> the test's span (0: no break)."""
-        if self._trial is not None:
-            self._trial["late"] += 1
-        lates = self._late_at
-        lates.append(req)
-        while lates and req - lates[0] >= self.horizon:
-            lates.popleft()
-        return self._breaks_tail()
-
-    def _on_break(self, span: int) -> str | None:
-        """The test found a break `span` requests long. Observing every run: leave now, on the runs since
-        the break. Sampling, most of those runs were never observed (the kept runs are of the load before
-        it): first observe the next BURST runs back to back, then leave on them if the test still finds
-        the break (a burst of late runs that ends at once is not left). On the fastest config, with no other
-        thread count to try (`_count_to_try`), stay without a burst: no run can show a config less late;
-        a saturated machine breaks all the time, and bursts of observations there, each handed over in a run
-        with no room for it, made the smallest FITS config late 1-1.5 points more often (measured: cut-20
-        at 1 thread, 15 us against a 21 us budget). (Leaving at once instead, on the one or two observed
-        runs since the break, moved *up* at breaks: 61 switches in 40,000 runs.)"""
-        if self.every == 1:
-            return self._leave(span)
-        if self._trial is None and self.current == self._fastest().key and not self._count_to_try():
-            self._late_at.clear()
-            return None
-        self._burst = BURST
-        self.every, self._regrow_every = 1, self._regrow
-        return None
-
-    def _break_evidence(self, req: int, span: int) -> list[float]:
-        """The requests since the break, before the burst, as slowdowns: the late ones not observed (their
-        own), and the others as the burst's typical on-time run (their latency was not taken; they were
-        within the budget). Late ones alone made the evidence 3-10x later than the requests were on FITS
-        (observed 1 in 20-200), and it left to the smallest config."""
-        since = req - span
-        late = [v for r, v in self._unobserved_late if r > since]
-        limit = self.budget / self._p50
-        burst = sorted(v for v in self._cur_norm.last(BURST) if v <= limit)
-        fill = max(0, min(span - BURST, self.horizon) - len(late))
-        return late + [burst[len(burst) // 2]] * fill if burst else late
-
-    def _count_to_try(self) -> bool:
-        """Whether a break could move to another thread count as its profile has it (as `_leave` does): one
-        not run lately with fewer threads, or with more where the OS says the extra cores are free."""
-        cur = self.opts[self.current].threads
-        stale = {o.threads for o in self.opts.values() if o.threads != cur and self._stale(o.threads)}
-        if any(t < cur for t in stale):
-            return True
-        more = [t - cur for t in stale if t > cur]
-        free = self.idle_cores() if more and self.idle_cores is not None else None
-        return free is not None and any(free >= 0.75 * d for d in more)
 
     def bookkept(self, cost_ms: float, made_late: bool) -> None:
         """The runtime handed an observation over at a cost of `cost_ms`; `made_late`: the run that paid for
@@ -478,9 +388,7 @@ class TailGuard:
         bookkeeping costs at most OVERHEAD_SHARE of a request's time on average, and the runs it makes late
         are at most BOOKKEEPING_LATE of the stated late share (where no run has room for it, as under a
         budget just over the fastest config's run, each observation is a late request: 1 in 1,000 then,
-        `horizon`, at most; the tail test sees every request: `late_request`). Not during a burst."""
-        if self._burst:
-            return
+        `horizon`, at most; the tail test still sees a break within a few thousand runs)."""
         every = max(1, math.ceil(self.overhead_ms / (OVERHEAD_SHARE * self._p50)),
                     min(self.horizon, math.ceil(self.bk_late / (BOOKKEEPING_LATE * self.q))))
         if every != self.every:
@@ -572,19 +480,18 @@ class TailGuard:
         n = len(lates)
         span = self._max_span
         for i, start in enumerate(lates):
-            m = self._req - start + 1
+            m = self._runs - start + 1
             if m <= span[n - i]:
                 return m
         return 0
 
     # --- moving ------------------------------------------------------------------------------------------
 
-    def _leave(self, span: int, extra: list[float] | tuple = ()) -> str | None:
-        """The current config breaks the tail (`span`: the observed runs since the break; `extra`: the late
-        requests since it that were not observed, as slowdowns): to the best faster config predicted to
-        hold it on the runs since the break (the runs before it are of another load: dropped); else a
-        thread count not seen lately, as its profile has it (without waiting for the allowance when nothing
-        here holds); else the best-ranked faster candidate predicted late less than this one."""
+    def _leave(self, span: int) -> str | None:
+        """The current config breaks the tail: to the best predicted to hold it on the runs since the break
+        (the runs before it are of another load: dropped); else a thread count not seen lately, as its
+        profile has it (without waiting for the allowance when nothing here holds); else the best-ranked
+        candidate predicted late less than this one."""
         cur = self.opts[self.current]
         trial = self._trial
         stale = [o for o in self.opts.values() if self._stale(o.threads)]
@@ -594,7 +501,7 @@ class TailGuard:
         norm = self._norm[cur.threads]
         kept = norm.last(len(norm))
         stint_runs = kept[-self._stint:] if self._stint else []     # this config's own runs
-        norm.reset(norm.last(min(span, max(len(norm), 1))) + list(extra))
+        norm.keep_last(min(span, max(len(norm), 1)))
 
         def failed(target: Option, *, trial_next: bool) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
@@ -607,17 +514,8 @@ class TailGuard:
         # on the few runs since the break every config is taken to meet the spikes this one met (whether a
         # shorter run would have missed one says nothing over six runs; counted by exposure, a chance pair
         # of late runs of a config late 1 % sent it down)
-        # only to a faster config (its profiled p50, any count): a slower one is no less late on the same
-        # runs, and on a burst's runs it could look on time (the smallest FITS config left *up* at breaks,
-        # 317 times in a simulated 10 s); another count's own kept runs may be of an older load (SN-Net went
-        # round 1-thread configs down, then up to the full model at 2 threads, then down again: 20 breaks in
-        # 4 s). A slower config is only ever reached by a trial, paid from the allowance
-        p_cur = cur.p50_ms * self.correction[cur.key]
-
         def late(o: Option) -> float:
-            if o.p50_ms * self.correction[o.key] >= p_cur:
-                return math.inf                       # the current config too
-            return self.late(o, exposure=False)
+            return math.inf if o.key == cur.key else self.late(o, exposure=False)
 
         target = self._best(late)
         if stale and (target is None or target.rank < cur.rank):
@@ -635,7 +533,7 @@ class TailGuard:
             # late share to every config): the best-ranked that would be late less than this one, not the
             # least late (the fastest, a quality cliff on one spike); if it is still late, the test moves on
             now = self.late(cur, exposure=False)
-            less = [o for o in self.opts.values() if late(o) < now]
+            less = [o for o in self.opts.values() if o.key != cur.key and self.late(o, exposure=False) < now]
             if not less:
                 self._late_at.clear()                 # nothing would be late less: stay, judge afresh; a
                 self._trial = None                    # trial is over (its cost and error learnt once)
