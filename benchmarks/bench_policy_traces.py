@@ -5,7 +5,8 @@ For each bundle (runtimes with engines at 2 and 1 threads, profiled here first) 
 between tight and loose), the same trace is played for each strategy, the order rotating per seed:
 
 - `tail`: `set_budget(policy="tail")` (runtime/tailpolicy.py: holds p99 <= budget before quality);
-- `window`: `set_budget()` as before this issue (policy.Adapter, its constants fitted on budget_trace.py);
+- `window`: `set_budget(policy="window")`, the default before the sixth session (policy.Adapter, its
+  constants fitted on budget_trace.py);
 - every static (config, threads), sampled along one more play of the trace (`tracerun.sweep`);
 - the hindsight oracle: per load segment, the best static that held 99 % there (`tracerun.oracle`).
 

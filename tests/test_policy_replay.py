@@ -1,0 +1,44 @@
+"""benchmarks/policy_replay.py: the tail policy replayed over recorded latencies, on a small synthetic
+recording (no engine, no hogs)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+policy_replay = pytest.importorskip("policy_replay")
+
+
+def _recording(path: Path, slow_after: float) -> Path:
+    """Two configs at one thread count over 2 s: big (0.4 ms) and small (0.2 ms) against a 0.5 ms budget;
+    from `slow_after` seconds on, every run takes 1.5x as long (big is then late, small is not)."""
+    arrays = {}
+    for key, p50 in (("big@1t", 0.4), ("small@1t", 0.2)):
+        t = np.arange(0.0, 2.0, 1e-4)
+        noise = np.random.default_rng(len(key)).lognormal(0.0, 0.03, len(t))
+        arrays["t|" + key] = t
+        arrays["l|" + key] = p50 * noise * np.where(t >= slow_after, 1.5, 1.0)
+    meta = {"budget": 0.5, "seed": 0, "seconds": 2.0, "quality": {"big": 0.9, "small": 0.8}, "higher": True,
+            "options": [["big@1t", 0.9, 0.4, 0.44, 1], ["small@1t", 0.8, 0.2, 0.22, 1]],
+            "state": [[0, 0]] * 200}
+    np.savez(path, meta=json.dumps(meta), **arrays)
+    return path
+
+
+def test_the_replayed_policy_stays_on_the_best_config_while_it_holds_and_leaves_when_it_does_not(tmp_path):
+    mod = policy_replay.load_policy(str(ROOT / "runtime" / "tailpolicy.py"))
+    quiet = policy_replay.replay(mod, np.load(_recording(tmp_path / "quiet.npz", slow_after=9.0)))
+    assert quiet["within"] == 1.0 and quiet["quality"] == pytest.approx(0.9) and quiet["switches"] == 0
+    slow = policy_replay.replay(mod, np.load(_recording(tmp_path / "slow.npz", slow_after=1.0)))
+    # big is late from 1 s on: the policy leaves it within a few late runs and holds the stated tail
+    assert slow["switches"] >= 1 and slow["within"] >= 0.99 and slow["c1"]
+    assert 0.8 < slow["quality"] < 0.9
+
+
+def test_replay_of_an_empty_folder_fails_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no recordings"):
+        policy_replay.main(["replay", "--dir", str(tmp_path)])
