@@ -46,7 +46,8 @@ def record(bundle: Path, seed: int, out: Path, seconds: float) -> None:
         raise SystemExit(f"{bundle}: no profile measured on this host; run `edgeflex profile {bundle} "
                          "--threads 2,1` first")
     idle = {c.name: min(profile_at(prof, t)[c.name]["p90_ms"] for t in (2, 1)) for c in rt.configs}
-    trace = generate(seed, seconds, len(os.sched_getaffinity(0)), batch=1)
+    cores = len(os.sched_getaffinity(0))
+    trace = generate(seed, seconds, cores, batch=1)
     budget = trace.budget_ms(idle)
     shape = [1 if d is None else d for d in rt.inputs[0].shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -55,7 +56,7 @@ def record(bundle: Path, seed: int, out: Path, seconds: float) -> None:
         rec = tracerun.sweep(rt, trace, player, x, options, block=4)
     rt.set_budget(ef.Budget(latency_ms=budget), policy="tail", degrade=True)
     g = rt.adapter
-    meta = {"budget": budget, "seed": seed, "seconds": seconds,
+    meta = {"budget": budget, "seed": seed, "seconds": seconds, "cores": cores,
             "quality": {c.name: c.quality["value"] for c in rt.configs},
             "higher": rt.configs[0].quality.get("direction", "higher") == "higher",
             "options": [[o.key, o.rank, o.p50_ms, o.tail_ms, o.threads] for o in g.opts.values()],
@@ -81,12 +82,12 @@ def replay(mod: types.ModuleType, rec, obs_cost_us: float = 3.0, req_cost_us: fl
     from edgeflex.runtime.policy import Budget
 
     meta = json.loads(str(rec["meta"]))
-    budget, state = meta["budget"], meta["state"]
+    budget, state, cores = meta["budget"], meta["state"], float(meta.get("cores", 2))
     now = [0.0]
 
-    def idle_cores() -> float:
+    def idle_cores() -> float:          # the cores the trace's hogs leave free (the recording machine's)
         alu, mem = state[min(int(now[0] / 0.01), len(state) - 1)]
-        return max(0.0, 2.0 - alu - mem)
+        return max(0.0, cores - alu - mem)
 
     opts = [mod.Option(k, r, p50, tail, t) for k, r, p50, tail, t in meta["options"]]
     g = mod.TailGuard(opts, Budget(latency_ms=budget), idle_cores=idle_cores)
