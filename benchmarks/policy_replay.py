@@ -141,8 +141,15 @@ def replay(mod: types.ModuleType, rec, obs_cost_us: float = 3.0, req_cost_us: fl
 
 
 def seeds_of(spec: str) -> list[int]:
+    """`5000-5019` or `5000`: the seeds (an argparse type: a bad spec is a one-line usage error)."""
     lo, _, hi = spec.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
+    try:
+        seeds = list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {spec!r}: expected N or N-M, e.g. 5000-5019") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"seeds {spec!r}: the range is empty (expected N-M with M >= N)")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record", help="play traces and record every static option's latencies")
     r.add_argument("--bundle", type=Path, required=True)
-    r.add_argument("--seeds", required=True, help="e.g. 5000-5019")
+    r.add_argument("--seeds", type=seeds_of, required=True, help="e.g. 5000-5019")
     r.add_argument("--seconds", type=float, default=10.0)
     r.add_argument("--dir", type=Path, required=True)
     s = sub.add_parser("replay", help="replay recordings through one or more versions of the policy")
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "record":
         a.dir.mkdir(parents=True, exist_ok=True)
-        for seed in seeds_of(a.seeds):
+        for seed in a.seeds:
             out = a.dir / f"{a.bundle.stem}-{seed}.npz"
             record(a.bundle, seed, out, a.seconds)
             print("recorded", out, flush=True)

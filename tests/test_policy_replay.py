@@ -42,3 +42,11 @@ def test_the_replayed_policy_stays_on_the_best_config_while_it_holds_and_leaves_
 def test_replay_of_an_empty_folder_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no recordings"):
         policy_replay.main(["replay", "--dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("spec", ["abc", "5019-5000"])
+def test_a_bad_seed_range_is_a_one_line_usage_error(spec, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        policy_replay.main(["record", "--bundle", str(tmp_path / "b.efx"), "--seeds", spec, "--dir",
+                            str(tmp_path)])
+    assert e.value.code == 2 and "seeds" in capsys.readouterr().err
