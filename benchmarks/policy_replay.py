@@ -92,10 +92,11 @@ def replay(mod: types.ModuleType, rec, obs_cost_us: float = 3.0, req_cost_us: fl
     opts = [mod.Option(k, r, p50, tail, t) for k, r, p50, tail, t in meta["options"]]
     g = mod.TailGuard(opts, Budget(latency_ms=budget), idle_cores=idle_cores)
     g.overhead_ms = obs_cost_us / 1e3
-    times = {k: rec["t|" + k] for k in g.opts}
-    lats = {k: rec["l|" + k] for k in g.opts}
+    # every recorded option, whether or not the policy keeps it (the statics are judged over all of them)
+    times = {o.key: rec["t|" + o.key] for o in opts}
+    lats = {o.key: rec["l|" + o.key] for o in opts}
     median = {k: float(np.median(v)) for k, v in lats.items()}
-    at = dict.fromkeys(g.opts, -1)
+    at = dict.fromkeys(times, -1)
     reports = hasattr(g, "late_request")
     skip, n, t, last = 0, 0, 0.0, None
     lat, cfg = [], []
