@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -521,3 +522,56 @@ def test_batch1_check_accepts_exactly_what_check_inputs_accepts() -> None:
     # a spec with an open dimension besides the batch has no one batch-1 shape
     assert batch1_check(ef.TensorSpec("x", (None, None, 3), "float32")) is None
     assert batch1_check(ef.TensorSpec("x", (4, 3), "float32")) is None
+
+
+_LAUNCHER_PROBE = r'''
+import ctypes, os, sys
+import tvm
+from edgeflex.runtime.backends.tvm import _LAMBDA, _configure_threads
+
+lib = tvm.base._LOADED_LIBS["tvm_runtime"]
+libc = ctypes.CDLL(None)
+libc.malloc_usable_size.restype = ctypes.c_size_t
+libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+lib.TVMBackendParallelLaunch.argtypes = [_LAMBDA, ctypes.c_void_p, ctypes.c_int]
+seen = {}
+
+def task(task_id, penv, cdata):          # TVMParallelGroupEnv: {void* sync_handle; int32 num_task}
+    seen[task_id] = ctypes.cast(penv, ctypes.POINTER(ctypes.c_void_p))[0]
+    return 0
+
+cb = _LAMBDA(task)
+cores = len(os.sched_getaffinity(0))
+for n in (1, cores):                     # the runtime's first engine at 1 thread, a later one at every core
+    _configure_threads(n)
+    seen.clear()
+    assert lib.TVMBackendParallelLaunch(cb, None, 0) == 0
+    # the barrier counters: one per task, 64 bytes apart (TVM's kSyncStride)
+    print(n, libc.malloc_usable_size(seen[0]))
+'''
+
+
+def test_the_tvm_launcher_holds_a_barrier_counter_for_every_core_after_a_first_run_at_one_thread(
+        tmp_path: Path) -> None:
+    """TVM sizes a thread's barrier counters at its first parallel launch and does not grow them for a
+    count one higher: after a run at 1 thread, a run at every core read and wrote past them (at 2 cores
+    inside malloc's slack of 8 bytes, at 3+ into the heap). `_configure_threads` sizes them for every core
+    first. (In a fresh process: this one's launcher is sized already.)"""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: TVM runs no thread pool")
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    if not libc.startswith("glibc"):
+        pytest.skip("malloc_usable_size needs glibc")
+    script = tmp_path / "probe.py"
+    script.write_text(_LAUNCHER_PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [tuple(int(v) for v in line.split()) for line in out.stdout.split("\n") if line.strip()]
+    assert [n for n, _ in rows] == [1, cores]
+    assert all(usable >= cores * 64 for _, usable in rows), rows

@@ -10,7 +10,9 @@ handed over from the verified bundle at load; they are not compiled into the lib
 
 from __future__ import annotations
 
+import ctypes
 import getpass
+import logging
 import os
 import platform
 import shutil
@@ -30,6 +32,7 @@ from ..bundle import Bundle, TensorSpec, sha256_bytes
 from ..checks import batch1_check, check_inputs
 from .base import Backend, Engine, sequential
 
+log = logging.getLogger(__name__)
 ENGINES = "engines/tvm"
 HOST = "host"
 # Under a target's folder: per DRESS level, the kernel `edgeflex compile` timed fastest on TVM there.
@@ -627,13 +630,56 @@ class _NoTarget:
         return None
 
 
+_SIZED: set[int] = set()        # the threads whose TVM parallel launcher has been sized for every core
+_SIZED_LOCK = threading.Lock()
+
+
 def _configure_threads(threads: int) -> None:
     import tvm
 
     # NOTE: TVM has one thread pool per process: the last engine loaded sets it for all TVM engines.
     # Mode -3 (threads share every core, no pinning): on a shared machine pinning fights other processes.
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(threads))
-    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
+    config = tvm.get_global_func("runtime.config_threadpool")
+    if len(cpus) > 1 and threading.get_ident() not in _SIZED:
+        config(-3, len(cpus), [str(c) for c in cpus])
+        _size_launcher()
+    config(-3, threads, [str(c) for c in cpus])
+
+
+def _size_launcher() -> None:
+    """One no-op parallel launch on this thread at every core, before any other (TVM 0.27's thread pool).
+
+    TVM's `ParallelLauncher` (one per calling thread) allocates the barrier counters of a launch at its
+    first launch, for that launch's task count, and reallocates only when a later count exceeds the size of
+    its error list (the first count + 1): after a first launch at 1 thread, launches at 2 threads read and
+    write the second counter 64 bytes into a 64-byte allocation (inside malloc's slack here), and at 4
+    threads after a first at 3 past it, into the heap. A first launch at every core allocates them for any
+    count the pool is later set to. Checked by tests/test_tvm.py with malloc_usable_size."""
+    import tvm
+
+    with _SIZED_LOCK:
+        if threading.get_ident() in _SIZED:
+            return
+        _SIZED.add(threading.get_ident())
+    lib = getattr(tvm.base, "_LOADED_LIBS", {}).get("tvm_runtime")
+    launch = getattr(lib, "TVMBackendParallelLaunch", None)
+    if launch is None:                   # another packaging of the runtime: left as TVM sizes it
+        log.debug("TVMBackendParallelLaunch not found: TVM's parallel launcher left unsized")
+        return
+    launch.argtypes = [_LAMBDA, ctypes.c_void_p, ctypes.c_int]
+    launch.restype = ctypes.c_int
+    if launch(_NOOP, None, 0) != 0:
+        log.debug("sizing TVM's parallel launcher failed")
+
+
+def _noop_task(task_id: int, penv: Any, cdata: Any) -> int:
+    return 0
+
+
+# FTVMParallelLambda: int (*)(int task_id, TVMParallelGroupEnv* penv, void* cdata)
+_LAMBDA = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_NOOP = _LAMBDA(_noop_task)
 
 
 # ELF e_machine of the architectures engines are built for, by `platform.machine()` name.
