@@ -37,6 +37,7 @@ from edgeflex.runtime.profiles import measure_profile, profile_at, save_profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_switch_cost import cpu_flags  # noqa: E402
 from common import _busy_jiffies, machine_and_run, publish  # noqa: E402
+from policy_replay import seeds_of  # noqa: E402
 
 SECTION = "## Budget policies on unseen load traces (issue 20)"
 ADAPTIVE = ("tail", "window")
@@ -194,12 +195,18 @@ def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] 
     fig.savefig(out, dpi=100)
 
 
+def seed_list(spec: str) -> list[int]:
+    """'' (none), N or N-M: the seeds (an argparse type: a bad spec is a one-line usage error)."""
+    return seeds_of(spec) if spec else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundles", nargs="+", type=Path, required=True,
                    help="elastic bundles (e.g. snnet-starnet and elastic FITS exports)")
-    p.add_argument("--train-seeds", default="0-3", help="seeds looked at while changing the policy")
-    p.add_argument("--test-seeds", default="1000-1019", help="held-out seeds, never tuned on")
+    p.add_argument("--train-seeds", type=seed_list, default="0-3",
+                   help="seeds looked at while changing the policy ('' for none)")
+    p.add_argument("--test-seeds", type=seed_list, default="1000-1019", help="held-out seeds, never tuned on")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each trace")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--block", type=int, default=4, help="runs per turn of a static config in the sweep")
@@ -209,14 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
 
-    def seeds(spec: str) -> list[int]:
-        if not spec:
-            return []
-        lo, _, hi = spec.partition("-")
-        return list(range(int(lo), int(hi or lo) + 1))
-
     started = time.perf_counter()
-    train, test = seeds(a.train_seeds), seeds(a.test_seeds)
+    train, test = a.train_seeds, a.test_seeds
     results: dict[str, dict[str, list]] = {}
     infos = {}
     busy0, total0, own0 = *_busy_jiffies(), sum(os.times()[:2])

@@ -50,3 +50,14 @@ def test_a_bad_seed_range_is_a_one_line_usage_error(spec, tmp_path, capsys):
         policy_replay.main(["record", "--bundle", str(tmp_path / "b.efx"), "--seeds", spec, "--dir",
                             str(tmp_path)])
     assert e.value.code == 2 and "seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,why", [("9-3", "the range is empty"), ("abc", "expected N or N-M")])
+def test_the_trace_benchmark_refuses_a_bad_seed_range_in_one_line(spec, why, capsys):
+    bench = pytest.importorskip("bench_policy_traces")
+    assert bench.seed_list("") == [] and bench.seed_list("5-7") == [5, 6, 7]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundles", "x.efx", "--test-seeds", spec])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--test-seeds" in err and why in err and "Traceback" not in err
