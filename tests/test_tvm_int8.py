@@ -83,7 +83,7 @@ def test_the_int8_engine_at_two_threads_gives_the_one_thread_outputs(starnet_int
     against changed 646 of 1000 StarNet-S1 logits and nearly every value of the stem conv).
 
     Why not every logit exactly: one CI run (a fresh 2-core Xeon VM) saw 1 of these 30 logits differ by 5
-    output steps in one of five 2-thread runs; 15,000 runs here (under load, pinned to one core, with
+    output steps in one of five 2-thread runs; over 40,000 runs here (under load, pinned to one core, with
     malloc perturbed, inside the whole suite) never did, so the cause is unknown. The kernels themselves
     are held to bit-exact 2-thread outputs in `test_the_int8_kernels_give_the_same_bytes_at_two_threads_
     as_at_one`."""
