@@ -554,9 +554,9 @@ for n in (1, cores):                     # the runtime's first engine at 1 threa
 def test_the_tvm_launcher_holds_a_barrier_counter_for_every_core_after_a_first_run_at_one_thread(
         tmp_path: Path) -> None:
     """TVM sizes a thread's barrier counters at its first parallel launch and does not grow them for a
-    count one higher: after a run at 1 thread, a run at every core read and wrote past them (at 2 cores
-    inside malloc's slack of 8 bytes, at 3+ into the heap). `_configure_threads` sizes them for every core
-    first. (In a fresh process: this one's launcher is sized already.)"""
+    count one higher: after a run at 1 thread, a run at 2 used a counter past the 64 bytes allocated
+    (inside glibc's 8 bytes of slack). `_configure_threads` sizes them for every core first. (In a fresh
+    process: this one's launcher is sized already.)"""
     import os
 
     cores = len(os.sched_getaffinity(0))

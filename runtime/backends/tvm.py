@@ -640,22 +640,23 @@ def _configure_threads(threads: int) -> None:
     # NOTE: TVM has one thread pool per process: the last engine loaded sets it for all TVM engines.
     # Mode -3 (threads share every core, no pinning): on a shared machine pinning fights other processes.
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(threads))
+    names = [str(c) for c in cpus]
     config = tvm.get_global_func("runtime.config_threadpool")
-    if len(cpus) > 1 and threading.get_ident() not in _SIZED:
-        config(-3, len(cpus), [str(c) for c in cpus])
-        _size_launcher()
-    config(-3, threads, [str(c) for c in cpus])
+    if len(cpus) > 1:
+        _size_launcher(config, names)
+    config(-3, threads, names)
 
 
-def _size_launcher() -> None:
-    """One no-op parallel launch on this thread at every core, before any other (TVM 0.27's thread pool).
+def _size_launcher(config: Any, cpus: list[str]) -> None:
+    """Once per thread, before its first run: one no-op parallel launch at every core (TVM 0.27's pool).
 
-    TVM's `ParallelLauncher` (one per calling thread) allocates the barrier counters of a launch at its
-    first launch, for that launch's task count, and reallocates only when a later count exceeds the size of
-    its error list (the first count + 1): after a first launch at 1 thread, launches at 2 threads read and
-    write the second counter 64 bytes into a 64-byte allocation (inside malloc's slack here), and at 4
-    threads after a first at 3 past it, into the heap. A first launch at every core allocates them for any
-    count the pool is later set to. Checked by tests/test_tvm.py with malloc_usable_size."""
+    TVM's `ParallelLauncher` (one per calling thread) allocates a launch's barrier counters (64 bytes per
+    task) at the thread's first launch, for that launch's task count k, and reallocates only when a later
+    count exceeds its error list's size, k + 1: a later launch at k + 1 threads (2 after a first at 1) uses
+    a counter at byte 64 k of a 64 k-byte allocation. glibc's rounding leaves 8 usable bytes there, so it
+    is harmless here, but it is out of bounds of what was allocated. A first launch at every core
+    allocates the counters for any count the pool is later set to. Checked by tests/test_tvm.py with
+    malloc_usable_size."""
     import tvm
 
     with _SIZED_LOCK:
@@ -669,6 +670,7 @@ def _size_launcher() -> None:
         return
     launch.argtypes = [_LAMBDA, ctypes.c_void_p, ctypes.c_int]
     launch.restype = ctypes.c_int
+    config(-3, len(cpus), cpus)
     if launch(_NOOP, None, 0) != 0:
         log.debug("sizing TVM's parallel launcher failed")
 
