@@ -29,8 +29,16 @@ from edgeflex.devices import detect_host, get_device, kernel_predictor
 from edgeflex.devices.measure import measure
 from edgeflex.devices.predictor import fit, leave_one_out
 from edgeflex.export.costs import config_costs
-from edgeflex.export.kernel_model import OVERHEAD, kernel_runners, kernel_times, measure_rounds
-from edgeflex.export.kernels import config_kernels, name_nodes, replicate, sample_kernels
+from edgeflex.export.kernel_model import (
+    OVERHEAD,
+    PAIR,
+    add_pairs,
+    kernel_runners,
+    kernel_times,
+    measure_rounds,
+    pair_context,
+)
+from edgeflex.export.kernels import config_kernels, name_nodes, replicate, sample_kernels, without_graphs
 from edgeflex.kernels import spectral
 from edgeflex.models.fits import FITS, spectral_weights
 from edgeflex.models.starnet import StarNet
@@ -42,6 +50,7 @@ from common import OthersLoad, command_line, cpu_flag_list, machine_info, write_
 SECTION = "## Latency predictor (issue 4): leave-one-out on this host"
 KERNEL_SECTION = "## Kernel-level latency predictor (issue 22): old vs new leave-one-out on this CPU"
 COPIES = "copies:"      # kernels-t*.json keys of kernels timed as --copies copies in one graph
+PAIRS = PAIR            # kernels-t*.json keys of kernels timed after their producer, the two as one graph
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
              "amx_bf16", "asimd", "sve")
 
@@ -441,20 +450,23 @@ def cpu_flags() -> str:
     return ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
 
 
-def unique_kernels(configs: dict[str, dict],
-                   sampled: int = 0) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+def unique_kernels(configs: dict[str, dict], sampled: int = 0,
+                   pairs: dict[str, dict] | None = None) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """Per config its kernels (export/kernels.py), and key -> {"kernel", "graph", "labels"} over all, with
-    `sampled` kernels of random shapes (export/kernels.sample_kernels; no labels) added."""
+    `sampled` kernels of random shapes (export/kernels.sample_kernels; no labels) added; into `pairs`
+    (where given) each kernel after its producer (export/kernel_model.add_pairs)."""
     per_config, unique = {}, {}
     for k in sample_kernels(sampled):
-        unique.setdefault(k["key"], {"kernel": {f: v for f, v in k.items() if f != "graph"},
+        unique.setdefault(k["key"], {"kernel": without_graphs(k),
                                      "graph": k["graph"], "labels": set()})
     for name, c in configs.items():
         ks = config_kernels([onnx.load_from_string(g) for g in c["graphs"]], with_graphs=True)
         for k in ks:
             u = unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"], "labels": set()})
             u["labels"].add(name)
-        per_config[name] = [{f: v for f, v in k.items() if f != "graph"} for k in ks]
+        if pairs is not None:
+            add_pairs(pairs, ks, name)
+        per_config[name] = [without_graphs(k) for k in ks]
     return per_config, unique
 
 
@@ -516,8 +528,24 @@ def _split_half(rounds: list[float]) -> float:
 
 
 def _alone(rounds: dict[str, list[float]]) -> dict[str, list[float]]:
-    """The kernels timed alone (and the overhead), without those timed as copies."""
-    return {k: v for k, v in rounds.items() if not k.startswith(COPIES)}
+    """The kernels timed alone (and the overhead), without those timed as copies or pairs."""
+    return {k: v for k, v in rounds.items() if not k.startswith((COPIES, PAIRS))}
+
+
+def _pairs_rows(t: int, kernel_ms_by_t: dict[int, dict], pairs: dict[str, dict], ksamples: list,
+                serial: list | None, cs: list) -> list:
+    """Leave-one-out with each kernel's time after its producer (pairs timed as one graph), where this run
+    timed them: strict (pairs seen only in the held-out config left out) and with the bundle's pairs timed."""
+    pc = pair_context({k: v for k, v in kernel_ms_by_t[t].items() if not k.startswith(COPIES)}, pairs)
+    if not pc:
+        return []
+    ps = [(pairs[k]["producer"], pairs[k]["kernel"], ms, sorted(pairs[k]["labels"])) for k, ms in pc.items()]
+    strict = kernel_predictor.leave_one_out(ksamples, cs, serial_samples=serial, pair_samples=ps)
+    known = kernel_predictor.leave_one_out([k[:2] for k in ksamples], cs,
+                                           serial_samples=serial and [k[:2] for k in serial],
+                                           pair_samples=[p[:3] for p in ps])
+    return [("new, strict, + sampled, + pairs timed in the other configs", strict),
+            ("new, bundle's kernels and pairs timed", known)]
 
 
 def copy_times(rounds: dict[str, list[float]]) -> dict[str, float]:
@@ -554,7 +582,7 @@ def _copies_rows(t: int, kernel_ms_by_t: dict[int, dict], unique: dict[str, dict
 def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[int, dict[str, float]],
                       ctx_by_t: dict[int, dict[str, dict]], per_config: dict[str, list[dict]],
                       unique: dict[str, dict], host, loads: dict,
-                      args, wall_s: float) -> str:
+                      args, wall_s: float, pairs: dict[str, dict] | None = None) -> str:
     info = machine_info(max(samples_by_t))
     n_unmeasurable = sum(u["graph"] is None for u in unique.values())
     lines = [
@@ -632,7 +660,8 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
                         (f"new, bundle's kernels timed (+ {args.sampled} sampled), no config-neighbour "
                          "correction", plain),
                         (f"new, bundle's kernels timed (+ {args.sampled} sampled)", known),
-                        *_copies_rows(t, kernel_ms_by_t, unique, cs)):
+                        *_copies_rows(t, kernel_ms_by_t, unique, cs),
+                        *_pairs_rows(t, kernel_ms_by_t, pairs or {}, ksamples, serial, cs)):
             lines.append(f"| {t} | {name} | {r['n']} | {r['within_band']:.0%} | {r['within_20pct']:.0%} | "
                          f"{r['median_abs_pct']:.1f} | {r['max_abs_pct']:.0f} |")
         cfg_split = np.array([_split_half(s["round_p50_ms"]) for s in samples])
@@ -680,8 +709,9 @@ def cache_line() -> str:
 
 def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: float) -> None:
     """Old vs new predictor, leave-one-out at 1 and --threads threads (issue 22)."""
-    per_config, unique = unique_kernels(configs, args.sampled)
-    print(f"{len(unique)} distinct kernels ({args.sampled} sampled)", flush=True)
+    pairs: dict[str, dict] = {}
+    per_config, unique = unique_kernels(configs, args.sampled, pairs)
+    print(f"{len(unique)} distinct kernels ({args.sampled} sampled), {len(pairs)} pairs", flush=True)
     samples_by_t, kernel_ms_by_t, ctx_by_t, loads = {}, {}, {}, {}
     for t in sorted({1, args.threads}):
         path, kpath = args.work / f"samples-t{t}.json", args.work / f"kernels-t{t}.json"
@@ -700,6 +730,8 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
                 reps = {k: {**u, "graph": replicate(u["graph"], args.copies)} for k, u in unique.items()
                         if u["graph"] is not None}
                 ker |= {COPIES + k: fn for k, fn in kernel_runners(reps, t).items() if k != OVERHEAD}
+            if args.pairs:          # each kernel after its producer, the two as one graph (pair_ctx)
+                ker |= {PAIRS + k: fn for k, fn in kernel_runners(pairs, t).items() if k != OVERHEAD}
             block = dict.fromkeys(cfg, args.block_ms / 1e3) | dict.fromkeys(ker, args.kernel_block_ms / 1e3)
             with OthersLoad() as others:
                 rounds = measure_rounds(cfg | ker, block, args.rounds, on_round=_round_done)
@@ -720,7 +752,7 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
             ctx_by_t[t] = in_context_times(configs, per_config, t, args.context_passes, args.block_ms / 1e3)
             cpath.write_text(json.dumps(ctx_by_t[t]))
     body = kernel_comparison(samples_by_t, kernel_ms_by_t, ctx_by_t, per_config, unique, detect_host(), loads,
-                             args, time.perf_counter() - t0)
+                             args, time.perf_counter() - t0, pairs)
     print(body)
     if args.out:
         write_section(args.out, KERNEL_SECTION, "bench_predictor_kernels", body, script="bench_predictor")
@@ -745,6 +777,8 @@ def main() -> None:
     ap.add_argument("--context-passes", type=int, default=4,
                     help="passes of ORT-profiled runs of every config (--kernels: kernels timed in context)")
     ap.add_argument("--sampled", type=int, default=400, help="kernels of random shapes to time (--kernels)")
+    ap.add_argument("--no-pairs", dest="pairs", action="store_false",
+                    help="do not time each kernel after its producer as one graph (--kernels)")
     ap.add_argument("--copies", type=int, default=4,
                     help="also time each kernel as this many copies in one graph (--kernels; 0: not)")
     args = ap.parse_args()

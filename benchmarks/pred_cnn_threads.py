@@ -21,6 +21,7 @@ import onnx  # noqa: F401  (bench_predictor builds the graphs)
 from edgeflex.devices import kernel_predictor as kp
 from edgeflex.devices.predictor import _solve
 from edgeflex.export.kernel_model import kernel_times
+from edgeflex.export.kernels import without_graphs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predictor import COPIES, build_configs, unique_kernels
@@ -156,7 +157,7 @@ def cnn_only(run: Run, per_config: dict, cnns: list[str], t: int, cols: str) -> 
 def report(work: Path, sampled: int, name: str) -> str:
     configs = build_configs(work)
     per_config, unique = unique_kernels(configs, sampled)
-    unique = {k: {**u, "kernel": {f: v for f, v in u["kernel"].items() if f != "graph"}}
+    unique = {k: {**u, "kernel": without_graphs(u["kernel"])}
               for k, u in unique.items()}
     runs = {"all rounds": Run(work, per_config, unique), "even rounds": Run(work, per_config, unique, 0),
             "odd rounds": Run(work, per_config, unique, 1)}

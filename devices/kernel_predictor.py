@@ -43,11 +43,12 @@ from edgeflex.errors import DeviceError
 from .predictor import KINDS, _solve, check_format, loo_summary
 
 FORMAT = "edgeflex-kernel-predictor"
-FORMAT_VERSION = 4     # 2: kernels' dims and the bytes-over-cache hinges; 3: measured kernels by signature,
+FORMAT_VERSION = 5     # 2: kernels' dims and the bytes-over-cache hinges; 3: measured kernels by signature,
 #                        the 1-thread kernels of chained configs, the config-neighbour correction; 4: the
 #                        activations column and the correction's strength (a format-3 model reads as one
-#                        whose activations cost 0, at strength 1: the predictions it made)
-READS = (3, FORMAT_VERSION)
+#                        whose activations cost 0, at strength 1: the predictions it made); 5: kernels timed
+#                        after their producers (a format-3/4 model has none: the predictions it made)
+READS = (3, 4, FORMAT_VERSION)
 # A kernel timed alone finds its weights in cache when they fit; in a config whose weights do not, they
 # stream from the next level on every run: per cache size c (MiB, around L2 and L3; the fit picks), the
 # MiB of weights of kernels under c in configs over c.
@@ -55,6 +56,7 @@ CACHE_HINGES_MIB = (1, 2, 4)
 CONFIG_FEATURES = (*(f"kernels:{k}" for k in KINDS), "kernels", "-kernels", "engine_calls",
                    *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB), "serial_kernels", "activations_mib")
 NEIGHBOURS = 30     # chosen by leave-one-out (benchmarks/RESULTS.md, Kernel-level latency predictor)
+PAIR_NEIGHBOURS = 8     # timed pairs whose ratio (after the producer / alone) predicts an untimed pair's
 # measured configs whose residual corrects a prediction, and their distance's floor (config-space units):
 # chosen by leave-one-out on the issue-22 set (benchmarks/RESULTS.md, Kernel-level latency predictor)
 CONFIG_NEIGHBOURS = 4
@@ -105,16 +107,48 @@ def signature(k: dict[str, Any]) -> tuple:
             tuple(int(d) for d in (k.get("dims") or ())))
 
 
+def _pair_point(producer: dict[str, Any], k: dict[str, Any]) -> np.ndarray:
+    """Where a kernel after its producer sits among pairs: both kernels' points in log-shape space."""
+    return np.concatenate([_shape_point(producer), _shape_point(k)])
+
+
+def pair_signature(producer: dict[str, Any], k: dict[str, Any]) -> tuple:
+    """What identifies a kernel after its producer (a pair timed as one graph)."""
+    return signature(producer), signature(k)
+
+
+def _pair_samples(samples: Sequence[tuple] | None) -> list[tuple[dict, dict, float]] | None:
+    """(producer kernel, kernel, ms the kernel takes after it) samples, checked; None where there are none."""
+    if not samples:
+        return None
+    out = []
+    for i, s in enumerate(samples):
+        if not isinstance(s, list | tuple) or len(s) < 3:
+            raise DeviceError(f"pair sample {i} must be (producer kernel, kernel, ms), got {s!r:.80}")
+        try:
+            y = float(s[2])
+        except (TypeError, ValueError):
+            y = float("nan")
+        if not (y > 0 and math.isfinite(y)):
+            raise DeviceError(f"pair sample {i} has time {s[2]!r}; it must be a positive ms")
+        out.append((_check_kernel(s[0], f"pair sample {i}'s producer"),
+                    _check_kernel(s[1], f"pair sample {i}'s kernel"), y))
+    return out
+
+
 @dataclass
 class KernelRegressor:
-    """Per-kind kernel-time regressors from (kernel, ms) samples measured on one device."""
+    """Per-kind kernel-time regressors from (kernel, ms) samples measured on one device; with `pairs`
+    ((producer, kernel, ms) samples of kernels timed after their producers, the two as one graph), a
+    kernel's time after its producer (`after`)."""
 
     kernels: list[dict[str, Any]]
     ms: np.ndarray
     coef: dict[str, np.ndarray]
+    pairs: list[tuple[dict, dict, float]] | None = None
 
     @classmethod
-    def fit(cls, samples: Sequence[KernelSample]) -> KernelRegressor:
+    def fit(cls, samples: Sequence[KernelSample], pairs: Sequence[tuple] | None = None) -> KernelRegressor:
         if not samples:
             raise DeviceError("no kernel samples to fit: give (kernel, measured ms) pairs")
         kernels, ms = [], []
@@ -133,7 +167,7 @@ class KernelRegressor:
             if idx:
                 x = np.array([_linear_row(kernels[i]) for i in idx])
                 coef[kind] = _solve(x, y[idx], 1e-3)
-        return cls(kernels, y, coef)
+        return cls(kernels, y, coef, _pair_samples(pairs))
 
     def __post_init__(self) -> None:
         # a kernel timed on the device gets its own time back (the median where several share a signature)
@@ -149,6 +183,42 @@ class KernelRegressor:
             self._near[kind] = (np.stack([_shape_point(self.kernels[i]) for i in idx]),
                                 np.array([str(self.kernels[i].get("ops")) for i in idx]),
                                 np.log(self.ms[idx] / np.maximum(lin, 1e-6)))
+        # pairs: each timed pair's time (the median where several share a signature), and per pair its
+        # place in pair space and log(time after the producer / the kernel's own time)
+        self._pair_exact: dict[tuple, float] = {}
+        self._pair_near: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if self.pairs:
+            ptimes: dict[tuple, list[float]] = {}
+            for kp, k, t in self.pairs:
+                ptimes.setdefault(pair_signature(kp, k), []).append(t)
+            self._pair_exact = {sig: float(np.median(v)) for sig, v in ptimes.items()}
+            firsts = {sig: (kp, k) for kp, k, _ in self.pairs for sig in [pair_signature(kp, k)]}
+            pts, ops, ratio = [], [], []
+            for sig, (kp, k) in firsts.items():
+                if k["kind"] in self.coef:
+                    pts.append(_pair_point(kp, k))
+                    ops.append(f"{kp.get('ops')}>{k.get('ops')}")
+                    ratio.append(math.log(self._pair_exact[sig] / max(self.predict(k), 1e-9)))
+            if pts:
+                self._pair_near = (np.stack(pts), np.array(ops), np.array(ratio))
+
+    def after(self, producer: dict[str, Any], k: dict[str, Any]) -> float:
+        """Predicted time (ms) of kernel `k` run right after `producer`, on what it just wrote: the pair's
+        own time where it was timed; else k's own time (`predict`) times the ratio (time after the
+        producer / time alone) of the timed pairs nearest in pair space (inverse-distance weighted, in
+        log); k's own time where no pairs were timed."""
+        exact = self._pair_exact.get(pair_signature(producer, k))
+        if exact is not None:
+            return exact
+        alone = self.predict(k)
+        if self._pair_near is None:
+            return alone
+        pts, ops, ratio = self._pair_near
+        d = np.sqrt(((pts - _pair_point(producer, k)) ** 2).sum(axis=1)) + \
+            np.where(ops == f"{producer.get('ops')}>{k.get('ops')}", 0, 0.5)
+        near = np.argsort(d)[:PAIR_NEIGHBOURS]
+        w = 1.0 / (d[near] + 1e-3) ** 2
+        return alone * float(np.exp(np.clip((w * ratio[near]).sum() / w.sum(), -3, 3)))
 
     def predict(self, k: dict[str, Any]) -> float:
         """Predicted time (ms) of kernel `k` on the device the samples were measured on."""
@@ -201,8 +271,17 @@ def _config_row(kernels: Sequence[dict[str, Any]], t: np.ndarray,
 
 
 def _times(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
-    """Each kernel's predicted time (ms): `_config_row` and `_config_point` both read them."""
-    return np.array([reg.predict(k) for k in kernels], float)
+    """Each kernel's predicted time (ms): `_config_row` and `_config_point` both read them. A kernel after
+    its producer (its "producer" index) where that pair was timed: its time in the pair, less the
+    producer's alone (what the pair adds); else its own time or its kind's regressor."""
+    out = np.empty(len(kernels))
+    for i, k in enumerate(kernels):
+        p = k.get("producer")
+        if reg.pairs and isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(kernels) and p != i:
+            out[i] = reg.after(kernels[p], k)
+        else:
+            out[i] = reg.predict(k)
+    return out
 
 
 def _config_point(kernels: Sequence[dict[str, Any]], t: np.ndarray) -> np.ndarray:
@@ -274,7 +353,8 @@ class KernelPredictor:
                 "serial_kernel_samples": None if self.serial is None else samples(self.serial),
                 "config_points": None if self.points is None else self.points.tolist(),
                 "config_residuals": None if self.residuals is None else self.residuals.tolist(),
-                "correction_strength": self.strength}
+                "correction_strength": self.strength,
+                "pair_samples": [[kp, k, float(t)] for kp, k, t in self.regressor.pairs or []]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KernelPredictor:
@@ -292,7 +372,11 @@ class KernelPredictor:
                         or not np.isfinite(resid).all():
                     raise ValueError("'config_points'/'config_residuals' (one finite row and residual per "
                                      "config)")
-            return cls(KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]]),
+            pairs = d.get("pair_samples")         # format 5: [producer kernel, kernel, ms]
+            if pairs is not None and not isinstance(pairs, list):
+                raise ValueError("'pair_samples' (a list of [producer kernel, kernel, ms])")
+            reg = KernelRegressor.fit([tuple(s) for s in d["kernel_samples"]], pairs)
+            return cls(reg,
                        {f: float(d["coef"].get(f, 0.0)) for f in CONFIG_FEATURES}, str(d["device"]),
                        int(d["n_configs"]), None if d.get("threads") is None else int(d["threads"]),
                        dict(d["env"]) if d.get("env") else None,
@@ -386,11 +470,13 @@ def _fit(reg: KernelRegressor, serial: KernelRegressor | None, ks: Sequence[Sequ
 
 def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigSample], *,
         device: str = "host", ridge: float = RIDGE, threads: int | None = None,
-        serial_samples: Sequence[KernelSample] | None = None) -> KernelPredictor:
+        serial_samples: Sequence[KernelSample] | None = None,
+        pair_samples: Sequence[tuple] | None = None) -> KernelPredictor:
     """Fit on kernels timed alone and configs timed whole, all measured on `device` (at `threads`);
-    `serial_samples`: the same kernels timed at 1 thread, where `threads` > 1 (chained configs use them)."""
+    `serial_samples`: the same kernels timed at 1 thread, where `threads` > 1 (chained configs use them);
+    `pair_samples`: (producer kernel, kernel, ms the kernel adds after it), from pairs timed as one graph."""
     ks, y, _ = _configs(config_samples)
-    reg = KernelRegressor.fit(kernel_samples)
+    reg = KernelRegressor.fit(kernel_samples, pair_samples)
     serial = KernelRegressor.fit(serial_samples) if serial_samples else None
     coef, points, resid, strength = _fit(reg, serial, ks, y, ridge)
     return KernelPredictor(reg, coef, device, len(y), threads, None, serial, points, resid, strength)
@@ -398,9 +484,11 @@ def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigS
 
 def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[ConfigSample], *,
                   ridge: float = RIDGE, band_pct: float = 10.0,
-                  serial_samples: Sequence[tuple] | None = None, correct: bool = True) -> dict[str, Any]:
+                  serial_samples: Sequence[tuple] | None = None, correct: bool = True,
+                  pair_samples: Sequence[tuple] | None = None) -> dict[str, Any]:
     """For each config: drop it and every kernel sample seen only in it (kernel_samples and serial_samples
-    are (kernel, ms, labels of the configs it came from); none = a sampled shape, always kept), refit,
+    are (kernel, ms, labels of the configs it came from); none = a sampled shape, always kept; pair_samples
+    (producer, kernel, ms, labels) likewise), refit,
     predict it (the correction's strength chosen on the other configs alone). `correct=False`: without the
     config-neighbour correction (to show what it adds). Same
     summary as `devices.predictor.leave_one_out`."""
@@ -408,12 +496,13 @@ def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[Conf
     if len(y) < 3:
         raise DeviceError(f"leave-one-out needs at least 3 config samples, got {len(y)}")
 
-    def kept(samples: Sequence[tuple], lab: str) -> list[tuple]:
-        return [s[:2] for s in samples if len(s) < 3 or not s[2] or set(s[2]) - {lab}]
+    def kept(samples: Sequence[tuple], lab: str, n: int = 2) -> list[tuple]:
+        return [s[:n] for s in samples if len(s) <= n or not s[n] or set(s[n]) - {lab}]
 
     pred = np.empty(len(y))
     for i, lab in enumerate(labels):
-        reg = KernelRegressor.fit(kept(kernel_samples, lab))
+        reg = KernelRegressor.fit(kept(kernel_samples, lab),
+                                  kept(pair_samples, lab, 3) if pair_samples else None)
         serial = KernelRegressor.fit(kept(serial_samples, lab)) if serial_samples else None
         keep = [j for j in range(len(y)) if j != i]
         coef, points, resid, strength = _fit(reg, serial, [ks[j] for j in keep], y[keep], ridge)

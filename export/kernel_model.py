@@ -27,9 +27,39 @@ from edgeflex.runtime.bundle import Bundle
 from edgeflex.runtime.plan import build_plans
 from edgeflex.runtime.progress import bar
 
-from .kernels import config_kernels, sample_kernels
+from .kernels import config_kernels, sample_kernels, without_graphs
 
 OVERHEAD = "__run_overhead__"
+PAIR = "pair:"      # measure_rounds keys of kernels timed after their producer, the two as one graph
+
+
+def add_pairs(pairs: dict[str, dict], ks: list[dict[str, Any]], label: str | None = None) -> None:
+    """Into `pairs`, each kernel of `ks` (a config's, with graphs) that has a producer: "<producer key> ->
+    <key>" -> {"producer", "kernel" (their descriptions), "first" (the producer's key), "graph" (the two as
+    one graph: export.kernels._pair_graph), "labels" (the configs it is in, where `label` is given)}."""
+    for k in ks:
+        if k.get("producer") is None or k.get("pair_graph") is None:
+            continue
+        kp = ks[k["producer"]]
+        pr = pairs.setdefault(f"{kp['key']} -> {k['key']}", {
+            "producer": without_graphs(kp), "kernel": without_graphs(k), "first": kp["key"],
+            "graph": k["pair_graph"], "labels": set()})
+        if label is not None:
+            pr["labels"].add(label)
+
+
+def pair_context(rounds: dict[str, list[float]], pairs: dict[str, dict]) -> dict[str, float]:
+    """Each pair's second kernel's time after its producer (ms): T(pair) - T(producer alone), medians of
+    the rounds (the engine's per-run cost cancels), at least a tenth of the kernel's time alone; only pairs
+    timed (PAIR + key) with both kernels timed alone."""
+    alone = kernel_times({k: v for k, v in rounds.items() if not k.startswith(PAIR)})
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    out = {}
+    for key, pr in pairs.items():
+        second = pr["kernel"]["key"]
+        if PAIR + key in med and pr["first"] in med and second in alone:
+            out[key] = max(med[PAIR + key] - med[pr["first"]], 0.1 * alone[second])
+    return out
 
 
 def overhead_graph() -> bytes:
@@ -116,7 +146,7 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
         raise BundleError(f"bundle {str(path)!r} has {len(graphs)} config(s) with plain graphs: a kernel "
                           "model is fitted on at least 2 configs timed whole")
     backend = OnnxRuntimeBackend()
-    per_config, unique = {}, {}
+    per_config, unique, pairs = {}, {}, {}
     for k in sample_kernels(sampled):
         unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"]})
     cfg_runners: dict[str, Callable[[], Any]] = {}
@@ -128,7 +158,8 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
         ks = config_kernels(gs, with_graphs=True)
         for k in ks:
             unique.setdefault(k["key"], {"kernel": k, "graph": k["graph"]})
-        per_config[name] = [{f: v for f, v in k.items() if f != "graph"} for k in ks]
+        add_pairs(pairs, ks)
+        per_config[name] = [without_graphs(k) for k in ks]
         engines = [backend.load(g.SerializeToString(), [], [], threads=threads) for g in gs]
 
         def run(engines=engines):
@@ -139,25 +170,32 @@ def measure_kernel_model(path: str | os.PathLike, *, device: str = "host", threa
 
         cfg_runners[f"config:{name}"] = run
     ker = kernel_runners(unique, threads)
+    # each kernel after its producer, the two as one graph: in a config it runs on what the producer just
+    # wrote, with the engine's threads already at work (at 2 threads a conv timed alone ran up to 2x slower)
+    paired = {PAIR + k: fn for k, fn in kernel_runners(pairs, threads).items() if k != OVERHEAD}
     serial = {f"serial:{k}": fn for k, fn in kernel_runners(unique, 1).items()} if threads > 1 else {}
     block = dict.fromkeys(cfg_runners, block_ms / 1e3) | \
-        dict.fromkeys([*ker, *serial], kernel_block_ms / 1e3)
+        dict.fromkeys([*ker, *paired, *serial], kernel_block_ms / 1e3)
     pbar = bar(rounds, "kernel model rounds", show=progress, unit="round")
-    rounds_ms = measure_rounds(cfg_runners | ker | serial, block, rounds, on_round=lambda r: pbar.update())
+    rounds_ms = measure_rounds(cfg_runners | ker | paired | serial, block, rounds,
+                               on_round=lambda r: pbar.update())
     pbar.close()
 
     def samples(prefix: str) -> list[tuple]:
         kms = kernel_times({k[len(prefix):]: v for k, v in rounds_ms.items()
                             if k.startswith(prefix) and k[len(prefix):] in ker})
-        return [({f: v for f, v in u["kernel"].items() if f != "graph"}, kms[key])
+        return [(without_graphs(u["kernel"]), kms[key])
                 for key, u in unique.items() if key in kms]
 
     csamples = [(per_config[n], float(np.median(rounds_ms[f"config:{n}"])), n) for n in per_config]
+    ctx = pair_context({k: v for k, v in rounds_ms.items() if k in ker or k in paired}, pairs)
     km = kernel_predictor.fit(samples(""), csamples, device=device, threads=threads,
-                              serial_samples=samples("serial:") if serial else None)
+                              serial_samples=samples("serial:") if serial else None,
+                              pair_samples=[(pairs[k]["producer"], pairs[k]["kernel"], ms)
+                                            for k, ms in ctx.items()])
     km.env = {"host": host_info()}
     return km
 
 
-__all__ = ["OVERHEAD", "bundle_config_graphs", "kernel_runners", "kernel_times", "measure_kernel_model",
-           "measure_rounds", "overhead_graph"]
+__all__ = ["OVERHEAD", "PAIR", "add_pairs", "bundle_config_graphs", "kernel_runners", "kernel_times",
+           "measure_kernel_model", "measure_rounds", "overhead_graph", "pair_context"]

@@ -47,9 +47,11 @@ def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
     inputs, weights and outputs, once), "weight_bytes" (its constant inputs), "pad_flops", "setup_flops",
     "small" (1 if under SMALL_OP_FLOPS), "key" (kind, ops and every input shape and attribute: equal keys
     are the same kernel), "dims" (the head's shape: `_dims`), "nodes" and "outputs" (its node names and
-    output tensors, to find it in ONNX Runtime's profile; name unnamed nodes with `name_nodes` first)}; with
-    `with_graphs`, also "graph": the kernel as a standalone ONNX graph (serialised), None where one of its
-    inputs is not a float tensor of known shape (it cannot be fed random data)."""
+    output tensors, to find it in ONNX Runtime's profile; name unnamed nodes with `name_nodes` first),
+    "producer" (the index of the kernel whose output it reads first, None where it reads only the graph's
+    inputs)}; with `with_graphs`, also "graph": the kernel as a standalone ONNX graph (serialised), None
+    where one of its inputs is not a float tensor of known shape (it cannot be fed random data), and
+    "pair_graph": the producer and the kernel as one such graph (`_pair_graph`; None without a producer)."""
     m = _infer(_with_shapes(model, input_shapes))
     shapes, sizes = _shapes(m)
     infos = {vi.name: vi for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]}
@@ -96,7 +98,30 @@ def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
             unit.append(cand)
             taken.add(id(cand))
         units.append(unit)
-    return [_describe(u, shapes, sizes, infos, inits, const_nodes, m, with_graphs) for u in units]
+    ks = [_describe(u, shapes, sizes, infos, inits, const_nodes, m, with_graphs) for u in units]
+    # the kernel whose output each kernel reads first (its producer), and the two as one graph
+    made_by = {o: i for i, u in enumerate(units) for n in u for o in n.output if o}
+    for j, u in enumerate(units):
+        produced = {o for n in u for o in n.output}
+        ins = [i for n in u for i in n.input if i and i not in produced and not constant(i)]
+        p = next((made_by[i] for i in ins if i in made_by and made_by[i] != j), None)
+        ks[j]["producer"] = p
+        if with_graphs:
+            ks[j]["pair_graph"] = None if p is None else _pair_graph(units[p], u, shapes, infos, inits,
+                                                                      const_nodes, m)
+    return ks
+
+
+def _pair_graph(first: list[onnx.NodeProto], second: list[onnx.NodeProto], shapes: dict, infos: dict,
+                inits: dict, const_nodes: dict, m: onnx.ModelProto) -> bytes | None:
+    """A kernel and its producer as one standalone graph: the second kernel runs on what the first just
+    wrote, in the same engine run, as inside its config (the producer's other outputs stay graph outputs)."""
+    unit = [*first, *second]
+    produced = {o for n in unit for o in n.output}
+    used = {i for n in unit for i in n.input}
+    ext_in = list(dict.fromkeys(i for n in unit for i in n.input if i and i not in produced))
+    outs = [o for n in unit for o in n.output if o and o not in used]
+    return _standalone(unit, ext_in, outs, shapes, infos, inits, const_nodes, m)
 
 
 def _describe(unit: list[onnx.NodeProto], shapes: dict, sizes: dict, infos: dict, inits: dict,
@@ -252,10 +277,24 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+GRAPH_FIELDS = ("graph", "pair_graph")
+
+
+def without_graphs(k: dict[str, Any]) -> dict[str, Any]:
+    """A kernel's description without its standalone graphs (GRAPH_FIELDS)."""
+    return {f: v for f, v in k.items() if f not in GRAPH_FIELDS}
+
+
 def config_kernels(graphs: list[onnx.ModelProto], *, with_graphs: bool = False) -> list[dict[str, Any]]:
     """The kernels of a config that runs `graphs` in order (one engine call each), each tagged with the
     index of its graph (`call`)."""
-    return [k | {"call": i} for i, g in enumerate(graphs) for k in detect_kernels(g, with_graphs=with_graphs)]
+    out: list[dict[str, Any]] = []
+    for i, g in enumerate(graphs):
+        ks = detect_kernels(g, with_graphs=with_graphs)
+        # producers as indices into the config's list (a kernel's producer is in its own engine call)
+        out += [k | {"call": i, "producer": None if k["producer"] is None else len(out) + k["producer"]}
+                for k in ks]
+    return out
 
 
 
@@ -263,7 +302,7 @@ def config_kernels(graphs: list[onnx.ModelProto], *, with_graphs: bool = False) 
 # what a bundle's manifest keeps of each kernel (config["costs"]["kernels"]): the predictor's inputs and
 # the names that find it in ONNX Runtime's profile; not its key (long, and equal keys give equal rows)
 MANIFEST_FIELDS = ("kind", "ops", "flops", "bytes", "weight_bytes", "pad_flops", "setup_flops", "small",
-                   "dims", "call", "nodes", "outputs")
+                   "dims", "call", "producer", "nodes", "outputs")
 
 
 def manifest_kernels(graphs: list[onnx.ModelProto]) -> list[dict[str, Any]]:
@@ -345,5 +384,5 @@ def sample_kernels(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["config_kernels", "detect_kernels", "manifest_kernels", "name_nodes", "replicate",
-           "sample_kernels"]
+__all__ = ["GRAPH_FIELDS", "config_kernels", "detect_kernels", "manifest_kernels", "name_nodes", "replicate",
+           "sample_kernels", "without_graphs"]

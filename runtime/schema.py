@@ -225,7 +225,7 @@ QUALITY = _obj({"metric": _str, "value": _num()},
 KERNEL = _obj({"kind": _str, "flops": _num(0)},
               {"bytes": _num(0), "weight_bytes": _num(0), "pad_flops": _num(0), "setup_flops": _num(0),
                "call": _int(0), "dims": _list(_num(0), nonempty=False), "nodes": _list(_str, nonempty=False),
-               "outputs": _list(_str, nonempty=False)})
+               "outputs": _list(_str, nonempty=False), "producer": _opt(_int(0))})
 COSTS = _obj({"per_kind": _dict(_dict(_num(0)))},
              {"total": _dict(_num(0)), "engine_calls": _int(1), "kernels": _list(KERNEL, nonempty=False)})
 CONFIG = _obj({"name": _str},

@@ -38,7 +38,7 @@ def kernel_model(snnet_bundle, tmp_path_factory) -> dict:
 def test_a_two_thread_model_keeps_the_kernels_one_thread_times_and_the_configs_residuals(kernel_model):
     from edgeflex.devices.kernel_predictor import signature
 
-    assert kernel_model["threads"] == 2 and kernel_model["format_version"] == 4
+    assert kernel_model["threads"] == 2 and kernel_model["format_version"] == 5
     assert kernel_model["correction_strength"] in (0.0, 0.5, 1.0)
     two = sorted(signature(k) for k, _ in kernel_model["kernel_samples"])
     one = sorted(signature(k) for k, _ in kernel_model["serial_kernel_samples"])
@@ -62,6 +62,26 @@ def test_every_exported_config_carries_its_fused_kernels(snnet_bundle):
         assert max(k["call"] for k in ks) + 1 == c["costs"]["engine_calls"] == len(c["segments"])
         assert sum(k["flops"] for k in ks) == c["costs"]["total"]["flops"]
         assert any(k["ops"] == "Conv+Add" for k in ks)        # the star blocks' residuals, inside the conv
+
+
+def test_every_kernel_after_a_producer_in_the_manifest_was_timed_after_it(snnet_bundle, kernel_model):
+    """The pairs the model timed (each kernel after its producer, as one graph) are the manifest's: a
+    query finds every config's kernel pairs by signature, and times none of them alone."""
+    from edgeflex.devices.kernel_predictor import pair_signature
+
+    timed = {pair_signature(kp, k) for kp, k, t in kernel_model["pair_samples"]}
+    assert all(t > 0 for *_, t in kernel_model["pair_samples"])
+    manifest = json.loads((Path(snnet_bundle[1]) / "manifest.json").read_text())
+    n = 0
+    for c in manifest["configs"]:
+        ks = c["costs"]["kernels"]
+        assert ks[0]["producer"] is None
+        for k in ks:
+            if k["producer"] is not None:
+                assert ks[k["producer"]]["call"] == k["call"]             # a producer runs in the same engine
+                assert pair_signature(ks[k["producer"]], k) in timed, (c["name"], k["ops"])
+                n += 1
+    assert n > len(manifest["configs"])
 
 
 def test_query_and_budget_use_the_kernel_model_where_no_profile_is_measured(snnet_bundle, kernel_model,
