@@ -54,7 +54,8 @@ READS = (3, 4, FORMAT_VERSION)
 # MiB of weights of kernels under c in configs over c.
 CACHE_HINGES_MIB = (1, 2, 4)
 CONFIG_FEATURES = (*(f"kernels:{k}" for k in KINDS), "kernels", "-kernels", "engine_calls",
-                   *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB), "serial_kernels", "activations_mib")
+                   *(f"weights_over_{c}mib" for c in CACHE_HINGES_MIB), "serial_kernels", "activations_mib",
+                   *(f"after_producer:{k}" for k in KINDS))
 NEIGHBOURS = 30     # chosen by leave-one-out (benchmarks/RESULTS.md, Kernel-level latency predictor)
 PAIR_NEIGHBOURS = 8     # timed pairs whose ratio (after the producer / alone) predicts an untimed pair's
 # measured configs whose residual corrects a prediction, and their distance's floor (config-space units):
@@ -252,42 +253,49 @@ def _calls(kernels: Sequence[dict[str, Any]]) -> int:
 
 def _config_row(kernels: Sequence[dict[str, Any]], t: np.ndarray,
                 serial: KernelRegressor | None = None) -> np.ndarray:
-    """The config's features (CONFIG_FEATURES) from its kernels' predicted times `t`; `serial`: the kernels'
-    1-thread regressor, for a model timed at more threads (a chained config's kernels are summed at their
-    1-thread times)."""
+    """The config's features (CONFIG_FEATURES) from its kernels' predicted times `t` (`_times`: alone, after
+    their producers): per kind, the sum of its kernels' times alone and, in a column of its own, what
+    running after their producers changes (the fit decides how far to trust it: 0 = not at all, the
+    kind's own coefficient = fully); `serial`: the kernels' 1-thread regressor, for a model timed at more
+    threads (a chained config's kernels are summed at their 1-thread times, its pairs not used)."""
     per_kind = dict.fromkeys(KINDS, 0.0)
+    delta = dict.fromkeys(KINDS, 0.0)
     calls = _calls(kernels)
     chained = 0.0
     if serial is not None and calls > 1:
         chained = sum(serial.predict(k) for k in kernels)
     else:
-        for k, tk in zip(kernels, t):
-            per_kind[k["kind"]] += tk
+        for k, a, b in zip(kernels, t[0], t[1]):
+            per_kind[k["kind"]] += a
+            delta[k["kind"]] += b - a
+
     w = np.array([k.get("weight_bytes", 0) for k in kernels], float) / 2**20
     # weights of kernels that fit cache c alone (timed hot) while the config's do not (cold in the config)
     hinges = [float(w[w < c].sum()) if w.sum() > c else 0.0 for c in CACHE_HINGES_MIB]
     act = sum(max(k.get("bytes", 0) - k.get("weight_bytes", 0), 0) for k in kernels) / 2**20
-    return np.array([*per_kind.values(), len(kernels), -len(kernels), calls, *hinges, chained, act], float)
+    return np.array([*per_kind.values(), len(kernels), -len(kernels), calls, *hinges, chained, act,
+                     *delta.values()], float)
 
 
 def _times(kernels: Sequence[dict[str, Any]], reg: KernelRegressor) -> np.ndarray:
-    """Each kernel's predicted time (ms): `_config_row` and `_config_point` both read them. A kernel after
-    its producer (its "producer" index) where that pair was timed: its time in the pair, less the
-    producer's alone (what the pair adds); else its own time or its kind's regressor."""
-    out = np.empty(len(kernels))
+    """Each kernel's predicted times (ms), a row each: [0] alone (its own time or its kind's regressor),
+    [1] after its producer (its "producer" index; `KernelRegressor.after`), equal to [0] for a kernel
+    without one or a model without pairs. `_config_row` and `_config_point` read them."""
+    out = np.empty((2, len(kernels)))
     for i, k in enumerate(kernels):
         p = k.get("producer")
+        out[0, i] = reg.predict(k)
+        out[1, i] = out[0, i]
         if reg.pairs and isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(kernels) and p != i:
-            out[i] = reg.after(kernels[p], k)
-        else:
-            out[i] = reg.predict(k)
+            out[1, i] = reg.after(kernels[p], k)
     return out
 
 
 def _config_point(kernels: Sequence[dict[str, Any]], t: np.ndarray) -> np.ndarray:
     """Where a config sits among configs (the neighbour correction's space), from its kernels' predicted
-    times `t`: half the log of their sum, each kind's share of it, log kernel count, chained or not, log1p
-    weights MiB."""
+    times `t` (`_times`; those after their producers): half the log of their sum, each kind's share of
+    it, log kernel count, chained or not, log1p weights MiB."""
+    t = t[1]
     total = max(float(t.sum()), 1e-9)
     share = dict.fromkeys(KINDS, 0.0)
     for k, tk in zip(kernels, t):
@@ -326,7 +334,7 @@ class KernelPredictor:
 
     def linear(self, kernels: Sequence[dict[str, Any]], t: np.ndarray | None = None) -> float:
         """The calibrated kernel sum (ms) before the neighbour correction (`t`: the kernels' predicted
-        times, where already known)."""
+        times, `_times`, where already known)."""
         row = _config_row(kernels, _times(kernels, self.regressor) if t is None else t, self.serial)
         return max(float(row @ np.array([self.coef.get(f, 0.0) for f in CONFIG_FEATURES])), 1e-6)
 

@@ -355,8 +355,8 @@ def test_kernels_timed_after_their_producers_predict_what_kernels_timed_alone_ca
     alone = [(k, _true_ms(k)) for k in pool]
     with_pairs = kernel_predictor.leave_one_out(alone, configs, pair_samples=pair_samples, correct=False)
     without = kernel_predictor.leave_one_out(alone, configs, correct=False)
-    assert with_pairs["within_band"] == 1.0 and with_pairs["median_abs_pct"] < 1, with_pairs["rows"]
-    assert without["median_abs_pct"] > 5 * with_pairs["median_abs_pct"], without["rows"]
+    assert with_pairs["within_band"] == 1.0 and with_pairs["median_abs_pct"] < 2, with_pairs["rows"]
+    assert without["median_abs_pct"] > 3 * with_pairs["median_abs_pct"], without["rows"]
     model = kernel_predictor.fit(alone, configs, pair_samples=pair_samples)
     back = KernelPredictor.from_json(json.loads(json.dumps(model.to_json())))
     assert back.predict(configs[3][0]) == pytest.approx(model.predict(configs[3][0]), rel=1e-9)
