@@ -623,11 +623,12 @@ def kernel_comparison(samples_by_t: dict[int, list[dict]], kernel_ms_by_t: dict[
         "the device, as `edgeflex profile BUNDLE --kernels` times every config's kernels before predicting "
         "the configs it does not time whole.",
         "- *pairs*: each kernel also timed right after its producer (the kernel whose output it reads "
-        "first), the two as one graph (`export/kernels._pair_graph`); the kernel's time in a config is "
-        "then T(pair) - T(producer alone) (in a graph it runs on what the producer just wrote, with the "
-        "engine's threads already at work). \"Bundle's kernels and pairs timed\" is what `edgeflex profile "
-        "BUNDLE --kernels` now stores; in the strict row the held-out config's pairs not seen elsewhere "
-        "take their kernel's time alone times the ratio of the nearest timed pairs.",
+        "first), the two as one graph (`export/kernels._pair_graph`); the kernel's time after its "
+        "producer is T(pair) - T(producer alone) (in a graph it runs on what the producer just wrote, with "
+        "the engine's threads already at work), and what that changes against its time alone, summed per "
+        "kind, is a calibration column per kind. \"Bundle's kernels and pairs timed\" is what `edgeflex "
+        "profile BUNDLE --kernels` now stores; in the strict row the held-out config's pairs not seen "
+        "elsewhere take their kernel's time alone times the ratio of the nearest timed pairs.",
         "",
         "What the kernel-level model uses (`devices/kernel_predictor.py`): kernels timed alone on this "
         "machine "
