@@ -380,9 +380,10 @@ def _profile_kernels(a: argparse.Namespace, threads: int) -> None:
     km = measure_kernel_model(a.bundle, device=a.device, threads=threads, rounds=a.kernel_rounds)
     save_kernel_model(a.bundle, km.to_json())
     also = " (the kernels at 1 thread too)" if km.serial is not None else ""
-    print(f"kernel-level latency model: {len(km.regressor.ms)} kernels timed alone and {km.n_configs} "
-          f"configs whole at {threads} thread(s){also}; stored as {kernel_model_path(km.device)} in "
-          f"{a.bundle}")
+    pairs = len(km.regressor.pairs or [])
+    print(f"kernel-level latency model: {len(km.regressor.ms)} kernels timed alone, {pairs} after their "
+          f"producers and {km.n_configs} configs whole at {threads} thread(s){also}; stored as "
+          f"{kernel_model_path(km.device)} in {a.bundle}")
 
 
 # --- argument types: a bad value is refused while parsing, in argparse's one line ---------------------------
@@ -727,8 +728,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="host", help=DEVICE_HELP + "; the profile is stored under its name")
     pr.add_argument("--allow-native", action="store_true", help=NATIVE_HELP)
     pr.add_argument("--kernels", action="store_true",
-                    help="also time every config's fused kernels alone and store the kernel-level latency "
-                         "model (predicts configs without a measured profile; needs the export extra)")
+                    help="also time every config's fused kernels, alone and after their producers, and "
+                         "store the kernel-level latency model (predicts configs without a measured "
+                         "profile; needs the export extra)")
     pr.add_argument("--kernel-rounds", type=POSITIVE, default=8, help="with --kernels: shuffled rounds")
     pr.add_argument("--rpc", metavar="HOST:PORT", help="measure on the boards of an RPC tracker (TVM "
                     "engines; configs spread over the free boards under --key)")

@@ -150,3 +150,28 @@ def test_a_host_model_timed_on_another_machine_is_not_used_for_this_one(snnet_bu
         rt.query(Budget(latency_ms=1e6), device="host")
     with pytest.raises(ef.BudgetError, match="no latency profile"):
         rt.set_budget(Budget(latency_ms=1e6))
+
+
+def test_a_bundle_exported_before_kernels_had_producers_gets_a_model_that_predicts_what_its_manifest_says(
+        snnet_bundle, tmp_path, capsys):
+    """Its manifest's kernels have no producers, so `query` cannot pair them: the model times no pairs for
+    its configs and says why, and its predictions are those of the kernels as the manifest lists them."""
+    from edgeflex.export.kernel_model import measure_kernel_model
+
+    def strip(m: dict) -> dict:
+        for c in m["configs"]:
+            for k in c["costs"]["kernels"]:
+                k.pop("producer", None)
+        return m
+
+    path = _copy(snnet_bundle[1], tmp_path)
+    update_bundle(path, {}, edit=strip)
+    km = measure_kernel_model(path, threads=1, rounds=1)
+    assert "exported before kernels recorded their producers" in capsys.readouterr().err
+    assert km.regressor.pairs is None
+    assert all(v == 0 for f, v in km.coef.items() if f.startswith("after_producer:"))
+    save_kernel_model(path, km.to_json())
+    rt = ef.Runtime(path, threads=1)
+    hits = {h["name"]: h["p50_ms"] for h in rt.query(Budget(latency_ms=1e6), device="host")}
+    for c in rt.configs:
+        assert hits[c.name] == pytest.approx(km.predict(c.costs["kernels"]), rel=1e-9)
