@@ -3,29 +3,33 @@
 timed on the device itself, calibrated per kind on measured configs, plus per-kernel and per-call overhead.
 
     linear_ms = sum_kind a_kind * sum_{k of kind} t(k) + (b+ - b-) * kernels + d * engine_calls
+                + sum_kind p_kind * sum_{k of kind} (ta(k) - t(k))
                 + sum_c w_c * (MiB of kernels' weights under c, in configs whose weights exceed c)
                 + v * MiB of activations (the kernels' inputs and outputs that are not weights)
                 [+ s * sum_k t1(k), instead of the per-kind sums, for a chained config at > 1 thread]
     latency_ms = linear_ms * exp(strength * weighted mean of log(measured / linear_ms) of the
                                  CONFIG_NEIGHBOURS measured configs nearest in config space)
 
-t(k) is the kernel's own measured time where it was timed on the device (same kind, ops, FLOPs, bytes and
-head shape: `signature`), else the kind's regressor: a non-negative linear model of the kernel's FLOPs,
+t(k) is the kernel's own measured time where it was timed on the device (same kind, ops, FLOPs, bytes and head
+shape: `signature`), else the kind's regressor: a non-negative linear model of the kernel's FLOPs,
 channel-padding FLOPs, bytes and a constant (fitted on relative error), times a correction learnt from the
-kernels nearest in log-shape space (inverse-distance weighted). t1(k): the same at 1 thread (`serial`,
-where the model was timed at more threads): a chained config runs one engine (own ORT pool) per call, and
-at 2 threads the idle engines' spinning workers take the second core, so it runs at about its 1-thread
-speed. v: what a config's activations cost in the whole graph beyond what its kernels timed alone show
-(fitted, not assumed; the likely causes: in a graph they pass from kernel to kernel through the caches,
-and an ORT NCHWc Conv timed alone pays its own layout reorders, which inside a graph only the first and
-last Conv pay). The coefficients a, b, d, v, w, s are fitted like `devices/predictor.py`'s (non-negative
-least squares on relative error). The config space (`_config_point`): the config's size (sum of t(k)),
-each kind's share of it, its kernel count, whether it is chained, and its weights; the correction carries
-what kernels timed alone miss in a family of similar configs (at 2 threads: how much of the pool a
-config's kernels use in the graph). Its strength (0, 1/2 or 1: STRENGTHS) is chosen when fitting, by a
-leave-one-out over the measured configs themselves (the strength that puts most of them within BAND_PCT
-%): where the configs' residuals are noise rather than a family's bias, the full correction would carry
-that noise. Valid on the device the kernels and configs were measured on only. numpy only (board side).
+kernels nearest in log-shape space (inverse-distance weighted). ta(k): the kernel's time after its producer
+(the kernel whose output it reads first), from the two timed as one graph (T(pair) - T(producer alone)), or
+for a pair not timed, t(k) times the ratio of the nearest timed pairs; t(k) where the model has no pairs or
+the kernel no producer (p lets the fit decide how far to trust the pairs). t1(k): the same at 1 thread
+(`serial`, where the model was timed at more threads): a chained config runs one engine (own ORT pool) per
+call, and at 2 threads the idle engines' spinning workers take the second core, so it runs at about its
+1-thread speed. v: what a config's activations cost in the whole graph beyond what its kernels timed alone
+show (fitted, not assumed; the likely causes: in a graph they pass from kernel to kernel through the caches,
+and an ORT NCHWc Conv timed alone pays its own layout reorders, which inside a graph only the first and last
+Conv pay). The coefficients a, b, d, p, v, w, s are fitted like `devices/predictor.py`'s (non-negative least
+squares on relative error). The config space (`_config_point`): the config's size (sum of ta(k)), each kind's
+share of it, its kernel count, whether it is chained, and its weights; the correction carries what kernels
+timed alone miss in a family of similar configs (at 2 threads: how much of the pool a config's kernels use in
+the graph). Its strength (0, 1/2 or 1: STRENGTHS) is chosen when fitting, by a leave-one-out over the measured
+configs themselves (the strength that puts most of them within BAND_PCT %): where the configs' residuals are
+noise rather than a family's bias, the full correction would carry that noise. Valid on the device the kernels
+and configs were measured on only. numpy only (board side).
 """
 
 from __future__ import annotations
