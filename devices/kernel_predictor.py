@@ -471,13 +471,17 @@ def _strength(x: np.ndarray, y: np.ndarray, points: np.ndarray, ridge: float) ->
 
 
 def _fit(reg: KernelRegressor, serial: KernelRegressor | None, ks: Sequence[Sequence[dict[str, Any]]],
-         y: np.ndarray, ridge: float) -> tuple[dict[str, float], np.ndarray, np.ndarray, float]:
+         y: np.ndarray, ridge: float,
+         correct: bool = True) -> tuple[dict[str, float], np.ndarray, np.ndarray, float]:
+    """Calibration, the configs' points and residuals, and the correction's strength (its leave-one-out
+    skipped without the correction: `correct=False`, strength 0)."""
     ts = [_times(k, reg) for k in ks]
     x = np.stack([_config_row(k, t, serial) for k, t in zip(ks, ts)])
     coef = _solve(x, y, ridge)
     points = np.stack([_config_point(k, t) for k, t in zip(ks, ts)])
     resid = np.log(y / np.maximum(x @ coef, 1e-6))
-    return dict(zip(CONFIG_FEATURES, map(float, coef))), points, resid, _strength(x, y, points, ridge)
+    strength = _strength(x, y, points, ridge) if correct else 0.0
+    return dict(zip(CONFIG_FEATURES, map(float, coef))), points, resid, strength
 
 
 def fit(kernel_samples: Sequence[KernelSample], config_samples: Sequence[ConfigSample], *,
@@ -517,7 +521,7 @@ def leave_one_out(kernel_samples: Sequence[tuple], config_samples: Sequence[Conf
                                   kept(pair_samples, lab, 3) if pair_samples else None)
         serial = KernelRegressor.fit(kept(serial_samples, lab)) if serial_samples else None
         keep = [j for j in range(len(y)) if j != i]
-        coef, points, resid, strength = _fit(reg, serial, [ks[j] for j in keep], y[keep], ridge)
+        coef, points, resid, strength = _fit(reg, serial, [ks[j] for j in keep], y[keep], ridge, correct)
         model = KernelPredictor(reg, coef, "loo", len(keep), None, None, serial,
                                 points if correct else None, resid if correct else None, strength)
         pred[i] = model.predict(ks[i])

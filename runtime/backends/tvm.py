@@ -637,7 +637,8 @@ _SIZED_LOCK = threading.Lock()
 def _configure_threads(threads: int) -> None:
     import tvm
 
-    # NOTE: TVM has one thread pool per process: the last engine loaded sets it for all TVM engines.
+    # NOTE: TVM keeps one thread pool per calling thread (a thread-local ThreadPool): the last engine
+    # configured in a thread sets it for every TVM engine that thread runs.
     # Mode -3 (threads share every core, no pinning): on a shared machine pinning fights other processes.
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(threads))
     names = [str(c) for c in cpus]
