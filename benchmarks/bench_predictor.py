@@ -50,7 +50,6 @@ from common import OthersLoad, command_line, cpu_flag_list, machine_info, write_
 SECTION = "## Latency predictor (issue 4): leave-one-out on this host"
 KERNEL_SECTION = "## Kernel-level latency predictor (issue 22): old vs new leave-one-out on this CPU"
 COPIES = "copies:"      # kernels-t*.json keys of kernels timed as --copies copies in one graph
-PAIRS = PAIR            # kernels-t*.json keys of kernels timed after their producer, the two as one graph
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
              "amx_bf16", "asimd", "sve")
 
@@ -529,7 +528,7 @@ def _split_half(rounds: list[float]) -> float:
 
 def _alone(rounds: dict[str, list[float]]) -> dict[str, list[float]]:
     """The kernels timed alone (and the overhead), without those timed as copies or pairs."""
-    return {k: v for k, v in rounds.items() if not k.startswith((COPIES, PAIRS))}
+    return {k: v for k, v in rounds.items() if not k.startswith((COPIES, PAIR))}
 
 
 def _pairs_rows(t: int, kernel_ms_by_t: dict[int, dict], pairs: dict[str, dict], ksamples: list,
@@ -743,8 +742,8 @@ def run_kernels(configs: dict[str, dict], costs: dict[str, dict], args, t0: floa
                 reps = {k: {**u, "graph": replicate(u["graph"], args.copies)} for k, u in unique.items()
                         if u["graph"] is not None}
                 ker |= {COPIES + k: fn for k, fn in kernel_runners(reps, t).items() if k != OVERHEAD}
-            if args.pairs:          # each kernel after its producer, the two as one graph (pair_ctx)
-                ker |= {PAIRS + k: fn for k, fn in kernel_runners(pairs, t).items() if k != OVERHEAD}
+            if args.pairs:          # each kernel after its producer, the two as one graph (pair_context)
+                ker |= {PAIR + k: fn for k, fn in kernel_runners(pairs, t).items() if k != OVERHEAD}
             block = dict.fromkeys(cfg, args.block_ms / 1e3) | dict.fromkeys(ker, args.kernel_block_ms / 1e3)
             with OthersLoad() as others:
                 rounds = measure_rounds(cfg | ker, block, args.rounds, on_round=_round_done)

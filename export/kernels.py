@@ -102,9 +102,8 @@ def detect_kernels(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
     # the kernel whose output each kernel reads first (its producer), and the two as one graph
     made_by = {o: i for i, u in enumerate(units) for n in u for o in n.output if o}
     for j, u in enumerate(units):
-        produced = {o for n in u for o in n.output}
-        ins = [i for n in u for i in n.input if i and i not in produced and not constant(i)]
-        p = next((made_by[i] for i in ins if i in made_by and made_by[i] != j), None)
+        ins = [i for i in _ends(u)[0] if not constant(i)]
+        p = next((made_by[i] for i in ins if i in made_by), None)
         ks[j]["producer"] = p
         if with_graphs:
             ks[j]["pair_graph"] = None if p is None else _pair_graph(units[p], u, shapes, infos, inits,
@@ -117,22 +116,23 @@ def _pair_graph(first: list[onnx.NodeProto], second: list[onnx.NodeProto], shape
     """A kernel and its producer as one standalone graph: the second kernel runs on what the first just
     wrote, in the same engine run, as inside its config (the producer's other outputs stay graph outputs)."""
     unit = [*first, *second]
+    return _standalone(unit, *_ends(unit), shapes, infos, inits, const_nodes, m)
+
+
+def _ends(unit: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
+    """A unit's external inputs (in order, once each: weights and constants included) and the outputs no
+    node of it reads."""
     produced = {o for n in unit for o in n.output}
     used = {i for n in unit for i in n.input}
     ext_in = list(dict.fromkeys(i for n in unit for i in n.input if i and i not in produced))
-    outs = [o for n in unit for o in n.output if o and o not in used]
-    return _standalone(unit, ext_in, outs, shapes, infos, inits, const_nodes, m)
+    return ext_in, [o for n in unit for o in n.output if o and o not in used]
 
 
 def _describe(unit: list[onnx.NodeProto], shapes: dict, sizes: dict, infos: dict, inits: dict,
               const_nodes: dict, m: onnx.ModelProto, with_graphs: bool) -> dict[str, Any]:
     head = unit[0]
     kind = op_kind(head, shapes)
-    produced = {o for n in unit for o in n.output}
-    used = {i for n in unit for i in n.input}
-    ext_in = [i for n in unit for i in n.input if i and i not in produced]
-    ext_in = list(dict.fromkeys(ext_in))
-    outs = [o for n in unit for o in n.output if o and (o not in used)]
+    ext_in, outs = _ends(unit)
     flops = pad = setup = 0
     for n in unit:
         k = op_kind(n, shapes)
