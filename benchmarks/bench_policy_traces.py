@@ -15,6 +15,10 @@ smallest config managed >= 99.5 %; (2) never more than 0.3 points below the stat
 config set_budget(adapt=False) picks from the idle profile); (3) mean quality >= that of the best static
 config whose within-budget share is at least the adaptive one's. Seeds: training seeds (the only ones
 looked at while changing the policy) and held-out seeds, reported separately. Writes a table and a PNG.
+
+`--strategies tail,tail#2` plays two copies of one policy (each its own runtime, taking turns like any two
+strategies): how often the copies meet the same criteria, and how far apart their within-budget shares
+land, is the resolution of this evaluation on this machine (an A/A test).
 """
 
 from __future__ import annotations
@@ -40,7 +44,23 @@ from common import _busy_jiffies, machine_and_run, publish  # noqa: E402
 from policy_replay import seeds_of  # noqa: E402
 
 SECTION = "## Budget policies on unseen load traces (issue 20)"
-ADAPTIVE = ("tail", "window")
+ADAPTIVE = ("tail", "window")     # the default strategies; "POLICY#N" is a copy of POLICY (an A/A test)
+
+
+def policy_of(strategy: str) -> str:
+    """The runtime policy a strategy plays: "tail#2" is a second copy of "tail"."""
+    return strategy.split("#")[0]
+
+
+def strategy_list(spec: str) -> tuple[str, ...]:
+    """'tail,window' -> the strategies (an argparse type: a bad spec is a one-line usage error)."""
+    out = tuple(x.strip() for x in spec.split(",") if x.strip())
+    bad = [x for x in out if policy_of(x) not in ("tail", "window") or x.count("#") > 1]
+    if not out or bad or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"strategies {spec!r}: expected distinct comma-separated names, "
+                                         "each 'tail' or 'window', optionally '#N' for a copy "
+                                         "(e.g. tail,tail#2)")
+    return out
 
 
 def quality_of(rt: ef.Runtime) -> tuple[dict[str, float], dict[str, float], str]:
@@ -70,9 +90,10 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     x = info["x"]
     value, rank = info["value"], info["rank"]
     out = {"seed": seed, "budget_ms": budget_ms, "load": trace.describe(), "strategies": {}}
-    order = [*ADAPTIVE, "static"]
-    for s in ADAPTIVE:
-        rts[s].set_budget(budget, policy=s, degrade=True)
+    strategies = a.strategies
+    order = [*strategies, "static"]
+    for s in strategies:
+        rts[s].set_budget(budget, policy=policy_of(s), degrade=True)
     rts["static"].set_budget(None)
     # the strategies take turns over the trace in chunks (each pauses while the others play their turn),
     # so the other engineers' load, which comes and goes for seconds, falls on every strategy alike
@@ -86,7 +107,7 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
                                                span=span))
             else:
                 parts[s].append(tracerun.play(rts[s], trace, player, x, span=span))
-    for s in ADAPTIVE:
+    for s in strategies:
         out["strategies"][s] = score(tracerun.concat(parts[s]), budget_ms, value)
         rts[s].set_budget(None)
     statics = {k: tracerun.concat([p[k] for p in parts["static"]]) for k in parts["static"][0]}
@@ -103,7 +124,7 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     smallest = info["smallest"]
     small_share = max(stat[f"{smallest}@{t}t"]["within"] for t in info["counts"])
     better = (lambda q1, q2: q1 >= q2 - 1e-12) if info["higher"] else (lambda q1, q2: q1 <= q2 + 1e-12)
-    for s in ADAPTIVE:
+    for s in strategies:
         r = out["strategies"][s]
         c1 = small_share < 0.995 or r["within"] >= 0.99
         c2 = r["within"] >= stat[out["static_best"]]["within"] - 0.003
@@ -120,8 +141,8 @@ def setup(bundle: Path, a: argparse.Namespace) -> tuple[dict, dict]:
     rt = ef.Runtime(bundle, threads=counts)
     save_profile(bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=a.profile_seconds,
                                          progress=False), merge=False)
-    rts = {s: ef.Runtime(bundle, threads=counts) for s in (*ADAPTIVE, "static")}
-    prof = rts["tail"].latency_profile()
+    rts = {s: ef.Runtime(bundle, threads=counts) for s in (*a.strategies, "static")}
+    prof = rts["static"].latency_profile()
     value, rank, metric = quality_of(rt)
     idle = {c.name: min(profile_at(prof, t)[c.name]["p90_ms"] for t in counts) for c in rt.configs}
     shape = [a.batch if d is None else d for d in rt.inputs[0].shape]
@@ -135,15 +156,16 @@ def setup(bundle: Path, a: argparse.Namespace) -> tuple[dict, dict]:
     return rts, info
 
 
-def table(results: list[dict], metric: str, higher: bool) -> list[str]:
+def table(results: list[dict], metric: str, higher: bool,
+          strategies: tuple[str, ...] = ADAPTIVE) -> list[str]:
+    heads = " | ".join(f"{s}: within, {metric}, switches | crit. 1 / 2 / 3" for s in strategies)
     lines = [f"| seed | budget ms | smallest within | static best: within, {metric} | oracle within, "
-             f"{metric} | tail: within, {metric}, switches | crit. 1 / 2 / 3 | window: within, {metric}, "
-             "switches | crit. 1 / 2 / 3 |", "|---:|---:|---:|---|---|---|---|---|---|"]
-    ok = {s: {"c1": 0, "c2": 0, "c3": 0} for s in ADAPTIVE}
+             f"{metric} | {heads} |", "|---:|---:|---:|---|---|" + "---|---|" * len(strategies)]
+    ok = {s: {"c1": 0, "c2": 0, "c3": 0} for s in strategies}
     for r in results:
         sb = r["static"][r["static_best"]]
         cells = []
-        for s in ADAPTIVE:
+        for s in strategies:
             v = r["strategies"][s]
             for c in ("c1", "c2", "c3"):
                 ok[s][c] += v[c]
@@ -154,12 +176,36 @@ def table(results: list[dict], metric: str, higher: bool) -> list[str]:
                      f"{r['oracle']['within']:.2%}, "
                      f"{r['oracle']['quality']:.4f} | " + " | ".join(cells) + " |")
     n = len(results)
-    lines.append("| **met on** | | | | | | " + " / ".join(f"{ok['tail'][c]}/{n}" for c in ("c1", "c2", "c3"))
-                 + " | | " + " / ".join(f"{ok['window'][c]}/{n}" for c in ("c1", "c2", "c3")) + " |")
+    met = [" / ".join(f"{ok[s][c]}/{n}" for c in ("c1", "c2", "c3")) for s in strategies]
+    lines.append("| **met on** | | | | | | " + " | | ".join(met) + " |")
     return lines
 
 
-def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] | None = None) -> None:
+def copies(results: list[dict], strategies: tuple[str, ...]) -> list[str]:
+    """For strategies that play one policy (an A/A test): per pair of copies, on how many traces the two meet
+    the same criteria, and how far apart their within-budget shares land (points)."""
+    lines = []
+    for i, s in enumerate(strategies):
+        for t in strategies[i + 1:]:
+            if policy_of(s) != policy_of(t):
+                continue
+            a = [r["strategies"][s] for r in results]
+            b = [r["strategies"][t] for r in results]
+            d = 100 * np.abs([x["within"] - y["within"] for x, y in zip(a, b)])
+            same = {c: sum(x[c] == y[c] for x, y in zip(a, b)) for c in ("c1", "c2", "c3")}
+            both = sum(all(x[c] for c in ("c1", "c2", "c3")) == all(y[c] for c in ("c1", "c2", "c3"))
+                       for x, y in zip(a, b))
+            met = [sum(all(x[c] for c in ("c1", "c2", "c3")) for x in v) for v in (a, b)]
+            lines.append(f"- {s} vs {t} (one policy, two copies), {len(results)} traces: all three criteria "
+                         f"met on {met[0]} and {met[1]}; the copies agree on all three on {both}, per "
+                         f"criterion {same['c1']} / {same['c2']} / {same['c3']}; their within-budget shares "
+                         f"differ by {np.median(d):.2f} points (median), {np.percentile(d, 90):.2f} (90th "
+                         f"pct), {d.max():.2f} (max)")
+    return lines
+
+
+def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] | None = None,
+         strategies: tuple[str, ...] = ADAPTIVE) -> None:
     """Per bundle: within-budget shares per strategy; adaptive vs static best (quality in the bundle's
     metric, `metrics[name]` saying which way is better)."""
     import matplotlib
@@ -169,9 +215,8 @@ def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] 
 
     fig, axes = plt.subplots(len(all_results), 2, figsize=(11, 3.2 * len(all_results)), squeeze=False)
     for row, (name, results) in zip(axes, all_results.items()):
-        labels = ["tail", "window", "static best", "smallest", "oracle"]
-        within = [[r["strategies"]["tail"]["within"] for r in results],
-                  [r["strategies"]["window"]["within"] for r in results],
+        labels = [*strategies, "static best", "smallest", "oracle"]
+        within = [*([r["strategies"][s]["within"] for r in results] for s in strategies),
                   [r["static"][r["static_best"]]["within"] for r in results],
                   [r["smallest_within"] for r in results], [r["oracle"]["within"] for r in results]]
         for i, v in enumerate(within):
@@ -182,7 +227,7 @@ def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] 
         row[0].set_title(f"{name}: within budget per trace (held-out seeds where run)", fontsize=9)
         lo = min(min(v) for v in within)
         row[0].set_ylim(max(0, 100 * lo - 1), 100.5)
-        for s in ADAPTIVE:
+        for s in strategies:
             d = [r["strategies"][s]["within"] - r["static"][r["static_best"]]["within"] for r in results]
             row[1].scatter(100 * np.array(d), [r["strategies"][s]["quality"] - r["static"][r["static_best"]]
                                                ["quality"] for r in results], s=14, label=s)
@@ -213,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=float, default=2.0, help="seconds of trace per turn of a strategy")
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
+    p.add_argument("--strategies", type=strategy_list, default=ADAPTIVE,
+                   help="adaptive strategies to play, comma-separated: tail, window; 'tail#2' plays a second "
+                        "copy of tail (an A/A test of the evaluation's resolution)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
 
@@ -230,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in ss:
                     r = evaluate_trace(bundle, seed, a, player, rts, info)
                     results[bundle.name][split].append(r)
-                    t, w = r["strategies"]["tail"], r["strategies"]["window"]
-                    print(f"{bundle.name} {split} seed {seed}: budget {r['budget_ms']:.3f} ms, tail "
-                          f"{t['within']:.2%} {t['quality']:.4f}, window {w['within']:.2%} "
-                          f"{w['quality']:.4f}, "
+                    played = ", ".join(f"{s} {v['within']:.2%} {v['quality']:.4f}"
+                                       for s, v in r["strategies"].items())
+                    print(f"{bundle.name} {split} seed {seed}: budget {r['budget_ms']:.3f} ms, {played}, "
                           f"static best {r['static_best']} {r['static'][r['static_best']]['within']:.2%}, "
                           f"smallest {r['smallest_within']:.2%}, oracle {r['oracle']['within']:.2%}",
                           flush=True)
@@ -248,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     png = (a.out.parent if a.out else Path("benchmarks")) / "policy_traces.png"
     shown = {k: v["test"] or v["train"] for k, v in results.items()}
     plot({k: v for k, v in shown.items() if v}, png,
-         {k: f"{i['metric']} ({'higher' if i['higher'] else 'lower'} is better)" for k, i in infos.items()})
+         {k: f"{i['metric']} ({'higher' if i['higher'] else 'lower'} is better)" for k, i in infos.items()},
+         a.strategies)
     body = [f"Each trace {a.seconds:g} s of batch-{a.batch} requests back to back; runtimes with engines at "
             "(2, 1) threads, ONNX Runtime, profiled at both counts just before (interleaved rounds). "
             f"Training seeds {a.train_seeds or 'none'}; held-out seeds {a.test_seeds}. Criteria per trace: "
@@ -265,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             if res[split]:
                 body += [f"**{name}, {'held-out' if split == 'test' else 'training'} seeds** "
                          f"({info['metric']}, {'higher' if info['higher'] else 'lower'} is better):", "",
-                         *table(res[split], info["metric"], info["higher"]), ""]
+                         *table(res[split], info["metric"], info["higher"], a.strategies), ""]
+                aa = copies(res[split], a.strategies)
+                if aa:
+                    body += ["Copies of one policy (an A/A test: the evaluation's resolution here):", "",
+                             *aa, ""]
     body += [f"![policy traces]({png.name})", "",
              *machine_and_run(2, f"- cpu flags: {cpu_flags()}",
                               f"- other processes' share of the CPU during the run (the hogs not counted): "

@@ -61,3 +61,25 @@ def test_the_trace_benchmark_refuses_a_bad_seed_range_in_one_line(spec, why, cap
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--test-seeds" in err and why in err and "Traceback" not in err
+
+
+def test_the_trace_benchmark_plays_copies_of_one_policy_and_reports_how_far_they_agree(capsys):
+    bench = pytest.importorskip("bench_policy_traces")
+    assert bench.strategy_list("tail,tail#2") == ("tail", "tail#2")
+    assert bench.policy_of("tail#2") == "tail" and bench.policy_of("window") == "window"
+    for spec in ("tail,tail", "greedy", "tail#2#3", ""):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--bundles", "x.efx", "--strategies", spec])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--strategies" in err and "expected" in err
+
+    def run(within, c3=True):
+        return {"within": within, "quality": 0.9, "switches": 0, "c1": True, "c2": True, "c3": c3}
+
+    results = [{"strategies": {"tail": run(0.990), "tail#2": run(0.985), "window": run(0.9)}},
+               {"strategies": {"tail": run(0.995), "tail#2": run(0.995, c3=False), "window": run(0.9)}}]
+    lines = bench.copies(results, ("tail", "tail#2", "window"))
+    assert len(lines) == 1      # only the two copies of tail are compared
+    assert "met on 2 and 1" in lines[0] and "agree on all three on 1" in lines[0]
+    assert "per criterion 2 / 2 / 1" in lines[0] and "0.50 (max)" in lines[0]
