@@ -323,7 +323,7 @@ def _expand_layernorm(model) -> None:
 
 # --- compiling one graph ---------------------------------------------------------------------------------
 
-def _relax_module(model, inputs: list[TensorSpec], batch: int | None):
+def _relax_module(model, inputs: list[TensorSpec], batch: int | None, label: str = ""):
     from tvm.relax.frontend.onnx import from_onnx
 
     shapes = None
@@ -332,9 +332,17 @@ def _relax_module(model, inputs: list[TensorSpec], batch: int | None):
         # Parameters keep their own (static) shapes; only the runtime inputs get the batch.
         shapes.update({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
                        for i in model.graph.input if i.name not in shapes})
+    import tvm
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")             # "Renaming name ..." per sanitized tensor name
-        return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+        try:
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+        except tvm.error.OpNotImplemented as e:     # e.g. a GRU or LSTM: ONNX Runtime runs it, TVM cannot
+            raise BackendUnavailable(
+                f"TVM {tvm.__version__} cannot import {label or 'the graph'}: "
+                f"{' '.join(str(e).split())[:200]}; its configs keep running on ONNX Runtime, nothing was "
+                "added to the bundle") from None
 
 
 @dataclass(frozen=True)
@@ -433,7 +441,7 @@ def compile_graph(job: GraphJob, target: CompileTarget, out_dir: Path, *, batch:
 
     t0 = time.perf_counter()
     model = prepare_onnx(job.data, job.params)
-    mod = _relax_module(model, job.inputs, batch)
+    mod = _relax_module(model, job.inputs, batch, job.rel)
     tgt = tvm.target.Target(target.target)
     applied: list[str] = []
     if kernels:

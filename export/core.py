@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from edgeflex.runtime.store import target as store_target
 from . import analysis, engines, fits
 from . import complex as complex_lowering
 from .costs import config_costs
-from .validate import validate
+from .validate import ModelFailure, validate
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,46 @@ def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...], in_names:
     return capture_with_strategy(model, example, in_names, out_names)[0]
 
 
-def capture_with_strategy(model, example, in_names, out_names) -> tuple[bytes, str]:
+def fixed_batch(graph: bytes) -> str | None:
+    """Where a captured graph fixed the batch dimension it was asked to keep dynamic ("input 'x' has batch
+    1"), or None. torch.export specialises a dimension whose example size is 1 (its 0/1 rule) and the
+    dynamo exporter then writes a graph that runs at that batch only: a transformer or GRU exported from a
+    batch-1 example did, while the torchscript exporter kept the batch dynamic."""
+    for vi in onnx.load_from_string(graph).graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return f"input {vi.name!r} has its batch dimension fixed at {dims[0].dim_value}"
+    return None
+
+
+def capture_with_strategy(model, example, in_names, out_names,
+                          check: Callable[[bytes], Any] | None = None) -> tuple[bytes, str, Any]:
+    """(graph, strategy, check's result) from the first torch.onnx strategy whose graph keeps the batch
+    dynamic and passes `check` (validation: an ExportError there tries the next strategy); one error
+    naming every strategy's failure where none does."""
     failures = []
     for label, fn in STRATEGIES:
         try:
-            return fn(model, example, in_names, out_names), label
+            graph = fn(model, example, in_names, out_names)
         except Exception as e:  # noqa: BLE001 - every failure is reported below
             first = _ANSI.sub("", str(e)).strip().splitlines()[0][:200] if str(e).strip() else ""
             failures.append(f"{label}: {type(e).__name__}: {first}")
             log.info("capture strategy %s failed: %s", label, e)
-    raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried " + " | ".join(failures))
+            continue
+        why = fixed_batch(graph)
+        if why is not None:
+            failures.append(f"{label}: {why} (the batch must stay dynamic)")
+            log.info("capture strategy %s: %s", label, why)
+            continue
+        try:
+            return graph, label, check(graph) if check is not None else None
+        except ModelFailure:
+            raise
+        except ExportError as e:
+            failures.append(f"{label}: {str(e).removesuffix('; nothing was written')}")
+            log.info("capture strategy %s does not validate: %s", label, e)
+    raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried " + " | ".join(failures)
+                      + ("; nothing was written" if check is not None else ""))
 
 
 def _specs(values, names: list[str]) -> list[TensorSpec]:
@@ -174,8 +205,13 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         raise ExportError("example_inputs must be a tensor or a non-empty tuple of tensors (batch first)")
     model = model.eval()
     threads = threads or default_threads()
-    with torch.no_grad():
-        out = model(*example)
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    except Exception as e:  # noqa: BLE001 - the model's own error, as one line
+        raise ExportError(f"{type(model).__name__} fails in PyTorch on the example input(s) "
+                          f"{[tuple(t.shape) for t in example]}: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}; nothing was written") from None
     in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
     kept, dropped = flatten_outputs(out)
     if not kept:
@@ -213,15 +249,17 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         log.info("%s is not the FITS spectral pattern: %s", type(user_model).__name__, why)
     if graph is None:
         try:
+            def checked(g: bytes):
+                return validate(model, g, example, tolerance=tolerance, n_random=n_random, threads=threads,
+                                output_names=out_names)
+
             if lowered is not None:
-                graph, how = capture_with_strategy(lowered, complex_lowering.traceable(example), in_names,
-                                                   out_names)
+                graph, how, check = capture_with_strategy(lowered, complex_lowering.traceable(example),
+                                                          in_names, out_names, checked)
                 strategy = f"edgeflex complex lowering (export.complex) + {how}"
                 extra["complex_lowering"] = lowered.meta["complex_lowering"]
             else:
-                graph, strategy = capture_with_strategy(model, example, in_names, out_names)
-            check = validate(model, graph, example, tolerance=tolerance, n_random=n_random, threads=threads,
-                             output_names=out_names)
+                graph, strategy, check = capture_with_strategy(model, example, in_names, out_names, checked)
         except ExportError:
             if rejected is not None:
                 raise rejected from None

@@ -60,6 +60,10 @@ def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Ten
                        output_names=output_names)
 
 
+class ModelFailure(ExportError):
+    """The model itself raised on an input validation made (not the graph: no capture strategy helps)."""
+
+
 def example_specs(example: tuple[torch.Tensor, ...], names: list[str] | None = None) -> list:
     """The input specs an example implies: its shapes with the batch left open, its dtypes."""
     from edgeflex.runtime.bundle import TensorSpec
@@ -77,13 +81,22 @@ def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, .
     per_output: dict[str, float] = {}
     cases = fresh_inputs(example, n_random)
     for case, inputs in cases:
-        with torch.no_grad():
-            ref = model(*inputs)
+        try:
+            with torch.no_grad():
+                ref = model(*inputs)
+        except Exception as e:  # noqa: BLE001 - the model's own error, as one line
+            hint = "" if case == "example" else (
+                "; a bundle's batch dimension is dynamic, so the model must run at any batch (e.g. "
+                "x.reshape(x.size(0), -1), not x.reshape(1, -1))")
+            raise ModelFailure(f"{type(model).__name__} itself fails in PyTorch on {case}: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())[:200]}{hint}; nothing was "
+                               "written") from None
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
         try:
             outs = run_onnx([t.numpy() for t in inputs])
         except Exception as e:  # noqa: BLE001 - the engine's own error, as one line
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            # ORT puts what was wrong on the lines after the first ("index: 0 Got: 3 Expected: 1")
+            first = " ".join(str(e).split())[:300]
             raise ExportError(f"exported graph{' of ' + label if label else ''} does not run on {case}: "
                               f"{type(e).__name__}: {first}; nothing was written") from None
         outs = [outs] if isinstance(outs, np.ndarray) else list(outs)

@@ -575,3 +575,28 @@ def test_the_tvm_launcher_holds_a_barrier_counter_for_every_core_after_a_first_r
     rows = [tuple(int(v) for v in line.split()) for line in out.stdout.split("\n") if line.strip()]
     assert [n for n, _ in rows] == [1, cores]
     assert all(usable >= cores * 64 for _, usable in rows), rows
+
+
+class _LastStepGRU(torch.nn.Module):
+    """A user's GRU regressor: ONNX Runtime runs its GRU node, TVM 0.27's ONNX frontend has no GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = torch.nn.GRU(4, 8, batch_first=True)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        return self.out(h[:, -1])
+
+
+def test_compiling_an_op_tvm_cannot_import_fails_in_one_line_and_leaves_the_bundle(tmp_path, capsys):
+    path = tmp_path / "gru.efx"
+    ef.export(_LastStepGRU().eval(), torch.randn(2, 10, 4), path)
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert cli(["compile", str(path), "--target", "host"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgeflex: error: TVM ") and "GRU" in err[-1] and "graphs/main.onnx" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert ef.Runtime(path).run(np.ones((1, 10, 4), np.float32)).shape == (1, 1)
