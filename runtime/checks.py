@@ -64,6 +64,11 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Sequence[object]) -> list[
             raise InputError(f"input {spec.name!r}: expected finite values, got {int(np.isnan(a).sum())} NaN "
                              f"and {int(np.isinf(a).sum())} inf (first at index {first})")
         checked.append(a)
+    if len(checked) > 1:    # the inputs share one open batch: without this, ORT fails deep in a node
+        batches = {s.name: a.shape[0] for s, a in zip(specs, checked) if s.shape and s.shape[0] is None}
+        if len(set(batches.values())) > 1:
+            raise InputError("expected one batch size for every input, got "
+                             + ", ".join(f"{n!r} {b}" for n, b in batches.items()))
     return checked
 
 

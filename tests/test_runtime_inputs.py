@@ -229,3 +229,20 @@ def test_engines_names_what_a_config_runs_and_refuses_what_was_not_loaded(snnet_
         only.engines("nope")
     with pytest.raises(ef.UsageError, match="threads=2 was not loaded"):
         only.engines(threads=2)
+
+
+def test_inputs_with_different_batch_sizes_are_refused_in_one_line(tmp_path: Path) -> None:
+    # a two-input model whose inputs meet in one Add: ORT itself failed deep in that node
+    class TwoIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(5, 7), torch.nn.Linear(3, 7)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    ef.export(TwoIn().eval(), (torch.randn(2, 5), torch.randn(2, 3)), tmp_path / "two.efx")
+    two = ef.Runtime(tmp_path / "two.efx")
+    with pytest.raises(ef.InputError, match=r"^expected one batch size for every input, got 'x0' 2, 'x1' 3$"):
+        two.run(np.zeros((2, 5), np.float32), np.zeros((3, 3), np.float32))
+    assert two.run(np.zeros((3, 5), np.float32), np.zeros((3, 3), np.float32)).shape == (3, 7)
