@@ -59,6 +59,30 @@ class UserTokenMixer(nn.Module):
         return self.head((t + torch.relu(self.mix(self.norm(t)))).mean(1))
 
 
+class UserCNNTwoLayerHead(UserCNN):
+    """The CNN with a two-layer classifier head: prunable convs and a prunable Linear (a Gemm) in one model;
+    the row-sparse graph once rewrote the Gemm alone and ran the convs dense at every level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+class UserEncoder(nn.Module):
+    """A transformer as PyTorch's docs write one (nn.TransformerEncoder, batch first): its attention's
+    out_proj is a Gemm, its feed-forward Linears on tokens are MatMuls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                                         1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x.reshape(-1, 8, 8))).mean(1))
+
+
 def same_as_pytorch(model: ef.elastic.DressModel, path, x: np.ndarray) -> ef.Runtime:
     """Every level of the bundle at `path` on ONNX Runtime equals the model at that level (<= 1e-4)."""
     rt = ef.Runtime(path)
@@ -92,6 +116,21 @@ def test_users_model_becomes_dress_exported_and_every_level_equals_pytorch(make,
     assert levels[-1]["value"] > levels[-1]["value_before"]     # fine-tuning recovers the sparsest level
     bundle = ef.export(dm, torch.from_numpy(x_val[:2]), tmp_path / "d.efx")
     assert bundle.family == "dress" and len(bundle.configs) == 4
+    same_as_pytorch(dm, tmp_path / "d.efx", x_val[:64])
+
+
+@pytest.mark.parametrize("make", [UserCNNTwoLayerHead, UserEncoder], ids=["cnn-mlp-head", "transformer"])
+def test_a_model_with_gemm_and_other_prunable_layers_exports_every_level_equal_to_pytorch(make, digits8,
+                                                                                         tmp_path):
+    # some prunable layers are Gemms (the row-sparse kernel's), others convs or MatMuls: the export failed
+    # its own check (the row-sparse graph ran the others dense at every level); now every level matches
+    x_train, y_train, x_val, y_val = digits8
+    torch.manual_seed(0)
+    user = pretrain(make(), x_train, y_train, steps=40)
+    dm = ef.elastic.dress(user, (x_train, y_train), (x_val, y_val), epochs=1, progress=False)
+    kinds = {type(user.get_submodule(n.removesuffix(".weight"))) for n in dm.prunable_names}
+    assert nn.Linear in kinds or any(issubclass(k, nn.Linear) for k in kinds)
+    ef.export(dm, torch.from_numpy(x_val[:2]), tmp_path / "d.efx")
     same_as_pytorch(dm, tmp_path / "d.efx", x_val[:64])
 
 
