@@ -87,12 +87,15 @@ def fixed_batch(graph: bytes) -> str | None:
 
 
 def capture_with_strategy(model, example, in_names, out_names,
-                          check: Callable[[bytes], Any] | None = None) -> tuple[bytes, str, Any]:
+                          check: Callable[[bytes], Any] | None = None,
+                          only: str | None = None) -> tuple[bytes, str, Any]:
     """(graph, strategy, check's result) from the first torch.onnx strategy whose graph keeps the batch
     dynamic and passes `check` (validation: an ExportError there tries the next strategy); one error
-    naming every strategy's failure where none does."""
+    naming every strategy's failure where none does. `only`: that strategy alone (its label)."""
     failures = []
     for label, fn in STRATEGIES:
+        if only is not None and label != only:
+            continue
         try:
             graph = fn(model, example, in_names, out_names)
         except Exception as e:  # noqa: BLE001 - every failure is reported below

@@ -26,7 +26,7 @@ from edgeflex.runtime.families.dress import DressLevel
 from edgeflex.runtime.store import target as store_target
 
 from . import analysis
-from .core import capture, default_threads, manifest_base
+from .core import STRATEGIES, capture, capture_with_strategy, default_threads, manifest_base
 from .costs import config_costs
 from .engines import check_engine, engine_record
 from .validate import example_specs, validate_fn
@@ -328,8 +328,18 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
                 h = segments[seg].eval()(h)
     store = WeightStore()
     seg_manifest, graphs, engines, protos = {}, {}, {}, {}
+    captured = {seg: capture_with_strategy(module.eval(), (seg_example[seg],), ["x"], ["y"])[:2]
+                for seg, module in segments.items()}
+    # one strategy for every segment: a config's fused graph merges its segments, which needs one IR
+    # version and opset (dynamo fixed the batch of some ViT segments, so those fell back to torchscript)
+    order = [label for label, _ in STRATEGIES]
+    common = max((how for _, how in captured.values()), key=order.index)
+    for seg, (_, how) in captured.items():
+        if how != common:
+            captured[seg] = capture_with_strategy(segments[seg].eval(), (seg_example[seg],), ["x"], ["y"],
+                                                  only=common)[:2]
     for seg, module in segments.items():
-        proto = onnx.load_from_string(capture(module.eval(), (seg_example[seg],), ["x"], ["y"]))
+        proto = onnx.load_from_string(captured[seg][0])
         gbytes, refs = store.externalize(proto)
         protos[seg] = proto
         graphs[f"graphs/{_safe(seg)}.onnx"] = gbytes
@@ -364,7 +374,7 @@ def export_snnet(model, example: torch.Tensor, path: str | os.PathLike, *, name:
     manifest = manifest_base(model, (example,), ["x"], [y], ["y"], name or _stem(path))
     manifest.update({
         "configs": configs, "segments": seg_manifest, "tensors": store.index,
-        "export": {"strategy": "torch.onnx dynamo per segment", "validation": _worst(checks),
+        "export": {"strategy": f"{common} per segment", "validation": _worst(checks),
                    "per_config": checks, **engine_record(engine, graphs)},
         "metadata": metadata or {},
     })

@@ -275,3 +275,61 @@ def test_bad_data_is_refused_in_one_line_before_any_training(case: str, mixers, 
     with pytest.raises(ef.DataError, match=message) as e:
         ef.elastic.stitch(mixers, train, val, adapter=mixer_layout, progress=False)
     assert "\n" not in str(e.value)
+
+
+class _PatchEmbed(nn.Module):
+    """DeiT's front, in miniature: 2x2 patches, a class token, learnt positions."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, dim, 2, 2)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:      # x [B, 8, 8]: a grey digit
+        t = self.proj(x.unsqueeze(1)).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+
+
+class _ClsHead(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x)[:, 0])
+
+
+class TinyViT(nn.Module):
+    """A ViT as the paper stitches (DeiT: pre-norm encoder blocks, GELU, the class token's logits), built
+    from PyTorch's nn.TransformerEncoderLayer as a user would."""
+
+    def __init__(self, dim: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.embed = _PatchEmbed(dim)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) for _ in range(depth))
+        self.head = _ClsHead(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_vit_anchors_stitch_and_export_from_a_batch_1_example(digits8, tmp_path: Path) -> None:
+    # from a batch-1 example the dynamo exporter fixed the batch of some segments and torchscript took
+    # those: the fused graphs then merged segments of two IR versions and the export failed
+    x_train, y_train, x_val, y_val = digits8
+    torch.manual_seed(0)
+    anchors = [train_briefly(TinyViT(16, 2, 2), x_train, y_train, steps=40),
+               train_briefly(TinyViT(32, 3, 4), x_train, y_train, steps=40)]
+    model = ef.elastic.stitch(anchors, (x_train, y_train), (x_val, y_val),
+                              adapter=lambda m: ef.elastic.Layout(m.embed, list(m.blocks), m.head),
+                              direction="fast-to-slow", epochs=1, progress=False)
+    assert len(model.config_names()) >= 3
+    bundle = ef.export(model, torch.from_numpy(x_val[:1]), tmp_path / "vit.efx")
+    assert bundle.manifest["export"]["strategy"].endswith(" per segment")
+    runs_like_pytorch(model, tmp_path / "vit.efx", x_val[:5])
