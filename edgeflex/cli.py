@@ -685,7 +685,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--elastic", action="store_true", help="elastic FITS: one config per cut frequency, the "
                    "weight stored once")
     t.add_argument("--period", type=POSITIVE, help="the base period in steps for the cut frequency (default: "
-                   "the training rows' dominant period)")
+                   "the training rows' dominant period of at most --lookback steps)")
     t.add_argument("--cut-freq", type=POSITIVE, help="the (largest) cut frequency (default: the paper's rule "
                    "(L // period + 1) * 6 + 10)")
     t.add_argument("--epochs", type=POSITIVE, help="fits: at most this many epochs (default 100, early "

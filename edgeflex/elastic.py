@@ -97,7 +97,8 @@ def fits_csv(path: str | os.PathLike, *, lookback: int, horizon: int, columns: S
     Recipe (`ett.Recipe`): loss on the horizon, Adam lr 5e-4, batch 128 (or the training windows, if fewer),
     lr x0.95 per epoch, early stopping on validation MSE (patience 20), at most `epochs` (default 100).
     Cut frequency: `cut_freq`, else the paper's (lookback // period + 1) * 6 + 10 with `period` (default: the
-    training rows' dominant period); elastic levels: `cut_freqs`, else that cut and 3/4, 1/2, 3/8, 1/5 of it.
+    training rows' dominant period of at most `lookback` steps); elastic levels: `cut_freqs`, else that cut
+    and 3/4, 1/2, 3/8, 1/5 of it.
 
     Returns a `SeriesFit`: `model`, `example`, `quality` (test MSE/MAE, per level when elastic, beside the
     repeat-the-last-value baseline), `metadata` (source sha256, split, scaler, training record), `test`;

@@ -205,7 +205,7 @@ def fits_series(values: Any, *, lookback: int, horizon: int, names: Sequence[str
     splits = {k: ett.Split(z[a:b], lookback, horizon) for k, (a, b) in parts.items()}
     data = ett.EttData(Path(path).stem, splits["train"], splits["val"], splits["test"], scaler, source)
     if period is None:
-        period = dominant_period(train_rows)
+        period = dominant_period(train_rows, max_period=lookback)     # a season the window holds
     top = cut_freq or cut_freq_for(lookback, period, HARMONIC_ORDER)
     top = _fit_cut(top, lookback, horizon)
     recipe = ett.Recipe(seed=seed, batch_size=min(ett.Recipe.batch_size, len(data.train)),

@@ -16,6 +16,7 @@ from test_stitch import one_thread  # noqa: F401 - autouse: torch on one thread,
 import edgeflex as ef
 from edgeflex.cli import main
 from edgeflex.models import ett, series
+from edgeflex.models.fits import cut_freq_for
 
 ROWS, L, H = 1200, 96, 24
 COLUMNS = ("load", "temp", "price")
@@ -185,3 +186,13 @@ def test_an_array_trains_like_its_csv(csv_path):
 def test_bad_settings_are_one_usage_error_line(csv_path, kw):
     with pytest.raises(ef.UsageError, match=f"{next(iter(kw))} must be an int >= 1"):
         ef.elastic.fits_csv(csv_path, **{"lookback": L, "horizon": H, **kw}, progress=False)
+
+
+def test_the_default_period_is_a_season_the_lookback_holds_not_the_trend(tmp_path):
+    values = seasonal()
+    values += np.arange(ROWS)[:, None] * np.array([0.5, 0.05, 5.0])     # a trend stronger than the seasons
+    path = tmp_path / "trend.csv"
+    write_csv(path, values)
+    fit = ef.elastic.fits_csv(path, lookback=L, horizon=H, epochs=1, progress=False)
+    assert fit.metadata["training"]["period"] == 24
+    assert fit.model.cut_freq == cut_freq_for(L, 24, 6)

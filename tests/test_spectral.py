@@ -209,3 +209,15 @@ def test_a_map_with_a_biased_variance_normalises_by_it() -> None:
         np.testing.assert_allclose(y, want, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="unknown spectral form 'dft'"):
         spectral.to_onnx(spectral.SpectralMap(L, n, M, c), "dft")
+
+
+def test_dominant_period_within_a_window_skips_a_drift_and_a_trend(rng: np.random.Generator) -> None:
+    # a slow drift dominates the whole spectrum (as on ETTh1's training rows); FITS sees only `lookback` steps
+    t = np.arange(3000)
+    daily = np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(len(t))
+    drift = daily + 5 * np.sin(2 * np.pi * t / 1500)
+    assert dominant_period(drift) == 1500
+    assert dominant_period(drift, max_period=96) == 24
+    trend = daily + 0.01 * t                # a line's spectrum swamps the first frequencies a window allows
+    assert dominant_period(trend) == dominant_period(trend, max_period=96) == 24
+    assert dominant_period(trend, max_period=1) == 1        # no period that short: the longest allowed
