@@ -33,16 +33,27 @@ class Validation:
 
 
 def fresh_inputs(example: tuple[torch.Tensor, ...], n: int, seed: int = 0) -> list[tuple[str, tuple]]:
-    """The example itself, n random normal inputs like it, and one at another batch size (dynamic batch)."""
+    """The example itself, n random inputs like it, and one at another batch size (dynamic batch): floats
+    normal with the example's mean and spread; integers (token ids, indices) uniform over the example's
+    own range, so an embedding sees only ids the example shows are valid; booleans at random."""
     g = torch.Generator().manual_seed(seed)
     cases = [("example", example)]
     scale = [float(t.float().std()) or 1.0 for t in example]
     offset = [float(t.float().mean()) for t in example]
+
+    def like(t: torch.Tensor, batch: int, s: float, o: float) -> torch.Tensor:
+        shape = (batch, *t.shape[1:])
+        if t.dtype == torch.bool:
+            return torch.rand(shape, generator=g) < 0.5
+        if not (t.dtype.is_floating_point or t.dtype.is_complex):
+            lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+            return torch.randint(lo, hi + 1, shape, generator=g, dtype=t.dtype)
+        return (torch.randn(shape, generator=g) * s + o).to(t.dtype)
+
     for i in range(n):
         batch = example[0].shape[0] if i < n - 1 else example[0].shape[0] + 2
-        cases.append((f"random#{i} (batch {batch})", tuple(
-            (torch.randn((batch, *t.shape[1:]), generator=g) * s + o).to(t.dtype)
-            for t, s, o in zip(example, scale, offset))))
+        cases.append((f"random#{i} (batch {batch})",
+                      tuple(like(t, batch, s, o) for t, s, o in zip(example, scale, offset))))
     return cases
 
 

@@ -245,6 +245,33 @@ def test_a_batch_1_example_still_gives_a_bundle_with_a_dynamic_batch(make, shape
     assert _rel_err(rt.run(x.numpy()), want) <= 1e-5
 
 
+class TextClassifier(nn.Module):
+    """A user's bag-of-embeddings classifier on token ids (int64): its validation inputs must be valid ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(100, 16), nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def test_a_model_on_token_ids_exports_and_runs_on_ids(tmp_path: Path) -> None:
+    # validation drew its random inputs as normal floats cast to int64 (negative ids): the model itself
+    # failed; integers are now drawn from the example's own range
+    torch.manual_seed(0)
+    model = TextClassifier().eval()
+    ef.export(model, torch.randint(0, 100, (1, 12)), tmp_path / "t.efx")
+    rt = ef.Runtime(tmp_path / "t.efx")
+    assert rt.inputs[0].dtype == "int64" and rt.inputs[0].shape == (None, 12)
+    ids = np.random.default_rng(0).integers(0, 100, (4, 12))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).numpy()
+    assert _rel_err(rt.run(ids), want) <= 1e-5
+    with pytest.raises(ef.InputError, match="expected dtype int64"):
+        rt.run(ids.astype(np.float32))
+
+
 def test_fixed_batch_names_the_input_whose_batch_a_graph_fixed() -> None:
     from onnx import TensorProto, helper
 
