@@ -253,18 +253,26 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    out = writable_file("--output", a.output, ".npy") if a.output else None
-    x = load_npy(a.input)
+    paths = [writable_file("--output", p, ".npy") for p in a.output or []]
+    if len(set(map(os.path.abspath, paths))) != len(paths):
+        raise UsageError(f"--output names one file twice ({', '.join(map(str, paths))}): one file per output")
+    xs = [load_npy(p) for p in a.input]
     rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads, config=a.config,
                  allow_native=a.allow_native, shared_threads=True,  # it owns its process: one ORT pool
                  trusted_keys=a.trusted_key)
-    y = rt.run(x)
+    if len(paths) > len(rt.outputs):
+        raise UsageError(f"{len(paths)} --output files for {len(rt.outputs)} output(s) "
+                         f"({', '.join(o.name for o in rt.outputs)}): give at most one each, in order")
+    if len(xs) != len(rt.inputs):
+        raise UsageError(f"{len(xs)} --input file(s) for {len(rt.inputs)} input(s) "
+                         f"({', '.join(s.describe() for s in rt.inputs)}): give one --input each, in order")
+    y = rt.run(*xs)
     outs = y if isinstance(y, tuple) else (y,)
-    if out is not None:
-        save_npy(out, outs[0])
-    for spec, o in zip(rt.outputs, outs):
+    for p, o in zip(paths, outs):
+        save_npy(p, o)
+    for i, (spec, o) in enumerate(zip(rt.outputs, outs)):
         print(f"{spec.name}: shape {list(o.shape)} {o.dtype}  min {o.min():.4g}  max {o.max():.4g}  "
-              f"mean {o.mean():.4g}" + (f"  -> {out}" if out is not None else ""))
+              f"mean {o.mean():.4g}" + (f"  -> {paths[i]}" if i < len(paths) else ""))
     return 0
 
 
@@ -712,8 +720,12 @@ def parser() -> argparse.ArgumentParser:
         if verb == "info":
             s.add_argument("--json", action="store_true")
         else:
-            s.add_argument("--input", required=True, help="a .npy array (loaded without pickle)")
-            s.add_argument("--output", help="write the first output here as .npy")
+            s.add_argument("--input", required=True, action="append",
+                           help="a .npy array (loaded without pickle); once per input of a model with "
+                                "several, in the order `info` lists them")
+            s.add_argument("--output", action="append",
+                           help="write the first output here as .npy; repeat it for the next outputs, in "
+                                "order")
             s.add_argument("--config", help="the config to run (default: the bundle's first)")
     pr = sub.add_parser("profile", help="measure every config on this device; store it in the bundle")
     pr.add_argument("bundle")

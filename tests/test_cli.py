@@ -123,3 +123,34 @@ def test_profile_at_two_thread_counts_then_query(snnet_bundle, tmp_path):
     assert len(hits) == len(prof["configs"]) and values == sorted(values, reverse=True)
     bad = cli("profile", path, "--threads", "2,x", check=False)
     assert bad.returncode != 0 and "threads must be N or N,M" in bad.stderr
+
+
+def test_run_takes_one_input_file_per_input_and_writes_one_file_per_output(tmp_path):
+    import torch
+
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(5, 7), torch.nn.Linear(3, 7)
+
+        def forward(self, x, y):
+            return torch.tanh(self.a(x) + self.b(y)), self.a(x).softmax(-1)
+
+    bundle = tmp_path / "two.efx"
+    ef.export(TwoInTwoOut().eval(), (torch.randn(2, 5), torch.randn(2, 3)), bundle)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    r = cli("run", bundle, "--input", tmp_path / "a.npy", "--input", tmp_path / "b.npy",
+            "--output", tmp_path / "y0.npy", "--output", tmp_path / "y1.npy")
+    want = ef.Runtime(bundle).run(a, b)
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"y{i}.npy"), want[i], rtol=0, atol=1e-6)
+        assert f"-> {tmp_path / f'y{i}.npy'}" in r.stdout
+    for args, why in [(["--input", tmp_path / "a.npy"], "1 --input file(s) for 2 input(s)"),
+                      (["--input", tmp_path / "a.npy", "--input", tmp_path / "b.npy", "--output",
+                        tmp_path / "z.npy", "--output", tmp_path / "z.npy"], "names one file twice")]:
+        r = cli("run", bundle, *args, check=False)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "z.npy").exists()
