@@ -358,8 +358,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
         if dev.arch and dev.arch != platform.machine():
             raise DeviceError(f"a profile of {a.device} is measured on it: this machine is "
                               f"{platform.machine()}, {dev.name} is {dev.arch}; run `edgeflex profile` there")
+    # one shared ORT pool, as `run` runs, except with --kernels: at more than one thread the kernel model
+    # also times every kernel at 1 thread, on sessions of their own pools (ORT sets the shared pool once
+    # per process, so that pool would refuse them)
     rt = Runtime(a.bundle, backend=a.backend, device=a.device, threads=a.threads,
-                 shared_threads=not isinstance(a.threads, tuple), allow_native=a.allow_native)
+                 shared_threads=not isinstance(a.threads, tuple) and not a.kernels,
+                 allow_native=a.allow_native)
     # peak memory is the host process's resident size: not what a GPU's configs cost, so not taken there
     memory = not a.no_memory and not rt.device.endswith(":gpu")
     prof = measure_profile(rt, batch=a.batch, memory=memory, min_seconds=a.min_seconds)
