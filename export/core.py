@@ -75,10 +75,10 @@ def capture(model: torch.nn.Module, example: tuple[torch.Tensor, ...], in_names:
 
 
 def fixed_batch(graph: bytes) -> str | None:
-    """Where a captured graph fixed the batch dimension it was asked to keep dynamic ("input 'x' has batch
-    1"), or None. torch.export specialises a dimension whose example size is 1 (its 0/1 rule) and the
-    dynamo exporter then writes a graph that runs at that batch only: a transformer or GRU exported from a
-    batch-1 example did, while the torchscript exporter kept the batch dynamic."""
+    """Where a captured graph fixed the batch dimension it was asked to keep dynamic ("input 'x' has its
+    batch dimension fixed at 1"), or None. torch.export specialises a dimension whose example size is 1
+    (its 0/1 rule) and the dynamo exporter then writes a graph that runs at that batch only: a transformer
+    or GRU exported from a batch-1 example did, while the torchscript exporter kept the batch dynamic."""
     for vi in onnx.load_from_string(graph).graph.input:
         dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
@@ -115,7 +115,8 @@ def capture_with_strategy(model, example, in_names, out_names,
         except ExportError as e:
             failures.append(f"{label}: {str(e).removesuffix('; nothing was written')}")
             log.info("capture strategy %s does not validate: %s", label, e)
-    raise ExportError(f"could not capture {type(model).__name__} to ONNX; tried " + " | ".join(failures)
+    what = "capture" if check is None else "export"     # with a check, a strategy may capture and not pass
+    raise ExportError(f"could not {what} {type(model).__name__} to ONNX; tried " + " | ".join(failures)
                       + ("; nothing was written" if check is not None else ""))
 
 
