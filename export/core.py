@@ -180,13 +180,20 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
     elif engine is not None:
         raise ExportError(f"engine={engine!r}: the {family.name} exporter writes one form for every engine; "
                           "leave engine out")
-    if not family.elastic:
+    if family.elastic:
+        example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        if len(example) != 1 or not isinstance(example[0], torch.Tensor):
+            raise ExportError(f"the {family.name} exporter takes one example tensor (batch first), got "
+                              f"{len(example)} inputs")
+        example_inputs = example[0]
+    # the exporters put the model in eval mode (dropout off, BatchNorm on its running statistics); the
+    # user's model goes back to the modes its modules had, so exporting mid-training changes nothing of it
+    modes = [(m, m.training) for m in model.modules()]
+    try:
         return fn(model, example_inputs, path, **kw)
-    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if len(example) != 1 or not isinstance(example[0], torch.Tensor):
-        raise ExportError(f"the {family.name} exporter takes one example tensor (batch first), got "
-                          f"{len(example)} inputs")
-    return fn(model, example[0], path, **kw)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,

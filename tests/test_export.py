@@ -272,6 +272,17 @@ def test_a_model_on_token_ids_exports_and_runs_on_ids(tmp_path: Path) -> None:
         rt.run(ids.astype(np.float32))
 
 
+def test_export_leaves_the_users_model_in_the_modes_it_had(tmp_path: Path) -> None:
+    # exported mid-training: the model comes back training, a frozen BatchNorm inside it still frozen
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    model[1].eval()
+    ef.export(model, torch.randn(2, 4), tmp_path / "m.efx")
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+    with pytest.raises(ef.ExportError):         # and after a failed export too
+        ef.export(model, torch.randn(2, 5), tmp_path / "bad.efx")
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+
+
 def test_fixed_batch_names_the_input_whose_batch_a_graph_fixed() -> None:
     from onnx import TensorProto, helper
 
