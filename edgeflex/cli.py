@@ -610,6 +610,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         x1 = example.numpy()
         lat = measure(lambda rt=rt, x1=x1: rt.run(x1), warmup=20, runs=a.runs)
         torch.set_num_threads(rt.threads)
+        model.eval()            # eager inference, as the bundle runs (export gives the model back as it was)
         with torch.inference_mode():
             eager = measure(lambda m=model, x=example: m(x), warmup=20, runs=a.runs)
         v = bundle.manifest["export"]["validation"]
