@@ -600,3 +600,28 @@ def test_compiling_an_op_tvm_cannot_import_fails_in_one_line_and_leaves_the_bund
     assert "Traceback" not in "\n".join(err)
     assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
     assert ef.Runtime(path).run(np.ones((1, 10, 4), np.float32)).shape == (1, 1)
+
+
+def test_backend_auto_runs_onnx_runtime_while_tvm_engines_miss_configs_added_after_compile(
+        tmp_path: Path, fits_tvm: Path, capsys) -> None:
+    # `quantize` after `compile` adds configs without engines: auto chose TVM and refused the whole bundle
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    rel = "engines/tvm/host/choices/backend.json"
+    choice = json.loads((path / rel).read_text())
+    update_bundle(path, {rel: (json.dumps({**choice, "faster": "tvm"}) + "\n").encode()})
+    assert ef.Runtime(path, backend="auto").backend == "tvm"
+    spec = ef.Runtime(path).inputs[0]
+    np.savez(tmp_path / "cal.npz", x=_x(spec, 64))
+    assert cli(["quantize", str(path), "--calibration", str(tmp_path / "cal.npz"), "--precision", "int8",
+                "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"run `edgeflex compile {path} --target host` before running it with --backend tvm" in out
+    added = [c.name for c in ef.Runtime(path).configs if c.name.endswith("@int8")]
+    assert added
+    rt = ef.Runtime(path, backend="auto")
+    assert rt.backend == "onnxruntime" and "do not cover config(s)" in rt.backend_reason
+    assert all(name in rt.backend_reason for name in added[:3]), rt.backend_reason
+    for name in added:
+        rt.switch(name)
+        assert rt.run(_x(spec, 2)).shape[0] == 2

@@ -54,6 +54,12 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
     choice = _read_json(bundle, rel, schema.BACKEND_CHOICE)
     if choice.get("stale") or not choice.get("faster"):
         return "onnxruntime", "the TVM engines changed since the backends were measured: re-run compile"
+    if choice["faster"] == "tvm":
+        missing = _uncovered(bundle, HOST)
+        if missing:     # configs added after the compile (`edgeflex quantize`): TVM could not load them
+            return "onnxruntime", (f"the TVM engines do not cover config(s) {', '.join(missing[:3])}"
+                                   f"{' ...' if len(missing) > 3 else ''} (added since `edgeflex compile`): "
+                                   f"re-run `edgeflex compile {bundle.path} --target host`")
     import importlib.util
 
     if importlib.util.find_spec("tvm") is None:
@@ -68,6 +74,22 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
                               f"{choice.get('batch')}: {choice['faster']} faster"
                               + (f" (ONNX Runtime / TVM {ratio:.2f}x, geometric mean over configs)"
                                  if ratio else ""))
+
+
+def _uncovered(bundle: Bundle, target: str) -> list[str]:
+    """The configs one of whose own graphs (the config's, or its segments') has no engine compiled for
+    `target` in the bundle."""
+    folder, files = target_dir(target), bundle.manifest["files"]
+    covered = {_read_json(bundle, r, schema.ENGINE).get("graph_sha256") for r in files     # as `open` reads
+               if PurePosixPath(r).parent.as_posix() == folder and r.endswith(".json")}
+    segments = bundle.manifest.get("segments") or {}
+    out = []
+    for c in bundle.configs:
+        graphs = [c.graph] if c.graph is not None else \
+            [segments[s]["graph"] for s in c.segments if s in segments]
+        if any(g not in files or files[g]["sha256"] not in covered for g in graphs):
+            out.append(c.name)
+    return out
 
 
 def _read_json(bundle: Bundle, rel: str, spec) -> Any:
