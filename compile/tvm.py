@@ -341,7 +341,7 @@ def _relax_module(model, inputs: list[TensorSpec], batch: int | None, label: str
         except tvm.error.OpNotImplemented as e:     # e.g. a GRU or LSTM: ONNX Runtime runs it, TVM cannot
             raise BackendUnavailable(
                 f"TVM {tvm.__version__} cannot import {label or 'the graph'}: "
-                f"{' '.join(str(e).split())[:200]}; its configs keep running on ONNX Runtime, nothing was "
+                f"{_one_line(e)}; its configs keep running on ONNX Runtime, nothing was "
                 "added to the bundle") from None
 
 

@@ -32,9 +32,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         print(f"wrote {where}: run `edgeflex profile {where}` to time the new configs")
         # TVM engines compiled before this have none for the new configs: Runtime(backend="tvm") refuses
         # the bundle until they are compiled too
-        targets = sorted({f.split("/")[2] for f in report.bundle.manifest["files"]
-                          if f.startswith("engines/tvm/") and f.count("/") >= 3})
-        for t in targets:
+        from edgeflex.runtime.backends.tvm import compiled_targets
+
+        for t in compiled_targets(report.bundle):
             print(f"its TVM engines for {t!r} do not cover the new configs: run `edgeflex compile {where} "
                   f"--target {t}` before running it with --backend tvm")
     return 1 if report.refused else 0

@@ -328,12 +328,10 @@ def connect_boards(tracker: tuple[str, int], key: str, *, most: int | None = Non
 def _trusted(bundle: Bundle, folder: str, allow_native: bool) -> list[str]:
     """The engine libraries of `folder` to send: refused unless compiled by this user on this machine or
     `allow_native` (the board runs whatever it is sent, so the workstation decides)."""
-    from .backends.tvm import created_here
+    from .backends.tvm import created_here, engine_records
 
     libs = []
-    for rel in sorted(bundle.manifest["files"]):
-        if not (rel.startswith(folder + "/") and rel.endswith(".json")) or "/" in rel[len(folder) + 1:]:
-            continue
+    for rel in engine_records(bundle, folder):
         meta = json.loads(bundle.read(rel))
         if not allow_native and not created_here(meta.get("created_by")):
             who = meta.get("created_by") or {}

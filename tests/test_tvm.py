@@ -25,7 +25,7 @@ from edgeflex.compile.tvm import (  # noqa: E402
     prepare_onnx,
     resolve_target,
 )
-from edgeflex.runtime.backends.tvm import TvmBackend  # noqa: E402
+from edgeflex.runtime.backends.tvm import TvmBackend, compiled_targets  # noqa: E402
 from edgeflex.runtime.bundle import Bundle, update_bundle  # noqa: E402
 
 CROSS = "aarch64-linux-gnu-g++"
@@ -242,6 +242,8 @@ def test_jetson_gpu_target_is_cuda_with_an_aarch64_host(tmp_path: Path, fits_tvm
         pytest.skip(f"CUDA code generation unavailable here: {e}")
     (engine,) = report["engines"]
     assert "cuda" in engine["modules"] and engine["unit"] == "gpu"
+    with Bundle.open(path) as b:        # what `quantize` tells the user to compile again, as compile names it
+        assert compiled_targets(b) == ["host", "jetson-orin-nano-8gb:gpu"]
     # This wheel embeds CUDA C (compiled by NVRTC/nvcc when loaded on the GPU), or ahead-of-time device code.
     assert engine["cuda_device_code"] in ("source", "ptx", "cubin", "fatbin")
     assert _elf_machine((path / engine["library"]).read_bytes()) == 183
@@ -625,3 +627,16 @@ def test_backend_auto_runs_onnx_runtime_while_tvm_engines_miss_configs_added_aft
     for name in added:
         rt.switch(name)
         assert rt.run(_x(spec, 2)).shape[0] == 2
+
+
+def test_compiled_targets_name_each_engine_folder_as_compile_takes_it(tmp_path: Path, fits_tvm: Path) -> None:
+    # a GPU's folder is DEVICE-gpu; `edgeflex compile --target` takes DEVICE:gpu (quantize's hint names it)
+    path = tmp_path / "fits.efx"
+    shutil.copytree(fits_tvm, path)
+    record = json.loads((path / "engines/tvm/host/main.json").read_text())
+    gpu = "engines/tvm/jetson-orin-nano-8gb-gpu"
+    update_bundle(path, {f"{gpu}/main.json": json.dumps({**record, "unit": "gpu",
+                                                          "library": f"{gpu}/main.so"}).encode(),
+                         f"{gpu}/main.so": (path / record["library"]).read_bytes()})
+    with Bundle.open(path) as b:
+        assert compiled_targets(b) == ["host", "jetson-orin-nano-8gb:gpu"]

@@ -79,9 +79,9 @@ def auto_backend(bundle: Bundle, device: str) -> tuple[str, str]:
 def _uncovered(bundle: Bundle, target: str) -> list[str]:
     """The configs one of whose own graphs (the config's, or its segments') has no engine compiled for
     `target` in the bundle."""
-    folder, files = target_dir(target), bundle.manifest["files"]
-    covered = {_read_json(bundle, r, schema.ENGINE).get("graph_sha256") for r in files     # as `open` reads
-               if PurePosixPath(r).parent.as_posix() == folder and r.endswith(".json")}
+    files = bundle.manifest["files"]
+    covered = {_read_json(bundle, r, schema.ENGINE).get("graph_sha256")
+               for r in engine_records(bundle, target_dir(target))}
     segments = bundle.manifest.get("segments") or {}
     out = []
     for c in bundle.configs:
@@ -89,6 +89,28 @@ def _uncovered(bundle: Bundle, target: str) -> list[str]:
             [segments[s]["graph"] for s in c.segments if s in segments]
         if any(g not in files or files[g]["sha256"] not in covered for g in graphs):
             out.append(c.name)
+    return out
+
+
+def engine_records(bundle: Bundle, folder: str) -> list[str]:
+    """The engine records (`<graph>.json`) directly under one target's folder of the bundle."""
+    return sorted(r for r in bundle.manifest["files"]
+                  if PurePosixPath(r).parent.as_posix() == folder and r.endswith(".json"))
+
+
+def compiled_targets(bundle: Bundle) -> list[str]:
+    """The targets the bundle has TVM engines for, as `edgeflex compile --target` names them (a GPU's
+    folder `DEVICE-gpu` is `DEVICE:gpu`)."""
+    depth = ENGINES.count("/") + 2          # engines/tvm/<target>
+    folders = sorted({"/".join(r.split("/")[:depth]) for r in bundle.manifest["files"]
+                      if r.startswith(ENGINES + "/") and r.count("/") >= depth})
+    out = []
+    for folder in folders:
+        records = engine_records(bundle, folder)
+        if records:
+            name = PurePosixPath(folder).name
+            gpu = _read_json(bundle, records[0], schema.ENGINE).get("unit") == "gpu"
+            out.append(f"{name.removesuffix('-gpu')}:gpu" if gpu else name)
     return out
 
 
@@ -416,8 +438,7 @@ class TvmBackend(Backend):
         """Index the bundle's engines for `device` (a target folder) and apply the trust rule to all of them
         before any native code is loaded. (TVM's thread pool is process-wide: `shared_threads` is moot.)"""
         folder = target_dir(device)
-        records = sorted(r for r in bundle.manifest["files"] if PurePosixPath(r).parent.as_posix() == folder
-                         and r.endswith(".json"))
+        records = engine_records(bundle, folder)
         if not records:
             raise BackendUnavailable(f"bundle {bundle.name!r} has no TVM engines for target {device!r}; run "
                                      f"`edgeflex compile {bundle.path} --backend tvm --target {device}`, or "
