@@ -32,7 +32,7 @@ from edgeflex.runtime.store import target as store_target
 from . import analysis, engines, fits
 from . import complex as complex_lowering
 from .costs import config_costs
-from .validate import ModelFailure, validate
+from .validate import ModelFailure, flat_message, validate
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def export_plain(model: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     except Exception as e:  # noqa: BLE001 - the model's own error, as one line
         raise ExportError(f"{type(model).__name__} fails in PyTorch on the example input(s) "
                           f"{[tuple(t.shape) for t in example]}: {type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]}; nothing was written") from None
+                          f"{flat_message(e)}; nothing was written") from None
     in_names = ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))]
     kept, dropped = flatten_outputs(out)
     if not kept:

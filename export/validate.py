@@ -71,6 +71,12 @@ def validate(model: torch.nn.Module, onnx_bytes: bytes, example: tuple[torch.Ten
                        output_names=output_names)
 
 
+def flat_message(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line: every line of it, whitespace collapsed (ORT and PyTorch put what
+    was wrong on the lines after the first), at most `limit` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
 class ModelFailure(ExportError):
     """The model itself raised on an input validation made (not the graph: no capture strategy helps)."""
 
@@ -100,14 +106,14 @@ def validate_fn(model: torch.nn.Module, run_onnx, example: tuple[torch.Tensor, .
                 "; a bundle's batch dimension is dynamic, so the model must run at any batch (e.g. "
                 "x.reshape(x.size(0), -1), not x.reshape(1, -1))")
             raise ModelFailure(f"{type(model).__name__} itself fails in PyTorch on {case}: "
-                               f"{type(e).__name__}: {' '.join(str(e).split())[:200]}{hint}; nothing was "
+                               f"{type(e).__name__}: {flat_message(e)}{hint}; nothing was "
                                "written") from None
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
         try:
             outs = run_onnx([t.numpy() for t in inputs])
         except Exception as e:  # noqa: BLE001 - the engine's own error, as one line
             # ORT puts what was wrong on the lines after the first ("index: 0 Got: 3 Expected: 1")
-            first = " ".join(str(e).split())[:300]
+            first = flat_message(e, 300)
             raise ExportError(f"exported graph{' of ' + label if label else ''} does not run on {case}: "
                               f"{type(e).__name__}: {first}; nothing was written") from None
         outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
