@@ -7,7 +7,9 @@ between tight and loose), the same trace is played for each strategy, the order 
 - `tail`: `set_budget(policy="tail")` (runtime/tailpolicy.py: holds p99 <= budget before quality);
 - `window`: `set_budget(policy="window")`, the default before the sixth session (policy.Adapter, its
   constants fitted on budget_trace.py);
-- every static (config, threads), sampled along one more play of the trace (`tracerun.sweep`);
+- every static (config, threads), each played alone over the same chunks of the trace (`tracerun.alone`;
+  `--statics sweep`: sampled in turns along one more play, `tracerun.sweep`, cheaper but not what a static
+  config meets);
 - the hindsight oracle: per load segment, the best static that held 99 % there (`tracerun.oracle`).
 
 Per trace it checks the issue's criteria for the adaptive strategy: (1) >= 99 % within budget wherever the
@@ -102,9 +104,12 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     for i, span in enumerate(zip(edges[:-1], edges[1:])):
         shift = (seed + i) % len(order)
         for s in order[shift:] + order[:shift]:
-            if s == "static":
-                parts[s].append(tracerun.sweep(rts[s], trace, player, x, info["options"], block=a.block,
-                                               span=span))
+            if s == "static" and a.statics == "alone":
+                parts[s].append(tracerun.alone(rts[s], trace, player, x, info["options"], span=span,
+                                               lead_ms=a.lead_ms, first=seed + i))
+            elif s == "static":
+                parts[s].append(tracerun.sweep(rts[s], trace, player, x, info["options"],
+                                               turn_ms=a.turn_ms, lead_ms=a.lead_ms, span=span))
             else:
                 parts[s].append(tracerun.play(rts[s], trace, player, x, span=span))
     for s in strategies:
@@ -254,7 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-seeds", type=seed_list, default="1000-1019", help="held-out seeds, never tuned on")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each trace")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--block", type=int, default=4, help="runs per turn of a static config in the sweep")
+    p.add_argument("--statics", choices=("alone", "sweep"), default="alone",
+                   help="how the static configs are measured: each played alone over every chunk of the "
+                        "trace (default; as many plays as there are configs), or sampled in turns along one "
+                        "play (`tracerun.sweep`, before the tenth session: cheap, but an engine's workers "
+                        "idle between turns get the scheduler's credit for sleeping, and 2-thread configs "
+                        "under a one-core hog fare far better swept than alone)")
+    p.add_argument("--turn-ms", type=float, default=20.0, help="ms per turn of a static config in the sweep")
+    p.add_argument("--lead-ms", type=float, default=5.0,
+                   help="runs starting this soon after a turn's switch are left out (a switch's cold runs: a "
+                        "static config never switches; before the tenth session turns were 4 runs, the first "
+                        "left out, which kept runs 0.15-0.6 ms after a switch, 1.4-3x slower)")
     p.add_argument("--chunk", type=float, default=2.0, help="seconds of trace per turn of a strategy")
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
@@ -263,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                         "copy of tail (an A/A test of the evaluation's resolution)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if not 0 <= a.lead_ms < a.turn_ms:
+        p.error(f"--lead-ms {a.lead_ms:g}: expected 0 <= lead-ms < --turn-ms ({a.turn_ms:g})")
 
     started = time.perf_counter()
     train, test = a.train_seeds, a.test_seeds
@@ -303,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             "(1) >= 99 % within budget where the smallest config managed >= 99.5 %; (2) within-budget share "
             ">= the static best's - 0.3 points (static best: the config `set_budget(adapt=False)` picks from "
             "the idle profile); (3) mean quality >= that of the best static (config, threads) whose share is "
-            "at least the adaptive one's. Static configs are sampled in turns of "
-            f"{a.block} runs along one play of the trace, the first run of each turn left out. The "
+            "at least the adaptive one's. " + (
+                "Static configs are each played alone over every chunk of the trace, in turn (the runs "
+                f"that start in the first {a.lead_ms:g} ms after a switch left out). " if a.statics == "alone"
+                else f"Static configs are sampled in turns of {a.turn_ms:g} ms along one play of the trace, "
+                f"the runs that start in the first {a.lead_ms:g} ms after each switch left out. ")
+            + "The "
             f"strategies take turns over each trace in chunks of {a.chunk:g} s of trace time (the order "
             "rotating), so the other jobs' load falls on all alike.", ""]
     for name, res in results.items():

@@ -53,7 +53,7 @@ def record(bundle: Path, seed: int, out: Path, seconds: float) -> None:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     options = [(c.name, t) for t in (2, 1) for c in rt.configs]
     with LoadPlayer() as player:
-        rec = tracerun.sweep(rt, trace, player, x, options, block=4)
+        rec = tracerun.sweep(rt, trace, player, x, options)
     rt.set_budget(ef.Budget(latency_ms=budget), policy="tail", degrade=True)
     g = rt.adapter
     meta = {"budget": budget, "seed": seed, "seconds": seconds, "cores": cores,

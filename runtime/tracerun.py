@@ -2,12 +2,16 @@
 `edgeflex trace` and benchmarks/bench_policy_traces.py.
 
 `play` sends requests back to back for the trace's length while a `LoadPlayer` runs the trace's hogs, and
-records per request: time, latency, the config (and thread count) it ran, the hogs running. `sweep` plays
-the same trace once for every static config at once: the (config, threads) options take turns in blocks
-of `block` runs (the first run of each block, a switch's cold run, is left out), so each static config is
-sampled all along the trace. `oracle` is the hindsight ceiling: per load segment (a phase with its hogs on,
-or off), the best-quality static config that was within budget on >= `target` of that segment's samples
-(else the one most often within), weighted by the segment's share of the trace. Board side: numpy only.
+records per request: time, latency, the config (and thread count) it ran, the hogs running. `alone` plays
+each static config over the same stretch of the trace, one after another: what a static config meets.
+`sweep` is the cheap approximation: one play of the trace for every static config at once, the (config,
+threads) options taking turns of `turn_ms`, the runs that start in the first `lead_ms` after each switch
+left out (the first milliseconds after a switch are slower: cold caches and pools; turns of 4 runs with the
+first left out, before the tenth session, kept only those), so each is sampled all along the trace.
+
+`oracle` is the hindsight ceiling: per load segment (a phase with its hogs on, or off), the best-quality
+static config that was within budget on >= `target` of that segment's samples (else the one most often
+within), weighted by the segment's share of the trace. Board side: numpy only.
 """
 
 from __future__ import annotations
@@ -54,35 +58,66 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
 
 
 def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
-          *, block: int = 4, span: tuple[float, float] | None = None) -> dict[str, dict]:
-    """Every static option sampled along the same trace (or its `span`): option -> {"t", "latency_ms"}."""
+          *, turn_ms: float = 20.0, lead_ms: float = 5.0,
+          span: tuple[float, float] | None = None) -> dict[str, dict]:
+    """Every static option sampled along the same trace (or its `span`): option -> {"t", "latency_ms"}; in
+    turns of `turn_ms` (at least one kept run each), runs starting within `lead_ms` of the switch left out."""
+    if not 0 <= lead_ms < turn_ms:
+        raise ValueError(f"sweep: expected 0 <= lead_ms < turn_ms, got lead_ms={lead_ms}, turn_ms={turn_ms}")
     lo, hi = span if span is not None else (0.0, trace.seconds)
     out = {f"{n}@{t}t": {"t": [], "latency_ms": []} for n, t in options}
     gc_was = gc.isenabled()
     gc.disable()
     start = time.perf_counter() - lo
-    i = 0
+    i = int(lo * 1e3 / turn_ms)     # a span goes on with the turns where the previous one left them
     try:
         while (now := time.perf_counter() - start) < hi:
             name, threads = options[i % len(options)]
             i += 1
             rt.switch(name, threads=threads)
             rec = out[f"{name}@{threads}t"]
-            for j in range(block):
-                now = time.perf_counter() - start
+            switched, kept = time.perf_counter(), False
+            while (now := time.perf_counter() - start) < hi:
+                since = (time.perf_counter() - switched) * 1e3
+                if since >= turn_ms and kept:
+                    break
                 if player is not None:
                     player.set(*trace.state(now))
                 t0 = time.perf_counter()
                 rt.run(x)
-                if j:
+                if since >= lead_ms:
                     rec["latency_ms"].append((time.perf_counter() - t0) * 1e3)
                     rec["t"].append(now)
+                    kept = True
     finally:
         if gc_was:
             gc.enable()
         if player is not None:
             player.set(0, 0)
     return {k: {"t": np.array(v["t"]), "latency_ms": np.array(v["latency_ms"])} for k, v in out.items()}
+
+
+def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],
+          *, span: tuple[float, float] | None = None, lead_ms: float = 5.0,
+          first: int = 0) -> dict[str, dict]:
+    """Every static option played alone over the same stretch of the trace (`span`, default all of it), one
+    after another from `options[first]` on: option -> {"t", "latency_ms"}, the runs that start within
+    `lead_ms` of the option's switch left out. The stretch is replayed once per option, so this takes
+    len(options) times as long as `play`; unlike `sweep`, each option runs as a static config does, for the
+    whole stretch. A sweep's turns give each engine's idle workers the scheduler's credit for sleeping: under
+    a one-core hog, 2-thread configs swept held a budget far more often than run alone (benchmarks/
+    RESULTS.md, "Tenth session: the statics sampled warm")."""
+    if not 0 <= lead_ms:
+        raise ValueError(f"alone: expected lead_ms >= 0, got {lead_ms}")
+    lo = span[0] if span is not None else 0.0
+    out = {}
+    for k in range(len(options)):
+        name, threads = options[(first + k) % len(options)]
+        rt.switch(name, threads=threads)
+        rec = play(rt, trace, player, x, span=span)
+        keep = rec["t"] >= lo + lead_ms / 1e3
+        out[f"{name}@{threads}t"] = {"t": rec["t"][keep], "latency_ms": rec["latency_ms"][keep]}
+    return {f"{n}@{t}t": out[f"{n}@{t}t"] for n, t in options}
 
 
 def concat(parts: list[dict]) -> dict:

@@ -1,12 +1,15 @@
 """benchmarks/policy_replay.py: the tail policy replayed over recorded latencies, on a small synthetic
-recording (no engine, no hogs)."""
+recording (no engine, no hogs); the trace benchmark's arguments; `tracerun.sweep` on a real SN-Net bundle."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import edgeflex as ef
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -83,3 +86,83 @@ def test_the_trace_benchmark_plays_copies_of_one_policy_and_reports_how_far_they
     assert len(lines) == 1      # only the two copies of tail are compared
     assert "met on 2 and 1" in lines[0] and "agree on all three on 1" in lines[0]
     assert "per criterion 2 / 2 / 1" in lines[0] and "0.50 (max)" in lines[0]
+
+
+class _Spy:
+    """A real Runtime, with the time of each switch and of each run's start written down."""
+
+    def __init__(self, rt):
+        self.rt, self.turns = rt, []
+
+    def switch(self, name, threads):
+        self.rt.switch(name, threads=threads)
+        self.turns.append((f"{name}@{threads}t", time.perf_counter(), []))
+
+    def run(self, x):
+        self.turns[-1][2].append(time.perf_counter())
+        return self.rt.run(x)
+
+    @property
+    def threads(self):
+        return self.rt.threads
+
+    def run_config(self, x):
+        self.turns[-1][2].append(time.perf_counter())
+        return self.rt.run_config(x)
+
+
+def test_the_sweep_samples_each_static_config_warm_leaving_out_the_runs_just_after_a_switch(snnet_bundle):
+    """A static config never switches: the sweep keeps only runs that start `lead_ms` or more after its
+    turn's switch (before, turns of 4 runs kept runs 2-4, a fraction of a millisecond after the switch)."""
+    from edgeflex.devices.loadtrace import parse_spec
+    from edgeflex.runtime import tracerun
+
+    rt = ef.Runtime(snnet_bundle[1], threads=1)
+    x = np.random.default_rng(0).standard_normal((1, *rt.inputs[0].shape[1:])).astype(np.float32)
+    spy = _Spy(rt)
+    options = [("s050", 1), ("s100", 1)]
+    out = tracerun.sweep(spy, parse_spec("idle:0.3"), None, x, options, turn_ms=8.0, lead_ms=3.0)
+    assert set(out) == {"s050@1t", "s100@1t"}
+    assert len(spy.turns) >= 10 and [k for k, _, _ in spy.turns[:4]] == ["s050@1t", "s100@1t"] * 2
+    for key in out:
+        offsets = [1e3 * (r - t0) for k, t0, runs in spy.turns if k == key for r in runs]
+        kept = len(out[key]["latency_ms"])
+        # the sweep times its own `since` just before the spy's run starts: within a fraction of a ms
+        assert sum(o >= 3.2 for o in offsets) <= kept <= sum(o >= 2.8 for o in offsets)
+        assert 0 < kept < len(offsets)
+        assert np.all(np.diff(out[key]["t"]) >= 0) and out[key]["t"][-1] < 0.3
+    for _, t0, runs in spy.turns[:-1]:      # a turn ends once turn_ms have passed (the last: with the trace)
+        assert 1e3 * (runs[-1] - t0) < 8.0 + 5.0
+    with pytest.raises(ValueError, match="lead_ms"):
+        tracerun.sweep(spy, parse_spec("idle:0.1"), None, x, options, turn_ms=5.0, lead_ms=5.0)
+
+
+def test_the_trace_benchmark_refuses_a_lead_longer_than_a_turn_in_one_line(capsys):
+    bench = pytest.importorskip("bench_policy_traces")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundles", "x.efx", "--turn-ms", "5", "--lead-ms", "6"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--lead-ms" in err and "expected" in err
+
+
+def test_alone_plays_each_static_config_over_the_whole_stretch_one_after_another(snnet_bundle):
+    """What a static config meets: each option runs the whole stretch by itself (no turns), from
+    options[first] on, its first lead_ms left out."""
+    from edgeflex.devices.loadtrace import parse_spec
+    from edgeflex.runtime import tracerun
+
+    rt = ef.Runtime(snnet_bundle[1], threads=1)
+    x = np.random.default_rng(0).standard_normal((1, *rt.inputs[0].shape[1:])).astype(np.float32)
+    spy = _Spy(rt)
+    options = [("s050", 1), ("s100", 1)]
+    out = tracerun.alone(spy, parse_spec("idle:0.4"), None, x, options, span=(0.2, 0.35), lead_ms=20.0,
+                         first=1)
+    assert list(out) == ["s050@1t", "s100@1t"]                      # in the options' order
+    assert [k for k, _, _ in spy.turns] == ["s100@1t", "s050@1t"]   # played from options[first] on, once each
+    for key, t0, runs in spy.turns:
+        assert 0.13 < runs[-1] - t0 < 0.17                          # the whole 0.15 s stretch, alone
+        t = out[key]["t"]
+        assert len(t) == len(out[key]["latency_ms"]) > 10
+        assert t.min() >= 0.2 + 0.020 and t.max() < 0.35            # its first 20 ms left out
+        assert len(t) < len(runs)
