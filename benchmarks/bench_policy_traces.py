@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--statics", choices=("alone", "sweep"), default="alone",
                    help="how the static configs are measured: each played alone over every chunk of the "
                         "trace (default; as many plays as there are configs), or sampled in turns along one "
-                        "play (`tracerun.sweep`, before the tenth session: cheap, but an engine's workers "
-                        "idle between turns get the scheduler's credit for sleeping, and 2-thread configs "
+                        "play (`tracerun.sweep`, before the tenth session: cheap, but 2-thread configs "
                         "under a one-core hog fare far better swept than alone)")
     p.add_argument("--turn-ms", type=float, default=20.0, help="ms per turn of a static config in the sweep")
     p.add_argument("--lead-ms", type=float, default=5.0,

@@ -104,8 +104,9 @@ def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
     after another from `options[first]` on: option -> {"t", "latency_ms"}, the runs that start within
     `lead_ms` of the option's switch left out. The stretch is replayed once per option, so this takes
     len(options) times as long as `play`; unlike `sweep`, each option runs as a static config does, for the
-    whole stretch. A sweep's turns give each engine's idle workers the scheduler's credit for sleeping: under
-    a one-core hog, 2-thread configs swept held a budget far more often than run alone (benchmarks/
+    whole stretch. In a sweep each engine's workers sleep between turns (most likely getting the scheduler's
+    credit for sleeping): under a one-core hog, 2-thread configs swept held a budget far more often than run
+    alone (benchmarks/
     RESULTS.md, "Tenth session: the statics sampled warm")."""
     if not 0 <= lead_ms:
         raise ValueError(f"alone: expected lead_ms >= 0, got {lead_ms}")

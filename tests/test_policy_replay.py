@@ -166,3 +166,20 @@ def test_alone_plays_each_static_config_over_the_whole_stretch_one_after_another
         assert len(t) == len(out[key]["latency_ms"]) > 10
         assert t.min() >= 0.2 + 0.020 and t.max() < 0.35            # its first 20 ms left out
         assert len(t) < len(runs)
+
+
+def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_column(capsys):
+    bias = pytest.importorskip("bench_sweep_bias")
+    rows = [{"seed": 1, "budget_ms": 0.3, "alone": {"a@1t": 0.99, "b@2t": 0.50},
+             "swept": {"old": {"a@1t": 0.90, "b@2t": 0.98}, "new": {"a@1t": 0.99, "b@2t": 0.60}}}]
+    lines = bias.table(rows, "sn.efx")
+    rows_out = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines if ln.startswith("| ")][1:]
+    assert rows_out[0] == ["1", "0.300", "a@1t", "99.00%", "-9.00", "+0.00"]
+    assert rows_out[1] == ["1", "0.300", "b@2t", "50.00%", "+48.00", "+10.00"]
+    cells = {r[0]: r[1:] for r in rows_out}
+    assert cells["**old**"][3].startswith("mean +19.50") and "largest +48.00" in cells["**old**"][3]
+    assert cells["**old**"][4] == "" and cells["**new**"][3] == ""
+    assert cells["**new**"][4].startswith("mean +5.00") and "mean abs 5.00" in cells["**new**"][4]
+    with pytest.raises(SystemExit) as e:
+        bias.main(["--bundles", "x.efx", "--turn-ms", "5", "--lead-ms", "5"])
+    assert e.value.code == 2 and "--lead-ms" in capsys.readouterr().err.strip().splitlines()[-1]
