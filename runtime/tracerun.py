@@ -106,8 +106,7 @@ def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
     len(options) times as long as `play`; unlike `sweep`, each option runs as a static config does, for the
     whole stretch. In a sweep each engine's workers sleep between turns (most likely getting the scheduler's
     credit for sleeping): under a one-core hog, 2-thread configs swept held a budget far more often than run
-    alone (benchmarks/
-    RESULTS.md, "Tenth session: the statics sampled warm")."""
+    alone (benchmarks/RESULTS.md, "Tenth session: the statics sampled warm")."""
     if not 0 <= lead_ms:
         raise ValueError(f"alone: expected lead_ms >= 0, got {lead_ms}")
     lo = span[0] if span is not None else 0.0
