@@ -237,8 +237,12 @@ def test_set_budget_picks_best_that_fits_and_impossible_budget(elastic):
     assert chosen == max(rt.configs, key=lambda c: c.quality["value"]).name and rt.config == chosen
     with pytest.raises(BudgetError, match="no config.* fits"):
         rt.set_budget(Budget(latency_ms=1e-6))
-    fastest = min(prof, key=lambda n: prof[n]["p90_ms"])
+    # degraded, the default (tail) policy runs the fastest config by its profiled median (TailGuard._fastest);
+    # the window policy the fastest by its p90 (policy.choose). On a noisy machine the two orders can differ.
+    fastest = min(prof, key=lambda n: prof[n]["p50_ms"])
     assert rt.set_budget(Budget(latency_ms=1e-6), degrade=True) == fastest and rt.budget_met is False
+    fastest_p90 = min(prof, key=lambda n: prof[n]["p90_ms"])
+    assert rt.set_budget(Budget(latency_ms=1e-6), degrade=True, policy="window") == fastest_p90
 
 
 def test_query_without_profile_says_to_profile(tmp_path, elastic):
