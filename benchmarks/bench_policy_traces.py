@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lead-ms", type=float, default=5.0,
                    help="runs starting this soon after a turn's switch are left out (a switch's cold runs: a "
                         "static config never switches; before the tenth session turns were 4 runs, the first "
-                        "left out, which kept runs 0.15-0.6 ms after a switch, 1.4-3x slower)")
+                        "left out, which kept only cold runs: benchmarks/RESULTS.md, \"Tenth session\")")
     p.add_argument("--chunk", type=float, default=2.0, help="seconds of trace per turn of a strategy")
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
