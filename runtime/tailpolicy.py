@@ -58,6 +58,9 @@ OVERHEAD_SHARE = 0.01      # the policy's own bookkeeping may cost this share of
 BOOKKEEPING_LATE = 0.1     # ... and make at most this share of the stated late share late
 DRIFT_ALPHA = 0.05         # the slow-drift check's level: over 1,000 kept runs at 1 %, 16 late (2 % are
                            # caught within ~1,000 runs; 0.5 % almost never: P ~ 1e-4 a check)
+SETTLE_MS = 2.0            # runs in the first ~2 ms after a switch are slower (cold caches, waking pools:
+                           # benchmarks/RESULTS.md, "Tenth session", settling); their late runs are the
+                           # switch's cost
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,15 @@ class TailGuard:
         self._better: dict[str, list[Option]] = {}
         self.switches = 0
         self.probes = {"tried": 0, "kept": 0}
+        # what a switch costs: late requests in its first SETTLE_MS beyond what the config's next window of
+        # runs shows for the same number of runs (the load's share); the mean of the last 16 switches, 1
+        # before any (the first run of the target). A break's move down must save more than a round trip
+        self.switch_costs: deque[float] = deque(maxlen=16)
+        self.switch_cost = 1.0
+        self._settle: list | None = None
+        self.stays = 0                                  # breaks where moving would not pay for its switches
+        ranks = [o.rank for o in options]
+        self._rank_span = (max(ranks) - min(ranks)) or 1.0
         first = self._best(self._profiled)
         self.fits = first is not None
         self.current = (first or self._fastest()).key
@@ -327,6 +339,8 @@ class TailGuard:
         self._stint = 0
         self._trial = trial
         self._entry_pred = pred                      # a trial's predicted late share (`_learn_share`)
+        # [ms of settling left, late requests while settling, requests while settling, late after, after]
+        self._settle = [SETTLE_MS, 0, 0, 0, 0] if self.switches else None
 
     def observe(self, config: str, latency_ms: float) -> str | None:
         # the hot path (every request; a FITS config runs in ~20 us): plain attribute arithmetic only
@@ -344,6 +358,8 @@ class TailGuard:
                 else allowance
             if stint > 1 or not self.switches:          # a switch's first run measures the switch
                 self._cur_norm.append(latency_ms / self._p50)
+            if self._settle is not None:
+                self._settling(latency_ms, late)
             if runs % self._fade_every == 0:              # corrections fade: loads change
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
                 self.share_correction = {k: 1 + (c - 1) / 2 for k, c in self.share_correction.items()}
@@ -367,6 +383,24 @@ class TailGuard:
                 for o in due:
                     self._pred[o.key] = self._predict(o)
             return None
+
+    def _settling(self, latency_ms: float, late: bool) -> None:
+        """Count a switch's cost: the late requests in its first SETTLE_MS of runs, less the late share the
+        next window of runs shows over as many runs (a switch under a load is late for the load's sake too).
+        A stint too short to show its window leaves no sample."""
+        st = self._settle
+        every = self.every
+        if st[0] > 0:
+            st[0] -= latency_ms * every
+            st[1] += late * every
+            st[2] += every
+            return
+        st[3] += late * every
+        st[4] += every
+        if st[4] >= self.window:
+            self.switch_costs.append(max(0.0, st[1] - st[2] * st[3] / st[4]))
+            self.switch_cost = float(np.mean(self.switch_costs))
+            self._settle = None
 
     def bookkept(self, cost_ms: float, made_late: bool) -> None:
         """The runtime handed an observation over at a cost of `cost_ms`; `made_late`: the run that paid for
@@ -447,7 +481,14 @@ class TailGuard:
                           if o.key != cur.key and o.p50_ms * self.correction[o.key] < faster),
                          key=lambda o: (late(o), o.p50_ms), default=None)
             if target is None or late(target) >= late(cur):
-                return None
+                # fewer threads at no better quality, as the profile has them, where that count was not run
+                # lately (its runs here would be predicted from this count's): without it, FITS cut-20 moved
+                # from 1 thread to 2 after a break (the fastest config), ran late 1.8 % there for 90,000 runs,
+                # and had nowhere faster to go
+                target = self._best(lambda o: self._profiled(o) if (
+                    o.threads < cur.threads and o.rank <= cur.rank and self._stale(o.threads)) else math.inf)
+                if target is None:
+                    return None
         own = self._cur_norm.last(self._stint)
         if self._trial is not None:                 # a trial that drifted out: failed, as a break's would
             self._learn_failed_trial(cur, own)
@@ -505,17 +546,32 @@ class TailGuard:
 
         def failed(target: Option, *, trial_next: bool) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
-            when leaving: a break that every config would share is not this config's fault)."""
+            when leaving: a break that every config would share is not this config's fault). Not in a trial,
+            only when moving pays: the late requests `target` would have saved over the runs since the break,
+            as many again over the rest of the spell (a spell that lasted n runs is expected to last about as
+            long again), against a round trip's measured switch cost. On quiet traces a stall of a few ms
+            made three late runs, the policy moved down and came back, and the two switches' cold runs cost
+            more than the stall (RESULTS.md, "Eleventh session"). A spell that goes on adds late runs and
+            moves it at a later one."""
             if trial is not None:
                 self._learn_failed_trial(cur, stint_runs)
+            elif not self._pays(cur, target, len(norm)):
+                norm.reset(kept)
+                self.stays += 1
+                return None
             self._learn_share(cur, stint_runs)
             return self._switch(target, trial=trial_next)
 
         # on the few runs since the break every config is taken to meet the spikes this one met (whether a
         # shorter run would have missed one says nothing over six runs; counted by exposure, a chance pair
         # of late runs of a config late 1 % sent it down)
+        # (more threads at no better quality, on a count not run lately, are no way out of a break: another
+        # process's hold on a core is not shortened by asking for another one; measured on FITS, cut-20 at 1
+        # thread went to 2 on an idle trace and stayed there late 1.8 % against 0.9 % alone)
         def late(o: Option) -> float:
-            return math.inf if o.key == cur.key else self.late(o, exposure=False)
+            if o.key == cur.key or (o.threads > cur.threads and o.rank <= cur.rank and self._stale(o.threads)):
+                return math.inf
+            return self.late(o, exposure=False)
 
         target = self._best(late)
         if stale and (target is None or target.rank < cur.rank):
@@ -524,7 +580,7 @@ class TailGuard:
             # smallest config at 1 thread to the largest at 2 at every break: measured on SN-Net)
             free = self.idle_cores() if self.idle_cores is not None else None
             stale = [o for o in stale if o.threads <= cur.threads
-                     or (free is not None and free >= 0.75 * (o.threads - cur.threads))]
+                     or (free is not None and free >= 0.75 * (o.threads - cur.threads) and o.rank > cur.rank)]
             idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
                 return failed(idle, trial_next=True)
@@ -533,7 +589,7 @@ class TailGuard:
             # late share to every config): the best-ranked that would be late less than this one, not the
             # least late (the fastest, a quality cliff on one spike); if it is still late, the test moves on
             now = self.late(cur, exposure=False)
-            less = [o for o in self.opts.values() if o.key != cur.key and self.late(o, exposure=False) < now]
+            less = [o for o in self.opts.values() if late(o) < now]
             if not less:
                 self._late_at.clear()                 # nothing would be late less: stay, judge afresh; a
                 self._trial = None                    # trial is over (its cost and error learnt once)
@@ -542,6 +598,17 @@ class TailGuard:
                 # config late 5 % under hogs on both cores was never left)
             target = max(less, key=lambda o: (o.rank, -o.p50_ms))
         return failed(target, trial_next=False)
+
+    def _pays(self, cur: Option, target: Option, n: int) -> bool:
+        """Moving from `cur` to `target` at a break saves more late requests than a round trip's switches
+        cost: over the `n` runs kept since the break, cur's late count less target's (target's from its
+        profile where its count was not run lately), expected again as the spell goes on."""
+        if self._stale(target.threads):
+            late_t = self._profiled(target)
+        else:
+            late_t = self.late(target, exposure=False)
+        saved = (self.late(cur, exposure=False) - late_t) * n * self.every
+        return saved > 2 * self.switch_cost
 
     def _affords(self) -> bool:
         return not self.guarantee or self.allowance >= self.trial_cost
@@ -568,9 +635,19 @@ class TailGuard:
                     if free >= 0.75 * max(0, o.threads - cur.threads) and self._profiled(o) <= self.aim:
                         return self._switch(o, trial=True)
                     continue
-            if self._predicted(o, upper=True) <= self.aim:
+            if self._predicted(o, upper=True) <= self.aim and self._worth(cur, o):
                 return self._switch(o, trial=True)
         return None
+
+    def _worth(self, cur: Option, o: Option) -> bool:
+        """A trial up is worth its predicted cost in late share: o's predicted late share exceeds cur's by at
+        most the planned share (`aim`) times o's gain in quality over the whole range of the options' ranks
+        (the best config over the worst is worth the whole planned share; the same quality on a faster
+        count, nothing: a move sideways needs to be predicted late no more). Without it, SN-Net climbed
+        from s050 to a stitch 0.0006 top-1 better and lost 0.34-0.74 points of share (seeds 10005, 10009,
+        10016, 10019 in RESULTS.md, "Tenth session")."""
+        cost = self._predicted(o) - self._predicted(cur)
+        return cost <= self.aim * (o.rank - cur.rank) / self._rank_span if o.rank > cur.rank else cost < 0
 
     def _trial_kept(self) -> None:
         self.probes["kept"] += 1
