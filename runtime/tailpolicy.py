@@ -569,7 +569,8 @@ class TailGuard:
         # process's hold on a core is not shortened by asking for another one; measured on FITS, cut-20 at 1
         # thread went to 2 on an idle trace and stayed there late 1.8 % against 0.9 % alone)
         def late(o: Option) -> float:
-            if o.key == cur.key or (o.threads > cur.threads and o.rank <= cur.rank and self._stale(o.threads)):
+            if o.key == cur.key or (o.threads > cur.threads and o.rank <= cur.rank
+                                    and self._stale(o.threads)):
                 return math.inf
             return self.late(o, exposure=False)
 
