@@ -190,10 +190,6 @@ class TailGuard:
         self._idle_s = {t: float(np.median([o.tail_ms / o.p50_ms for o in options if o.threads == t]))
                         for t in counts}                # the profile's p99 / p50, pooled per count
         self.aim = late_share / 2                       # the late share planned on
-        # where even the fastest config is predicted late more than that, the stated tail is out of reach:
-        # the plan is then half the share beyond what the fastest would be late (`_set_floor`)
-        self.floor = 0.0
-        self.plan = self.aim
         self._norm: dict[int, Recent] = {t: Recent(self.horizon) for t in counts}
         self._measured_at: dict[int, int] = dict.fromkeys(counts, -self.window - 1)
         self.correction: dict[str, float] = dict.fromkeys(self.opts, 1.0)
@@ -307,7 +303,7 @@ class TailGuard:
         return min(n, spikes * p_o / p_c if exposure else spikes), n
 
     def _best(self, late) -> Option | None:
-        ok = [o for o in self.opts.values() if late(o) <= self.plan]
+        ok = [o for o in self.opts.values() if late(o) <= self.aim]
         return max(ok, key=lambda o: (o.rank, -o.p50_ms)) if ok else None
 
     def _fastest(self) -> Option:
@@ -381,7 +377,6 @@ class TailGuard:
             phase = stint % self._trial_every
             if phase == 0:
                 self._set_every()
-                self._set_floor()
                 return self._maybe_down() or self._maybe_trial()
             due = self._refresh_at.get(phase)
             if due is not None:
@@ -435,21 +430,6 @@ class TailGuard:
             if not self.trial_costs:
                 self._set_trial_cost()
 
-    def _set_floor(self) -> None:
-        """The late share no config avoids: the fastest config's predicted one, where that is over the planned
-        half share (else 0: the stated tail is in reach and is held). It raises the plan (candidates within
-        half the share beyond it), the allowance's regrowth (the fastest's own late requests are not a
-        trial's cost) and the drift check's baseline. Without it, on a FITS machine whose idle noise alone
-        made every config late ~1 % (seed 10006: cut-20 late 1.04 %, cut-40 1.2 % alone), the allowance
-        never grew, no trial ever ran, and the policy held cut-20 where cut-40 was as punctual (RESULTS.md,
-        "Eleventh session")."""
-        f = self._predicted(self._fastest())
-        floor = f if f > self.aim else 0.0
-        if floor != self.floor:
-            self.floor, self.plan = floor, self.aim + floor
-            self._regrow = self.q / 2 + floor
-            self._regrow_every = self._regrow * self.every
-
     def _maybe_down(self) -> str | None:
         """A slow drift the test is too short to see (late 2 % of the time: 20 late runs in 1,000, under its
         22 in 968 at alpha): when the current config's predicted late count over the kept runs is evidence of
@@ -465,7 +445,7 @@ class TailGuard:
         # plan's half share is being exceeded: trials are paid, the rest is this config's), of more than the
         # planned half share (without it a config late ~1 % stayed, and with trials on top the tail
         # realised 1.0-1.5 % on FITS where the smallest config held 99.7 %)
-        lates = round((self._predicted(cur) - self.floor) * n)      # beyond what no config avoids
+        lates = round(self._predicted(cur) * n)
         over = lates >= self._min_late[n]
         if not over and not (self.allowance < 0 and lates >= self._min_late_aim[n]):
             return None                              # not evidence of more than the stated share (a point
@@ -478,7 +458,7 @@ class TailGuard:
         # saturated machine on the fastest config: every check finds evidence), nothing is computed afresh
         # (afresh, each of 20 options twice: a 30 us decision in a 15 us FITS request, every half window)
         now = self._predicted(cur)
-        if all(self._predicted(o) > self.plan and self._predicted(o) >= now
+        if all(self._predicted(o) > self.aim and self._predicted(o) >= now
                for o in self.opts.values() if o.key != cur.key):
             return None
         memo: dict[str, float] = {}
@@ -656,7 +636,7 @@ class TailGuard:
                     if free >= 0.75 * max(0, o.threads - cur.threads) and self._profiled(o) <= self.aim:
                         return self._switch(o, trial=True)
                     continue
-            if self._predicted(o, upper=True) <= self.plan and self._worth(cur, o):
+            if self._predicted(o, upper=True) <= self.aim and self._worth(cur, o):
                 return self._switch(o, trial=True)
         return None
 

@@ -83,12 +83,9 @@ def test_a_config_late_at_the_stated_share_is_rarely_left_on_chance_pairs():
     # late 1 % of the time, independently: exactly what p99 <= budget allows. Tested unconditionally at every
     # late run, "2 late within 5" fired about once per 2,500 runs here; conditioned on the late run, the
     # false breaks are rare
-    # (every config is late 1 %: over the planned half share, so the plan rises to half the share beyond
-    # it, and a chance break's way back up is paid sooner)
     g = TailGuard(OPTS, Budget(latency_ms=0.5))
     keys, lat = drive(g, lambda o, i: 1.0, 40000, seed=6, late_noise=0.01)
-    assert g.switches <= 4 and keys[:10000] == ["big@2t"] * 10000 and keys.count("big@2t") > 0.95 * len(keys)
-    assert (lat > 0.5).mean() < 0.0125
+    assert g.switches <= 2 and keys[:10000] == ["big@2t"] * 10000
 
 
 def test_a_config_late_twice_the_stated_share_is_left_though_the_test_cannot_see_it():
@@ -449,23 +446,3 @@ def test_no_move_sideways_onto_more_threads_after_a_break_and_back_from_a_drifti
         keys.append(o.key)
         g.observe(o.key, 0.06 if (o.threads == 2 and i % 55 == 0) else o.p50_ms)
     assert keys[-1] != "c20@2t" and keys.index(next(k for k in keys if k != "c20@2t")) < 2000
-
-
-def test_where_even_the_fastest_config_misses_the_plan_trials_still_run():
-    # the FITS machine of seed 10006: idle, but stalls make every config late ~1.1 % (a stall adds 60 us to
-    # any run). The plan (half the share) is out of reach: before, the allowance shrank with every late run
-    # and never paid for a trial, and the policy held cut-20 where cut-40 was as punctual
-    opts = [Option("c20", -0.480, 0.0184, 0.0415, 1), Option("c40", -0.396, 0.0236, 0.0600, 1)]
-    g = TailGuard(opts, Budget(latency_ms=0.055))
-    assert g.current == "c20"                                # c40's profiled tail does not fit
-    rng = np.random.default_rng(5)
-    keys, lat = [], []
-    for _ in range(30000):
-        o = g.opts[g.current]
-        v = o.p50_ms * float(np.exp(rng.normal(0, 0.05))) + (0.06 if rng.random() < 0.011 else 0.0)
-        keys.append(o.key)
-        lat.append(v)
-        g.observe(o.key, v)
-    assert keys.count("c40") > 0.5 * len(keys) and keys[-1] == "c40"
-    assert g.floor > g.aim and g.plan == pytest.approx(g.aim + g.floor)
-    assert np.mean(np.array(lat) > 0.055) < 0.014
