@@ -544,7 +544,7 @@ class TailGuard:
         stint_runs = kept[-self._stint:] if self._stint else []     # this config's own runs
         norm.keep_last(min(span, max(len(norm), 1)))
 
-        def failed(target: Option, *, trial_next: bool) -> str | None:
+        def failed(target: Option, *, trial_next: bool, late_t: float) -> str | None:
             """Leave for `target`; a trial that brought us here failed: learn its cost and its error (only
             when leaving: a break that every config would share is not this config's fault). Not in a trial,
             only when moving pays: the late requests `target` would have saved over the runs since the break,
@@ -555,7 +555,7 @@ class TailGuard:
             moves it at a later one."""
             if trial is not None:
                 self._learn_failed_trial(cur, stint_runs)
-            elif not self._pays(cur, target, len(norm)):
+            elif not self._stale(target.threads) and not self._pays(cur, late_t, len(norm)):
                 norm.reset(kept)
                 self.stays += 1
                 return None
@@ -584,7 +584,7 @@ class TailGuard:
                      or (free is not None and free >= 0.75 * (o.threads - cur.threads) and o.rank > cur.rank)]
             idle = self._best(lambda o: self._profiled(o) if o.key != cur.key and o in stale else math.inf)
             if idle is not None and (target is None or (idle.rank > target.rank and self._affords())):
-                return failed(idle, trial_next=True)
+                return failed(idle, trial_next=True, late_t=self._profiled(idle))
         if target is None:
             # none predicted to hold on the few runs since the break (one spike among six runs is a 17 %
             # late share to every config): the best-ranked that would be late less than this one, not the
@@ -598,16 +598,15 @@ class TailGuard:
                 return None                           # drift check's evidence: truncated at every break, a
                 # config late 5 % under hogs on both cores was never left)
             target = max(less, key=lambda o: (o.rank, -o.p50_ms))
-        return failed(target, trial_next=False)
+        return failed(target, trial_next=False, late_t=late(target))
 
-    def _pays(self, cur: Option, target: Option, n: int) -> bool:
-        """Moving from `cur` to `target` at a break saves more late requests than a round trip's switches
-        cost: over the `n` runs kept since the break, cur's late count less target's (target's from its
-        profile where its count was not run lately), expected again as the spell goes on."""
-        if self._stale(target.threads):
-            late_t = self._profiled(target)
-        else:
-            late_t = self.late(target, exposure=False)
+    def _pays(self, cur: Option, late_t: float, n: int) -> bool:
+        """Moving from `cur` to a target predicted late `late_t` (the prediction it was chosen on) at a break
+        saves more late requests than a round trip's switches cost: over the `n` runs kept since the break,
+        cur's late count less the target's, expected again as the spell goes on. Not asked of a move to a
+        thread count not run lately: its runs under this load are unknown (predicted as the current count's,
+        or 0/1 from its profile), and such a move is how a hog on one core is escaped (judged by its profile,
+        the first version kept SN-Net's s050 at 2 threads under a one-core hog, where 1 thread ran on time)"""
         saved = (self.late(cur, exposure=False) - late_t) * n * self.every
         return saved > 2 * self.switch_cost
 

@@ -446,3 +446,22 @@ def test_no_move_sideways_onto_more_threads_after_a_break_and_back_from_a_drifti
         keys.append(o.key)
         g.observe(o.key, 0.06 if (o.threads == 2 and i % 55 == 0) else o.p50_ms)
     assert keys[-1] != "c20@2t" and keys.index(next(k for k in keys if k != "c20@2t")) < 2000
+
+
+def test_a_break_under_a_hog_still_escapes_to_fewer_threads_that_no_profile_fits():
+    # a budget no profile fits; a hog makes 2 threads 1.58x slower, and 1 thread (its p50 0.94x) is
+    # predicted from those runs just within the budget. Moving to the other count is not held to the
+    # switch-cost rule (its runs under this load are unknown; judged by its profile, it never paid)
+    opts = [Option("a@2t", 1.0, 0.100, 0.20, 2), Option("a@1t", 1.0, 0.094, 0.19, 1)]
+    g = TailGuard(opts, Budget(latency_ms=0.15))
+    g._enter("a@2t", None)
+    g.switch_costs.extend([3.0, 3.0])
+    g.switch_cost = 3.0
+    for _ in range(300):
+        g.observe("a@2t", 0.1)
+    keys = []
+    for _ in range(40):
+        o = g.opts[g.current]
+        keys.append(o.key)
+        g.observe(o.key, 0.158 if o.threads == 2 else 0.094)
+    assert keys[-1] == "a@1t" and keys.index("a@1t") <= 3
