@@ -605,8 +605,8 @@ class TailGuard:
         saves more late requests than a round trip's switches cost: over the `n` runs kept since the break,
         cur's late count less the target's, expected again as the spell goes on. Not asked of a move to a
         thread count not run lately: its runs under this load are unknown (predicted as the current count's,
-        or 0/1 from its profile), and such a move is how a hog on one core is escaped (judged by its profile,
-        the first version kept SN-Net's s050 at 2 threads under a one-core hog, where 1 thread ran on time)"""
+        or 0/1 from its profile), and such a move is how a hog on one core is escaped (the first version
+        judged it by its profile, so under a budget no profile fits it never paid)"""
         saved = (self.late(cur, exposure=False) - late_t) * n * self.every
         return saved > 2 * self.switch_cost
 
@@ -643,7 +643,7 @@ class TailGuard:
         """A trial up is worth its predicted cost in late share: o's predicted late share exceeds cur's by at
         most the planned share (`aim`) times o's gain in quality over the whole range of the options' ranks
         (the best config over the worst is worth the whole planned share; the same quality on a faster
-        count, nothing: a move sideways needs to be predicted late no more). Without it, SN-Net climbed
+        count, nothing: a move sideways needs to be predicted late less). Without it, SN-Net climbed
         from s050 to a stitch 0.0006 top-1 better and lost 0.34-0.74 points of share (seeds 10005, 10009,
         10016, 10019 in RESULTS.md, "Tenth session")."""
         cost = self._predicted(o) - self._predicted(cur)
