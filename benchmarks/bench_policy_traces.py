@@ -110,8 +110,9 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
             elif s == "static":
                 parts[s].append(tracerun.sweep(rts[s], trace, player, x, info["options"],
                                                turn_ms=a.turn_ms, lead_ms=a.lead_ms, span=span))
-            else:
-                parts[s].append(tracerun.play(rts[s], trace, player, x, span=span))
+            else:       # the statics' lead left out here too: the runs right after the others' turn
+                parts[s].append(tracerun.trim(tracerun.play(rts[s], trace, player, x, span=span),
+                                              span[0] + a.lead_ms / 1e3))
     for s in strategies:
         out["strategies"][s] = score(tracerun.concat(parts[s]), budget_ms, value)
         rts[s].set_budget(None)
@@ -269,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs starting this soon after a turn's switch are left out (a switch's cold runs: a "
                         "static config never switches; before the tenth session turns were 4 runs, the first "
                         "left out, which kept only cold runs: benchmarks/RESULTS.md, \"Tenth session\")")
-    p.add_argument("--chunk", type=float, default=2.0, help="seconds of trace per turn of a strategy")
+    p.add_argument("--chunk", type=float, default=0.5,
+                   help="seconds of trace per turn of a strategy (2 before the twelfth session: two copies "
+                        "of one policy landed 0.22 / 0.30 points apart at the median on SN-Net / FITS, "
+                        "0.05 / 0.23 at 0.5 s; benchmarks/RESULTS.md, \"Twelfth session\")")
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
     p.add_argument("--strategies", type=strategy_list, default=ADAPTIVE,
@@ -326,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"the runs that start in the first {a.lead_ms:g} ms after each switch left out. ")
             + "The "
             f"strategies take turns over each trace in chunks of {a.chunk:g} s of trace time (the order "
-            "rotating), so the other jobs' load falls on all alike.", ""]
+            "rotating), so the other jobs' load falls on all alike; in each chunk the runs that start in "
+            f"its first {a.lead_ms:g} ms are left out for the adaptive strategies too (the runs after the "
+            "other strategies' turn, cold again, which a runtime serving its own load never meets).", ""]
     for name, res in results.items():
         info = infos[name]
         for split in ("test", "train"):

@@ -115,9 +115,18 @@ def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
         name, threads = options[(first + k) % len(options)]
         rt.switch(name, threads=threads)
         rec = play(rt, trace, player, x, span=span)
-        keep = rec["t"] >= lo + lead_ms / 1e3
-        out[f"{name}@{threads}t"] = {"t": rec["t"][keep], "latency_ms": rec["latency_ms"][keep]}
+        rec = trim(rec, lo + lead_ms / 1e3)
+        out[f"{name}@{threads}t"] = {"t": rec["t"], "latency_ms": rec["latency_ms"]}
     return {f"{n}@{t}t": out[f"{n}@{t}t"] for n, t in options}
+
+
+def trim(rec: dict, since: float) -> dict:
+    """A `play` record without the runs that started before `since` seconds of trace time: the runs after a
+    turn of other strategies (their engines' caches cold again, their pools asleep), which a runtime left to
+    run its own load never meets, are left out for every strategy alike (`alone` leaves out the same lead)."""
+    keep = rec["t"] >= since
+    idx = np.flatnonzero(keep)
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[keep] for k, v in rec.items()}
 
 
 def concat(parts: list[dict]) -> dict:

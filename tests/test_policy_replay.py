@@ -168,6 +168,22 @@ def test_alone_plays_each_static_config_over_the_whole_stretch_one_after_another
         assert len(t) < len(runs)
 
 
+def test_trim_leaves_out_a_plays_first_runs_in_every_field_alike():
+    """The runs after other strategies' turn: left out of each field of a play record, lists and arrays,
+    keeping the rest aligned (a config list one longer than the latencies would shift every run's config)."""
+    from edgeflex.runtime import tracerun
+
+    rec = {"t": np.array([0.50, 0.502, 0.51, 0.6]), "latency_ms": np.array([9.0, 8.0, 1.0, 2.0]),
+           "config": ["a@1t", "b@1t", "c@2t", "d@2t"], "threads": np.array([1, 1, 2, 2]),
+           "load": np.array([[0, 0], [1, 0], [1, 1], [0, 1]])}
+    out = tracerun.trim(rec, 0.505)
+    assert out["config"] == ["c@2t", "d@2t"]
+    assert out["latency_ms"].tolist() == [1.0, 2.0] and out["threads"].tolist() == [2, 2]
+    assert out["load"].tolist() == [[1, 1], [0, 1]] and out["t"].tolist() == [0.51, 0.6]
+    assert tracerun.trim(rec, 0.0)["config"] == rec["config"]
+    assert tracerun.trim(rec, 1.0)["latency_ms"].size == 0
+
+
 def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_column(capsys):
     bias = pytest.importorskip("bench_sweep_bias")
     rows = [{"seed": 1, "budget_ms": 0.3, "alone": {"a@1t": 0.99, "b@2t": 0.50},
