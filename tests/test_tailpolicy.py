@@ -2,7 +2,9 @@
 on evidence, pays for its trials out of the late allowance, and stays put on a quiet machine."""
 
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +467,28 @@ def test_a_break_under_a_hog_still_escapes_to_fewer_threads_that_no_profile_fits
         keys.append(o.key)
         g.observe(o.key, 0.158 if o.threads == 2 else 0.094)
     assert keys[-1] == "a@1t" and keys.index("a@1t") <= 3
+
+
+def test_the_policy_overhead_benchmark_times_three_runtimes_and_the_unobserved_one_never_observes(elastic,
+                                                                                                  capsys):
+    """benchmarks/bench_policy_overhead.py on the small SN-Net: a table row per runtime with shares that are
+    shares; the `unobserved` runtime's policy sees no run; a budget where the policy would not hold the
+    config is refused in one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_policy_overhead")
+    best = max(ef.Runtime(elastic, threads=1).configs, key=lambda c: c.quality["value"]).name
+    rts = bench.runtimes(elastic, best, 1, 1e6, counts=(1,))   # profiled at 1 thread
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    lat = bench.measure(rts, x, rounds=3, block=10)
+    assert {k: len(v) for k, v in lat.items()} == {"static": 30, "tail": 30, "unobserved": 30}
+    assert rts["unobserved"].adapter._runs == 0 and rts["tail"].adapter._runs > 0
+    rows = bench.table(lat, 1e6)
+    assert len(rows) == 5 and all(r.count("100.00%") == 3 for r in rows[2:])
+    with pytest.raises(SystemExit) as e:
+        bench.runtimes(elastic, best, 1, 1e-9, counts=(1,))
+    assert "picks" in str(e.value) and "expected a budget" in str(e.value)
+    with pytest.raises(SystemExit) as e:                   # engines at 2 threads too: not profiled there
+        bench.main(["--bundle", str(elastic), "--config", best, "--budget-ms", "1", "--rounds", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no measurement at 2 threads" in err and "Traceback" not in err

@@ -1,0 +1,135 @@
+"""What the tail policy's own bookkeeping costs a request (issue 20): one config, three runtimes in turns.
+
+- `static`: the config pinned (`Runtime.switch`), no budget;
+- `tail`: `set_budget(policy="tail")` on a budget where it holds that config (it times one request in
+  `every` and hands the observation to the policy on a later request with room, or at once on one late
+  anyway);
+- `unobserved`: the same tail policy with its sampling pushed out of reach (it never observes): what the
+  adaptive request path costs without the policy's work.
+
+The three take turns in blocks of `--block` requests, the order rotating, for `--rounds` rounds, so the
+machine's other load (which moves the p90 of a 20 us FITS request 1.5x within minutes here) falls on all
+alike. Reported: p50/p90/p99 and the share within the budget and within 1.33x / 1.67x of it (a policy's
+bookkeeping that lands on late requests is free at the budget and shows beyond it). Both policies are
+created with `os_hint=False, warm_switch=False` (no background threads: those are measured in
+bench_switch_cost and the eleventh session's A/B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import edgeflex as ef
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_switch_cost import cpu_flags  # noqa: E402
+from common import machine_and_run, publish  # noqa: E402
+
+SECTION = "## The tail policy's own cost per request (issue 20)"
+
+
+def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
+             counts: tuple[int, ...] = (2, 1)) -> dict[str, ef.Runtime]:
+    """The three runtimes, engines at `counts` threads (the policy's options: every config at each count,
+    as in bench_policy_traces); SystemExit with one line where the policy would not hold `config`."""
+    counts = tuple(sorted({threads, *counts}, reverse=True))
+    rts = {"static": ef.Runtime(bundle, threads=counts)}
+    rts["static"].switch(config, threads=threads)
+    for k in ("tail", "unobserved"):
+        rt = rts[k] = ef.Runtime(bundle, threads=counts)
+        rt.set_budget(ef.Budget(latency_ms=budget_ms), policy="tail", degrade=True, os_hint=False,
+                      warm_switch=False)
+        if (rt.config, rt.threads) != (config, threads):
+            raise SystemExit(f"error: at --budget-ms {budget_ms:g} the tail policy picks {rt.config}@"
+                             f"{rt.threads}t, not {config}@{threads}t; expected a budget where it holds "
+                             "the config (e.g. 1.5x its idle p50)")
+    rts["unobserved"]._unobserved = 1 << 62          # its sampling never comes round: nothing is observed
+    rts["unobserved"]._pending = None
+    return rts
+
+
+def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int) -> dict[str, np.ndarray]:
+    names = list(rts)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    pc = time.perf_counter
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for j in range(len(names)):
+                k = names[(r + j) % len(names)]
+                rt, lat = rts[k], out[k]
+                for _ in range(block):
+                    t0 = pc()
+                    rt.run_config(x)
+                    lat.append(pc() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {k: np.array(v) * 1e3 for k, v in out.items()}
+
+
+def table(lat: dict[str, np.ndarray], budget_ms: float) -> list[str]:
+    levels = (1.0, 4 / 3, 5 / 3)
+    head = ["runtime", "p50 us", "p90 us", "p99 us", *[f"within {m:.2f}x budget" for m in levels]]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for k, v in lat.items():
+        p = np.percentile(v, [50, 90, 99]) * 1e3
+        shares = [f"{(v <= m * budget_ms).mean():.2%}" for m in levels]
+        rows.append(f"| {k} | {p[0]:.1f} | {p[1]:.1f} | {p[2]:.1f} | " + " | ".join(shares) + " |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--config", required=True, help="the config the policy should hold (e.g. cut-20)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-ms", type=float, required=True)
+    p.add_argument("--rounds", type=int, default=120)
+    p.add_argument("--block", type=int, default=1000, help="requests per turn of a runtime")
+    p.add_argument("--repeats", type=int, default=2, help="independent measurements (each its own runtimes)")
+    p.add_argument("--counts", default="2,1", help="thread counts the runtimes load (the policy's options)")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    try:
+        counts = tuple(int(c) for c in a.counts.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        p.error(f"--counts {a.counts!r}: expected comma-separated thread counts >= 1 (e.g. 2,1)")
+    for name in ("rounds", "block", "repeats", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} {getattr(a, name)}: expected an integer >= 1")
+    if not a.budget_ms > 0:
+        p.error(f"--budget-ms {a.budget_ms:g}: expected a latency budget > 0")
+    started = time.perf_counter()
+    body = [f"`{a.config}@{a.threads}t` of `{a.bundle.name}`, budget {a.budget_ms:g} ms, batch 1; the three "
+            f"runtimes in turns of {a.block} requests for {a.rounds} rounds, the order rotating; "
+            f"{a.repeats} independent measurements.", ""]
+    for i in range(a.repeats):
+        try:
+            rts = runtimes(a.bundle, a.config, a.threads, a.budget_ms, counts)
+        except ef.EdgeflexError as e:
+            p.error(str(e))
+        spec = rts["static"].inputs[0]
+        x = np.random.default_rng(0).standard_normal([1 if d is None or isinstance(d, str) else d
+                                                       for d in spec.shape]).astype(np.float32)
+        lat = measure(rts, x, a.rounds, a.block)
+        tail = rts["tail"].adapter
+        body += [f"**Measurement {i + 1}** (the tail policy observed one request in {tail.every}, "
+                 f"{tail.switches} switches):", "", *table(lat, a.budget_ms), ""]
+        print("\n".join(body[-(len(lat) + 4):]), flush=True)
+    body += machine_and_run(a.threads, f"- cpu flags: {cpu_flags()}", started=started)
+    publish(a.out, SECTION, "bench_policy_overhead", "\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
