@@ -1,7 +1,13 @@
 """`edgeflex trace BUNDLE --budget-ms X --load SPEC`: play a load trace against a bundle and show what each
 strategy does under it: the adaptive policy, the static best config (what `set_budget(adapt=False)` picks)
-and the smallest config, each over the same trace, one after the other. Prints the within-budget share and
-mean quality per strategy and writes a PNG of latency, budget, config and load over time.
+and the smallest config, each over the same trace. The strategies take turns over it in `--turn` seconds
+of trace time (0.5 s; the order rotating; 0: each plays the whole trace, one after the other), so that what
+else runs on the machine falls on all alike: with turns of 2 s two plays of one policy on the same trace
+landed 0.22-0.30 points apart at the median on a shared 2-core machine, with 0.5 s 0.05-0.23
+(benchmarks/RESULTS.md, "Twelfth session"). The runs in the first 5 ms of each turn after the first are left
+out for every strategy (cold after the others' turn, which a runtime serving its own load never meets).
+Prints the within-budget share and mean quality per strategy and writes a PNG of latency, budget, config
+and load over time.
 
 The load is `devices.loadtrace`'s: `seed:N[:SECONDS]` draws a random trace, or phases such as
 `idle:4,alu1:6,idle:3,mem1x0.5/0.2:5` (docs/budgets.md, "Load traces"). The hogs are child processes of
@@ -19,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeflex.errors import EdgeflexError, UsageError
+
+TURN_LEAD_S = 0.005     # runs this soon after a turn begins are left out (as bench_policy_traces' --lead-ms)
 
 
 def add_trace_parser(sub) -> None:
@@ -38,6 +46,9 @@ def add_trace_parser(sub) -> None:
     t.add_argument("--batch", type=int, default=1)
     t.add_argument("--out", default="trace.png", help="the PNG to write (default trace.png)")
     t.add_argument("--no-static", action="store_true", help="the adaptive strategy only")
+    t.add_argument("--turn", type=float, default=0.5,
+                   help="seconds of trace per turn of a strategy, the order rotating (default 0.5; 0: each "
+                        "strategy plays the whole trace, one after the other)")
     t.set_defaults(fn=cmd_trace)
 
 
@@ -54,6 +65,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
                             "pip install 'edgeflex[bench]'") from None
     if a.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {a.batch}")
+    if not (a.turn == 0 or 0.05 <= a.turn < float("inf")):
+        raise UsageError(f"--turn {a.turn:g}: expected 0 (whole trace per strategy) or seconds >= 0.05")
     out = Path(a.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {a.out!r}: expected a .png path")
@@ -78,21 +91,28 @@ def cmd_trace(a: argparse.Namespace) -> int:
         static_rt.set_budget(None)
         strategies[f"static best ({best}@{best_t}t)"] = (best, best_t)
         strategies[f"static smallest ({smallest})"] = (smallest, static_rt.thread_counts[0])
-    records = {}
-    progress = bar(len(strategies), "trace", unit="strategy")
-    with LoadPlayer() as player:
-        for name, fixed in strategies.items():
-            if fixed is None:
-                rt.set_budget(budget, policy=a.policy, degrade=True)
-                runner = rt
-            else:
-                static_rt.switch(fixed[0], threads=fixed[1])
-                runner = static_rt
-            records[name] = tracerun.play(runner, trace, player, x)
-            progress.update()
-    progress.close()
-    if fixed is None:
+    edges = [0.0, trace.seconds] if a.turn == 0 else \
+        [*np.arange(0.0, trace.seconds, a.turn).tolist(), trace.seconds]
+    spans = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    parts: dict[str, list] = {name: [] for name in strategies}
+    names = list(strategies)
+    progress = bar(len(spans) * len(names), "trace", unit="turn")
+    rt.set_budget(budget, policy=a.policy, degrade=True)
+    try:
+        with LoadPlayer() as player:
+            for i, span in enumerate(spans):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    fixed = strategies[name]
+                    if fixed is not None:
+                        static_rt.switch(fixed[0], threads=fixed[1])
+                    rec = tracerun.play(rt if fixed is None else static_rt, trace, player, x, span=span)
+                    # after the first turn: the runs just after the others' turn left out, for all alike
+                    parts[name].append(tracerun.trim(rec, span[0] + TURN_LEAD_S) if i else rec)
+                    progress.update()
+    finally:
+        progress.close()
         rt.set_budget(None)
+    records = {name: tracerun.concat(p) for name, p in parts.items()}
     rows = []
     for name, rec in records.items():
         names = [k.split("@")[0] for k in rec["config"]]
@@ -118,7 +138,8 @@ def plot(records: dict, trace, budget_ms: float, value: dict, metric: str, rows:
     fig, axes = plt.subplots(len(records), 1, figsize=(11, 2.8 * len(records)), sharex=True, squeeze=False)
     for ax, (name, rec), row in zip(axes[:, 0], records.items(), rows):
         t, lat = rec["t"], rec["latency_ms"]
-        for threads, colour in ((max(rec["threads"], default=1), "tab:blue"), (1, "tab:orange")):
+        most = max(rec["threads"], default=1)
+        for threads, colour in ((most, "tab:blue"), (1, "tab:orange")) if most > 1 else ((1, "tab:orange"),):
             m = rec["threads"] == threads
             if m.any():
                 ax.scatter(t[m], lat[m], s=1, alpha=0.4, color=colour, label=f"latency, {threads} thread(s)")

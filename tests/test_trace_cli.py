@@ -24,7 +24,7 @@ def test_trace_plays_a_load_and_writes_table_and_png(profiled, tmp_path):
     png = tmp_path / "t.png"
     budget = ef.Runtime(profiled, threads=1).latency_profile()["configs"]["s100"]["p90_ms"] * 1.5
     r = cli("trace", profiled, "--budget-ms", budget, "--load", "idle:0.4,alu1:0.4", "--threads", "1",
-            "--out", png)
+            "--out", png, "--turn", "0.2")          # the three take turns of 0.2 s: four turns each
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("load idle:0.4,alu1:0.4 (0.8 s)")
@@ -41,6 +41,8 @@ def test_trace_plays_a_load_and_writes_table_and_png(profiled, tmp_path):
     (["--load", "cpu1:2"], "cannot read 'cpu1:2'"),
     (["--load", "idle:1", "--out", "x.jpg"], "expected a .png"),
     (["--load", "idle:1", "--budget-ms", "-1"], "budget-ms"),
+    (["--load", "idle:1", "--turn", "-1"], "--turn -1: expected 0"),
+    (["--load", "idle:1", "--turn", "nan"], "--turn nan: expected 0"),
 ])
 def test_trace_refuses_bad_arguments_in_one_line(profiled, args, message):
     base = {"--budget-ms": "1.0"}
