@@ -492,3 +492,25 @@ def test_the_policy_overhead_benchmark_times_three_runtimes_and_the_unobserved_o
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no measurement at 2 threads" in err and "Traceback" not in err
+
+
+def test_the_turn_levels_benchmark_reports_each_turn_and_the_cpu_the_thread_ran_on(elastic, capsys):
+    """benchmarks/bench_turn_levels.py: per turn a level and the CPUs probed (one of this process's CPUs),
+    no hogs here; a bad count is refused in one line."""
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_turn_levels")
+    assert bench.current_cpu() in os.sched_getaffinity(0)
+    rt = ef.Runtime(elastic, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    rows = bench.play_turns(rt, x, None, 0, 0, turns=2, turn_s=0.05, probe_every=5, rest_s=0.0)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["n"] > 5 and 0 < r["p50"] <= r["p90"]
+        assert sum(r["cpus"]) == r["n"] // 5 and len(r["cpus"]) <= max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundle", str(elastic), "--config", rt.config, "--turns", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--turns 0: expected an integer >= 1" in err
