@@ -101,7 +101,10 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     # so the other engineers' load, which comes and goes for seconds, falls on every strategy alike
     parts: dict[str, list] = {s: [] for s in order}
     edges = np.arange(0.0, trace.seconds, a.chunk).tolist() + [trace.seconds]
-    for i, span in enumerate(zip(edges[:-1], edges[1:])):
+    spans = list(zip(edges[:-1], edges[1:]))
+    # `--repeats`: the trace played again, chunk by chunk, the order rotating on; the plays pooled (the
+    # adaptive strategies go on from where they were: a user's load does not reset the policy)
+    for i, span in enumerate(spans * a.repeats):
         shift = (seed + i) % len(order)
         for s in order[shift:] + order[:shift]:
             if s == "static" and a.statics == "alone":
@@ -274,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of trace per turn of a strategy (2 before the twelfth session: two copies "
                         "of one policy landed 0.22 / 0.30 points apart at the median on SN-Net / FITS, "
                         "0.05 / 0.23 at 0.5 s; benchmarks/RESULTS.md, \"Twelfth session\")")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="plays of each trace, pooled per strategy (the within-budget share's noise narrows "
+                        "as 1/sqrt(repeats); each play takes as long as the first)")
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
     p.add_argument("--strategies", type=strategy_list, default=ADAPTIVE,
@@ -283,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 <= a.lead_ms < a.turn_ms:
         p.error(f"--lead-ms {a.lead_ms:g}: expected 0 <= lead-ms < --turn-ms ({a.turn_ms:g})")
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: expected an integer >= 1 (plays of each trace)")
+    if not 0.01 <= a.chunk < float("inf"):
+        p.error(f"--chunk {a.chunk:g}: expected seconds >= 0.01")
 
     started = time.perf_counter()
     train, test = a.train_seeds, a.test_seeds
@@ -317,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     plot({k: v for k, v in shown.items() if v}, png,
          {k: f"{i['metric']} ({'higher' if i['higher'] else 'lower'} is better)" for k, i in infos.items()},
          a.strategies)
-    body = [f"Each trace {a.seconds:g} s of batch-{a.batch} requests back to back; runtimes with engines at "
+    body = [f"Each trace {a.seconds:g} s of batch-{a.batch} requests back to back"
+            + (f", played {a.repeats} times (pooled per strategy)" if a.repeats > 1 else "")
+            + "; runtimes with engines at "
             "(2, 1) threads, ONNX Runtime, profiled at both counts just before (interleaved rounds). "
             f"Training seeds {a.train_seeds or 'none'}; held-out seeds {a.test_seeds}. Criteria per trace: "
             "(1) >= 99 % within budget where the smallest config managed >= 99.5 %; (2) within-budget share "

@@ -199,3 +199,27 @@ def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_
     with pytest.raises(SystemExit) as e:
         bias.main(["--bundles", "x.efx", "--turn-ms", "5", "--lead-ms", "5"])
     assert e.value.code == 2 and "--lead-ms" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bundle, tmp_path, capsys):
+    """bench_policy_traces.main on the small SN-Net, a 0.4 s trace in 0.2 s chunks, played twice: every static
+    (config, threads) and the policy have samples and shares; the report says the plays were pooled.
+    `--repeats 0` is refused in one line."""
+    import shutil
+
+    bench = pytest.importorskip("bench_policy_traces")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundles", "x.efx", "--repeats", "0"])
+    assert e.value.code == 2 and "--repeats 0: expected" in capsys.readouterr().err
+    bundle = tmp_path / "sn.efx"
+    shutil.copytree(snnet_bundle[1], bundle)
+    out, js = tmp_path / "R.md", tmp_path / "r.json"
+    assert bench.main(["--bundles", str(bundle), "--seconds", "0.4", "--chunk", "0.2", "--repeats", "2",
+                       "--train-seeds", "", "--test-seeds", "5", "--profile-seconds", "0.02",
+                       "--strategies", "tail", "--json", str(js), "--out", str(out)]) == 0
+    r = json.loads(js.read_text())["results"]["sn.efx"]["test"][0]
+    assert r["seed"] == 5 and set(r["strategies"]) == {"tail"}
+    assert len(r["static"]) == 2 * len(ef.Runtime(bundle, threads=1).configs)     # every config at 2 and 1
+    assert all(v["samples"] > 0 and 0 <= v["within"] <= 1 for v in r["static"].values())
+    assert r["strategies"]["tail"]["requests"] > 0
+    assert "played 2 times (pooled per strategy)" in out.read_text()
