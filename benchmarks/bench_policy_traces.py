@@ -250,7 +250,8 @@ def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] 
 
 
 def seed_list(spec: str) -> list[int]:
-    """'' (none), N or N-M: the seeds (an argparse type: a bad spec is a one-line usage error)."""
+    """'' (none), N, N-M or a comma-separated list of those: the seeds (an argparse type: a bad spec is a
+    one-line usage error)."""
     return seeds_of(spec) if spec else []
 
 

@@ -142,14 +142,20 @@ def replay(mod: types.ModuleType, rec, obs_cost_us: float = 3.0, req_cost_us: fl
 
 
 def seeds_of(spec: str) -> list[int]:
-    """`5000-5019` or `5000`: the seeds (an argparse type: a bad spec is a one-line usage error)."""
-    lo, _, hi = spec.partition("-")
-    try:
-        seeds = list(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds {spec!r}: expected N or N-M, e.g. 5000-5019") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"seeds {spec!r}: the range is empty (expected N-M with M >= N)")
+    """`5000-5019`, `5000` or a comma-separated list of those (`13003,13013,7000-7002`): the seeds, in order,
+    each once (an argparse type: a bad spec is a one-line usage error)."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            got = list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seeds {spec!r}: expected N, N-M or a comma-separated list of "
+                                             "those, e.g. 5000-5019 or 13003,13013") from None
+        if not got:
+            raise argparse.ArgumentTypeError(f"seeds {spec!r}: the range {part.strip()!r} is empty (expected "
+                                             "N-M with M >= N)")
+        seeds += [s for s in got if s not in seeds]
     return seeds
 
 

@@ -55,10 +55,12 @@ def test_a_bad_seed_range_is_a_one_line_usage_error(spec, tmp_path, capsys):
     assert e.value.code == 2 and "seeds" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec,why", [("9-3", "the range is empty"), ("abc", "expected N or N-M")])
+@pytest.mark.parametrize("spec,why", [("9-3", "the range '9-3' is empty"), ("abc", "expected N, N-M"),
+                                      ("5,x", "expected N, N-M"), ("5,", "expected N, N-M")])
 def test_the_trace_benchmark_refuses_a_bad_seed_range_in_one_line(spec, why, capsys):
     bench = pytest.importorskip("bench_policy_traces")
     assert bench.seed_list("") == [] and bench.seed_list("5-7") == [5, 6, 7]
+    assert bench.seed_list("13003,13013,7-8,13003") == [13003, 13013, 7, 8]     # a list, each seed once
     with pytest.raises(SystemExit) as e:
         bench.main(["--bundles", "x.efx", "--test-seeds", spec])
     assert e.value.code == 2
