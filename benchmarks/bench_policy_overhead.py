@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import edgeflex as ef
+from edgeflex.cli import _threads_arg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_switch_cost import cpu_flags  # noqa: E402
@@ -95,15 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=120)
     p.add_argument("--block", type=int, default=1000, help="requests per turn of a runtime")
     p.add_argument("--repeats", type=int, default=2, help="independent measurements (each its own runtimes)")
-    p.add_argument("--counts", default="2,1", help="thread counts the runtimes load (the policy's options)")
+    p.add_argument("--counts", type=_threads_arg, default="2,1",
+                   help="thread counts the runtimes load (the policy's options), e.g. 2,1")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    try:
-        counts = tuple(int(c) for c in a.counts.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        p.error(f"--counts {a.counts!r}: expected comma-separated thread counts >= 1 (e.g. 2,1)")
+    counts = a.counts if isinstance(a.counts, tuple) else (a.counts,)
     for name in ("rounds", "block", "repeats", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: expected an integer >= 1")

@@ -100,8 +100,7 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     # the strategies take turns over the trace in chunks (each pauses while the others play their turn),
     # so the other engineers' load, which comes and goes for seconds, falls on every strategy alike
     parts: dict[str, list] = {s: [] for s in order}
-    edges = np.arange(0.0, trace.seconds, a.chunk).tolist() + [trace.seconds]
-    spans = list(zip(edges[:-1], edges[1:]))
+    spans = tracerun.turns(trace.seconds, a.chunk)
     # `--repeats`: the trace played again, chunk by chunk, the order rotating on; the plays pooled (the
     # adaptive strategies go on from where they were: a user's load does not reset the policy)
     for i, span in enumerate(spans * a.repeats):

@@ -91,9 +91,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
         static_rt.set_budget(None)
         strategies[f"static best ({best}@{best_t}t)"] = (best, best_t)
         strategies[f"static smallest ({smallest})"] = (smallest, static_rt.thread_counts[0])
-    edges = [0.0, trace.seconds] if a.turn == 0 else \
-        [*np.arange(0.0, trace.seconds, a.turn).tolist(), trace.seconds]
-    spans = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    spans = tracerun.turns(trace.seconds, a.turn)
     parts: dict[str, list] = {name: [] for name in strategies}
     names = list(strategies)
     progress = bar(len(spans) * len(names), "trace", unit="turn")

@@ -120,6 +120,13 @@ def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
     return {f"{n}@{t}t": out[f"{n}@{t}t"] for n, t in options}
 
 
+def turns(seconds: float, turn_s: float) -> list[tuple[float, float]]:
+    """The (from, to) spans of `turn_s` seconds that strategies taking turns over a trace of `seconds` play
+    (the last one shorter); `turn_s` 0: the whole trace as one span."""
+    edges = [0.0, seconds] if turn_s == 0 else [*np.arange(0.0, seconds, turn_s).tolist(), seconds]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
 def trim(rec: dict, since: float) -> dict:
     """A `play` record without the runs that started before `since` seconds of trace time: the runs after a
     turn of other strategies (their engines' caches cold again, their pools asleep), which a runtime left to

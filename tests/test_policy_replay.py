@@ -186,6 +186,16 @@ def test_trim_leaves_out_a_plays_first_runs_in_every_field_alike():
     assert tracerun.trim(rec, 1.0)["latency_ms"].size == 0
 
 
+def test_turns_cover_the_trace_in_spans_of_the_turn_and_zero_means_one_span():
+    """The spans the trace benchmark's chunks and `edgeflex trace --turn` play: back to back, the last
+    shorter."""
+    from edgeflex.runtime import tracerun
+
+    assert tracerun.turns(1.2, 0.5) == [(0.0, 0.5), (0.5, 1.0), (1.0, 1.2)]
+    assert tracerun.turns(1.0, 0.5) == [(0.0, 0.5), (0.5, 1.0)]
+    assert tracerun.turns(0.8, 0) == [(0.0, 0.8)]
+
+
 def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_column(capsys):
     bias = pytest.importorskip("bench_sweep_bias")
     rows = [{"seed": 1, "budget_ms": 0.3, "alone": {"a@1t": 0.99, "b@2t": 0.50},

@@ -492,6 +492,9 @@ def test_the_policy_overhead_benchmark_times_three_runtimes_and_the_unobserved_o
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no measurement at 2 threads" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundle", str(elastic), "--config", best, "--budget-ms", "1", "--counts", "2,x"])
+    assert e.value.code == 2 and "threads must be N or N,M" in capsys.readouterr().err
 
 
 def test_the_turn_levels_benchmark_reports_each_turn_and_the_cpu_the_thread_ran_on(elastic, capsys):
