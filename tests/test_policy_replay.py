@@ -88,6 +88,15 @@ def test_the_trace_benchmark_plays_copies_of_one_policy_and_reports_how_far_they
     assert len(lines) == 1      # only the two copies of tail are compared
     assert "met on 2 and 1" in lines[0] and "agree on all three on 1" in lines[0]
     assert "per criterion 2 / 2 / 1" in lines[0] and "0.50 (max)" in lines[0]
+    assert "holds 0" not in lines[0]        # no chunks kept (older JSON): no interval
+    # with the chunks kept: on how many traces the interval of the copies' difference holds 0
+    same, apart = [[990, 1000]] * 8, [[999, 1000]] * 8
+    results[0]["chunks"] = {"tail": same, "tail#2": same}
+    results[1]["chunks"] = {"tail": same, "tail#2": apart}
+    for i, r in enumerate(results):
+        r["seed"] = i
+    line = bench.copies(results, ("tail", "tail#2"))[0]
+    assert "holds 0 on 1 of 2 traces" in line
 
 
 class _Spy:
@@ -234,4 +243,53 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
     assert len(r["static"]) == 2 * len(ef.Runtime(bundle, threads=1).configs)     # every config at 2 and 1
     assert all(v["samples"] > 0 and 0 <= v["within"] <= 1 for v in r["static"].values())
     assert r["strategies"]["tail"]["requests"] > 0
-    assert "played 2 times (pooled per strategy)" in out.read_text()
+    report = out.read_text()
+    assert "played 2 times (pooled per strategy)" in report
+    # per chunk (2 chunks x 2 plays) the runs within budget and the runs: they add up to the shares above
+    ch = r["chunks"]
+    assert len(ch["tail"]) == 4 and sum(n for _, n in ch["tail"]) == r["strategies"]["tail"]["requests"]
+    for k, v in r["static"].items():
+        got = ch["static"][k]
+        assert len(got) == 4 and sum(n for _, n in got) == v["samples"]
+        assert sum(w for w, _ in got) / v["samples"] == pytest.approx(v["within"])
+    assert "95 % interval" in report and "beyond noise" in report
+
+
+def test_a_gap_is_a_miss_beyond_noise_only_where_its_whole_interval_misses():
+    """paired_gaps resamples a trace's chunks alike for every strategy; beyond_noise marks criterion 2 missed
+    only when the whole interval of the share minus the static best's lies under -0.3 points, criterion 3
+    when a better static is above over its whole interval."""
+    bench = pytest.importorskip("bench_policy_traces")
+    same = [[990, 1000]] * 12
+    g, lo, hi = bench.paired_gaps(same, {"b": same}, seed=1)["b"]
+    assert g == 0 and lo == hi == 0
+    # b is 2 points better in every chunk: the gap is +2 with no spread; a chunk-to-chunk spread widens it
+    better = [[1000, 1000]] * 6 + [[995, 1000]] * 6
+    worse = [[980, 1000]] * 6 + [[975, 1000]] * 6
+    g, lo, hi = bench.paired_gaps(worse, {"b": better}, seed=1)["b"]
+    assert g == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    noisy = [[1000, 1000], [960, 1000]] * 6
+    g, lo, hi = bench.paired_gaps(same, {"b": noisy}, seed=1)["b"]
+    assert g == pytest.approx(-1.0) and lo < -1.5 and hi > -0.5
+
+    def result(policy, best, other, other_quality):
+        count = lambda c: sum(w for w, _ in c) / sum(n for _, n in c)     # noqa: E731
+        return {"seed": 3, "static_best": "big@2t",
+                "strategies": {"tail": {"within": count(policy), "quality": 0.8}},
+                "static": {"big@2t": {"within": count(best), "quality": 0.9},
+                           "mid@1t": {"within": count(other), "quality": other_quality}},
+                "chunks": {"tail": policy, "static": {"big@2t": best, "mid@1t": other}}}
+
+    # 2 points under the static best in every chunk: a miss of criterion 2 beyond noise, and of criterion 3
+    # (the static best is of better quality, its share above over the whole interval)
+    b = bench.beyond_noise(result(worse, better, worse, 0.7), "tail", higher=True)
+    assert b["gap"][0] == pytest.approx(-2.0) and not b["c2"] and not b["c3"]
+    # 1 point under on average, but as noisy as that: within noise
+    b = bench.beyond_noise(result(noisy, same, worse, 0.7), "tail", higher=True)
+    assert b["gap"][0] == pytest.approx(-1.0) and b["c2"]
+    # a static of better quality (0.85 > 0.8) clearly above the policy's share: criterion 3 missed; of worse
+    # quality, or lower is better: not
+    assert not bench.beyond_noise(result(worse, worse, better, 0.85), "tail", higher=True)["c3"]
+    assert bench.beyond_noise(result(worse, worse, better, 0.75), "tail", higher=True)["c3"]
+    assert bench.beyond_noise(result(worse, worse, better, 0.85), "tail", higher=False)["c3"]
+    assert bench.beyond_noise({"seed": 1, "chunks": None}, "tail", higher=True) is None
