@@ -47,7 +47,6 @@ from policy_replay import seeds_of  # noqa: E402
 
 SECTION = "## Budget policies on unseen load traces (issue 20)"
 ADAPTIVE = ("tail", "window")     # the default strategies; "POLICY#N" is a copy of POLICY (an A/A test)
-DRAWS = 2000                      # bootstrap resamples of a trace's chunks (`paired_gaps`)
 
 
 def policy_of(strategy: str) -> str:
@@ -85,40 +84,17 @@ def score(rec: dict, budget_ms: float, value: dict[str, float]) -> dict:
             "runs_by_config": {k: n for k, n in Counter(rec["config"]).most_common(4)}}
 
 
-def chunk_counts(parts: list[dict], budget_ms: float) -> list[list[int]]:
-    """Per chunk played: [runs within the budget, runs] (the unit the resolution below resamples)."""
-    return [[int((np.asarray(p["latency_ms"]) <= budget_ms).sum()), len(p["latency_ms"])] for p in parts]
-
-
-def paired_gaps(a, others: dict, *, seed: int, draws: int = DRAWS, level: float = 0.95) -> dict:
-    """Each of `others`' within-budget share minus a's, in points, with a bootstrap interval over the chunks
-    all of them played: the same chunks resampled for every strategy (a chunk's load falls on all alike, so
-    pairing takes the load out of the difference; what is left is how the machine treated each turn).
-    a, others' values: `chunk_counts` lists of equal length. -> name -> (gap, low, high)."""
-    ka, na = np.asarray(a, dtype=float).T
-    idx = np.random.default_rng(seed).integers(0, len(ka), size=(draws, len(ka)))
-    base = ka[idx].sum(1) / np.maximum(na[idx].sum(1), 1)
-    tail = 50 * (1 - level)
-    out = {}
-    for name, b in others.items():
-        kb, nb = np.asarray(b, dtype=float).T
-        d = 100 * (kb[idx].sum(1) / np.maximum(nb[idx].sum(1), 1) - base)
-        out[name] = (100 * (kb.sum() / max(nb.sum(), 1) - ka.sum() / max(na.sum(), 1)),
-                     float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail)))
-    return out
-
-
 def beyond_noise(r: dict, s: str, higher: bool) -> dict:
     """Criteria 2 and 3 for strategy s on trace result r, judged against the evaluation's resolution (a
-    trace's chunks as the unit, `paired_gaps`): c2 is missed beyond noise when the whole interval of s's share
-    minus the static best's lies under -0.3 points; c3, when a static config of strictly better quality has a
-    share above s's over its whole interval. -> {"gap": (points, low, high), "c2": bool, "c3": bool} (True:
-    not missed beyond noise). None for results without chunk counts (older JSON)."""
+    trace's chunks as the unit, `tracerun.paired_gaps`): c2 is missed beyond noise when the whole interval of
+    s's share minus the static best's lies under -0.3 points; c3, when a static config of strictly better
+    quality has a share above s's over its whole interval. -> {"gap": (points, low, high), "c2": bool,
+    "c3": bool} (True: not missed beyond noise). None for results without chunk counts (older JSON)."""
     chunks = r.get("chunks")
     if not chunks:
         return None
     me = chunks[s]
-    gaps = paired_gaps(me, chunks["static"], seed=r["seed"])
+    gaps = tracerun.paired_gaps(me, chunks["static"], seed=r["seed"])
     g, lo, hi = gaps[r["static_best"]]
     gap = (-g, -hi, -lo)                         # s's share minus the static best's
     q = r["strategies"][s]["quality"]
@@ -161,8 +137,8 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     for s in strategies:
         out["strategies"][s] = score(tracerun.concat(parts[s]), budget_ms, value)
         rts[s].set_budget(None)
-    out["chunks"] = {s: chunk_counts(parts[s], budget_ms) for s in strategies}
-    out["chunks"]["static"] = {k: chunk_counts([p[k] for p in parts["static"]], budget_ms)
+    out["chunks"] = {s: tracerun.chunk_counts(parts[s], budget_ms) for s in strategies}
+    out["chunks"]["static"] = {k: tracerun.chunk_counts([p[k] for p in parts["static"]], budget_ms)
                                for k in parts["static"][0]}
     statics = {k: tracerun.concat([p[k] for p in parts["static"]]) for k in parts["static"][0]}
     stat = {k: {"within": float((v["latency_ms"] <= budget_ms).mean()), "quality": value[k.split("@")[0]],
@@ -253,8 +229,8 @@ def table(results: list[dict], metric: str, higher: bool,
 def copies(results: list[dict], strategies: tuple[str, ...]) -> list[str]:
     """For strategies that play one policy (an A/A test): per pair of copies, on how many traces the two meet
     the same criteria, how far apart their within-budget shares land (points), and, where the chunks were
-    kept, on how many traces the 95 % interval of their difference (`paired_gaps`) holds 0, as it should on
-    about 95 % of them if the interval is the evaluation's resolution."""
+    kept, on how many traces the 95 % interval of their difference (`tracerun.paired_gaps`) holds 0, as it
+    should on about 95 % of them if the interval is the evaluation's resolution."""
     lines = []
     for i, s in enumerate(strategies):
         for t in strategies[i + 1:]:
@@ -273,7 +249,8 @@ def copies(results: list[dict], strategies: tuple[str, ...]) -> list[str]:
                     f"differ by {np.median(d):.2f} points (median), {np.percentile(d, 90):.2f} (90th "
                     f"pct), {d.max():.2f} (max)")
             if all(r.get("chunks") for r in results):
-                iv = [paired_gaps(r["chunks"][s], {t: r["chunks"][t]}, seed=r["seed"])[t] for r in results]
+                iv = [tracerun.paired_gaps(r["chunks"][s], {t: r["chunks"][t]}, seed=r["seed"])[t]
+                      for r in results]
                 held = sum(lo <= 0 <= hi for _, lo, hi in iv)
                 width = np.median([hi - lo for _, lo, hi in iv])
                 line += (f"; the 95 % interval of their difference over the chunks holds 0 on {held} of "
@@ -421,14 +398,14 @@ def main(argv: list[str] | None = None) -> int:
             "rotating), so the other jobs' load falls on all alike; in each chunk the runs that start in "
             f"its first {a.lead_ms:g} ms are left out for the adaptive strategies too (the runs after the "
             "other strategies' turn, cold again, which a runtime serving its own load never meets). "
-            "**Resolution:** one play of a trace is one sample of how the machine treated each turn, so next "
-            "to each strategy's share minus the static best's is its 95 % interval, from resampling the "
-            f"trace's chunks ({DRAWS} draws, the same chunks for every strategy: the load, which falls on "
-            "all alike in a chunk, drops out of the difference). \"2 / 3 beyond noise\" marks a miss only "
-            "where the whole interval misses: criterion 2 when the interval lies under -0.3 points; "
-            "criterion 3 when a static config of better quality has a share above the strategy's over its "
-            "whole interval. Where two copies of one policy play, the A/A line says how often their own "
-            "interval holds 0 (about 95 % of traces if the interval is the resolution).", ""]
+            "**Resolution:** one play of a trace is one sample of how the machine treated each turn, so "
+            "next to each strategy's share minus the static best's is its 95 % interval, from resampling "
+            f"the trace's chunks ({tracerun.DRAWS} draws, the same chunks for every strategy: the load, "
+            "which falls on all alike in a chunk, drops out of the difference). \"2 / 3 beyond noise\" "
+            "marks a miss only where the whole interval misses: criterion 2 when the interval lies under "
+            "-0.3 points; criterion 3 when a static config of better quality has a share above the "
+            "strategy's over its whole interval. Where two copies of one policy play, the A/A line says how "
+            "often their own interval holds 0 (about 95 % of traces if the interval is the resolution).", ""]
     for name, res in results.items():
         info = infos[name]
         for split in ("test", "train"):

@@ -27,6 +27,8 @@ import numpy as np
 from edgeflex.errors import EdgeflexError, UsageError
 
 TURN_LEAD_S = 0.005     # runs this soon after a turn begins are left out (as bench_policy_traces' --lead-ms)
+MIN_TURNS = 4           # turns needed for the spread between them to say anything (a bootstrap over fewer
+                        # resamples 3 values or fewer)
 
 
 def add_trace_parser(sub) -> None:
@@ -124,6 +126,15 @@ def cmd_trace(a: argparse.Namespace) -> int:
     print(f"{'strategy':{w}}  requests  within  {metric:>8}  switches  configs run")
     for name, n, within, q, switches, top in rows:
         print(f"{name:{w}}  {n:8d}  {within:6.2%}  {q:8.4f}  {switches:8d}  {top}")
+    if len(strategies) > 1 and len(spans) >= MIN_TURNS:
+        # one play is one sample of how the machine treated each turn: the difference's spread over the turns
+        # (resampled alike for both, so the load, which fell on both in a turn, drops out)
+        adaptive, best = list(strategies)[:2]
+        counts = {k: tracerun.chunk_counts(parts[k], a.budget_ms) for k in (adaptive, best)}
+        gap, lo, hi = tracerun.paired_gaps(counts[best], {adaptive: counts[adaptive]}, seed=0)[adaptive]
+        print(f"adaptive minus static best: {gap:+.2f} points within budget, 95 % interval [{lo:+.2f}, "
+              f"{hi:+.2f}] over the {len(spans)} turns (a difference inside it is this machine's noise "
+              "between turns, not the strategies')")
     matplotlib.use("Agg")
     plot(records, trace, a.budget_ms, value, metric, rows, out)
     print(f"wrote {out}")

@@ -24,6 +24,8 @@ import numpy as np
 
 from edgeflex.devices.loadtrace import LoadPlayer, LoadTrace
 
+DRAWS = 2000        # bootstrap resamples of a trace's turns (`paired_gaps`)
+
 
 def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
          span: tuple[float, float] | None = None) -> dict:
@@ -177,3 +179,28 @@ def oracle(trace: LoadTrace, statics: dict[str, dict], quality: dict[str, float]
         used += w
     nan = float("nan")
     return {"within": within / used if used else nan, "quality": qual / used if used else nan, "picks": picks}
+
+
+def chunk_counts(parts: list[dict], budget_ms: float) -> list[list[int]]:
+    """Per turn played (`play` records, or one option's of `alone`): [runs within the budget, runs], the unit
+    `paired_gaps` resamples."""
+    return [[int((np.asarray(p["latency_ms"]) <= budget_ms).sum()), len(p["latency_ms"])] for p in parts]
+
+
+def paired_gaps(a, others: dict, *, seed: int, draws: int = DRAWS, level: float = 0.95) -> dict:
+    """Each of `others`' within-budget share minus a's, in points, with a bootstrap interval over the turns
+    all of them played: the same turns resampled for every strategy (a turn's load falls on all alike, so
+    pairing takes the load out of the difference; what is left is how the machine treated each one: on a
+    shared 2-core guest a config's median moved up to 1.6x from one half-second turn to the next, no load
+    played). a, others' values: `chunk_counts` lists of equal length. -> name -> (gap, low, high)."""
+    ka, na = np.asarray(a, dtype=float).T
+    idx = np.random.default_rng(seed).integers(0, len(ka), size=(draws, len(ka)))
+    base = ka[idx].sum(1) / np.maximum(na[idx].sum(1), 1)
+    tail = 50 * (1 - level)
+    out = {}
+    for name, b in others.items():
+        kb, nb = np.asarray(b, dtype=float).T
+        d = 100 * (kb[idx].sum(1) / np.maximum(nb[idx].sum(1), 1) - base)
+        out[name] = (100 * (kb.sum() / max(nb.sum(), 1) - ka.sum() / max(na.sum(), 1)),
+                     float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail)))
+    return out

@@ -256,20 +256,22 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
 
 
 def test_a_gap_is_a_miss_beyond_noise_only_where_its_whole_interval_misses():
-    """paired_gaps resamples a trace's chunks alike for every strategy; beyond_noise marks criterion 2 missed
-    only when the whole interval of the share minus the static best's lies under -0.3 points, criterion 3
-    when a better static is above over its whole interval."""
+    """tracerun.paired_gaps resamples a trace's chunks alike for all; beyond_noise marks criterion 2
+    missed only when the whole interval of the share minus the static best's lies under -0.3 points,
+    criterion 3 when a better static is above over its whole interval."""
+    from edgeflex.runtime import tracerun
+
     bench = pytest.importorskip("bench_policy_traces")
     same = [[990, 1000]] * 12
-    g, lo, hi = bench.paired_gaps(same, {"b": same}, seed=1)["b"]
+    g, lo, hi = tracerun.paired_gaps(same, {"b": same}, seed=1)["b"]
     assert g == 0 and lo == hi == 0
     # b is 2 points better in every chunk: the gap is +2 with no spread; a chunk-to-chunk spread widens it
     better = [[1000, 1000]] * 6 + [[995, 1000]] * 6
     worse = [[980, 1000]] * 6 + [[975, 1000]] * 6
-    g, lo, hi = bench.paired_gaps(worse, {"b": better}, seed=1)["b"]
+    g, lo, hi = tracerun.paired_gaps(worse, {"b": better}, seed=1)["b"]
     assert g == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
     noisy = [[1000, 1000], [960, 1000]] * 6
-    g, lo, hi = bench.paired_gaps(same, {"b": noisy}, seed=1)["b"]
+    g, lo, hi = tracerun.paired_gaps(same, {"b": noisy}, seed=1)["b"]
     assert g == pytest.approx(-1.0) and lo < -1.5 and hi > -0.5
 
     def result(policy, best, other, other_quality):

@@ -30,9 +30,17 @@ def test_trace_plays_a_load_and_writes_table_and_png(profiled, tmp_path):
     assert lines[0].startswith("load idle:0.4,alu1:0.4 (0.8 s)")
     rows = [ln for ln in lines if ln.startswith(("adaptive (tail)", "static best", "static smallest"))]
     assert len(rows) == 3
+    shares = []
     for row in rows:
         requests, within = row.split(")")[-1].split()[:2]
         assert int(requests) > 10 and 0 <= float(within.rstrip("%")) <= 100
+        shares.append(float(within.rstrip("%")))
+    # the adaptive minus the static best, with its spread over the four turns
+    gap = next(ln for ln in lines if ln.startswith("adaptive minus static best:"))
+    points = float(gap.split(":")[1].split()[0])
+    lo, hi = (float(v) for v in gap.split("[")[1].split("]")[0].split(","))
+    assert points == pytest.approx(shares[0] - shares[1], abs=0.02) and lo <= hi
+    assert "over the 4 turns" in gap
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
