@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,27 @@ def play(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, *,
             player.set(0, 0)
     return {"t": np.array(ts), "latency_ms": np.array(lat), "config": cfg, "threads": np.array(thr),
             "load": np.stack([np.array(alu, dtype=int), np.array(mem, dtype=int)], axis=1)}
+
+
+@contextmanager
+def pinned(rt, name: str, threads: int, *, wait_s: float = 1.0):
+    """`rt` runs config `name` at `threads` with its budget policy set aside for a while: the static config
+    played on the adaptive strategy's own runtime (its own engine sessions), so that the two compare on one
+    instance. Runtimes made alike keep persistent p50 levels of their own, about 2 % apart on a 19 us FITS
+    config (benchmarks/bench_instances.py): a static config measured on another runtime differs by that
+    before the policy decides anything. The policy sees none of these runs; it, its config, its sampling
+    count and any observation it has not had yet are back afterwards. A warm-up switch in flight is let
+    finish first (`wait_s` at most), so that it cannot land while the policy is away."""
+    end = time.perf_counter() + wait_s
+    while getattr(rt, "_warm_target", None) is not None and time.perf_counter() < end:
+        time.sleep(0.0005)
+    saved = rt._adapter, rt._plan, rt._pending, rt._unobserved
+    rt._adapter, rt._pending = None, None
+    rt._plan = rt._loaded(name, threads)
+    try:
+        yield rt
+    finally:
+        rt._adapter, rt._plan, rt._pending, rt._unobserved = saved
 
 
 def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],

@@ -253,6 +253,32 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
         assert len(got) == 4 and sum(n for _, n in got) == v["samples"]
         assert sum(w for w, _ in got) / v["samples"] == pytest.approx(v["within"])
     assert "95 % interval" in report and "beyond noise" in report
+    # the static best also played on the policy's own runtime, per chunk like the rest
+    assert 0 <= r["pinned"]["tail"] <= 1 and len(ch["tail:pinned"]) == 4
+    assert "on tail's runtime" in report and "on the static runtime" in report
+
+
+def test_pinned_sets_the_policy_aside_for_a_turn_and_gives_it_back_as_it_was(profiled_snnet):
+    """tracerun.pinned: inside, the runtime runs the named config with no policy (the policy sees none of
+    those runs); after, the policy, its config, its sampling count and its pending observation are back."""
+    from edgeflex.runtime import tracerun
+
+    rt = ef.Runtime(profiled_snnet, threads=1)
+    names = [c.name for c in rt.configs]
+    rt.set_budget(ef.Budget(latency_ms=1000.0), policy="tail")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for _ in range(30):
+        rt.run(x)
+    guard = rt.adapter
+    before = (rt.config, guard._runs, rt._unobserved, rt._pending)
+    other = next(n for n in names if n != rt.config)
+    with tracerun.pinned(rt, other, 1) as pinned_rt:
+        assert pinned_rt.adapter is None
+        for _ in range(20):
+            assert pinned_rt.run_config(x)[0] == other
+    assert rt.adapter is guard and (rt.config, guard._runs, rt._unobserved, rt._pending) == before
+    rt.run(x)
+    assert guard._runs >= before[1]          # the policy goes on observing its own config
 
 
 def test_a_gap_is_a_miss_beyond_noise_only_where_its_whole_interval_misses():

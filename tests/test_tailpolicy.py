@@ -517,3 +517,32 @@ def test_the_turn_levels_benchmark_reports_each_turn_and_the_cpu_the_thread_ran_
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--turns 0: expected an integer >= 1" in err
+
+
+def test_the_instances_benchmark_finds_a_runtime_that_keeps_its_own_level_and_not_one_that_does_not(
+        elastic, tmp_path, capsys):
+    """benchmarks/bench_instances.py: the permutation test says p small where one runtime is slower in every
+    round, not where the runtimes only scatter from turn to turn; a real run of two runtimes writes a row
+    each; fewer than 2 runtimes is refused in one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_instances")
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 1.0, size=(20, 4))
+    kept = noise + np.array([2.0, 0, 0, 0])           # runtime 0 is 2 slower in every round
+    spread, p = bench.instance_effect(kept, permutations=500)
+    assert spread > 1.5 and p < 0.01
+    spread, p = bench.instance_effect(noise, permutations=500)
+    assert p > 0.05
+    out = tmp_path / "R.md"
+    rt = ef.Runtime(elastic, threads=1)
+    assert bench.main(["--bundle", str(elastic), "--config", rt.config, "--instances", "2", "--rounds", "2",
+                       "--turn", "0.05", "--budget-ms", "1000", "--permutations", "100",
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and all("100.00%" in r for r in rows)      # a 1 s budget: every run within
+    assert "labels shuffled within rounds" in text
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundle", str(elastic), "--config", rt.config, "--instances", "1"])
+    assert e.value.code == 2
+    assert "--instances 1: expected an integer >= 2" in capsys.readouterr().err.strip().splitlines()[-1]
