@@ -147,7 +147,10 @@ def alone(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, option
 def turns(seconds: float, turn_s: float) -> list[tuple[float, float]]:
     """The (from, to) spans of `turn_s` seconds that strategies taking turns over a trace of `seconds` play
     (the last one shorter); `turn_s` 0: the whole trace as one span."""
-    edges = [0.0, seconds] if turn_s == 0 else [*np.arange(0.0, seconds, turn_s).tolist(), seconds]
+    edges = [0.0] if turn_s == 0 else np.arange(0.0, seconds, turn_s).tolist()
+    if len(edges) > 1 and seconds - edges[-1] < 1e-6:
+        edges.pop()         # a trace of 6.000000001 s (phases summed in floating point): no sliver of a turn
+    edges.append(seconds)
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 

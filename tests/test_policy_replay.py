@@ -203,6 +203,10 @@ def test_turns_cover_the_trace_in_spans_of_the_turn_and_zero_means_one_span():
     assert tracerun.turns(1.2, 0.5) == [(0.0, 0.5), (0.5, 1.0), (1.0, 1.2)]
     assert tracerun.turns(1.0, 0.5) == [(0.0, 0.5), (0.5, 1.0)]
     assert tracerun.turns(0.8, 0) == [(0.0, 0.8)]
+    # phases summed in floating point: no sliver of a turn at the end (it held no run, an empty chunk)
+    spans = tracerun.turns(1.0 + 1e-12, 0.5)
+    assert len(spans) == 2 and spans[-1][1] == 1.0 + 1e-12
+    assert tracerun.turns(0.3, 0.5) == [(0.0, 0.3)]
 
 
 def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_column(capsys):
@@ -237,7 +241,7 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
     out, js = tmp_path / "R.md", tmp_path / "r.json"
     assert bench.main(["--bundles", str(bundle), "--seconds", "0.4", "--chunk", "0.2", "--repeats", "2",
                        "--train-seeds", "", "--test-seeds", "5", "--profile-seconds", "0.02",
-                       "--strategies", "tail", "--json", str(js), "--out", str(out)]) == 0
+                       "--strategies", "tail", "--pinned", "--json", str(js), "--out", str(out)]) == 0
     r = json.loads(js.read_text())["results"]["sn.efx"]["test"][0]
     assert r["seed"] == 5 and set(r["strategies"]) == {"tail"}
     assert len(r["static"]) == 2 * len(ef.Runtime(bundle, threads=1).configs)     # every config at 2 and 1
