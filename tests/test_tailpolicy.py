@@ -546,3 +546,24 @@ def test_the_instances_benchmark_finds_a_runtime_that_keeps_its_own_level_and_no
         bench.main(["--bundle", str(elastic), "--config", rt.config, "--instances", "1"])
     assert e.value.code == 2
     assert "--instances 1: expected an integer >= 2" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_observe_cost_benchmark_times_each_call_and_refuses_bad_counts(elastic, tmp_path, capsys):
+    """benchmarks/bench_observe_cost.py: one time per observe call, positive, and the policy counts every call
+    as a run of its config (the engine runs between are sampled as usual); a report row per setting; too few
+    calls refused in one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_observe_cost")
+    rt = ef.Runtime(elastic, threads=1)
+    rt.set_budget(Budget(latency_ms=1e6), policy="tail")
+    runs = rt.adapter._runs
+    c = bench.observe_costs(rt, calls=30, between=2)
+    assert c.shape == (30,) and (c > 0).all() and rt.adapter._runs >= runs + 30     # the runs between too
+    out = tmp_path / "R.md"
+    assert bench.main(["--bundle", str(elastic), "--budget-ms", "1000", "--calls", "20", "--between", "1",
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| back to back |" in text and "| after 1 engine runs each |" in text
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bundle", str(elastic), "--budget-ms", "1", "--calls", "5"])
+    assert e.value.code == 2 and "--calls 5" in capsys.readouterr().err.strip().splitlines()[-1]
