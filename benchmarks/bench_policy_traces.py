@@ -159,10 +159,12 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
             out["strategies"][s]["sampling"] = {"every": g.every, "overhead_us": us,
                                                 "bookkeeping_late": round(g.bk_late, 4)}
         rts[s].set_budget(None)
-    if a.pinned:
-        out["pinned"] = {s: score(tracerun.concat(parts[s + PINNED]), budget_ms, value)["within"]
-                         for s in strategies}
     out["chunks"] = {s: tracerun.chunk_counts(parts[s], budget_ms) for s in order if s != "static"}
+    if a.pinned:        # the static best's share on each strategy's runtime, from its chunks' counts
+        out["pinned"] = {}
+        for s in strategies:
+            k, n = np.sum(out["chunks"][s + PINNED], axis=0)
+            out["pinned"][s] = float(k / n) if n else float("nan")
     out["chunks"]["static"] = {k: tracerun.chunk_counts([p[k] for p in parts["static"]], budget_ms)
                                for k in parts["static"][0]}
     statics = {k: tracerun.concat([p[k] for p in parts["static"]]) for k in parts["static"][0]}
