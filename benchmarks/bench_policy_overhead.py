@@ -50,8 +50,8 @@ def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
             raise SystemExit(f"error: at --budget-ms {budget_ms:g} the tail policy picks {rt.config}@"
                              f"{rt.threads}t, not {config}@{threads}t; expected a budget where it holds "
                              "the config (e.g. 1.5x its idle p50)")
-    rts["unobserved"]._unobserved = 1 << 62          # its sampling never comes round: nothing is observed
-    rts["unobserved"]._pending = None
+    rts["unobserved"]._free = 1 << 62          # its sampling never comes round: nothing is observed
+    rts["unobserved"]._pending = []
     return rts
 
 

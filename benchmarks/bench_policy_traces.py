@@ -26,7 +26,9 @@ looked at while changing the policy) and held-out seeds, reported separately. Wr
 
 `--strategies tail,tail#2` plays two copies of one policy (each its own runtime, taking turns like any two
 strategies): how often the copies meet the same criteria, and how far apart their within-budget shares
-land, is the resolution of this evaluation on this machine (an A/A test).
+land, is the resolution of this evaluation on this machine (an A/A test). `--base FILE --strategies
+tail,base` plays the tail policy on the Runtime of another revision's runtime/runtime.py beside this one's:
+a change to the request path compared in one run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from policy_replay import seeds_of  # noqa: E402
 
 SECTION = "## Budget policies on unseen load traces (issue 20)"
 ADAPTIVE = ("tail", "window")     # the default strategies; "POLICY#N" is a copy of POLICY (an A/A test)
+BASE = "base"                     # the tail policy on the runtime of another revision (`--base FILE`)
 PINNED = ":pinned"                # "tail:pinned": the static best played on tail's runtime (tracerun.pinned)
 
 
@@ -61,14 +64,41 @@ def policy_of(strategy: str) -> str:
     return strategy.split("#")[0]
 
 
+def set_policy(strategy: str) -> str:
+    """The policy `set_budget` is given for a strategy ("base" plays the tail policy)."""
+    p = policy_of(strategy)
+    return "tail" if p == BASE else p
+
+
+def base_runtime(path: Path) -> type:
+    """The Runtime class of `path`, a copy of runtime/runtime.py from another revision (e.g. `git show
+    REV:runtime/runtime.py > /tmp/base.py`), loaded as a module of this package so that it runs on this
+    revision's engines, backends and policies: how the request path itself changed, side by side in one run.
+    SystemExit with one line where the file is missing or does not define a Runtime."""
+    import importlib.util
+
+    if not path.is_file():
+        raise SystemExit(f"error: --base {path}: no such file (expected a copy of runtime/runtime.py)")
+    name = "edgeflex.runtime._base_runtime"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)      # dataclasses look it up there
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:                                  # noqa: BLE001 - a bad file is the user's
+        raise SystemExit(f"error: --base {path}: could not load it as runtime/runtime.py: {e}") from None
+    if not isinstance(getattr(mod, "Runtime", None), type):
+        raise SystemExit(f"error: --base {path}: defines no Runtime class (expected runtime/runtime.py)")
+    return mod.Runtime
+
+
 def strategy_list(spec: str) -> tuple[str, ...]:
     """'tail,window' -> the strategies (an argparse type: a bad spec is a one-line usage error)."""
     out = tuple(x.strip() for x in spec.split(",") if x.strip())
-    bad = [x for x in out if policy_of(x) not in ("tail", "window") or x.count("#") > 1]
+    bad = [x for x in out if policy_of(x) not in ("tail", "window", BASE) or x.count("#") > 1]
     if not out or bad or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"strategies {spec!r}: expected distinct comma-separated names, "
-                                         "each 'tail' or 'window', optionally '#N' for a copy "
-                                         "(e.g. tail,tail#2)")
+                                         "each 'tail', 'window' or 'base' (with --base), optionally '#N' "
+                                         "for a copy (e.g. tail,tail#2)")
     return out
 
 
@@ -128,7 +158,7 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     # for the turn (`tracerun.pinned`: runtimes made alike differ among themselves)
     order = [*strategies, *(s + PINNED for s in strategies if a.pinned), "static"]
     for s in strategies:
-        rts[s].set_budget(budget, policy=policy_of(s), degrade=True)
+        rts[s].set_budget(budget, policy=set_policy(s), degrade=True)
     # the strategies take turns over the trace in chunks (each pauses while the others play their turn),
     # so the other engineers' load, which comes and goes for seconds, falls on every strategy alike
     parts: dict[str, list] = {s: [] for s in order}
@@ -194,7 +224,9 @@ def setup(bundle: Path, a: argparse.Namespace) -> tuple[dict, dict]:
     rt = ef.Runtime(bundle, threads=counts)
     save_profile(bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=a.profile_seconds,
                                          progress=False), merge=False)
-    rts = {s: ef.Runtime(bundle, threads=counts) for s in (*a.strategies, "static")}
+    base = base_runtime(a.base) if a.base else None
+    rts = {s: (base if policy_of(s) == BASE else ef.Runtime)(bundle, threads=counts)
+           for s in (*a.strategies, "static")}
     prof = rts["static"].latency_profile()
     value, rank, metric = quality_of(rt)
     idle = {c.name: min(profile_at(prof, t)[c.name]["p90_ms"] for t in counts) for c in rt.configs}
@@ -400,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", type=strategy_list, default=ADAPTIVE,
                    help="adaptive strategies to play, comma-separated: tail, window; 'tail#2' plays a second "
                         "copy of tail (an A/A test of the evaluation's resolution)")
+    p.add_argument("--base", type=Path, metavar="FILE",
+                   help="runtime/runtime.py of another revision: strategy 'base' plays the tail policy on "
+                        "its Runtime, beside this revision's (git show REV:runtime/runtime.py > FILE)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if any(policy_of(s) == BASE for s in a.strategies) != bool(a.base):
+        p.error("strategy 'base' and --base FILE go together: base plays the tail policy on FILE's Runtime")
     if not 0 <= a.lead_ms < a.turn_ms:
         p.error(f"--lead-ms {a.lead_ms:g}: expected 0 <= lead-ms < --turn-ms ({a.turn_ms:g})")
     if a.repeats < 1:

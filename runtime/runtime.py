@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # `fused="auto"`: the most memory the per-config weight copies of fused graphs may take.
 AUTO_FUSE_MB = 64
+HOLD = 8            # observations that may wait for an observed run with room (or a late one) before one pays
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,9 @@ class Runtime:
         self._adapter: Adapter | TailGuard | None = None
         self._budget_call: dict[str, Any] | None = None
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
-        self._unobserved = 0            # runs left before the budget policy times one again (sampling)
-        self._pending: tuple[_Plan, float] | None = None    # an observation the policy has not had yet
+        self._free = 0                  # runs left before the budget policy times one again (sampling)
+        self._pending: list[tuple[_Plan, float]] = []      # observations the policy has not had yet
+        self._room = 0.0                # a run this fast has room to hand them over (`_bookkeep`)
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -385,65 +387,75 @@ class Runtime:
         plan = self._plan                       # read once: the whole run uses this config
         if self._adapter is None:
             return plan.call(arrays)
+        free = self._free
+        if free:                                # sampled (see TailGuard.every): this run is not timed
+            self._free = free - 1
+            return plan.call(arrays)
         return self._run_plan(plan, arrays)[1]
 
     def run_config(self, *arrays: np.ndarray) -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Like `run`, and also says which config ran (for callers that switch from other threads)."""
-        return self._run_plan(self._plan, arrays)
+        plan = self._plan
+        if self._adapter is None:
+            return plan.config.name, plan.call(arrays)
+        free = self._free
+        if free:
+            self._free = free - 1
+            return plan.config.name, plan.call(arrays)
+        return self._run_plan(plan, arrays)
 
     def _run_plan(self, plan: _Plan, arrays: Sequence[np.ndarray]) \
             -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
-        """Run `arrays` through `plan`, timed for the budget's adapter where one is active."""
+        """Run `arrays` through `plan`, timed for the budget's adapter. The tail policy observes one run in
+        `every` (TailGuard.every); `run` counts the others down in `_free` untimed, one attribute, so that
+        they cost ~0.1 us more than a static runtime's (timing every run while an observation waited for
+        room cost ~0.4 us a run on a 19 us FITS config: the session-14 note in RESULTS.md)."""
         adapter = self._adapter
-        if adapter is None:
+        if adapter is None:                     # the budget was lifted by another thread meanwhile
             return plan.config.name, plan.call(arrays)
-        self._last_arrays = arrays
-        skip = self._unobserved
         pc = time.perf_counter
-        if skip:                                # sampled (see TailGuard.every): this run is not timed
-            self._unobserved = skip - 1
-            if self._pending is None:
-                return plan.config.name, plan.call(arrays)
-            t0 = pc()                           # an observation waits for a run that leaves room for it
-            out = plan.call(arrays)
-            self._bookkeep(adapter, (pc() - t0) * 1e3, t0)
-            return plan.config.name, out
         t0 = pc()
         out = plan.call(arrays)
         t1 = pc()
+        ms = (t1 - t0) * 1e3
+        self._last_arrays = arrays
         if type(adapter) is not TailGuard:
-            self._observe(adapter, plan, (t1 - t0) * 1e3)
+            self._observe(adapter, plan, ms)
             return plan.config.name, out
+        self._free = adapter.every - 1
+        pending = self._pending
         # the latency the caller sees includes the policy's own bookkeeping: add its running mean per request
         # (an observation's cost over `every`: only the observed request pays it; adding all of it to every
         # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
-        self._unobserved = adapter.every - 1
-        if self._pending is not None:           # the last one found no room in `every` runs: now, so that no
-            self._bookkeep(adapter, (t1 - t0) * 1e3, t0, force=True)    # observation is lost (losing the
-            # waiting ones and keeping the late ones, which go at once, showed the policy only late runs)
-        self._pending = (plan, (t1 - t0) * 1e3 + adapter.overhead_ms / adapter.every)
-        self._bookkeep(adapter, (t1 - t0) * 1e3, t0)
+        pending.append((plan, ms + adapter.overhead_ms / adapter.every))
+        # the waiting observations go on an observed run with room for them, on one late anyway (free at the
+        # budget), or once HOLD wait (then at a cost: one run in HOLD x `every` at most)
+        if ms <= self._room:
+            self._bookkeep(adapter, t0, max(1, int((adapter.budget - ms) / (2 * adapter.overhead_ms or 1))))
+        elif ms > adapter.budget or len(pending) >= HOLD:
+            self._bookkeep(adapter, t0, HOLD)
         return plan.config.name, out
 
-    def _bookkeep(self, adapter: TailGuard, ms: float, t0: float, *, force: bool = False) -> None:
-        """Hand the pending observation to the policy after a run of `ms`, unless its cost could make this
-        run late: then a later run does it, at the latest the next observed one. (Measured on FITS at 28 us
-        against a 41 us budget, observed 1 in 14: the observed requests were late 2.6 % of the time, the
-        others 0.4 %; a third of all late requests were the bookkeeping's.) A run late anyway does it at once:
-        the tail loses nothing (`force`: the next observed run, room or not). Which run does it never depends
-        on the observed latency itself. `t0`: when this run's engine call began: the run's whole time, its
-        bookkeeping included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
-        if not force and ms + 2 * adapter.overhead_ms > adapter.budget and ms <= adapter.budget:
-            return
-        plan, latency = self._pending
-        self._pending = None
+    def _bookkeep(self, adapter: TailGuard, t0: float, most: int) -> None:
+        """Hand the waiting observations to the policy, oldest first, `most` of them, on an observed run that
+        began at `t0`. Every observation reaches the policy, in order; its latency decides only when (each
+        handed over on its own run whatever that cost: FITS at 28 us against a 41 us budget, observed 1 in
+        14, had its observed requests late 2.6 % of the time, the others 0.4 %; each made to wait at most
+        one observed run: FITS at 19 us against 23 us had ~1 run in 1,400 late for its bookkeeping; the
+        session-14 note in RESULTS.md). The run's whole time, its bookkeeping included, tells the policy
+        whether the bookkeeping made it late (`TailGuard.bookkept`); its cost sets the next `_room`."""
+        pending = self._pending
+        n = min(most, len(pending))
         pc = time.perf_counter
         t1 = pc()
-        self._observe(adapter, plan, latency)
+        for plan, latency in pending[:n]:
+            self._observe(adapter, plan, latency)
+        del pending[:n]
         t2 = pc()
-        # late for this bookkeeping: on time until it began (after the run and any hand-over before it in the
-        # same run: judged on the engine's time alone, a run one hand-over made late was charged twice)
-        adapter.bookkept((t2 - t1) * 1e3, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3)
+        # late for this bookkeeping: on time until it began (judged on the engine's time alone, a run one
+        # hand-over made late was charged twice)
+        adapter.bookkept((t2 - t1) * 1e3 / n, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3, n)
+        self._room = adapter.budget - 2 * adapter.overhead_ms
 
     def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
         target = adapter.observe(plan.key, latency_ms)
@@ -591,7 +603,8 @@ class Runtime:
         check_bool("guarantee", guarantee)
         if warm_switch is not None:
             check_bool("warm_switch", warm_switch)
-        self._pending = None                         # an observation for the policy being replaced
+        self._pending = []                           # observations for the policy being replaced
+        self._free = 0
         if budget is None:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config
@@ -668,7 +681,8 @@ class Runtime:
                               "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
-        self._unobserved = 0
+        self._free = 0
+        self._room = guard.budget - 2 * guard.overhead_ms
         self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config

@@ -274,13 +274,13 @@ def test_pinned_sets_the_policy_aside_for_a_turn_and_gives_it_back_as_it_was(pro
     for _ in range(30):
         rt.run(x)
     guard = rt.adapter
-    before = (rt.config, guard._runs, rt._unobserved, rt._pending)
+    before = (rt.config, guard._runs, rt._free, rt._pending)
     other = next(n for n in names if n != rt.config)
     with tracerun.pinned(rt, other, 1) as pinned_rt:
         assert pinned_rt.adapter is None
         for _ in range(20):
             assert pinned_rt.run_config(x)[0] == other
-    assert rt.adapter is guard and (rt.config, guard._runs, rt._unobserved, rt._pending) == before
+    assert rt.adapter is guard and (rt.config, guard._runs, rt._free, rt._pending) == before
     rt.run(x)
     assert guard._runs >= before[1]          # the policy goes on observing its own config
 
@@ -325,3 +325,37 @@ def test_a_gap_is_a_miss_beyond_noise_only_where_its_whole_interval_misses():
     assert bench.beyond_noise(result(worse, worse, better, 0.75), "tail", higher=True)["c3"]
     assert bench.beyond_noise(result(worse, worse, better, 0.85), "tail", higher=False)["c3"]
     assert bench.beyond_noise({"seed": 1, "chunks": None}, "tail", higher=True) is None
+
+
+def test_the_trace_benchmark_plays_another_revisions_runtime_beside_this_ones(snnet_bundle, tmp_path, capsys):
+    """`--base FILE` with strategy `base`: the tail policy on FILE's Runtime (a copy of runtime/runtime.py),
+    scored like any strategy; each without the other, a missing file or one without a Runtime: one line."""
+    import shutil
+
+    bench = pytest.importorskip("bench_policy_traces")
+    for argv, why in ((["--strategies", "tail,base"], "go together"),
+                      (["--strategies", "tail", "--base", "b.py"], "go together"),
+                      (["--strategies", "tail,bas"], "'base' (with --base)")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--bundles", "x.efx", *argv])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.base_runtime(tmp_path / "missing.py")
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(SystemExit, match="defines no Runtime class"):
+        bench.base_runtime(tmp_path / "empty.py")
+    base = tmp_path / "base_runtime.py"
+    from edgeflex.runtime import runtime as this
+
+    shutil.copy(this.__file__, base)
+    cls = bench.base_runtime(base)
+    assert cls is not ef.Runtime and cls.__name__ == "Runtime"
+    bundle = tmp_path / "sn.efx"
+    shutil.copytree(snnet_bundle[1], bundle)
+    js = tmp_path / "r.json"
+    assert bench.main(["--bundles", str(bundle), "--seconds", "0.3", "--chunk", "0.3", "--train-seeds", "",
+                       "--test-seeds", "5", "--profile-seconds", "0.02", "--strategies", "tail,base",
+                       "--base", str(base), "--json", str(js), "--out", str(tmp_path / "R.md")]) == 0
+    r = json.loads(js.read_text())["results"]["sn.efx"]["test"][0]
+    assert set(r["strategies"]) == {"tail", "base"}
+    assert r["strategies"]["base"]["requests"] > 0 and "sampling" in r["strategies"]["base"]

@@ -242,20 +242,32 @@ def test_runtime_times_one_run_in_every_and_counts_its_own_bookkeeping(elastic):
     assert g._runs - runs in (10, 11)
 
 
-def test_runtime_hands_an_observation_over_after_a_run_with_room_for_it_and_loses_none(elastic):
+def test_runtime_hands_observations_over_on_runs_with_room_or_late_holds_at_most_hold_and_loses_none(elastic):
+    from edgeflex.runtime.runtime import HOLD
+
     rt = ef.Runtime(elastic, threads=1)
     rt.set_budget(Budget(latency_ms=1e6), policy="tail")
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     g = rt.adapter
     rt.run(x)
-    assert g._runs == 1 and rt._pending is None            # room for the bookkeeping: at once
+    assert g._runs == 1 and not rt._pending                # room for the bookkeeping: at once
     g.overhead_ms = 9.5e5                                   # as if bookkeeping could push any run over
-    for _ in range(10):
+    rt._room = g.budget - 2 * g.overhead_ms                 # (the runtime sets it after each hand-over)
+    for _ in range(HOLD - 1):
         rt.run(x)
-    # each observation waits for room; the next observed run hands the waiting one over first: none lost
-    assert g._runs == 10 and rt._pending is not None
+    # each observation waits for a run with room or a late one; none lost, none handed over yet
+    assert g._runs == 1 and len(rt._pending) == HOLD - 1
+    rt.run(x)                                               # the HOLD-th waiting: this run pays for all
+    assert g._runs == 1 + HOLD and not rt._pending
+    rt.run(x)
+    assert len(rt._pending) == 1
+    g.budget = 1e-6                                         # every run late: free to hand over at once
+    rt.run(x)
+    assert g._runs == 3 + HOLD and not rt._pending
+    g.budget = 1e6
+    rt.run(x)
     rt.set_budget(None)
-    assert rt._pending is None
+    assert not rt._pending
 
 
 def test_a_trial_broken_by_what_every_config_would_suffer_ends_without_blame():
@@ -308,6 +320,11 @@ def test_runs_the_bookkeeping_makes_late_are_spent_and_observed_more_rarely():
         g.bookkept(0.002, False)                           # room again: back to every run
     drive(g, lambda o, i: 1.0, 200)
     assert g.every == 1
+    for _ in range(300):
+        g.bookkept(0.002, True, 8)                         # eight handed over at once on each late run:
+    assert g.bk_late == pytest.approx(1 / 8, rel=0.01)     # one late run per eight observations
+    g.bookkept(0.004, False, 8)
+    assert 0.002 < g.overhead_ms < 0.004                   # a costlier hand-over moves the mean, weighted 8x
 
 
 def test_spikes_hit_a_shorter_run_less_often():
