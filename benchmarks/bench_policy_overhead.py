@@ -2,17 +2,22 @@
 
 - `static`: the config pinned (`Runtime.switch`), no budget;
 - `tail`: `set_budget(policy="tail")` on a budget where it holds that config (it times one request in
-  `every` and hands the observation to the policy on a later request with room, or at once on one late
-  anyway);
+  `every` and hands the observations to the policy on an observed request with room, on one late anyway,
+  or when `runtime.HOLD` wait);
 - `unobserved`: the same tail policy with its sampling pushed out of reach (it never observes): what the
-  adaptive request path costs without the policy's work.
+  adaptive request path costs without the policy's work;
+- `base` (with `--base FILE`, a copy of runtime/runtime.py from another revision): the tail policy on that
+  revision's Runtime, so a change to the request path is measured beside the one it replaces.
 
-The three take turns in blocks of `--block` requests, the order rotating, for `--rounds` rounds, so the
+The runtimes take turns in blocks of `--block` requests, the order rotating, for `--rounds` rounds, so the
 machine's other load (which moves the p90 of a 20 us FITS request 1.5x within minutes here) falls on all
-alike. Reported: p50/p90/p99 and the share within the budget and within 1.33x / 1.67x of it (a policy's
-bookkeeping that lands on late requests is free at the budget and shows beyond it). Both policies are
-created with `os_hint=False, warm_switch=False` (no background threads: those are measured in
-bench_switch_cost and the eleventh session's A/B).
+alike. Each runtime's own engine is also called directly in blocks of its own (`NAME:engine`, the plan's
+call, no runtime code): runtimes made alike keep p50 levels up to 0.4 us apart (bench_instances.py), so a
+runtime's cost is measured against its own engine, as the median over rounds of its block's p50 minus its
+engine block's, with a 95 % interval over the rounds. Reported: p50/p90/p99 and the share within the budget
+and within 1.33x / 1.67x of it (a policy's bookkeeping that lands on late requests is free at the budget and
+shows beyond it). The policies are created with `os_hint=False, warm_switch=False` (no background threads:
+those are measured in bench_switch_cost and the eleventh session's A/B).
 """
 
 from __future__ import annotations
@@ -33,17 +38,18 @@ from bench_switch_cost import cpu_flags  # noqa: E402
 from common import machine_and_run, publish  # noqa: E402
 
 SECTION = "## The tail policy's own cost per request (issue 20)"
+ENGINE = ":engine"          # a runtime's engine called directly, in blocks of its own
 
 
 def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
-             counts: tuple[int, ...] = (2, 1)) -> dict[str, ef.Runtime]:
+             counts: tuple[int, ...] = (2, 1), base: type | None = None) -> dict[str, ef.Runtime]:
     """The three runtimes, engines at `counts` threads (the policy's options: every config at each count,
     as in bench_policy_traces); SystemExit with one line where the policy would not hold `config`."""
     counts = tuple(sorted({threads, *counts}, reverse=True))
     rts = {"static": ef.Runtime(bundle, threads=counts)}
     rts["static"].switch(config, threads=threads)
-    for k in ("tail", "unobserved"):
-        rt = rts[k] = ef.Runtime(bundle, threads=counts)
+    for k in ("tail", "unobserved", *(["base"] if base is not None else [])):
+        rt = rts[k] = (base if k == "base" else ef.Runtime)(bundle, threads=counts)
         rt.set_budget(ef.Budget(latency_ms=budget_ms), policy="tail", degrade=True, os_hint=False,
                       warm_switch=False)
         if (rt.config, rt.threads) != (config, threads):
@@ -55,17 +61,29 @@ def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
     return rts
 
 
-def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int) -> dict[str, np.ndarray]:
-    names = list(rts)
+def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int,
+            engines: bool = False) -> dict[str, np.ndarray]:
+    """Per runtime, its requests' latencies (ms) in the order run, `rounds` blocks of `block`; `engines`:
+    each runtime's current engine also called directly, in blocks of its own (`NAME:engine`)."""
+    names = [*rts, *([f"{k}{ENGINE}" for k in rts] if engines else [])]
     out: dict[str, list[float]] = {k: [] for k in names}
     pc = time.perf_counter
+    args = (x,)
     gc_was = gc.isenabled()
     gc.disable()
     try:
         for r in range(rounds):
             for j in range(len(names)):
                 k = names[(r + j) % len(names)]
-                rt, lat = rts[k], out[k]
+                lat = out[k]
+                if k.endswith(ENGINE):
+                    call = rts[k[:-len(ENGINE)]]._plan.call
+                    for _ in range(block):
+                        t0 = pc()
+                        call(args)
+                        lat.append(pc() - t0)
+                    continue
+                rt = rts[k]
                 for _ in range(block):
                     t0 = pc()
                     rt.run_config(x)
@@ -76,14 +94,37 @@ def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int) 
     return {k: np.array(v) * 1e3 for k, v in out.items()}
 
 
-def table(lat: dict[str, np.ndarray], budget_ms: float) -> list[str]:
+def over_engine(lat: dict[str, np.ndarray], block: int,
+                seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Per runtime with engine blocks: the median over rounds of (its block's p50 - its engine block's p50),
+    in us, and a 95 % bootstrap interval over the rounds (the rounds paired, so the machine's slow spells,
+    which fall on both blocks of a round alike, drop out)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in lat.items():
+        e = lat.get(k + ENGINE)
+        if k.endswith(ENGINE) or e is None:
+            continue
+        d = 1e3 * (np.median(v.reshape(-1, block), axis=1) - np.median(e.reshape(-1, block), axis=1))
+        boot = np.median(d[rng.integers(0, len(d), (2000, len(d)))], axis=1)
+        out[k] = (float(np.median(d)), *map(float, np.percentile(boot, [2.5, 97.5])))
+    return out
+
+
+def table(lat: dict[str, np.ndarray], budget_ms: float, block: int | None = None) -> list[str]:
     levels = (1.0, 4 / 3, 5 / 3)
-    head = ["runtime", "p50 us", "p90 us", "p99 us", *[f"within {m:.2f}x budget" for m in levels]]
+    extra = over_engine(lat, block) if block else {}
+    head = ["runtime", "p50 us", "p90 us", "p99 us", *[f"within {m:.2f}x budget" for m in levels],
+            *(["p50 over its own engine, us [95 % interval]"] if extra else [])]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for k, v in lat.items():
         p = np.percentile(v, [50, 90, 99]) * 1e3
         shares = [f"{(v <= m * budget_ms).mean():.2%}" for m in levels]
-        rows.append(f"| {k} | {p[0]:.1f} | {p[1]:.1f} | {p[2]:.1f} | " + " | ".join(shares) + " |")
+        cell = []
+        if extra:
+            g = extra.get(k)
+            cell = [f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]" if g else ""]
+        rows.append(f"| {k} | {p[0]:.1f} | {p[1]:.1f} | {p[2]:.1f} | " + " | ".join(shares + cell) + " |")
     return rows
 
 
@@ -98,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="independent measurements (each its own runtimes)")
     p.add_argument("--counts", type=_threads_arg, default="2,1",
                    help="thread counts the runtimes load (the policy's options), e.g. 2,1")
+    p.add_argument("--engines", action="store_true",
+                   help="also call each runtime's engine directly in blocks of its own, and report each "
+                        "runtime's p50 over its own engine's")
+    p.add_argument("--base", type=Path, metavar="FILE",
+                   help="runtime/runtime.py of another revision: a 'base' runtime plays the tail policy on "
+                        "its Runtime (git show REV:runtime/runtime.py > FILE)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     counts = a.counts if isinstance(a.counts, tuple) else (a.counts,)
@@ -107,21 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     if not a.budget_ms > 0:
         p.error(f"--budget-ms {a.budget_ms:g}: expected a latency budget > 0")
     started = time.perf_counter()
-    body = [f"`{a.config}@{a.threads}t` of `{a.bundle.name}`, budget {a.budget_ms:g} ms, batch 1; the three "
-            f"runtimes in turns of {a.block} requests for {a.rounds} rounds, the order rotating; "
-            f"{a.repeats} independent measurements.", ""]
+    base = None
+    if a.base:
+        from bench_policy_traces import base_runtime
+
+        base = base_runtime(a.base)
+    body = [f"`{a.config}@{a.threads}t` of `{a.bundle.name}`, budget {a.budget_ms:g} ms, batch 1; the "
+            f"runtimes {'and their engines ' if a.engines else ''}in turns of {a.block} requests for "
+            f"{a.rounds} rounds, the order rotating; {a.repeats} independent measurements"
+            + (f"; `base`: the Runtime of `{a.base}`" if a.base else "") + ".", ""]
     for i in range(a.repeats):
         try:
-            rts = runtimes(a.bundle, a.config, a.threads, a.budget_ms, counts)
+            rts = runtimes(a.bundle, a.config, a.threads, a.budget_ms, counts, base)
         except ef.EdgeflexError as e:
             p.error(str(e))
         spec = rts["static"].inputs[0]
         x = np.random.default_rng(0).standard_normal([1 if d is None or isinstance(d, str) else d
                                                        for d in spec.shape]).astype(np.float32)
-        lat = measure(rts, x, a.rounds, a.block)
+        lat = measure(rts, x, a.rounds, a.block, a.engines)
         tail = rts["tail"].adapter
+        seen = "" if base is None else f"; base: one in {rts['base'].adapter.every}"
         body += [f"**Measurement {i + 1}** (the tail policy observed one request in {tail.every}, "
-                 f"{tail.switches} switches):", "", *table(lat, a.budget_ms), ""]
+                 f"{tail.switches} switches{seen}):", "", *table(lat, a.budget_ms, a.block), ""]
         print("\n".join(body[-(len(lat) + 4):]), flush=True)
     body += machine_and_run(a.threads, f"- cpu flags: {cpu_flags()}", started=started)
     publish(a.out, SECTION, "bench_policy_overhead", "\n".join(body))

@@ -501,6 +501,20 @@ def test_the_policy_overhead_benchmark_times_three_runtimes_and_the_unobserved_o
     assert rts["unobserved"].adapter._runs == 0 and rts["tail"].adapter._runs > 0
     rows = bench.table(lat, 1e6)
     assert len(rows) == 5 and all(r.count("100.00%") == 3 for r in rows[2:])
+    # each runtime's own engine in blocks of its own: a runtime's p50 over its engine's, paired by round
+    lat = bench.measure(rts, x, rounds=4, block=10, engines=True)
+    assert set(lat) == {"static", "tail", "unobserved", "static:engine", "tail:engine", "unobserved:engine"}
+    over = bench.over_engine(lat, 10)
+    assert set(over) == {"static", "tail", "unobserved"} and all(lo <= g <= hi for g, lo, hi in over.values())
+    class Other(ef.Runtime):                               # as another revision's Runtime (--base FILE)
+        pass
+
+    rts = bench.runtimes(elastic, best, 1, 1e6, counts=(1,), base=Other)
+    assert type(rts["base"]) is Other and rts["base"].adapter is not None
+    fake = {"a": np.full(40, 0.020), "a:engine": np.full(40, 0.018)}      # 2 us over its engine, exactly
+    assert bench.over_engine(fake, 10)["a"] == pytest.approx((2.0, 2.0, 2.0))
+    rows = bench.table(fake, 1.0, 10)
+    assert "+2.00 [+2.00, +2.00]" in rows[2] and rows[3].endswith("|  |")
     with pytest.raises(SystemExit) as e:
         bench.runtimes(elastic, best, 1, 1e-9, counts=(1,))
     assert "picks" in str(e.value) and "expected a budget" in str(e.value)
