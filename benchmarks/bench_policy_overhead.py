@@ -61,10 +61,20 @@ def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
     return rts
 
 
+def observed_next(rt: ef.Runtime) -> str | None:
+    """The attribute that is 0 when `rt`'s next request is one its budget policy observes (this revision:
+    `_free`; before the fourteenth session: `_unobserved`), None without an adaptive budget."""
+    if rt.adapter is None:
+        return None
+    return next((k for k in ("_free", "_unobserved") if hasattr(rt, k)), None)
+
+
 def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int,
-            engines: bool = False) -> dict[str, np.ndarray]:
+            engines: bool = False, marks: dict[str, list[bool]] | None = None) -> dict[str, np.ndarray]:
     """Per runtime, its requests' latencies (ms) in the order run, `rounds` blocks of `block`; `engines`:
-    each runtime's current engine also called directly, in blocks of its own (`NAME:engine`)."""
+    each runtime's current engine also called directly, in blocks of its own (`NAME:engine`); `marks`:
+    filled per adaptive runtime with whether each request was one its policy observed (read before the
+    request, outside its timing)."""
     names = [*rts, *([f"{k}{ENGINE}" for k in rts] if engines else [])]
     out: dict[str, list[float]] = {k: [] for k in names}
     pc = time.perf_counter
@@ -84,6 +94,15 @@ def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int,
                         lat.append(pc() - t0)
                     continue
                 rt = rts[k]
+                slot = observed_next(rt) if marks is not None else None
+                if slot is not None:
+                    m = marks.setdefault(k, [])
+                    for _ in range(block):
+                        m.append(getattr(rt, slot) == 0)
+                        t0 = pc()
+                        rt.run_config(x)
+                        lat.append(pc() - t0)
+                    continue
                 for _ in range(block):
                     t0 = pc()
                     rt.run_config(x)
@@ -109,6 +128,27 @@ def over_engine(lat: dict[str, np.ndarray], block: int,
         boot = np.median(d[rng.integers(0, len(d), (2000, len(d)))], axis=1)
         out[k] = (float(np.median(d)), *map(float, np.percentile(boot, [2.5, 97.5])))
     return out
+
+
+def positions(lat: dict[str, np.ndarray], marks: dict[str, list[bool]], budget_ms: float) -> list[str]:
+    """Per adaptive runtime: the late share of the requests its policy observed, of the request right after
+    each (caches the bookkeeping evicted), and of the others; and the late requests over the others' share
+    that the two account for, in points of all requests (what observing costs at the budget)."""
+    rows = ["| runtime | observed: requests, late | the next: late | the others: late | late over the "
+            "others' share, points of all requests |", "|---|---:|---:|---:|---:|"]
+    for k, m in marks.items():
+        late = lat[k] > budget_ms
+        obs = np.asarray(m, dtype=bool)
+        nxt = np.roll(obs, 1)
+        nxt[0] = False
+        nxt &= ~obs
+        rest = ~(obs | nxt)
+        base = late[rest].mean() if rest.any() else float("nan")
+        share = [late[v].mean() if v.any() else float("nan") for v in (obs, nxt)]
+        excess = sum(v.sum() * (sh - base) for v, sh in zip((obs, nxt), share) if v.any()) / len(late)
+        pct = [f"{v:.2%}" if v == v else "-" for v in (*share, base)]
+        rows.append(f"| {k} | {obs.sum()}, {pct[0]} | {pct[1]} | {pct[2]} | {100 * excess:+.3f} |")
+    return rows
 
 
 def table(lat: dict[str, np.ndarray], budget_ms: float, block: int | None = None) -> list[str]:
@@ -171,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         spec = rts["static"].inputs[0]
         x = np.random.default_rng(0).standard_normal([1 if d is None or isinstance(d, str) else d
                                                        for d in spec.shape]).astype(np.float32)
-        lat = measure(rts, x, a.rounds, a.block, a.engines)
+        marks: dict[str, list[bool]] = {}
+        first = len(body)
+        lat = measure(rts, x, a.rounds, a.block, a.engines, marks)
         tail = rts["tail"].adapter
         seen = "" if base is None else f"; base: one in {rts['base'].adapter.every}"
         body += [f"**Measurement {i + 1}** (the tail policy observed one request in {tail.every}, "
-                 f"{tail.switches} switches{seen}):", "", *table(lat, a.budget_ms, a.block), ""]
-        print("\n".join(body[-(len(lat) + 4):]), flush=True)
+                 f"{tail.switches} switches{seen}):", "", *table(lat, a.budget_ms, a.block), "",
+                 "Late requests by position (the policy's observed request, the one after it, the rest):",
+                 "", *positions(lat, marks, a.budget_ms), ""]
+        print("\n".join(body[first:]), flush=True)
     body += machine_and_run(a.threads, f"- cpu flags: {cpu_flags()}", started=started)
     publish(a.out, SECTION, "bench_policy_overhead", "\n".join(body))
     return 0

@@ -515,6 +515,18 @@ def test_the_policy_overhead_benchmark_times_three_runtimes_and_the_unobserved_o
     assert bench.over_engine(fake, 10)["a"] == pytest.approx((2.0, 2.0, 2.0))
     rows = bench.table(fake, 1.0, 10)
     assert "+2.00 [+2.00, +2.00]" in rows[2] and rows[3].endswith("|  |")
+    # late requests by position: every 10th observed and late, the one after late half the time, none else
+    lat = {"t": np.full(100, 0.5), "u": np.full(100, 0.5)}
+    obs = np.arange(100) % 10 == 0
+    lat["t"][obs] = 2.0
+    lat["t"][np.flatnonzero(obs)[::2] + 1] = 2.0
+    rows = bench.positions(lat, {"t": list(obs), "u": [False] * 100}, 1.0)
+    assert rows[2] == "| t | 10, 100.00% | 50.00% | 0.00% | +15.000 |"
+    assert rows[3] == "| u | 0, - | - | 0.00% | +0.000 |"
+    marks = {}
+    bench.measure(rts, x, rounds=2, block=30, marks=marks)
+    assert set(marks) == {"tail", "unobserved", "base"} and not any(marks["unobserved"])
+    assert sum(marks["tail"]) > 0 and len(marks["tail"]) == 60       # (observed: all, at every 1)
     with pytest.raises(SystemExit) as e:
         bench.runtimes(elastic, best, 1, 1e-9, counts=(1,))
     assert "picks" in str(e.value) and "expected a budget" in str(e.value)
