@@ -257,13 +257,16 @@ def test_runtime_hands_observations_over_on_runs_with_room_or_late_holds_at_most
         rt.run(x)
     # each observation waits for a run with room or a late one; none lost, none handed over yet
     assert g._runs == 1 and len(rt._pending) == HOLD - 1
-    rt.run(x)                                               # the HOLD-th waiting: this run pays for all
-    assert g._runs == 1 + HOLD and not rt._pending
+    rt.run(x)                   # HOLD wait, and one fits at its mean cost: the oldest goes on this run
+    assert g._runs == 2 and len(rt._pending) == HOLD - 1
+    g.overhead_ms = 2e6                                     # even one would make the run late: then all go
+    rt.run(x)
+    assert g._runs == 2 + HOLD and not rt._pending
     rt.run(x)
     assert len(rt._pending) == 1
     g.budget = 1e-6                                         # every run late: free to hand over at once
     rt.run(x)
-    assert g._runs == 3 + HOLD and not rt._pending
+    assert g._runs == 4 + HOLD and not rt._pending
     g.budget = 1e6
     rt.run(x)
     rt.set_budget(None)
