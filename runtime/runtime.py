@@ -178,7 +178,6 @@ class Runtime:
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
         self._free = 0                  # runs left before the budget policy times one again (sampling)
         self._pending: list[tuple[_Plan, float]] = []      # observations the policy has not had yet
-        self._room = 0.0                # a run this fast has room to hand them over (`_bookkeep`)
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -408,7 +407,7 @@ class Runtime:
             -> tuple[str, np.ndarray | tuple[np.ndarray, ...]]:
         """Run `arrays` through `plan`, timed for the budget's adapter. The tail policy observes one run in
         `every` (TailGuard.every); `run` counts the others down in `_free` untimed, one attribute, so that
-        they cost ~0.1 us more than a static runtime's (timing every run while an observation waited for
+        they cost 0.1-0.3 us more than a static runtime's (timing every run while an observation waited for
         room cost ~0.4 us a run on a 19 us FITS config: benchmarks/RESULTS.md, fourteenth session)."""
         adapter = self._adapter
         if adapter is None:                     # the budget was lifted by another thread meanwhile
@@ -433,7 +432,7 @@ class Runtime:
         # that its mean cost leaves on time (SN-Net at 85 us against 128 us, ~27 us an observation: the
         # eight at once made every such run late), and all of them on one it would make late anyway (FITS at
         # 19 us against 24 us: one run in HOLD x `every` late, not one in `every`)
-        if ms <= self._room:
+        if ms + 2 * adapter.overhead_ms <= adapter.budget:
             self._bookkeep(adapter, t0, max(1, int((adapter.budget - ms) / (2 * adapter.overhead_ms or 1))))
         elif ms > adapter.budget:
             self._bookkeep(adapter, t0, len(pending))
@@ -448,8 +447,7 @@ class Runtime:
         14, had its observed requests late 2.6 % of the time, the others 0.4 %; each made to wait at most
         one observed run: FITS at 19 us against 23 us had ~1 run in 1,400 late for its bookkeeping;
         benchmarks/RESULTS.md, fourteenth session). The run's whole time, its bookkeeping included, tells
-        the policy whether the bookkeeping made it late (`TailGuard.bookkept`); its cost sets the next
-        `_room`."""
+        the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
         pending = self._pending
         n = min(most, len(pending))
         pc = time.perf_counter
@@ -461,7 +459,6 @@ class Runtime:
         # late for this bookkeeping: on time until it began (judged on the engine's time alone, a run one
         # hand-over made late was charged twice)
         adapter.bookkept((t2 - t1) * 1e3 / n, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3, n)
-        self._room = adapter.budget - 2 * adapter.overhead_ms
 
     def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
         target = adapter.observe(plan.key, latency_ms)
@@ -687,8 +684,6 @@ class Runtime:
                               "the profile's p99/p50); raise the budget or pass degrade=True")
         self.budget_met = guard.fits
         self._plan = self._by_key[guard.current]
-        self._free = 0
-        self._room = guard.budget - 2 * guard.overhead_ms
         self._adapter = guard if adapt else None
         self._budget_call = call
         return self.config

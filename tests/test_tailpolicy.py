@@ -252,7 +252,6 @@ def test_runtime_hands_observations_over_on_runs_with_room_or_late_holds_at_most
     rt.run(x)
     assert g._runs == 1 and not rt._pending                # room for the bookkeeping: at once
     g.overhead_ms = 9.5e5                                   # as if bookkeeping could push any run over
-    rt._room = g.budget - 2 * g.overhead_ms                 # (the runtime sets it after each hand-over)
     for _ in range(HOLD - 1):
         rt.run(x)
     # each observation waits for a run with room or a late one; none lost, none handed over yet
