@@ -26,6 +26,7 @@ import argparse
 import gc
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,16 @@ def runtimes(bundle: Path, config: str, threads: int, budget_ms: float,
     return rts
 
 
-def observed_next(rt: ef.Runtime) -> str | None:
-    """The attribute that is 0 when `rt`'s next request is one its budget policy observes (this revision:
-    `_free`; before the fourteenth session: `_unobserved`), None without an adaptive budget."""
+def observed_next(rt: ef.Runtime) -> Callable[[], bool] | None:
+    """A check that says whether `rt`'s next request is one its budget policy observes (this revision: `_free`
+    is 0 and no hunt runs, or the hunt's sampling count `_due` is 0; before the fifteenth session no hunts;
+    before the fourteenth: `_unobserved`), None without an adaptive budget."""
     if rt.adapter is None:
         return None
-    return next((k for k in ("_free", "_unobserved") if hasattr(rt, k)), None)
+    if hasattr(rt, "_hunt"):
+        return lambda: rt._free == 0 and (not rt._hunt or rt._due == 0)
+    slot = next((k for k in ("_free", "_unobserved") if hasattr(rt, k)), None)
+    return None if slot is None else (lambda: getattr(rt, slot) == 0)
 
 
 def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int,
@@ -94,11 +99,11 @@ def measure(rts: dict[str, ef.Runtime], x: np.ndarray, rounds: int, block: int,
                         lat.append(pc() - t0)
                     continue
                 rt = rts[k]
-                slot = observed_next(rt) if marks is not None else None
-                if slot is not None:
+                observed = observed_next(rt) if marks is not None else None
+                if observed is not None:
                     m = marks.setdefault(k, [])
                     for _ in range(block):
-                        m.append(getattr(rt, slot) == 0)
+                        m.append(observed())
                         t0 = pc()
                         rt.run_config(x)
                         lat.append(pc() - t0)
@@ -130,12 +135,18 @@ def over_engine(lat: dict[str, np.ndarray], block: int,
     return out
 
 
-def positions(lat: dict[str, np.ndarray], marks: dict[str, list[bool]], budget_ms: float) -> list[str]:
+def positions(lat: dict[str, np.ndarray], marks: dict[str, list[bool]], budget_ms: float,
+              made_late: dict[str, int] | None = None) -> list[str]:
     """Per adaptive runtime: the late share of the requests its policy observed, of the request right after
     each (caches the bookkeeping evicted), and of the others; and the late requests over the others' share
-    that the two account for, in points of all requests (what observing costs at the budget)."""
+    that the two account for, in points of all requests (what observing costs at the budget). `made_late`
+    (per runtime, the policy's count of runs its bookkeeping made late: on time before it, late after) adds
+    a column with those in points of all requests, which the load's level moves far less than the shares."""
+    made_late = made_late or {}
     rows = ["| runtime | observed: requests, late | the next: late | the others: late | late over the "
-            "others' share, points of all requests |", "|---|---:|---:|---:|---:|"]
+            "others' share, points of all requests |"
+            + (" made late by the bookkeeping, points of all requests |" if made_late else ""),
+            "|---|---:|---:|---:|---:|" + ("---:|" if made_late else "")]
     for k, m in marks.items():
         late = lat[k] > budget_ms
         obs = np.asarray(m, dtype=bool)
@@ -147,7 +158,8 @@ def positions(lat: dict[str, np.ndarray], marks: dict[str, list[bool]], budget_m
         share = [late[v].mean() if v.any() else float("nan") for v in (obs, nxt)]
         excess = sum(v.sum() * (sh - base) for v, sh in zip((obs, nxt), share) if v.any()) / len(late)
         pct = [f"{v:.2%}" if v == v else "-" for v in (*share, base)]
-        rows.append(f"| {k} | {obs.sum()}, {pct[0]} | {pct[1]} | {pct[2]} | {100 * excess:+.3f} |")
+        made = f" {100 * made_late[k] / len(late):.3f} |" if k in made_late else (" - |" if made_late else "")
+        rows.append(f"| {k} | {obs.sum()}, {pct[0]} | {pct[1]} | {pct[2]} | {100 * excess:+.3f} |{made}")
     return rows
 
 
@@ -215,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         first = len(body)
         lat = measure(rts, x, a.rounds, a.block, a.engines, marks)
         tail = rts["tail"].adapter
+        made = {k: rt.adapter.bookkeeping["made_late"] for k, rt in rts.items()
+                if k in marks and hasattr(rt.adapter, "bookkeeping")}
         seen = "" if base is None else f"; base: one in {rts['base'].adapter.every}"
         body += [f"**Measurement {i + 1}** (the tail policy observed one request in {tail.every}, "
                  f"{tail.switches} switches{seen}):", "", *table(lat, a.budget_ms, a.block), "",
                  "Late requests by position (the policy's observed request, the one after it, the rest):",
-                 "", *positions(lat, marks, a.budget_ms), ""]
+                 "", *positions(lat, marks, a.budget_ms, made), ""]
         print("\n".join(body[first:]), flush=True)
     body += machine_and_run(a.threads, f"- cpu flags: {cpu_flags()}", started=started)
     publish(a.out, SECTION, "bench_policy_overhead", "\n".join(body))

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 # `fused="auto"`: the most memory the per-config weight copies of fused graphs may take.
 AUTO_FUSE_MB = 64
-HOLD = 8            # observations that may wait for an observed run with room (or a late one) before one pays
+HOLD = 8            # observations that may wait for an observed run with room (or a late one) before a hunt
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,8 @@ class Runtime:
         self._last_arrays: Sequence[np.ndarray] | None = None     # kept while a budget adapts (warm-ups)
         self._free = 0                  # runs left before the budget policy times one again (sampling)
         self._pending: list[tuple[_Plan, float]] = []      # observations the policy has not had yet
+        self._hunt = 0                  # HOLD observations wait: runs left timed to find one they are free on
+        self._due = 0                   # ... and, meanwhile, runs left before the next observation
         self._warm_switch = False
         self._warmer: threading.Thread | None = None
         self._warm_target: _Plan | None = None
@@ -421,24 +423,53 @@ class Runtime:
         if type(adapter) is not TailGuard:
             self._observe(adapter, plan, ms)
             return plan.config.name, out
-        self._free = adapter.every - 1
         pending = self._pending
+        every, cost = adapter.every, adapter.overhead_ms
+        hunt = self._hunt
+        if hunt:
+            # HOLD observations wait and this run was timed to find a run they are free on; the sampling goes
+            # on meanwhile (`_due`)
+            due = self._due
+            if due:
+                self._due = due - 1
+            else:
+                pending.append((plan, ms + cost / every))
+                self._due = every - 1
+            self._hunt = hunt = hunt - 1
+            budget = adapter.budget
+            if ms > budget or ms + 2 * cost <= budget or not hunt:     # (the checks inline: most runs of a
+                self._hand_over(adapter, t0, ms, last=not hunt)       # hunt pass them, one call less each)
+                if not hunt or len(pending) < HOLD:
+                    self._hunt, self._free = 0, self._due
+            return plan.config.name, out
+        self._free = every - 1
         # the latency the caller sees includes the policy's own bookkeeping: add its running mean per request
         # (an observation's cost over `every`: only the observed request pays it; adding all of it to every
         # kept run made a FITS config of 30 us, observed 1 in 12 at ~4 us, look late 1.2 % for 0.5 %)
-        pending.append((plan, ms + adapter.overhead_ms / adapter.every))
-        # the waiting observations go on an observed run with room for them (as many as twice their mean cost
-        # leaves on time), or on one late anyway (all: free at the budget). Once HOLD wait, one goes on a run
-        # that its mean cost leaves on time (SN-Net at 85 us against 128 us, ~27 us an observation: the
-        # eight at once made every such run late), and all of them on one it would make late anyway (FITS at
-        # 19 us against 24 us: one run in HOLD x `every` late, not one in `every`)
-        if ms + 2 * adapter.overhead_ms <= adapter.budget:
-            self._bookkeep(adapter, t0, max(1, int((adapter.budget - ms) / (2 * adapter.overhead_ms or 1))))
-        elif ms > adapter.budget:
-            self._bookkeep(adapter, t0, len(pending))
+        pending.append((plan, ms + cost / every))
+        if ms + 2 * cost <= adapter.budget or ms > adapter.budget:     # room, or late anyway (_hand_over)
+            self._hand_over(adapter, t0, ms, last=False)
         elif len(pending) >= HOLD:
-            self._bookkeep(adapter, t0, 1 if ms + adapter.overhead_ms <= adapter.budget else len(pending))
+            # HOLD wait and this run has no room: time the runs of the next HOLD sampling periods, untimed
+            # until now, for one late anyway or one with room (FITS at 19 us against 24 us, late 4-13 % of the
+            # time in bursts: handed over at once on the next run that would not fit them, one run in HOLD x
+            # `every` was late for its bookkeeping alone, 0.07-0.1 points of all requests; hunting one
+            # period, 0.03-0.07; HOLD periods, 0.005-0.014: benchmarks/RESULTS.md, fifteenth session)
+            self._hunt, self._due, self._free = HOLD * every, every - 1, 0
         return plan.config.name, out
+
+    def _hand_over(self, adapter: TailGuard, t0: float, ms: float, last: bool) -> None:
+        """Hand waiting observations over on a timed run of `ms` that began at `t0`, where that is free at the
+        budget: as many as twice their mean cost leaves on time, or all of them on a run late anyway; on
+        the `last` run of a hunt, all of them whatever that costs (one late run for up to 2 x HOLD of
+        them; handed over one at a time where one fit at its mean cost, as before the fifteenth session,
+        about half of those runs were late under SN-Net's trace hogs, and the list could only shrink by one
+        a run)."""
+        budget, cost = adapter.budget, adapter.overhead_ms
+        if ms + 2 * cost <= budget:
+            self._bookkeep(adapter, t0, max(1, int((budget - ms) / (2 * cost or 1))))
+        elif last or ms > budget:
+            self._bookkeep(adapter, t0, len(self._pending))
 
     def _bookkeep(self, adapter: TailGuard, t0: float, most: int) -> None:
         """Hand the waiting observations to the policy, oldest first, `most` of them, on an observed run that
@@ -457,8 +488,10 @@ class Runtime:
         del pending[:n]
         t2 = pc()
         # late for this bookkeeping: on time until it began (judged on the engine's time alone, a run one
-        # hand-over made late was charged twice)
-        adapter.bookkept((t2 - t1) * 1e3 / n, (t1 - t0) * 1e3 <= adapter.budget < (t2 - t0) * 1e3, n)
+        # hand-over made late was charged twice); its cost is not counted on a run late before it
+        before = (t1 - t0) * 1e3
+        adapter.bookkept((t2 - t1) * 1e3 / n if before <= adapter.budget else None,
+                         before <= adapter.budget < (t2 - t0) * 1e3, n)
 
     def _observe(self, adapter: Adapter | TailGuard, plan: _Plan, latency_ms: float) -> None:
         target = adapter.observe(plan.key, latency_ms)
@@ -607,7 +640,7 @@ class Runtime:
         if warm_switch is not None:
             check_bool("warm_switch", warm_switch)
         self._pending = []                           # observations for the policy being replaced
-        self._free = 0
+        self._free = self._hunt = 0
         if budget is None:
             self._adapter, self.budget_met, self._budget_call = None, True, None
             return self.config

@@ -207,6 +207,7 @@ class TailGuard:
         # of a request on average; a 15 us FITS config is observed every ~12th run, a 0.2 ms one every run
         self.overhead_ms = 0.0
         self.bk_late = 0.0      # the share of bookkept runs late only for their bookkeeping (running mean)
+        self.bookkeeping = {"handed": 0, "runs": 0, "made_late": 0}   # counts: observations, runs, late runs
         self._regrow_every = self._regrow
         self._fade_every = 10 * self.window
         self._trial_every = max(1, self.window // 2)
@@ -402,8 +403,11 @@ class TailGuard:
             self.switch_cost = float(np.mean(self.switch_costs))
             self._settle = None
 
-    def bookkept(self, cost_ms: float, made_late: bool, n: int = 1) -> None:
-        """The runtime handed `n` observations over at a cost of `cost_ms` each; `made_late`: the run that
+    def bookkept(self, cost_ms: float | None, made_late: bool, n: int = 1) -> None:
+        """The runtime handed `n` observations over at a cost of `cost_ms` each (None: on a run late before
+        them, where a spike that made it late is likely still on and the cost says more of the spike than of
+        the bookkeeping: FITS at 24 us, handed over mostly on late runs, measured 28 us an observation against
+        7-13 us, and `every` grew with it); `made_late`: the run that
         paid for them was within the budget without them and late with them. Keeps a running mean of the
         cost, each clipped at 4x the mean (+1 us: another process taking the core during the bookkeeping, or
         a switch, is the load's cost or a one-off, not the bookkeeping's; unclipped, a hogged core raised the
@@ -411,9 +415,16 @@ class TailGuard:
         late requests are spent from the allowance (the observed latency does not include them).
         Measured on FITS at 18 us against a 28 us budget, observed 1 in 25: 7.8 % of the runs that paid for an
         observation were late (0.5 % of the others), a fifth of all late requests."""
-        w = 0.05 if n == 1 else 1 - 0.95 ** n
-        est = self.overhead_ms
-        self.overhead_ms = est + w * (min(cost_ms, 4 * est + 0.001) - est)
+        bk = self.bookkeeping
+        bk["handed"] += n
+        bk["runs"] += 1
+        bk["made_late"] += made_late
+        if cost_ms is not None:
+            w = 0.05 if n == 1 else 1 - 0.95 ** n
+            est = self.overhead_ms
+            # the first cost measured stands for the mean (from 0, the clipped mean took ~100 observations
+            # to reach a FITS observation's 5 us, and the runs it found room on meanwhile were late)
+            self.overhead_ms = est + w * (min(cost_ms, 4 * est + 0.001) - est) if est else cost_ms
         w = 0.02 if n == 1 else 1 - 0.98 ** n
         self.bk_late += w * (made_late / n - self.bk_late)
         if made_late:

@@ -72,13 +72,15 @@ def pinned(rt, name: str, threads: int, *, wait_s: float = 1.0):
     end = time.perf_counter() + wait_s
     while getattr(rt, "_warm_target", None) is not None and time.perf_counter() < end:
         time.sleep(0.0005)
-    saved = rt._adapter, rt._plan, rt._pending, rt._free
+    keys = [k for k in ("_adapter", "_plan", "_pending", "_free", "_hunt", "_due") if hasattr(rt, k)]
+    saved = [getattr(rt, k) for k in keys]
     rt._adapter, rt._pending = None, []
     rt._plan = rt._loaded(name, threads)
     try:
         yield rt
     finally:
-        rt._adapter, rt._plan, rt._pending, rt._free = saved
+        for k, v in zip(keys, saved, strict=True):
+            setattr(rt, k, v)
 
 
 def sweep(rt, trace: LoadTrace, player: LoadPlayer | None, x: np.ndarray, options: list[tuple[str, int]],

@@ -242,7 +242,7 @@ def test_runtime_times_one_run_in_every_and_counts_its_own_bookkeeping(elastic):
     assert g._runs - runs in (10, 11)
 
 
-def test_runtime_hands_observations_over_on_runs_with_room_or_late_holds_at_most_hold_and_loses_none(elastic):
+def test_runtime_hands_observations_over_on_runs_with_room_or_late_then_hunts_and_loses_none(elastic):
     from edgeflex.runtime.runtime import HOLD
 
     rt = ef.Runtime(elastic, threads=1)
@@ -251,25 +251,33 @@ def test_runtime_hands_observations_over_on_runs_with_room_or_late_holds_at_most
     g = rt.adapter
     rt.run(x)
     assert g._runs == 1 and not rt._pending                # room for the bookkeeping: at once
+    assert g.bookkeeping == {"handed": 1, "runs": 1, "made_late": 0}
+    g.every, rt._free = 4, 0                                # observe one run in 4 from here
     g.overhead_ms = 9.5e5                                   # as if bookkeeping could push any run over
-    for _ in range(HOLD - 1):
+    for _ in range(4 * (HOLD - 1)):
         rt.run(x)
     # each observation waits for a run with room or a late one; none lost, none handed over yet
-    assert g._runs == 1 and len(rt._pending) == HOLD - 1
-    rt.run(x)                   # HOLD wait, and one fits at its mean cost: the oldest goes on this run
-    assert g._runs == 2 and len(rt._pending) == HOLD - 1
-    g.overhead_ms = 2e6                                     # even one would make the run late: then all go
+    assert g._runs == 1 and len(rt._pending) == HOLD - 1 and not rt._hunt
+    rt.run(x)                   # HOLD wait, no room: the runs of the next HOLD sampling periods are timed
+    assert len(rt._pending) == HOLD and rt._hunt == 4 * HOLD and rt._free == 0
+    for _ in range(4 * HOLD - 1):
+        rt.run(x)               # timed, neither late nor with room; the sampling goes on (one in 4)
+    assert g._runs == 1 and len(rt._pending) == 2 * HOLD - 1 and rt._hunt == 1
+    rt.run(x)                   # the hunt's last run (and the period's observation): all of them go
+    assert g._runs == 1 + 2 * HOLD and not rt._pending and not rt._hunt and rt._free == 3
+    g.overhead_ms = 9.5e5                                   # (the cost just measured lowered it)
+    for _ in range(3 + 4 * (HOLD - 1) + 1):
+        rt.run(x)               # HOLD wait again: a hunt
+    assert len(rt._pending) == HOLD and rt._hunt == 4 * HOLD
     rt.run(x)
-    assert g._runs == 2 + HOLD and not rt._pending
+    g.budget = 1e-6             # a late run: free at the budget, every waiting observation goes on it
     rt.run(x)
-    assert len(rt._pending) == 1
-    g.budget = 1e-6                                         # every run late: free to hand over at once
-    rt.run(x)
-    assert g._runs == 4 + HOLD and not rt._pending
+    assert g._runs == 1 + 3 * HOLD and not rt._pending and not rt._hunt and rt._free == 1
+    assert g.bookkeeping["made_late"] == 0 and g.bookkeeping["handed"] == 1 + 3 * HOLD
     g.budget = 1e6
     rt.run(x)
     rt.set_budget(None)
-    assert not rt._pending
+    assert not rt._pending and not rt._hunt
 
 
 def test_a_trial_broken_by_what_every_config_would_suffer_ends_without_blame():
@@ -327,6 +335,18 @@ def test_runs_the_bookkeeping_makes_late_are_spent_and_observed_more_rarely():
     assert g.bk_late == pytest.approx(1 / 8, rel=0.01)     # one late run per eight observations
     g.bookkept(0.004, False, 8)
     assert 0.002 < g.overhead_ms < 0.004                   # a costlier hand-over moves the mean, weighted 8x
+
+
+def test_the_bookkeeping_cost_is_learnt_on_runs_on_time_before_it_from_the_first_measured():
+    g = TailGuard(OPTS, Budget(latency_ms=0.5))
+    assert g.overhead_ms == 0.0
+    g.bookkept(0.005, False)                    # the first cost stands for the mean (not 0 + 5 % of it)
+    assert g.overhead_ms == 0.005
+    g.bookkept(None, False, 8)                  # on a run late before it: the spike's cost is not counted
+    assert g.overhead_ms == 0.005 and g.bk_late < 1e-9
+    g.bookkept(0.5, True)                       # an outlier: clipped at 4x the mean + 1 us
+    assert g.overhead_ms == pytest.approx(0.005 + 0.05 * (4 * 0.005 + 0.001 - 0.005))
+    assert g.bookkeeping == {"handed": 10, "runs": 3, "made_late": 1}
 
 
 def test_spikes_hit_a_shorter_run_less_often():
