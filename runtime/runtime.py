@@ -410,7 +410,9 @@ class Runtime:
         """Run `arrays` through `plan`, timed for the budget's adapter. The tail policy observes one run in
         `every` (TailGuard.every); `run` counts the others down in `_free` untimed, one attribute, so that
         they cost 0.1-0.3 us more than a static runtime's (timing every run while an observation waited for
-        room cost ~0.4 us a run on a 19 us FITS config: benchmarks/RESULTS.md, fourteenth session)."""
+        room cost ~0.4 us a run on a 19 us FITS config: benchmarks/RESULTS.md, fourteenth session). Only
+        while HOLD observations wait with no room (a hunt, HOLD sampling periods at most) is every run timed,
+        ~0.5 us a run more, for a run they are free on."""
         adapter = self._adapter
         if adapter is None:                     # the budget was lifted by another thread meanwhile
             return plan.config.name, plan.call(arrays)
@@ -477,8 +479,8 @@ class Runtime:
         handed over on its own run whatever that cost: FITS at 28 us against a 41 us budget, observed 1 in
         14, had its observed requests late 2.6 % of the time, the others 0.4 %; each made to wait at most
         one observed run: FITS at 19 us against 23 us had ~1 run in 1,400 late for its bookkeeping;
-        benchmarks/RESULTS.md, fourteenth session). The run's whole time, its bookkeeping included, tells
-        the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
+        benchmarks/RESULTS.md, fourteenth session; hence the hunt). The run's whole time, its bookkeeping
+        included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
         pending = self._pending
         n = min(most, len(pending))
         pc = time.perf_counter
