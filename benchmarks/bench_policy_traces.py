@@ -187,8 +187,7 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
         if g is not None and hasattr(g, "every"):     # the tail policy's sampling at the end, for diagnosis
             us = round(1e3 * g.overhead_ms, 2)
             out["strategies"][s]["sampling"] = {"every": g.every, "overhead_us": us,
-                                                "bookkeeping_late": round(g.bk_late, 4),
-                                                "floor": bool(getattr(g, "_floor", False))}
+                                                "bookkeeping_late": round(g.bk_late, 4)}
         rts[s].set_budget(None)
     out["chunks"] = {s: tracerun.chunk_counts(parts[s], budget_ms) for s in order if s != "static"}
     if a.pinned:        # the static best's share on each strategy's runtime, from its chunks' counts

@@ -454,14 +454,13 @@ class TailGuard:
                 self._set_trial_cost()
 
     def _on_floor(self) -> bool:
-        """The current config is the fastest of all options at the fewest threads (a break has nowhere to
-        go: nothing is faster, and fewer threads, the way out of a hog on a core, are not there) and every
+        """The current config is the fastest of all options (a break has nowhere faster to go) and every
         option better than it (`_better_than`) misses the budget on its profile alone (`_profiled`): the
         policy could leave only if the machine ran faster than it was profiled. The static best config of
         a budget only the smallest config fits is such a place."""
         cur = self.opts[self.current]
-        return (cur.key == self._fastest().key and cur.threads == min(self._norm)
-                and all(self._profiled(o) > self.aim for o in self._better_than(cur)))
+        return cur.key == self._fastest().key and all(self._profiled(o) > self.aim
+                                                      for o in self._better_than(cur))
 
     def _better_than(self, cur: Option) -> list[Option]:
         """The options better than `cur`: higher rank, or the same rank faster; best first (listed once per
