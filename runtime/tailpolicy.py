@@ -340,7 +340,6 @@ class TailGuard:
         self._stint = 0
         self._trial = trial
         self._entry_pred = pred                      # a trial's predicted late share (`_learn_share`)
-        self._floor = self._on_floor()
         # [ms of settling left, late requests while settling, requests while settling, late after, after]
         self._settle = [SETTLE_MS, 0, 0, 0, 0] if self.switches else None
 
@@ -365,7 +364,6 @@ class TailGuard:
             if runs % self._fade_every == 0:              # corrections fade: loads change
                 self.correction = {k: 1 + (c - 1) / 2 for k, c in self.correction.items()}
                 self.share_correction = {k: 1 + (c - 1) / 2 for k, c in self.share_correction.items()}
-                self._floor = self._on_floor()
             if late:
                 if self._trial is not None:
                     self._trial["late"] += self.every
@@ -437,41 +435,13 @@ class TailGuard:
         bookkeeping costs at most OVERHEAD_SHARE of a request's time on average, and the runs it makes late
         are at most BOOKKEEPING_LATE of the stated late share (where no run has room for it, as under a
         budget just over the fastest config's run, each observation is a late request: 1 in 1,000 then,
-        `horizon`, at most; the tail test still sees a break within a few thousand runs). On the floor
-        (`_on_floor`: nothing to move down to, nothing better that fits even an idle machine) at most one run
-        in `window` (1 / late_share, the stated tail's own resolution): there an observation can only tell
-        that the machine now runs faster than its profile, and every one is a cost to the share. (Measured
-        on SN-Net's smallest config held alone at 0.17-0.19 ms, observed 1 in 28-30: the tail policy against
-        its own runtime pinned lost 0.26-0.35 points, pooled over 36 plays: benchmarks/RESULTS.md, fifteenth
-        session.) A trial up still needs its evidence, ~2 / late_share clean observations: 2 / late_share**2
-        requests here (0.4 s of a 20 us FITS, 2 s of a 0.1 ms SN-Net)."""
-        every = max(self.window if self._floor else 1,
-                    math.ceil(self.overhead_ms / (OVERHEAD_SHARE * self._p50)),
+        `horizon`, at most; the tail test still sees a break within a few thousand runs)."""
+        every = max(1, math.ceil(self.overhead_ms / (OVERHEAD_SHARE * self._p50)),
                     min(self.horizon, math.ceil(self.bk_late / (BOOKKEEPING_LATE * self.q))))
         if every != self.every:
             self.every, self._regrow_every = every, self._regrow * every
             if not self.trial_costs:
                 self._set_trial_cost()
-
-    def _on_floor(self) -> bool:
-        """The current config is the fastest of all options (a break has nowhere faster to go) and every
-        option better than it (`_better_than`) misses the budget on its profile alone (`_profiled`): the
-        policy could leave only if the machine ran faster than it was profiled. The static best config of
-        a budget only the smallest config fits is such a place."""
-        cur = self.opts[self.current]
-        return cur.key == self._fastest().key and all(self._profiled(o) > self.aim
-                                                      for o in self._better_than(cur))
-
-    def _better_than(self, cur: Option) -> list[Option]:
-        """The options better than `cur`: higher rank, or the same rank faster; best first (listed once per
-        config)."""
-        better = self._better.get(cur.key)
-        if better is None:
-            better = self._better[cur.key] = sorted(
-                (o for o in self.opts.values()
-                 if o.rank > cur.rank or (o.rank == cur.rank and o.p50_ms < cur.p50_ms)),
-                key=lambda o: (o.rank, -o.p50_ms), reverse=True)
-        return better
 
     def _maybe_down(self) -> str | None:
         """A slow drift the test is too short to see (late 2 % of the time: 20 late runs in 1,000, under its
@@ -663,8 +633,14 @@ class TailGuard:
         if self._trial is not None or not self._affords():
             return None
         cur = self.opts[self.current]
+        better = self._better.get(cur.key)
+        if better is None:
+            better = self._better[cur.key] = sorted(
+                (o for o in self.opts.values()
+                 if o.rank > cur.rank or (o.rank == cur.rank and o.p50_ms < cur.p50_ms)),
+                key=lambda o: (o.rank, -o.p50_ms), reverse=True)
         asked, free = False, None
-        for o in self._better_than(cur):
+        for o in better:
             if o.threads != cur.threads and self._stale(o.threads) and self.idle_cores is not None:
                 if not asked:
                     asked, free = True, self.idle_cores()
