@@ -26,6 +26,9 @@ HOST_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
 # the dot-product instruction they are written for (x86: AVX512-VNNI `vpdpbusd`; aarch64: `sdot`).
 # AVX-VNNI (256-bit only), AMX and AVX2's vpmaddubsw have no kernel here: int8 on TVM is refused there.
 TVM_INT8_FLAGS: dict[str, tuple[str, ...]] = {"x86_64": ("avx512_vnni",), "aarch64": ("asimddp",)}
+# The x86 int8 units that add u8 x s8 products in int32: without one, ONNX Runtime's int8 GEMM uses AVX2's
+# vpmaddubsw, which adds pairs of products in int16 and saturates (`u8s8_saturates`).
+EXACT_U8S8_FLAGS: dict[str, tuple[str, ...]] = {"x86_64": ("amx_int8", "avx512_vnni", "avx_vnni")}
 # Flags worth naming in a benchmark record (which int8/16-bit units the machine has).
 NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16",
                  "avx512_fp16", "asimddp", "asimdhp", "bf16", "i8mm")
@@ -62,6 +65,14 @@ def tvm_int8_refusal(flags: set[str] | None = None, arch: str | None = None) -> 
         return None
     have = " / ".join(needs) or "int8 dot-product instruction TVM has a kernel for"
     return f"this {arch} CPU has no {have} (what TVM's int8 kernels compute with): int8 would be emulated"
+
+
+def u8s8_saturates(flags: set[str] | None = None, arch: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI or AMX (AVX2, AVX-512 without VNNI), where ONNX Runtime's uint8 x int8
+    kernels saturate pairs of products in int16 (`EXACT_U8S8_FLAGS`); ARM's dot products do not."""
+    flags = cpu_flags() if flags is None else flags
+    needs = EXACT_U8S8_FLAGS.get(arch or platform.machine())
+    return needs is not None and not any(f in flags for f in needs)
 
 
 def device_precisions(device: str) -> dict[str, str]:

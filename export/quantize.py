@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeflex.devices.precision import check_precision
+from edgeflex.devices.precision import check_precision, u8s8_saturates
 from edgeflex.errors import DataError, ExportError, UsageError
 from edgeflex.runtime.bundle import Bundle, Config, TensorSpec, model_id, update_bundle
 from edgeflex.runtime.plan import Plan, build_plans
@@ -225,30 +225,16 @@ def quantize_int8(model: Any, inputs: list[np.ndarray], method: str, work: Path)
     # caller's output (what it did is in the variant's record).
     with contextlib.redirect_stdout(io.StringIO()), _quiet_root():
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=_saturates_u8s8(),
+                        # 7-bit weights where ORT's u8s8 kernels saturate (its advice for such CPUs). Measured
+                        # on a Zen 1 EPYC (`avx2` only, sixteenth session): with 8-bit weights StarNet's int8
+                        # outputs were 18-33 % from PyTorch's and FITS's int8 MSE 12 % off; VNNI machines (and
+                        # ARM) keep 8 bits
+                        reduce_range=u8s8_saturates(),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                        "CalibPercentile": 99.99},
                         calibration_providers=["CPUExecutionProvider"])
     return onnx.load(str(dst))
-
-
-def _saturates_u8s8() -> bool:
-    """True on an x86 CPU without VNNI (AVX2, AVX-512 without VNNI), where ONNX Runtime's uint8 x int8 kernels
-    add pairs of products in int16 and saturate: weights are then quantized to 7 bits (`reduce_range`, ONNX
-    Runtime's advice for such machines). Measured on a Zen 1 EPYC (`avx2` only, sixteenth session): 8-bit
-    weights put StarNet's int8 outputs 18-33 % from PyTorch's and FITS's int8 MSE 12 % off, where VNNI
-    machines were within 2 %. VNNI machines and ARM keep 8 bits."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return False
-    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
 @contextlib.contextmanager

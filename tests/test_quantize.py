@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import edgeflex as ef
-from edgeflex.devices.precision import check_precision, host_precisions
+from edgeflex.devices.precision import check_precision, host_precisions, u8s8_saturates
 from edgeflex.errors import DataError, DeviceError, ExportError, UsageError
 from edgeflex.export.quantize import METHODS, quantize
 from edgeflex.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -233,6 +233,11 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(starnet_q) -> None:
     assert host_precisions(flags={"avx512_vnni", "avx512_bf16"}, arch="x86_64") == {
         "fp32": "baseline", "int8": "avx512_vnni", "bf16": "avx512_bf16"}
     assert host_precisions(flags={"asimddp", "asimdhp"}, arch="aarch64").keys() == {"fp32", "int8", "fp16"}
+    # int8 weights to 7 bits only where ORT's u8s8 kernels saturate: x86 without VNNI / AMX
+    assert u8s8_saturates(flags={"avx2", "avx512f"}, arch="x86_64")
+    assert not u8s8_saturates(flags={"avx2", "avx512_vnni"}, arch="x86_64")
+    assert not u8s8_saturates(flags={"avx2", "avx_vnni"}, arch="x86_64")
+    assert not u8s8_saturates(flags={"asimd"}, arch="aarch64")
 
 
 def test_bad_calibration_data_and_arguments_are_one_line_errors(starnet_q, tmp_path) -> None:
