@@ -24,6 +24,11 @@ config set_budget(adapt=False) picks from the idle profile); (3) mean quality >=
 config whose within-budget share is at least the adaptive one's. Seeds: training seeds (the only ones
 looked at while changing the policy) and held-out seeds, reported separately. Writes a table and a PNG.
 
+`--strategies tail,fixed` also plays `fixed`, a control: the static best on a runtime of its own with no
+policy (`set_budget(adapt=False)`, what a user who pins that config runs), taking turns like the adaptive
+strategies and judged by the same criteria. Where the static best is the config the policy holds, a miss of
+criterion 2 by `fixed` is the evaluation's resolution, not a policy's cost: the policy at no cost at all.
+
 `--strategies tail,tail#2` plays two copies of one policy (each its own runtime, taking turns like any two
 strategies): how often the copies meet the same criteria, and how far apart their within-budget shares
 land, is the resolution of this evaluation on this machine (an A/A test). `--base FILE --strategies
@@ -56,6 +61,7 @@ from policy_replay import seeds_of  # noqa: E402
 SECTION = "## Budget policies on unseen load traces (issue 20)"
 ADAPTIVE = ("tail", "window")     # the default strategies; "POLICY#N" is a copy of POLICY (an A/A test)
 BASE = "base"                     # the tail policy on the runtime of another revision (`--base FILE`)
+FIXED = "fixed"                   # the static best on a runtime of its own, no policy: a control (module doc)
 PINNED = ":pinned"                # "tail:pinned": the static best played on tail's runtime (tracerun.pinned)
 
 
@@ -94,11 +100,11 @@ def base_runtime(path: Path) -> type:
 def strategy_list(spec: str) -> tuple[str, ...]:
     """'tail,window' -> the strategies (an argparse type: a bad spec is a one-line usage error)."""
     out = tuple(x.strip() for x in spec.split(",") if x.strip())
-    bad = [x for x in out if policy_of(x) not in ("tail", "window", BASE) or x.count("#") > 1]
+    bad = [x for x in out if policy_of(x) not in ("tail", "window", BASE, FIXED) or x.count("#") > 1]
     if not out or bad or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"strategies {spec!r}: expected distinct comma-separated names, "
-                                         "each 'tail', 'window' or 'base' (with --base), optionally '#N' "
-                                         "for a copy (e.g. tail,tail#2)")
+                                         "each 'tail', 'window', 'fixed' or 'base' (with --base), "
+                                         "optionally '#N' for a copy (e.g. tail,tail#2,fixed)")
     return out
 
 
@@ -158,7 +164,13 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
     # for the turn (`tracerun.pinned`: runtimes made alike differ among themselves)
     order = [*strategies, *(s + PINNED for s in strategies if a.pinned), "static"]
     for s in strategies:
-        rts[s].set_budget(budget, policy=set_policy(s), degrade=True)
+        if policy_of(s) == FIXED:   # what a user who pins the static best runs: no policy, never timed
+            rts[s].set_budget(budget, adapt=False, degrade=True)
+            if (rts[s].config, rts[s].threads) != best:
+                raise SystemExit(f"error: {s} picked {rts[s].config}@{rts[s].threads}t, the static runtime "
+                                 f"{out['static_best']}: the two runtimes read different profiles")
+        else:
+            rts[s].set_budget(budget, policy=set_policy(s), degrade=True)
     # the strategies take turns over the trace in chunks (each pauses while the others play their turn),
     # so the other engineers' load, which comes and goes for seconds, falls on every strategy alike
     parts: dict[str, list] = {s: [] for s in order}
@@ -351,6 +363,33 @@ def copies(results: list[dict], strategies: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def control(results: list[dict], strategies: tuple[str, ...]) -> list[str]:
+    """Where `fixed` played (the static best on a runtime of its own, no policy): how often that control,
+    which is the static best, meets criterion 2 as stated, how far its share lands from the static runtime's,
+    and, per adaptive strategy, on how many of the traces it missed criterion 2 the control missed too."""
+    fixed = [s for s in strategies if policy_of(s) == FIXED]
+    if not fixed:
+        return []
+    n, lines = len(results), []
+    for f in fixed:
+        d = 100 * np.array([r["strategies"][f]["within"] - r["static"][r["static_best"]]["within"]
+                            for r in results])
+        met = sum(r["strategies"][f]["c2"] for r in results)
+        line = (f"- {f} (the static best on a runtime of its own, no policy): criterion 2 as stated met on "
+                f"{met} of {n} traces; its share minus the static runtime's {np.median(d):+.2f} points at "
+                f"the median, |difference| {np.percentile(np.abs(d), 90):.2f} at the 90th pct, "
+                f"{np.abs(d).max():.2f} at most")
+        for s in strategies:
+            if policy_of(s) == FIXED:
+                continue
+            miss = [r for r in results if not r["strategies"][s]["c2"]]
+            both = sum(not r["strategies"][f]["c2"] for r in miss)
+            line += (f"; {s} missed criterion 2 on {len(miss)}, {f} on {both} of those and on "
+                     f"{n - met - both} others")
+        lines.append(line)
+    return lines
+
+
 def plot(all_results: dict[str, list[dict]], out: Path, metrics: dict[str, str] | None = None,
          strategies: tuple[str, ...] = ADAPTIVE) -> None:
     """Per bundle: within-budget shares per strategy; adaptive vs static best (quality in the bundle's
@@ -430,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-seconds", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="also write every trace's numbers here")
     p.add_argument("--strategies", type=strategy_list, default=ADAPTIVE,
-                   help="adaptive strategies to play, comma-separated: tail, window; 'tail#2' plays a second "
-                        "copy of tail (an A/A test of the evaluation's resolution)")
+                   help="strategies to play, comma-separated: tail, window; 'tail#2' plays a second copy of "
+                        "tail (an A/A test of the evaluation's resolution); 'fixed', the static best on a "
+                        "runtime of its own with no policy (a control judged by the same criteria)")
     p.add_argument("--base", type=Path, metavar="FILE",
                    help="runtime/runtime.py of another revision: strategy 'base' plays the tail policy on "
                         "its Runtime, beside this revision's (git show REV:runtime/runtime.py > FILE)")
@@ -516,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                 if own:
                     body += ["Criterion 2 against the static best played on each strategy's own runtime "
                              "(its policy set aside for the turn, `tracerun.pinned`):", "", *own, ""]
+                ctl = control(res[split], a.strategies)
+                if ctl:
+                    body += ["The control (the static best played as a strategy: the evaluation's "
+                             "resolution for criterion 2):", "", *ctl, ""]
                 aa = copies(res[split], a.strategies)
                 if aa:
                     body += ["Copies of one policy (an A/A test: the evaluation's resolution here):", "",

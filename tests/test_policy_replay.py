@@ -228,8 +228,8 @@ def test_the_sweep_bias_table_puts_each_sweeps_difference_from_alone_in_its_own_
 
 def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bundle, tmp_path, capsys):
     """bench_policy_traces.main on the small SN-Net, a 0.4 s trace in 0.2 s chunks, played twice: every static
-    (config, threads) and the policy have samples and shares; the report says the plays were pooled.
-    `--repeats 0` is refused in one line."""
+    (config, threads) and the policy have samples and shares; the report says the plays were pooled; the
+    control `fixed` ran the static best alone, never switching. `--repeats 0` is refused in one line."""
     import shutil
 
     bench = pytest.importorskip("bench_policy_traces")
@@ -241,9 +241,12 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
     out, js = tmp_path / "R.md", tmp_path / "r.json"
     assert bench.main(["--bundles", str(bundle), "--seconds", "0.4", "--chunk", "0.2", "--repeats", "2",
                        "--train-seeds", "", "--test-seeds", "5", "--profile-seconds", "0.02",
-                       "--strategies", "tail", "--pinned", "--json", str(js), "--out", str(out)]) == 0
+                       "--strategies", "tail,fixed", "--pinned", "--json", str(js), "--out", str(out)]) == 0
     r = json.loads(js.read_text())["results"]["sn.efx"]["test"][0]
-    assert r["seed"] == 5 and set(r["strategies"]) == {"tail"}
+    assert r["seed"] == 5 and set(r["strategies"]) == {"tail", "fixed"}
+    fixed = r["strategies"]["fixed"]
+    assert set(fixed["runs_by_config"]) == {r["static_best"]} and fixed["switches"] == 0
+    assert "sampling" not in fixed and isinstance(fixed["c2"], bool)
     assert len(r["static"]) == 2 * len(ef.Runtime(bundle, threads=1).configs)     # every config at 2 and 1
     assert all(v["samples"] > 0 and 0 <= v["within"] <= 1 for v in r["static"].values())
     assert r["strategies"]["tail"]["requests"] > 0
@@ -260,6 +263,7 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
     # the static best also played on the policy's own runtime, per chunk like the rest
     assert 0 <= r["pinned"]["tail"] <= 1 and len(ch["tail:pinned"]) == 4
     assert "on tail's runtime" in report and "on the static runtime" in report
+    assert "- fixed (the static best on a runtime of its own, no policy): criterion 2 as stated met on" in report
 
 
 def test_pinned_sets_the_policy_aside_for_a_turn_and_gives_it_back_as_it_was(profiled_snnet):
