@@ -195,9 +195,17 @@ def _run_chain(sessions: list, xs: list[np.ndarray], batch: int = 64) -> tuple[l
     return joined, [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
+def int8_weight_bits() -> int:
+    """The bits `quantize_int8` gives int8 weights on this machine: 7 where ORT's u8s8 kernels saturate
+    (`devices.precision.u8s8_saturates`), else 8. Recorded per variant (`weight_bits`): a variant of 8-bit
+    weights is not loaded on such a CPU (`Runtime`), where its outputs would be off by more than its record
+    says."""
+    return 7 if u8s8_saturates() else 8
+
+
 def quantize_int8(model: Any, inputs: list[np.ndarray], method: str, work: Path) -> Any:
-    """`model` as a QDQ graph: per-channel symmetric int8 weights, uint8 activations calibrated on
-    `inputs` (one array per graph input) with `method`."""
+    """`model` as a QDQ graph: per-channel symmetric int8 weights (`int8_weight_bits()` of them), uint8
+    activations calibrated on `inputs` (one array per graph input) with `method`."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -229,7 +237,7 @@ def quantize_int8(model: Any, inputs: list[np.ndarray], method: str, work: Path)
                         # on a Zen 1 EPYC (`avx2` only, sixteenth session): with 8-bit weights StarNet's int8
                         # outputs were 18-33 % from PyTorch's and FITS's int8 MSE 12 % off; VNNI machines (and
                         # ARM) keep 8 bits
-                        reduce_range=u8s8_saturates(),
+                        reduce_range=int8_weight_bits() == 7,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                        "CalibPercentile": 99.99},
@@ -575,6 +583,7 @@ def _variant(b: Bundle, c: Config, plan: Plan, fp32: list, step_in: list, ref: l
 
     ort_note = OnnxRuntimeBackend().precision_refusal(precision)
     record = {"base": c.name, "method": method, "quality_drop": drop,
+              **({"weight_bits": int8_weight_bits()} if precision == "int8" else {}),
               "measured_with": "ONNX Runtime CPU" + (f" ({ort_note}: the figures carry fp16 storage "
                                                      "rounding, not fp16 arithmetic)" if ort_note else ""),
               "vs_fp32": {**vs, "held_out_samples": n, "calibration_samples": int(len(cal)),

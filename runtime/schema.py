@@ -238,7 +238,8 @@ CONFIG = _obj({"name": _str},
                                    "derived": _list(_str)}),
                "precision": _one_of(*PRECISIONS),
                "quantization": _obj({"base": _str}, {"method": _str, "vs_fp32": _dict(_any),
-                                                     "quality_drop": _opt(_num())})})
+                                                     "quality_drop": _opt(_num()),
+                                                     "weight_bits": _one_of(7, 8)})})
 SEGMENT = _obj({"graph": _relpath},
                {"tensors": _dict(_str), "inputs": SPECS, "outputs": SPECS, "flops": _opt(_int()),
                 "derived_ell": _list(_str)})

@@ -88,6 +88,7 @@ def test_variants_sit_beside_fp32_with_their_records_and_weights_once_per_precis
         assert set(rec["vs_fp32"]["methods_tried"]) == set(METHODS)
         assert rec["vs_fp32"]["held_out_samples"] == 10 and rec["vs_fp32"]["calibration_samples"] == 30
         assert rec["vs_fp32"]["measured_against"] == "labels"
+        assert rec["weight_bits"] == (7 if u8s8_saturates() else 8)      # what this CPU's kernels take
         files = b.manifest["files"]
         assert "weights/int8.bin" in files and "weights/fp16.bin" in files
         # content-addressed: each id names its bytes, and the int8 file holds int8 weights at 1/4 of fp32
@@ -238,6 +239,52 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(starnet_q) -> None:
     assert not u8s8_saturates(flags={"avx2", "avx512_vnni"}, arch="x86_64")
     assert not u8s8_saturates(flags={"avx2", "avx_vnni"}, arch="x86_64")
     assert not u8s8_saturates(flags={"asimd"}, arch="aarch64")
+
+
+def test_an_int8_variant_of_8_bit_weights_is_not_loaded_where_the_cpu_saturates_them(starnet_q, tmp_path,
+                                                                                  monkeypatch) -> None:
+    """A variant quantized on a CPU with VNNI (8-bit weights) and carried to an x86 CPU without it would
+    run with ORT's u8s8 products saturating, its outputs off by more than its record says: left out with the
+    reason (DeviceError in one line when asked for by name). 7-bit weights load there; 8-bit ones load where
+    nothing saturates; a bundle without the record counts as 8-bit."""
+    import json
+
+    from edgeflex.devices import precision
+    from edgeflex.runtime.bundle import MANIFEST
+    from edgeflex.runtime.schema import seal_manifest
+
+    _, src = starnet_q
+    path = tmp_path / "m.efx"
+    shutil.copytree(src, path)
+
+    def set_bits(bits: int | None) -> None:
+        m = json.loads((path / MANIFEST).read_text())
+        for c in m["configs"]:
+            if c.get("precision") == "int8":
+                c["quantization"].pop("weight_bits", None)
+                if bits is not None:
+                    c["quantization"]["weight_bits"] = bits
+        (path / MANIFEST).write_text(json.dumps(seal_manifest(m)))
+
+    monkeypatch.setattr(precision, "u8s8_saturates", lambda flags=None, arch=None: True)
+    for bits in (8, None):
+        set_bits(bits)
+        rt = ef.Runtime(path)
+        assert "default@int8" not in rt.loaded and "default" in rt.loaded
+        assert "saturates" in rt.unavailable["default@int8"] and "quantize it again here" in \
+            rt.unavailable["default@int8"]
+        with pytest.raises(DeviceError, match=r"config 'default@int8' \(int8\) cannot run here: its int8 "
+                                              r"weights use 8 bits") as e:
+            ef.Runtime(path, config="default@int8")
+        assert "\n" not in str(e.value)
+    set_bits(7)
+    assert "default@int8" in ef.Runtime(path).loaded
+    set_bits(8)
+    monkeypatch.setattr(precision, "u8s8_saturates", lambda flags=None, arch=None: False)
+    assert "default@int8" in ef.Runtime(path).loaded
+    set_bits(9)
+    with pytest.raises(ef.BundleError, match="weight_bits"):
+        ef.Bundle.open(path)
 
 
 def test_bad_calibration_data_and_arguments_are_one_line_errors(starnet_q, tmp_path) -> None:
