@@ -51,7 +51,7 @@ import numpy as np
 import edgeflex as ef
 from edgeflex.devices.loadtrace import LoadPlayer, generate
 from edgeflex.runtime import tracerun
-from edgeflex.runtime.profiles import measure_profile, profile_at, save_profile
+from edgeflex.runtime.profiles import measure_profile, profile_at, save_profile, stall_warning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_switch_cost import cpu_flags  # noqa: E402
@@ -234,8 +234,8 @@ def evaluate_trace(bundle: Path, seed: int, a: argparse.Namespace, player: LoadP
 def setup(bundle: Path, a: argparse.Namespace) -> tuple[dict, dict]:
     counts = (2, 1)
     rt = ef.Runtime(bundle, threads=counts)
-    save_profile(bundle, measure_profile(rt, batch=a.batch, memory=False, min_seconds=a.profile_seconds,
-                                         progress=False), merge=False)
+    measured = measure_profile(rt, batch=a.batch, memory=False, min_seconds=a.profile_seconds, progress=False)
+    save_profile(bundle, measured, merge=False)
     base = base_runtime(a.base) if a.base else None
     rts = {s: (base if policy_of(s) == BASE else ef.Runtime)(bundle, threads=counts)
            for s in (*a.strategies, "static")}
@@ -249,7 +249,8 @@ def setup(bundle: Path, a: argparse.Namespace) -> tuple[dict, dict]:
             "higher": direction == "higher", "smallest": min(idle, key=idle.get),
             "options": [(c.name, t) for c in rt.configs for t in counts],
             "profile": {t: {n: {k: round(v[k], 4) for k in ("p50_ms", "p90_ms", "p99_ms")}
-                            for n, v in profile_at(prof, t).items()} for t in counts}}
+                            for n, v in profile_at(prof, t).items()} for t in counts},
+            "stalled": stall_warning(measured)}
     return rts, info
 
 
@@ -547,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             "often their own interval holds 0 (about 95 % of traces if the interval is the resolution).", ""]
     for name, res in results.items():
         info = infos[name]
+        if info["stalled"]:
+            body += [f"**{name}'s profile:** {info['stalled']}.", ""]
         for split in ("test", "train"):
             if res[split]:
                 body += [f"**{name}, {'held-out' if split == 'test' else 'training'} seeds** "

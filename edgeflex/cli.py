@@ -346,7 +346,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
                              "TVM engines only (docs/boards.md, kernel samples): drop --kernels or --rpc")
 
         return cmd_profile_remote(a)
-    from edgeflex.runtime.profiles import measure_profile, profile_path, save_profile
+    from edgeflex.runtime.profiles import measure_profile, profile_path, save_profile, stall_warning
 
     # one ORT pool for every session, as `edgeflex run` has; several counts need a pool per session
     if a.device != "host":          # a profile measured here is stored under the device's name
@@ -368,6 +368,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     memory = not a.no_memory and not rt.device.endswith(":gpu")
     prof = measure_profile(rt, batch=a.batch, memory=memory, min_seconds=a.min_seconds)
     save_profile(a.bundle, prof)
+    stalled = stall_warning(prof)
     for t, stats in prof["by_threads"].items():
         if len(rt.thread_counts) > 1:
             print(f"\nat {t} thread(s):")
@@ -375,6 +376,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
     counts = ", ".join(map(str, rt.thread_counts))
     print(f"\nmeasured on {prof['env']['host']['cpu']} ({rt.backend}, {counts} threads, "
           f"batch {a.batch}); stored as {profile_path(prof['device'])} in {a.bundle}")
+    if stalled:
+        print(f"warning: {stalled}", file=sys.stderr)
     if a.kernels:
         _profile_kernels(a, rt.thread_counts[0])
     return 0

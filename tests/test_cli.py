@@ -118,11 +118,44 @@ def test_profile_at_two_thread_counts_then_query(snnet_bundle, tmp_path):
     assert "at 1 thread(s):" in r.stdout and "2, 1 threads" in r.stdout
     prof = json.loads((path / "profiles" / "host.json").read_text())
     assert set(prof["by_threads"]) == {"1", "2"} and prof["configs"] == prof["by_threads"]["2"]
+    assert set(prof["stalls"]["by_threads"]) == {"1", "2"}          # stalls counted per thread count
+    assert all(0 <= v["share"] <= 1 for v in prof["stalls"]["by_threads"].values())
     hits = json.loads(cli("query", path, "--latency-ms", "1e6", "--json").stdout)["configs"]
     values = [h["quality"]["value"] for h in hits]
     assert len(hits) == len(prof["configs"]) and values == sorted(values, reverse=True)
     bad = cli("profile", path, "--threads", "2,x", check=False)
     assert bad.returncode != 0 and "threads must be N or N,M" in bad.stderr
+
+
+def test_a_profile_measured_while_the_machine_stalled_says_so_in_one_line(snnet_bundle, monkeypatch):
+    """2 % of the 1-thread runs 50x their median (the core taken for a while, as a shared VM does): the
+    profile counts them per thread count and `stall_warning` names that count; the 2-thread runs, untouched,
+    are not named. A profile without stalls, or from before edgeflex counted them, has no warning."""
+    from edgeflex.runtime import profiles
+
+    real = profiles.interleaved
+
+    def stalling(*args, **kw):
+        out = real(*args, **kw)
+        for (threads, _), got in out.items():
+            if threads == 1:
+                for i in range(0, len(got), 50):
+                    got[i] *= 50
+        return out
+
+    monkeypatch.setattr(profiles, "interleaved", stalling)
+    rt = ef.Runtime(snnet_bundle[1], threads=(2, 1))
+    prof = profiles.measure_profile(rt, min_runs=100, min_seconds=0.05, memory=False, progress=False)
+    st = prof["stalls"]["by_threads"]
+    assert st["1"]["share"] >= 0.015 and st["2"]["share"] < 0.015
+    msg = profiles.stall_warning(prof)
+    assert msg.startswith("the machine stalled while profiling: at 1 thread(s) ") and "\n" not in msg
+    assert "at 2 thread(s)" not in msg and "profile again" in msg
+    prof["stalls"]["by_threads"]["1"]["share"] = 0.0
+    prof["stalls"]["steal_share"] = 0.0
+    assert profiles.stall_warning(prof) is None
+    del prof["stalls"]
+    assert profiles.stall_warning(prof) is None
 
 
 def test_run_takes_one_input_file_per_input_and_writes_one_file_per_output(tmp_path):
