@@ -263,7 +263,7 @@ def test_the_trace_benchmark_runs_end_to_end_and_pools_repeated_plays(snnet_bund
     # the static best also played on the policy's own runtime, per chunk like the rest
     assert 0 <= r["pinned"]["tail"] <= 1 and len(ch["tail:pinned"]) == 4
     assert "on tail's runtime" in report and "on the static runtime" in report
-    assert "- fixed (the static best on a runtime of its own, no policy): criterion 2 as stated met on" in report
+    assert "- fixed (the static best on a runtime of its own, no policy): criterion 2 as stated met" in report
 
 
 def test_pinned_sets_the_policy_aside_for_a_turn_and_gives_it_back_as_it_was(profiled_snnet):
