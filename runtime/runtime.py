@@ -500,6 +500,8 @@ class Runtime:
         included, tells the policy whether the bookkeeping made it late (`TailGuard.bookkept`)."""
         pending = self._pending
         n = min(most, len(pending))
+        if not n:       # set_budget on another thread dropped them meanwhile (they were the old policy's)
+            return
         pc = time.perf_counter
         t1 = pc()
         for plan, latency in pending[:n]:
