@@ -20,6 +20,7 @@ import torch
 
 import edgeflex as ef
 from edgeflex.devices import usable_cores  # noqa: F401 - re-exported for the benchmarks
+from edgeflex.devices.load import cpu_ticks
 
 FILE_HEADER = ("# edgeflex benchmark results\n\nOne `##` section per issue, each produced by the script it "
                "names; later issues append their own section.\n")
@@ -27,12 +28,10 @@ FILE_HEADER = ("# edgeflex benchmark results\n\nOne `##` section per issue, each
 
 def _busy_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs from /proc/stat; (0, 0) where there is no /proc."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
+    vals = cpu_ticks()
+    if vals is None:
         return 0, 0
-    total = sum(vals[:8])                     # user nice system idle iowait irq softirq steal
+    total = sum(vals)                         # user nice system idle iowait irq softirq steal
     return total - vals[3] - vals[4], total
 
 

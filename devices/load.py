@@ -18,6 +18,19 @@ import time
 import weakref
 
 
+def cpu_ticks(path: str = "/proc/stat") -> list[int] | None:
+    """The machine's CPU time so far, all CPUs together, in USER_HZ ticks from /proc/stat's first line:
+    [user, nice, system, idle, iowait, irq, softirq, steal]; None where it cannot be read (not Linux)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return [int(v) for v in fields[1:9]]
+
+
 class IdleCores:
     def __init__(self, path: str = "/proc/stat", cpus: set[int] | None = None, min_interval_s: float = 0.0,
                  background: bool = False):

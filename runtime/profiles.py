@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeflex.args import check_bool, check_int, check_path, check_real, fail
 from edgeflex.devices import host_info, path_name
+from edgeflex.devices.load import cpu_ticks
 from edgeflex.devices.measure import interleaved
 from edgeflex.errors import BundleError, EdgeflexError
 
@@ -33,6 +34,7 @@ PROFILE_ROUNDS = 12     # interleaved rounds of every (config, thread count): se
 # a profile measured during one (sixteenth session) had p99 8.9-9.7 ms on every SN-Net config, p50 0.2-0.5 ms,
 # and nothing looked like it fit a budget under ~9 ms
 STALL_X, STALL_SHARE = 10.0, 0.005
+STEAL_SHARE = 0.01      # ... or where the hypervisor took more than this share of the CPUs' time
 
 
 def profile_path(device: str) -> str:
@@ -103,12 +105,12 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     calls = {(t, name): (lambda t=t, name=name: rt.switch(name, threads=t), lambda: rt.run(x, *extra))
              for t, name in todo}
     bar = progress_bar(rounds * len(todo), f"profile {rt.bundle.name}", show=progress, leave=False)
-    cpu0 = _cpu_ticks()
+    cpu0 = cpu_ticks()
     times = interleaved(calls, rounds=rounds, runs_per_round=max(1, -(-min_runs // rounds)),
                         seconds_per_round=min_seconds / rounds, max_runs_per_round=max(1, max_runs // rounds),
                         warmup=warmup, lead=2, shuffle=True, on_block=lambda: bar.update(1))
     bar.close()
-    cpu1 = _cpu_ticks()
+    cpu1 = cpu_ticks()
     by_threads: dict[str, dict[str, Any]] = {str(t): {} for t in rt.thread_counts}
     over: dict[str, list[np.ndarray]] = {str(t): [] for t in rt.thread_counts}
     for (threads, name), got in times.items():
@@ -125,9 +127,10 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
     stalls = {t: {"share": round(sum(len(a) for a in v) / max(runs[t], 1), 5),
                   "max_ms": round(float(max((a.max() for a in v if len(a)), default=0.0)), 4)}
               for t, v in over.items()}
+    # the share of the CPUs' time the hypervisor gave other guests meanwhile (steal)
     steal = None
-    if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
-        steal = round((cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 4)
+    if cpu0 is not None and cpu1 is not None and sum(cpu1) > sum(cpu0):
+        steal = round((cpu1[7] - cpu0[7]) / (sum(cpu1) - sum(cpu0)), 4)
     return {"format": PROFILE_FORMAT, "device": rt.device, "obtained": "measured", "batch": batch,
             "model": model_id(rt.bundle.manifest),
             "env": environment(rt), "configs": by_threads[str(rt.thread_counts[0])],
@@ -135,37 +138,23 @@ def measure_profile(rt, *, batch: int = 1, warmup: int = 20, min_runs: int = 50,
                                                  "steal_share": steal}}
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(steal ticks, all ticks) of the machine's CPUs from /proc/stat (Linux); None where unreadable: the
-    share of time a hypervisor gave the CPUs to other guests while the profile ran."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if len(fields) < 9 or fields[0] != "cpu":
-        return None
-    ticks = [int(v) for v in fields[1:9]]            # user nice system idle iowait irq softirq steal
-    return ticks[7], sum(ticks)
-
-
 def stall_warning(prof: dict[str, Any]) -> str | None:
     """One line where the machine stalled while `prof` was measured: at a thread count more than
     STALL_SHARE of the runs took over STALL_X x their config's median (its p99s are the stalls', not the
-    configs'), or the hypervisor took over 1 % of the CPUs' time; None otherwise (and for profiles measured
-    before edgeflex counted stalls)."""
+    configs'), or the hypervisor took over STEAL_SHARE of the CPUs' time; None otherwise (and for profiles
+    measured before edgeflex counted stalls)."""
     st = prof.get("stalls")
     if not isinstance(st, dict):
         return None
     x = st.get("over_x_median", STALL_X)
-    bad = {t: v for t, v in (st.get("by_threads") or {}).items() if v.get("share", 0) > STALL_SHARE}
-    steal = st.get("steal_share")
-    if not bad and not (steal is not None and steal > 0.01):
-        return None
     parts = [f"at {t} thread(s) {100 * v['share']:.2g} % of runs took over {x:g}x their config's median (up "
-             f"to {v['max_ms']:.3g} ms)" for t, v in sorted(bad.items())]
-    if steal is not None and steal > 0.01:
+             f"to {v['max_ms']:.3g} ms)" for t, v in sorted((st.get("by_threads") or {}).items())
+             if v.get("share", 0) > STALL_SHARE]
+    steal = st.get("steal_share")
+    if steal is not None and steal > STEAL_SHARE:
         parts.append(f"the hypervisor took {100 * steal:.2g} % of the CPUs' time")
+    if not parts:
+        return None
     return ("the machine stalled while profiling: " + "; ".join(parts) + ": the p99s are the stalls', not "
             "the configs' (budget policies plan on them); profile again when the machine is quieter")
 
